@@ -1,0 +1,429 @@
+//! Client-facing authentication and the startup handshake: SSL/GSS refusal (TLS comes
+//! later), the StartupMessage, protocol negotiation, and the password exchange for the
+//! configured `auth_type` (trust, cleartext, md5, SCRAM-SHA-256).
+//!
+//! It also keeps the server-side [`Credentials`]: what pgrelay can log in to servers
+//! with, including the SCRAM ClientKey a client proved when the configured password is a
+//! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
+
+pub mod md5;
+pub mod scram;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::{AuthType, Config, ScramSecret, Secret, UserConfig};
+use crate::error::{ClientError, ErrorKind};
+use crate::protocol::backend;
+use crate::protocol::frontend::{self, PASSWORD};
+use crate::protocol::startup::{parse_options, StartupPacket, StartupParams};
+use crate::stream::{Conn, StreamError};
+
+/// Password messages are small; anything longer is an attack or a bug.
+const MAX_AUTH_MESSAGE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The client is told this, then the connection closes.
+    #[error("{}", .0.message)]
+    Client(ClientError),
+}
+
+impl From<ClientError> for AuthError {
+    fn from(e: ClientError) -> Self {
+        AuthError::Client(e)
+    }
+}
+
+/// What a client can prove to pgrelay with, and pgrelay to a server.
+#[derive(Clone)]
+pub enum ServerCredentials {
+    Password(Vec<u8>),
+    Md5([u8; 16]),
+    ScramKeys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+    /// A SCRAM secret for which no client has proven its key yet.
+    Missing,
+}
+
+impl std::fmt::Debug for ServerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            ServerCredentials::Password(_) => "Password",
+            ServerCredentials::Md5(_) => "Md5",
+            ServerCredentials::ScramKeys { .. } => "ScramKeys",
+            ServerCredentials::Missing => "Missing",
+        };
+        write!(f, "ServerCredentials::{kind}(<redacted>)")
+    }
+}
+
+/// Server credentials learned from clients, and derived SCRAM secrets.
+pub struct Credentials {
+    /// ClientKeys proven by clients, per user, for users stored with a SCRAM secret.
+    learned: DashMap<String, ServerCredentials>,
+    /// SCRAM secrets derived once from plaintext passwords: `(password, secret)`.
+    derived: DashMap<String, (Vec<u8>, ScramSecret)>,
+    /// Salts the fake exchanges for unknown users.
+    process_key: [u8; 32],
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        let mut process_key = [0; 32];
+        rand::thread_rng().fill_bytes(&mut process_key);
+        Credentials {
+            learned: DashMap::new(),
+            derived: DashMap::new(),
+            process_key,
+        }
+    }
+}
+
+impl Credentials {
+    /// How to log in to servers as `user`.
+    pub fn for_server(&self, user: &UserConfig) -> ServerCredentials {
+        match &user.password {
+            Secret::Plain(p) => ServerCredentials::Password(p.as_bytes().to_vec()),
+            Secret::Md5(h) => ServerCredentials::Md5(*h),
+            Secret::Scram(_) => self
+                .learned
+                .get(&user.name)
+                .map(|c| c.clone())
+                .unwrap_or(ServerCredentials::Missing),
+        }
+    }
+
+    fn learn(&self, user: &str, credentials: ServerCredentials) {
+        self.learned.insert(user.to_owned(), credentials);
+    }
+
+    fn derived_secret(&self, user: &str, password: &str) -> ScramSecret {
+        if let Some(entry) = self.derived.get(user) {
+            if entry.0 == password.as_bytes() {
+                return entry.1.clone();
+            }
+        }
+        let mut salt = vec![0; 16];
+        rand::thread_rng().fill_bytes(&mut salt);
+        let secret = scram::derive_secret(password.as_bytes(), salt, scram::DEFAULT_ITERATIONS);
+        self.derived.insert(
+            user.to_owned(),
+            (password.as_bytes().to_vec(), secret.clone()),
+        );
+        secret
+    }
+}
+
+/// How a connection's startup ended.
+pub enum Handshake {
+    Login(ClientLogin),
+    Cancel { pid: i32, secret: i32 },
+}
+
+/// An authenticated client, before it has been given its session parameters.
+#[derive(Debug, Clone)]
+pub struct ClientLogin {
+    pub user: String,
+    pub database: String,
+    /// Settings from the startup packet and `options`, to apply on every server.
+    pub gucs: Vec<(String, String)>,
+}
+
+/// Runs the startup phase up to (not including) AuthenticationOk.
+pub async fn handshake<S>(
+    conn: &mut Conn<S>,
+    config: &Config,
+    credentials: &Credentials,
+    too_many_clients: bool,
+) -> Result<Handshake, AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let params = loop {
+        match conn.read_startup().await? {
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                backend::refuse_encryption(conn.wbuf());
+                conn.flush().await?;
+            }
+            StartupPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
+            StartupPacket::Startup(params) => break params,
+        }
+    };
+    negotiate(conn, &params).await?;
+    if too_many_clients {
+        return Err(ClientError::fatal(
+            ErrorKind::ClientLimit,
+            "53300",
+            "sorry, too many clients already",
+        )
+        .into());
+    }
+    let login = read_login(&params)?;
+    authenticate(conn, config, credentials, &login.user).await?;
+    if !config.allows_any_database() && config.database(&login.database).is_none() {
+        let message = format!("database \"{}\" does not exist", login.database);
+        return Err(ClientError::fatal(ErrorKind::UnknownDatabase, "3D000", message).into());
+    }
+    Ok(Handshake::Login(login))
+}
+
+/// Answers a request for a newer minor version or `_pq_.` options, as PostgreSQL does.
+async fn negotiate<S>(conn: &mut Conn<S>, params: &StartupParams) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let unsupported: Vec<String> = params
+        .params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if params.minor > 0 || !unsupported.is_empty() {
+        backend::negotiate_protocol_version(conn.wbuf(), 0, unsupported);
+        conn.flush().await?;
+    }
+    Ok(())
+}
+
+fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
+    let user = match params.get("user") {
+        Some(u) if !u.is_empty() => u.to_owned(),
+        _ => {
+            return Err(ClientError::fatal(
+                ErrorKind::Protocol,
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ))
+        }
+    };
+    if params
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return Err(ClientError::fatal(
+            ErrorKind::Protocol,
+            "0A000",
+            "replication connections are not supported by pgrelay",
+        ));
+    }
+    let database = params
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_owned();
+    let mut gucs = Vec::new();
+    for (name, value) in &params.params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => gucs.extend(
+                parse_options(value)
+                    .map_err(|e| ClientError::protocol(format!("invalid options: {e}")))?,
+            ),
+            n if n.starts_with("_pq_.") => {}
+            _ => gucs.push((name.clone(), value.clone())),
+        }
+    }
+    for (name, _) in &gucs {
+        if !valid_guc_name(name) {
+            return Err(ClientError::fatal(
+                ErrorKind::Protocol,
+                "42704",
+                format!("unrecognized configuration parameter \"{name}\""),
+            ));
+        }
+    }
+    Ok(ClientLogin {
+        user,
+        database,
+        gucs,
+    })
+}
+
+/// Setting names become part of SQL (`RESET name`), so only plain names pass.
+pub fn valid_guc_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+fn auth_failed(user: &str) -> AuthError {
+    let message = format!("password authentication failed for user \"{user}\"");
+    ClientError::fatal(ErrorKind::Auth, "28P01", message).into()
+}
+
+async fn authenticate<S>(
+    conn: &mut Conn<S>,
+    config: &Config,
+    credentials: &Credentials,
+    user: &str,
+) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let entry = config.user(user);
+    match (config.auth_type, entry.map(|u| &u.password)) {
+        (AuthType::Trust, Some(_)) => Ok(()),
+        (AuthType::Trust, None) => {
+            let message = format!("role \"{user}\" is not known to pgrelay");
+            Err(ClientError::fatal(ErrorKind::Auth, "28000", message).into())
+        }
+        (AuthType::Plain, secret) => cleartext(conn, credentials, user, secret).await,
+        (AuthType::Md5, Some(Secret::Scram(secret))) => {
+            let secret = secret.clone();
+            scram_exchange(conn, credentials, user, Some(secret), true).await
+        }
+        (AuthType::Md5, secret) => md5_exchange(conn, user, secret).await,
+        (AuthType::ScramSha256, Some(Secret::Scram(secret))) => {
+            let secret = secret.clone();
+            scram_exchange(conn, credentials, user, Some(secret), true).await
+        }
+        (AuthType::ScramSha256, Some(Secret::Plain(password))) => {
+            let secret = credentials.derived_secret(user, password);
+            scram_exchange(conn, credentials, user, Some(secret), false).await
+        }
+        // PostgreSQL cannot run SCRAM against an md5 hash either; the exchange runs
+        // against a fake secret so the failure looks like any other.
+        (AuthType::ScramSha256, Some(Secret::Md5(_)) | None) => {
+            scram_exchange(conn, credentials, user, None, false).await
+        }
+    }
+}
+
+async fn read_password<S>(conn: &mut Conn<S>) -> Result<bytes::Bytes, AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = conn.read_frame(MAX_AUTH_MESSAGE).await?;
+    if frame.tag() != PASSWORD {
+        return Err(ClientError::protocol(format!(
+            "expected password response, got message type {:?}",
+            frame.tag() as char
+        ))
+        .into());
+    }
+    Ok(bytes::Bytes::copy_from_slice(frame.body()))
+}
+
+async fn cleartext<S>(
+    conn: &mut Conn<S>,
+    credentials: &Credentials,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    backend::auth_cleartext(conn.wbuf());
+    conn.flush().await?;
+    let body = read_password(conn).await?;
+    let password = frontend::password(&body).map_err(|e| ClientError::protocol(e.to_string()))?;
+    let ok = match secret {
+        Some(Secret::Plain(p)) => scram::constant_time_eq(p.as_bytes(), password),
+        Some(Secret::Md5(h)) => scram::constant_time_eq(&md5::stored_hash(user, password), h),
+        Some(Secret::Scram(s)) => scram::password_matches(s, password),
+        None => false,
+    };
+    if !ok {
+        return Err(auth_failed(user));
+    }
+    if matches!(secret, Some(Secret::Scram(_))) {
+        credentials.learn(user, ServerCredentials::Password(password.to_vec()));
+    }
+    Ok(())
+}
+
+async fn md5_exchange<S>(
+    conn: &mut Conn<S>,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut salt = [0u8; 4];
+    rand::thread_rng().fill_bytes(&mut salt);
+    backend::auth_md5(conn.wbuf(), salt);
+    conn.flush().await?;
+    let body = read_password(conn).await?;
+    let answer = frontend::password(&body).map_err(|e| ClientError::protocol(e.to_string()))?;
+    let stored = match secret {
+        Some(Secret::Plain(p)) => Some(md5::stored_hash(user, p.as_bytes())),
+        Some(Secret::Md5(h)) => Some(*h),
+        _ => None,
+    };
+    match stored {
+        Some(stored)
+            if scram::constant_time_eq(md5::response(&stored, salt).as_bytes(), answer) =>
+        {
+            Ok(())
+        }
+        _ => Err(auth_failed(user)),
+    }
+}
+
+async fn scram_exchange<S>(
+    conn: &mut Conn<S>,
+    credentials: &Credentials,
+    user: &str,
+    secret: Option<ScramSecret>,
+    learn_key: bool,
+) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let known = secret.is_some();
+    let secret = secret.unwrap_or_else(|| scram::mock_secret(user, &credentials.process_key));
+    let server_key = secret.server_key;
+    backend::auth_sasl(conn.wbuf(), &[scram::MECHANISM]);
+    conn.flush().await?;
+    let body = read_password(conn).await?;
+    let (mechanism, client_first) =
+        frontend::sasl_initial(&body).map_err(|e| ClientError::protocol(e.to_string()))?;
+    if mechanism != scram::MECHANISM.as_bytes() {
+        return Err(ClientError::protocol(
+            "client selected an invalid SASL authentication mechanism",
+        )
+        .into());
+    }
+    let (exchange, server_first) =
+        scram::ServerExchange::start(secret, client_first).map_err(|e| scram_error(user, e))?;
+    backend::auth_sasl_continue(conn.wbuf(), server_first.as_bytes());
+    conn.flush().await?;
+    let body = read_password(conn).await?;
+    let (client_key, server_final) = exchange.finish(&body).map_err(|e| scram_error(user, e))?;
+    if !known {
+        return Err(auth_failed(user));
+    }
+    if learn_key {
+        credentials.learn(
+            user,
+            ServerCredentials::ScramKeys {
+                client_key,
+                server_key,
+            },
+        );
+    }
+    backend::auth_sasl_final(conn.wbuf(), server_final.as_bytes());
+    Ok(())
+}
+
+fn scram_error(user: &str, error: scram::ScramError) -> AuthError {
+    match error {
+        scram::ScramError::Proof => auth_failed(user),
+        other => ClientError::protocol(other.to_string()).into(),
+    }
+}
+
+/// Appends AuthenticationOk.
+pub fn auth_ok(buf: &mut BytesMut) {
+    backend::auth_ok(buf);
+}

@@ -1,0 +1,123 @@
+//! The cancel-key registry: each client's BackendKeyData maps to the server currently
+//! running that client's query, if any.
+//!
+//! A cancel is sent while holding the client's slot, and a session clears its slot
+//! (waiting for such a cancel to finish) before its server goes back to the pool, so a
+//! cancel can never reach a server that has since moved to another client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+/// How long forwarding one cancel may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A server process to cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+type Slot = Arc<Mutex<Option<CancelTarget>>>;
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    slots: DashMap<(i32, i32), Slot>,
+}
+
+/// A client's registration; unregisters on drop.
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    key: (i32, i32),
+    slot: Slot,
+}
+
+impl CancelRegistry {
+    /// Registers a client under a fresh random key (transaction mode).
+    pub fn register_random(self: &Arc<Self>) -> CancelHandle {
+        let mut rng = rand::thread_rng();
+        loop {
+            let key = (rng.gen_range(1..i32::MAX), rng.gen());
+            if let Some(handle) = self.register(key) {
+                return handle;
+            }
+        }
+    }
+
+    /// Registers a client under `key` (session mode: its server's real key). `None` if
+    /// the key is taken.
+    pub fn register(self: &Arc<Self>, key: (i32, i32)) -> Option<CancelHandle> {
+        let slot: Slot = Arc::default();
+        match self.slots.entry(key) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(slot.clone());
+                Some(CancelHandle {
+                    registry: self.clone(),
+                    key,
+                    slot,
+                })
+            }
+        }
+    }
+
+    /// Forwards a client's CancelRequest to the server running its query, if any.
+    /// Unknown keys are ignored, as PostgreSQL does.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let Some(slot) = self.slots.get(&(pid, secret)).map(|s| s.clone()) else {
+            tracing::debug!(pid, "cancel request with an unknown key");
+            return;
+        };
+        let guard = slot.lock().await;
+        if let Some(target) = *guard {
+            match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(server = %target.addr, pid = target.pid, "forwarded cancel")
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(server = %target.addr, %err, "could not forward cancel")
+                }
+                Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding cancel"),
+            }
+        }
+    }
+}
+
+async fn send_cancel(target: CancelTarget) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(target.addr).await?;
+    let mut buf = BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(target.pid, target.secret, &mut buf);
+    stream.write_all(&buf).await?;
+    stream.flush().await?;
+    // PostgreSQL closes the connection once it has read the request; waiting for that
+    // keeps the cancel from racing the next query on this server.
+    let mut sink = [0u8; 1];
+    let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
+    Ok(())
+}
+
+impl CancelHandle {
+    pub fn key(&self) -> (i32, i32) {
+        self.key
+    }
+
+    /// Points the client's key at a server (or at none). Waits for a cancel in flight.
+    pub async fn set(&self, target: Option<CancelTarget>) {
+        *self.slot.lock().await = target;
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.slots.remove(&self.key);
+    }
+}

@@ -1,0 +1,1200 @@
+//! Configuration: the TOML file's schema, its defaults, loading and validation.
+//!
+//! This module owns [`Config`], an immutable snapshot built once by [`Config::load`] (or
+//! [`Config::from_toml_str`]) and then shared read-only. It reads the file and nothing
+//! else: no sockets, no background tasks, no global state. Reloading is the caller's job:
+//! build a new snapshot and keep the old one if the new one fails. Every section is
+//! optional and every key has a default, except `[[backends]]` (at least one) and the
+//! names and passwords of `[[databases]]` and `[[users]]`. Unknown keys are errors, and
+//! every error names the key it is about (`pool.query_wait_timeout`, `backends[1].port`).
+//! No error message and no `Debug` output ever contains a password. The types and their
+//! defaults are in `schema.rs`; durations, addresses and passwords are parsed in `values.rs`.
+
+mod schema;
+mod values;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_path_to_error::Segment;
+
+pub use schema::{
+    AuthType, BackendConfig, Config, DatabaseConfig, FailoverConfig, HealthCheckConfig,
+    LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint, RoutingConfig,
+    TlsConfig, TlsMode, TopologySource, UserConfig,
+};
+pub use values::{ScramSecret, Secret};
+
+/// Name of the admin console's virtual database; no `[[databases]]` entry may take it.
+pub const ADMIN_DATABASE: &str = "pgrelay";
+
+/// Everything that can go wrong while loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the configuration file", path.display())]
+    Read {
+        /// The path given to [`Config::load`].
+        path: PathBuf,
+        /// Why reading failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The text is not valid TOML or does not fit the schema. Only the TOML error's
+    /// message is kept: its `Display` quotes the offending line, which may hold a password.
+    #[error("{key}: {message}")]
+    Parse {
+        /// Where: a key path such as `backends[1].port`, or `line N` for a syntax error.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file parsed but a value or a combination of values is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key path of the offending value, e.g. `databases[2].name`.
+        key: String,
+        /// What is wrong, never quoting a password.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The key path a `Parse` or `Invalid` error is about.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and validates the text of a configuration file.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|err| parse_error(text, err))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `[[users]]` entry called `name`.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|user| user.name == name)
+    }
+
+    /// The `[[databases]]` entry called `name`. `None` also when the list is empty, in
+    /// which case any name is allowed and passed through: see [`Self::allows_any_database`].
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|db| db.name == name)
+    }
+
+    /// True when no `[[databases]]` is configured: clients' database names pass through.
+    pub fn allows_any_database(&self) -> bool {
+        self.databases.is_empty()
+    }
+
+    /// The pool mode for `user` on `db`: the user's override, else the database's, else
+    /// `pool.mode`.
+    pub fn pool_mode_for(&self, db: &str, user: &str) -> PoolMode {
+        self.user(user)
+            .and_then(|u| u.pool_mode)
+            .or_else(|| self.database(db).and_then(|d| d.pool_mode))
+            .unwrap_or(self.pool.mode)
+    }
+
+    /// The pool size for `user` on `db`: the user's override, else the database's, else
+    /// `pool.default_pool_size`.
+    pub fn pool_size_for(&self, db: &str, user: &str) -> u32 {
+        self.user(user)
+            .and_then(|u| u.pool_size)
+            .or_else(|| self.database(db).and_then(|d| d.pool_size))
+            .unwrap_or(self.pool.default_pool_size)
+    }
+}
+
+/// Turns a deserialization error into [`ConfigError::Parse`] with a readable key path.
+fn parse_error(text: &str, err: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let mut key = path_to_key(err.path());
+    let inner = err.into_inner();
+    // serde reports a missing field on the enclosing table; name the field itself.
+    if let Some(field) = quoted_after(inner.message(), "missing field `") {
+        push_key(&mut key, field);
+    }
+    if key.is_empty() {
+        key = match inner.span() {
+            Some(span) => format!("line {}", line_of(text, span.start)),
+            None => "(file)".to_owned(),
+        };
+    }
+    let message = inner
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse { key, message }
+}
+
+/// `a.b[1].c` from serde_path_to_error's segments; numeric table keys become indexes.
+fn path_to_key(path: &serde_path_to_error::Path) -> String {
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+                    key.push_str(&format!("[{name}]"));
+                } else {
+                    push_key(&mut key, name);
+                }
+            }
+            Segment::Unknown => push_key(&mut key, "?"),
+        }
+    }
+    key
+}
+
+fn push_key(key: &mut String, name: &str) {
+    if !key.is_empty() {
+        key.push('.');
+    }
+    key.push_str(name);
+}
+
+/// The text between `prefix` and the next backtick, e.g. the field in serde's messages.
+fn quoted_after<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = message.strip_prefix(prefix)?;
+    rest.split_once('`').map(|(name, _)| name)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Checks the values and their combinations; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_listeners()?;
+        self.pool.validate()?;
+        self.routing.validate()?;
+        self.health_check.validate()?;
+        self.failover.validate()?;
+        self.tls.validate()?;
+        self.validate_backends()?;
+        self.validate_databases()?;
+        self.validate_users()?;
+        self.validate_console_users("admin_users", &self.admin_users)?;
+        self.validate_console_users("stats_users", &self.stats_users)
+    }
+
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "at least one address is required"));
+        }
+        if let Some((i, first)) = first_duplicate(self.listen.iter()) {
+            return Err(invalid(
+                format!("listen[{i}]"),
+                format!("{} is listed twice (also listen[{first}])", self.listen[i]),
+            ));
+        }
+        match self.metrics_listen {
+            Some(addr) if self.listen.contains(&addr) => Err(invalid(
+                "metrics_listen",
+                format!("{addr} is also in listen"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(invalid(
+                "backends",
+                "at least one [[backends]] entry is required",
+            ));
+        }
+        for (i, backend) in self.backends.iter().enumerate() {
+            backend.validate(i)?;
+        }
+        let endpoints = self.backends.iter().map(|b| (b.host.as_str(), b.port));
+        match first_duplicate(endpoints) {
+            Some((i, first)) => Err(invalid(
+                format!("backends[{i}]"),
+                format!("same host and port as backends[{first}]"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn validate_databases(&self) -> Result<(), ConfigError> {
+        for (i, db) in self.databases.iter().enumerate() {
+            let key = format!("databases[{i}]");
+            require_name(&key, &db.name)?;
+            if db.name == ADMIN_DATABASE {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
+                ));
+            }
+            if db.dbname.as_deref() == Some("") {
+                return Err(invalid(
+                    format!("{key}.dbname"),
+                    "must not be empty (omit it to use name)",
+                ));
+            }
+            self.pool.check_override(&key, db.pool_size)?;
+        }
+        match first_duplicate(self.databases.iter().map(|db| db.name.as_str())) {
+            Some((i, first)) => Err(invalid(
+                format!("databases[{i}].name"),
+                format!(
+                    "duplicate database name {:?} (also databases[{first}])",
+                    self.databases[i].name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn validate_users(&self) -> Result<(), ConfigError> {
+        for (i, user) in self.users.iter().enumerate() {
+            let key = format!("users[{i}]");
+            require_name(&key, &user.name)?;
+            if self.auth_type == AuthType::ScramSha256 && matches!(user.password, Secret::Md5(_)) {
+                return Err(invalid(
+                    format!("{key}.password"),
+                    "an md5 hash cannot serve auth_type = \"scram-sha-256\": give the \
+                     plaintext or a SCRAM-SHA-256 secret",
+                ));
+            }
+            self.pool.check_override(&key, user.pool_size)?;
+        }
+        match first_duplicate(self.users.iter().map(|user| user.name.as_str())) {
+            Some((i, first)) => Err(invalid(
+                format!("users[{i}].name"),
+                format!(
+                    "duplicate user name {:?} (also users[{first}])",
+                    self.users[i].name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn validate_console_users(&self, list: &str, names: &[String]) -> Result<(), ConfigError> {
+        match names.iter().position(|name| self.user(name).is_none()) {
+            Some(i) => Err(invalid(
+                format!("{list}[{i}]"),
+                format!("user {:?} is not defined in [[users]]", names[i]),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The index of the first repeated item and of its earlier occurrence.
+fn first_duplicate<T: Eq + std::hash::Hash>(
+    items: impl Iterator<Item = T>,
+) -> Option<(usize, usize)> {
+    let mut seen = HashMap::new();
+    for (i, item) in items.enumerate() {
+        if let Some(&first) = seen.get(&item) {
+            return Some((i, first));
+        }
+        seen.insert(item, i);
+    }
+    None
+}
+
+fn require_name(entry: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(format!("{entry}.name"), "must not be empty"));
+    }
+    Ok(())
+}
+
+fn require_positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+impl PoolConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.default_pool_size == 0 {
+            return Err(invalid("pool.default_pool_size", "must be at least 1"));
+        }
+        if self.min_pool_size > self.default_pool_size {
+            return Err(invalid(
+                "pool.min_pool_size",
+                format!(
+                    "{} is above pool.default_pool_size ({})",
+                    self.min_pool_size, self.default_pool_size
+                ),
+            ));
+        }
+        if self.max_client_conn == 0 {
+            return Err(invalid("pool.max_client_conn", "must be at least 1"));
+        }
+        require_positive("pool.query_wait_timeout", self.query_wait_timeout)?;
+        require_positive("pool.client_login_timeout", self.client_login_timeout)?;
+        require_positive("pool.server_connect_timeout", self.server_connect_timeout)
+    }
+
+    /// A `pool_size` override in `[[databases]]` or `[[users]]` entry `entry`.
+    fn check_override(&self, entry: &str, pool_size: Option<u32>) -> Result<(), ConfigError> {
+        match pool_size {
+            Some(0) => Err(invalid(format!("{entry}.pool_size"), "must be at least 1")),
+            Some(size) if size < self.min_pool_size => Err(invalid(
+                format!("{entry}.pool_size"),
+                format!(
+                    "{size} is below pool.min_pool_size ({})",
+                    self.min_pool_size
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl RoutingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.max_lag_seconds.is_finite() || self.max_lag_seconds < 0.0 {
+            return Err(invalid(
+                "routing.max_lag_seconds",
+                "must be a finite number >= 0",
+            ));
+        }
+        require_positive("routing.lag_check_period", self.lag_check_period)
+    }
+}
+
+impl HealthCheckConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        require_positive("health_check.period", self.period)?;
+        require_positive("health_check.timeout", self.timeout)?;
+        if self.user.is_empty() {
+            return Err(invalid("health_check.user", "must not be empty"));
+        }
+        if self.database.is_empty() {
+            return Err(invalid("health_check.database", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl FailoverConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.topology == TopologySource::Patroni && self.patroni_urls.is_empty() {
+            return Err(invalid(
+                "failover.patroni_urls",
+                "topology = \"patroni\" needs at least one URL",
+            ));
+        }
+        let is_http = |url: &&String| url.starts_with("http://") || url.starts_with("https://");
+        match self.patroni_urls.iter().position(|url| !is_http(&url)) {
+            Some(i) => Err(invalid(
+                format!("failover.patroni_urls[{i}]"),
+                format!(
+                    "{:?} must start with http:// or https://",
+                    self.patroni_urls[i]
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mode = self.client_mode;
+        let needed = [
+            ("tls.client_cert", &self.client_cert, mode.is_required()),
+            ("tls.client_key", &self.client_key, mode.is_required()),
+            ("tls.client_ca", &self.client_ca, mode.verifies_peer()),
+        ];
+        for (key, value, required) in needed {
+            if required && value.is_empty() {
+                let why = format!("required by tls.client_mode = {:?}", mode.as_str());
+                return Err(invalid(key, why));
+            }
+        }
+        if self.server_mode.verifies_peer() && self.server_ca.is_empty() {
+            let why = format!(
+                "required by tls.server_mode = {:?}",
+                self.server_mode.as_str()
+            );
+            return Err(invalid("tls.server_ca", why));
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("backends[{index}].{field}");
+        if self.host.is_empty() {
+            return Err(invalid(key("host"), "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(invalid(key("port"), "must be between 1 and 65535"));
+        }
+        if !self.weight.is_finite() || self.weight < 0.0 {
+            return Err(invalid(key("weight"), "must be a finite number >= 0"));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Settings this build accepts but does not act on yet, one line each, key path
+    /// first. Meant to be logged at startup and by `pgrelay check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut lines = vec![
+            "routing: the routing, health_check and failover sections are parsed and validated \
+             but not yet used by this build"
+                .to_owned(),
+        ];
+        if self.tls.client_mode != TlsMode::Disable {
+            lines.push(
+                "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
+                    .to_owned(),
+            );
+        }
+        if self.tls.server_mode.is_required() {
+            lines.push(format!(
+                "tls.server_mode: {:?} is not enforced: server TLS is not implemented yet, \
+                 server connections are unencrypted",
+                self.tls.server_mode.as_str()
+            ));
+        }
+        if self.failover.topology == TopologySource::Patroni {
+            lines.push(
+                "failover.topology: patroni is not implemented yet; [[backends]] are used as listed"
+                    .to_owned(),
+            );
+        }
+        let commands = [
+            ("failover.failover_command", &self.failover.failover_command),
+            ("failover.failback_command", &self.failover.failback_command),
+            (
+                "failover.follow_primary_command",
+                &self.failover.follow_primary_command,
+            ),
+        ];
+        for (key, command) in commands {
+            if !command.is_empty() {
+                lines.push(format!(
+                    "{key}: failover commands are not run by this build yet"
+                ));
+            }
+        }
+        lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    const MINIMAL: &str = "[[backends]]\nhost = \"127.0.0.1\"\n";
+
+    /// The contract file: beside the real crate, or at its fixed place for scratch crates.
+    fn contract_path() -> PathBuf {
+        let beside = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/contract/pgrelay.toml"
+        ));
+        if beside.exists() {
+            beside.to_owned()
+        } else {
+            PathBuf::from("/work/shared/contract/pgrelay.toml")
+        }
+    }
+
+    fn conf_path(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("conf")
+            .join(name)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text)
+    }
+
+    /// The error's key for `text` appended to a minimal valid file.
+    fn error_key(text: &str) -> String {
+        let err = parse(&format!("{text}\n{MINIMAL}")).expect_err(text);
+        err.key().unwrap_or_default().to_owned()
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        parse(text).expect_err(text)
+    }
+
+    /// The key `validate()` reports after `change` is applied to a minimal valid config.
+    fn invalid_key(change: impl FnOnce(&mut Config)) -> String {
+        let mut config = parse(MINIMAL).expect("minimal config");
+        change(&mut config);
+        match config.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn user(name: &str) -> UserConfig {
+        UserConfig {
+            name: name.to_owned(),
+            password: Secret::Plain("pw".to_owned()),
+            pool_mode: None,
+            pool_size: None,
+        }
+    }
+
+    fn database(name: &str) -> DatabaseConfig {
+        DatabaseConfig {
+            name: name.to_owned(),
+            dbname: None,
+            pool_mode: None,
+            pool_size: None,
+        }
+    }
+
+    fn assert_default_sections(config: &Config) {
+        let defaults = Config::default();
+        assert_eq!(format!("{:?}", config.pool), format!("{:?}", defaults.pool));
+        assert_eq!(
+            format!("{:?}", config.routing),
+            format!("{:?}", defaults.routing)
+        );
+        let health = format!("{:?}", config.health_check);
+        assert_eq!(health, format!("{:?}", defaults.health_check));
+        assert_eq!(
+            format!("{:?}", config.failover),
+            format!("{:?}", defaults.failover)
+        );
+        assert_eq!(format!("{:?}", config.tls), format!("{:?}", defaults.tls));
+    }
+
+    #[test]
+    fn loads_the_contract_file() {
+        let config = Config::load(&contract_path()).expect("the contract must load");
+        assert_eq!(config.listen, vec!["127.0.0.1:6432".parse().expect("addr")]);
+        assert_eq!(config.admin_users, ["admin"]);
+        assert_eq!(config.backends.len(), 2);
+        assert_eq!(config.backends[1].port, 5433);
+        assert_eq!(config.backends[0].weight, 1.0);
+        assert_eq!(config.databases[0].server_dbname(), "app");
+        assert_eq!(config.users.len(), 2);
+        assert_default_sections(&config);
+    }
+
+    #[test]
+    fn loads_conf_pgrelay_toml() {
+        let config = Config::load(&conf_path("pgrelay.toml")).expect("conf/pgrelay.toml");
+        assert_eq!(config.listen, vec!["127.0.0.1:6432".parse().expect("addr")]);
+        let ports: Vec<u16> = config.backends.iter().map(|b| b.port).collect();
+        assert_eq!(ports, [5432, 5433]);
+        assert_eq!(config.backends[0].role, Some(RoleHint::Primary));
+        assert_eq!(config.backends[1].role, Some(RoleHint::Replica));
+        assert_eq!(config.databases.len(), 1);
+        assert_eq!(
+            config.database("app").map(|d| d.server_dbname()),
+            Some("app")
+        );
+        assert!(config.user("app").is_some() && config.user("admin").is_some());
+        assert_eq!(config.admin_users, ["admin"]);
+        assert_default_sections(&config);
+    }
+
+    #[test]
+    fn loads_conf_minimal_toml() {
+        let config = Config::load(&conf_path("minimal.toml")).expect("conf/minimal.toml");
+        assert_eq!(config.backends.len(), 1);
+        assert_eq!(config.users.len(), 1);
+        assert!(config.allows_any_database());
+        assert_eq!(config.database("anything").map(|d| d.name.as_str()), None);
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let err = Config::load(Path::new("/nonexistent/pgrelay.toml")).expect_err("no file");
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err.to_string().starts_with("/nonexistent/pgrelay.toml: "));
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn top_level_defaults() {
+        let config = parse(MINIMAL).expect("minimal");
+        assert_eq!(
+            config.listen,
+            vec![SocketAddr::from(([127, 0, 0, 1], 6432))]
+        );
+        assert!(config.admin_users.is_empty() && config.stats_users.is_empty());
+        assert_eq!(
+            config.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9930)))
+        );
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.auth_type, AuthType::ScramSha256);
+        assert!(config.databases.is_empty() && config.users.is_empty());
+        let backend = &config.backends[0];
+        assert_eq!((backend.port, backend.weight), (5432, 1.0));
+        assert_eq!((backend.data_directory.as_str(), backend.role), ("", None));
+    }
+
+    #[test]
+    fn pool_defaults() {
+        let pool = parse(MINIMAL).expect("minimal").pool;
+        assert_eq!(pool.mode, PoolMode::Transaction);
+        assert_eq!((pool.default_pool_size, pool.min_pool_size), (20, 0));
+        assert_eq!(pool.max_client_conn, 10_000);
+        assert_eq!(pool.query_wait_timeout, Duration::from_secs(120));
+        assert_eq!(pool.server_idle_timeout, Duration::from_secs(600));
+        assert_eq!(pool.server_lifetime, Duration::from_secs(3600));
+        assert_eq!(pool.client_login_timeout, Duration::from_secs(60));
+        assert_eq!(pool.server_connect_timeout, Duration::from_secs(5));
+        assert_eq!(pool.server_reset_query, "DISCARD ALL");
+        assert_eq!(pool.max_prepared_statements, 200);
+        assert_eq!(pool.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn routing_defaults() {
+        let routing = parse(MINIMAL).expect("minimal").routing;
+        assert!(routing.enabled);
+        assert_eq!(routing.read_after_write, ReadAfterWrite::Lsn);
+        assert_eq!(routing.load_balance, LoadBalance::WeightedRandom);
+        assert!(routing.write_functions.is_empty() && routing.read_only_functions.is_empty());
+        assert_eq!(routing.max_lag_bytes, 16_777_216);
+        assert_eq!(routing.max_lag_seconds, 10.0);
+        assert_eq!(routing.lag_check_period, Duration::from_secs(1));
+        assert!(!routing.prefer_lower_lag);
+    }
+
+    #[test]
+    fn health_check_failover_and_tls_defaults() {
+        let config = parse(MINIMAL).expect("minimal");
+        let health = &config.health_check;
+        assert_eq!(
+            (health.period, health.timeout),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!(
+            (health.max_retries, health.retry_delay),
+            (2, Duration::from_secs(1))
+        );
+        assert_eq!(
+            (health.user.as_str(), health.password.as_str()),
+            ("postgres", "")
+        );
+        assert_eq!(health.database, "postgres");
+        let failover = &config.failover;
+        assert!(failover.failover_command.is_empty() && failover.failback_command.is_empty());
+        assert!(failover.follow_primary_command.is_empty() && failover.patroni_urls.is_empty());
+        assert_eq!(failover.hold_timeout, Duration::from_secs(30));
+        assert!(failover.auto_failback);
+        assert_eq!(failover.topology, TopologySource::Static);
+        let tls = &config.tls;
+        assert_eq!(
+            (tls.client_mode, tls.server_mode),
+            (TlsMode::Disable, TlsMode::Prefer)
+        );
+        assert!(tls.client_cert.is_empty() && tls.client_key.is_empty());
+        assert!(tls.client_ca.is_empty() && tls.server_ca.is_empty());
+    }
+
+    #[test]
+    fn parses_every_enum_spelling() {
+        let text = format!(
+            "log_format = \"json\"\nauth_type = \"md5\"\n[pool]\nmode = \"session\"\n\
+             [routing]\nread_after_write = \"off\"\nload_balance = \"least_connections\"\n\
+             [failover]\ntopology = \"patroni\"\npatroni_urls = [\"https://p:8008\"]\n\
+             [tls]\nserver_mode = \"verify-full\"\nserver_ca = \"ca.pem\"\n{MINIMAL}"
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            (config.log_format, config.auth_type),
+            (LogFormat::Json, AuthType::Md5)
+        );
+        assert_eq!(config.pool.mode, PoolMode::Session);
+        assert_eq!(config.routing.read_after_write, ReadAfterWrite::Off);
+        assert_eq!(config.routing.load_balance, LoadBalance::LeastConnections);
+        assert_eq!(config.failover.topology, TopologySource::Patroni);
+        assert_eq!(config.tls.server_mode, TlsMode::VerifyFull);
+    }
+
+    #[test]
+    fn parses_addresses() {
+        let text = format!(
+            "listen = [\"[::1]:6432\", \"0.0.0.0:6433\"]\nmetrics_listen = \"\"\n{MINIMAL}"
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.listen[0],
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432))
+        );
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(error_key("listen = [\"localhost:6432\"]"), "listen[0]");
+        assert_eq!(error_key("metrics_listen = \"9930\""), "metrics_listen");
+    }
+
+    #[test]
+    fn weight_may_be_integer_or_float() {
+        let text =
+            "[[backends]]\nhost = \"a\"\nweight = 2\n[[backends]]\nhost = \"b\"\nweight = 0.5\n";
+        let config = parse(text).expect("valid");
+        assert_eq!(config.backends[0].weight, 2.0);
+        assert_eq!(config.backends[1].weight, 0.5);
+    }
+
+    #[test]
+    fn parses_md5_and_scram_passwords() {
+        let md5 = postgres_protocol::password::md5(b"pw", "a");
+        let scram = postgres_protocol::password::scram_sha_256(b"pw");
+        let text = format!(
+            "auth_type = \"md5\"\n{MINIMAL}[[users]]\nname = \"a\"\npassword = \"{md5}\"\n\
+             [[users]]\nname = \"b\"\npassword = \"{scram}\"\n"
+        );
+        let config = parse(&text).expect("valid");
+        assert!(matches!(config.users[0].password, Secret::Md5(_)));
+        assert!(matches!(config.users[1].password, Secret::Scram(ref s) if s.iterations == 4096));
+    }
+
+    #[test]
+    fn bad_durations_name_the_key() {
+        assert_eq!(
+            error_key("[pool]\nquery_wait_timeout = \"5\""),
+            "pool.query_wait_timeout"
+        );
+        assert_eq!(
+            error_key("[pool]\nserver_lifetime = 5"),
+            "pool.server_lifetime"
+        );
+        assert_eq!(
+            error_key("[health_check]\nperiod = \"5 days\""),
+            "health_check.period"
+        );
+        assert_eq!(
+            error_key("[failover]\nhold_timeout = \"30x\""),
+            "failover.hold_timeout"
+        );
+        let err = parse_err(&format!("[pool]\nshutdown_timeout = 30\n{MINIMAL}"));
+        assert!(
+            err.to_string()
+                .starts_with("pool.shutdown_timeout: a bare number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key() {
+        assert_eq!(error_key("colour = 1"), "colour");
+        assert_eq!(
+            error_key("[pool]\npool_mode = \"session\""),
+            "pool.pool_mode"
+        );
+        assert_eq!(error_key("[replication]\nx = 1"), "replication");
+        let text = format!("{MINIMAL}[[backends]]\nhost = \"b\"\nhostname = \"c\"\n");
+        assert_eq!(parse_err(&text).key(), Some("backends[1].hostname"));
+        let err = parse_err(&format!("[tls]\nclient_sslmode = \"x\"\n{MINIMAL}"));
+        assert!(
+            err.to_string()
+                .starts_with("tls.client_sslmode: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_enum_values_name_the_key() {
+        assert_eq!(error_key("log_format = \"xml\""), "log_format");
+        assert_eq!(error_key("auth_type = \"scram\""), "auth_type");
+        assert_eq!(error_key("[pool]\nmode = \"statement\""), "pool.mode");
+        assert_eq!(
+            error_key("[routing]\nload_balance = \"random\""),
+            "routing.load_balance"
+        );
+        assert_eq!(error_key("[tls]\nclient_mode = \"on\""), "tls.client_mode");
+        assert_eq!(
+            error_key("[failover]\ntopology = \"etcd\""),
+            "failover.topology"
+        );
+        let text = format!("{MINIMAL}role = \"leader\"\n");
+        assert_eq!(parse_err(&text).key(), Some("backends[0].role"));
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let text = format!("{MINIMAL}[[backends]]\nhost = \"b\"\nport = 70000\n");
+        assert_eq!(parse_err(&text).key(), Some("backends[1].port"));
+        assert_eq!(error_key("[routing]\nenabled = \"yes\""), "routing.enabled");
+        let text = format!("{MINIMAL}[[databases]]\npool_mode = \"session\"\n");
+        assert_eq!(parse_err(&text).key(), Some("databases[0].name"));
+        let text = format!("{MINIMAL}[[users]]\nname = \"a\"\n");
+        assert_eq!(parse_err(&text).key(), Some("users[0].password"));
+        assert_eq!(parse_err("[pool]\n").key(), Some("backends"));
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let err = parse_err("listen = [\"127.0.0.1:6432\"]\n[pool\nmode = 1\n");
+        assert_eq!(err.key(), Some("line 2"), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn errors_never_show_passwords() {
+        let cases = [
+            format!("{MINIMAL}[[users]]\nname = \"a\"\npassword = 8675309\n"),
+            format!("{MINIMAL}[[users]]\nname = \"a\"\npassword = \"md58675309\"\n"),
+            format!("{MINIMAL}[[users]]\nname = \"a\"\npassword = \"SCRAM-SHA-256$8675309\"\n"),
+            format!("[health_check]\npassword = 8675309\n{MINIMAL}"),
+            format!("[health_check]\npassword = \"8675309\n{MINIMAL}"),
+        ];
+        for text in &cases {
+            let err = parse_err(text);
+            assert!(!err.to_string().contains("8675309"), "{err}");
+        }
+        assert_eq!(parse_err(&cases[0]).key(), Some("users[0].password"));
+        assert_eq!(parse_err(&cases[3]).key(), Some("health_check.password"));
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() {
+        let text = format!(
+            "[health_check]\npassword = \"probe-pw\"\n{MINIMAL}\
+             [[users]]\nname = \"a\"\npassword = \"user-pw\"\n"
+        );
+        let shown = format!("{:?}", parse(&text).expect("valid"));
+        assert!(
+            !shown.contains("probe-pw") && !shown.contains("user-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("Secret::Plain(<redacted>)"));
+        assert!(shown.contains("password: \"<redacted>\""));
+    }
+
+    #[test]
+    fn validate_listen() {
+        assert_eq!(invalid_key(|c| c.listen.clear()), "listen");
+        assert_eq!(invalid_key(|c| c.listen.push(c.listen[0])), "listen[1]");
+        assert_eq!(
+            invalid_key(|c| c.metrics_listen = Some(c.listen[0])),
+            "metrics_listen"
+        );
+    }
+
+    #[test]
+    fn validate_backends() {
+        assert_eq!(invalid_key(|c| c.backends.clear()), "backends");
+        assert_eq!(
+            invalid_key(|c| c.backends[0].host.clear()),
+            "backends[0].host"
+        );
+        assert_eq!(invalid_key(|c| c.backends[0].port = 0), "backends[0].port");
+        assert_eq!(
+            invalid_key(|c| c.backends[0].weight = -1.0),
+            "backends[0].weight"
+        );
+        assert_eq!(
+            invalid_key(|c| c.backends[0].weight = f64::NAN),
+            "backends[0].weight"
+        );
+        let duplicate = |c: &mut Config| c.backends.push(c.backends[0].clone());
+        assert_eq!(invalid_key(duplicate), "backends[1]");
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.backends[0].weight = 0.0;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_pool() {
+        assert_eq!(
+            invalid_key(|c| c.pool.default_pool_size = 0),
+            "pool.default_pool_size"
+        );
+        assert_eq!(
+            invalid_key(|c| c.pool.min_pool_size = 21),
+            "pool.min_pool_size"
+        );
+        assert_eq!(
+            invalid_key(|c| c.pool.max_client_conn = 0),
+            "pool.max_client_conn"
+        );
+        let zero = Duration::ZERO;
+        assert_eq!(
+            invalid_key(|c| c.pool.query_wait_timeout = zero),
+            "pool.query_wait_timeout"
+        );
+        assert_eq!(
+            invalid_key(|c| c.pool.client_login_timeout = zero),
+            "pool.client_login_timeout"
+        );
+        let key = invalid_key(|c| c.pool.server_connect_timeout = zero);
+        assert_eq!(key, "pool.server_connect_timeout");
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.pool.server_reset_query.clear();
+        config.pool.server_idle_timeout = zero;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_pool_size_overrides() {
+        let zero_db = |c: &mut Config| {
+            c.databases.push(DatabaseConfig {
+                pool_size: Some(0),
+                ..database("d")
+            })
+        };
+        assert_eq!(invalid_key(zero_db), "databases[0].pool_size");
+        let zero_user = |c: &mut Config| {
+            c.users.push(UserConfig {
+                pool_size: Some(0),
+                ..user("u")
+            })
+        };
+        assert_eq!(invalid_key(zero_user), "users[0].pool_size");
+        let below_min = |c: &mut Config| {
+            c.pool.min_pool_size = 5;
+            c.users.push(UserConfig {
+                pool_size: Some(4),
+                ..user("u")
+            });
+        };
+        assert_eq!(invalid_key(below_min), "users[0].pool_size");
+    }
+
+    #[test]
+    fn validate_routing_and_health_check() {
+        assert_eq!(
+            invalid_key(|c| c.routing.max_lag_seconds = -1.0),
+            "routing.max_lag_seconds"
+        );
+        let infinite = |c: &mut Config| c.routing.max_lag_seconds = f64::INFINITY;
+        assert_eq!(invalid_key(infinite), "routing.max_lag_seconds");
+        let zero = Duration::ZERO;
+        assert_eq!(
+            invalid_key(|c| c.routing.lag_check_period = zero),
+            "routing.lag_check_period"
+        );
+        assert_eq!(
+            invalid_key(|c| c.health_check.period = zero),
+            "health_check.period"
+        );
+        assert_eq!(
+            invalid_key(|c| c.health_check.timeout = zero),
+            "health_check.timeout"
+        );
+        assert_eq!(
+            invalid_key(|c| c.health_check.user.clear()),
+            "health_check.user"
+        );
+        assert_eq!(
+            invalid_key(|c| c.health_check.database.clear()),
+            "health_check.database"
+        );
+    }
+
+    #[test]
+    fn validate_databases_and_users() {
+        let two = |c: &mut Config| c.databases.extend([database("a"), database("a")]);
+        assert_eq!(invalid_key(two), "databases[1].name");
+        assert_eq!(
+            invalid_key(|c| c.databases.push(database(""))),
+            "databases[0].name"
+        );
+        assert_eq!(
+            invalid_key(|c| c.databases.push(database("pgrelay"))),
+            "databases[0].name"
+        );
+        let empty = |c: &mut Config| {
+            c.databases.push(DatabaseConfig {
+                dbname: Some(String::new()),
+                ..database("a")
+            })
+        };
+        assert_eq!(invalid_key(empty), "databases[0].dbname");
+        assert_eq!(
+            invalid_key(|c| c.users.extend([user("u"), user("v"), user("u")])),
+            "users[2].name"
+        );
+        assert_eq!(invalid_key(|c| c.users.push(user(""))), "users[0].name");
+    }
+
+    #[test]
+    fn validate_md5_secret_needs_a_compatible_auth_type() {
+        let md5 = Secret::Md5([0; 16]);
+        let with_md5 = |c: &mut Config| {
+            c.users.push(UserConfig {
+                password: md5.clone(),
+                ..user("u")
+            })
+        };
+        assert_eq!(invalid_key(with_md5), "users[0].password");
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.users.push(UserConfig {
+            password: md5.clone(),
+            ..user("u")
+        });
+        config.auth_type = AuthType::Md5;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_console_users() {
+        let admin = |c: &mut Config| {
+            c.users.push(user("admin"));
+            c.admin_users = vec!["admin".into(), "ghost".into()];
+        };
+        assert_eq!(invalid_key(admin), "admin_users[1]");
+        assert_eq!(
+            invalid_key(|c| c.stats_users = vec!["ghost".into()]),
+            "stats_users[0]"
+        );
+    }
+
+    #[test]
+    fn validate_patroni() {
+        let patroni = |c: &mut Config| c.failover.topology = TopologySource::Patroni;
+        assert_eq!(invalid_key(patroni), "failover.patroni_urls");
+        let bad_url = |c: &mut Config| {
+            c.failover.topology = TopologySource::Patroni;
+            c.failover.patroni_urls = vec!["http://a:8008".into(), "a:8008".into()];
+        };
+        assert_eq!(invalid_key(bad_url), "failover.patroni_urls[1]");
+    }
+
+    #[test]
+    fn validate_tls_files() {
+        assert_eq!(
+            invalid_key(|c| c.tls.client_mode = TlsMode::Require),
+            "tls.client_cert"
+        );
+        let no_key = |c: &mut Config| {
+            c.tls.client_mode = TlsMode::VerifyFull;
+            c.tls.client_cert = "cert.pem".into();
+        };
+        assert_eq!(invalid_key(no_key), "tls.client_key");
+        let no_ca = |c: &mut Config| {
+            c.tls.client_mode = TlsMode::VerifyCa;
+            c.tls.client_cert = "cert.pem".into();
+            c.tls.client_key = "key.pem".into();
+        };
+        assert_eq!(invalid_key(no_ca), "tls.client_ca");
+        assert_eq!(
+            invalid_key(|c| c.tls.server_mode = TlsMode::VerifyCa),
+            "tls.server_ca"
+        );
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.tls.client_mode = TlsMode::Prefer;
+        config.tls.server_mode = TlsMode::Require;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_errors_display_key_first() {
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.backends[0].port = 0;
+        let err = config.validate().expect_err("port 0");
+        assert_eq!(
+            err.to_string(),
+            "backends[0].port: must be between 1 and 65535"
+        );
+    }
+
+    #[test]
+    fn overrides_pick_user_then_database_then_global() {
+        let mut config = parse(MINIMAL).expect("minimal");
+        config.databases.push(DatabaseConfig {
+            pool_mode: Some(PoolMode::Session),
+            pool_size: Some(7),
+            ..database("db")
+        });
+        config.databases.push(DatabaseConfig {
+            dbname: Some("real".into()),
+            ..database("alias")
+        });
+        config.users.push(UserConfig {
+            pool_mode: Some(PoolMode::Transaction),
+            pool_size: Some(3),
+            ..user("u")
+        });
+        config.users.push(user("plain"));
+        assert!(config.validate().is_ok());
+        assert_eq!(config.pool_mode_for("db", "u"), PoolMode::Transaction);
+        assert_eq!(config.pool_mode_for("db", "plain"), PoolMode::Session);
+        assert_eq!(
+            config.pool_mode_for("alias", "plain"),
+            PoolMode::Transaction
+        );
+        assert_eq!(config.pool_size_for("db", "u"), 3);
+        assert_eq!(config.pool_size_for("db", "plain"), 7);
+        assert_eq!(config.pool_size_for("other", "nobody"), 20);
+        assert_eq!(
+            config.database("alias").map(DatabaseConfig::server_dbname),
+            Some("real")
+        );
+        assert_eq!(
+            config.database("db").map(DatabaseConfig::server_dbname),
+            Some("db")
+        );
+        assert!(!config.allows_any_database());
+    }
+
+    #[test]
+    fn warnings_list_unimplemented_settings() {
+        let config = parse(MINIMAL).expect("minimal");
+        let lines = config.warnings();
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].starts_with("routing: "));
+        let mut config = config;
+        config.tls.client_mode = TlsMode::Allow;
+        config.tls.server_mode = TlsMode::Require;
+        config.failover.topology = TopologySource::Patroni;
+        config.failover.failover_command = "/bin/true %d".into();
+        config.failover.follow_primary_command = "/bin/true".into();
+        let keys: Vec<String> = config
+            .warnings()
+            .iter()
+            .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
+            .collect();
+        let expected = [
+            "routing",
+            "tls.client_mode",
+            "tls.server_mode",
+            "failover.topology",
+            "failover.failover_command",
+            "failover.follow_primary_command",
+        ];
+        assert_eq!(keys, expected);
+        assert!(config.warnings()[1].contains("SSLRequest is answered 'N'"));
+    }
+}

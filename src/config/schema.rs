@@ -1,0 +1,497 @@
+//! The configuration file's schema: one type per table, with its defaults.
+//!
+//! Only data lives here: the structs and enums serde fills in, their `Default` impls
+//! (which are the documented defaults) and a hand-written `Debug` where a password must
+//! stay hidden. Loading, validation and warnings are in the parent module; string values
+//! that need parsing (durations, addresses, passwords) are in `values`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::values::{self, Secret};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Addresses the client listener binds (IP:port, IPv6 in brackets). Default
+    /// `["127.0.0.1:6432"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Users allowed into the admin console (virtual database `pgrelay`). Default `[]`.
+    pub admin_users: Vec<String>,
+    /// Users allowed read-only `SHOW` commands in the admin console. Default `[]`.
+    pub stats_users: Vec<String>,
+    /// HTTP address for `/metrics`, `/healthz` and `/readyz`; `""` in the file gives
+    /// `None` (disabled). Default `127.0.0.1:9930`.
+    #[serde(deserialize_with = "values::deserialize_optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log line format. Default `text`.
+    pub log_format: LogFormat,
+    /// How clients authenticate to pgrelay. Default `scram-sha-256`.
+    pub auth_type: AuthType,
+    /// `[pool]`: pool sizes and timeouts.
+    pub pool: PoolConfig,
+    /// `[routing]`: read/write splitting.
+    pub routing: RoutingConfig,
+    /// `[health_check]`: probing the backends.
+    pub health_check: HealthCheckConfig,
+    /// `[failover]`: reacting to a lost primary.
+    pub failover: FailoverConfig,
+    /// `[tls]`: TLS towards clients and servers.
+    pub tls: TlsConfig,
+    /// `[[backends]]`: the cluster's PostgreSQL nodes. At least one is required.
+    pub backends: Vec<BackendConfig>,
+    /// `[[databases]]`: database names clients may ask for. Default `[]`, which lets any
+    /// name through unchanged (see [`Config::allows_any_database`]).
+    pub databases: Vec<DatabaseConfig>,
+    /// `[[users]]`: who may log in, with their passwords. Default `[]`.
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 6432))],
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
+            log_format: LogFormat::default(),
+            auth_type: AuthType::default(),
+            pool: PoolConfig::default(),
+            routing: RoutingConfig::default(),
+            health_check: HealthCheckConfig::default(),
+            failover: FailoverConfig::default(),
+            tls: TlsConfig::default(),
+            backends: Vec::new(),
+            databases: Vec::new(),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// `log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `auth_type`: how clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum AuthType {
+    /// No password asked.
+    #[serde(rename = "trust")]
+    Trust,
+    /// Cleartext password over the wire.
+    #[serde(rename = "plain")]
+    Plain,
+    /// MD5 challenge; users stored with a SCRAM secret get SCRAM instead.
+    #[serde(rename = "md5")]
+    Md5,
+    /// SCRAM-SHA-256 (default).
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// `pool.mode` and the per-database / per-user `pool_mode` overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is held for the client's whole session.
+    Session,
+    /// A server connection is held for one transaction (default).
+    #[default]
+    Transaction,
+}
+
+/// `[pool]`: connection pool sizes and timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Default pooling mode. Default `transaction`.
+    pub mode: PoolMode,
+    /// Server connections per (node, database, user). Default 20.
+    pub default_pool_size: u32,
+    /// Server connections kept open even when idle, per pool. Default 0.
+    pub min_pool_size: u32,
+    /// Client connections accepted at once; more are refused. Default 10000.
+    pub max_client_conn: u32,
+    /// How long a client waits for a server connection before an error. Default 120s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub query_wait_timeout: Duration,
+    /// Idle server connections older than this are closed. Default 600s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub server_idle_timeout: Duration,
+    /// Server connections older than this are closed when released. Default 3600s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub server_lifetime: Duration,
+    /// Time a client has to finish startup and authentication. Default 60s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub client_login_timeout: Duration,
+    /// Time allowed to connect and log in to a server. Default 5s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub server_connect_timeout: Duration,
+    /// Run on a server connection when a session-mode client releases it; `""` runs
+    /// nothing. Default `"DISCARD ALL"`.
+    pub server_reset_query: String,
+    /// Prepared statements tracked per server connection in transaction mode. Default 200.
+    pub max_prepared_statements: u32,
+    /// On SIGTERM, how long to let clients finish before closing them. Default 30s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            default_pool_size: 20,
+            min_pool_size: 0,
+            max_client_conn: 10_000,
+            query_wait_timeout: Duration::from_secs(120),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            client_login_timeout: Duration::from_secs(60),
+            server_connect_timeout: Duration::from_secs(5),
+            server_reset_query: "DISCARD ALL".to_owned(),
+            max_prepared_statements: 200,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `routing.read_after_write`: when a client's reads must go to the primary after it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadAfterWrite {
+    /// Reads may go to replicas right after a write.
+    Off,
+    /// Reads stay on the primary until the writing transaction ends.
+    Transaction,
+    /// Reads stay on the primary for the rest of the session.
+    Session,
+    /// Reads go to replicas that have replayed the client's last write LSN (default).
+    #[default]
+    Lsn,
+}
+
+/// `routing.load_balance`: how a replica is picked for a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    /// Random, in proportion to `backends.weight` (default).
+    #[default]
+    WeightedRandom,
+    /// In turn.
+    RoundRobin,
+    /// The node with the fewest busy server connections.
+    LeastConnections,
+}
+
+/// `[routing]`: read/write splitting between the primary and the replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Send reads to replicas; `false` sends everything to the primary. Default `true`.
+    pub enabled: bool,
+    /// Read-your-writes policy. Default `lsn`.
+    pub read_after_write: ReadAfterWrite,
+    /// Replica selection. Default `weighted_random`.
+    pub load_balance: LoadBalance,
+    /// Extra functions whose call makes a `SELECT` a write. Default `[]`.
+    pub write_functions: Vec<String>,
+    /// User functions known not to write, so their `SELECT` may go to a replica. Default `[]`.
+    pub read_only_functions: Vec<String>,
+    /// A replica more than this many bytes behind leaves the read set; 0 = no limit.
+    /// Default 16777216 (16 MiB).
+    pub max_lag_bytes: u64,
+    /// Likewise in seconds of replay delay; 0 = no limit. Default 10.0.
+    pub max_lag_seconds: f64,
+    /// How often replica lag is measured. Default 1s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub lag_check_period: Duration,
+    /// Prefer the replica with the least lag over `load_balance`. Default `false`.
+    pub prefer_lower_lag: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            enabled: true,
+            read_after_write: ReadAfterWrite::Lsn,
+            load_balance: LoadBalance::WeightedRandom,
+            write_functions: Vec::new(),
+            read_only_functions: Vec::new(),
+            max_lag_bytes: 16 * 1024 * 1024,
+            max_lag_seconds: 10.0,
+            lag_check_period: Duration::from_secs(1),
+            prefer_lower_lag: false,
+        }
+    }
+}
+
+/// `[health_check]`: periodic probes of every backend. `Debug` hides the password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Time between probes of one node. Default 5s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub period: Duration,
+    /// A probe not answered within this fails. Default 2s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub timeout: Duration,
+    /// Failed probes retried before the node is declared down. Default 2.
+    pub max_retries: u32,
+    /// Pause between retries. Default 1s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub retry_delay: Duration,
+    /// PostgreSQL user the probe logs in as. Default `"postgres"`.
+    pub user: String,
+    /// That user's plaintext password; never shown by `Debug`. Default `""`.
+    #[serde(deserialize_with = "values::deserialize_redacted_string")]
+    pub password: String,
+    /// Database the probe connects to. Default `"postgres"`.
+    pub database: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            period: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            max_retries: 2,
+            retry_delay: Duration::from_secs(1),
+            user: "postgres".to_owned(),
+            password: String::new(),
+            database: "postgres".to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for HealthCheckConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let password = if self.password.is_empty() {
+            ""
+        } else {
+            "<redacted>"
+        };
+        f.debug_struct("HealthCheckConfig")
+            .field("period", &self.period)
+            .field("timeout", &self.timeout)
+            .field("max_retries", &self.max_retries)
+            .field("retry_delay", &self.retry_delay)
+            .field("user", &self.user)
+            .field("password", &format_args!("{password:?}"))
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// `failover.topology`: where the cluster's shape comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologySource {
+    /// `[[backends]]` as listed, roles detected by probing (default).
+    #[default]
+    Static,
+    /// Patroni's REST API at `patroni_urls`.
+    Patroni,
+}
+
+/// `[failover]`: what happens when the primary is lost or comes back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Shell command run when a node goes down, with Pgpool-II placeholders. Default `""`.
+    pub failover_command: String,
+    /// Shell command run when a node comes back. Default `""`.
+    pub failback_command: String,
+    /// Shell command run for each replica after a new primary appears. Default `""`.
+    pub follow_primary_command: String,
+    /// How long writes wait for a new primary before failing. Default 30s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub hold_timeout: Duration,
+    /// Put a recovered node back into service automatically. Default `true`.
+    pub auto_failback: bool,
+    /// Source of the topology. Default `static`.
+    pub topology: TopologySource,
+    /// Patroni REST endpoints (`http://` or `https://`), needed for `patroni`. Default `[]`.
+    pub patroni_urls: Vec<String>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            failover_command: String::new(),
+            failback_command: String::new(),
+            follow_primary_command: String::new(),
+            hold_timeout: Duration::from_secs(30),
+            auto_failback: true,
+            topology: TopologySource::Static,
+            patroni_urls: Vec::new(),
+        }
+    }
+}
+
+/// libpq-style TLS mode, for either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the other side insists.
+    Allow,
+    /// TLS when available, plaintext otherwise (default).
+    #[default]
+    Prefer,
+    /// TLS mandatory, certificates not checked.
+    Require,
+    /// TLS mandatory, peer certificate checked against the CA.
+    VerifyCa,
+    /// As `VerifyCa`, and the host name must match too.
+    VerifyFull,
+}
+
+impl TlsMode {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Allow => "allow",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// `require`, `verify-ca` or `verify-full`.
+    pub fn is_required(self) -> bool {
+        matches!(
+            self,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull
+        )
+    }
+
+    /// `verify-ca` or `verify-full`.
+    pub fn verifies_peer(self) -> bool {
+        matches!(self, TlsMode::VerifyCa | TlsMode::VerifyFull)
+    }
+}
+
+/// `[tls]`: TLS towards clients (pgrelay as server) and towards PostgreSQL servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// TLS policy for client connections. Default `disable`.
+    pub client_mode: TlsMode,
+    /// PEM certificate chain shown to clients. Default `""`.
+    pub client_cert: String,
+    /// PEM private key for `client_cert`. Default `""`.
+    pub client_key: String,
+    /// PEM CA bundle that client certificates are checked against. Default `""`.
+    pub client_ca: String,
+    /// TLS policy for server connections. Default `prefer`.
+    pub server_mode: TlsMode,
+    /// PEM CA bundle that server certificates are checked against. Default `""`.
+    pub server_ca: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            client_mode: TlsMode::Disable,
+            client_cert: String::new(),
+            client_key: String::new(),
+            client_ca: String::new(),
+            server_mode: TlsMode::Prefer,
+            server_ca: String::new(),
+        }
+    }
+}
+
+/// `backends.role`: the role an operator expects a node to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleHint {
+    /// Expected to be the primary.
+    Primary,
+    /// Expected to be a streaming replica.
+    Replica,
+}
+
+/// One `[[backends]]` entry: a PostgreSQL node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Host name or IP address. Required.
+    pub host: String,
+    /// TCP port. Default 5432.
+    #[serde(default = "default_backend_port")]
+    pub port: u16,
+    /// Share of reads for `weighted_random`; 0 takes no reads. Integer or float. Default 1.
+    #[serde(default = "default_backend_weight")]
+    pub weight: f64,
+    /// The node's data directory, only for `%D` / `%R` in failover commands. Default `""`.
+    #[serde(default)]
+    pub data_directory: String,
+    /// Optional hint; the real role is always detected. Default none.
+    #[serde(default)]
+    pub role: Option<RoleHint>,
+}
+
+fn default_backend_port() -> u16 {
+    5432
+}
+
+fn default_backend_weight() -> f64 {
+    1.0
+}
+
+/// One `[[databases]]` entry: a database name clients may ask for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The name clients ask for. Required.
+    pub name: String,
+    /// The database's name on the servers. Default: same as `name`.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Overrides `pool.mode` for this database. Default none.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// Overrides `pool.default_pool_size` for this database. Default none.
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}
+
+impl DatabaseConfig {
+    /// The database name to send to the servers: `dbname`, or else `name`.
+    pub fn server_dbname(&self) -> &str {
+        self.dbname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// One `[[users]]` entry: a user who may log in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The user name, as sent by the client and to the servers. Required.
+    pub name: String,
+    /// Plaintext, `md5<hex>` or a SCRAM-SHA-256 secret. Required.
+    pub password: Secret,
+    /// Overrides the database's and the global pool mode. Default none.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// Overrides the database's and the global pool size. Default none.
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}

@@ -1,0 +1,812 @@
+//! Throwaway local PostgreSQL clusters for `pgrelay demo` and the integration tests.
+//!
+//! This module owns short-lived PostgreSQL installations: it finds the server binaries,
+//! runs `initdb` in a fresh temp dir under `/tmp`, starts a primary on a free loopback
+//! port, clones streaming replicas with `pg_basebackup -R`, and tears everything down
+//! again. It is blocking `std::process` code on purpose (it runs before the runtime, or
+//! from test threads) and must not be called from a tokio worker thread. It runs no
+//! background tasks, and it never leaves servers behind: [`LocalCluster`] stops every
+//! node on drop, including when [`LocalCluster::start`] fails half-way. When the process
+//! runs as root, every PostgreSQL program runs as the `postgres` OS user via `runuser`,
+//! because the server refuses to run as root. Servers are detached from our process
+//! (`pg_ctl` uses `setsid`), so a caller killed by a signal must drop the cluster itself.
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::chown;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::unistd::{geteuid, User};
+use tempfile::TempDir;
+use tracing::{debug, warn};
+
+/// Superuser created by `initdb`; always allowed in over TCP with `trust`.
+const SUPERUSER: &str = "postgres";
+/// OS user PostgreSQL programs run as when we are root.
+const RUN_AS_USER: &str = "postgres";
+/// Start attempts on fresh ports before giving up: parallel tests race for ports.
+const PORT_ATTEMPTS: usize = 5;
+/// Seconds `pg_ctl` waits for start, stop and promote.
+const PG_CTL_WAIT_SECS: &str = "30";
+const LOG_TAIL_LINES: usize = 30;
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Programs a usable bindir must hold; `initdb` and `pg_ctl` alone are not enough,
+/// because Debian links only a few of them into `/usr/local/bin`.
+const REQUIRED_PROGRAMS: [&str; 5] = ["initdb", "pg_ctl", "postgres", "pg_basebackup", "psql"];
+
+/// Errors from finding, starting, driving or stopping a local cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "no PostgreSQL installation found: no directory with initdb, pg_ctl, postgres, \
+         pg_basebackup and psql in PATH, `pg_config --bindir` or /usr/lib/postgresql/*/bin"
+    )]
+    BinariesNotFound,
+    #[error("running as root, but there is no `{0}` OS user to run PostgreSQL as")]
+    NoRunAsUser(&'static str),
+    #[error("looking up the `{user}` OS user failed")]
+    UserLookup {
+        user: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("could not run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    CommandFailed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error(
+        "PostgreSQL in {data_dir} did not start: `{command}` failed ({status}): {stderr}\n\
+         last lines of {log_file}:\n{log_tail}",
+        data_dir = data_dir.display(),
+        log_file = log_file.display()
+    )]
+    ServerStart {
+        data_dir: PathBuf,
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+        log_file: PathBuf,
+        log_tail: String,
+    },
+    #[error("{action} {path} failed", path = path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not hand {path} to the `postgres` OS user", path = path.display())]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not reserve a free port on 127.0.0.1")]
+    FreePort(#[source] io::Error),
+    #[error("no node of this cluster listens on port {0}")]
+    UnknownPort(u16),
+    #[error(
+        "replicas not streaming after {timeout:?}: expected {expected:?}, streaming {streaming:?}"
+    )]
+    ReplicasNotStreaming {
+        timeout: Duration,
+        expected: Vec<String>,
+        streaming: Vec<String>,
+        /// Why the last look at `pg_stat_replication` failed, if it did.
+        #[source]
+        last_error: Option<Box<DemoError>>,
+    },
+}
+
+impl DemoError {
+    /// True when a server failed to start because its port was taken meanwhile.
+    fn is_port_in_use(&self) -> bool {
+        match self {
+            DemoError::ServerStart { log_tail, .. } => {
+                log_tail.contains("Address already in use")
+                    || log_tail.contains("could not create any TCP/IP sockets")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What to build; see [`LocalCluster::start`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Streaming replicas cloned from the primary with `pg_basebackup -R`.
+    pub replicas: usize,
+    /// `pg_hba.conf` method for TCP connections of non-superusers from 127.0.0.1 and ::1,
+    /// e.g. "trust", "md5", "scram-sha-256" or "password".
+    pub host_auth: String,
+    /// `(role, password)` pairs created as LOGIN roles. Passwords are hashed with the
+    /// server's `password_encryption` (scram-sha-256 unless `extra_conf` changes it).
+    pub users: Vec<(String, String)>,
+    /// `(dbname, owner)` pairs created on the primary (replicas get them by cloning).
+    pub databases: Vec<(String, String)>,
+    /// Lines appended to the primary's `postgresql.conf`; replicas inherit them. A
+    /// `port` setting here is overridden: the launcher owns ports.
+    pub extra_conf: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            replicas: 1,
+            host_auth: "trust".to_owned(),
+            users: Vec::new(),
+            databases: Vec::new(),
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+/// Returns the first directory holding the PostgreSQL programs, looking in the `PATH`
+/// entries, then `pg_config --bindir`, then `/usr/lib/postgresql/*/bin` (highest version
+/// first). Symlinks are resolved, so `/usr/local/bin/initdb -> /usr/lib/postgresql/15/bin`
+/// yields the real directory, which must also hold `postgres`, `pg_basebackup` and `psql`.
+pub fn find_bindir() -> Result<PathBuf, DemoError> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    candidates.extend(pg_config_bindir());
+    candidates.extend(versioned_bindirs());
+    candidates
+        .iter()
+        .find_map(|dir| usable_bindir(dir))
+        .ok_or(DemoError::BinariesNotFound)
+}
+
+fn usable_bindir(dir: &Path) -> Option<PathBuf> {
+    if !dir.join("initdb").is_file() || !dir.join("pg_ctl").is_file() {
+        return None;
+    }
+    let real = fs::canonicalize(dir.join("initdb"))
+        .ok()?
+        .parent()?
+        .to_path_buf();
+    REQUIRED_PROGRAMS
+        .iter()
+        .all(|program| real.join(program).is_file())
+        .then_some(real)
+}
+
+fn pg_config_bindir() -> Option<PathBuf> {
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(output.stdout).ok()?;
+    let dir = dir.trim();
+    (output.status.success() && !dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
+/// `/usr/lib/postgresql/<version>/bin` directories (the Debian layout), newest first.
+fn versioned_bindirs() -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir("/usr/lib/postgresql") else {
+        return Vec::new();
+    };
+    let mut versions: Vec<(Vec<u32>, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let version = name
+                .split('.')
+                .map(|part| part.parse().ok())
+                .collect::<Option<_>>()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .collect();
+    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.into_iter().map(|(_, dir)| dir).collect()
+}
+
+/// Launches PostgreSQL programs: from which bindir, as which OS user, in which directory.
+#[derive(Debug, Clone)]
+struct Runner {
+    bindir: PathBuf,
+    /// Set when we are root: programs then run through `runuser`, and every file or
+    /// directory we create is handed to this user so the server can use it.
+    run_as: Option<User>,
+    /// Working directory for every program: the `postgres` user may not be able to enter
+    /// our own working directory (e.g. /root), which makes `initdb` and `pg_ctl` fail.
+    cwd: PathBuf,
+}
+
+impl Runner {
+    fn command(&self, program: &str) -> Command {
+        let exe = self.bindir.join(program);
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut cmd = Command::new(runuser_path());
+                cmd.arg("-u").arg(&user.name).arg("--").arg(exe);
+                cmd
+            }
+            None => Command::new(exe),
+        };
+        cmd.current_dir(&self.cwd).stdin(Stdio::null());
+        // A developer's PGHOST, PGPORT, PGDATA or PGUSER must not redirect our programs.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("PGCONNECT_TIMEOUT", "10");
+        cmd
+    }
+
+    /// Runs `cmd` to completion; returns its stdout, or its stderr in the error.
+    fn run(&self, cmd: &mut Command) -> Result<String, DemoError> {
+        let command = describe(cmd);
+        debug!(%command, "running");
+        let output = cmd.output().map_err(|source| DemoError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        Err(DemoError::CommandFailed {
+            command,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+
+    /// Gives `path` to the run-as user; a no-op when we are not root.
+    fn hand_over(&self, path: &Path) -> Result<(), DemoError> {
+        let Some(user) = &self.run_as else {
+            return Ok(());
+        };
+        chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(|source| {
+            DemoError::Chown {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    fn write_file(&self, path: &Path, contents: &str) -> Result<(), DemoError> {
+        fs::write(path, contents).map_err(io_error("writing", path))?;
+        self.hand_over(path)
+    }
+}
+
+fn run_as_user() -> Result<Option<User>, DemoError> {
+    if !geteuid().is_root() {
+        return Ok(None);
+    }
+    match User::from_name(RUN_AS_USER) {
+        Ok(Some(user)) => Ok(Some(user)),
+        Ok(None) => Err(DemoError::NoRunAsUser(RUN_AS_USER)),
+        Err(source) => Err(DemoError::UserLookup {
+            user: RUN_AS_USER,
+            source,
+        }),
+    }
+}
+
+fn runuser_path() -> PathBuf {
+    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+        .iter()
+        .map(Path::new)
+        .find(|path| path.is_file())
+        .map_or_else(|| PathBuf::from("runuser"), Path::to_path_buf)
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DemoError {
+    let path = path.to_path_buf();
+    move |source| DemoError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The role a node was created with; a promoted replica keeps `Replica` here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug)]
+struct Node {
+    /// Directory name under the cluster dir. Replicas also use it as their
+    /// `application_name`, which is how `pg_stat_replication` rows map to nodes.
+    name: String,
+    port: u16,
+    data_dir: PathBuf,
+    /// `pg_ctl -l` target, kept outside the data dir so `pg_basebackup` skips it.
+    log_file: PathBuf,
+    role: Role,
+}
+
+impl Node {
+    /// Whether a postmaster owns the data dir. The pid file is the server's own record,
+    /// so this stays right when a test stops or crashes a node behind our back.
+    fn is_running(&self) -> bool {
+        self.data_dir.join("postmaster.pid").exists()
+    }
+
+    /// Whether the node is (still) a standby: promotion removes `standby.signal`.
+    fn is_standby(&self) -> bool {
+        self.data_dir.join("standby.signal").exists()
+    }
+}
+
+/// A primary and its streaming replicas, each on its own 127.0.0.1 port, all in one
+/// temp dir. Everything is stopped and removed by [`LocalCluster::stop`] or on drop.
+#[derive(Debug)]
+pub struct LocalCluster {
+    runner: Runner,
+    /// Temp dir holding every node and the Unix sockets; `None` once `stop` removed it.
+    dir: Option<TempDir>,
+    /// Primary first, then replicas in creation order. A node is pushed before its
+    /// server starts, so a failed `start` still stops whatever did come up.
+    nodes: Vec<Node>,
+}
+
+impl LocalCluster {
+    /// Creates and starts a primary plus `opts.replicas` streaming replicas, with the
+    /// requested roles and databases. Takes a few seconds; leaves nothing behind on error.
+    pub fn start(opts: &ClusterOptions) -> Result<LocalCluster, DemoError> {
+        let began = Instant::now();
+        let bindir = find_bindir()?;
+        let run_as = run_as_user()?;
+        // Always /tmp: short enough for Unix socket paths, traversable by `postgres`.
+        let dir = tempfile::Builder::new()
+            .prefix("pgrelay-pg-")
+            .tempdir_in("/tmp")
+            .map_err(io_error("creating a temp dir in", Path::new("/tmp")))?;
+        let runner = Runner {
+            bindir,
+            run_as,
+            cwd: dir.path().to_path_buf(),
+        };
+        runner.hand_over(dir.path())?;
+        let mut cluster = LocalCluster {
+            runner,
+            dir: Some(dir),
+            nodes: Vec::new(),
+        };
+        cluster.init_primary(opts)?;
+        cluster.create_roles_and_databases(opts)?;
+        for index in 1..=opts.replicas {
+            cluster.add_replica(&format!("replica{index}"))?;
+        }
+        debug!(ports = ?cluster.ports(), elapsed = ?began.elapsed(), "local cluster started");
+        Ok(cluster)
+    }
+
+    /// Port of the node created as primary (also after another node was promoted).
+    pub fn primary_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|node| node.role == Role::Primary)
+            .map_or(0, |node| node.port)
+    }
+
+    /// Ports of the nodes created as replicas, in creation order.
+    pub fn replica_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|node| node.role == Role::Replica)
+            .map(|node| node.port)
+            .collect()
+    }
+
+    /// All ports, primary first.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|node| node.port).collect()
+    }
+
+    pub fn superuser(&self) -> &str {
+        SUPERUSER
+    }
+
+    /// Runs `sql` with psql as the superuser over TCP; returns trimmed unaligned,
+    /// tuples-only output (one row per line, columns separated by `|`).
+    pub fn psql(&self, port: u16, db: &str, sql: &str) -> Result<String, DemoError> {
+        let mut cmd = self.runner.command("psql");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            SUPERUSER,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
+        Ok(self.runner.run(&mut cmd)?.trim().to_owned())
+    }
+
+    /// `pg_ctl stop -m <mode>` ("smart", "fast" or "immediate"), waiting for the exit.
+    pub fn stop_node(&self, port: u16, mode: &str) -> Result<(), DemoError> {
+        let node = self.node(port)?;
+        let mut cmd = self.runner.command("pg_ctl");
+        cmd.args(["stop", "-w", "-t", PG_CTL_WAIT_SECS, "-m", mode, "-D"])
+            .arg(&node.data_dir);
+        self.runner.run(&mut cmd).map(drop)
+    }
+
+    /// Starts a stopped node again on its old port.
+    pub fn start_node(&self, port: u16) -> Result<(), DemoError> {
+        self.pg_ctl_start(self.node(port)?)
+    }
+
+    /// `pg_ctl promote -w`: the replica leaves recovery and accepts writes.
+    pub fn promote(&self, port: u16) -> Result<(), DemoError> {
+        let node = self.node(port)?;
+        let mut cmd = self.runner.command("pg_ctl");
+        cmd.args(["promote", "-w", "-t", PG_CTL_WAIT_SECS, "-D"])
+            .arg(&node.data_dir);
+        self.runner.run(&mut cmd).map(drop)
+    }
+
+    pub fn data_dir(&self, port: u16) -> Option<PathBuf> {
+        self.node(port).ok().map(|node| node.data_dir.clone())
+    }
+
+    /// Waits until `pg_stat_replication` on the primary shows every running, unpromoted
+    /// replica in state `streaming`. Stopped and promoted replicas are not waited for.
+    pub fn wait_replicas_streaming(&self, timeout: Duration) -> Result<(), DemoError> {
+        let deadline = Instant::now() + timeout;
+        let sql = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'";
+        loop {
+            let expected: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| n.role == Role::Replica && n.is_running() && n.is_standby())
+                .map(|n| n.name.clone())
+                .collect();
+            let (streaming, last_error) = match self.psql(self.primary_port(), "postgres", sql) {
+                Ok(out) => (out.lines().map(str::to_owned).collect::<Vec<_>>(), None),
+                Err(err) => (Vec::new(), Some(Box::new(err))),
+            };
+            if last_error.is_none() && expected.iter().all(|name| streaming.contains(name)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::ReplicasNotStreaming {
+                    timeout,
+                    expected,
+                    streaming,
+                    last_error,
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Stops every running node with `pg_ctl stop -m immediate`, then removes the temp
+    /// dir. Idempotent; problems are logged, not returned, since this runs from `Drop`.
+    pub fn stop(&mut self) {
+        let Some(dir) = self.dir.take() else {
+            return;
+        };
+        // Stop all nodes at once: each `pg_ctl -w` polls, so a serial stop adds up.
+        let stopping: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(|node| {
+                let mut cmd = self.runner.command("pg_ctl");
+                cmd.args([
+                    "stop",
+                    "-w",
+                    "-t",
+                    PG_CTL_WAIT_SECS,
+                    "-m",
+                    "immediate",
+                    "-D",
+                ])
+                .arg(&node.data_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+                (describe(&cmd), cmd.spawn())
+            })
+            .collect();
+        for (command, child) in stopping {
+            match child.and_then(|child| child.wait_with_output()) {
+                Ok(out) if out.status.success() => debug!(%command, "stopped"),
+                Ok(out) => {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    warn!(%command, status = %out.status, %stderr, "stopping a node failed");
+                }
+                Err(err) => warn!(%command, error = %err, "could not run pg_ctl stop"),
+            }
+        }
+        let path = dir.path().to_path_buf();
+        if let Err(err) = dir.close() {
+            warn!(path = %path.display(), error = %err, "could not remove the cluster dir");
+        }
+    }
+
+    fn node(&self, port: u16) -> Result<&Node, DemoError> {
+        self.nodes
+            .iter()
+            .find(|node| node.port == port)
+            .ok_or(DemoError::UnknownPort(port))
+    }
+
+    /// Creates `<tempdir>/<name>` for a node's data dir and log file.
+    fn new_node(&self, name: &str, role: Role) -> Result<Node, DemoError> {
+        let node_dir = self.runner.cwd.join(name);
+        fs::create_dir(&node_dir).map_err(io_error("creating", &node_dir))?;
+        self.runner.hand_over(&node_dir)?;
+        Ok(Node {
+            name: name.to_owned(),
+            port: 0,
+            data_dir: node_dir.join("data"),
+            log_file: node_dir.join("server.log"),
+            role,
+        })
+    }
+
+    fn init_primary(&mut self, opts: &ClusterOptions) -> Result<(), DemoError> {
+        let node = self.new_node("primary", Role::Primary)?;
+        let mut initdb = self.runner.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&node.data_dir)
+            .args(["-U", SUPERUSER, "--auth-local=trust", "--auth-host=trust"])
+            .args(["--encoding=UTF8", "--no-locale", "--no-sync"]);
+        self.runner.run(&mut initdb)?;
+        let hba = node.data_dir.join("pg_hba.conf");
+        self.runner.write_file(&hba, &hba_conf(&opts.host_auth))?;
+        let conf_path = node.data_dir.join("postgresql.conf");
+        let mut conf = fs::read_to_string(&conf_path).map_err(io_error("reading", &conf_path))?;
+        conf.push_str(&server_conf(&self.runner.cwd, &opts.extra_conf));
+        self.runner.write_file(&conf_path, &conf)?;
+        self.nodes.push(node);
+        self.start_on_free_port()
+    }
+
+    fn create_roles_and_databases(&self, opts: &ClusterOptions) -> Result<(), DemoError> {
+        let port = self.primary_port();
+        for (role, password) in &opts.users {
+            let sql = format!(
+                "CREATE ROLE {} LOGIN PASSWORD {}",
+                quote_ident(role),
+                quote_literal(password)
+            );
+            self.psql(port, "postgres", &sql)?;
+        }
+        // One statement per call: CREATE DATABASE refuses to run in a multi-statement batch.
+        for (db, owner) in &opts.databases {
+            let sql = format!(
+                "CREATE DATABASE {} OWNER {}",
+                quote_ident(db),
+                quote_ident(owner)
+            );
+            self.psql(port, "postgres", &sql)?;
+        }
+        Ok(())
+    }
+
+    fn add_replica(&mut self, name: &str) -> Result<(), DemoError> {
+        let node = self.new_node(name, Role::Replica)?;
+        let primary_port = self.primary_port().to_string();
+        // `-R` copies these connection settings, application_name included, into
+        // primary_conninfo, so the replica streams from 127.0.0.1:<primary> as `name`.
+        let mut cmd = self.runner.command("pg_basebackup");
+        cmd.args(["-h", "127.0.0.1", "-p", &primary_port, "-U", SUPERUSER])
+            .args(["-d", &format!("application_name={name}")])
+            .arg("-D")
+            .arg(&node.data_dir)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        self.runner.run(&mut cmd)?;
+        self.nodes.push(node);
+        self.start_on_free_port()
+    }
+
+    /// Starts the last pushed node, on a fresh free port per attempt: between freeing a
+    /// probe port and the server binding it, a parallel test may grab it.
+    fn start_on_free_port(&mut self) -> Result<(), DemoError> {
+        let mut attempt = 1;
+        loop {
+            let port = free_port()?;
+            let Some(node) = self.nodes.last_mut() else {
+                return Ok(());
+            };
+            node.port = port;
+            let conf_path = node.data_dir.join("postgresql.conf");
+            let conf = fs::read_to_string(&conf_path).map_err(io_error("reading", &conf_path))?;
+            self.runner
+                .write_file(&conf_path, &with_port(&conf, port))?;
+            match self.start_node(port) {
+                Err(err) if err.is_port_in_use() && attempt < PORT_ATTEMPTS => {
+                    debug!(port, attempt, "port taken meanwhile, retrying on another");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn pg_ctl_start(&self, node: &Node) -> Result<(), DemoError> {
+        let log_offset = fs::metadata(&node.log_file).map_or(0, |meta| meta.len());
+        let mut cmd = self.runner.command("pg_ctl");
+        cmd.args(["start", "-w", "-t", PG_CTL_WAIT_SECS, "-D"])
+            .arg(&node.data_dir)
+            .arg("-l")
+            .arg(&node.log_file);
+        match self.runner.run(&mut cmd) {
+            Ok(_) => Ok(()),
+            Err(DemoError::CommandFailed {
+                command,
+                status,
+                stderr,
+            }) => Err(DemoError::ServerStart {
+                data_dir: node.data_dir.clone(),
+                command,
+                status,
+                stderr,
+                log_file: node.log_file.clone(),
+                log_tail: log_tail(&node.log_file, log_offset),
+            }),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(DemoError::FreePort)?;
+    let addr = listener.local_addr().map_err(DemoError::FreePort)?;
+    Ok(addr.port())
+}
+
+/// The last lines the server logged since byte `offset` of its log file.
+fn log_tail(path: &Path, offset: u64) -> String {
+    let Ok(bytes) = fs::read(path) else {
+        return "(no log file)".to_owned();
+    };
+    let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+fn hba_conf(host_auth: &str) -> String {
+    format!(
+        "# Written by pgrelay's local cluster launcher.\n\
+         local all all trust\n\
+         host all {SUPERUSER} 127.0.0.1/32 trust\n\
+         host all {SUPERUSER} ::1/128 trust\n\
+         host replication all 127.0.0.1/32 trust\n\
+         host all all 127.0.0.1/32 {host_auth}\n\
+         host all all ::1/128 {host_auth}\n"
+    )
+}
+
+/// Settings appended to `postgresql.conf`: durability is traded for speed, because
+/// these clusters are thrown away, and memory is kept small for 2-core CI machines.
+fn server_conf(socket_dir: &Path, extra_conf: &[String]) -> String {
+    let socket_dir = socket_dir.display().to_string().replace('\'', "''");
+    let mut conf = format!(
+        "\n# Added by pgrelay's local cluster launcher.\n\
+         listen_addresses = '127.0.0.1'\n\
+         unix_socket_directories = '{socket_dir}'\n\
+         fsync = off\n\
+         synchronous_commit = off\n\
+         full_page_writes = off\n\
+         shared_buffers = 16MB\n\
+         max_connections = 200\n\
+         wal_level = replica\n\
+         max_wal_senders = 10\n\
+         hot_standby = on\n\
+         wal_keep_size = 64MB\n\
+         log_min_messages = warning\n"
+    );
+    for line in extra_conf {
+        conf.push_str(line);
+        conf.push('\n');
+    }
+    conf
+}
+
+/// `conf` with every `port = ...` line dropped and `port = <port>` appended, so a
+/// replica cloned from the primary does not keep the primary's port.
+fn with_port(conf: &str, port: u16) -> String {
+    let mut out: String = conf
+        .lines()
+        .filter(|line| !is_port_setting(line))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    out.push_str(&format!("port = {port}\n"));
+    out
+}
+
+fn is_port_setting(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix("port")
+        .is_some_and(|rest| rest.trim_start().starts_with('='))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_port_replaces_only_port_settings() {
+        let conf = "#port = 5432\nport = 1234\n  port=99\nport_x = 1\nfsync = off\n";
+        assert_eq!(
+            with_port(conf, 7000),
+            "#port = 5432\nport_x = 1\nfsync = off\nport = 7000\n"
+        );
+    }
+
+    #[test]
+    fn quoting_doubles_quote_characters() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn port_in_use_is_detected_from_the_log() {
+        let err = |log_tail: &str| DemoError::ServerStart {
+            data_dir: PathBuf::new(),
+            command: String::new(),
+            status: ExitStatus::default(),
+            stderr: String::new(),
+            log_file: PathBuf::new(),
+            log_tail: log_tail.to_owned(),
+        };
+        assert!(err("FATAL:  could not create any TCP/IP sockets").is_port_in_use());
+        assert!(!err("FATAL:  invalid value for parameter").is_port_in_use());
+    }
+
+    #[test]
+    fn hba_keeps_superuser_on_trust() {
+        let hba = hba_conf("scram-sha-256");
+        assert!(hba.contains("host all postgres 127.0.0.1/32 trust\n"));
+        assert!(hba.contains("host all all 127.0.0.1/32 scram-sha-256\n"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Error classification shared by every module: a fixed [`ErrorKind`] (used as a metric
+//! label), the [`Side`] that caused it, and [`ClientError`], the allowlist of what a
+//! client may be told.
+//!
+//! Module errors stay typed (`thiserror`, sources kept); an error reaches a client only
+//! by being turned into a `ClientError`, which carries a PostgreSQL SQLSTATE.
+
+use std::borrow::Cow;
+
+use bytes::BytesMut;
+
+use crate::protocol::backend::{self, Severity};
+
+/// What went wrong, in a fixed set fit for a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    Protocol,
+    Auth,
+    ClientLimit,
+    UnknownDatabase,
+    PoolTimeout,
+    ServerConnect,
+    ServerAuth,
+    ServerLost,
+    ClientLost,
+    Config,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Auth => "auth",
+            ErrorKind::ClientLimit => "client_limit",
+            ErrorKind::UnknownDatabase => "unknown_database",
+            ErrorKind::PoolTimeout => "pool_timeout",
+            ErrorKind::ServerConnect => "server_connect",
+            ErrorKind::ServerAuth => "server_auth",
+            ErrorKind::ServerLost => "server_lost",
+            ErrorKind::ClientLost => "client_lost",
+            ErrorKind::Config => "config",
+        }
+    }
+}
+
+/// Which end of a session caused an error: it decides whether a server is discarded
+/// and whether a node's health is in question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// An error a client may see: an ErrorResponse with a SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub kind: ErrorKind,
+    pub code: Cow<'static, str>,
+    pub message: String,
+    /// FATAL errors end the client's connection after they are sent.
+    pub fatal: bool,
+}
+
+impl ClientError {
+    pub fn fatal(
+        kind: ErrorKind,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        ClientError {
+            kind,
+            code: code.into(),
+            message: message.into(),
+            fatal: true,
+        }
+    }
+
+    pub fn error(
+        kind: ErrorKind,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        ClientError {
+            kind,
+            code: code.into(),
+            message: message.into(),
+            fatal: false,
+        }
+    }
+
+    pub fn protocol(message: impl Into<String>) -> Self {
+        Self::fatal(ErrorKind::Protocol, "08P01", message)
+    }
+
+    /// Appends the ErrorResponse to `buf`.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let severity = if self.fatal {
+            Severity::Fatal
+        } else {
+            Severity::Error
+        };
+        backend::error_response(buf, severity, &self.code, &self.message);
+    }
+}

@@ -1,0 +1,125 @@
+//! pgrelay: a PostgreSQL connection pooler and read/write router.
+//!
+//! # Layout
+//! - [`protocol`]: the sans-IO wire codec (framing, the relay's scanner, startup
+//!   packets, message views and builders).
+//! - [`stream`]: the only owner of sockets; buffered frame reads, batched writes.
+//! - [`listener`]: accept loop, `max_client_conn`, one task per client, drain on
+//!   shutdown; also [`listener::Pgrelay`], a running instance.
+//! - [`auth`]: the startup handshake and client authentication; server credentials.
+//! - [`session`]: one client session (greeting, request loop), its parameters, and the
+//!   zero-copy relay.
+//! - [`pool`]: server connection pools, server login, checkout guards, maintenance.
+//! - [`router`]: the SQL classifier.
+//! - [`cluster`]: the topology snapshot and health probes (primary detection).
+//! - [`cancel`]: the cancel-key registry.
+//! - [`config`]: the TOML config, its validation and defaults.
+//! - [`demo`]: throwaway local PostgreSQL clusters for `pgrelay demo` and the tests.
+//! - [`error`]: error kinds, sides, and what clients may be told.
+//!
+//! A query flows listener → auth → session → pool (checkout) → relay → pool (release).
+
+#![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used, clippy::todo, clippy::dbg_macro)]
+
+pub mod auth;
+pub mod cancel;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod listener;
+pub mod pool;
+pub mod protocol;
+pub mod router;
+pub mod session;
+pub mod shutdown;
+pub mod stream;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use config::Config;
+use error::{ClientError, ErrorKind};
+use pool::server::ServerTarget;
+use pool::{Pool, PoolKey, PoolSettings, Pools};
+
+/// Everything sessions and background tasks share, built once at start-up.
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub cluster: cluster::Cluster,
+    pub pools: Arc<Pools>,
+    pub cancel: Arc<cancel::CancelRegistry>,
+    pub credentials: Arc<auth::Credentials>,
+    /// Connected clients, for `max_client_conn`.
+    pub clients: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        let topology = cluster::Topology::from_config(&config);
+        Shared {
+            config: ArcSwap::from_pointee(config),
+            cluster: cluster::Cluster::new(topology),
+            pools: Arc::default(),
+            cancel: Arc::default(),
+            credentials: Arc::default(),
+            clients: AtomicUsize::new(0),
+        }
+    }
+
+    /// The pool for a client's database and user on the current primary.
+    pub fn primary_pool(
+        &self,
+        config: &Config,
+        database: &str,
+        user: &str,
+    ) -> Result<Arc<Pool>, ClientError> {
+        let (node, state) = self.cluster.primary().ok_or_else(|| {
+            ClientError::fatal(
+                ErrorKind::ServerConnect,
+                "08006",
+                "no primary server is available",
+            )
+        })?;
+        let user_config = config
+            .user(user)
+            .ok_or_else(|| {
+                ClientError::fatal(
+                    ErrorKind::Auth,
+                    "28000",
+                    format!("role \"{user}\" is not known to pgrelay"),
+                )
+            })?
+            .clone();
+        let key = PoolKey {
+            node,
+            database: database.to_owned(),
+            user: user.to_owned(),
+        };
+        let dbname = config
+            .database(database)
+            .map_or(database, |d| d.server_dbname())
+            .to_owned();
+        let pool = self.pools.get_or_create(key, |key| {
+            let target = ServerTarget {
+                host: state.host.clone(),
+                port: state.port,
+                dbname,
+                user: user.to_owned(),
+            };
+            let settings = PoolSettings {
+                size: config.pool_size_for(database, user) as usize,
+                min_size: config.pool.min_pool_size as usize,
+                wait_timeout: config.pool.query_wait_timeout,
+                connect_timeout: config.pool.server_connect_timeout,
+                idle_timeout: config.pool.server_idle_timeout,
+                lifetime: config.pool.server_lifetime,
+            };
+            Pool::new(key, target, settings, user_config, self.credentials.clone())
+        });
+        Ok(pool)
+    }
+}

@@ -1,0 +1,140 @@
+//! The accept loop and a running instance. [`Pgrelay::start`] probes the cluster once,
+//! binds every `listen` address, and spawns the accept loops, the health loop and the
+//! pool maintenance loop; each client gets its own task, counted against
+//! `max_client_conn` (a client over the limit is told 53300 after its startup packet,
+//! as PostgreSQL does). Shutdown stops accepting and drains sessions.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::health;
+use crate::config::{Config, ConfigError};
+use crate::{pool, session, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running pgrelay.
+pub struct Pgrelay {
+    /// The bound addresses (port 0 in the config becomes a real port here).
+    pub addrs: Vec<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    /// Client sessions, for draining.
+    sessions: TaskTracker,
+}
+
+impl Pgrelay {
+    pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
+        let shared = Arc::new(Shared::new(config.clone()));
+        health::probe_all(&shared).await;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let sessions = TaskTracker::new();
+        let mut addrs = Vec::new();
+        for addr in &config.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ListenError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| ListenError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            addrs.push(local);
+            tracing::info!(addr = %local, "listening");
+            tokio::spawn(accept_loop(
+                listener,
+                shared.clone(),
+                sessions.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
+        Ok(Pgrelay {
+            addrs,
+            shared,
+            shutdown,
+            sessions,
+        })
+    }
+
+    /// Re-reads the config file; an invalid file leaves the running config in place.
+    /// New pools use the new settings; existing pools keep theirs.
+    pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
+        let config = Config::load(path)?;
+        self.shared.config.store(Arc::new(config));
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, then waits up to `drain` for sessions to end.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        self.sessions.close();
+        if tokio::time::timeout(drain, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.sessions.len(),
+                "shutdown_timeout expired with sessions still open"
+            );
+        }
+    }
+}
+
+/// Decrements the client count when a session ends, however it ends.
+struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+                let slot = ClientSlot(shared.clone());
+                let too_many = count > shared.config.load().pool.max_client_conn as usize;
+                let shared = shared.clone();
+                sessions.spawn(async move {
+                    session::serve(tcp, shared, too_many).await;
+                    drop(slot);
+                });
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

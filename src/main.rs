@@ -1,0 +1,156 @@
+//! The `pgrelay` command: `run -c FILE`, `check -c FILE`, `demo`. Logging, runtime and
+//! wiring only; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pgrelay::config::{Config, LogFormat};
+use pgrelay::listener::Pgrelay;
+use pgrelay::shutdown::{next_signal, Signal};
+
+#[derive(Parser)]
+#[command(version, about = "PostgreSQL connection pooler and read/write router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run pgrelay with a config file.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Check a config file and report problems with the key's path.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL primary and replica with pgrelay in front of them.
+    Demo {
+        /// Where pgrelay listens.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config: path } => {
+            let config = Config::load(&path)
+                .with_context(|| format!("invalid config {}", path.display()))?;
+            init_logging(config.log_format);
+            runtime()?.block_on(run(config, Some(path)))
+        }
+        Command::Demo { port } => {
+            init_logging(LogFormat::Text);
+            demo(port)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
+            println!("{}: ok", path.display());
+            Ok(())
+        }
+        Err(err) => {
+            eprintln!("{}: {err}", path.display());
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let drain = config.pool.shutdown_timeout;
+    let relay = Pgrelay::start(config).await?;
+    loop {
+        match next_signal().await? {
+            Signal::Reload => match &path {
+                Some(path) => {
+                    if let Err(err) = relay.reload(path) {
+                        tracing::error!(%err, "reload rejected; keeping the running configuration");
+                    }
+                }
+                None => tracing::warn!("no config file to reload"),
+            },
+            Signal::Graceful => {
+                tracing::info!("SIGTERM: draining sessions");
+                relay.shutdown(drain).await;
+                return Ok(());
+            }
+            Signal::Fast => {
+                tracing::info!("SIGINT: exiting");
+                relay.shutdown(Duration::ZERO).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn demo(port: u16) -> anyhow::Result<()> {
+    let options = pgrelay::demo::ClusterOptions {
+        replicas: 1,
+        host_auth: "scram-sha-256".into(),
+        users: vec![("app".into(), "app-secret".into())],
+        databases: vec![("app".into(), "app".into())],
+        extra_conf: Vec::new(),
+    };
+    println!("starting a PostgreSQL primary and one streaming replica...");
+    let cluster =
+        pgrelay::demo::LocalCluster::start(&options).context("could not start the demo cluster")?;
+    let ports = cluster.ports();
+    let backends: String = ports
+        .iter()
+        .map(|p| format!("[[backends]]\nhost = \"127.0.0.1\"\nport = {p}\n"))
+        .collect();
+    let text = format!(
+        "listen = [\"127.0.0.1:{port}\"]\nauth_type = \"scram-sha-256\"\nmetrics_listen = \"\"\n\
+         [pool]\nmode = \"transaction\"\ndefault_pool_size = 10\n\
+         {backends}\n[[databases]]\nname = \"app\"\n\n[[users]]\nname = \"app\"\npassword = \"app-secret\"\n"
+    );
+    let config = Config::from_toml_str(&text).context("demo config")?;
+    runtime()?.block_on(async {
+        let relay = Pgrelay::start(config).await?;
+        println!(
+            "\npgrelay is listening on 127.0.0.1:{port} in front of a primary on port {} and a replica on port {}.\n\
+             Connect with:\n\n    psql \"postgres://app:app-secret@127.0.0.1:{port}/app\"\n\n\
+             or run a benchmark:\n\n    PGPASSWORD=app-secret pgbench -i -h 127.0.0.1 -p {port} -U app app\n    \
+             PGPASSWORD=app-secret pgbench -c 8 -T 10 -h 127.0.0.1 -p {port} -U app app\n\n\
+             Press Ctrl-C to stop pgrelay and remove the cluster.",
+            ports[0],
+            ports.get(1).copied().unwrap_or(0)
+        );
+        tokio::signal::ctrl_c().await?;
+        println!("stopping...");
+        relay.shutdown(Duration::from_secs(2)).await;
+        anyhow::Ok(())
+    })?;
+    drop(cluster);
+    Ok(())
+}

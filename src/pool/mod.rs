@@ -1,0 +1,349 @@
+//! Server connection pools, one per (node, database, user): checkout with a FIFO wait
+//! bounded by `query_wait_timeout`, a size limit, concurrent but bounded connection
+//! opening, and replacement of broken servers.
+//!
+//! A [`Pool`] hands out [`ServerGuard`]s; a guard returns its server with `release` or
+//! discards it when dropped, so a server in an unknown state never goes back to the
+//! idle list. [`maintain`] is the background loop that closes idle and old servers and
+//! keeps `min_pool_size` open.
+
+pub mod guard;
+pub mod maintain;
+pub mod server;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::auth::{Credentials, ServerCredentials};
+use crate::config::UserConfig;
+use crate::session::params::ParamSet;
+pub use guard::ServerGuard;
+use server::{Server, ServerError, ServerTarget};
+
+/// How many servers one pool may be logging in to at once.
+const MAX_CONCURRENT_CONNECTS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection available within query_wait_timeout ({0:?})")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: usize,
+    pub database: String,
+    pub user: String,
+}
+
+/// The limits a pool runs with, taken from the config when it is created.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_size: usize,
+    pub wait_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+type Waiter = oneshot::Sender<Result<Server, PoolError>>;
+
+struct Inner {
+    /// Servers ready for use; the most recently returned is handed out first.
+    idle: Vec<Server>,
+    /// Idle + checked out + being opened: what counts against the size.
+    total: usize,
+    /// Clients waiting for a server, oldest first.
+    waiters: VecDeque<Waiter>,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    pub target: ServerTarget,
+    pub settings: PoolSettings,
+    user: UserConfig,
+    credentials: Arc<Credentials>,
+    inner: Mutex<Inner>,
+    connects: Semaphore,
+    /// The parameters a fresh server reports, so clients asking for nothing special
+    /// can be greeted without a server round trip.
+    defaults: OnceLock<ParamSet>,
+}
+
+enum Next {
+    Take(Server),
+    Connect,
+    Wait(oneshot::Receiver<Result<Server, PoolError>>),
+}
+
+impl Pool {
+    pub fn new(
+        key: PoolKey,
+        target: ServerTarget,
+        settings: PoolSettings,
+        user: UserConfig,
+        credentials: Arc<Credentials>,
+    ) -> Self {
+        Pool {
+            key,
+            target,
+            settings,
+            user,
+            credentials,
+            inner: Mutex::new(Inner {
+                idle: Vec::new(),
+                total: 0,
+                waiters: VecDeque::new(),
+            }),
+            connects: Semaphore::new(MAX_CONCURRENT_CONNECTS),
+            defaults: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave Inner half-updated in a way
+        // that matters more than stopping the pool would; keep serving.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn defaults(&self) -> Option<&ParamSet> {
+        self.defaults.get()
+    }
+
+    /// `(idle, total, waiting)` for the admin console and tests.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        (inner.idle.len(), inner.total, inner.waiters.len())
+    }
+
+    /// Takes a server, opening one if the pool has room, else waiting in line.
+    pub async fn checkout(self: &Arc<Self>) -> Result<ServerGuard, PoolError> {
+        let deadline = tokio::time::Instant::now() + self.settings.wait_timeout;
+        loop {
+            match self.next() {
+                Next::Take(mut server) => {
+                    if self.usable(&mut server) {
+                        return Ok(ServerGuard::new(server, self.clone()));
+                    }
+                    self.forget(Some(server));
+                }
+                Next::Connect => {
+                    let reservation = Reservation(self.clone());
+                    let server = self.connect().await?;
+                    std::mem::forget(reservation);
+                    return Ok(ServerGuard::new(server, self.clone()));
+                }
+                Next::Wait(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(Ok(server))) => return Ok(ServerGuard::new(server, self.clone())),
+                    Ok(Ok(Err(err))) => return Err(err),
+                    Ok(Err(_)) => continue,
+                    Err(_) => return Err(PoolError::Timeout(self.settings.wait_timeout)),
+                },
+            }
+        }
+    }
+
+    fn next(&self) -> Next {
+        let mut inner = self.lock();
+        if let Some(server) = inner.idle.pop() {
+            Next::Take(server)
+        } else if inner.total < self.settings.size {
+            inner.total += 1;
+            Next::Connect
+        } else {
+            inner.waiters.retain(|w| !w.is_closed());
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.push_back(tx);
+            Next::Wait(rx)
+        }
+    }
+
+    /// An idle server is usable if it is young enough and has said nothing since it
+    /// was returned (a terminated backend sends FATAL and closes).
+    fn usable(&self, server: &mut Server) -> bool {
+        server.created.elapsed() < self.settings.lifetime && server.conn.is_quiet()
+    }
+
+    fn server_credentials(&self) -> ServerCredentials {
+        self.credentials.for_server(&self.user)
+    }
+
+    async fn connect(&self) -> Result<Server, PoolError> {
+        // The semaphore is never closed.
+        let _permit = self.connects.acquire().await;
+        let server = Server::connect(
+            &self.target,
+            &self.server_credentials(),
+            self.settings.connect_timeout,
+        )
+        .await?;
+        self.defaults.get_or_init(|| server.params.clone());
+        Ok(server)
+    }
+
+    /// Returns a server that is idle and clean to the first waiter, or the idle list.
+    pub(crate) fn give_back(&self, mut server: Server) {
+        server.idle_since = Instant::now();
+        let mut inner = self.lock();
+        while let Some(waiter) = inner.waiters.pop_front() {
+            match waiter.send(Ok(server)) {
+                Ok(()) => return,
+                Err(Ok(returned)) => server = returned,
+                Err(Err(_)) => return,
+            }
+        }
+        inner.idle.push(server);
+    }
+
+    /// Drops one server from the count (closing it, if given) and, if clients are
+    /// waiting, opens a replacement for them.
+    pub(crate) fn forget(self: &Arc<Self>, server: Option<Server>) {
+        if let Some(server) = server {
+            close_later(server);
+        }
+        let mut inner = self.lock();
+        inner.total = inner.total.saturating_sub(1);
+        inner.waiters.retain(|w| !w.is_closed());
+        if !inner.waiters.is_empty() && inner.total < self.settings.size {
+            inner.total += 1;
+            drop(inner);
+            let pool = self.clone();
+            tokio::spawn(async move { pool.replace_for_waiters().await });
+        }
+    }
+
+    async fn replace_for_waiters(self: Arc<Self>) {
+        match self.connect().await {
+            Ok(server) => self.give_back(server),
+            Err(err) => {
+                let mut inner = self.lock();
+                let mut err = Some(err);
+                while let (Some(waiter), Some(e)) = (inner.waiters.pop_front(), err.take()) {
+                    if let Err(Err(e)) = waiter.send(Err(e)) {
+                        err = Some(e);
+                    }
+                }
+                drop(inner);
+                self.forget(None);
+            }
+        }
+    }
+
+    /// Closes idle servers past `server_idle_timeout` (down to `min_pool_size`) or past
+    /// `server_lifetime`, and any that broke while idle. Returns how many were closed.
+    pub fn evict(self: &Arc<Self>, now: Instant) -> usize {
+        let evicted: Vec<Server> = {
+            let mut inner = self.lock();
+            let mut keep = Vec::with_capacity(inner.idle.len());
+            let mut out = Vec::new();
+            let total = inner.total;
+            for mut server in inner.idle.drain(..) {
+                let spare = total - out.len() > self.settings.min_size;
+                let expired = now.duration_since(server.created) >= self.settings.lifetime
+                    || (spare
+                        && now.duration_since(server.idle_since) >= self.settings.idle_timeout);
+                if expired || !server.conn.is_quiet() {
+                    out.push(server);
+                } else {
+                    keep.push(server);
+                }
+            }
+            inner.idle = keep;
+            out
+        };
+        let count = evicted.len();
+        for server in evicted {
+            self.forget(Some(server));
+        }
+        count
+    }
+
+    /// Closes every idle server (before `DROP DATABASE` of this pool's database).
+    pub fn close_idle(self: &Arc<Self>) -> usize {
+        let idle: Vec<Server> = std::mem::take(&mut self.lock().idle);
+        let count = idle.len();
+        for server in idle {
+            self.forget(Some(server));
+        }
+        count
+    }
+
+    /// Opens servers until `min_pool_size` are open (one at a time).
+    pub async fn fill_to_min(self: &Arc<Self>) -> Result<(), PoolError> {
+        loop {
+            {
+                let mut inner = self.lock();
+                if inner.total >= self.settings.min_size || !inner.waiters.is_empty() {
+                    return Ok(());
+                }
+                inner.total += 1;
+            }
+            let reservation = Reservation(self.clone());
+            let server = self.connect().await?;
+            std::mem::forget(reservation);
+            self.give_back(server);
+        }
+    }
+}
+
+/// A slot counted in `total` for a server being opened; dropped unused, it frees it.
+struct Reservation(Arc<Pool>);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.forget(None);
+    }
+}
+
+/// Says goodbye to a server in the background (a Terminate, then close).
+fn close_later(server: Server) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(server.terminate());
+    }
+}
+
+/// Every pool, by key.
+#[derive(Default)]
+pub struct Pools {
+    map: DashMap<PoolKey, Arc<Pool>>,
+}
+
+impl Pools {
+    pub fn get(&self, key: &PoolKey) -> Option<Arc<Pool>> {
+        self.map.get(key).map(|p| p.clone())
+    }
+
+    pub fn get_or_create(&self, key: PoolKey, create: impl FnOnce(PoolKey) -> Pool) -> Arc<Pool> {
+        if let Some(pool) = self.map.get(&key) {
+            return pool.clone();
+        }
+        self.map
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(create(key)))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.map.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Closes idle servers connected to the server-side database `dbname`.
+    pub fn close_idle_for_dbname(&self, dbname: &str) -> usize {
+        self.all()
+            .iter()
+            .filter(|p| p.target.dbname == dbname)
+            .map(|p| p.close_idle())
+            .sum()
+    }
+}
+
+pub use maintain::maintain;

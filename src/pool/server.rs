@@ -1,0 +1,359 @@
+//! One PostgreSQL server connection: connect, log in with whatever the server asks for
+//! (trust, cleartext, md5, SCRAM-SHA-256), remember its key and parameters, and run
+//! pgrelay's own housekeeping queries on it (reset, parameter reconciliation).
+//!
+//! It never talks to clients; the relay moves client traffic through [`Server::conn`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+
+use crate::auth::{md5, scram, ServerCredentials};
+use crate::protocol::backend::{self, ErrorFields};
+use crate::protocol::MAX_MESSAGE_LEN;
+use crate::session::params::ParamSet;
+use crate::stream::{Conn, Stream, StreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server {addr}")]
+    ConnectTimeout { addr: String },
+    #[error("server rejected the connection: {} ({})", .0.message, .0.code)]
+    Rejected(ErrorFields),
+    #[error("server asked for an authentication method pgrelay cannot answer: {0}")]
+    AuthMethod(&'static str),
+    #[error("SCRAM with server failed: {0}")]
+    Scram(String),
+    #[error("server error during an internal query: {} ({})", .0.message, .0.code)]
+    Query(ErrorFields),
+    #[error("unexpected message {tag:?} from server")]
+    Unexpected { tag: char },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// Where and as whom a pool's servers connect.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+}
+
+/// An authenticated server connection.
+pub struct Server {
+    pub conn: Conn<Stream>,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    /// What the session currently has set: reported values and settings pgrelay applied.
+    pub params: ParamSet,
+    pub created: Instant,
+    /// When it last went back to its pool.
+    pub idle_since: Instant,
+}
+
+impl Server {
+    pub async fn connect(
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+    ) -> Result<Server, ServerError> {
+        let addr_text = format!("{}:{}", target.host, target.port);
+        let tcp = tokio::time::timeout(
+            timeout,
+            TcpStream::connect((target.host.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| ServerError::ConnectTimeout {
+            addr: addr_text.clone(),
+        })?
+        .map_err(|source| ServerError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let addr = tcp.peer_addr().map_err(|source| ServerError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?;
+        let mut server = Server {
+            conn: Conn::new(Stream::Plain(tcp)),
+            addr,
+            pid: 0,
+            secret: 0,
+            params: ParamSet::default(),
+            created: Instant::now(),
+            idle_since: Instant::now(),
+        };
+        tokio::time::timeout(timeout, server.login(target, credentials))
+            .await
+            .map_err(|_| ServerError::ConnectTimeout { addr: addr_text })??;
+        Ok(server)
+    }
+
+    async fn login(
+        &mut self,
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+    ) -> Result<(), ServerError> {
+        let params = [
+            ("user", target.user.as_str()),
+            ("database", target.dbname.as_str()),
+        ];
+        encode(
+            |b| frontend::startup_message(params.iter().copied(), b),
+            self.conn.wbuf(),
+        );
+        self.conn.flush().await?;
+        let mut scram = None;
+        loop {
+            let frame = self.conn.read_frame(MAX_MESSAGE_LEN).await?;
+            match frame.tag() {
+                backend::AUTHENTICATION => {
+                    self.authenticate(frame.body(), target, credentials, &mut scram)
+                        .await?
+                }
+                backend::PARAMETER_STATUS => {
+                    let (name, value) =
+                        backend::parameter_status(frame.body()).map_err(StreamError::from)?;
+                    self.params.set_reported(name, value);
+                }
+                backend::BACKEND_KEY_DATA => {
+                    (self.pid, self.secret) =
+                        backend::backend_key(frame.body()).map_err(StreamError::from)?;
+                }
+                backend::ERROR_RESPONSE => {
+                    return Err(ServerError::Rejected(backend::error_fields(frame.body())))
+                }
+                backend::READY_FOR_QUERY => return Ok(()),
+                backend::NOTICE_RESPONSE | b'v' => {}
+                tag => return Err(ServerError::Unexpected { tag: tag as char }),
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        body: &[u8],
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        scram: &mut Option<ScramState>,
+    ) -> Result<(), ServerError> {
+        let malformed = || ServerError::Unexpected { tag: 'R' };
+        let code = body
+            .get(..4)
+            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .ok_or_else(malformed)?;
+        let data = &body[4..];
+        let wbuf = self.conn.wbuf();
+        match (code, credentials) {
+            (0, _) => return Ok(()),
+            (3, ServerCredentials::Password(p)) => {
+                encode(|b| frontend::password_message(p, b), wbuf)
+            }
+            (3, _) => {
+                return Err(ServerError::AuthMethod(
+                    "cleartext password without a plaintext password",
+                ))
+            }
+            (5, creds) => {
+                let salt: [u8; 4] = data.try_into().map_err(|_| malformed())?;
+                let stored = match creds {
+                    ServerCredentials::Password(p) => md5::stored_hash(&target.user, p),
+                    ServerCredentials::Md5(h) => *h,
+                    _ => {
+                        return Err(ServerError::AuthMethod(
+                            "md5 without a password or md5 hash",
+                        ))
+                    }
+                };
+                encode(
+                    |b| frontend::password_message(md5::response(&stored, salt).as_bytes(), b),
+                    wbuf,
+                );
+            }
+            (10, creds) => {
+                let (state, first) = ScramState::start(creds)?;
+                encode(
+                    |b| frontend::sasl_initial_response(scram::MECHANISM, &first, b),
+                    wbuf,
+                );
+                *scram = Some(state);
+            }
+            (11, _) => {
+                let state = scram.as_mut().ok_or_else(malformed)?;
+                let client_final = state.respond(data)?;
+                encode(|b| frontend::sasl_response(&client_final, b), wbuf);
+            }
+            (12, _) => return scram.take().ok_or_else(malformed)?.finish(data),
+            _ => {
+                return Err(ServerError::AuthMethod(
+                    "an unsupported method (GSSAPI, SSPI, Kerberos)",
+                ))
+            }
+        }
+        self.conn.flush().await?;
+        Ok(())
+    }
+
+    /// Runs one simple query of pgrelay's own and waits for ReadyForQuery, recording
+    /// the parameters it changes. Not cancel safe.
+    pub async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
+        self.query_value(sql).await.map(drop)
+    }
+
+    /// Like [`Server::run`], returning the first column of the first row as text.
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
+        encode(|b| frontend::query(sql, b), self.conn.wbuf());
+        self.conn.flush().await?;
+        let (mut failure, mut value) = (None, None);
+        loop {
+            let frame = self.conn.read_frame(MAX_MESSAGE_LEN).await?;
+            match frame.tag() {
+                backend::PARAMETER_STATUS => {
+                    let (name, value) =
+                        backend::parameter_status(frame.body()).map_err(StreamError::from)?;
+                    self.params.set_reported(name, value);
+                }
+                b'D' if value.is_none() => value = first_column(frame.body()),
+                backend::ERROR_RESPONSE => failure = Some(backend::error_fields(frame.body())),
+                backend::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        failure.map_or(Ok(value), |f| Err(ServerError::Query(f)))
+    }
+
+    /// Makes this server's parameters equal to `desired` (a client's). Not cancel safe.
+    pub async fn reconcile(&mut self, desired: &ParamSet) -> Result<(), ServerError> {
+        if self.params.fingerprint() == desired.fingerprint() {
+            return Ok(());
+        }
+        if let Some(sql) = self.params.reconcile_sql(desired) {
+            self.run(&sql).await?;
+            self.params.record_reconciled(desired);
+        }
+        Ok(())
+    }
+}
+
+/// The first column of a DataRow body, as text (NULL as None).
+fn first_column(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    let bytes = body.get(6..6 + len)?;
+    Some(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// postgres-protocol's builders only fail on lengths over 2 GiB; ours are tiny.
+fn encode(build: impl FnOnce(&mut BytesMut) -> std::io::Result<()>, buf: &mut BytesMut) {
+    if let Err(err) = build(buf) {
+        tracing::error!(%err, "could not encode a message to the server");
+    }
+}
+
+/// A SCRAM login in progress: with a password (postgres-protocol's client) or with the
+/// keys a client proved to pgrelay.
+enum ScramState {
+    Password(Box<ScramSha256>),
+    Keys {
+        client: scram::KeyClient,
+        server_final: Option<String>,
+    },
+}
+
+impl ScramState {
+    fn start(credentials: &ServerCredentials) -> Result<(ScramState, Vec<u8>), ServerError> {
+        match credentials {
+            ServerCredentials::Password(p) => {
+                let client = ScramSha256::new(p, ChannelBinding::unsupported());
+                let first = client.message().to_vec();
+                Ok((ScramState::Password(Box::new(client)), first))
+            }
+            ServerCredentials::ScramKeys {
+                client_key,
+                server_key,
+            } => {
+                let (client, first) = scram::KeyClient::new(*client_key, *server_key);
+                Ok((
+                    ScramState::Keys {
+                        client,
+                        server_final: None,
+                    },
+                    first.into_bytes(),
+                ))
+            }
+            ServerCredentials::Md5(_) => {
+                Err(ServerError::AuthMethod("SCRAM with only an md5 hash"))
+            }
+            ServerCredentials::Missing => Err(ServerError::AuthMethod(
+                "SCRAM before any client proved its key (log in once with the password)",
+            )),
+        }
+    }
+
+    fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ServerError> {
+        match self {
+            ScramState::Password(client) => {
+                client
+                    .update(server_first)
+                    .map_err(|e| ServerError::Scram(e.to_string()))?;
+                Ok(client.message().to_vec())
+            }
+            ScramState::Keys {
+                client,
+                server_final,
+            } => {
+                let (message, expected) = client
+                    .respond(server_first)
+                    .map_err(|e| ServerError::Scram(e.to_string()))?;
+                *server_final = Some(expected);
+                Ok(message.into_bytes())
+            }
+        }
+    }
+
+    fn finish(self, server_final: &[u8]) -> Result<(), ServerError> {
+        match self {
+            ScramState::Password(mut client) => client
+                .finish(server_final)
+                .map_err(|e| ServerError::Scram(e.to_string())),
+            ScramState::Keys {
+                server_final: Some(expected),
+                ..
+            } if expected.as_bytes() == server_final => Ok(()),
+            ScramState::Keys { .. } => Err(ServerError::Scram(
+                scram::ScramError::ServerSignature.to_string(),
+            )),
+        }
+    }
+}
+
+impl Server {
+    /// Sends Terminate and closes, without waiting long for a server that is gone.
+    pub async fn terminate(mut self) {
+        frontend::terminate(self.conn.wbuf());
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.flush()).await;
+        self.conn.shutdown().await;
+    }
+
+    /// What a CancelRequest for this server's current query needs.
+    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
+        crate::cancel::CancelTarget {
+            addr: self.addr,
+            pid: self.pid,
+            secret: self.secret,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Lazy views of the server messages pgrelay inspects (ReadyForQuery, ParameterStatus,
+//! ErrorResponse, BackendKeyData) and builders for the messages pgrelay writes itself.
+//!
+//! Builders append to a caller's `BytesMut` using pgwire's message types.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+use pgwire::messages::Message;
+
+use super::{read_cstr, tag_table, ProtocolError};
+
+pub const AUTHENTICATION: u8 = b'R';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const NOTICE_RESPONSE: u8 = b'N';
+
+/// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
+pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS]);
+
+/// Transaction status of a ReadyForQuery body (`I`, `T` or `E`).
+pub fn ready_status(body: &[u8]) -> Result<u8, ProtocolError> {
+    match body {
+        [s @ (b'I' | b'T' | b'E')] => Ok(*s),
+        _ => Err(ProtocolError::Malformed {
+            what: "ReadyForQuery",
+        }),
+    }
+}
+
+/// `(name, value)` of a ParameterStatus body.
+pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    const BAD: ProtocolError = ProtocolError::Malformed {
+        what: "ParameterStatus",
+    };
+    let (name, rest) = read_cstr(body).ok_or(BAD)?;
+    let (value, _) = read_cstr(rest).ok_or(BAD)?;
+    let name = std::str::from_utf8(name).map_err(|_| BAD)?;
+    let value = std::str::from_utf8(value).map_err(|_| BAD)?;
+    Ok((name, value))
+}
+
+/// `(pid, secret)` of a BackendKeyData body (protocol 3.0: a 4-byte secret).
+pub fn backend_key(body: &[u8]) -> Result<(i32, i32), ProtocolError> {
+    match body {
+        [a, b, c, d, e, f, g, h] => Ok((
+            i32::from_be_bytes([*a, *b, *c, *d]),
+            i32::from_be_bytes([*e, *f, *g, *h]),
+        )),
+        _ => Err(ProtocolError::Malformed {
+            what: "BackendKeyData",
+        }),
+    }
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body, for logging and matching.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn error_fields(body: &[u8]) -> ErrorFields {
+    let mut fields = ErrorFields::default();
+    let mut rest = body;
+    while let [kind, tail @ ..] = rest {
+        if *kind == 0 {
+            break;
+        }
+        let Some((value, next)) = read_cstr(tail) else {
+            break;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'S' => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+        rest = next;
+    }
+    fields
+}
+
+/// Appends a pgwire message; our own messages are small and always encodable.
+fn put<M: Message>(buf: &mut BytesMut, message: &M) {
+    if let Err(err) = message.encode(buf) {
+        // Only over-long messages fail to encode; pgrelay never builds one.
+        tracing::error!(%err, "could not encode an internal message");
+    }
+}
+
+/// Severity of an error pgrelay reports itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, message: &str) {
+    let severity = match severity {
+        Severity::Error => "ERROR",
+        Severity::Fatal => "FATAL",
+    };
+    let mut message = message.to_owned();
+    message.truncate(4000);
+    put(
+        buf,
+        &ErrorResponse::new(vec![
+            (b'S', severity.to_owned()),
+            (b'V', severity.to_owned()),
+            (b'C', code.to_owned()),
+            (b'M', message),
+        ]),
+    );
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    put(buf, &ReadyForQuery::new(status));
+}
+
+pub fn auth_ok(buf: &mut BytesMut) {
+    put(buf, &Authentication::Ok);
+}
+
+pub fn auth_cleartext(buf: &mut BytesMut) {
+    put(buf, &Authentication::CleartextPassword);
+}
+
+pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    put(buf, &Authentication::MD5Password(salt.to_vec()));
+}
+
+pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    let mechanisms = mechanisms.iter().map(|m| (*m).to_owned()).collect();
+    put(buf, &Authentication::SASL(mechanisms));
+}
+
+pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    put(
+        buf,
+        &Authentication::SASLContinue(Bytes::copy_from_slice(data)),
+    );
+}
+
+pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    put(
+        buf,
+        &Authentication::SASLFinal(Bytes::copy_from_slice(data)),
+    );
+}
+
+pub fn parameter_status_msg(buf: &mut BytesMut, name: &str, value: &str) {
+    put(
+        buf,
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+    );
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+    put(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
+}
+
+pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unsupported: Vec<String>) {
+    put(buf, &NegotiateProtocolVersion::new(minor, unsupported));
+}
+
+/// A single-byte answer to SSLRequest / GSSENCRequest.
+pub fn refuse_encryption(buf: &mut BytesMut) {
+    buf.put_u8(b'N');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{split_frame, MAX_MESSAGE_LEN};
+
+    #[test]
+    fn builders_round_trip_through_views() {
+        let mut buf = BytesMut::new();
+        error_response(&mut buf, Severity::Fatal, "28P01", "nope");
+        ready_for_query(&mut buf, b'T');
+        parameter_status_msg(&mut buf, "TimeZone", "UTC");
+        backend_key_data(&mut buf, 7, -9);
+        let e = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
+        let f = error_fields(e.body());
+        assert_eq!(
+            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
+            ("FATAL", "28P01", "nope")
+        );
+        let z = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
+        assert_eq!(ready_status(z.body()).unwrap(), b'T');
+        let s = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
+        assert_eq!(parameter_status(s.body()).unwrap(), ("TimeZone", "UTC"));
+        let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
+        assert_eq!(backend_key(k.body()).unwrap(), (7, -9));
+    }
+}

@@ -1,0 +1,256 @@
+//! Untagged packets a client sends before it is authenticated: StartupMessage,
+//! SSLRequest, GSSENCRequest and CancelRequest.
+//!
+//! The StartupMessage body is decoded with pgwire; the request codes are told apart
+//! here. Parameters are kept as pgwire gives them; the `options` string is split into
+//! `-c name=value` settings by [`parse_options`].
+
+use bytes::{Buf, BytesMut};
+use pgwire::messages::startup::Startup;
+use pgwire::messages::{DecodeContext, Message};
+
+use super::ProtocolError;
+
+/// PostgreSQL's limit on a startup packet.
+pub const MAX_STARTUP_LEN: usize = 10_000;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, secret: i32 },
+    Startup(StartupParams),
+}
+
+/// A decoded StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupParams {
+    pub minor: u16,
+    /// Every parameter as sent, in name order (pgwire keeps a BTreeMap).
+    pub params: Vec<(String, String)>,
+}
+
+impl StartupParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Decodes one startup-phase packet from the front of `buf`. `Ok(None)`: need more.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(ProtocolError::BadLength { tag: '\0', len });
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    match code {
+        SSL_REQUEST | GSSENC_REQUEST => {
+            if len != 8 {
+                return Err(ProtocolError::Malformed { what: "SSLRequest" });
+            }
+            buf.advance(8);
+            Ok(Some(if code == SSL_REQUEST {
+                StartupPacket::Ssl
+            } else {
+                StartupPacket::GssEnc
+            }))
+        }
+        CANCEL_REQUEST => {
+            if len != 16 {
+                return Err(ProtocolError::Malformed {
+                    what: "CancelRequest",
+                });
+            }
+            let mut packet = buf.split_to(len);
+            packet.advance(8);
+            Ok(Some(StartupPacket::Cancel {
+                pid: packet.get_i32(),
+                secret: packet.get_i32(),
+            }))
+        }
+        _ => decode_startup(buf, len, code).map(Some),
+    }
+}
+
+fn decode_startup(
+    buf: &mut BytesMut,
+    len: usize,
+    code: u32,
+) -> Result<StartupPacket, ProtocolError> {
+    let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+    if major != 3 {
+        buf.advance(len);
+        return Err(ProtocolError::UnsupportedProtocol { major, minor });
+    }
+    // The parameter list must end with an empty name; pgwire is lenient about that.
+    if buf[len - 1] != 0 {
+        buf.advance(len);
+        return Err(ProtocolError::Malformed {
+            what: "StartupMessage",
+        });
+    }
+    let mut packet = buf.split_to(len);
+    let startup = Startup::decode(&mut packet, &DecodeContext::default())
+        .map_err(|_| ProtocolError::Malformed {
+            what: "StartupMessage",
+        })?
+        .ok_or(ProtocolError::Malformed {
+            what: "StartupMessage",
+        })?;
+    Ok(StartupPacket::Startup(StartupParams {
+        minor: startup.protocol_number_minor,
+        params: startup.parameters.into_iter().collect(),
+    }))
+}
+
+/// Splits libpq's `options` parameter into settings: `-c name=value`, `-cname=value`
+/// and `--name=value`, separated by spaces, with `\` escaping the next character.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let words = split_words(options);
+    let mut out = Vec::new();
+    let mut iter = words.into_iter();
+    while let Some(word) = iter.next() {
+        let setting = if word == "-c" {
+            iter.next().ok_or("-c needs a setting")?
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            rest.to_owned()
+        } else if let Some(rest) = word.strip_prefix("--") {
+            rest.to_owned()
+        } else {
+            return Err(format!("unsupported option {word:?}"));
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("option {setting:?} has no value"))?;
+        out.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(out)
+}
+
+fn split_words(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn startup(params: &[(&str, &str)], minor: u16) -> BytesMut {
+        let mut body = BytesMut::new();
+        body.put_u16(3);
+        body.put_u16(minor);
+        for (k, v) in params {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32 + 4);
+        buf.put_slice(&body);
+        buf
+    }
+
+    #[test]
+    fn decodes_startup_message() {
+        let mut buf = startup(&[("user", "app"), ("database", "db")], 0);
+        let Some(StartupPacket::Startup(p)) = decode(&mut buf).unwrap() else {
+            panic!("not a startup")
+        };
+        assert_eq!(p.get("user"), Some("app"));
+        assert_eq!(p.get("database"), Some("db"));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn decodes_requests() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(8);
+        buf.put_u32(SSL_REQUEST);
+        buf.put_u32(16);
+        buf.put_u32(CANCEL_REQUEST);
+        buf.put_i32(42);
+        buf.put_i32(-7);
+        assert_eq!(decode(&mut buf).unwrap(), Some(StartupPacket::Ssl));
+        assert_eq!(
+            decode(&mut buf).unwrap(),
+            Some(StartupPacket::Cancel {
+                pid: 42,
+                secret: -7
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_packets() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1_000_000);
+        buf.put_u32(196_608);
+        assert!(decode(&mut buf).is_err());
+        let mut buf = startup(&[("user", "x")], 0);
+        let n = buf.len();
+        buf[n - 1] = b'x';
+        assert!(decode(&mut buf).is_err());
+        let mut buf = BytesMut::new();
+        buf.put_u32(8);
+        buf.put_u32(2 << 16);
+        assert!(matches!(
+            decode(&mut buf),
+            Err(ProtocolError::UnsupportedProtocol { major: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(
+            parse_options("-c search_path=a,b  -cstatement_timeout=5s --work-mem=64MB -c x=a\\ b")
+                .unwrap(),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("x".into(), "a b".into()),
+            ]
+        );
+        assert!(parse_options("-D /tmp").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let mut buf = BytesMut::from(&data[..]);
+            let _ = decode(&mut buf);
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! One client session, one task: the handshake, the greeting (parameters, key), then
+//! the loop: read a complete request, check out a server, reconcile the session's
+//! parameters on it, relay until the transaction ends (transaction mode) or the client
+//! leaves (session mode), and hand the server back.
+//!
+//! Errors a client may see are turned into ErrorResponses here; nothing else is.
+
+pub mod params;
+pub mod relay;
+pub mod state;
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::auth::{self, AuthError, ClientLogin, Handshake};
+use crate::cancel::CancelHandle;
+use crate::config::{Config, PoolMode};
+use crate::error::{ClientError, ErrorKind};
+use crate::pool::server::ServerError;
+use crate::pool::{Pool, PoolError, ServerGuard};
+use crate::protocol::backend;
+use crate::stream::{Conn, Stream};
+use crate::Shared;
+use params::ParamSet;
+use relay::{RelayEnd, Wire};
+use state::{Attachment, Farewell};
+
+/// Serves one accepted client connection to its end.
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) {
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().ok();
+    let mut client = Conn::new(Stream::Plain(tcp));
+    let config = shared.config.load_full();
+    let handshake = tokio::time::timeout(
+        config.pool.client_login_timeout,
+        auth::handshake(&mut client, &config, &shared.credentials, too_many_clients),
+    )
+    .await;
+    let login = match handshake {
+        Ok(Ok(Handshake::Login(login))) => login,
+        Ok(Ok(Handshake::Cancel { pid, secret })) => {
+            return shared.cancel.cancel(pid, secret).await
+        }
+        Ok(Err(AuthError::Client(err))) => {
+            tracing::info!(?peer, code = %err.code, message = %err.message, "client login refused");
+            return say_goodbye(&mut client, &err).await;
+        }
+        Ok(Err(AuthError::Stream(err))) => {
+            return tracing::debug!(?peer, %err, "client left during login")
+        }
+        Err(_) => {
+            let err = ClientError::fatal(
+                ErrorKind::Protocol,
+                "08P01",
+                "client_login_timeout expired before the client logged in",
+            );
+            return say_goodbye(&mut client, &err).await;
+        }
+    };
+    match Session::start(shared, client, login, &config).await {
+        Ok(session) => session.run().await,
+        Err((mut client, err)) => say_goodbye(&mut client, &err).await,
+    }
+}
+
+async fn say_goodbye(client: &mut Conn<Stream>, err: &ClientError) {
+    err.encode(client.wbuf());
+    let _ = client.flush().await;
+    client.shutdown().await;
+}
+
+/// A logged-in client.
+struct Session {
+    shared: Arc<Shared>,
+    client: Conn<Stream>,
+    login: ClientLogin,
+    mode: PoolMode,
+    pool: Arc<Pool>,
+    wire: Wire,
+    /// What this client has been told and asked for; servers are made to match it.
+    params: ParamSet,
+    cancel: CancelHandle,
+    attachment: Attachment,
+}
+
+impl Session {
+    async fn start(
+        shared: Arc<Shared>,
+        client: Conn<Stream>,
+        login: ClientLogin,
+        config: &Config,
+    ) -> Result<Session, (Conn<Stream>, ClientError)> {
+        let mode = config.pool_mode_for(&login.database, &login.user);
+        let pool = match shared.primary_pool(config, &login.database, &login.user) {
+            Ok(pool) => pool,
+            Err(err) => return Err((client, err)),
+        };
+        let mut params = ParamSet::default();
+        for (name, value) in &login.gucs {
+            params.set_unreported(name, value);
+        }
+        let cancel = shared.cancel.register_random();
+        let mut session = Session {
+            shared,
+            client,
+            login,
+            mode,
+            pool,
+            wire: Wire::new(mode == PoolMode::Transaction),
+            params,
+            cancel,
+            attachment: Attachment::Detached,
+        };
+        match session.greet().await {
+            Ok(()) => Ok(session),
+            Err(err) => Err((session.client, err)),
+        }
+    }
+
+    /// Settles the client's parameters (on a server unless the pool's defaults already
+    /// match them), then sends AuthenticationOk, ParameterStatus, BackendKeyData and
+    /// ReadyForQuery.
+    async fn greet(&mut self) -> Result<(), ClientError> {
+        let defaults = self
+            .pool
+            .defaults()
+            .filter(|d| self.params.satisfied_by(d))
+            .cloned();
+        let key = match (self.mode, defaults) {
+            (PoolMode::Transaction, Some(defaults)) => {
+                self.params.adopt_reported(&defaults);
+                self.cancel.key()
+            }
+            (PoolMode::Transaction, None) => {
+                let mut guard = self.checkout_reconciled().await?;
+                self.params.adopt_reported(&guard.server().params);
+                guard.release();
+                self.cancel.key()
+            }
+            (PoolMode::Session, _) => self.attach_for_session().await?,
+        };
+        let buf = self.client.wbuf();
+        auth::auth_ok(buf);
+        for (name, value) in self.params.reported() {
+            backend::parameter_status_msg(buf, name, value);
+        }
+        backend::backend_key_data(buf, key.0, key.1);
+        backend::ready_for_query(buf, b'I');
+        self.client
+            .flush()
+            .await
+            .map_err(|_| ClientError::fatal(ErrorKind::ClientLost, "08006", "client went away"))
+    }
+
+    /// Session mode: the server is the client's for good, and so is its real key.
+    async fn attach_for_session(&mut self) -> Result<(i32, i32), ClientError> {
+        let mut guard = self.checkout_reconciled().await?;
+        let server = guard.server();
+        self.params.adopt_reported(&server.params);
+        if let Some(handle) = self.shared.cancel.register((server.pid, server.secret)) {
+            self.cancel = handle;
+        }
+        self.cancel.set(Some(server.cancel_target())).await;
+        self.attachment = Attachment::Attached(guard);
+        Ok(self.cancel.key())
+    }
+
+    async fn checkout_reconciled(&mut self) -> Result<ServerGuard, ClientError> {
+        let mut guard = self.pool.checkout().await.map_err(pool_error)?;
+        if let Err(err) = guard.server().reconcile(&self.params).await {
+            let server_clean = matches!(err, ServerError::Query(_));
+            let client_error = server_error(err);
+            if server_clean {
+                guard.release();
+            }
+            return Err(client_error);
+        }
+        Ok(guard)
+    }
+
+    async fn run(mut self) {
+        loop {
+            if matches!(self.attachment, Attachment::Detached) {
+                match self.next_request().await {
+                    Ok(true) => {}
+                    Ok(false) => return self.finish().await,
+                    Err(err) => return self.fail(err).await,
+                }
+            }
+            let Attachment::Attached(guard) = &mut self.attachment else {
+                continue;
+            };
+            let server = guard.server();
+            let end = self
+                .wire
+                .relay(
+                    &mut self.client,
+                    &mut server.conn,
+                    (&mut server.params, &mut self.params),
+                    &self.shared.pools,
+                )
+                .await;
+            match end {
+                RelayEnd::TransactionDone => self.detach().await,
+                RelayEnd::ClientGone => return self.finish().await,
+                RelayEnd::ClientProtocol(err) => {
+                    return self.fail(ClientError::protocol(err.to_string())).await
+                }
+                RelayEnd::ClientIo(err) => {
+                    tracing::debug!(%err, "client connection failed");
+                    return self.finish().await;
+                }
+                RelayEnd::ServerGone(err) => {
+                    tracing::warn!(user = %self.login.user, err = ?err, "server connection lost during a session");
+                    self.attachment = Attachment::Detached;
+                    self.client.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Transaction mode: waits for a complete request and attaches a server for it.
+    /// `Ok(false)` when the client is done.
+    async fn next_request(&mut self) -> Result<bool, ClientError> {
+        if let Err(err) = self
+            .wire
+            .read_request(&mut self.client, &self.shared.pools)
+            .await
+        {
+            tracing::debug!(%err, "client read failed");
+            return Ok(false);
+        }
+        if let Some(err) = self.wire.take_protocol_error() {
+            return Err(ClientError::protocol(err.to_string()));
+        }
+        if !self.wire.has_request() {
+            return Ok(false);
+        }
+        match self.checkout_reconciled().await {
+            Ok(mut guard) => {
+                self.cancel.set(Some(guard.server().cancel_target())).await;
+                self.attachment = Attachment::Attached(guard);
+            }
+            Err(mut err) => {
+                err.fatal = false;
+                // The request never ran: answer it like a failed statement.
+                self.wire.discard_request(&mut self.client);
+                err.encode(self.client.wbuf());
+                backend::ready_for_query(self.client.wbuf(), b'I');
+                if self.client.flush().await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn detach(&mut self) {
+        self.cancel.set(None).await;
+        if let Attachment::Attached(guard) =
+            std::mem::replace(&mut self.attachment, Attachment::Detached)
+        {
+            guard.release();
+        }
+    }
+
+    /// The client is leaving: return or discard its server.
+    async fn finish(mut self) {
+        self.cancel.set(None).await;
+        let Attachment::Attached(mut guard) =
+            std::mem::replace(&mut self.attachment, Attachment::Detached)
+        else {
+            return;
+        };
+        let config = self.shared.config.load();
+        let clean = self.wire.server_clean(&mut guard.server().conn);
+        match Farewell::decide(self.mode, clean, &config.pool.server_reset_query) {
+            Farewell::Release => guard.release(),
+            Farewell::Discard => drop(guard),
+            Farewell::ResetThenRelease => {
+                let server = guard.server();
+                match server.run(&config.pool.server_reset_query).await {
+                    Ok(()) => {
+                        server.params.clear_unreported();
+                        guard.release();
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "server_reset_query failed; closing the server")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fail(mut self, err: ClientError) {
+        err.encode(self.client.wbuf());
+        let _ = self.client.flush().await;
+        self.client.shutdown().await;
+        self.finish().await;
+    }
+}
+
+fn pool_error(err: PoolError) -> ClientError {
+    match err {
+        PoolError::Timeout(wait) => ClientError::error(
+            ErrorKind::PoolTimeout,
+            "53400",
+            format!("query_wait_timeout: no server connection became available within {wait:?}"),
+        ),
+        PoolError::Server(err) => server_error(err),
+    }
+}
+
+/// A server's own refusal is passed on as it is; pgrelay's trouble reaching it is 08006.
+fn server_error(err: ServerError) -> ClientError {
+    match err {
+        ServerError::Rejected(fields) | ServerError::Query(fields) => {
+            ClientError::fatal(ErrorKind::ServerAuth, fields.code, fields.message)
+        }
+        other => ClientError::fatal(ErrorKind::ServerConnect, "08006", other.to_string()),
+    }
+}

@@ -1,0 +1,249 @@
+//! Session parameters as sets that can be compared cheaply and reconciled: what a
+//! client expects (its startup settings and every reported value it has been told) and
+//! what a server currently has.
+//!
+//! In transaction mode a client moves between servers; before its request runs, the
+//! server's set is made equal to the client's with one `set_config`/`RESET` query. A
+//! fingerprint makes the common case (nothing differs) one integer comparison.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// Reported parameters that describe the server and cannot be set.
+const NOT_SETTABLE: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+    "default_transaction_read_only",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Param {
+    /// The name as the server spells it (`TimeZone`), for ParameterStatus messages.
+    name: String,
+    value: String,
+    /// The server reports changes of it with ParameterStatus.
+    reported: bool,
+}
+
+/// Parameters keyed by lower-case name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamSet {
+    entries: BTreeMap<String, Param>,
+    /// Hash of every settable `(name, value)`; equal sets have equal fingerprints.
+    fingerprint: u64,
+}
+
+fn settable(key: &str) -> bool {
+    !NOT_SETTABLE.contains(&key)
+}
+
+impl ParamSet {
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.entries
+            .get(&name.to_ascii_lowercase())
+            .map(|p| p.value.as_str())
+    }
+
+    /// Records a ParameterStatus value.
+    pub fn set_reported(&mut self, name: &str, value: &str) {
+        self.insert(name, value, true);
+    }
+
+    /// Records a setting the server does not report (set by pgrelay or the client).
+    pub fn set_unreported(&mut self, name: &str, value: &str) {
+        let reported = self
+            .entries
+            .get(&name.to_ascii_lowercase())
+            .is_some_and(|p| p.reported);
+        self.insert(name, value, reported);
+    }
+
+    fn insert(&mut self, name: &str, value: &str, reported: bool) {
+        let key = name.to_ascii_lowercase();
+        let param = Param {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            reported,
+        };
+        if self.entries.get(&key) != Some(&param) {
+            self.entries.insert(key, param);
+            self.rehash();
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if self.entries.remove(&name.to_ascii_lowercase()).is_some() {
+            self.rehash();
+        }
+    }
+
+    fn rehash(&mut self) {
+        let mut hasher = DefaultHasher::new();
+        for (key, param) in &self.entries {
+            if settable(key) {
+                key.hash(&mut hasher);
+                param.value.hash(&mut hasher);
+            }
+        }
+        self.fingerprint = hasher.finish();
+    }
+
+    /// Takes every reported value of `server` (after the client's settings were applied
+    /// there, these are the normalized forms the client must be told).
+    pub fn adopt_reported(&mut self, server: &ParamSet) {
+        for param in server.entries.values().filter(|p| p.reported) {
+            self.insert(&param.name, &param.value, true);
+        }
+    }
+
+    /// Every reported `(name, value)`, for the ParameterStatus burst at login.
+    pub fn reported(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries
+            .values()
+            .filter(|p| p.reported)
+            .map(|p| (p.name.as_str(), p.value.as_str()))
+    }
+
+    /// Whether every settable value of `self` (a client's wish) equals `other`'s.
+    pub fn satisfied_by(&self, other: &ParamSet) -> bool {
+        self.entries
+            .iter()
+            .filter(|(k, _)| settable(k))
+            .all(|(k, p)| other.entries.get(k).is_some_and(|o| o.value == p.value))
+    }
+
+    /// The query that turns a server with `self` into one with `desired`, if any differ.
+    /// Values go through `set_config` as E'' literals, so they mean exactly what they
+    /// would in a startup packet and cannot break out of the literal.
+    pub fn reconcile_sql(&self, desired: &ParamSet) -> Option<String> {
+        let mut sets = Vec::new();
+        for (key, want) in desired.entries.iter().filter(|(k, _)| settable(k)) {
+            if self.entries.get(key).map(|p| &p.value) != Some(&want.value) {
+                sets.push(format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    literal(&want.name),
+                    literal(&want.value)
+                ));
+            }
+        }
+        let resets: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|(k, p)| !p.reported && settable(k) && !desired.entries.contains_key(*k))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if sets.is_empty() && resets.is_empty() {
+            return None;
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql = format!("SELECT {}", sets.join(", "));
+        }
+        for key in resets {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str("RESET ");
+            sql.push_str(key);
+        }
+        Some(sql)
+    }
+
+    /// After `reconcile_sql(desired)` ran: the unreported values are now `desired`'s.
+    /// (Reported ones arrive as ParameterStatus.)
+    pub fn record_reconciled(&mut self, desired: &ParamSet) {
+        let stale: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(k, p)| !p.reported && !desired.entries.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.entries.remove(&key);
+        }
+        for param in desired.entries.values().filter(|p| !p.reported) {
+            self.insert(&param.name, &param.value, false);
+        }
+        self.rehash();
+    }
+
+    /// Forgets unreported settings (after `DISCARD ALL` / `RESET ALL`).
+    pub fn clear_unreported(&mut self) {
+        self.entries.retain(|_, p| p.reported);
+        self.rehash();
+    }
+}
+
+/// An escape-string literal: `E'...'` is read the same whatever
+/// `standard_conforming_strings` says.
+fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("E'");
+    for c in text.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => {}
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_sets_need_nothing() {
+        let mut a = ParamSet::default();
+        a.set_reported("TimeZone", "UTC");
+        let mut b = ParamSet::default();
+        b.set_reported("TimeZone", "UTC");
+        b.set_reported("server_version", "15.1");
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.reconcile_sql(&b), None);
+    }
+
+    #[test]
+    fn reconcile_sets_and_resets() {
+        let mut server = ParamSet::default();
+        server.set_reported("TimeZone", "UTC");
+        server.set_unreported("statement_timeout", "5s");
+        let mut client = ParamSet::default();
+        client.set_reported("TimeZone", "Europe/Paris");
+        client.set_unreported("search_path", "a,'b\\");
+        let sql = server.reconcile_sql(&client).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'search_path', E'a,\\'b\\\\', false), \
+             pg_catalog.set_config(E'TimeZone', E'Europe/Paris', false); RESET statement_timeout"
+        );
+        server.record_reconciled(&client);
+        server.set_reported("TimeZone", "Europe/Paris");
+        assert_eq!(server.fingerprint(), client.fingerprint());
+    }
+
+    #[test]
+    fn adopt_takes_normalized_values() {
+        let mut client = ParamSet::default();
+        client.set_unreported("client_encoding", "utf8");
+        let mut server = ParamSet::default();
+        server.set_reported("client_encoding", "UTF8");
+        client.adopt_reported(&server);
+        assert_eq!(client.get("CLIENT_ENCODING"), Some("UTF8"));
+        assert_eq!(
+            client.reported().collect::<Vec<_>>(),
+            vec![("client_encoding", "UTF8")]
+        );
+    }
+}
