@@ -87,12 +87,6 @@ pub enum DemoError {
         #[source]
         source: io::Error,
     },
-    #[error("could not hand {path} to the `postgres` OS user", path = path.display())]
-    Chown {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("could not reserve a free port on 127.0.0.1")]
     FreePort(#[source] io::Error),
     #[error("no node of this cluster listens on port {0}")]
@@ -271,12 +265,8 @@ impl Runner {
         let Some(user) = &self.run_as else {
             return Ok(());
         };
-        chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(|source| {
-            DemoError::Chown {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+        chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .map_err(io_error("handing to the run-as user:", path))
     }
 
     fn write_file(&self, path: &Path, contents: &str) -> Result<(), DemoError> {
@@ -324,13 +314,6 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Demo
     }
 }
 
-/// The role a node was created with; a promoted replica keeps `Replica` here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Primary,
-    Replica,
-}
-
 #[derive(Debug)]
 struct Node {
     /// Directory name under the cluster dir. Replicas also use it as their
@@ -340,7 +323,6 @@ struct Node {
     data_dir: PathBuf,
     /// `pg_ctl -l` target, kept outside the data dir so `pg_basebackup` skips it.
     log_file: PathBuf,
-    role: Role,
 }
 
 impl Node {
@@ -363,8 +345,8 @@ pub struct LocalCluster {
     runner: Runner,
     /// Temp dir holding every node and the Unix sockets; `None` once `stop` removed it.
     dir: Option<TempDir>,
-    /// Primary first, then replicas in creation order. A node is pushed before its
-    /// server starts, so a failed `start` still stops whatever did come up.
+    /// The node created as primary first, then replicas in creation order. A node is
+    /// pushed before its server starts, so a failed `start` still stops what came up.
     nodes: Vec<Node>,
 }
 
@@ -402,19 +384,12 @@ impl LocalCluster {
 
     /// Port of the node created as primary (also after another node was promoted).
     pub fn primary_port(&self) -> u16 {
-        self.nodes
-            .iter()
-            .find(|node| node.role == Role::Primary)
-            .map_or(0, |node| node.port)
+        self.nodes.first().map_or(0, |node| node.port)
     }
 
     /// Ports of the nodes created as replicas, in creation order.
     pub fn replica_ports(&self) -> Vec<u16> {
-        self.nodes
-            .iter()
-            .filter(|node| node.role == Role::Replica)
-            .map(|node| node.port)
-            .collect()
+        self.nodes.iter().skip(1).map(|node| node.port).collect()
     }
 
     /// All ports, primary first.
@@ -439,40 +414,43 @@ impl LocalCluster {
             "ON_ERROR_STOP=1",
             "-h",
             "127.0.0.1",
-        ])
-        .args([
-            "-p",
-            &port.to_string(),
             "-U",
-            SUPERUSER,
-            "-d",
-            db,
-            "-c",
-            sql,
         ]);
+        cmd.args([SUPERUSER, "-p", &port.to_string(), "-d", db, "-c", sql]);
         Ok(self.runner.run(&mut cmd)?.trim().to_owned())
     }
 
     /// `pg_ctl stop -m <mode>` ("smart", "fast" or "immediate"), waiting for the exit.
     pub fn stop_node(&self, port: u16, mode: &str) -> Result<(), DemoError> {
-        let node = self.node(port)?;
-        let mut cmd = self.runner.command("pg_ctl");
-        cmd.args(["stop", "-w", "-t", PG_CTL_WAIT_SECS, "-m", mode, "-D"])
-            .arg(&node.data_dir);
-        self.runner.run(&mut cmd).map(drop)
+        let mut cmd = self.pg_ctl("stop", self.node(port)?);
+        self.runner.run(cmd.args(["-m", mode])).map(drop)
     }
 
-    /// Starts a stopped node again on its old port.
+    /// Starts a stopped node again on its old port. A failure carries the log's tail.
     pub fn start_node(&self, port: u16) -> Result<(), DemoError> {
-        self.pg_ctl_start(self.node(port)?)
+        let node = self.node(port)?;
+        let log_offset = fs::metadata(&node.log_file).map_or(0, |meta| meta.len());
+        let mut cmd = self.pg_ctl("start", node);
+        match self.runner.run(cmd.arg("-l").arg(&node.log_file)) {
+            Err(DemoError::CommandFailed {
+                command,
+                status,
+                stderr,
+            }) => Err(DemoError::ServerStart {
+                data_dir: node.data_dir.clone(),
+                command,
+                status,
+                stderr,
+                log_file: node.log_file.clone(),
+                log_tail: log_tail(&node.log_file, log_offset),
+            }),
+            result => result.map(drop),
+        }
     }
 
     /// `pg_ctl promote -w`: the replica leaves recovery and accepts writes.
     pub fn promote(&self, port: u16) -> Result<(), DemoError> {
-        let node = self.node(port)?;
-        let mut cmd = self.runner.command("pg_ctl");
-        cmd.args(["promote", "-w", "-t", PG_CTL_WAIT_SECS, "-D"])
-            .arg(&node.data_dir);
+        let mut cmd = self.pg_ctl("promote", self.node(port)?);
         self.runner.run(&mut cmd).map(drop)
     }
 
@@ -489,7 +467,8 @@ impl LocalCluster {
             let expected: Vec<String> = self
                 .nodes
                 .iter()
-                .filter(|n| n.role == Role::Replica && n.is_running() && n.is_standby())
+                .skip(1)
+                .filter(|n| n.is_running() && n.is_standby())
                 .map(|n| n.name.clone())
                 .collect();
             let (streaming, last_error) = match self.psql(self.primary_port(), "postgres", sql) {
@@ -523,19 +502,10 @@ impl LocalCluster {
             .iter()
             .filter(|node| node.is_running())
             .map(|node| {
-                let mut cmd = self.runner.command("pg_ctl");
-                cmd.args([
-                    "stop",
-                    "-w",
-                    "-t",
-                    PG_CTL_WAIT_SECS,
-                    "-m",
-                    "immediate",
-                    "-D",
-                ])
-                .arg(&node.data_dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
+                let mut cmd = self.pg_ctl("stop", node);
+                cmd.args(["-m", "immediate"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
                 (describe(&cmd), cmd.spawn())
             })
             .collect();
@@ -563,7 +533,7 @@ impl LocalCluster {
     }
 
     /// Creates `<tempdir>/<name>` for a node's data dir and log file.
-    fn new_node(&self, name: &str, role: Role) -> Result<Node, DemoError> {
+    fn new_node(&self, name: &str) -> Result<Node, DemoError> {
         let node_dir = self.runner.cwd.join(name);
         fs::create_dir(&node_dir).map_err(io_error("creating", &node_dir))?;
         self.runner.hand_over(&node_dir)?;
@@ -572,12 +542,11 @@ impl LocalCluster {
             port: 0,
             data_dir: node_dir.join("data"),
             log_file: node_dir.join("server.log"),
-            role,
         })
     }
 
     fn init_primary(&mut self, opts: &ClusterOptions) -> Result<(), DemoError> {
-        let node = self.new_node("primary", Role::Primary)?;
+        let node = self.new_node("primary")?;
         let mut initdb = self.runner.command("initdb");
         initdb
             .arg("-D")
@@ -597,11 +566,17 @@ impl LocalCluster {
 
     fn create_roles_and_databases(&self, opts: &ClusterOptions) -> Result<(), DemoError> {
         let port = self.primary_port();
+        let md5 = opts.extra_conf.iter().any(|line| {
+            line.replace(' ', "").contains("password_encryption='md5'")
+                || line.replace(' ', "").contains("password_encryption=md5")
+        });
         for (role, password) in &opts.users {
+            // Hashed here so no plaintext password reaches a command line or a log.
+            let stored = stored_password(role, password, md5);
             let sql = format!(
                 "CREATE ROLE {} LOGIN PASSWORD {}",
                 quote_ident(role),
-                quote_literal(password)
+                quote_literal(&stored)
             );
             self.psql(port, "postgres", &sql)?;
         }
@@ -618,7 +593,7 @@ impl LocalCluster {
     }
 
     fn add_replica(&mut self, name: &str) -> Result<(), DemoError> {
-        let node = self.new_node(name, Role::Replica)?;
+        let node = self.new_node(name)?;
         let primary_port = self.primary_port().to_string();
         // `-R` copies these connection settings, application_name included, into
         // primary_conninfo, so the replica streams from 127.0.0.1:<primary> as `name`.
@@ -657,29 +632,12 @@ impl LocalCluster {
         }
     }
 
-    fn pg_ctl_start(&self, node: &Node) -> Result<(), DemoError> {
-        let log_offset = fs::metadata(&node.log_file).map_or(0, |meta| meta.len());
+    /// `pg_ctl <action>` on `node`, waiting for the outcome.
+    fn pg_ctl(&self, action: &str, node: &Node) -> Command {
         let mut cmd = self.runner.command("pg_ctl");
-        cmd.args(["start", "-w", "-t", PG_CTL_WAIT_SECS, "-D"])
-            .arg(&node.data_dir)
-            .arg("-l")
-            .arg(&node.log_file);
-        match self.runner.run(&mut cmd) {
-            Ok(_) => Ok(()),
-            Err(DemoError::CommandFailed {
-                command,
-                status,
-                stderr,
-            }) => Err(DemoError::ServerStart {
-                data_dir: node.data_dir.clone(),
-                command,
-                status,
-                stderr,
-                log_file: node.log_file.clone(),
-                log_tail: log_tail(&node.log_file, log_offset),
-            }),
-            Err(err) => Err(err),
-        }
+        cmd.args([action, "-w", "-t", PG_CTL_WAIT_SECS, "-D"])
+            .arg(&node.data_dir);
+        cmd
     }
 }
 
@@ -809,4 +767,21 @@ mod tests {
         assert!(hba.contains("host all postgres 127.0.0.1/32 trust\n"));
         assert!(hba.contains("host all all 127.0.0.1/32 scram-sha-256\n"));
     }
+}
+
+/// What PostgreSQL stores for a password: kept as given when already an md5 or SCRAM
+/// secret, else hashed the way `password_encryption` would.
+fn stored_password(role: &str, password: &str, md5: bool) -> String {
+    if password.starts_with("md5") && password.len() == 35 || password.starts_with("SCRAM-SHA-256$")
+    {
+        return password.to_owned();
+    }
+    if md5 {
+        let hash = crate::auth::md5::stored_hash(role, password.as_bytes());
+        return format!(
+            "md5{}",
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+    }
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
 }

@@ -1,0 +1,229 @@
+//! The integration-test harness: a real PostgreSQL primary (and streaming replicas,
+//! `pg_basebackup -R`) in a temp dir on free loopback ports, run as the `postgres` user
+//! when the tests run as root, and pgrelay started in-process on `127.0.0.1:0`.
+//!
+//! Every test builds its own [`TestEnv`]; dropping it stops PostgreSQL and removes the
+//! data, so tests can run in parallel.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pgrelay::config::Config;
+use pgrelay::demo::{ClusterOptions, LocalCluster};
+use pgrelay::listener::Pgrelay;
+
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-secret";
+pub const APP_DB: &str = "app";
+
+/// What to start. `Default` is one primary, no replica, SCRAM on both sides,
+/// transaction pooling with 10 servers.
+#[derive(Clone)]
+pub struct EnvOptions {
+    pub replicas: usize,
+    /// pg_hba method on the servers for non-superusers.
+    pub server_auth: &'static str,
+    /// `auth_type` of pgrelay.
+    pub client_auth: &'static str,
+    pub pool_mode: &'static str,
+    pub pool_size: u32,
+    /// Server users: (name, password as PostgreSQL stores or receives it).
+    pub server_users: Vec<(String, String)>,
+    /// `[[users]]` entries: (name, password as written in pgrelay's config).
+    pub relay_users: Vec<(String, String)>,
+    /// Extra lines for the `[pool]` section.
+    pub pool_extra: Vec<String>,
+    /// Extra top-level lines (before any section).
+    pub top_extra: Vec<String>,
+    /// Extra postgresql.conf lines.
+    pub server_conf: Vec<String>,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            replicas: 0,
+            server_auth: "scram-sha-256",
+            client_auth: "scram-sha-256",
+            pool_mode: "transaction",
+            pool_size: 10,
+            server_users: vec![(APP_USER.into(), APP_PASSWORD.into())],
+            relay_users: vec![(APP_USER.into(), APP_PASSWORD.into())],
+            pool_extra: Vec::new(),
+            top_extra: Vec::new(),
+            server_conf: Vec::new(),
+        }
+    }
+}
+
+impl EnvOptions {
+    pub fn session() -> Self {
+        EnvOptions {
+            pool_mode: "session",
+            ..Default::default()
+        }
+    }
+
+    pub fn mode(mode: &'static str) -> Self {
+        EnvOptions {
+            pool_mode: mode,
+            ..Default::default()
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub relay: Pgrelay,
+    pub addr: SocketAddr,
+    pub options: EnvOptions,
+    /// Last, so PostgreSQL stops after pgrelay's handles are gone.
+    pub cluster: LocalCluster,
+}
+
+/// Starts PostgreSQL and pgrelay for one test.
+pub async fn start(options: EnvOptions) -> TestEnv {
+    let cluster_options = ClusterOptions {
+        replicas: options.replicas,
+        host_auth: options.server_auth.into(),
+        users: options.server_users.clone(),
+        databases: vec![(APP_DB.into(), APP_USER.into())],
+        extra_conf: options.server_conf.clone(),
+    };
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&cluster_options))
+        .await
+        .expect("cluster task")
+        .expect("start PostgreSQL");
+    let config =
+        Config::from_toml_str(&config_text(&options, &cluster.ports())).expect("test config");
+    let relay = Pgrelay::start(config).await.expect("start pgrelay");
+    let addr = relay.addrs[0];
+    TestEnv {
+        relay,
+        addr,
+        options,
+        cluster,
+    }
+}
+
+pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
+    let mut text = format!(
+        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nauth_type = \"{}\"\n{}\n",
+        options.client_auth,
+        options.top_extra.join("\n")
+    );
+    text.push_str(&format!(
+        "[pool]\nmode = \"{}\"\ndefault_pool_size = {}\nquery_wait_timeout = \"20s\"\n{}\n",
+        options.pool_mode,
+        options.pool_size,
+        options.pool_extra.join("\n")
+    ));
+    for port in ports {
+        text.push_str(&format!(
+            "[[backends]]\nhost = \"127.0.0.1\"\nport = {port}\n"
+        ));
+    }
+    for (name, password) in &options.relay_users {
+        text.push_str(&format!(
+            "[[users]]\nname = \"{name}\"\npassword = \"{password}\"\n"
+        ));
+    }
+    text
+}
+
+impl TestEnv {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn conn_string(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            self.port()
+        )
+    }
+
+    /// Connects through pgrelay as the app user.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.connect(APP_USER, APP_PASSWORD, APP_DB)
+            .await
+            .expect("connect through pgrelay")
+    }
+
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect_str(&self.conn_string(user, password, db)).await
+    }
+
+    /// Connects straight to the primary as the superuser (for checks behind pgrelay's back).
+    pub async fn direct_superuser(&self) -> tokio_postgres::Client {
+        let s = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={APP_DB}",
+            self.cluster.primary_port()
+        );
+        connect_str(&s).await.expect("direct connection")
+    }
+
+    /// Runs SQL on a node as the superuser via psql.
+    pub fn psql_direct(&self, port: u16, sql: &str) -> String {
+        self.cluster.psql(port, APP_DB, sql).expect("psql")
+    }
+
+    /// Runs `psql` through pgrelay; returns (success, stdout, stderr).
+    pub fn psql(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new("psql")
+            .env("PGPASSWORD", APP_PASSWORD)
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port().to_string(),
+                "-U",
+                APP_USER,
+                "-d",
+                APP_DB,
+            ])
+            .args(args)
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+pub async fn connect_str(s: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(s, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or pgrelay) sent one.
+pub fn sqlstate(err: &tokio_postgres::Error) -> Option<String> {
+    err.as_db_error().map(|e| e.code().code().to_owned())
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
