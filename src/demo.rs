@@ -297,12 +297,22 @@ fn runuser_path() -> PathBuf {
         .map_or_else(|| PathBuf::from("runuser"), Path::to_path_buf)
 }
 
+/// How a command is shown in logs and errors.
 fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
-        .map(|part| part.to_string_lossy())
+        .map(|part| redact_password(&part.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Cuts the literal off `... PASSWORD '...'`: it is a SCRAM secret or an md5 hash, and
+/// an md5 hash logs in as well as the password does.
+fn redact_password(arg: &str) -> String {
+    match arg.find(" PASSWORD '") {
+        Some(at) => format!("{} PASSWORD '<redacted>'", &arg[..at]),
+        None => arg.to_owned(),
+    }
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DemoError {
@@ -728,6 +738,23 @@ fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// What PostgreSQL stores for a password: kept as given when already an md5 or SCRAM
+/// secret, else hashed the way `password_encryption` would.
+fn stored_password(role: &str, password: &str, md5: bool) -> String {
+    if password.starts_with("md5") && password.len() == 35 || password.starts_with("SCRAM-SHA-256$")
+    {
+        return password.to_owned();
+    }
+    if md5 {
+        let hash = crate::auth::md5::stored_hash(role, password.as_bytes());
+        return format!(
+            "md5{}",
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+    }
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,6 +765,21 @@ mod tests {
         assert_eq!(
             with_port(conf, 7000),
             "#port = 5432\nport_x = 1\nfsync = off\nport = 7000\n"
+        );
+    }
+
+    #[test]
+    fn described_commands_hide_password_literals() {
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-c",
+            "CREATE ROLE \"a\" LOGIN PASSWORD 'md5abc'",
+            "-d",
+            "postgres",
+        ]);
+        assert_eq!(
+            describe(&cmd),
+            "psql -c CREATE ROLE \"a\" LOGIN PASSWORD '<redacted>' -d postgres"
         );
     }
 
@@ -767,21 +809,4 @@ mod tests {
         assert!(hba.contains("host all postgres 127.0.0.1/32 trust\n"));
         assert!(hba.contains("host all all 127.0.0.1/32 scram-sha-256\n"));
     }
-}
-
-/// What PostgreSQL stores for a password: kept as given when already an md5 or SCRAM
-/// secret, else hashed the way `password_encryption` would.
-fn stored_password(role: &str, password: &str, md5: bool) -> String {
-    if password.starts_with("md5") && password.len() == 35 || password.starts_with("SCRAM-SHA-256$")
-    {
-        return password.to_owned();
-    }
-    if md5 {
-        let hash = crate::auth::md5::stored_hash(role, password.as_bytes());
-        return format!(
-            "md5{}",
-            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-    }
-    postgres_protocol::password::scram_sha_256(password.as_bytes())
 }

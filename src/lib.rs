@@ -28,6 +28,8 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod pool;
 pub mod protocol;

@@ -23,6 +23,8 @@ use crate::stream::{Conn, StreamError};
 
 /// Password messages are small; anything longer is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
+/// The newest protocol version pgrelay speaks, as NegotiateProtocolVersion carries it.
+const PROTOCOL_3_0: i32 = 3 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -186,7 +188,7 @@ where
         .map(|(k, _)| k.clone())
         .collect();
     if params.minor > 0 || !unsupported.is_empty() {
-        backend::negotiate_protocol_version(conn.wbuf(), 0, unsupported);
+        backend::negotiate_protocol_version(conn.wbuf(), PROTOCOL_3_0, unsupported);
         conn.flush().await?;
     }
     Ok(())

@@ -477,10 +477,19 @@ impl Config {
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut lines = vec![
-            "routing: the routing, health_check and failover sections are parsed and validated \
-             but not yet used by this build"
+            "routing: the routing and failover sections are parsed and validated but not yet \
+             used by this build (all traffic goes to the primary); of health_check, only \
+             period, timeout and the credentials are used (primary detection)"
                 .to_owned(),
         ];
+        if self.pool.mode == PoolMode::Transaction {
+            lines.push(
+                "pool.max_prepared_statements: named prepared statements are not yet carried \
+                 across servers in transaction mode; use session mode (or unnamed statements) \
+                 for drivers that prepare"
+                    .to_owned(),
+            );
+        }
         if self.tls.client_mode != TlsMode::Disable {
             lines.push(
                 "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
@@ -1173,8 +1182,9 @@ mod tests {
     fn warnings_list_unimplemented_settings() {
         let config = parse(MINIMAL).expect("minimal");
         let lines = config.warnings();
-        assert_eq!(lines.len(), 1);
+        assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with("routing: "));
+        assert!(lines[1].starts_with("pool.max_prepared_statements: "));
         let mut config = config;
         config.tls.client_mode = TlsMode::Allow;
         config.tls.server_mode = TlsMode::Require;
@@ -1188,6 +1198,7 @@ mod tests {
             .collect();
         let expected = [
             "routing",
+            "pool.max_prepared_statements",
             "tls.client_mode",
             "tls.server_mode",
             "failover.topology",
@@ -1195,6 +1206,6 @@ mod tests {
             "failover.follow_primary_command",
         ];
         assert_eq!(keys, expected);
-        assert!(config.warnings()[1].contains("SSLRequest is answered 'N'"));
+        assert!(config.warnings()[2].contains("SSLRequest is answered 'N'"));
     }
 }

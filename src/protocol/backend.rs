@@ -171,8 +171,11 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
     put(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
 }
 
-pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unsupported: Vec<String>) {
-    put(buf, &NegotiateProtocolVersion::new(minor, unsupported));
+/// NegotiateProtocolVersion. `newest` is the full version number (`3 << 16 | minor`):
+/// the protocol docs call the field a minor version, but PostgreSQL sends the full
+/// number and libpq 18 refuses anything below 3.0.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, newest: i32, unsupported: Vec<String>) {
+    put(buf, &NegotiateProtocolVersion::new(newest, unsupported));
 }
 
 /// A single-byte answer to SSLRequest / GSSENCRequest.

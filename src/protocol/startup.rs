@@ -44,7 +44,9 @@ impl StartupParams {
 
 /// Decodes one startup-phase packet from the front of `buf`. `Ok(None)`: need more.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError> {
-    if buf.len() < 8 {
+    // The length is checked as soon as it is in: a client that sends a bad length and
+    // then waits must be refused at once, not when the login timeout expires.
+    if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -210,6 +212,23 @@ mod tests {
                 secret: -7
             })
         );
+    }
+
+    #[test]
+    fn rejects_a_bad_length_before_the_rest_arrives() {
+        for len in [0u32, 3, 7, 10_001, 100_000] {
+            let mut buf = BytesMut::new();
+            buf.put_u32(len);
+            assert!(
+                matches!(decode(&mut buf), Err(ProtocolError::BadLength { .. })),
+                "length {len}"
+            );
+        }
+        let mut buf = BytesMut::new();
+        buf.put_u32(8);
+        assert_eq!(decode(&mut buf).unwrap(), None);
+        let mut buf = BytesMut::from(&[0u8, 0, 0][..]);
+        assert_eq!(decode(&mut buf).unwrap(), None);
     }
 
     #[test]

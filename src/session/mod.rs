@@ -167,7 +167,14 @@ impl Session {
     }
 
     async fn checkout_reconciled(&mut self) -> Result<ServerGuard, ClientError> {
-        let mut guard = self.pool.checkout().await.map_err(pool_error)?;
+        let mut guard = match self.pool.checkout().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                // The client sees its own error; operators need to see the server side.
+                tracing::warn!(pool = ?self.pool.key, %err, "no server for a client");
+                return Err(pool_error(err));
+            }
+        };
         if let Err(err) = guard.server().reconcile(&self.params).await {
             let server_clean = matches!(err, ServerError::Query(_));
             let client_error = server_error(err);

@@ -158,7 +158,10 @@ impl ParamSet {
     }
 
     /// After `reconcile_sql(desired)` ran: the unreported values are now `desired`'s.
-    /// (Reported ones arrive as ParameterStatus.)
+    /// (Reported ones arrive as ParameterStatus.) A setting the client made without
+    /// knowing it is reported (a startup `client_encoding=utf8`) keeps the server's
+    /// reported entry: its normalized value (`UTF8`) is what the client must be told,
+    /// and the server sends no ParameterStatus when the value did not change.
     pub fn record_reconciled(&mut self, desired: &ParamSet) {
         let stale: Vec<String> = self
             .entries
@@ -169,8 +172,10 @@ impl ParamSet {
         for key in stale {
             self.entries.remove(&key);
         }
-        for param in desired.entries.values().filter(|p| !p.reported) {
-            self.insert(&param.name, &param.value, false);
+        for (key, param) in desired.entries.iter().filter(|(_, p)| !p.reported) {
+            if !self.entries.get(key).is_some_and(|p| p.reported) {
+                self.insert(&param.name, &param.value, false);
+            }
         }
         self.rehash();
     }
@@ -230,6 +235,24 @@ mod tests {
         );
         server.record_reconciled(&client);
         server.set_reported("TimeZone", "Europe/Paris");
+        assert_eq!(server.fingerprint(), client.fingerprint());
+    }
+
+    #[test]
+    fn reconciling_keeps_reported_normal_forms() {
+        let mut server = ParamSet::default();
+        server.set_reported("client_encoding", "UTF8");
+        let mut client = ParamSet::default();
+        client.set_unreported("client_encoding", "utf8");
+        client.set_unreported("statement_timeout", "1234");
+        server.record_reconciled(&client);
+        assert_eq!(server.get("client_encoding"), Some("UTF8"));
+        assert_eq!(server.get("statement_timeout"), Some("1234"));
+        client.adopt_reported(&server);
+        assert_eq!(
+            client.reported().collect::<Vec<_>>(),
+            vec![("client_encoding", "UTF8")]
+        );
         assert_eq!(server.fingerprint(), client.fingerprint());
     }
 

@@ -52,6 +52,11 @@ pub struct Wire {
     pending: usize,
     /// Extended-protocol messages were sent after the last Sync.
     extended_open: bool,
+    /// Syncs sent since the last Execute or Query. If a CopyDone or CopyFail follows,
+    /// the server read them in COPY FROM STDIN mode, where it ignores Sync (libpq and
+    /// tokio-postgres send Sync right after Execute, before the copy data), so they are
+    /// owed no ReadyForQuery.
+    copy_syncs: usize,
     /// The last ReadyForQuery status (`I`, `T`, `E`).
     pub status: u8,
     /// A Terminate is first in the client buffer, or the client closed.
@@ -74,6 +79,7 @@ impl Wire {
             s2c: 0,
             pending: 0,
             extended_open: false,
+            copy_syncs: 0,
             status: b'I',
             client_done: false,
             protocol_error: None,
@@ -145,6 +151,8 @@ impl Wire {
         let buf = &client.rbuf()[self.c2s..];
         let mut state = ClientScan {
             wire_pending: 0,
+            ignored_syncs: 0,
+            copy_syncs: self.copy_syncs,
             extended_open: self.extended_open,
             terminate: false,
             bad_tag: None,
@@ -152,7 +160,8 @@ impl Wire {
         let scanned = self.client_scan.scan(buf, |tag, body| {
             state.on_message(tag, body, pools, attached)
         });
-        self.pending += state.wire_pending;
+        self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
+        self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
         match scanned {
             Ok(s) => {
@@ -273,13 +282,15 @@ impl Wire {
                 }
             }
             if self.server_eof.is_none() && !self.release_point && self.s2c < HIGH_WATER {
-                match server.poll_read_more(cx) {
-                    Poll::Ready(Ok(0)) => self.server_eof = Some(None),
-                    Poll::Ready(Ok(_)) => self.scan_server(server, server_params, client_params),
-                    Poll::Ready(Err(err)) => self.server_eof = Some(Some(err)),
-                    Poll::Pending => {}
+                // Only a completed read is progress: a pending write must not spin us.
+                if let Poll::Ready(read) = server.poll_read_more(cx) {
+                    match read {
+                        Ok(0) => self.server_eof = Some(None),
+                        Ok(_) => self.scan_server(server, server_params, client_params),
+                        Err(err) => self.server_eof = Some(Some(err)),
+                    }
+                    progress = true;
                 }
-                progress |= self.server_eof.is_some() || self.s2c > 0 || self.release_point;
             }
             if !self.client_done && self.protocol_error.is_none() && self.c2s < HIGH_WATER {
                 match client.poll_read_more(cx) {
@@ -362,6 +373,9 @@ impl Wire {
 /// What one scan of client bytes learned.
 struct ClientScan {
     wire_pending: usize,
+    /// Syncs counted in `pending` that the server ignored during COPY FROM STDIN.
+    ignored_syncs: usize,
+    copy_syncs: usize,
     extended_open: bool,
     terminate: bool,
     bad_tag: Option<u8>,
@@ -388,19 +402,26 @@ impl ClientScan {
                     close_idle_before_database_command(sql, pools);
                 }
                 self.wire_pending += 1;
+                self.copy_syncs = 0;
                 boundary
             }
             frontend::SYNC | frontend::FUNCTION_CALL => {
                 self.wire_pending += 1;
+                self.copy_syncs += usize::from(tag == frontend::SYNC);
                 self.extended_open = false;
                 boundary
             }
             frontend::FLUSH => boundary,
-            frontend::PARSE
-            | frontend::BIND
-            | frontend::EXECUTE
-            | frontend::DESCRIBE
-            | frontend::CLOSE => {
+            frontend::COPY_DONE | frontend::COPY_FAIL => {
+                self.ignored_syncs += std::mem::take(&mut self.copy_syncs);
+                Step::Forward
+            }
+            frontend::EXECUTE => {
+                self.copy_syncs = 0;
+                self.extended_open = true;
+                Step::Forward
+            }
+            frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
                 self.extended_open = true;
                 Step::Forward
             }
@@ -415,5 +436,41 @@ fn close_idle_before_database_command(sql: &[u8], pools: &Pools) {
     if let Some(db) = classify::database_needing_exclusive_use(sql) {
         let closed = pools.close_idle_for_dbname(&db);
         tracing::info!(database = %db, closed, "closed idle server connections before a database command");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(tags: &[u8]) -> ClientScan {
+        let pools = Pools::default();
+        let mut state = ClientScan {
+            wire_pending: 0,
+            ignored_syncs: 0,
+            copy_syncs: 0,
+            extended_open: false,
+            terminate: false,
+            bad_tag: None,
+        };
+        for &tag in tags {
+            state.on_message(tag, None, &pools, true);
+        }
+        state
+    }
+
+    #[test]
+    fn syncs_inside_copy_in_are_owed_nothing() {
+        // tokio-postgres: Bind, Execute, Sync, CopyData.., CopyDone, Sync.
+        let state = scan(b"BESddcS");
+        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        let state = scan(b"BESdfS");
+        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        // Flush instead of Sync before the data: the one Sync is answered.
+        let state = scan(b"BEHdcS");
+        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        // A simple-protocol COPY after an extended query owes both ReadyForQuerys.
+        let state = scan(b"BESQdc");
+        assert_eq!(state.wire_pending - state.ignored_syncs, 2);
     }
 }

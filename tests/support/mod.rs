@@ -13,6 +13,8 @@ use pgrelay::config::Config;
 use pgrelay::demo::{ClusterOptions, LocalCluster};
 use pgrelay::listener::Pgrelay;
 
+pub mod raw;
+
 pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "app-secret";
 pub const APP_DB: &str = "app";
@@ -32,7 +34,8 @@ pub struct EnvOptions {
     pub server_users: Vec<(String, String)>,
     /// `[[users]]` entries: (name, password as written in pgrelay's config).
     pub relay_users: Vec<(String, String)>,
-    /// Extra lines for the `[pool]` section.
+    /// Extra lines for the `[pool]` section. A `query_wait_timeout = ...` line here
+    /// replaces the harness's default of 20s (TOML refuses a key written twice).
     pub pool_extra: Vec<String>,
     /// Extra top-level lines (before any section).
     pub top_extra: Vec<String>,
@@ -90,10 +93,12 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         databases: vec![(APP_DB.into(), APP_USER.into())],
         extra_conf: options.server_conf.clone(),
     };
-    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&cluster_options))
-        .await
-        .expect("cluster task")
-        .expect("start PostgreSQL");
+    let cluster = tokio::task::spawn_blocking(move || {
+        LocalCluster::start(&cluster_options).map_err(Box::new)
+    })
+    .await
+    .expect("cluster task")
+    .expect("start PostgreSQL");
     let config =
         Config::from_toml_str(&config_text(&options, &cluster.ports())).expect("test config");
     let relay = Pgrelay::start(config).await.expect("start pgrelay");
@@ -106,14 +111,39 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     }
 }
 
+/// Starts another pgrelay in front of already running servers (`ports`, primary first),
+/// e.g. one whose `[[users]]` hold secrets read from a running cluster.
+pub async fn start_relay(options: &EnvOptions, ports: &[u16]) -> Pgrelay {
+    let config = Config::from_toml_str(&config_text(options, ports)).expect("test config");
+    Pgrelay::start(config).await.expect("start pgrelay")
+}
+
+/// A libpq connection string for a pgrelay listening on `addr`.
+pub fn relay_conn_string(addr: SocketAddr, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "host={} port={} user={user} password={password} dbname={db} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
 pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
     let mut text = format!(
         "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nauth_type = \"{}\"\n{}\n",
         options.client_auth,
         options.top_extra.join("\n")
     );
+    let wait_overridden = options
+        .pool_extra
+        .iter()
+        .any(|line| line.trim_start().starts_with("query_wait_timeout"));
+    let default_wait = if wait_overridden {
+        ""
+    } else {
+        "query_wait_timeout = \"20s\"\n"
+    };
     text.push_str(&format!(
-        "[pool]\nmode = \"{}\"\ndefault_pool_size = {}\nquery_wait_timeout = \"20s\"\n{}\n",
+        "[pool]\nmode = \"{}\"\ndefault_pool_size = {}\n{default_wait}{}\n",
         options.pool_mode,
         options.pool_size,
         options.pool_extra.join("\n")
@@ -226,4 +256,88 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+impl TestEnv {
+    /// A tokio-postgres config for the app user through pgrelay, for tests that add
+    /// startup settings (`options`, `application_name`) before connecting.
+    pub fn app_config(&self) -> tokio_postgres::Config {
+        self.conn_string(APP_USER, APP_PASSWORD, APP_DB)
+            .parse()
+            .expect("valid connection string")
+    }
+
+    /// The first pool pgrelay made for `database` (as any user), once it exists.
+    pub fn pool_for(&self, database: &str) -> Option<std::sync::Arc<pgrelay::pool::Pool>> {
+        self.relay
+            .shared
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| p.key.database == database)
+    }
+}
+
+/// How a watched connection ended: `Err` holds what ended it (e.g. a FATAL the server
+/// sent while the client was idle).
+pub type ConnectionEnd = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// Connects with `config`; the connection runs in a task whose result is returned.
+pub async fn connect_watched(
+    config: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, ConnectionEnd), tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    Ok((client, tokio::spawn(connection)))
+}
+
+/// Connects with `config` and forwards every notice and notification the connection
+/// receives to the returned channel (tokio-postgres only hands them to whoever drives
+/// the connection with `poll_message`).
+pub async fn connect_with_messages(
+    config: &tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            let _ = tx.send(message);
+        }
+    });
+    Ok((client, rx))
+}
+
+/// Every row of a simple-protocol query (all its statements, in order), as text.
+pub async fn simple_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    let messages = client.simple_query(sql).await?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The first column of the first row of a simple-protocol query; panics on an error,
+/// no rows or NULL.
+pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = simple_rows(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.first()
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_else(|| panic!("{sql}: no value"))
 }

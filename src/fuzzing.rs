@@ -1,0 +1,71 @@
+//! Entry points shared by the cargo-fuzz targets in `fuzz/` (nightly) and the corpus
+//! replay test `tests/fuzz_corpus.rs` (stable), so every decoder is exercised by both.
+//! Each function must never panic, whatever the input.
+
+use bytes::BytesMut;
+
+use crate::protocol::{self, startup, Scanner, Step};
+
+/// Splits frames off arbitrary bytes until an error or a need for more.
+pub fn frame(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(frame)) = protocol::split_frame(&mut buf, 1 << 20) {
+        let _ = (frame.tag(), frame.body().len());
+    }
+}
+
+/// Decodes startup-phase packets, and the options string of any StartupMessage.
+pub fn startup(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(packet)) = startup::decode(&mut buf) {
+        if let startup::StartupPacket::Startup(params) = packet {
+            if let Some(options) = params.get("options") {
+                let _ = startup::parse_options(options);
+            }
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = startup::parse_options(text);
+    }
+}
+
+/// Feeds the relay's scanners (both directions) in two chunks split at the first byte's
+/// value, checking that they never claim more bytes than they were given.
+pub fn scanner(data: &[u8]) {
+    let cut = data.first().map_or(0, |&b| b as usize).min(data.len());
+    for inspect in [&protocol::frontend::INSPECT, &protocol::backend::INSPECT] {
+        let mut scanner = Scanner::new(inspect, 1 << 20);
+        let mut start = 0;
+        for end in [cut, data.len()] {
+            let Some(chunk) = data.get(start..end) else {
+                break;
+            };
+            match scanner.scan(chunk, |tag, body| {
+                if let Some(body) = body {
+                    let _ = protocol::backend::ready_status(body);
+                    let _ = protocol::backend::parameter_status(body);
+                    let _ = protocol::frontend::query_text(body);
+                }
+                if tag == b'X' {
+                    Step::StopBefore
+                } else {
+                    Step::Forward
+                }
+            }) {
+                Ok(scanned) => {
+                    assert!(
+                        scanned.forward <= chunk.len(),
+                        "scanner forwarded bytes it was not given"
+                    );
+                    start += scanned.forward;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Runs the SQL classifier on arbitrary bytes.
+pub fn classify(data: &[u8]) {
+    let _ = crate::router::classify::database_needing_exclusive_use(data);
+}

@@ -1,0 +1,51 @@
+//! Replays the fuzz corpora (`fuzz/corpus/<target>/*`) through the same entry points
+//! the cargo-fuzz targets use, on stable Rust, plus random inputs via proptest. A
+//! decoder that panics on any of them fails this test.
+
+use std::path::Path;
+
+use pgrelay::fuzzing;
+use proptest::prelude::*;
+
+fn replay(target: &str, run: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let path = entry.expect("corpus entry").path();
+        if path.is_file() {
+            let data = std::fs::read(&path).expect("corpus file");
+            run(&data);
+            // Every prefix too: truncated input is the common real-world case.
+            for end in 0..data.len().min(64) {
+                run(&data[..end]);
+            }
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn corpora_replay_without_panics() {
+    for (target, run) in [
+        ("frame", fuzzing::frame as fn(&[u8])),
+        ("startup", fuzzing::startup),
+        ("scanner", fuzzing::scanner),
+        ("classify", fuzzing::classify),
+    ] {
+        assert!(replay(target, run) > 0, "corpus for {target} is empty");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn random_input_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fuzzing::frame(&data);
+        fuzzing::startup(&data);
+        fuzzing::scanner(&data);
+        fuzzing::classify(&data);
+    }
+}

@@ -1,0 +1,165 @@
+//! The relay does not allocate per message: a counting global allocator measures what
+//! this process (pgrelay in-process; the clients are external `psql` and `pgbench`)
+//! allocates while a large result streams through it and while many transactions run
+//! in transaction mode.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use support::{start, EnvOptions, APP_DB, APP_PASSWORD, APP_USER};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .args(args)
+        .output()
+        .expect("run client");
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_allocation_per_relayed_message() {
+    let env = start(EnvOptions {
+        pool_size: 4,
+        ..Default::default()
+    })
+    .await;
+    let port = env.port().to_string();
+    let conn = [
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port.as_str(),
+        "-U",
+        APP_USER,
+        "-d",
+        APP_DB,
+    ];
+
+    // Warm up: the pool opens its servers, buffers reach their working size.
+    let warm: Vec<&str> = conn
+        .iter()
+        .copied()
+        .chain(["-Atc", "SELECT count(*) FROM generate_series(1, 1000)"])
+        .collect();
+    let sql = "SELECT i, repeat('x', 100) FROM generate_series(1, 200000) AS i";
+    let stream: Vec<&str> = conn
+        .iter()
+        .copied()
+        .chain(["-Atq", "-o", "/dev/null", "-c", sql])
+        .collect();
+    let env_ref = &env;
+    tokio::task::spawn_blocking({
+        let warm: Vec<String> = warm.iter().map(|s| s.to_string()).collect();
+        move || run("psql", &warm.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+
+    // 200,000 DataRows plus framing pass through one session.
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let args: Vec<String> = stream.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        run("psql", &args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    let streamed = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    // A login (auth, session, params) costs a few hundred; 200,000 messages must add
+    // next to nothing.
+    assert!(
+        streamed < 5_000,
+        "{streamed} allocations while relaying 200,000 rows"
+    );
+
+    // Transaction mode: 4,000 transactions over 8 clients and 4 servers.
+    let port = env_ref.port().to_string();
+    let pgbench_init = vec![
+        "-i",
+        "-s",
+        "1",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        APP_USER,
+        APP_DB,
+    ];
+    let init: Vec<String> = pgbench_init.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        run(
+            "pgbench",
+            &init.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    })
+    .await
+    .unwrap();
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let bench: Vec<String> = [
+        "-S",
+        "-c",
+        "8",
+        "-j",
+        "2",
+        "-t",
+        "500",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        APP_USER,
+        APP_DB,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            "pgbench",
+            &bench.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("number of transactions actually processed: 4000/4000"),
+        "{out}"
+    );
+    let per_txn = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 4000.0;
+    println!("relay allocations: {streamed} for 200,000 rows; {per_txn:.2} per pgbench transaction (8 logins included)");
+    // Eight client logins are included; the transactions themselves must not allocate.
+    assert!(per_txn < 1.0, "{per_txn} allocations per transaction");
+}
