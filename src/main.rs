@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&path)
                 .with_context(|| format!("invalid config {}", path.display()))?;
             init_logging(config.log_format);
-            runtime()?.block_on(run(config, Some(path)))
+            runtime(config.worker_threads)?.block_on(run(config, Some(path)))
         }
         Command::Demo { port } => {
             init_logging(LogFormat::Text);
@@ -54,10 +54,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// One thread by default (as PgBouncer); `worker_threads` > 1 for a multi-thread runtime.
+fn runtime(workers: u32) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers as usize);
+        builder
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 fn init_logging(format: LogFormat) {
@@ -135,7 +141,7 @@ fn demo(port: u16) -> anyhow::Result<()> {
          {backends}\n[[databases]]\nname = \"app\"\n\n[[users]]\nname = \"app\"\npassword = \"app-secret\"\n"
     );
     let config = Config::from_toml_str(&text).context("demo config")?;
-    runtime()?.block_on(async {
+    runtime(1)?.block_on(async {
         let relay = Pgrelay::start(config).await?;
         println!(
             "\npgrelay is listening on 127.0.0.1:{port} in front of a primary on port {} and a replica on port {}.\n\
@@ -146,7 +152,8 @@ fn demo(port: u16) -> anyhow::Result<()> {
             ports[0],
             ports.get(1).copied().unwrap_or(0)
         );
-        tokio::signal::ctrl_c().await?;
+        // Ctrl-C or SIGTERM (as from `timeout` or a service manager) both clean up.
+        while next_signal().await? == Signal::Reload {}
         println!("stopping...");
         relay.shutdown(Duration::from_secs(2)).await;
         anyhow::Ok(())

@@ -216,6 +216,9 @@ impl Config {
         if self.listen.is_empty() {
             return Err(invalid("listen", "at least one address is required"));
         }
+        if self.worker_threads == 0 || self.worker_threads > 1024 {
+            return Err(invalid("worker_threads", "must be between 1 and 1024"));
+        }
         if let Some((i, first)) = first_duplicate(self.listen.iter()) {
             return Err(invalid(
                 format!("listen[{i}]"),
@@ -1207,5 +1210,14 @@ mod tests {
         ];
         assert_eq!(keys, expected);
         assert!(config.warnings()[2].contains("SSLRequest is answered 'N'"));
+    }
+
+    #[test]
+    fn worker_threads_is_bounded() {
+        let config = parse(MINIMAL).expect("minimal");
+        assert_eq!(config.worker_threads, 1);
+        let mut config = config;
+        config.worker_threads = 0;
+        assert_eq!(config.validate().unwrap_err().key(), Some("worker_threads"));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::auth::{Credentials, ServerCredentials};
 use crate::config::UserConfig;
@@ -53,7 +53,25 @@ pub struct PoolSettings {
     pub lifetime: Duration,
 }
 
-type Waiter = oneshot::Sender<Result<Server, PoolError>>;
+/// A client's place in a pool's queue. Each session owns one and reuses it for every
+/// wait, so waiting allocates nothing: under steady contention every transaction waits.
+#[derive(Default)]
+pub struct Waiter {
+    /// The server (or the error) handed over by whoever served this waiter.
+    slot: Mutex<Option<Result<Server, PoolError>>>,
+    notify: Notify,
+}
+
+impl Waiter {
+    fn take(&self) -> Option<Result<Server, PoolError>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn hand_over(&self, result: Result<Server, PoolError>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        self.notify.notify_one();
+    }
+}
 
 struct Inner {
     /// Servers ready for use; the most recently returned is handed out first.
@@ -61,7 +79,7 @@ struct Inner {
     /// Idle + checked out + being opened: what counts against the size.
     total: usize,
     /// Clients waiting for a server, oldest first.
-    waiters: VecDeque<Waiter>,
+    waiters: VecDeque<Arc<Waiter>>,
 }
 
 pub struct Pool {
@@ -80,7 +98,7 @@ pub struct Pool {
 enum Next {
     Take(Server),
     Connect,
-    Wait(oneshot::Receiver<Result<Server, PoolError>>),
+    Wait,
 }
 
 impl Pool {
@@ -125,11 +143,15 @@ impl Pool {
         (inner.idle.len(), inner.total, inner.waiters.len())
     }
 
-    /// Takes a server, opening one if the pool has room, else waiting in line.
-    pub async fn checkout(self: &Arc<Self>) -> Result<ServerGuard, PoolError> {
+    /// Takes a server, opening one if the pool has room, else waiting in line (as
+    /// `waiter`, which must not be waiting in another checkout).
+    pub async fn checkout(
+        self: &Arc<Self>,
+        waiter: &Arc<Waiter>,
+    ) -> Result<ServerGuard, PoolError> {
         let deadline = tokio::time::Instant::now() + self.settings.wait_timeout;
         loop {
-            match self.next() {
+            match self.next(waiter) {
                 Next::Take(mut server) => {
                     if self.usable(&mut server) {
                         return Ok(ServerGuard::new(server, self.clone()));
@@ -142,17 +164,15 @@ impl Pool {
                     std::mem::forget(reservation);
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
-                Next::Wait(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(Ok(server))) => return Ok(ServerGuard::new(server, self.clone())),
-                    Ok(Ok(Err(err))) => return Err(err),
-                    Ok(Err(_)) => continue,
-                    Err(_) => return Err(PoolError::Timeout(self.settings.wait_timeout)),
-                },
+                Next::Wait => {
+                    let server = QueuedGuard { pool: self, waiter }.wait(deadline).await?;
+                    return Ok(ServerGuard::new(server, self.clone()));
+                }
             }
         }
     }
 
-    fn next(&self) -> Next {
+    fn next(&self, waiter: &Arc<Waiter>) -> Next {
         let mut inner = self.lock();
         if let Some(server) = inner.idle.pop() {
             Next::Take(server)
@@ -160,10 +180,8 @@ impl Pool {
             inner.total += 1;
             Next::Connect
         } else {
-            inner.waiters.retain(|w| !w.is_closed());
-            let (tx, rx) = oneshot::channel();
-            inner.waiters.push_back(tx);
-            Next::Wait(rx)
+            inner.waiters.push_back(waiter.clone());
+            Next::Wait
         }
     }
 
@@ -194,14 +212,10 @@ impl Pool {
     pub(crate) fn give_back(&self, mut server: Server) {
         server.idle_since = Instant::now();
         let mut inner = self.lock();
-        while let Some(waiter) = inner.waiters.pop_front() {
-            match waiter.send(Ok(server)) {
-                Ok(()) => return,
-                Err(Ok(returned)) => server = returned,
-                Err(Err(_)) => return,
-            }
+        match inner.waiters.pop_front() {
+            Some(waiter) => waiter.hand_over(Ok(server)),
+            None => inner.idle.push(server),
         }
-        inner.idle.push(server);
     }
 
     /// Drops one server from the count (closing it, if given) and, if clients are
@@ -212,7 +226,6 @@ impl Pool {
         }
         let mut inner = self.lock();
         inner.total = inner.total.saturating_sub(1);
-        inner.waiters.retain(|w| !w.is_closed());
         if !inner.waiters.is_empty() && inner.total < self.settings.size {
             inner.total += 1;
             drop(inner);
@@ -225,14 +238,9 @@ impl Pool {
         match self.connect().await {
             Ok(server) => self.give_back(server),
             Err(err) => {
-                let mut inner = self.lock();
-                let mut err = Some(err);
-                while let (Some(waiter), Some(e)) = (inner.waiters.pop_front(), err.take()) {
-                    if let Err(Err(e)) = waiter.send(Err(e)) {
-                        err = Some(e);
-                    }
+                if let Some(waiter) = self.lock().waiters.pop_front() {
+                    waiter.hand_over(Err(err));
                 }
-                drop(inner);
                 self.forget(None);
             }
         }
@@ -291,6 +299,43 @@ impl Pool {
             let server = self.connect().await?;
             std::mem::forget(reservation);
             self.give_back(server);
+        }
+    }
+}
+
+/// A waiter's time in the queue. Dropped (the checkout timed out or was cancelled), it
+/// leaves the queue and passes on a server that was handed over meanwhile.
+struct QueuedGuard<'a> {
+    pool: &'a Arc<Pool>,
+    waiter: &'a Arc<Waiter>,
+}
+
+impl QueuedGuard<'_> {
+    async fn wait(self, deadline: tokio::time::Instant) -> Result<Server, PoolError> {
+        loop {
+            let notified = tokio::time::timeout_at(deadline, self.waiter.notify.notified()).await;
+            if let Some(result) = self.waiter.take() {
+                // Served: it is out of the queue already (whoever served popped it).
+                std::mem::forget(self);
+                return result;
+            }
+            if notified.is_err() {
+                return Err(PoolError::Timeout(self.pool.settings.wait_timeout));
+            }
+            // A permit left over from an earlier wait: keep waiting.
+        }
+    }
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .lock()
+            .waiters
+            .retain(|w| !Arc::ptr_eq(w, self.waiter));
+        // Served between the timeout and the removal: pass the server on.
+        if let Some(Ok(server)) = self.waiter.take() {
+            self.pool.give_back(server);
         }
     }
 }

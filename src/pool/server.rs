@@ -241,6 +241,7 @@ impl Server {
             return Ok(());
         }
         if let Some(sql) = self.params.reconcile_sql(desired) {
+            tracing::debug!(pid = self.pid, %sql, "reconciling server parameters");
             self.run(&sql).await?;
             self.params.record_reconciled(desired);
         }

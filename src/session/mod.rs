@@ -18,7 +18,7 @@ use crate::cancel::CancelHandle;
 use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind};
 use crate::pool::server::ServerError;
-use crate::pool::{Pool, PoolError, ServerGuard};
+use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
 use crate::protocol::backend;
 use crate::stream::{Conn, Stream};
 use crate::Shared;
@@ -82,6 +82,8 @@ struct Session {
     params: ParamSet,
     cancel: CancelHandle,
     attachment: Attachment,
+    /// This client's place in its pool's queue, reused for every wait.
+    waiter: Arc<Waiter>,
 }
 
 impl Session {
@@ -111,6 +113,7 @@ impl Session {
             params,
             cancel,
             attachment: Attachment::Detached,
+            waiter: Arc::default(),
         };
         match session.greet().await {
             Ok(()) => Ok(session),
@@ -167,7 +170,7 @@ impl Session {
     }
 
     async fn checkout_reconciled(&mut self) -> Result<ServerGuard, ClientError> {
-        let mut guard = match self.pool.checkout().await {
+        let mut guard = match self.pool.checkout(&self.waiter).await {
             Ok(guard) => guard,
             Err(err) => {
                 // The client sees its own error; operators need to see the server side.
