@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
 
 /// How long forwarding one cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +27,29 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
-type Slot = Arc<Mutex<Option<CancelTarget>>>;
+/// Where a client's cancels go. A session updates it on every checkout and release, so
+/// the common case takes a plain uncontended lock; only a release that meets a cancel
+/// in flight waits (for `done`).
+#[derive(Default)]
+struct SlotInner {
+    state: std::sync::Mutex<SlotState>,
+    done: Notify,
+}
+
+#[derive(Default)]
+struct SlotState {
+    target: Option<CancelTarget>,
+    /// A CancelRequest for `target` is being sent right now.
+    in_flight: bool,
+}
+
+impl SlotInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type Slot = Arc<SlotInner>;
 
 #[derive(Default)]
 pub struct CancelRegistry {
@@ -77,18 +99,21 @@ impl CancelRegistry {
             tracing::debug!(pid, "cancel request with an unknown key");
             return;
         };
-        let guard = slot.lock().await;
-        if let Some(target) = *guard {
-            match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(server = %target.addr, pid = target.pid, "forwarded cancel")
-                }
-                Ok(Err(err)) => {
-                    tracing::warn!(server = %target.addr, %err, "could not forward cancel")
-                }
-                Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding cancel"),
+        let target = {
+            let mut state = slot.lock();
+            let Some(target) = state.target else { return };
+            state.in_flight = true;
+            target
+        };
+        match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(server = %target.addr, pid = target.pid, "forwarded cancel")
             }
+            Ok(Err(err)) => tracing::warn!(server = %target.addr, %err, "could not forward cancel"),
+            Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding cancel"),
         }
+        slot.lock().in_flight = false;
+        slot.done.notify_waiters();
     }
 }
 
@@ -112,7 +137,18 @@ impl CancelHandle {
 
     /// Points the client's key at a server (or at none). Waits for a cancel in flight.
     pub async fn set(&self, target: Option<CancelTarget>) {
-        *self.slot.lock().await = target;
+        loop {
+            // Created before the check, so a cancel finishing in between still wakes it.
+            let finished = self.slot.done.notified();
+            {
+                let mut state = self.slot.lock();
+                if !state.in_flight {
+                    state.target = target;
+                    return;
+                }
+            }
+            finished.await;
+        }
     }
 }
 

@@ -75,16 +75,15 @@ impl ClientError {
         }
     }
 
+    /// Like [`ClientError::fatal`], but the connection stays open.
     pub fn error(
         kind: ErrorKind,
         code: impl Into<Cow<'static, str>>,
         message: impl Into<String>,
     ) -> Self {
         ClientError {
-            kind,
-            code: code.into(),
-            message: message.into(),
             fatal: false,
+            ..Self::fatal(kind, code, message)
         }
     }
 

@@ -132,16 +132,7 @@ async fn env_with_client_auth(client_auth: &'static str) -> TestEnv {
 
 /// The SCRAM secret PostgreSQL stores for the app user.
 async fn server_secret(env: &TestEnv) -> String {
-    let row = env
-        .direct_superuser()
-        .await
-        .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-            &[&APP_USER],
-        )
-        .await
-        .expect("read pg_authid");
-    row.get(0)
+    support::stored_secret(&env.direct_superuser().await, APP_USER).await
 }
 
 /// `auth_type = "trust"`: no password is asked (a client without one gets in), any

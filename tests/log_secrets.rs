@@ -148,16 +148,7 @@ async fn logins_never_log_passwords() {
             ..options("plain", RIGHT)
         })
     );
-    let secret: String = scram_server
-        .direct_superuser()
-        .await
-        .query_one(
-            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
-            &[&APP_USER],
-        )
-        .await
-        .expect("read the SCRAM secret")
-        .get(0);
+    let secret = support::stored_secret(&scram_server.direct_superuser().await, APP_USER).await;
 
     for client_auth in ["plain", "md5", "scram-sha-256"] {
         logins(&scram_server, client_auth, RIGHT).await;

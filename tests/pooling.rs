@@ -152,15 +152,7 @@ const PARAMS_PROBE: &str = "SHOW TimeZone; SHOW DateStyle; \
 
 /// `[TimeZone, DateStyle, a formatted timestamp]` and the backend pid.
 async fn observe_params(client: &Client) -> (Vec<String>, String) {
-    let mut values: Vec<String> = simple_rows(client, PARAMS_PROBE)
-        .await
-        .expect("probe")
-        .into_iter()
-        .flatten()
-        .map(Option::unwrap_or_default)
-        .collect();
-    let pid = values.pop().expect("pid");
-    (values, pid)
+    support::values_and_pid(client, PARAMS_PROBE).await
 }
 
 /// Transaction mode, two servers: a client's `SET TimeZone` / `SET DateStyle` (both

@@ -18,8 +18,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config};
 
 use support::{
-    eventually, raw, simple_rows, simple_value, sqlstate, start, EnvOptions, TestEnv, APP_DB,
-    APP_PASSWORD, APP_USER,
+    eventually, raw, simple_value, sqlstate, start, EnvOptions, TestEnv, APP_DB, APP_PASSWORD,
+    APP_USER,
 };
 
 /// Generates `<name>::transaction_mode` and `<name>::session_mode` from
@@ -111,15 +111,7 @@ fn with_wish(mut config: Config, wish: (Option<&str>, Option<&str>)) -> Config {
 /// `[statement_timeout, search_path, application_name]` and the backend pid, with the
 /// simple protocol.
 async fn settings_simple(client: &Client) -> (Vec<String>, String) {
-    let mut values: Vec<String> = simple_rows(client, SETTINGS_SIMPLE)
-        .await
-        .expect("settings query")
-        .into_iter()
-        .flatten()
-        .map(Option::unwrap_or_default)
-        .collect();
-    let pid = values.pop().expect("pid");
-    (values, pid)
+    support::values_and_pid(client, SETTINGS_SIMPLE).await
 }
 
 /// The same with the extended protocol (unnamed statement, one round trip).

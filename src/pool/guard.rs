@@ -8,12 +8,12 @@ use super::server::Server;
 use super::Pool;
 
 pub struct ServerGuard {
-    server: Option<Server>,
+    server: Option<Box<Server>>,
     pool: Arc<Pool>,
 }
 
 impl ServerGuard {
-    pub(super) fn new(server: Server, pool: Arc<Pool>) -> Self {
+    pub(super) fn new(server: Box<Server>, pool: Arc<Pool>) -> Self {
         ServerGuard {
             server: Some(server),
             pool,

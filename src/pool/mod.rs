@@ -58,16 +58,16 @@ pub struct PoolSettings {
 #[derive(Default)]
 pub struct Waiter {
     /// The server (or the error) handed over by whoever served this waiter.
-    slot: Mutex<Option<Result<Server, PoolError>>>,
+    slot: Mutex<Option<Result<Box<Server>, PoolError>>>,
     notify: Notify,
 }
 
 impl Waiter {
-    fn take(&self) -> Option<Result<Server, PoolError>> {
+    fn take(&self) -> Option<Result<Box<Server>, PoolError>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    fn hand_over(&self, result: Result<Server, PoolError>) {
+    fn hand_over(&self, result: Result<Box<Server>, PoolError>) {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         self.notify.notify_one();
     }
@@ -75,7 +75,10 @@ impl Waiter {
 
 struct Inner {
     /// Servers ready for use; the most recently returned is handed out first.
-    idle: Vec<Server>,
+    /// Boxed so that handing a server between this list, guards and waiters moves a
+    /// pointer rather than the whole struct (measurable per transaction).
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Server>>,
     /// Idle + checked out + being opened: what counts against the size.
     total: usize,
     /// Clients waiting for a server, oldest first.
@@ -95,8 +98,11 @@ pub struct Pool {
     defaults: OnceLock<ParamSet>,
 }
 
+/// What a checkout does next. A short-lived stack value: boxing the server to even out
+/// the variants would cost an allocation per checkout.
+#[allow(clippy::large_enum_variant)]
 enum Next {
-    Take(Server),
+    Take(Box<Server>),
     Connect,
     Wait,
 }
@@ -149,7 +155,8 @@ impl Pool {
         self: &Arc<Self>,
         waiter: &Arc<Waiter>,
     ) -> Result<ServerGuard, PoolError> {
-        let deadline = tokio::time::Instant::now() + self.settings.wait_timeout;
+        // Read the clock only if we have to wait (it is per transaction otherwise).
+        let mut deadline = None;
         loop {
             match self.next(waiter) {
                 Next::Take(mut server) => {
@@ -165,6 +172,9 @@ impl Pool {
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
                 Next::Wait => {
+                    let deadline = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.settings.wait_timeout
+                    });
                     let server = QueuedGuard { pool: self, waiter }.wait(deadline).await?;
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
@@ -185,17 +195,18 @@ impl Pool {
         }
     }
 
-    /// An idle server is usable if it is young enough and has said nothing since it
-    /// was returned (a terminated backend sends FATAL and closes).
+    /// An idle server is usable if it has said nothing since it was returned (a
+    /// terminated backend sends FATAL and closes). Age is the maintenance loop's
+    /// business (`evict`), so the hot path reads no clock here.
     fn usable(&self, server: &mut Server) -> bool {
-        server.created.elapsed() < self.settings.lifetime && server.conn.is_quiet()
+        server.conn.is_quiet()
     }
 
     fn server_credentials(&self) -> ServerCredentials {
         self.credentials.for_server(&self.user)
     }
 
-    async fn connect(&self) -> Result<Server, PoolError> {
+    async fn connect(&self) -> Result<Box<Server>, PoolError> {
         // The semaphore is never closed.
         let _permit = self.connects.acquire().await;
         let server = Server::connect(
@@ -205,11 +216,11 @@ impl Pool {
         )
         .await?;
         self.defaults.get_or_init(|| server.params.clone());
-        Ok(server)
+        Ok(Box::new(server))
     }
 
     /// Returns a server that is idle and clean to the first waiter, or the idle list.
-    pub(crate) fn give_back(&self, mut server: Server) {
+    pub(crate) fn give_back(&self, mut server: Box<Server>) {
         server.idle_since = Instant::now();
         let mut inner = self.lock();
         match inner.waiters.pop_front() {
@@ -220,7 +231,7 @@ impl Pool {
 
     /// Drops one server from the count (closing it, if given) and, if clients are
     /// waiting, opens a replacement for them.
-    pub(crate) fn forget(self: &Arc<Self>, server: Option<Server>) {
+    pub(crate) fn forget(self: &Arc<Self>, server: Option<Box<Server>>) {
         if let Some(server) = server {
             close_later(server);
         }
@@ -249,7 +260,7 @@ impl Pool {
     /// Closes idle servers past `server_idle_timeout` (down to `min_pool_size`) or past
     /// `server_lifetime`, and any that broke while idle. Returns how many were closed.
     pub fn evict(self: &Arc<Self>, now: Instant) -> usize {
-        let evicted: Vec<Server> = {
+        let evicted: Vec<Box<Server>> = {
             let mut inner = self.lock();
             let mut keep = Vec::with_capacity(inner.idle.len());
             let mut out = Vec::new();
@@ -277,7 +288,7 @@ impl Pool {
 
     /// Closes every idle server (before `DROP DATABASE` of this pool's database).
     pub fn close_idle(self: &Arc<Self>) -> usize {
-        let idle: Vec<Server> = std::mem::take(&mut self.lock().idle);
+        let idle: Vec<Box<Server>> = std::mem::take(&mut self.lock().idle);
         let count = idle.len();
         for server in idle {
             self.forget(Some(server));
@@ -311,7 +322,7 @@ struct QueuedGuard<'a> {
 }
 
 impl QueuedGuard<'_> {
-    async fn wait(self, deadline: tokio::time::Instant) -> Result<Server, PoolError> {
+    async fn wait(self, deadline: tokio::time::Instant) -> Result<Box<Server>, PoolError> {
         loop {
             let notified = tokio::time::timeout_at(deadline, self.waiter.notify.notified()).await;
             if let Some(result) = self.waiter.take() {
@@ -350,7 +361,7 @@ impl Drop for Reservation {
 }
 
 /// Says goodbye to a server in the background (a Terminate, then close).
-fn close_later(server: Server) {
+fn close_later(server: Box<Server>) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(server.terminate());
     }

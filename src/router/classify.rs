@@ -115,6 +115,11 @@ fn identifier(token: Option<Token<'_>>) -> Option<String> {
 /// The database a statement needs free of other sessions, if it is `DROP DATABASE`,
 /// `ALTER DATABASE ... RENAME` or `CREATE DATABASE ... TEMPLATE`.
 pub fn database_needing_exclusive_use(sql: &[u8]) -> Option<String> {
+    // Runs on every Query: most start with a letter that rules these commands out.
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first.to_ascii_lowercase(), b'd' | b'a' | b'c' | b'/' | b'-') {
+        return None;
+    }
     let mut lexer = Lexer::new(sql);
     let verb = lexer.next_token();
     let is_drop = is_word(&verb, "drop");

@@ -317,20 +317,8 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Conn<Stream>,
     ) -> io::Result<bool> {
-        let mut progress = false;
-        while self.s2c > 0 {
-            match client.poll_write(cx, &server.rbuf()[..self.s2c]) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => {
-                    server.rbuf().advance(n);
-                    self.s2c -= n;
-                    self.client_needs_flush = true;
-                    progress = true;
-                }
-                Poll::Ready(Err(err)) => return Err(err),
-                Poll::Pending => return Ok(progress),
-            }
-        }
+        let progress = forward(cx, server, client, &mut self.s2c)?;
+        self.client_needs_flush |= progress;
         if self.client_needs_flush {
             match client.poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.client_needs_flush = false,
@@ -347,19 +335,7 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Conn<Stream>,
     ) -> io::Result<bool> {
-        let mut progress = false;
-        while self.c2s > 0 {
-            match server.poll_write(cx, &client.rbuf()[..self.c2s]) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => {
-                    client.rbuf().advance(n);
-                    self.c2s -= n;
-                    progress = true;
-                }
-                Poll::Ready(Err(err)) => return Err(err),
-                Poll::Pending => return Ok(progress),
-            }
-        }
+        let progress = forward(cx, client, server, &mut self.c2s)?;
         if progress {
             // TLS buffers records; plain TCP returns at once.
             if let Poll::Ready(Err(err)) = server.poll_flush(cx) {
@@ -368,6 +344,30 @@ impl Wire {
         }
         Ok(progress)
     }
+}
+
+/// Writes the first `*pending` bytes of `from`'s read buffer to `to`, consuming them
+/// as they go. Returns whether anything was written.
+fn forward(
+    cx: &mut Context<'_>,
+    from: &mut Conn<Stream>,
+    to: &mut Conn<Stream>,
+    pending: &mut usize,
+) -> io::Result<bool> {
+    let mut progress = false;
+    while *pending > 0 {
+        match to.poll_write(cx, &from.rbuf()[..*pending]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                from.rbuf().advance(n);
+                *pending -= n;
+                progress = true;
+            }
+            Poll::Ready(Err(err)) => return Err(err),
+            Poll::Pending => break,
+        }
+    }
+    Ok(progress)
 }
 
 /// What one scan of client bytes learned.

@@ -341,3 +341,28 @@ pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String 
         .and_then(|r| r.first().cloned().flatten())
         .unwrap_or_else(|| panic!("{sql}: no value"))
 }
+
+/// Runs a simple query whose last value is a backend pid: `(other values, pid)`.
+pub async fn values_and_pid(client: &tokio_postgres::Client, sql: &str) -> (Vec<String>, String) {
+    let mut values: Vec<String> = simple_rows(client, sql)
+        .await
+        .expect("query")
+        .into_iter()
+        .flatten()
+        .map(Option::unwrap_or_default)
+        .collect();
+    let pid = values.pop().expect("pid");
+    (values, pid)
+}
+
+/// The secret PostgreSQL stores for `role` (read through a superuser connection).
+pub async fn stored_secret(superuser: &tokio_postgres::Client, role: &str) -> String {
+    superuser
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .expect("read pg_authid")
+        .get(0)
+}
