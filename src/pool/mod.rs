@@ -82,7 +82,10 @@ struct Inner {
     /// Idle + checked out + being opened: what counts against the size.
     total: usize,
     /// Clients waiting for a server, oldest first.
-    waiters: VecDeque<Arc<Waiter>>,
+    /// Clients waiting for a server, oldest first, with when they started waiting.
+    /// Their `query_wait_timeout` is enforced by [`Pool::expire_waiters`] from the
+    /// maintenance loop, so a wait costs no timer of its own.
+    waiters: VecDeque<(Instant, Arc<Waiter>)>,
 }
 
 pub struct Pool {
@@ -155,8 +158,6 @@ impl Pool {
         self: &Arc<Self>,
         waiter: &Arc<Waiter>,
     ) -> Result<ServerGuard, PoolError> {
-        // Read the clock only if we have to wait (it is per transaction otherwise).
-        let mut deadline = None;
         loop {
             match self.next(waiter) {
                 Next::Take(mut server) => {
@@ -172,10 +173,7 @@ impl Pool {
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
                 Next::Wait => {
-                    let deadline = *deadline.get_or_insert_with(|| {
-                        tokio::time::Instant::now() + self.settings.wait_timeout
-                    });
-                    let server = QueuedGuard { pool: self, waiter }.wait(deadline).await?;
+                    let server = QueuedGuard { pool: self, waiter }.wait().await?;
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
             }
@@ -190,7 +188,7 @@ impl Pool {
             inner.total += 1;
             Next::Connect
         } else {
-            inner.waiters.push_back(waiter.clone());
+            inner.waiters.push_back((Instant::now(), waiter.clone()));
             Next::Wait
         }
     }
@@ -224,7 +222,7 @@ impl Pool {
         server.idle_since = Instant::now();
         let mut inner = self.lock();
         match inner.waiters.pop_front() {
-            Some(waiter) => waiter.hand_over(Ok(server)),
+            Some((_, waiter)) => waiter.hand_over(Ok(server)),
             None => inner.idle.push(server),
         }
     }
@@ -249,7 +247,7 @@ impl Pool {
         match self.connect().await {
             Ok(server) => self.give_back(server),
             Err(err) => {
-                if let Some(waiter) = self.lock().waiters.pop_front() {
+                if let Some((_, waiter)) = self.lock().waiters.pop_front() {
                     waiter.hand_over(Err(err));
                 }
                 self.forget(None);
@@ -284,6 +282,20 @@ impl Pool {
             self.forget(Some(server));
         }
         count
+    }
+
+    /// Fails the waits that have lasted `query_wait_timeout` (the oldest are first).
+    pub fn expire_waiters(&self, now: Instant) {
+        let timeout = self.settings.wait_timeout;
+        let mut inner = self.lock();
+        while let Some((since, _)) = inner.waiters.front() {
+            if now.saturating_duration_since(*since) < timeout {
+                break;
+            }
+            if let Some((_, waiter)) = inner.waiters.pop_front() {
+                waiter.hand_over(Err(PoolError::Timeout(timeout)));
+            }
+        }
     }
 
     /// Closes every idle server (before `DROP DATABASE` of this pool's database).
@@ -322,16 +334,13 @@ struct QueuedGuard<'a> {
 }
 
 impl QueuedGuard<'_> {
-    async fn wait(self, deadline: tokio::time::Instant) -> Result<Box<Server>, PoolError> {
+    async fn wait(self) -> Result<Box<Server>, PoolError> {
         loop {
-            let notified = tokio::time::timeout_at(deadline, self.waiter.notify.notified()).await;
+            self.waiter.notify.notified().await;
             if let Some(result) = self.waiter.take() {
-                // Served: it is out of the queue already (whoever served popped it).
+                // Served (a server, or the timeout): whoever served it popped it.
                 std::mem::forget(self);
                 return result;
-            }
-            if notified.is_err() {
-                return Err(PoolError::Timeout(self.pool.settings.wait_timeout));
             }
             // A permit left over from an earlier wait: keep waiting.
         }
@@ -343,7 +352,7 @@ impl Drop for QueuedGuard<'_> {
         self.pool
             .lock()
             .waiters
-            .retain(|w| !Arc::ptr_eq(w, self.waiter));
+            .retain(|(_, w)| !Arc::ptr_eq(w, self.waiter));
         // Served between the timeout and the removal: pass the server on.
         if let Some(Ok(server)) = self.waiter.take() {
             self.pool.give_back(server);
@@ -403,3 +412,83 @@ impl Pools {
 }
 
 pub use maintain::maintain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    /// A pool that can never open a server (size 0), so every checkout waits.
+    fn full_pool(wait_timeout: Duration) -> Arc<Pool> {
+        let key = PoolKey {
+            node: 0,
+            database: "db".into(),
+            user: "u".into(),
+        };
+        let target = ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            dbname: "db".into(),
+            user: "u".into(),
+        };
+        let settings = PoolSettings {
+            size: 0,
+            min_size: 0,
+            wait_timeout,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            lifetime: Duration::from_secs(60),
+        };
+        let user = UserConfig {
+            name: "u".into(),
+            password: Secret::Plain("p".into()),
+            pool_mode: None,
+            pool_size: None,
+        };
+        Arc::new(Pool::new(key, target, settings, user, Arc::default()))
+    }
+
+    #[tokio::test]
+    async fn waits_expire_oldest_first_and_leave_the_queue() {
+        let pool = full_pool(Duration::from_secs(10));
+        let (first, second) = (Arc::new(Waiter::default()), Arc::new(Waiter::default()));
+        let a = tokio::spawn({
+            let (pool, first) = (pool.clone(), first.clone());
+            async move { pool.checkout(&first).await.map(drop) }
+        });
+        while pool.counts().2 < 1 {
+            tokio::task::yield_now().await;
+        }
+        let b = tokio::spawn({
+            let (pool, second) = (pool.clone(), second.clone());
+            async move { pool.checkout(&second).await.map(drop) }
+        });
+        while pool.counts().2 < 2 {
+            tokio::task::yield_now().await;
+        }
+        // Not yet due: nobody leaves.
+        pool.expire_waiters(Instant::now());
+        assert_eq!(pool.counts().2, 2);
+        // Due for both: both fail with the timeout, and the queue is empty.
+        pool.expire_waiters(Instant::now() + Duration::from_secs(11));
+        assert!(matches!(a.await.expect("task"), Err(PoolError::Timeout(_))));
+        assert!(matches!(b.await.expect("task"), Err(PoolError::Timeout(_))));
+        assert_eq!(pool.counts(), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_queue() {
+        let pool = full_pool(Duration::from_secs(10));
+        let waiter = Arc::new(Waiter::default());
+        let task = tokio::spawn({
+            let (pool, waiter) = (pool.clone(), waiter.clone());
+            async move { pool.checkout(&waiter).await.map(drop) }
+        });
+        while pool.counts().2 < 1 {
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        let _ = task.await;
+        assert_eq!(pool.counts().2, 0, "the aborted checkout is still queued");
+    }
+}
