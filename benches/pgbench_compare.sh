@@ -3,15 +3,19 @@
 # PostgreSQL, and prints throughput, latency, proxy CPU per 1,000 transactions and
 # large-result throughput, with pgrelay/PgBouncer ratios.
 #
-#   benches/pgbench_compare.sh            # 15 s per run
-#   DURATION=5 CLIENTS=32 benches/pgbench_compare.sh
+#   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
+#   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
+#
+# A shared 2-core machine is noisy: each workload runs PgBouncer and pgrelay
+# alternately ROUNDS times and reports the medians.
 #
 # Needs PostgreSQL's binaries, pgbench, psql and pgbouncer (Debian: postgresql,
 # pgbouncer). Builds pgrelay in release mode. Both proxies run in transaction mode with
 # trust auth and a pool of 20, so the comparison is of the relay itself.
 set -euo pipefail
 
-DURATION=${DURATION:-15}
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-32}
 POOL=${POOL:-20}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -114,19 +118,28 @@ run_pgbench() {
   echo "$tps $txns $(( after - before )) $lat"
 }
 
-printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s)" direct pgbouncer pgrelay ratio "cpu ms/1k tx b / r"
+printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s x$ROUNDS)" direct pgbouncer pgrelay ratio "cpu ms/1k tx b / r"
+median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+ms_per_1k() { awk -v c="$1" -v n="$2" -v hz="$HZ" 'BEGIN{printf "%.1f", (n>0)?c*1000/hz/n*1000:0}'; }
+
 compare() {
   local label=$1; shift
+  local d_tps d_lat b_tps=() r_tps=() b_ms=() r_ms=() b_lat=() r_lat=()
   read -r d_tps _ _ d_lat <<<"$(run_pgbench "$PG_PORT" "" "$@")"
-  read -r b_tps b_tx b_cpu b_lat <<<"$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "$@")"
-  read -r r_tps r_tx r_cpu r_lat <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" "$@")"
-  local b_ms r_ms
-  b_ms=$(awk -v c="$b_cpu" -v n="$b_tx" -v hz="$HZ" 'BEGIN{printf "%.1f", c*1000/hz/n*1000}')
-  r_ms=$(awk -v c="$r_cpu" -v n="$r_tx" -v hz="$HZ" 'BEGIN{printf "%.1f", c*1000/hz/n*1000}')
-  printf '%-34s %12.0f %12.0f %12.0f %9.2f %10s / %-10s cpu ratio %.2f\n' "$label" "$d_tps" "$b_tps" "$r_tps" \
-    "$(awk -v a="$r_tps" -v b="$b_tps" 'BEGIN{print a/b}')" "$b_ms" "$r_ms" \
-    "$(awk -v a="$r_ms" -v b="$b_ms" 'BEGIN{print (b>0)?a/b:0}')"
-  [ "$label" = "latency -S simple (c=1)" ] && printf '%-34s %11sms %11sms %11sms\n' "  average latency" "$d_lat" "$b_lat" "$r_lat"
+  for _ in $(seq "$ROUNDS"); do
+    read -r tps tx cpu lat <<<"$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "$@")"
+    b_tps+=("$tps"); b_ms+=("$(ms_per_1k "$cpu" "$tx")"); b_lat+=("$lat")
+    read -r tps tx cpu lat <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" "$@")"
+    r_tps+=("$tps"); r_ms+=("$(ms_per_1k "$cpu" "$tx")"); r_lat+=("$lat")
+  done
+  local bt rt bm rm bl rl
+  bt=$(printf '%s\n' "${b_tps[@]}" | median); rt=$(printf '%s\n' "${r_tps[@]}" | median)
+  bm=$(printf '%s\n' "${b_ms[@]}" | median); rm=$(printf '%s\n' "${r_ms[@]}" | median)
+  bl=$(printf '%s\n' "${b_lat[@]}" | median); rl=$(printf '%s\n' "${r_lat[@]}" | median)
+  printf '%-34s %12.0f %12.0f %12.0f %9.2f %10s / %-10s cpu ratio %.2f\n' "$label" "$d_tps" "$bt" "$rt" \
+    "$(awk -v a="$rt" -v b="$bt" 'BEGIN{print a/b}')" "$bm" "$rm" \
+    "$(awk -v a="$rm" -v b="$bm" 'BEGIN{print (b>0)?a/b:0}')"
+  case "$label" in latency*) printf '%-34s %11sms %11sms %11sms\n' "  average latency (median)" "$d_lat" "$bl" "$rl";; esac
   return 0
 }
 

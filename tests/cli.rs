@@ -1,0 +1,156 @@
+//! The `pgrelay` command itself: `check` accepts the config contract and names the key
+//! of a bad setting; `demo` (the README's first command) starts a cluster with pgrelay
+//! in front, serves psql, and cleans everything up on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
+
+fn contract() -> String {
+    format!(
+        "{}/../shared/contract/pgrelay.toml",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn check_accepts_the_contract_and_the_shipped_files() {
+    let conf = format!("{}/conf", env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        contract(),
+        format!("{conf}/pgrelay.toml"),
+        format!("{conf}/minimal.toml"),
+    ] {
+        if !std::path::Path::new(&file).exists() {
+            continue; // the contract lives beside the repository, not in it
+        }
+        let out = Command::new(BIN)
+            .args(["check", "-c", &file])
+            .output()
+            .expect("run pgrelay check");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+    }
+}
+
+#[test]
+fn check_names_the_bad_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[pool]\nquery_wait_timeout = \"soon\"\n[[backends]]\nhost = \"127.0.0.1\"\n[[users]]\nname = \"a\"\npassword = \"b\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run pgrelay check");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pool.query_wait_timeout"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[test]
+fn demo_serves_psql_and_cleans_up_on_sigterm() {
+    let port = free_port().to_string();
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--port", &port])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pgrelay demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let started = Instant::now();
+    let mut data_ports = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("demo output");
+        if line.contains("in front of a primary") {
+            data_ports = line.clone();
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "demo did not start"
+        );
+    }
+    assert!(!data_ports.is_empty(), "demo never said where it listens");
+    let out = Command::new("psql")
+        .env("PGPASSWORD", "app-secret")
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-d",
+            "app",
+        ])
+        .args(["-c", "SELECT pg_is_in_recovery()"])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "f",
+        "psql did not reach the primary"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "demo did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "demo exited with {status}");
+    // The cluster is gone: nothing listens on pgrelay's port nor on the PostgreSQL ports
+    // the demo announced.
+    let ports: Vec<u16> = data_ports
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| w.len() >= 4)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(
+        ports.len(),
+        3,
+        "expected pgrelay's, the primary's and the replica's port in {data_ports:?}"
+    );
+    for p in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
+            "something still listens on {p}"
+        );
+    }
+}
