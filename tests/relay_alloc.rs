@@ -65,35 +65,40 @@ async fn no_allocation_per_relayed_message() {
         "-d",
         APP_DB,
     ];
+    // The clients are external processes; block_in_place keeps pgrelay's tasks running.
+    let psql = |extra: &[&str]| {
+        let args: Vec<&str> = conn.iter().chain(extra).copied().collect();
+        tokio::task::block_in_place(|| run("psql", &args))
+    };
+    let pgbench = |extra: &[&str]| {
+        let args: Vec<&str> = extra
+            .iter()
+            .chain(&[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port.as_str(),
+                "-U",
+                APP_USER,
+                APP_DB,
+            ])
+            .copied()
+            .collect();
+        tokio::task::block_in_place(|| run("pgbench", &args))
+    };
 
     // Warm up: the pool opens its servers, buffers reach their working size.
-    let warm: Vec<&str> = conn
-        .iter()
-        .copied()
-        .chain(["-Atc", "SELECT count(*) FROM generate_series(1, 1000)"])
-        .collect();
-    let sql = "SELECT i, repeat('x', 100) FROM generate_series(1, 200000) AS i";
-    let stream: Vec<&str> = conn
-        .iter()
-        .copied()
-        .chain(["-Atq", "-o", "/dev/null", "-c", sql])
-        .collect();
-    let env_ref = &env;
-    tokio::task::spawn_blocking({
-        let warm: Vec<String> = warm.iter().map(|s| s.to_string()).collect();
-        move || run("psql", &warm.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    psql(&["-Atc", "SELECT count(*) FROM generate_series(1, 1000)"]);
 
     // 200,000 DataRows plus framing pass through one session.
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    let args: Vec<String> = stream.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        run("psql", &args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    psql(&[
+        "-Atq",
+        "-o",
+        "/dev/null",
+        "-c",
+        "SELECT i, repeat('x', 100) FROM generate_series(1, 200000) AS i",
+    ]);
     let streamed = ALLOCATIONS.load(Ordering::Relaxed) - before;
     // A login (auth, session, params) costs a few hundred; 200,000 messages must add
     // next to nothing.
@@ -103,61 +108,16 @@ async fn no_allocation_per_relayed_message() {
     );
 
     // Transaction mode: 8 clients over 4 servers, so clients also wait in the pool's
-    // queue (each session reuses its place in it).
-    let port = env_ref.port().to_string();
-    let pgbench_init = vec![
-        "-i",
-        "-s",
-        "1",
-        "-q",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        APP_USER,
-        APP_DB,
-    ];
-    let init: Vec<String> = pgbench_init.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        run(
-            "pgbench",
-            &init.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    })
-    .await
-    .unwrap();
-    // Two runs that differ only in their number of transactions: logins, health
-    // checks and pool start-up cancel out of the difference.
-    let pgbench = |transactions: &str| {
-        let args: Vec<String> = [
-            "-S",
-            "-c",
-            "8",
-            "-j",
-            "2",
-            "-t",
-            transactions,
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            APP_USER,
-            APP_DB,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // queue (each session reuses its place in it). Two runs that differ only in their
+    // number of transactions: logins, health checks and pool start-up cancel out.
+    pgbench(&["-i", "-s", "1", "-q"]);
+    let counted = |transactions: &str| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let out = run(
-            "pgbench",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let out = pgbench(&["-S", "-c", "8", "-j", "2", "-t", transactions]);
         (ALLOCATIONS.load(Ordering::Relaxed) - before, out)
     };
-    let (short, _) = tokio::task::block_in_place(|| pgbench("125"));
-    let (long, out) = tokio::task::block_in_place(|| pgbench("625"));
+    let (short, _) = counted("125");
+    let (long, out) = counted("625");
     assert!(
         out.contains("number of transactions actually processed: 5000/5000"),
         "{out}"
