@@ -620,3 +620,62 @@ async fn client_leaving_mid_query_discards_its_server() {
     other.check().await;
     assert_no_panics();
 }
+
+/// An extended request that ends with Flush and cannot get a server: the error comes at
+/// once, then everything up to the client's Sync is skipped and one ReadyForQuery
+/// answers that Sync, as PostgreSQL does after an error in a pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_wait_timeout_on_a_flushed_request_skips_to_sync() {
+    let env = start_env(EnvOptions {
+        pool_size: 1,
+        client_auth: "trust",
+        pool_extra: vec!["query_wait_timeout = \"1s\"".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut b = raw::login_trust(env.addr, APP_USER, APP_DB).await;
+    let a = env.client().await;
+    a.simple_query("BEGIN").await.expect("BEGIN");
+
+    let mut parse = b"\0SELECT 1\0".to_vec();
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut request = raw::message(b'P', &parse);
+    request.extend(raw::message(b'H', b""));
+    b.write_all(&request).await.expect("send Parse+Flush");
+    let error = raw::read_message(&mut b)
+        .await
+        .expect("read")
+        .expect("a message");
+    assert_eq!(
+        (error.tag, error.sqlstate().as_deref()),
+        (b'E', Some("53400"))
+    );
+    // No ReadyForQuery yet: the client has not sent its Sync.
+    let early = tokio::time::timeout(Duration::from_millis(300), raw::read_message(&mut b)).await;
+    assert!(
+        early.is_err(),
+        "a message arrived before the Sync: {early:?}"
+    );
+
+    // The rest of the pipeline, then Sync: only ReadyForQuery comes back.
+    let mut rest = raw::message(b'B', b"\0\0\0\0\0\0\0\0");
+    rest.extend(raw::message(b'E', b"\0\0\0\0\0"));
+    rest.extend(raw::message(b'S', b""));
+    b.write_all(&rest).await.expect("send Bind+Execute+Sync");
+    let answers = raw::read_until_ready(&mut b, Duration::from_secs(5)).await;
+    let tags: Vec<u8> = answers.iter().map(|m| m.tag).collect();
+    assert_eq!(
+        tags,
+        vec![b'Z'],
+        "expected only ReadyForQuery after the skipped messages"
+    );
+    // The skipped Bind/Execute did not become a request of their own (which would wait
+    // for the pool and fail again).
+    let late = tokio::time::timeout(Duration::from_millis(1500), raw::read_message(&mut b)).await;
+    assert!(late.is_err(), "unexpected message after the Sync: {late:?}");
+
+    // And B's next request runs normally once A is done.
+    a.simple_query("COMMIT").await.expect("COMMIT");
+    let rows = raw::simple_query(&mut b, "SELECT 42").await;
+    assert_eq!(raw::first_value(&rows).as_deref(), Some("42"));
+}

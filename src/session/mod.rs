@@ -255,9 +255,17 @@ impl Session {
             }
             Err(mut err) => {
                 err.fatal = false;
-                // The request never ran: answer it like a failed statement.
-                self.wire.discard_request(&mut self.client);
+                // The request never ran: answer it like a failed statement. A request
+                // that ended with Flush is not over: the error goes out now, and the
+                // ReadyForQuery after the client's Sync, as PostgreSQL would do it.
+                let sync_owed = self.wire.discard_request(&mut self.client);
                 err.encode(self.client.wbuf());
+                if self.client.flush().await.is_err() {
+                    return Ok(false);
+                }
+                if sync_owed && self.wire.skip_until_sync(&mut self.client).await.is_err() {
+                    return Ok(false);
+                }
                 backend::ready_for_query(self.client.wbuf(), b'I');
                 if self.client.flush().await.is_err() {
                     return Ok(false);

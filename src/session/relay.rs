@@ -68,6 +68,9 @@ pub struct Wire {
     client_needs_flush: bool,
     /// Release servers at transaction end (transaction mode).
     pub transaction_pooling: bool,
+    /// The message that ended the last request read while detached (Query, Sync,
+    /// Flush or FunctionCall): a Flush means the client has not finished it yet.
+    last_boundary: Option<u8>,
 }
 
 impl Wire {
@@ -87,6 +90,7 @@ impl Wire {
             server_eof: None,
             client_needs_flush: false,
             transaction_pooling,
+            last_boundary: None,
         }
     }
 
@@ -116,11 +120,33 @@ impl Wire {
     }
 
     /// Drops a buffered request the session answered itself (e.g. with an error).
-    pub fn discard_request(&mut self, client: &mut Conn<Stream>) {
+    /// Returns true if the client still owes the Sync that ends it (the request ended
+    /// with a Flush): PostgreSQL would then skip everything up to that Sync.
+    pub fn discard_request(&mut self, client: &mut Conn<Stream>) -> bool {
         client.rbuf().advance(self.c2s);
         self.c2s = 0;
         self.pending = 0;
         self.extended_open = false;
+        self.last_boundary == Some(frontend::FLUSH)
+    }
+
+    /// After a failed extended request: drops client messages up to and including the
+    /// next Sync, as PostgreSQL does after an error. Cancel safe.
+    pub async fn skip_until_sync(
+        &mut self,
+        client: &mut Conn<Stream>,
+    ) -> Result<(), crate::stream::StreamError> {
+        loop {
+            let frame = client.read_frame(MAX_MESSAGE_LEN).await?;
+            match frame.tag() {
+                frontend::SYNC => return Ok(()),
+                frontend::TERMINATE => {
+                    self.client_done = true;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Detached: reads until a complete request (up to Query, Sync, Flush or
@@ -150,6 +176,7 @@ impl Wire {
         }
         let buf = &client.rbuf()[self.c2s..];
         let mut state = ClientScan {
+            boundary: None,
             wire_pending: 0,
             ignored_syncs: 0,
             copy_syncs: self.copy_syncs,
@@ -163,6 +190,9 @@ impl Wire {
         self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
         self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
+        if state.boundary.is_some() {
+            self.last_boundary = state.boundary;
+        }
         match scanned {
             Ok(s) => {
                 self.c2s += s.forward;
@@ -372,6 +402,8 @@ fn forward(
 
 /// What one scan of client bytes learned.
 struct ClientScan {
+    /// The request-ending message seen last, if any.
+    boundary: Option<u8>,
     wire_pending: usize,
     /// Syncs counted in `pending` that the server ignored during COPY FROM STDIN.
     ignored_syncs: usize,
@@ -383,6 +415,12 @@ struct ClientScan {
 
 impl ClientScan {
     fn on_message(&mut self, tag: u8, body: Option<&[u8]>, pools: &Pools, attached: bool) -> Step {
+        if matches!(
+            tag,
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
+        ) {
+            self.boundary = Some(tag);
+        }
         let boundary = if attached {
             Step::Forward
         } else {
@@ -446,6 +484,7 @@ mod tests {
     fn scan(tags: &[u8]) -> ClientScan {
         let pools = Pools::default();
         let mut state = ClientScan {
+            boundary: None,
             wire_pending: 0,
             ignored_syncs: 0,
             copy_syncs: 0,
