@@ -5,6 +5,7 @@
 #
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
+#   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
 #
 # A shared 2-core machine is noisy: each workload runs PgBouncer and pgrelay
 # alternately ROUNDS times and reports the medians.
@@ -16,6 +17,7 @@ set -euo pipefail
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
+RELAY_WORKERS=${RELAY_WORKERS:-1}   # pgrelay worker_threads
 CLIENTS=${CLIENTS:-32}
 POOL=${POOL:-20}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -81,6 +83,7 @@ BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 cat > "$WORK/pgrelay.toml" <<TOML
 listen = ["127.0.0.1:$RELAY_PORT"]
 metrics_listen = ""
+worker_threads = $RELAY_WORKERS
 auth_type = "trust"
 [pool]
 mode = "transaction"
@@ -143,10 +146,12 @@ compare() {
   return 0
 }
 
-compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
-compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
-compare "pgbench -N simple" -N -M simple -c "$CLIENTS" -j 2
-compare "latency -S simple (c=1)" -S -M simple -c 1 -j 1
+if [ -z "${STREAM_ONLY:-}" ]; then
+  compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
+  compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
+  compare "pgbench -N simple" -N -M simple -c "$CLIENTS" -j 2
+  compare "latency -S simple (c=1)" -S -M simple -c 1 -j 1
+fi
 
 # A 200 MB result through each path; psql discards it.
 stream() {
@@ -157,6 +162,11 @@ stream() {
   end=$(date +%s.%N)
   awk -v s="$start" -v e="$end" 'BEGIN{printf "%.1f", 200/(e-s)}'
 }
-d_mb=$(stream "$PG_PORT"); b_mb=$(stream "$BOUNCER_PORT"); r_mb=$(stream "$RELAY_PORT")
-printf '%-34s %10s MB/s %7s MB/s %7s MB/s  pgrelay/direct %.2f\n' "200 MB result (psql)" "$d_mb" "$b_mb" "$r_mb" \
+d_all=(); b_all=(); r_all=()
+for _ in $(seq "$ROUNDS"); do
+  d_all+=("$(stream "$PG_PORT")"); b_all+=("$(stream "$BOUNCER_PORT")"); r_all+=("$(stream "$RELAY_PORT")")
+done
+d_mb=$(printf '%s\n' "${d_all[@]}" | median); b_mb=$(printf '%s\n' "${b_all[@]}" | median)
+r_mb=$(printf '%s\n' "${r_all[@]}" | median)
+printf '%-34s %10s MB/s %7s MB/s %7s MB/s  pgrelay/direct %.2f (medians)\n' "200 MB result (psql)" "$d_mb" "$b_mb" "$r_mb" \
   "$(awk -v a="$r_mb" -v b="$d_mb" 'BEGIN{print a/b}')"
