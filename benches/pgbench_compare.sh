@@ -6,6 +6,7 @@
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
 #   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
+#   ROUTING_ONLY=1 benches/pgbench_compare.sh  # only the routing on/off comparison
 #
 # A shared 2-core machine is noisy: each workload runs PgBouncer and pgrelay
 # alternately ROUNDS times and reports the medians.
@@ -32,9 +33,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 WORK=$(mktemp -d /tmp/pgrelay-bench.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); RELAY_PORT=$(free_port)
-RELAY_PID=""; BOUNCER_PID=""
+RELAY_PID=""; BOUNCER_PID=""; OFF_PID=""; ON_PID=""
 cleanup() {
   [ -n "$RELAY_PID" ] && kill "$RELAY_PID" 2>/dev/null || true
+  [ -n "$OFF_PID" ] && kill "$OFF_PID" 2>/dev/null || true
+  [ -n "$ON_PID" ] && kill "$ON_PID" 2>/dev/null || true
+  as_pg "$BINDIR/pg_ctl" -D "$WORK/replica" -m immediate stop >/dev/null 2>&1 || true
   [ -n "$BOUNCER_PID" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -146,7 +150,7 @@ compare() {
   return 0
 }
 
-if [ -z "${STREAM_ONLY:-}" ]; then
+if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}" ]; then
   compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
   compare "pgbench -N simple" -N -M simple -c "$CLIENTS" -j 2
@@ -162,6 +166,7 @@ stream() {
   end=$(date +%s.%N)
   awk -v s="$start" -v e="$end" 'BEGIN{printf "%.1f", 200/(e-s)}'
 }
+if [ -z "${ROUTING_ONLY:-}" ]; then
 d_all=(); b_all=(); r_all=()
 for _ in $(seq "$ROUNDS"); do
   d_all+=("$(stream "$PG_PORT")"); b_all+=("$(stream "$BOUNCER_PORT")"); r_all+=("$(stream "$RELAY_PORT")")
@@ -170,3 +175,70 @@ d_mb=$(printf '%s\n' "${d_all[@]}" | median); b_mb=$(printf '%s\n' "${b_all[@]}"
 r_mb=$(printf '%s\n' "${r_all[@]}" | median)
 printf '%-34s %10s MB/s %7s MB/s %7s MB/s  pgrelay/direct %.2f (medians)\n' "200 MB result (psql)" "$d_mb" "$b_mb" "$r_mb" \
   "$(awk -v a="$r_mb" -v b="$d_mb" 'BEGIN{print a/b}')"
+fi
+
+# Routing on against routing off: the same pgrelay build in front of the primary and a
+# streaming replica. With the replica's weight at 0 every read still lands on the
+# primary, so the difference is what classifying and routing each transaction costs.
+if [ -z "${STREAM_ONLY:-}" ]; then
+  cat >> "$WORK/data/pg_hba.conf" <<HBA
+host replication all 127.0.0.1/32 trust
+HBA
+  as_pg "$BINDIR/pg_ctl" -D "$WORK/data" reload >/dev/null
+  REPLICA_PORT=$(free_port)
+  as_pg "$BINDIR/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$WORK/replica" -R -X stream >/dev/null 2>&1
+  cat >> "$WORK/replica/postgresql.conf" <<CONF
+port = $REPLICA_PORT
+CONF
+  as_pg "$BINDIR/pg_ctl" -D "$WORK/replica" -l "$WORK/replica.log" -w start >/dev/null
+  relay_config() { # port enabled replica_weight
+    cat <<TOML
+listen = ["127.0.0.1:$1"]
+metrics_listen = ""
+worker_threads = $RELAY_WORKERS
+auth_type = "trust"
+[pool]
+mode = "transaction"
+default_pool_size = $POOL
+[routing]
+enabled = $2
+[[backends]]
+host = "127.0.0.1"
+port = $PG_PORT
+[[backends]]
+host = "127.0.0.1"
+port = $REPLICA_PORT
+weight = $3
+[[users]]
+name = "postgres"
+password = "unused-with-trust"
+TOML
+  }
+  OFF_PORT=$(free_port); ON_PORT=$(free_port)
+  relay_config "$OFF_PORT" false 0 > "$WORK/off.toml"
+  relay_config "$ON_PORT" true 0 > "$WORK/on.toml"
+  PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/off.toml" & OFF_PID=$!
+  PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/on.toml" & ON_PID=$!
+  for port in $OFF_PORT $ON_PORT; do
+    for _ in $(seq 50); do psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
+  done
+  sleep 2 # the first lag measurement puts the replica in the read set
+  printf '\n%-34s %12s %12s %9s %22s\n' "routing (c=$CLIENTS, ${DURATION}s x$ROUNDS)" "routing off" "routing on" ratio "cpu ms/1k tx off / on"
+  route_compare() {
+    local label=$1; shift
+    local off_tps=() on_tps=() off_ms=() on_ms=()
+    for _ in $(seq "$ROUNDS"); do
+      read -r tps tx cpu _ <<<"$(run_pgbench "$OFF_PORT" "$OFF_PID" "$@")"
+      off_tps+=("$tps"); off_ms+=("$(ms_per_1k "$cpu" "$tx")")
+      read -r tps tx cpu _ <<<"$(run_pgbench "$ON_PORT" "$ON_PID" "$@")"
+      on_tps+=("$tps"); on_ms+=("$(ms_per_1k "$cpu" "$tx")")
+    done
+    local a b am bm
+    a=$(printf '%s\n' "${off_tps[@]}" | median); b=$(printf '%s\n' "${on_tps[@]}" | median)
+    am=$(printf '%s\n' "${off_ms[@]}" | median); bm=$(printf '%s\n' "${on_ms[@]}" | median)
+    printf '%-34s %12.0f %12.0f %9.2f %10s / %-10s\n' "$label" "$a" "$b" \
+      "$(awk -v a="$b" -v b="$a" 'BEGIN{print a/b}')" "$am" "$bm"
+  }
+  route_compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
+  route_compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
+fi

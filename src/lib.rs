@@ -52,6 +52,7 @@ use pool::{Pool, PoolKey, PoolSettings, Pools};
 pub struct Shared {
     pub config: ArcSwap<Config>,
     pub cluster: cluster::Cluster,
+    pub router: router::Router,
     pub pools: Arc<Pools>,
     pub cancel: Arc<cancel::CancelRegistry>,
     pub credentials: Arc<auth::Credentials>,
@@ -63,6 +64,7 @@ impl Shared {
     pub fn new(config: Config) -> Shared {
         let topology = cluster::Topology::from_config(&config);
         Shared {
+            router: router::Router::new(&config),
             config: ArcSwap::from_pointee(config),
             cluster: cluster::Cluster::new(topology),
             pools: Arc::default(),
@@ -79,13 +81,33 @@ impl Shared {
         database: &str,
         user: &str,
     ) -> Result<Arc<Pool>, ClientError> {
-        let (node, state) = self.cluster.primary().ok_or_else(|| {
+        let (node, _) = self.cluster.primary().ok_or_else(|| {
             ClientError::fatal(
                 ErrorKind::ServerConnect,
                 "08006",
                 "no primary server is available",
             )
         })?;
+        self.node_pool(config, node, database, user)
+    }
+
+    /// The pool for a client's database and user on `node`.
+    pub fn node_pool(
+        &self,
+        config: &Config,
+        node: usize,
+        database: &str,
+        user: &str,
+    ) -> Result<Arc<Pool>, ClientError> {
+        let state = self
+            .cluster
+            .load()
+            .nodes
+            .get(node)
+            .map(|n| (n.host.clone(), n.port))
+            .ok_or_else(|| {
+                ClientError::fatal(ErrorKind::ServerConnect, "08006", "no such server")
+            })?;
         let user_config = config
             .user(user)
             .ok_or_else(|| {
@@ -107,8 +129,8 @@ impl Shared {
             .to_owned();
         let pool = self.pools.get_or_create(key, |key| {
             let target = ServerTarget {
-                host: state.host.clone(),
-                port: state.port,
+                host: state.0,
+                port: state.1,
                 dbname,
                 user: user.to_owned(),
             };

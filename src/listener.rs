@@ -65,6 +65,7 @@ impl Pgrelay {
             ));
         }
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(crate::cluster::lag::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,
@@ -78,6 +79,7 @@ impl Pgrelay {
     /// New pools use the new settings; existing pools keep theirs.
     pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
         let config = Config::load(path)?;
+        self.shared.router.reconfigure(&config);
         self.shared.config.store(Arc::new(config));
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())

@@ -107,7 +107,7 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
             "-d",
             "app",
         ])
-        .args(["-c", "SELECT pg_is_in_recovery()"])
+        .args(["-c", "/* pgrelay:primary */ SELECT pg_is_in_recovery()"])
         .output()
         .expect("run psql");
     assert!(

@@ -1,6 +1,7 @@
 //! The per-node probe: connect with the `[health_check]` credentials, ask
-//! `pg_is_in_recovery()`, and publish the resulting [`Topology`]. One pass at start-up
-//! (so the first client finds a primary), then one every `health_check.period`.
+//! `pg_is_in_recovery()`, and publish the roles into the [`Topology`]. One pass at
+//! start-up (so the first client finds a primary), then one every
+//! `health_check.period`.
 
 use std::sync::Arc;
 
@@ -9,28 +10,44 @@ use tokio::sync::watch;
 use super::{Role, Topology};
 use crate::auth::ServerCredentials;
 use crate::config::Config;
-use crate::pool::server::{Server, ServerTarget};
+use crate::pool::server::{Server, ServerError, ServerTarget};
 use crate::Shared;
 
-/// Probes every node once and stores the topology.
+/// Probes every node once (concurrently) and stores the roles.
 pub async fn probe_all(shared: &Shared) {
     let config = shared.config.load_full();
-    let mut topology = Topology::from_config(&config);
-    let mut roles = Vec::with_capacity(topology.nodes.len());
-    for node in 0..topology.nodes.len() {
-        roles.push(probe(&config, shared, node).await);
-    }
-    for (node, role) in topology.nodes.iter_mut().zip(roles) {
-        node.up = role.is_some();
-        node.role = role.unwrap_or(Role::Unknown);
-    }
-    topology.choose_primary(&config);
-    shared.cluster.store(topology);
+    let probes = (0..config.backends.len()).map(|node| probe(&config, shared, node));
+    let roles = futures_util::future::join_all(probes).await;
+    shared.cluster.update(|topology| {
+        if topology.nodes.len() != config.backends.len() {
+            *topology = Topology::from_config(&config);
+        }
+        for (node, role) in topology.nodes.iter_mut().zip(roles) {
+            node.up = role.is_some();
+            node.role = role.unwrap_or(Role::Unknown);
+            if node.role != Role::Replica {
+                node.lag = None;
+            }
+        }
+        topology.choose_primary(&config);
+        topology.update_read_set(&config);
+    });
 }
 
-async fn probe(config: &Config, shared: &Shared, node: usize) -> Option<Role> {
-    let backend = config.backends.get(node)?;
+/// Opens a connection to `node` with the health-check credentials.
+pub async fn connect_check(
+    config: &Config,
+    shared: &Shared,
+    node: usize,
+) -> Result<Server, ServerError> {
     let check = &config.health_check;
+    let backend = config
+        .backends
+        .get(node)
+        .ok_or_else(|| ServerError::Connect {
+            addr: format!("backend {node}"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
     let target = ServerTarget {
         host: backend.host.clone(),
         port: backend.port,
@@ -44,15 +61,20 @@ async fn probe(config: &Config, shared: &Shared, node: usize) -> Option<Role> {
     } else {
         ServerCredentials::Password(Vec::new())
     };
+    Server::connect(&target, &credentials, check.timeout).await
+}
+
+async fn probe(config: &Config, shared: &Shared, node: usize) -> Option<Role> {
+    let backend = config.backends.get(node)?;
     let attempt = async {
-        let mut server = Server::connect(&target, &credentials, check.timeout).await?;
+        let mut server = connect_check(config, shared, node).await?;
         let value = server
             .query_value("SELECT pg_catalog.pg_is_in_recovery()")
             .await?;
         server.terminate().await;
-        Ok::<_, crate::pool::server::ServerError>(value)
+        Ok::<_, ServerError>(value)
     };
-    match tokio::time::timeout(check.timeout, attempt).await {
+    match tokio::time::timeout(config.health_check.timeout, attempt).await {
         Ok(Ok(Some(v))) if v == "f" => Some(Role::Primary),
         Ok(Ok(Some(_))) => Some(Role::Replica),
         Ok(Ok(None)) => None,

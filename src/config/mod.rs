@@ -480,9 +480,9 @@ impl Config {
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut lines = vec![
-            "routing: the routing and failover sections are parsed and validated but not yet \
-             used by this build (all traffic goes to the primary); of health_check, only \
-             period, timeout and the credentials are used (primary detection)"
+            "failover: the failover section is parsed and validated but not yet used by this \
+             build; of health_check, only period, timeout and the credentials are used \
+             (primary detection, replica lag)"
                 .to_owned(),
         ];
         if self.pool.mode == PoolMode::Transaction {
@@ -1186,7 +1186,7 @@ mod tests {
         let config = parse(MINIMAL).expect("minimal");
         let lines = config.warnings();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines[0].starts_with("routing: "));
+        assert!(lines[0].starts_with("failover: "));
         assert!(lines[1].starts_with("pool.max_prepared_statements: "));
         let mut config = config;
         config.tls.client_mode = TlsMode::Allow;
@@ -1200,7 +1200,7 @@ mod tests {
             .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
             .collect();
         let expected = [
-            "routing",
+            "failover",
             "pool.max_prepared_statements",
             "tls.client_mode",
             "tls.server_mode",

@@ -18,6 +18,8 @@ pub const PARAMETER_STATUS: u8 = b'S';
 pub const READY_FOR_QUERY: u8 = b'Z';
 pub const ERROR_RESPONSE: u8 = b'E';
 pub const NOTICE_RESPONSE: u8 = b'N';
+pub const COPY_IN_RESPONSE: u8 = b'G';
+pub const COPY_BOTH_RESPONSE: u8 = b'W';
 
 /// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
 pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS]);

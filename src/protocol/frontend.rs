@@ -22,7 +22,7 @@ pub const COPY_FAIL: u8 = b'f';
 pub const PASSWORD: u8 = b'p';
 
 /// Client messages whose body the session reads: Query (its SQL) and Terminate.
-pub static INSPECT: [bool; 256] = tag_table(&[QUERY, TERMINATE]);
+pub static INSPECT: [bool; 256] = tag_table(&[QUERY, TERMINATE, PARSE, CLOSE]);
 
 /// Every message type a client may send after the startup phase.
 pub static KNOWN: [bool; 256] = tag_table(&[

@@ -189,7 +189,7 @@ impl ParamSet {
 
 /// An escape-string literal: `E'...'` is read the same whatever
 /// `standard_conforming_strings` says.
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 3);
     out.push_str("E'");
     for c in text.chars() {

@@ -18,7 +18,7 @@ use bytes::Buf;
 use crate::pool::Pools;
 use crate::protocol::frontend::{self, KNOWN};
 use crate::protocol::{backend, ProtocolError, Scanner, Step, MAX_MESSAGE_LEN};
-use crate::router::classify;
+use crate::router::{classify, StatementNodes};
 use crate::session::params::ParamSet;
 use crate::stream::{Conn, Stream};
 
@@ -71,6 +71,18 @@ pub struct Wire {
     /// The message that ended the last request read while detached (Query, Sync,
     /// Flush or FunctionCall): a Flush means the client has not finished it yet.
     last_boundary: Option<u8>,
+    /// Where the client's prepared statements were parsed (for routing).
+    pub statements: StatementNodes,
+    /// The node of the server being relayed to.
+    pub node: usize,
+    /// Routing on a replica: forward one request at a time, so that a request the
+    /// client pipelines behind a finished transaction is routed on its own rather than
+    /// sent to the replica with it (it may write).
+    pub hold_at_boundary: bool,
+    /// Client bytes past a request boundary wait until the server answers it.
+    client_paused: bool,
+    /// The server answered: scan and forward what the client sent meanwhile.
+    resume_client: bool,
 }
 
 impl Wire {
@@ -91,6 +103,11 @@ impl Wire {
             client_needs_flush: false,
             transaction_pooling,
             last_boundary: None,
+            statements: StatementNodes::default(),
+            node: 0,
+            hold_at_boundary: false,
+            client_paused: false,
+            resume_client: false,
         }
     }
 
@@ -117,6 +134,24 @@ impl Wire {
 
     pub fn take_protocol_error(&mut self) -> Option<ProtocolError> {
         self.protocol_error.take()
+    }
+
+    /// The complete request buffered while detached, for routing.
+    pub fn request<'a>(&self, client: &'a mut Conn<Stream>) -> &'a [u8] {
+        &client.rbuf()[..self.c2s]
+    }
+
+    /// Records the statements a just-routed request parses or closes on `node`.
+    pub fn record_request(&mut self, client: &mut Conn<Stream>, node: usize) {
+        self.node = node;
+        let mut request = &client.rbuf()[..self.c2s];
+        while let Ok(Some((tag, total))) = crate::protocol::header(request, MAX_MESSAGE_LEN) {
+            let Some(body) = request.get(5..total) else {
+                break;
+            };
+            self.statements.observe(tag, body, node);
+            request = &request[total..];
+        }
     }
 
     /// Drops a buffered request the session answered itself (e.g. with an error).
@@ -156,6 +191,7 @@ impl Wire {
         client: &mut Conn<Stream>,
         pools: &Pools,
     ) -> Result<(), io::Error> {
+        self.client_paused = false;
         loop {
             let stopped = self.scan_client(client, pools, false);
             if stopped || self.client_done {
@@ -174,8 +210,13 @@ impl Wire {
         if self.client_done || self.protocol_error.is_some() {
             return true;
         }
+        if attached && self.client_paused {
+            return false;
+        }
         let buf = &client.rbuf()[self.c2s..];
         let mut state = ClientScan {
+            hold: attached && self.hold_at_boundary,
+            paused: false,
             boundary: None,
             wire_pending: 0,
             ignored_syncs: 0,
@@ -184,12 +225,19 @@ impl Wire {
             terminate: false,
             bad_tag: None,
         };
+        let (statements, node) = (&mut self.statements, self.node);
         let scanned = self.client_scan.scan(buf, |tag, body| {
+            if attached {
+                if let Some(body) = body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE)) {
+                    statements.observe(tag, body, node);
+                }
+            }
             state.on_message(tag, body, pools, attached)
         });
         self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
         self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
+        self.client_paused |= state.paused;
         if state.boundary.is_some() {
             self.last_boundary = state.boundary;
         }
@@ -221,6 +269,8 @@ impl Wire {
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
         let extended_open = self.extended_open;
+        let paused = self.client_paused;
+        let mut resume = false;
         let scanned = self.server_scan.scan(buf, |tag, body| match (tag, body) {
             (backend::READY_FOR_QUERY, Some(body)) => {
                 status = backend::ready_status(body).unwrap_or(b'E');
@@ -229,6 +279,12 @@ impl Wire {
                     release = true;
                     return Step::StopAfter;
                 }
+                resume |= paused && pending == 0;
+                Step::Forward
+            }
+            // The server waits for the client's COPY data.
+            (backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE, _) => {
+                resume |= paused;
                 Step::Forward
             }
             (backend::PARAMETER_STATUS, Some(body)) => {
@@ -242,6 +298,10 @@ impl Wire {
         });
         self.pending = pending;
         self.status = status;
+        if resume {
+            self.client_paused = false;
+            self.resume_client = true;
+        }
         match scanned {
             Ok(s) => {
                 self.s2c += s.forward;
@@ -265,6 +325,14 @@ impl Wire {
         let (server_params, client_params) = params;
         self.release_point = false;
         self.server_eof = None;
+        // A request read while detached is in flight: with hold_at_boundary, what the
+        // client sent after it waits for its answer.
+        self.client_paused = self.hold_at_boundary
+            && self.c2s > 0
+            && matches!(
+                self.last_boundary,
+                Some(frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL)
+            );
         // Bytes already buffered (a request read while detached) are scanned first.
         self.scan_client(client, pools, true);
         poll_fn(|cx| self.poll_relay(cx, client, server, server_params, client_params, pools)).await
@@ -321,6 +389,10 @@ impl Wire {
                     }
                     progress = true;
                 }
+            }
+            if std::mem::take(&mut self.resume_client) {
+                self.scan_client(client, pools, true);
+                progress = true;
             }
             if !self.client_done && self.protocol_error.is_none() && self.c2s < HIGH_WATER {
                 match client.poll_read_more(cx) {
@@ -402,6 +474,10 @@ fn forward(
 
 /// What one scan of client bytes learned.
 struct ClientScan {
+    /// Stop after each request that the server answers with ReadyForQuery.
+    hold: bool,
+    /// Stopped so: the rest waits for the answer.
+    paused: bool,
     /// The request-ending message seen last, if any.
     boundary: Option<u8>,
     wire_pending: usize,
@@ -421,10 +497,13 @@ impl ClientScan {
         ) {
             self.boundary = Some(tag);
         }
-        let boundary = if attached {
-            Step::Forward
-        } else {
+        let boundary = if !attached {
             Step::StopAfter
+        } else if self.hold && tag != frontend::FLUSH {
+            self.paused = true;
+            Step::StopAfter
+        } else {
+            Step::Forward
         };
         match tag {
             _ if !KNOWN[tag as usize] => {
@@ -484,6 +563,8 @@ mod tests {
     fn scan(tags: &[u8]) -> ClientScan {
         let pools = Pools::default();
         let mut state = ClientScan {
+            hold: false,
+            paused: false,
             boundary: None,
             wire_pending: 0,
             ignored_syncs: 0,

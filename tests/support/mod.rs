@@ -41,6 +41,10 @@ pub struct EnvOptions {
     pub top_extra: Vec<String>,
     /// Extra postgresql.conf lines.
     pub server_conf: Vec<String>,
+    /// Lines for a `[routing]` section (none: the section is left out).
+    pub routing: Vec<String>,
+    /// `backends.weight` per node, primary first (missing: the default).
+    pub weights: Vec<f64>,
 }
 
 impl Default for EnvOptions {
@@ -56,6 +60,8 @@ impl Default for EnvOptions {
             pool_extra: Vec::new(),
             top_extra: Vec::new(),
             server_conf: Vec::new(),
+            routing: Vec::new(),
+            weights: Vec::new(),
         }
     }
 }
@@ -148,10 +154,16 @@ pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
         options.pool_size,
         options.pool_extra.join("\n")
     ));
-    for port in ports {
+    if !options.routing.is_empty() {
+        text.push_str(&format!("[routing]\n{}\n", options.routing.join("\n")));
+    }
+    for (i, port) in ports.iter().enumerate() {
         text.push_str(&format!(
             "[[backends]]\nhost = \"127.0.0.1\"\nport = {port}\n"
         ));
+        if let Some(weight) = options.weights.get(i) {
+            text.push_str(&format!("weight = {weight:?}\n"));
+        }
     }
     for (name, password) in &options.relay_users {
         text.push_str(&format!(
