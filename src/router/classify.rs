@@ -319,6 +319,26 @@ pub fn oracle(sql: &str) -> Option<Target> {
     }
 }
 
+/// The differential property between [`Classifier::classify`] (built with the built-in
+/// lists only) and the sqlparser oracle: whenever [`oracle`] says Primary, the verdict
+/// is Primary or defers to a `pg_proc` lookup of unknown functions; and when the tree
+/// shows a write even with every unknown function assumed safe, the verdict is Primary
+/// outright.
+#[doc(hidden)]
+pub fn agrees_with_oracle(sql: &str, verdict: &Verdict) -> bool {
+    if oracle(sql) == Some(Target::Primary)
+        && verdict.target != Target::Primary
+        && verdict.functions.is_empty()
+    {
+        return false;
+    }
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return true;
+    };
+    let judgement = ast::judge(&statements, &lists::Lists::default());
+    judgement.primary.is_none() || verdict.target == Target::Primary
+}
+
 fn is_word(token: &Option<Token<'_>>, keyword: &str) -> bool {
     matches!(token, Some(Token::Word(w)) if lexer::is(w, keyword))
 }

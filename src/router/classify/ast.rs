@@ -137,7 +137,9 @@ impl Walk<'_> {
             | Statement::ShowObjects(_)
             | Statement::ShowTables { .. }
             | Statement::ShowViews { .. }
-            | Statement::ShowCollation { .. } => {}
+            | Statement::ShowCollation { .. }
+            // `EXPLAIN name` (another dialect's DESCRIBE) only reads the catalog.
+            | Statement::ExplainTable { .. } => {}
             _ => self.primary(Reason::Write),
         }
     }

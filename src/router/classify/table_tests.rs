@@ -234,20 +234,6 @@ const TABLE: &[(&str, Target, Option<Reason>)] = &[
     ("SELECT 'C:\\dir' AS path", R, None),
 ];
 
-/// The oracle property, plus a stricter one: when the tree shows a write or session
-/// state even with every unknown function assumed safe, `classify` says Primary
-/// outright rather than deferring to a `pg_proc` lookup.
-fn agrees_with_oracle(sql: &str, verdict: &Verdict) -> bool {
-    if oracle(sql) == Some(P) && verdict.target != P && verdict.functions.is_empty() {
-        return false;
-    }
-    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return true;
-    };
-    let judgement = ast::judge(&statements, &lists::Lists::default());
-    judgement.primary.is_none() || verdict.target == P
-}
-
 #[test]
 fn statement_table() {
     assert!(TABLE.len() >= 130, "{}", TABLE.len());
