@@ -2,6 +2,8 @@
 //! replay test `tests/fuzz_corpus.rs` (stable), so every decoder is exercised by both.
 //! Each function must never panic, whatever the input.
 
+use std::sync::OnceLock;
+
 use bytes::BytesMut;
 
 use crate::protocol::{self, startup, Scanner, Step};
@@ -65,7 +67,20 @@ pub fn scanner(data: &[u8]) {
     }
 }
 
-/// Runs the SQL classifier on arbitrary bytes.
+/// Runs the SQL classifiers on arbitrary bytes and, for text sqlparser can parse,
+/// checks that the statement classifier is never less conservative than the oracle.
 pub fn classify(data: &[u8]) {
-    let _ = crate::router::classify::database_needing_exclusive_use(data);
+    use crate::router::classify::{self, Classifier};
+    // Built once: the fuzzer calls this millions of times. Only the built-in function
+    // lists, because those are all the oracle knows.
+    static CLASSIFIER: OnceLock<Classifier> = OnceLock::new();
+    let _ = classify::database_needing_exclusive_use(data);
+    let classifier = CLASSIFIER.get_or_init(|| Classifier::new(&[], &[]));
+    let verdict = classifier.classify(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        assert!(
+            classify::agrees_with_oracle(text, &verdict),
+            "less conservative than the oracle: {text:?} {verdict:?}"
+        );
+    }
 }

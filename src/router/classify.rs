@@ -1,115 +1,346 @@
-//! Lexical SQL classification: a token scanner over the raw bytes of a statement that
-//! skips white space and comments, never allocates for a statement it does not match,
-//! and never needs valid UTF-8.
+//! SQL statement classification for read/write routing, from the raw bytes of a simple
+//! Query or a Parse message (any encoding, possibly several `;`-separated statements).
 //!
-//! For now it recognizes the commands that need a database free of other sessions
+//! [`Classifier::classify`] decides whether a text may run on a streaming replica. It is
+//! conservative: whatever may write, leaves session state behind, or cannot be judged
+//! goes to the primary. It runs on the hot path, so the common case is one lexical pass
+//! over borrowed tokens ([`lexer`], [`scan`]) with no allocation. Only when that pass is
+//! unsure (data-modifying keywords where only a parser can place them) does it parse
+//! with sqlparser ([`ast`]); those answers, and those for long texts, are kept in a
+//! bounded cache. It never does I/O: functions it does not know are returned for the
+//! router to look up in `pg_proc`.
+//!
+//! It also recognizes the commands that need a database free of other sessions
 //! (`DROP DATABASE x`, `ALTER DATABASE x RENAME`, `CREATE DATABASE ... TEMPLATE x`), so
 //! pgrelay can close its own idle server connections to `x` first.
 
-/// A lexical token: a keyword or identifier (unquoted, lower-cased when compared), a
-/// quoted identifier, or a single punctuation byte.
+mod ast;
+mod lexer;
+mod lists;
+mod scan;
+#[cfg(test)]
+mod table_tests;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use lexer::{identifier, Lexer, Token};
+use scan::{Kind, Statement};
+
+/// Where a statement string may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Replica,
+    Primary,
+}
+
+/// Why a string must go to the primary (for logs and metrics); `None` when it may read
+/// on a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A statement that writes, or an unknown command.
+    Write,
+    /// BEGIN or START TRANSACTION without READ ONLY.
+    Transaction,
+    /// A statement that sets or undoes session state (SET, RESET, PREPARE, LISTEN,
+    /// DISCARD, DEALLOCATE, UNLISTEN, CREATE TEMP, DECLARE WITH HOLD, LOAD, session
+    /// advisory locks, `set_config`).
+    SessionState,
+    /// A routing hint comment (`pgrelay:primary`, `NO LOAD BALANCE`).
+    Hint,
+    /// A call of a function known to write (built in or configured `write_functions`).
+    Function,
+    /// Neither the lexical pass nor sqlparser could judge the text.
+    Unsure,
+}
+
+/// The classification of one statement string.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Token<'a> {
-    Word(&'a [u8]),
-    Quoted(Vec<u8>),
-    Punct(u8),
+pub struct Verdict {
+    pub target: Target,
+    pub reason: Option<Reason>,
+    /// The string leaves state in the session that cannot follow the client to another
+    /// server: session-level SET and SET SESSION CHARACTERISTICS, PREPARE, LISTEN,
+    /// CREATE TEMP/TEMPORARY, DECLARE ... WITH HOLD, LOAD, session advisory locks,
+    /// `set_config`, `setseed`, `dblink_connect`. Such strings are always Primary.
+    ///
+    /// RESET, DISCARD, DEALLOCATE and UNLISTEN undo state: they go to the primary (where
+    /// the state they undo lives) with [`Reason::SessionState`], but leave nothing behind,
+    /// so they do not set this flag.
+    pub session_state: bool,
+    /// Functions called whose volatility is unknown to the classifier, lower-cased
+    /// unqualified names (quoted names keep their case), deduplicated. The string may
+    /// run on a replica only if none of them turns out to be volatile; the router looks
+    /// them up in `pg_proc`. Empty (no allocation) for ordinary statements.
+    pub functions: Vec<Box<str>>,
 }
 
-struct Lexer<'a> {
-    sql: &'a [u8],
-    pos: usize,
+impl Verdict {
+    fn primary(reason: Reason, session_state: bool) -> Verdict {
+        Verdict {
+            target: Target::Primary,
+            reason: Some(reason),
+            session_state,
+            functions: Vec::new(),
+        }
+    }
 }
 
-impl<'a> Lexer<'a> {
-    fn new(sql: &'a [u8]) -> Self {
-        Lexer { sql, pos: 0 }
+/// Texts at least this long are cached: lexing them costs more than hashing them.
+const CACHE_MIN_LEN: usize = 512;
+/// The cache is emptied when it reaches this many entries, so it cannot grow without
+/// bound under a workload of ever-new texts; a working set refills it quickly.
+const CACHE_MAX_ENTRIES: usize = 10_000;
+
+/// The statement classifier: the configured function lists and a bounded cache.
+/// Shared by all sessions behind an `Arc`.
+pub struct Classifier {
+    lists: lists::Lists,
+    /// Verdicts for texts that needed sqlparser or are long, by text.
+    cache: Mutex<HashMap<Box<[u8]>, Verdict>>,
+}
+
+impl Classifier {
+    /// `write_functions` are treated like `nextval`; `read_only_functions` are safe on a
+    /// replica (they cannot override the built-in write list). Names are matched as
+    /// PostgreSQL folds them: the last part of a qualified name, lower-cased unless
+    /// written in double quotes.
+    pub fn new(write_functions: &[String], read_only_functions: &[String]) -> Classifier {
+        Classifier {
+            lists: lists::Lists::new(write_functions, read_only_functions),
+            cache: Mutex::default(),
+        }
     }
 
-    fn skip_space_and_comments(&mut self) {
+    /// Classifies a statement string.
+    pub fn classify(&self, sql: &[u8]) -> Verdict {
+        if sql.len() >= CACHE_MIN_LEN {
+            if let Some(verdict) = self.cached(sql) {
+                return verdict;
+            }
+        }
+        let (verdict, parsed) = self.classify_uncached(sql);
+        if parsed || sql.len() >= CACHE_MIN_LEN {
+            self.remember(sql, &verdict);
+        }
+        verdict
+    }
+
+    fn cached(&self, sql: &[u8]) -> Option<Verdict> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is
+        // still a valid map.
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(sql).cloned()
+    }
+
+    fn remember(&self, sql: &[u8], verdict: &Verdict) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(sql.into(), verdict.clone());
+    }
+
+    /// The verdict, and whether sqlparser was needed.
+    fn classify_uncached(&self, sql: &[u8]) -> (Verdict, bool) {
+        let mut lexical = self.lexical(sql, false);
+        if lexical.backslash_in_string {
+            // The server's standard_conforming_strings decides where a string with a
+            // backslash ends; take the more conservative of the two readings.
+            lexical.merge(self.lexical(sql, true));
+        }
+        if lexical.unterminated {
+            return (
+                Verdict::primary(Reason::Unsure, lexical.session_state),
+                false,
+            );
+        }
+        if !lexical.unsure || lexical.primary.is_some() {
+            return (lexical.verdict(), false);
+        }
+        if sql.len() < CACHE_MIN_LEN {
+            if let Some(verdict) = self.cached(sql) {
+                return (verdict, false);
+            }
+        }
+        (self.parsed(sql, lexical), true)
+    }
+
+    /// The lexical pass over every statement of the text.
+    fn lexical(&self, sql: &[u8], backslash_escapes: bool) -> Lexical {
+        let mut lexer = Lexer::new(sql, backslash_escapes);
+        let mut hint = false;
+        lexer.skip_space_and_comments(|comment| hint |= is_hint(comment));
+        let mut lexical = Lexical::default();
+        if hint {
+            lexical.primary = Some(Reason::Hint);
+        }
         loop {
-            let rest = &self.sql[self.pos..];
-            match rest {
-                [c, ..] if c.is_ascii_whitespace() => self.pos += 1,
-                [b'-', b'-', ..] => {
-                    self.pos += rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len());
+            let mut statement = Statement::new(&mut lexer);
+            let kind = scan::statement(&mut statement, &self.lists, &mut lexical.functions);
+            statement.drain();
+            lexical.add(kind);
+            if statement.last {
+                break;
+            }
+        }
+        lexical.close_transaction();
+        lexical.unterminated = lexer.unterminated;
+        lexical.backslash_in_string = lexer.backslash_in_string;
+        lexical
+    }
+
+    /// Asks sqlparser about a text the lexical pass was unsure of.
+    fn parsed(&self, sql: &[u8], mut lexical: Lexical) -> Verdict {
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return Verdict::primary(Reason::Unsure, lexical.session_state);
+        };
+        let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, text) else {
+            return Verdict::primary(Reason::Unsure, lexical.session_state);
+        };
+        let judgement = ast::judge(&statements, &self.lists);
+        lexical.session_state |= judgement.session_state;
+        lexical.primary = lexical.primary.or(judgement.primary);
+        if judgement.opaque {
+            lexical.primary.get_or_insert(Reason::Unsure);
+        }
+        for name in judgement.functions {
+            if !lexical.functions.contains(&name) {
+                lexical.functions.push(name);
+            }
+        }
+        lexical.verdict()
+    }
+}
+
+/// The lexical pass's findings over a whole text.
+#[derive(Debug, Default)]
+struct Lexical {
+    primary: Option<Reason>,
+    session_state: bool,
+    functions: Vec<Box<str>>,
+    /// Some statement needs sqlparser.
+    unsure: bool,
+    /// Some(read_only) while inside a BEGIN.
+    open_transaction: Option<bool>,
+    unterminated: bool,
+    backslash_in_string: bool,
+}
+
+impl Lexical {
+    fn add(&mut self, kind: Kind) {
+        match kind {
+            Kind::Neutral | Kind::Read => {}
+            Kind::Begin { read_only } => {
+                self.close_transaction();
+                self.open_transaction = Some(read_only);
+            }
+            Kind::SetTransaction { read_only } => {
+                if let (Some(open), Some(read_only)) = (self.open_transaction.as_mut(), read_only) {
+                    *open = read_only;
                 }
-                [b'/', b'*', ..] => self.skip_block_comment(),
-                _ => return,
+            }
+            Kind::End => self.close_transaction(),
+            Kind::Primary {
+                reason,
+                session_state,
+            } => {
+                self.primary.get_or_insert(reason);
+                self.session_state |= session_state;
+            }
+            Kind::Unsure => self.unsure = true,
+        }
+    }
+
+    /// A transaction that was not read-only when it ended (or the text did) writes.
+    fn close_transaction(&mut self) {
+        if self.open_transaction.take() == Some(false) {
+            self.primary.get_or_insert(Reason::Transaction);
+        }
+    }
+
+    fn merge(&mut self, other: Lexical) {
+        self.primary = self.primary.or(other.primary);
+        self.session_state |= other.session_state;
+        self.unsure |= other.unsure;
+        self.unterminated |= other.unterminated;
+        for name in other.functions {
+            if !self.functions.contains(&name) {
+                self.functions.push(name);
             }
         }
     }
 
-    /// Block comments nest in PostgreSQL.
-    fn skip_block_comment(&mut self) {
-        let mut depth = 0usize;
-        while self.pos < self.sql.len() {
-            match &self.sql[self.pos..] {
-                [b'/', b'*', ..] => {
-                    depth += 1;
-                    self.pos += 2;
-                }
-                [b'*', b'/', ..] => {
-                    depth -= 1;
-                    self.pos += 2;
-                    if depth == 0 {
-                        return;
-                    }
-                }
-                _ => self.pos += 1,
-            }
-        }
-    }
-
-    fn next_token(&mut self) -> Option<Token<'a>> {
-        self.skip_space_and_comments();
-        let start = self.pos;
-        let first = *self.sql.get(start)?;
-        if first == b'"' {
-            return Some(self.quoted());
-        }
-        if first.is_ascii_alphabetic() || first == b'_' || first >= 0x80 {
-            let len = self.sql[start..]
-                .iter()
-                .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80))
-                .unwrap_or(self.sql.len() - start);
-            self.pos += len;
-            return Some(Token::Word(&self.sql[start..start + len]));
-        }
-        self.pos += 1;
-        Some(Token::Punct(first))
-    }
-
-    fn quoted(&mut self) -> Token<'a> {
-        let mut out = Vec::new();
-        self.pos += 1;
-        while let Some(&c) = self.sql.get(self.pos) {
-            self.pos += 1;
-            if c == b'"' {
-                if self.sql.get(self.pos) == Some(&b'"') {
-                    out.push(b'"');
-                    self.pos += 1;
-                } else {
-                    break;
-                }
+    fn verdict(self) -> Verdict {
+        Verdict {
+            target: if self.primary.is_some() {
+                Target::Primary
             } else {
-                out.push(c);
-            }
+                Target::Replica
+            },
+            reason: self.primary,
+            session_state: self.session_state,
+            functions: self.functions,
         }
-        Token::Quoted(out)
     }
+}
+
+/// Whether a comment before the first statement asks for the primary: pgrelay's own
+/// `pgrelay:primary` or Pgpool-II's `NO LOAD BALANCE`, in any case.
+fn is_hint(comment: &[u8]) -> bool {
+    [&b"pgrelay:primary"[..], b"no load balance"]
+        .iter()
+        .any(|hint| {
+            comment
+                .windows(hint.len())
+                .any(|w| w.eq_ignore_ascii_case(hint))
+        })
+}
+
+/// The target sqlparser's syntax tree alone gives, for differential tests and fuzzing:
+/// `None` when sqlparser cannot parse the text or the tree holds something this judge
+/// does not walk. It is conservative: every function not in the built-in read-only list
+/// counts as a write. The property [`Classifier::classify`] keeps: whenever this says
+/// Primary, `classify` says Primary or leaves the decision to a `pg_proc` lookup of the
+/// unknown functions it returns.
+#[doc(hidden)]
+pub fn oracle(sql: &str) -> Option<Target> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let judgement = ast::judge(&statements, &lists::Lists::default());
+    if judgement.primary.is_some() || !judgement.functions.is_empty() {
+        Some(Target::Primary)
+    } else if judgement.opaque {
+        None
+    } else {
+        Some(Target::Replica)
+    }
+}
+
+/// The differential property between [`Classifier::classify`] (built with the built-in
+/// lists only) and the sqlparser oracle: whenever [`oracle`] says Primary, the verdict
+/// is Primary or defers to a `pg_proc` lookup of unknown functions; and when the tree
+/// shows a write even with every unknown function assumed safe, the verdict is Primary
+/// outright.
+#[doc(hidden)]
+pub fn agrees_with_oracle(sql: &str, verdict: &Verdict) -> bool {
+    if oracle(sql) == Some(Target::Primary)
+        && verdict.target != Target::Primary
+        && verdict.functions.is_empty()
+    {
+        return false;
+    }
+    let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return true;
+    };
+    let judgement = ast::judge(&statements, &lists::Lists::default());
+    judgement.primary.is_none() || verdict.target == Target::Primary
 }
 
 fn is_word(token: &Option<Token<'_>>, keyword: &str) -> bool {
-    matches!(token, Some(Token::Word(w)) if w.eq_ignore_ascii_case(keyword.as_bytes()))
-}
-
-/// The name a token stands for, folded as PostgreSQL folds unquoted identifiers.
-fn identifier(token: Option<Token<'_>>) -> Option<String> {
-    match token? {
-        Token::Word(w) => Some(String::from_utf8_lossy(w).to_lowercase()),
-        Token::Quoted(q) => Some(String::from_utf8_lossy(&q).into_owned()),
-        Token::Punct(_) => None,
-    }
+    matches!(token, Some(Token::Word(w)) if lexer::is(w, keyword))
 }
 
 /// The database a statement needs free of other sessions, if it is `DROP DATABASE`,
@@ -120,7 +351,7 @@ pub fn database_needing_exclusive_use(sql: &[u8]) -> Option<String> {
     if !matches!(first.to_ascii_lowercase(), b'd' | b'a' | b'c' | b'/' | b'-') {
         return None;
     }
-    let mut lexer = Lexer::new(sql);
+    let mut lexer = Lexer::new(sql, false);
     let verb = lexer.next_token();
     let is_drop = is_word(&verb, "drop");
     if !(is_drop || is_word(&verb, "alter") || is_word(&verb, "create")) {
@@ -135,10 +366,10 @@ pub fn database_needing_exclusive_use(sql: &[u8]) -> Option<String> {
             lexer.next_token();
             name = lexer.next_token();
         }
-        return identifier(name);
+        return name.and_then(identifier);
     }
     if is_word(&verb, "alter") {
-        let name = identifier(lexer.next_token())?;
+        let name = identifier(lexer.next_token()?)?;
         return is_word(&lexer.next_token(), "rename").then_some(name);
     }
     // CREATE DATABASE name [WITH] ... TEMPLATE [=] template ...
@@ -149,7 +380,7 @@ pub fn database_needing_exclusive_use(sql: &[u8]) -> Option<String> {
             if name == Some(Token::Punct(b'=')) {
                 name = lexer.next_token();
             }
-            return identifier(name);
+            return name.and_then(identifier);
         }
     }
 }
