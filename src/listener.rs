@@ -65,7 +65,10 @@ impl Pgrelay {
             ));
         }
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
-        tokio::spawn(crate::cluster::lag::run(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(crate::cluster::lag::run(
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,

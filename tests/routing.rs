@@ -65,7 +65,12 @@ async fn wait_caught_up(env: &TestEnv) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_the_primary_and_reads_spread_by_weight() {
-    let env = start(routed("transaction", &["read_after_write = \"off\""], &[0.0, 1.0, 3.0])).await;
+    let env = start(routed(
+        "transaction",
+        &["read_after_write = \"off\""],
+        &[0.0, 1.0, 3.0],
+    ))
+    .await;
     let primary = env.cluster.primary_port();
     let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
     let client = env.client().await;
@@ -150,10 +155,17 @@ async fn writes_reach_the_primary_and_reads_spread_by_weight() {
 
     // Weights 0 : 1 : 3.
     let seen = read_ports(&client, 800).await;
-    assert_eq!(seen.get(&primary), None, "weight 0 takes no reads: {seen:?}");
+    assert_eq!(
+        seen.get(&primary),
+        None,
+        "weight 0 takes no reads: {seen:?}"
+    );
     let ports = env.cluster.replica_ports();
     let heavy = *seen.get(&ports[1]).unwrap_or(&0) as f64 / 800.0;
-    assert!((heavy - 0.75).abs() < 0.07, "weight 3 of 4 got {heavy}: {seen:?}");
+    assert!(
+        (heavy - 0.75).abs() < 0.07,
+        "weight 3 of 4 got {heavy}: {seen:?}"
+    );
 
     // Per-node counters: the primary counted writes, the replicas the reads.
     let topology = env.relay.shared.cluster.snapshot();
@@ -165,16 +177,29 @@ async fn writes_reach_the_primary_and_reads_spread_by_weight() {
         )
     };
     assert!(stats(0).1 >= (writes.len() * 6) as u64, "{:?}", stats(0));
-    assert!(stats(1).0 + stats(2).0 >= 800, "{:?} {:?}", stats(1), stats(2));
+    assert!(
+        stats(1).0 + stats(2).0 >= 800,
+        "{:?} {:?}",
+        stats(1),
+        stats(2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_stay_on_one_server() {
-    let env = start(routed("transaction", &["read_after_write = \"off\""], &[0.0, 1.0, 1.0])).await;
+    let env = start(routed(
+        "transaction",
+        &["read_after_write = \"off\""],
+        &[0.0, 1.0, 1.0],
+    ))
+    .await;
     let primary = env.cluster.primary_port();
     let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
     let client = env.client().await;
-    client.batch_execute("CREATE TABLE t (id int)").await.expect("schema");
+    client
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .expect("schema");
     wait_caught_up(&env).await;
     wait_readable(&env).await;
 
@@ -279,7 +304,13 @@ async fn clients_read_their_own_writes_from_lagging_replicas() {
     .await
     .expect("connect");
     let ready = eventually(WAIT, || async {
-        careless.shared.cluster.snapshot().nodes.iter().all(|n| n.readable)
+        careless
+            .shared
+            .cluster
+            .snapshot()
+            .nodes
+            .iter()
+            .all(|n| n.readable)
     })
     .await;
     assert!(ready);
@@ -293,7 +324,10 @@ async fn clients_read_their_own_writes_from_lagging_replicas() {
             careless_stale += 1;
         }
     }
-    assert!(careless_stale > 10, "only {careless_stale} stale reads without lsn");
+    assert!(
+        careless_stale > 10,
+        "only {careless_stale} stale reads without lsn"
+    );
 
     // Once the replicas have caught up, this client's reads spread over them again.
     wait_caught_up(&env).await;
@@ -336,7 +370,11 @@ async fn lagging_replicas_leave_the_read_set_until_they_catch_up() {
     .await;
     assert!(left, "paused replica stayed in the read set");
     let seen = read_ports(&client, 200).await;
-    assert_eq!(seen.get(&paused), None, "read from a paused replica: {seen:?}");
+    assert_eq!(
+        seen.get(&paused),
+        None,
+        "read from a paused replica: {seen:?}"
+    );
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     env.psql_direct(paused, "SELECT pg_wal_replay_resume()");
@@ -349,7 +387,12 @@ async fn lagging_replicas_leave_the_read_set_until_they_catch_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_routes_per_statement_and_pins_session_state() {
-    let env = start(routed("session", &["read_after_write = \"session\""], &[0.0, 1.0, 1.0])).await;
+    let env = start(routed(
+        "session",
+        &["read_after_write = \"session\""],
+        &[0.0, 1.0, 1.0],
+    ))
+    .await;
     let primary = env.cluster.primary_port();
     let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
     wait_readable(&env).await;
@@ -357,7 +400,11 @@ async fn session_mode_routes_per_statement_and_pins_session_state() {
     let client = env.client().await;
     let seen = read_ports(&client, 40).await;
     assert!(seen.keys().all(|p| replicas.contains(p)), "{seen:?}");
-    assert_eq!(seen.len(), 2, "one server per node, both replicas used: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "one server per node, both replicas used: {seen:?}"
+    );
     // A named prepared statement runs where it was prepared.
     for _ in 0..10 {
         let statement = client
@@ -374,7 +421,10 @@ async fn session_mode_routes_per_statement_and_pins_session_state() {
         .batch_execute("CREATE TABLE s (x int); INSERT INTO s VALUES (1)")
         .await
         .expect("write");
-    assert_eq!(read_ports(&client, 10).await.keys().collect::<Vec<_>>(), [&primary]);
+    assert_eq!(
+        read_ports(&client, 10).await.keys().collect::<Vec<_>>(),
+        [&primary]
+    );
 
     // Session state pins a fresh client to its primary server for good.
     let pinned = env.client().await;
@@ -383,7 +433,12 @@ async fn session_mode_routes_per_statement_and_pins_session_state() {
         .simple_query("SET search_path = public")
         .await
         .expect("set");
-    assert_eq!(read_ports(&pinned, 10).await.keys().collect::<Vec<_>>(), [&primary]);
-    let rows = simple_rows(&pinned, "SHOW search_path").await.expect("show");
+    assert_eq!(
+        read_ports(&pinned, 10).await.keys().collect::<Vec<_>>(),
+        [&primary]
+    );
+    let rows = simple_rows(&pinned, "SHOW search_path")
+        .await
+        .expect("show");
     assert_eq!(rows[0][0].as_deref(), Some("public"));
 }

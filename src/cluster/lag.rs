@@ -80,7 +80,12 @@ fn replica_lag(value: &str, primary_lsn: u64) -> Option<Lag> {
 }
 
 /// Runs `sql` on `node`'s lag connection, opening it if needed; a failure closes it.
-async fn ask(shared: &Shared, conns: &mut [Option<Server>], node: usize, sql: &str) -> Option<String> {
+async fn ask(
+    shared: &Shared,
+    conns: &mut [Option<Server>],
+    node: usize,
+    sql: &str,
+) -> Option<String> {
     let config = shared.config.load_full();
     let attempt = async {
         if conns[node].is_none() {
@@ -117,7 +122,10 @@ mod tests {
         assert_eq!(lag.bytes, 0x100);
         assert_eq!(lag.seconds, 1.5);
         // A replica ahead of the primary's last reading is not negative lag.
-        assert_eq!(replica_lag("0/3000100 0", 0x300_0000).map(|l| l.bytes), Some(0));
+        assert_eq!(
+            replica_lag("0/3000100 0", 0x300_0000).map(|l| l.bytes),
+            Some(0)
+        );
         assert_eq!(replica_lag("garbage", 1), None);
     }
 }

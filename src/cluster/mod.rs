@@ -71,7 +71,13 @@ impl PartialEq for NodeState {
     /// Counters are not part of a node's state.
     fn eq(&self, other: &Self) -> bool {
         (&self.host, self.port, self.role, self.up, self.readable)
-            == (&other.host, other.port, other.role, other.up, other.readable)
+            == (
+                &other.host,
+                other.port,
+                other.role,
+                other.up,
+                other.readable,
+            )
     }
 }
 
@@ -220,16 +226,18 @@ mod tests {
     }
 
     fn topology(lags: &[Option<Lag>]) -> (Topology, Config) {
-        let mut config = Config::default();
-        config.backends = (0..lags.len())
-            .map(|i| crate::config::BackendConfig {
-                host: "127.0.0.1".into(),
-                port: 5432 + i as u16,
-                weight: 1.0,
-                data_directory: String::new(),
-                role: None,
-            })
-            .collect();
+        let config = Config {
+            backends: (0..lags.len())
+                .map(|i| crate::config::BackendConfig {
+                    host: "127.0.0.1".into(),
+                    port: 5432 + i as u16,
+                    weight: 1.0,
+                    data_directory: String::new(),
+                    role: None,
+                })
+                .collect(),
+            ..Config::default()
+        };
         let mut t = Topology::from_config(&config);
         for (i, lag) in lags.iter().enumerate() {
             t.nodes[i].up = true;

@@ -182,12 +182,14 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
                 parsed_here.push(name);
                 read_cstr(rest).map(|(text, _)| text)
             }),
-            frontend::BIND => read_cstr(body)
-                .and_then(|(_, rest)| read_cstr(rest))
-                .map(|(statement, _)| {
-                    use_statement(&mut plan, statement, &parsed_here, statements);
-                    &[][..]
-                }),
+            frontend::BIND => {
+                read_cstr(body)
+                    .and_then(|(_, rest)| read_cstr(rest))
+                    .map(|(statement, _)| {
+                        use_statement(&mut plan, statement, &parsed_here, statements);
+                        &[][..]
+                    })
+            }
             frontend::DESCRIBE => {
                 if let [b'S', rest @ ..] = body {
                     if let Some((statement, _)) = read_cstr(rest) {
@@ -279,7 +281,12 @@ pub struct Choice<'a> {
 
 /// Picks the node for a read among those that may take it (up, fresh enough, weight
 /// above zero, past the fence). `None` when there is none: the primary takes it.
-pub fn pick(topology: &Topology, choice: &Choice<'_>, router: &Router, dice: &mut Dice) -> Option<usize> {
+pub fn pick(
+    topology: &Topology,
+    choice: &Choice<'_>,
+    router: &Router,
+    dice: &mut Dice,
+) -> Option<usize> {
     let eligible = |i: usize| {
         let node = &topology.nodes[i];
         node.readable
@@ -366,18 +373,20 @@ mod tests {
     use bytes::BytesMut;
 
     fn topology(weights: &[f64]) -> (Topology, Config) {
-        let mut config = Config::default();
-        config.backends = weights
-            .iter()
-            .enumerate()
-            .map(|(i, &weight)| BackendConfig {
-                host: "127.0.0.1".into(),
-                port: 5432 + i as u16,
-                weight,
-                data_directory: String::new(),
-                role: None,
-            })
-            .collect();
+        let config = Config {
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| BackendConfig {
+                    host: "127.0.0.1".into(),
+                    port: 5432 + i as u16,
+                    weight,
+                    data_directory: String::new(),
+                    role: None,
+                })
+                .collect(),
+            ..Config::default()
+        };
         let mut t = Topology::from_config(&config);
         for (i, node) in t.nodes.iter_mut().enumerate() {
             node.up = true;
@@ -452,7 +461,12 @@ mod tests {
         assert!(counts[0] > 0 && counts[2] > 0);
         let (t, _) = topology(&[0.0, 1.0, 1.0]);
         let router = Router::new(&Config::default());
-        let none = pick(&t, &choice(LoadBalance::RoundRobin, Some(1000)), &router, &mut Dice::seeded(1));
+        let none = pick(
+            &t,
+            &choice(LoadBalance::RoundRobin, Some(1000)),
+            &router,
+            &mut Dice::seeded(1),
+        );
         assert_eq!(none, None, "nobody is fresh enough: the primary takes it");
     }
 
@@ -532,7 +546,10 @@ mod tests {
         assert_eq!((plan.target, plan.node), (Target::Replica, Some(2)));
         statements.observe(b'C', b"Ss1\0", 2);
         let plan = plan_request(&later, &classifier, &statements);
-        assert_eq!((plan.target, plan.reason), (Target::Primary, Some(Reason::Unsure)));
+        assert_eq!(
+            (plan.target, plan.reason),
+            (Target::Primary, Some(Reason::Unsure))
+        );
 
         let call = request(|b| msg(b, b'F', b"\0\0\0\x01"));
         assert_eq!(

@@ -21,10 +21,10 @@ use crate::error::{ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
 use crate::protocol::backend;
-use crate::stream::{Conn, Stream};
-use crate::Shared;
 use crate::router::classify::{Reason, Target};
 use crate::router::{self, Choice, Dice, Router};
+use crate::stream::{Conn, Stream};
+use crate::Shared;
 use params::ParamSet;
 use relay::{RelayEnd, Wire};
 use state::{Attachment, Farewell};
@@ -353,7 +353,11 @@ impl Session {
     /// Decides which node runs the buffered request (the start of a transaction).
     async fn route(&mut self) -> Result<usize, ClientError> {
         let no_primary = || {
-            ClientError::fatal(ErrorKind::ServerConnect, "08006", "no primary server is available")
+            ClientError::fatal(
+                ErrorKind::ServerConnect,
+                "08006",
+                "no primary server is available",
+            )
         };
         if !self.routing.enabled || self.routing.pinned {
             return self.shared.cluster.load().primary.ok_or_else(no_primary);
@@ -374,7 +378,10 @@ impl Session {
             self.pin(primary, plan.reason).await;
         }
         let mut target = plan.target;
-        if target == Target::Replica && !plan.functions.is_empty() && self.any_volatile(&plan.functions, primary).await? {
+        if target == Target::Replica
+            && !plan.functions.is_empty()
+            && self.any_volatile(&plan.functions, primary).await?
+        {
             target = Target::Primary;
         }
         let stats = |node: usize| topology.nodes[node].stats.clone();
@@ -384,7 +391,10 @@ impl Session {
             NodeStats::count(&stats(primary).writes);
             return Ok(primary);
         }
-        if let Some(node) = plan.node.filter(|&n| topology.nodes.get(n).is_some_and(|s| s.up)) {
+        if let Some(node) = plan
+            .node
+            .filter(|&n| topology.nodes.get(n).is_some_and(|s| s.up))
+        {
             NodeStats::count(&stats(node).selects);
             return Ok(node);
         }
@@ -410,13 +420,10 @@ impl Session {
         }
         let pools = &self.pools;
         let busy = |node: usize| {
-            pools
-                .get(node)
-                .and_then(Option::as_ref)
-                .map_or(0, |p| {
-                    let (idle, total, _) = p.counts();
-                    total - idle
-                })
+            pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
+                let (idle, total, _) = p.counts();
+                total - idle
+            })
         };
         let choice = Choice {
             load_balance,
@@ -424,8 +431,13 @@ impl Session {
             fence,
             busy: &busy,
         };
-        let node = router::pick(&topology, &choice, &self.shared.router, &mut self.routing.dice)
-            .unwrap_or(primary);
+        let node = router::pick(
+            &topology,
+            &choice,
+            &self.shared.router,
+            &mut self.routing.dice,
+        )
+        .unwrap_or(primary);
         NodeStats::count(&stats(node).selects);
         Ok(node)
     }
@@ -470,7 +482,11 @@ impl Session {
     }
 
     /// Runs a one-value query on the primary (a held server, or one from the pool).
-    async fn primary_value(&mut self, primary: usize, sql: &str) -> Result<Option<String>, ClientError> {
+    async fn primary_value(
+        &mut self,
+        primary: usize,
+        sql: &str,
+    ) -> Result<Option<String>, ClientError> {
         let mut guard = self.server_on(primary).await?;
         let result = guard.server().query_value(sql).await;
         let reusable = matches!(&result, Ok(_) | Err(ServerError::Query(_)));
@@ -486,17 +502,30 @@ impl Session {
     /// The primary's WAL insert position: at or past the end of every commit so far.
     async fn primary_wal_position(&mut self, primary: usize) -> Result<u64, ClientError> {
         let value = self
-            .primary_value(primary, "SELECT pg_catalog.pg_current_wal_insert_lsn()::text")
+            .primary_value(
+                primary,
+                "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+            )
             .await?;
         value
             .as_deref()
             .and_then(crate::cluster::parse_lsn)
-            .ok_or_else(|| ClientError::error(ErrorKind::ServerConnect, "08006", "could not read the primary's WAL position"))
+            .ok_or_else(|| {
+                ClientError::error(
+                    ErrorKind::ServerConnect,
+                    "08006",
+                    "could not read the primary's WAL position",
+                )
+            })
     }
 
     /// Whether any of `functions` is volatile in the client's database (looked up once
     /// per name on the primary; names PostgreSQL does not know count as volatile).
-    async fn any_volatile(&mut self, functions: &[Box<str>], primary: usize) -> Result<bool, ClientError> {
+    async fn any_volatile(
+        &mut self,
+        functions: &[Box<str>],
+        primary: usize,
+    ) -> Result<bool, ClientError> {
         let database = self.login.database.clone();
         for function in functions {
             let volatile = match self.shared.router.volatility(&database, function) {
@@ -506,7 +535,9 @@ impl Session {
                         .primary_value(primary, &Router::volatility_query(function))
                         .await?;
                     let volatile = answer.as_deref() != Some("f");
-                    self.shared.router.learn_volatility(&database, function, volatile);
+                    self.shared
+                        .router
+                        .learn_volatility(&database, function, volatile);
                     tracing::debug!(%function, volatile, "learned a function's volatility");
                     volatile
                 }

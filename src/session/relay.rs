@@ -228,7 +228,9 @@ impl Wire {
         let (statements, node) = (&mut self.statements, self.node);
         let scanned = self.client_scan.scan(buf, |tag, body| {
             if attached {
-                if let Some(body) = body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE)) {
+                if let Some(body) =
+                    body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
+                {
                     statements.observe(tag, body, node);
                 }
             }

@@ -6,7 +6,9 @@
 use std::collections::HashSet;
 
 /// Functions that change the database, the cluster or another session, or that need a
-/// transaction id: a standby rejects or cannot honour them.
+/// transaction id: a standby rejects or cannot honour them. `pg_backend_pid` is here
+/// too: in session mode a client's BackendKeyData is its primary server's, and the pid
+/// it reads must agree with it (and with NOTIFY sender pids).
 pub(super) const WRITE_FUNCTIONS: &[&str] = &[
     "currval",
     "dblink_exec",
@@ -36,6 +38,7 @@ pub(super) const WRITE_FUNCTIONS: &[&str] = &[
     "pg_advisory_unlock_shared",
     "pg_advisory_xact_lock",
     "pg_advisory_xact_lock_shared",
+    "pg_backend_pid",
     "pg_backup_start",
     "pg_backup_stop",
     "pg_cancel_backend",
@@ -193,7 +196,6 @@ pub(super) const READ_FUNCTIONS: &[&str] = &[
     "percent_rank",
     "percentile_cont",
     "percentile_disc",
-    "pg_backend_pid",
     "pg_column_size",
     "pg_database_size",
     "pg_get_constraintdef",
