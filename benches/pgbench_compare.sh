@@ -84,14 +84,18 @@ as_pg "$PGBOUNCER" -d "$WORK/pgbouncer.ini" >/dev/null 2>&1
 for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
-cat > "$WORK/pgrelay.toml" <<TOML
-listen = ["127.0.0.1:$RELAY_PORT"]
+# relay_config PORT ROUTING [REPLICA_PORT REPLICA_WEIGHT]
+relay_config() {
+  cat <<TOML
+listen = ["127.0.0.1:$1"]
 metrics_listen = ""
 worker_threads = $RELAY_WORKERS
 auth_type = "trust"
 [pool]
 mode = "transaction"
 default_pool_size = $POOL
+[routing]
+enabled = $2
 [[backends]]
 host = "127.0.0.1"
 port = $PG_PORT
@@ -99,6 +103,11 @@ port = $PG_PORT
 name = "postgres"
 password = "unused-with-trust"
 TOML
+  if [ -n "${3:-}" ]; then
+    printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\nweight = %s\n' "$3" "$4"
+  fi
+}
+relay_config "$RELAY_PORT" true > "$WORK/pgrelay.toml"
 PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" &
 RELAY_PID=$!
 
@@ -191,32 +200,9 @@ HBA
 port = $REPLICA_PORT
 CONF
   as_pg "$BINDIR/pg_ctl" -D "$WORK/replica" -l "$WORK/replica.log" -w start >/dev/null
-  relay_config() { # port enabled replica_weight
-    cat <<TOML
-listen = ["127.0.0.1:$1"]
-metrics_listen = ""
-worker_threads = $RELAY_WORKERS
-auth_type = "trust"
-[pool]
-mode = "transaction"
-default_pool_size = $POOL
-[routing]
-enabled = $2
-[[backends]]
-host = "127.0.0.1"
-port = $PG_PORT
-[[backends]]
-host = "127.0.0.1"
-port = $REPLICA_PORT
-weight = $3
-[[users]]
-name = "postgres"
-password = "unused-with-trust"
-TOML
-  }
   OFF_PORT=$(free_port); ON_PORT=$(free_port)
-  relay_config "$OFF_PORT" false 0 > "$WORK/off.toml"
-  relay_config "$ON_PORT" true 0 > "$WORK/on.toml"
+  relay_config "$OFF_PORT" false "$REPLICA_PORT" 0 > "$WORK/off.toml"
+  relay_config "$ON_PORT" true "$REPLICA_PORT" 0 > "$WORK/on.toml"
   PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/off.toml" & OFF_PID=$!
   PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/on.toml" & ON_PID=$!
   for port in $OFF_PORT $ON_PORT; do
