@@ -416,3 +416,15 @@ proptest! {
         prop_assert!(agrees_with_oracle(&sql, &verdict), "{}: {:?}", sql, verdict);
     }
 }
+
+#[test]
+fn deep_nesting_reaching_sqlparser_is_refused_not_overflowed() {
+    let sql = format!(
+        "SELECT t.delete FROM {}t{}",
+        "(".repeat(5000),
+        ")".repeat(5000)
+    );
+    let verdict = classifier().classify(sql.as_bytes());
+    assert_eq!(verdict.target, P);
+    assert_eq!(oracle(&sql), None);
+}
