@@ -41,6 +41,10 @@ fn bench(c: &mut Criterion) {
             b.iter(|| classifier.classify(black_box(sql.as_bytes())))
         });
     }
+    let prepared = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    group.bench_function("Parse text (cached)", |b| {
+        b.iter(|| classifier.classify_prepared(black_box(prepared.as_bytes())))
+    });
     group.bench_function("sqlparser oracle on pgbench SELECT", |b| {
         b.iter(|| oracle(black_box(SELECT)))
     });

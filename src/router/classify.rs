@@ -21,8 +21,7 @@ mod scan;
 #[cfg(test)]
 mod table_tests;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use dashmap::DashMap;
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -99,8 +98,9 @@ const CACHE_MAX_ENTRIES: usize = 10_000;
 /// Shared by all sessions behind an `Arc`.
 pub struct Classifier {
     lists: lists::Lists,
-    /// Verdicts for texts that needed sqlparser or are long, by text.
-    cache: Mutex<HashMap<Box<[u8]>, Verdict>>,
+    /// Verdicts for texts that needed sqlparser, are long, or came in a Parse message,
+    /// by text. Sharded, so sessions on several worker threads rarely meet on a lock.
+    cache: DashMap<Box<[u8]>, Verdict>,
 }
 
 impl Classifier {
@@ -111,7 +111,7 @@ impl Classifier {
     pub fn new(write_functions: &[String], read_only_functions: &[String]) -> Classifier {
         Classifier {
             lists: lists::Lists::new(write_functions, read_only_functions),
-            cache: Mutex::default(),
+            cache: DashMap::new(),
         }
     }
 
@@ -129,19 +129,26 @@ impl Classifier {
         verdict
     }
 
+    /// Classifies the text of a Parse message. Drivers send the same few texts over
+    /// and over (with `$n` parameters, not literals), so every one is cached.
+    pub fn classify_prepared(&self, sql: &[u8]) -> Verdict {
+        if let Some(verdict) = self.cached(sql) {
+            return verdict;
+        }
+        let (verdict, _) = self.classify_uncached(sql);
+        self.remember(sql, &verdict);
+        verdict
+    }
+
     fn cached(&self, sql: &[u8]) -> Option<Verdict> {
-        // A poisoned lock only means another thread panicked mid-insert; the map is
-        // still a valid map.
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(sql).cloned()
+        self.cache.get(sql).map(|v| v.clone())
     }
 
     fn remember(&self, sql: &[u8], verdict: &Verdict) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_MAX_ENTRIES {
-            cache.clear();
+        if self.cache.len() >= CACHE_MAX_ENTRIES {
+            self.cache.clear();
         }
-        cache.insert(sql.into(), verdict.clone());
+        self.cache.insert(sql.into(), verdict.clone());
     }
 
     /// The verdict, and whether sqlparser was needed.

@@ -205,7 +205,11 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
             _ => None,
         };
         if let Some(text) = text.filter(|t| !t.is_empty()) {
-            let verdict = classifier.classify(text);
+            let verdict = if tag == frontend::PARSE {
+                classifier.classify_prepared(text)
+            } else {
+                classifier.classify(text)
+            };
             plan.session_state |= verdict.session_state;
             if verdict.target == Target::Primary {
                 plan.primary(verdict.reason.unwrap_or(Reason::Unsure));
