@@ -66,16 +66,34 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Stops the demo (and so its cluster) even when an assertion fails first.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 #[test]
 fn demo_serves_psql_and_cleans_up_on_sigterm() {
     let port = free_port().to_string();
-    let mut demo = Command::new(BIN)
-        .args(["demo", "--port", &port])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pgrelay demo");
-    let stdout = demo.stdout.take().expect("stdout");
+    let mut demo = Demo(
+        Command::new(BIN)
+            .args(["demo", "--port", &port])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgrelay demo"),
+    );
+    let stdout = demo.0.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let started = Instant::now();
     let mut data_ports = String::new();
@@ -122,13 +140,13 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
     );
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::unistd::Pid::from_raw(demo.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = demo.try_wait().expect("wait") {
+        if let Some(status) = demo.0.try_wait().expect("wait") {
             break status;
         }
         assert!(Instant::now() < deadline, "demo did not exit after SIGTERM");
