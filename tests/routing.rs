@@ -442,3 +442,88 @@ async fn session_mode_routes_per_statement_and_pins_session_state() {
         .expect("show");
     assert_eq!(rows[0][0].as_deref(), Some("public"));
 }
+
+/// Requests that end with Flush, pipelined simple queries and COPY TO on a replica,
+/// written byte by byte: nothing stalls, and a write pipelined behind a replica read
+/// still reaches the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_pipelines_and_copy_on_replicas() {
+    use support::raw::{self, message, query, read_message, read_until_ready};
+    use tokio::io::AsyncWriteExt;
+
+    let mut options = routed(
+        "transaction",
+        &["read_after_write = \"off\""],
+        &[0.0, 1.0, 1.0],
+    );
+    options.client_auth = "trust";
+    let env = start(options).await;
+    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .expect("schema");
+    wait_caught_up(&env).await;
+    wait_readable(&env).await;
+    let second = Duration::from_secs(10);
+
+    let mut stream = raw::login_trust(env.addr, support::APP_USER, support::APP_DB).await;
+    for _ in 0..10 {
+        // Parse + Describe + Flush: answered without ReadyForQuery; Bind + Execute + Sync
+        // later run the statement on the same server.
+        let mut request = message(b'P', b"\0SELECT inet_server_port()\0\0\0");
+        request.extend(message(b'D', b"S\0"));
+        request.extend(message(b'H', b""));
+        stream.write_all(&request).await.expect("send");
+        let mut tags = Vec::new();
+        while tags.len() < 3 {
+            let m = tokio::time::timeout(second, read_message(&mut stream))
+                .await
+                .expect("answer to Flush in time")
+                .expect("read")
+                .expect("open");
+            tags.push(m.tag);
+        }
+        assert_eq!(tags, b"1tT");
+        let mut request = message(b'B', b"\0\0\0\0\0\0\0\0");
+        request.extend(message(b'E', b"\0\0\0\0\0"));
+        request.extend(message(b'S', b""));
+        stream.write_all(&request).await.expect("send");
+        let answer = read_until_ready(&mut stream, second).await;
+        let port: u16 = raw::first_value(&answer)
+            .expect("row")
+            .parse()
+            .expect("port");
+        assert!(replicas.contains(&port), "ran on {port}");
+
+        // A read and a write in one write(): the write must not follow the read to a
+        // replica (it would fail with 25006).
+        let mut both = query("SELECT inet_server_port()");
+        both.extend(query("INSERT INTO t VALUES (1)"));
+        stream.write_all(&both).await.expect("send");
+        let first = read_until_ready(&mut stream, second).await;
+        let second_answer = read_until_ready(&mut stream, second).await;
+        assert!(first.iter().all(|m| m.tag != b'E'), "{first:?}");
+        assert!(
+            second_answer.iter().all(|m| m.tag != b'E'),
+            "write failed: {second_answer:?}"
+        );
+    }
+    // COPY ... TO STDOUT of a query is a read.
+    let out = client
+        .copy_out("COPY (SELECT inet_server_port()) TO STDOUT")
+        .await
+        .expect("copy out");
+    futures_util::pin_mut!(out);
+    let mut text = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut out).await {
+        text.extend_from_slice(&chunk.expect("copy data"));
+    }
+    let port: u16 = String::from_utf8_lossy(&text).trim().parse().expect("port");
+    assert!(replicas.contains(&port));
+    assert_eq!(
+        simple_value(&client, "/* pgrelay:primary */ SELECT count(*) FROM t").await,
+        "10"
+    );
+}
