@@ -464,3 +464,50 @@ async fn waiting_clients_are_served_in_fifo_order_transaction_mode() {
     sorted.sort();
     assert_eq!(ran_at, sorted, "served out of order");
 }
+
+/// Parse of the unnamed statement with Sync, then Bind + Execute in a later request
+/// (asyncpg with its statement cache off, `PQprepare` with an empty name): the client
+/// keeps its server until the statement has run, so another client's query cannot
+/// destroy it in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_statement_survives_a_sync_transaction_mode() {
+    use support::raw::{first_value, login_trust, message, read_until_ready};
+    use tokio::io::AsyncWriteExt;
+
+    let mut opts = options("transaction", 1);
+    opts.client_auth = "trust";
+    let env = start(opts).await;
+    let mut raw = login_trust(env.addr, APP_USER, APP_DB).await;
+    let wait = Duration::from_secs(10);
+    for round in 0..3 {
+        let mut prepare = message(b'P', b"\0SELECT $1::int + 1\0\0\0");
+        prepare.extend(message(b'D', b"S\0"));
+        prepare.extend(message(b'S', b""));
+        raw.write_all(&prepare).await.expect("send");
+        let answer = read_until_ready(&mut raw, wait).await;
+        assert!(answer.iter().all(|m| m.tag != b'E'), "{answer:?}");
+
+        // Another client wants the only server meanwhile (a simple query would
+        // destroy the unnamed statement on it).
+        let other = env.client().await;
+        let query = tokio::spawn(async move { simple_value(&other, "SELECT 1").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Bind (one text parameter "41") + Execute + Sync.
+        let mut run = message(b'B', b"\0\0\0\0\0\x01\0\0\0\x0241\0\0");
+        run.extend(message(b'E', b"\0\0\0\0\0"));
+        run.extend(message(b'S', b""));
+        raw.write_all(&run).await.expect("send");
+        let answer = read_until_ready(&mut raw, wait).await;
+        assert_eq!(
+            first_value(&answer).as_deref(),
+            Some("42"),
+            "round {round}: {answer:?}"
+        );
+        let other = tokio::time::timeout(wait, query)
+            .await
+            .expect("the other client ran once the statement had")
+            .expect("task");
+        assert_eq!(other, "1");
+    }
+}

@@ -52,6 +52,10 @@ pub struct Wire {
     pending: usize,
     /// Extended-protocol messages were sent after the last Sync.
     extended_open: bool,
+    /// The client parsed the unnamed statement and has not executed anything since
+    /// (asyncpg with its cache off, `PQprepare` with an empty name): the statement
+    /// lives only on this server, so the server stays with the client until it runs.
+    unnamed_unexecuted: bool,
     /// Syncs sent since the last Execute or Query. If a CopyDone or CopyFail follows,
     /// the server read them in COPY FROM STDIN mode, where it ignores Sync (libpq and
     /// tokio-postgres send Sync right after Execute, before the copy data), so they are
@@ -94,6 +98,7 @@ impl Wire {
             s2c: 0,
             pending: 0,
             extended_open: false,
+            unnamed_unexecuted: false,
             copy_syncs: 0,
             status: b'I',
             client_done: false,
@@ -222,6 +227,7 @@ impl Wire {
             ignored_syncs: 0,
             copy_syncs: self.copy_syncs,
             extended_open: self.extended_open,
+            unnamed_unexecuted: self.unnamed_unexecuted,
             terminate: false,
             bad_tag: None,
         };
@@ -239,6 +245,7 @@ impl Wire {
         self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
         self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
+        self.unnamed_unexecuted = state.unnamed_unexecuted;
         self.client_paused |= state.paused;
         if state.boundary.is_some() {
             self.last_boundary = state.boundary;
@@ -270,7 +277,7 @@ impl Wire {
         let buf = &server.rbuf()[self.s2c..];
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
-        let extended_open = self.extended_open;
+        let extended_open = self.extended_open || self.unnamed_unexecuted;
         let paused = self.client_paused;
         let mut resume = false;
         let scanned = self.server_scan.scan(buf, |tag, body| match (tag, body) {
@@ -487,6 +494,7 @@ struct ClientScan {
     ignored_syncs: usize,
     copy_syncs: usize,
     extended_open: bool,
+    unnamed_unexecuted: bool,
     terminate: bool,
     bad_tag: Option<u8>,
 }
@@ -522,6 +530,8 @@ impl ClientScan {
                 }
                 self.wire_pending += 1;
                 self.copy_syncs = 0;
+                // A simple query destroys the unnamed statement.
+                self.unnamed_unexecuted = false;
                 boundary
             }
             frontend::SYNC | frontend::FUNCTION_CALL => {
@@ -538,9 +548,17 @@ impl ClientScan {
             frontend::EXECUTE => {
                 self.copy_syncs = 0;
                 self.extended_open = true;
+                self.unnamed_unexecuted = false;
                 Step::Forward
             }
-            frontend::PARSE | frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
+            frontend::PARSE => {
+                self.extended_open = true;
+                if body.is_some_and(|b| b.first() == Some(&0)) {
+                    self.unnamed_unexecuted = true;
+                }
+                Step::Forward
+            }
+            frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
                 self.extended_open = true;
                 Step::Forward
             }
@@ -572,6 +590,7 @@ mod tests {
             ignored_syncs: 0,
             copy_syncs: 0,
             extended_open: false,
+            unnamed_unexecuted: false,
             terminate: false,
             bad_tag: None,
         };
