@@ -24,6 +24,14 @@ fn routed(mode: &'static str, routing: &[&str], weights: &[f64]) -> EnvOptions {
     }
 }
 
+/// The primary's port and the replicas'.
+fn ports(env: &TestEnv) -> (u16, HashSet<u16>) {
+    (
+        env.cluster.primary_port(),
+        env.cluster.replica_ports().into_iter().collect(),
+    )
+}
+
 /// Waits until pgrelay has measured both replicas and may read from them.
 async fn wait_readable(env: &TestEnv) {
     let ready = eventually(WAIT, || async {
@@ -71,8 +79,7 @@ async fn writes_reach_the_primary_and_reads_spread_by_weight() {
         &[0.0, 1.0, 3.0],
     ))
     .await;
-    let primary = env.cluster.primary_port();
-    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let (primary, replicas) = ports(&env);
     let client = env.client().await;
     client
         .batch_execute(
@@ -193,8 +200,7 @@ async fn transactions_stay_on_one_server() {
         &[0.0, 1.0, 1.0],
     ))
     .await;
-    let primary = env.cluster.primary_port();
-    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let (primary, replicas) = ports(&env);
     let client = env.client().await;
     client
         .batch_execute("CREATE TABLE t (id int)")
@@ -267,7 +273,7 @@ async fn clients_read_their_own_writes_from_lagging_replicas() {
     );
     options.server_conf = vec!["recovery_min_apply_delay = '300ms'".into()];
     let env = start(options.clone()).await;
-    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let (_, replicas) = ports(&env);
     let client = env.client().await;
     client
         .batch_execute("CREATE TABLE rw (n int)")
@@ -393,8 +399,7 @@ async fn session_mode_routes_per_statement_and_pins_session_state() {
         &[0.0, 1.0, 1.0],
     ))
     .await;
-    let primary = env.cluster.primary_port();
-    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let (primary, replicas) = ports(&env);
     wait_readable(&env).await;
 
     let client = env.client().await;
@@ -458,7 +463,7 @@ async fn flush_pipelines_and_copy_on_replicas() {
     );
     options.client_auth = "trust";
     let env = start(options).await;
-    let replicas: HashSet<u16> = env.cluster.replica_ports().into_iter().collect();
+    let (_, replicas) = ports(&env);
     let client = env.client().await;
     client
         .batch_execute("CREATE TABLE t (id int)")
