@@ -1,0 +1,266 @@
+//! Routing inside a session: which node runs the request that starts a transaction,
+//! the read-after-write policy (the LSN fence), session-mode pinning, and getting a
+//! server on the chosen node (a held one in session mode, else from the node's pool).
+
+use std::sync::Arc;
+
+use super::{server_error, Session};
+use crate::cluster::{NodeStats, Topology};
+use crate::config::{PoolMode, ReadAfterWrite};
+use crate::error::{ClientError, ErrorKind};
+use crate::pool::server::ServerError;
+use crate::pool::{Pool, ServerGuard};
+use crate::router::classify::{Reason, Target};
+use crate::router::{self, Choice, Dice, Router};
+
+/// A client's routing state.
+pub(super) struct Routing {
+    /// Requests are classified and routed (routing on, and replicas configured).
+    pub(super) enabled: bool,
+    /// Session mode: something the client did cannot follow it to another server, so
+    /// it stays on the primary server it holds (notifications, temp tables, ...).
+    pub(super) pinned: bool,
+    /// The client sent something that may have written.
+    wrote: bool,
+    /// A write since `fence` was taken: the next replica read needs a new fence.
+    fence_pending: bool,
+    /// The primary's WAL insert position after the client's last write: replicas must
+    /// have replayed this far to serve its reads (`read_after_write = "lsn"`).
+    fence: Option<u64>,
+    dice: Dice,
+}
+
+impl Routing {
+    pub(super) fn new(enabled: bool) -> Routing {
+        Routing {
+            enabled,
+            pinned: false,
+            wrote: false,
+            fence_pending: false,
+            fence: None,
+            dice: Dice::new(),
+        }
+    }
+}
+
+impl Session {
+    /// Routes the buffered request and returns a server on the chosen node. A replica
+    /// that cannot give a server hands the request to the primary instead.
+    pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
+        let node = self.route().await?;
+        match self.server_on(node).await {
+            Ok(guard) => Ok(guard),
+            Err(err) => {
+                let topology = self.shared.cluster.snapshot();
+                if let Some(state) = topology.nodes.get(node) {
+                    NodeStats::count(&state.stats.errors);
+                }
+                match topology.primary {
+                    Some(primary) if primary != node && err.kind == ErrorKind::ServerConnect => {
+                        tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
+                        self.server_on(primary).await
+                    }
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+
+    /// Decides which node runs the buffered request (the start of a transaction).
+    async fn route(&mut self) -> Result<usize, ClientError> {
+        let no_primary = || {
+            ClientError::fatal(
+                ErrorKind::ServerConnect,
+                "08006",
+                "no primary server is available",
+            )
+        };
+        if !self.routing.enabled || self.routing.pinned {
+            return self.shared.cluster.load().primary.ok_or_else(no_primary);
+        }
+        let topology = self.shared.cluster.snapshot();
+        let primary = topology.primary.ok_or_else(no_primary)?;
+        let plan = router::plan_request(
+            self.wire.request(&mut self.client),
+            &self.shared.router.classifier(),
+            &self.wire.statements,
+        );
+        if plan.session_state && self.mode == PoolMode::Session {
+            self.pin(primary, plan.reason).await;
+        }
+        let writes = plan.target == Target::Primary
+            || (!plan.functions.is_empty() && self.any_volatile(&plan.functions, primary).await?);
+        if writes {
+            self.routing.wrote = true;
+            self.routing.fence_pending = true;
+            NodeStats::count(&topology.nodes[primary].stats.writes);
+            return Ok(primary);
+        }
+        let node = match plan
+            .node
+            .filter(|&n| topology.nodes.get(n).is_some_and(|s| s.up))
+        {
+            // A statement it uses lives there.
+            Some(node) => node,
+            None => self.choose_reader(&topology, primary).await?,
+        };
+        NodeStats::count(&topology.nodes[node].stats.selects);
+        Ok(node)
+    }
+
+    /// The node for a read, under the read-after-write policy and the load balancer.
+    async fn choose_reader(
+        &mut self,
+        topology: &Topology,
+        primary: usize,
+    ) -> Result<usize, ClientError> {
+        let (read_after_write, load_balance, prefer_lower_lag) = {
+            let config = self.shared.config.load();
+            let r = &config.routing;
+            (r.read_after_write, r.load_balance, r.prefer_lower_lag)
+        };
+        let fence = match read_after_write {
+            ReadAfterWrite::Off | ReadAfterWrite::Transaction => None,
+            ReadAfterWrite::Session if self.routing.wrote => return Ok(primary),
+            ReadAfterWrite::Session => None,
+            ReadAfterWrite::Lsn => {
+                if self.routing.fence_pending && topology.has_readable_replica() {
+                    self.routing.fence = Some(self.primary_wal_position(primary).await?);
+                    self.routing.fence_pending = false;
+                }
+                // Without a fresh fence no replica qualifies.
+                Some(match self.routing.fence_pending {
+                    true => u64::MAX,
+                    false => self.routing.fence.unwrap_or(0),
+                })
+            }
+        };
+        let pools = &self.pools;
+        let busy = |node: usize| {
+            pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
+                let (idle, total, _) = p.counts();
+                total - idle
+            })
+        };
+        let choice = Choice {
+            load_balance,
+            prefer_lower_lag,
+            fence,
+            busy: &busy,
+        };
+        Ok(router::pick(
+            topology,
+            &choice,
+            &self.shared.router,
+            &mut self.routing.dice,
+        )
+        .unwrap_or(primary))
+    }
+
+    /// Session mode: keeps the client on its primary server from now on, and lets the
+    /// servers it held elsewhere go.
+    async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
+        tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
+        self.routing.pinned = true;
+        self.wire.transaction_pooling = false;
+        for node in 0..self.held.len() {
+            if node != primary {
+                if let Some(guard) = self.held[node].take() {
+                    self.farewell(guard, true).await;
+                }
+            }
+        }
+    }
+
+    /// A server on `node`: the one this client holds there (session mode), or one
+    /// from the node's pool.
+    async fn server_on(&mut self, node: usize) -> Result<ServerGuard, ClientError> {
+        if let Some(guard) = self.held.get_mut(node).and_then(Option::take) {
+            return Ok(guard);
+        }
+        let pool = self.pool_on(node)?;
+        self.checkout_reconciled(&pool).await
+    }
+
+    fn pool_on(&mut self, node: usize) -> Result<Arc<Pool>, ClientError> {
+        if let Some(Some(pool)) = self.pools.get(node) {
+            return Ok(pool.clone());
+        }
+        let config = self.shared.config.load();
+        let pool = self
+            .shared
+            .node_pool(&config, node, &self.login.database, &self.login.user)?;
+        if let Some(slot) = self.pools.get_mut(node) {
+            *slot = Some(pool.clone());
+        }
+        Ok(pool)
+    }
+
+    /// Runs a one-value query on the primary (a held server, or one from the pool).
+    async fn primary_value(
+        &mut self,
+        primary: usize,
+        sql: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let mut guard = self.server_on(primary).await?;
+        let result = guard.server().query_value(sql).await;
+        let reusable = matches!(&result, Ok(_) | Err(ServerError::Query(_)));
+        if reusable {
+            match self.mode {
+                PoolMode::Session => self.held[primary] = Some(guard),
+                PoolMode::Transaction => guard.release(),
+            }
+        }
+        result.map_err(server_error)
+    }
+
+    /// The primary's WAL insert position: at or past the end of every commit so far.
+    async fn primary_wal_position(&mut self, primary: usize) -> Result<u64, ClientError> {
+        let value = self
+            .primary_value(
+                primary,
+                "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+            )
+            .await?;
+        value
+            .as_deref()
+            .and_then(crate::cluster::parse_lsn)
+            .ok_or_else(|| {
+                ClientError::error(
+                    ErrorKind::ServerConnect,
+                    "08006",
+                    "could not read the primary's WAL position",
+                )
+            })
+    }
+
+    /// Whether any of `functions` is volatile in the client's database (looked up once
+    /// per name on the primary; names PostgreSQL does not know count as volatile).
+    async fn any_volatile(
+        &mut self,
+        functions: &[Box<str>],
+        primary: usize,
+    ) -> Result<bool, ClientError> {
+        let database = self.login.database.clone();
+        for function in functions {
+            let volatile = match self.shared.router.volatility(&database, function) {
+                Some(known) => known,
+                None => {
+                    let answer = self
+                        .primary_value(primary, &Router::volatility_query(function))
+                        .await?;
+                    let volatile = answer.as_deref() != Some("f");
+                    self.shared
+                        .router
+                        .learn_volatility(&database, function, volatile);
+                    tracing::debug!(%function, volatile, "learned a function's volatility");
+                    volatile
+                }
+            };
+            if volatile {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
