@@ -532,3 +532,45 @@ async fn flush_pipelines_and_copy_on_replicas() {
         "10"
     );
 }
+
+/// Round robin takes the nodes in turn; a reload that turns routing off sends new
+/// sessions to the primary, and one that turns it back on spreads them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_and_reloaded_routing() {
+    let mut options = routed(
+        "transaction",
+        &[
+            "read_after_write = \"off\"",
+            "load_balance = \"round_robin\"",
+        ],
+        &[1.0, 1.0, 1.0],
+    );
+    let env = start(options.clone()).await;
+    let (primary, _) = ports(&env);
+    wait_readable(&env).await;
+    let client = env.client().await;
+    let seen = read_ports(&client, 90).await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 30), "{seen:?}");
+
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    let reload = |options: &EnvOptions| {
+        std::fs::write(
+            file.path(),
+            support::config_text(options, &env.cluster.ports()),
+        )
+        .expect("write config");
+        env.relay.reload(file.path()).expect("reload");
+    };
+    options.routing.push("enabled = false".into());
+    reload(&options);
+    let off = env.client().await;
+    assert_eq!(
+        read_ports(&off, 30).await.keys().collect::<Vec<_>>(),
+        [&primary]
+    );
+    options.routing.pop();
+    reload(&options);
+    let on = env.client().await;
+    assert_eq!(read_ports(&on, 30).await.len(), 3);
+}
