@@ -190,7 +190,8 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
                         &[][..]
                     })
             }
-            frontend::DESCRIBE => {
+            // Closing a statement belongs where the statement lives, too.
+            frontend::DESCRIBE | frontend::CLOSE => {
                 if let [b'S', rest @ ..] = body {
                     if let Some((statement, _)) = read_cstr(rest) {
                         use_statement(&mut plan, statement, &parsed_here, statements);
@@ -547,6 +548,12 @@ mod tests {
             msg(b, b'S', b"");
         });
         let plan = plan_request(&later, &classifier, &statements);
+        assert_eq!((plan.target, plan.node), (Target::Replica, Some(2)));
+        let close = request(|b| {
+            msg(b, b'C', b"Ss1\0");
+            msg(b, b'S', b"");
+        });
+        let plan = plan_request(&close, &classifier, &statements);
         assert_eq!((plan.target, plan.node), (Target::Replica, Some(2)));
         statements.observe(b'C', b"Ss1\0", 2);
         let plan = plan_request(&later, &classifier, &statements);
