@@ -57,9 +57,14 @@ async fn read_ports(client: &tokio_postgres::Client, n: usize) -> HashMap<u16, u
     seen
 }
 
-/// Waits until every replica has replayed everything the primary has written.
+/// Waits until every replica has replayed everything the primary has written. The
+/// insert position, not the write position: the test clusters run with
+/// `synchronous_commit = off`, so a commit may not be written yet when it returns.
 async fn wait_caught_up(env: &TestEnv) {
-    let target = env.psql_direct(env.cluster.primary_port(), "SELECT pg_current_wal_lsn()");
+    let target = env.psql_direct(
+        env.cluster.primary_port(),
+        "SELECT pg_current_wal_insert_lsn()",
+    );
     for port in env.cluster.replica_ports() {
         let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{}'", target.trim());
         let caught_up = eventually(WAIT, || {

@@ -20,14 +20,21 @@ pub(super) struct Routing {
     /// Session mode: something the client did cannot follow it to another server, so
     /// it stays on the primary server it holds (notifications, temp tables, ...).
     pub(super) pinned: bool,
-    /// The client sent something that may have written.
-    wrote: bool,
-    /// A write since `fence` was taken: the next replica read needs a new fence.
-    fence_pending: bool,
-    /// The primary's WAL insert position after the client's last write: replicas must
-    /// have replayed this far to serve its reads (`read_after_write = "lsn"`).
-    fence: Option<u64>,
+    writes: Writes,
     dice: Dice,
+}
+
+/// What a client's reads must see of its own writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// It has sent nothing that may write.
+    None,
+    /// It may have written since the last fence was taken: the next replica read takes
+    /// a new one.
+    Unfenced,
+    /// The primary's WAL insert position after its last write: replicas must have
+    /// replayed this far to serve its reads (`read_after_write = "lsn"`).
+    Fenced(u64),
 }
 
 impl Routing {
@@ -35,9 +42,7 @@ impl Routing {
         Routing {
             enabled,
             pinned: false,
-            wrote: false,
-            fence_pending: false,
-            fence: None,
+            writes: Writes::None,
             dice: Dice::new(),
         }
     }
@@ -91,8 +96,7 @@ impl Session {
         let writes = plan.target == Target::Primary
             || (!plan.functions.is_empty() && self.any_volatile(&plan.functions, primary).await?);
         if writes {
-            self.routing.wrote = true;
-            self.routing.fence_pending = true;
+            self.routing.writes = Writes::Unfenced;
             NodeStats::count(&topology.nodes[primary].stats.writes);
             return Ok(primary);
         }
@@ -121,18 +125,19 @@ impl Session {
         };
         let fence = match read_after_write {
             ReadAfterWrite::Off | ReadAfterWrite::Transaction => None,
-            ReadAfterWrite::Session if self.routing.wrote => return Ok(primary),
+            ReadAfterWrite::Session if self.routing.writes != Writes::None => return Ok(primary),
             ReadAfterWrite::Session => None,
             ReadAfterWrite::Lsn => {
-                if self.routing.fence_pending && topology.has_readable_replica() {
-                    self.routing.fence = Some(self.primary_wal_position(primary).await?);
-                    self.routing.fence_pending = false;
+                if self.routing.writes == Writes::Unfenced && topology.has_readable_replica() {
+                    let lsn = self.primary_wal_position(primary).await?;
+                    self.routing.writes = Writes::Fenced(lsn);
                 }
-                // Without a fresh fence no replica qualifies.
-                Some(match self.routing.fence_pending {
-                    true => u64::MAX,
-                    false => self.routing.fence.unwrap_or(0),
-                })
+                match self.routing.writes {
+                    Writes::None => None,
+                    Writes::Fenced(lsn) => Some(lsn),
+                    // No replica to fence against: the primary takes it.
+                    Writes::Unfenced => return Ok(primary),
+                }
             }
         };
         let pools = &self.pools;
