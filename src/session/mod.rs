@@ -129,6 +129,7 @@ impl Session {
             attachment: Attachment::Detached,
             waiter: Arc::default(),
         };
+        session.wire.track_statements = routes;
         match session.greet().await {
             Ok(()) => Ok(session),
             Err(err) => Err((session.client, err)),

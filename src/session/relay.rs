@@ -75,8 +75,10 @@ pub struct Wire {
     /// The message that ended the last request read while detached (Query, Sync,
     /// Flush or FunctionCall): a Flush means the client has not finished it yet.
     last_boundary: Option<u8>,
-    /// Where the client's prepared statements were parsed (for routing).
+    /// Where the client's prepared statements were parsed (kept only when routing).
     pub statements: StatementNodes,
+    /// Track `statements` (routing is on for this client).
+    pub track_statements: bool,
     /// The node of the server being relayed to.
     pub node: usize,
     /// Routing on a replica: forward one request at a time, so that a request the
@@ -109,6 +111,7 @@ impl Wire {
             transaction_pooling,
             last_boundary: None,
             statements: StatementNodes::default(),
+            track_statements: false,
             node: 0,
             hold_at_boundary: false,
             client_paused: false,
@@ -149,6 +152,9 @@ impl Wire {
     /// Records the statements a just-routed request parses or closes on `node`.
     pub fn record_request(&mut self, client: &mut Conn<Stream>, node: usize) {
         self.node = node;
+        if !self.track_statements {
+            return;
+        }
         let mut request = &client.rbuf()[..self.c2s];
         while let Ok(Some((tag, total))) = crate::protocol::header(request, MAX_MESSAGE_LEN) {
             let Some(body) = request.get(5..total) else {
@@ -232,8 +238,9 @@ impl Wire {
             bad_tag: None,
         };
         let (statements, node) = (&mut self.statements, self.node);
+        let track = attached && self.track_statements;
         let scanned = self.client_scan.scan(buf, |tag, body| {
-            if attached {
+            if track {
                 if let Some(body) =
                     body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
                 {
