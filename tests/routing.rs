@@ -76,6 +76,14 @@ async fn wait_caught_up(env: &TestEnv) {
     }
 }
 
+/// Creates `schema` through pgrelay, then waits until both replicas have it and
+/// pgrelay reads from them.
+async fn with_schema(env: &TestEnv, client: &tokio_postgres::Client, schema: &str) {
+    client.batch_execute(schema).await.expect("schema");
+    wait_caught_up(env).await;
+    wait_readable(env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_the_primary_and_reads_spread_by_weight() {
     let env = start(routed(
@@ -86,16 +94,9 @@ async fn writes_reach_the_primary_and_reads_spread_by_weight() {
     .await;
     let (primary, replicas) = ports(&env);
     let client = env.client().await;
-    client
-        .batch_execute(
-            "CREATE TABLE t (id int); CREATE SEQUENCE s; \
+    with_schema(&env, &client, "CREATE TABLE t (id int); CREATE SEQUENCE s; \
              CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'INSERT INTO t VALUES (7) RETURNING 1'; \
-             CREATE FUNCTION quiet() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1'",
-        )
-        .await
-        .expect("schema");
-    wait_caught_up(&env).await;
-    wait_readable(&env).await;
+             CREATE FUNCTION quiet() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1'").await;
 
     // Each would fail with 25006 (read-only transaction) on a replica.
     let writes = [
@@ -207,12 +208,7 @@ async fn transactions_stay_on_one_server() {
     .await;
     let (primary, replicas) = ports(&env);
     let client = env.client().await;
-    client
-        .batch_execute("CREATE TABLE t (id int)")
-        .await
-        .expect("schema");
-    wait_caught_up(&env).await;
-    wait_readable(&env).await;
+    with_schema(&env, &client, "CREATE TABLE t (id int)").await;
 
     for _ in 0..10 {
         // A transaction of unknown intent runs on the primary, every statement of it.
@@ -280,12 +276,7 @@ async fn clients_read_their_own_writes_from_lagging_replicas() {
     let env = start(options.clone()).await;
     let (_, replicas) = ports(&env);
     let client = env.client().await;
-    client
-        .batch_execute("CREATE TABLE rw (n int)")
-        .await
-        .expect("schema");
-    wait_caught_up(&env).await;
-    wait_readable(&env).await;
+    with_schema(&env, &client, "CREATE TABLE rw (n int)").await;
 
     let mut stale = 0;
     for i in 1..=1000 {
@@ -470,12 +461,7 @@ async fn flush_pipelines_and_copy_on_replicas() {
     let env = start(options).await;
     let (_, replicas) = ports(&env);
     let client = env.client().await;
-    client
-        .batch_execute("CREATE TABLE t (id int)")
-        .await
-        .expect("schema");
-    wait_caught_up(&env).await;
-    wait_readable(&env).await;
+    with_schema(&env, &client, "CREATE TABLE t (id int)").await;
     let second = Duration::from_secs(10);
 
     let mut stream = raw::login_trust(env.addr, support::APP_USER, support::APP_DB).await;

@@ -23,8 +23,9 @@ use classify::{Classifier, Reason, Target};
 /// Shared routing state: the classifier and what has been learned about functions.
 pub struct Router {
     classifier: ArcSwap<Classifier>,
-    /// `(database, function)` → whether some function of that name is volatile.
-    volatile: DashMap<(Box<str>, Box<str>), bool>,
+    /// Database → function → whether some function of that name is volatile. Nested
+    /// so that a lookup borrows the names instead of allocating a key.
+    volatile: DashMap<Box<str>, HashMap<Box<str>, bool>>,
     /// The round-robin position.
     turn: AtomicUsize,
 }
@@ -59,13 +60,15 @@ impl Router {
     /// What is known of a function's volatility in `database`.
     pub fn volatility(&self, database: &str, function: &str) -> Option<bool> {
         self.volatile
-            .get(&(database.into(), function.into()))
-            .map(|v| *v)
+            .get(database)
+            .and_then(|functions| functions.get(function).copied())
     }
 
     pub fn learn_volatility(&self, database: &str, function: &str, volatile: bool) {
         self.volatile
-            .insert((database.into(), function.into()), volatile);
+            .entry(database.into())
+            .or_default()
+            .insert(function.into(), volatile);
     }
 
     /// The query that tells whether any function called `name` is volatile (unknown

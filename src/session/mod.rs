@@ -309,12 +309,18 @@ impl Session {
         if let Attachment::Attached(guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
         {
-            match self.mode {
-                PoolMode::Transaction => guard.release(),
-                PoolMode::Session => {
-                    let node = guard.pool().key.node;
-                    self.held[node] = Some(guard);
-                }
+            self.put_back(guard);
+        }
+    }
+
+    /// An idle, clean server the client is done with for now: session mode keeps it
+    /// for the client's next request on that node, transaction mode returns it.
+    fn put_back(&mut self, guard: ServerGuard) {
+        match self.mode {
+            PoolMode::Transaction => guard.release(),
+            PoolMode::Session => {
+                let node = guard.pool().key.node;
+                self.held[node] = Some(guard);
             }
         }
     }

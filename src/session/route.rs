@@ -211,10 +211,7 @@ impl Session {
         let result = guard.server().query_value(sql).await;
         let reusable = matches!(&result, Ok(_) | Err(ServerError::Query(_)));
         if reusable {
-            match self.mode {
-                PoolMode::Session => self.held[primary] = Some(guard),
-                PoolMode::Transaction => guard.release(),
-            }
+            self.put_back(guard);
         }
         result.map_err(server_error)
     }
@@ -246,9 +243,12 @@ impl Session {
         functions: &[Box<str>],
         primary: usize,
     ) -> Result<bool, ClientError> {
-        let database = self.login.database.clone();
         for function in functions {
-            let volatile = match self.shared.router.volatility(&database, function) {
+            let known = self
+                .shared
+                .router
+                .volatility(&self.login.database, function);
+            let volatile = match known {
                 Some(known) => known,
                 None => {
                     let answer = self
@@ -257,7 +257,7 @@ impl Session {
                     let volatile = answer.as_deref() != Some("f");
                     self.shared
                         .router
-                        .learn_volatility(&database, function, volatile);
+                        .learn_volatility(&self.login.database, function, volatile);
                     tracing::debug!(%function, volatile, "learned a function's volatility");
                     volatile
                 }
