@@ -317,60 +317,68 @@ pub fn pick(
     }
     let mut candidates = &mut candidates[..count];
     if choice.prefer_lower_lag {
-        let replica_lag = |i: usize| topology.nodes[i].lag.map(|l| l.bytes);
-        let least = candidates
-            .iter()
-            .filter(|&&i| Some(i) != topology.primary)
-            .filter_map(|&i| replica_lag(i))
-            .min();
-        if let Some(least) = least {
-            let mut kept = 0;
-            for k in 0..candidates.len() {
-                let i = candidates[k];
-                if Some(i) != topology.primary && replica_lag(i) == Some(least) {
-                    candidates[kept] = i;
-                    kept += 1;
-                }
-            }
-            candidates = &mut candidates[..kept];
-        }
+        let kept = keep_least_lagging(topology, candidates);
+        candidates = &mut candidates[..kept];
     }
     match candidates.len() {
-        0 => return None,
-        1 => return Some(candidates[0]),
-        _ => {}
+        0 => None,
+        1 => Some(candidates[0]),
+        _ => Some(balance(topology, candidates, choice, router, dice)),
     }
-    Some(match choice.load_balance {
+}
+
+/// Moves the replicas with the least lag (bytes) to the front of `candidates` and
+/// returns how many there are; with no replica among them, keeps them all.
+fn keep_least_lagging(topology: &Topology, candidates: &mut [usize]) -> usize {
+    let replica_lag = |i: usize| {
+        (Some(i) != topology.primary)
+            .then(|| topology.nodes[i].lag.map(|l| l.bytes))
+            .flatten()
+    };
+    let Some(least) = candidates.iter().filter_map(|&i| replica_lag(i)).min() else {
+        return candidates.len();
+    };
+    let mut kept = 0;
+    for k in 0..candidates.len() {
+        let i = candidates[k];
+        if replica_lag(i) == Some(least) {
+            candidates[kept] = i;
+            kept += 1;
+        }
+    }
+    kept
+}
+
+/// One of two or more candidates, by the configured policy.
+fn balance(
+    topology: &Topology,
+    candidates: &[usize],
+    choice: &Choice<'_>,
+    router: &Router,
+    dice: &mut Dice,
+) -> usize {
+    match choice.load_balance {
         LoadBalance::WeightedRandom => {
             let total: f64 = candidates.iter().map(|&i| topology.nodes[i].weight).sum();
             let mut point = dice.unit() * total;
-            let mut chosen = candidates[candidates.len() - 1];
-            for &i in candidates.iter() {
+            for &i in candidates {
                 point -= topology.nodes[i].weight;
                 if point < 0.0 {
-                    chosen = i;
-                    break;
+                    return i;
                 }
             }
-            chosen
+            candidates[candidates.len() - 1]
         }
         LoadBalance::RoundRobin => candidates[router.next_turn() % candidates.len()],
         LoadBalance::LeastConnections => {
             // Ties go round in turn, so idle nodes share the first reads.
             let start = router.next_turn() % candidates.len();
-            let mut best = candidates[start];
-            let mut best_busy = (choice.busy)(best);
-            for k in 1..candidates.len() {
-                let i = candidates[(start + k) % candidates.len()];
-                let busy = (choice.busy)(i);
-                if busy < best_busy {
-                    best = i;
-                    best_busy = busy;
-                }
-            }
-            best
+            (0..candidates.len())
+                .map(|k| candidates[(start + k) % candidates.len()])
+                .min_by_key(|&i| (choice.busy)(i))
+                .unwrap_or(candidates[start])
         }
-    })
+    }
 }
 
 #[cfg(test)]
