@@ -25,7 +25,7 @@ use crate::stream::{Conn, Stream};
 use crate::Shared;
 use params::ParamSet;
 use relay::{RelayEnd, Wire};
-use route::Routing;
+use route::{RouteMode, Routing};
 use state::{Attachment, Farewell};
 
 /// Serves one accepted client connection to its end.
@@ -183,7 +183,7 @@ impl Session {
             self.cancel = handle;
         }
         let node = pool.key.node;
-        if self.routing.enabled {
+        if self.routing.mode != RouteMode::Off {
             self.held[node] = Some(guard);
         } else {
             self.cancel.set(Some(server.cancel_target())).await;
@@ -277,8 +277,7 @@ impl Session {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
                 let node = guard.pool().key.node;
                 self.wire.record_request(&mut self.client, node);
-                self.wire.hold_at_boundary = self.routing.enabled
-                    && !self.routing.pinned
+                self.wire.hold_at_boundary = self.routing.mode == RouteMode::PerRequest
                     && self.shared.cluster.load().primary != Some(node);
                 self.attachment = Attachment::Attached(guard);
             }

@@ -15,13 +15,21 @@ use crate::router::{self, Choice, Dice, Router};
 
 /// A client's routing state.
 pub(super) struct Routing {
-    /// Requests are classified and routed (routing on, and replicas configured).
-    pub(super) enabled: bool,
-    /// Session mode: something the client did cannot follow it to another server, so
-    /// it stays on the primary server it holds (notifications, temp tables, ...).
-    pub(super) pinned: bool,
+    pub(super) mode: RouteMode,
     writes: Writes,
     dice: Dice,
+}
+
+/// Whether a client's requests are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RouteMode {
+    /// Routing is off, or there is only one backend: everything goes to the primary.
+    Off,
+    /// Each request that starts a transaction is classified and routed.
+    PerRequest,
+    /// Session mode: something the client did cannot follow it to another server, so
+    /// it stays on the primary server it holds (notifications, temp tables, ...).
+    Pinned,
 }
 
 /// What a client's reads must see of its own writes.
@@ -40,8 +48,11 @@ enum Writes {
 impl Routing {
     pub(super) fn new(enabled: bool) -> Routing {
         Routing {
-            enabled,
-            pinned: false,
+            mode: if enabled {
+                RouteMode::PerRequest
+            } else {
+                RouteMode::Off
+            },
             writes: Writes::None,
             dice: Dice::new(),
         }
@@ -80,7 +91,7 @@ impl Session {
                 "no primary server is available",
             )
         };
-        if !self.routing.enabled || self.routing.pinned {
+        if self.routing.mode != RouteMode::PerRequest {
             return self.shared.cluster.load().primary.ok_or_else(no_primary);
         }
         let topology = self.shared.cluster.snapshot();
@@ -166,7 +177,7 @@ impl Session {
     /// servers it held elsewhere go.
     async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
         tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
-        self.routing.pinned = true;
+        self.routing.mode = RouteMode::Pinned;
         self.wire.transaction_pooling = false;
         for node in 0..self.held.len() {
             if node != primary {
