@@ -39,6 +39,13 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
     let Some(primary) = topology.primary else {
         return;
     };
+    if !topology
+        .nodes
+        .iter()
+        .any(|n| n.up && n.role == Role::Replica)
+    {
+        return; // nothing to measure: a lone primary costs no query a second
+    }
     let Some(primary_lsn) = ask(shared, conns, primary, PRIMARY_SQL)
         .await
         .and_then(|v| parse_lsn(&v))

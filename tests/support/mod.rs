@@ -45,6 +45,8 @@ pub struct EnvOptions {
     pub routing: Vec<String>,
     /// `backends.weight` per node, primary first (missing: the default).
     pub weights: Vec<f64>,
+    /// Whole sections appended after the rest (e.g. `"[health_check]\nperiod = \"1h\""`).
+    pub sections: Vec<String>,
 }
 
 impl Default for EnvOptions {
@@ -62,6 +64,7 @@ impl Default for EnvOptions {
             server_conf: Vec::new(),
             routing: Vec::new(),
             weights: Vec::new(),
+            sections: Vec::new(),
         }
     }
 }
@@ -169,6 +172,10 @@ pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
         text.push_str(&format!(
             "[[users]]\nname = \"{name}\"\npassword = \"{password}\"\n"
         ));
+    }
+    for section in &options.sections {
+        text.push_str(section);
+        text.push('\n');
     }
     text
 }
