@@ -15,6 +15,7 @@
 //! pgrelay can close its own idle server connections to `x` first.
 
 mod ast;
+pub mod effects;
 mod lexer;
 mod lists;
 mod scan;

@@ -59,7 +59,7 @@ impl<'l, 'a> Statement<'l, 'a> {
         }
     }
 
-    fn next(&mut self) -> Option<Token<'a>> {
+    pub(super) fn next(&mut self) -> Option<Token<'a>> {
         if self.done {
             return None;
         }

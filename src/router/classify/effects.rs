@@ -1,0 +1,392 @@
+//! What a statement string does to the session it runs in, for transaction pooling:
+//! which settings it changes, what it may leave behind that cannot move to another
+//! server (and so pins the client), and what may release such state.
+//!
+//! Like the classifier, it is a lexical pass over borrowed tokens. The common case (one
+//! statement whose first keyword is none of these commands, no function of interest in
+//! the text) looks at one token and does not allocate.
+
+use super::lexer::{identifier, is, Lexer, Token};
+use super::scan::Statement;
+
+/// Settings the server reports with ParameterStatus: their changes are followed from
+/// the messages, not from SQL.
+const REPORTED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+    "is_superuser",
+    "session_authorization",
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "default_transaction_read_only",
+    "in_hot_standby",
+];
+
+/// Function calls that take session-level advisory locks.
+const LOCKING: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// What one statement string does to its session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// Settings changed or reset for the session (`SET`, `RESET`, `SET SESSION
+    /// CHARACTERISTICS`), lower-case names, except reported ones. Their values are
+    /// read back from the server once the transaction is over.
+    pub settings: Vec<Box<str>>,
+    /// `RESET ALL` (or `DISCARD ALL`): every setting back to its session default.
+    pub reset_all: bool,
+    /// `DEALLOCATE ALL` (or `DISCARD ALL`): every prepared statement is gone.
+    pub deallocate_all: bool,
+    /// May leave state behind that cannot move to another server: `LISTEN`,
+    /// `CREATE TEMP`, `DECLARE ... WITH HOLD`, SQL `PREPARE`, session advisory locks.
+    /// Whether it did is asked of the server afterwards.
+    pub may_pin: bool,
+    /// May release such state: `UNLISTEN`, `DROP`, `CLOSE`, `DEALLOCATE`, `DISCARD`,
+    /// advisory unlocks, and transaction ends (`ON COMMIT DROP` temp tables).
+    pub may_release: bool,
+    /// State the server cannot be asked about: the client stays on its server for good.
+    pub pin: Option<&'static str>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        *self == Effects::default()
+    }
+
+    /// Adds another string's effects.
+    pub fn merge(&mut self, other: Effects) {
+        for name in other.settings {
+            if !self.settings.contains(&name) {
+                self.settings.push(name);
+            }
+        }
+        self.reset_all |= other.reset_all;
+        self.deallocate_all |= other.deallocate_all;
+        self.may_pin |= other.may_pin;
+        self.may_release |= other.may_release;
+        self.pin = self.pin.or(other.pin);
+    }
+}
+
+/// The effects of a statement string (a Query or a Parse text).
+pub fn session_effects(sql: &[u8]) -> Effects {
+    let mut effects = Effects::default();
+    let calls = mentions_session_function(sql);
+    // standard_conforming_strings only moves string ends; both readings agree on the
+    // keywords of ordinary text, and the cautious reading is taken by the classifier.
+    let mut lexer = Lexer::new(sql, false);
+    lexer.skip_space_and_comments(|_| {});
+    loop {
+        let mut stmt = Statement::new(&mut lexer);
+        statement(&mut stmt, &mut effects);
+        if calls {
+            function_calls(&mut stmt, &mut effects);
+        }
+        if !sql.contains(&b';') {
+            // One statement: the rest of its tokens change nothing.
+            break;
+        }
+        stmt.drain();
+        if stmt.last {
+            break;
+        }
+    }
+    effects
+}
+
+/// If `sql` is exactly one `DEALLOCATE [PREPARE] name` (not ALL), the name as
+/// PostgreSQL folds it.
+pub fn deallocate_name(sql: &[u8]) -> Option<String> {
+    let mut lexer = Lexer::new(sql, false);
+    lexer.skip_space_and_comments(|_| {});
+    let mut stmt = Statement::new(&mut lexer);
+    if !matches!(stmt.next(), Some(Token::Word(w)) if is(w, "deallocate")) {
+        return None;
+    }
+    let mut token = stmt.next()?;
+    if matches!(token, Token::Word(w) if is(w, "prepare")) {
+        token = stmt.next()?;
+    }
+    if matches!(token, Token::Word(w) if is(w, "all")) {
+        return None;
+    }
+    let name = identifier(token)?;
+    if stmt.next().is_some() {
+        return None;
+    }
+    // Nothing but space and comments after the `;`.
+    if !stmt.last && lexer.next_token().is_some() {
+        return None;
+    }
+    Some(name)
+}
+
+fn mentions_session_function(sql: &[u8]) -> bool {
+    contains_ci(sql, b"advisory") || contains_ci(sql, b"set_config") || contains_ci(sql, b"dblink_connect")
+}
+
+fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+fn word<'a>(token: Option<Token<'a>>) -> Option<&'a [u8]> {
+    match token {
+        Some(Token::Word(w)) => Some(w),
+        _ => None,
+    }
+}
+
+fn statement(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    let Some(first) = word(stmt.next()) else {
+        return;
+    };
+    let kw = |k: &str| is(first, k);
+    if kw("set") {
+        set(stmt, effects);
+    } else if kw("reset") {
+        reset(stmt, effects);
+    } else if kw("discard") {
+        effects.may_release = true;
+        if word(stmt.next()).is_some_and(|w| is(w, "all")) {
+            effects.reset_all = true;
+            effects.deallocate_all = true;
+        }
+    } else if kw("deallocate") {
+        effects.may_release = true;
+        let mut next = word(stmt.next());
+        if next.is_some_and(|w| is(w, "prepare")) {
+            next = word(stmt.next());
+        }
+        if next.is_some_and(|w| is(w, "all")) {
+            effects.deallocate_all = true;
+        }
+    } else if kw("listen") || kw("declare") || kw("prepare") {
+        // DECLARE without HOLD and PREPARE TRANSACTION leave nothing; the server check
+        // afterwards finds that out.
+        effects.may_pin = true;
+    } else if kw("create") {
+        while let Some(w) = word(stmt.next()) {
+            if is(w, "temp") || is(w, "temporary") {
+                effects.may_pin = true;
+                break;
+            }
+            if !(is(w, "or") || is(w, "replace") || is(w, "global") || is(w, "local")) {
+                break;
+            }
+        }
+    } else if kw("unlisten")
+        || kw("drop")
+        || kw("close")
+        || kw("commit")
+        || kw("end")
+        || kw("rollback")
+        || kw("abort")
+    {
+        effects.may_release = true;
+    } else if kw("load") {
+        effects.pin = effects.pin.or(Some("LOAD"));
+    }
+}
+
+fn set(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    let mut token = stmt.next();
+    if word(token).is_some_and(|w| is(w, "local") || is(w, "transaction") || is(w, "constraints"))
+    {
+        return; // lasts until the transaction ends
+    }
+    if word(token).is_some_and(|w| is(w, "session")) {
+        token = stmt.next();
+        match word(token) {
+            Some(w) if is(w, "authorization") => {
+                effects.pin = effects.pin.or(Some("SET SESSION AUTHORIZATION"));
+                return;
+            }
+            Some(w) if is(w, "characteristics") => {
+                for name in [
+                    "default_transaction_isolation",
+                    "default_transaction_deferrable",
+                ] {
+                    effects.settings.push(name.into());
+                }
+                return;
+            }
+            _ => {}
+        }
+    }
+    let name = match word(token) {
+        Some(w) if is(w, "time") => "timezone".to_owned(),
+        Some(w) if is(w, "schema") => "search_path".to_owned(),
+        Some(w) if is(w, "names") => "client_encoding".to_owned(),
+        _ => match token.and_then(identifier) {
+            Some(name) => dotted(stmt, name),
+            None => return,
+        },
+    };
+    setting(effects, name);
+}
+
+fn reset(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    let token = stmt.next();
+    let name = match word(token) {
+        Some(w) if is(w, "all") => {
+            effects.reset_all = true;
+            return;
+        }
+        Some(w) if is(w, "time") => "timezone".to_owned(),
+        Some(w) if is(w, "session") => {
+            // RESET SESSION AUTHORIZATION: a pin taken by SET stays.
+            return;
+        }
+        _ => match token.and_then(identifier) {
+            Some(name) => dotted(stmt, name),
+            None => return,
+        },
+    };
+    setting(effects, name);
+}
+
+/// A custom setting's name is `prefix.name`.
+fn dotted(stmt: &mut Statement<'_, '_>, mut name: String) -> String {
+    if stmt.next() == Some(Token::Punct(b'.')) {
+        if let Some(rest) = stmt.next().and_then(identifier) {
+            name.push('.');
+            name.push_str(&rest);
+        }
+    }
+    name
+}
+
+fn setting(effects: &mut Effects, name: String) {
+    let name = name.to_ascii_lowercase();
+    if !REPORTED.contains(&name.as_str()) && !effects.settings.iter().any(|n| **n == *name) {
+        effects.settings.push(name.into());
+    }
+}
+
+/// Looks at every call in the rest of the statement.
+fn function_calls(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    let mut previous: Option<Token<'_>> = None;
+    while let Some(token) = stmt.next() {
+        if token == Token::Punct(b'(') {
+            if let Some(name) = previous.and_then(identifier) {
+                if LOCKING.contains(&name.as_str()) {
+                    effects.may_pin = true;
+                } else if name.starts_with("pg_advisory_unlock") {
+                    effects.may_release = true;
+                } else if name == "set_config" {
+                    effects.pin = effects.pin.or(Some("set_config()"));
+                } else if name == "dblink_connect" {
+                    effects.pin = effects.pin.or(Some("dblink_connect()"));
+                }
+            }
+        }
+        previous = Some(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(sql: &str) -> Vec<String> {
+        session_effects(sql.as_bytes())
+            .settings
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn ordinary_statements_have_none() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE t SET x = 1",
+            "insert into t values ('set x = 1; listen y')",
+            "BEGIN",
+            "SET LOCAL statement_timeout = 5",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "select pg_advisory_xact_lock(1)",
+            "",
+        ] {
+            assert!(session_effects(sql.as_bytes()).is_empty(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_settings_are_named() {
+        assert_eq!(settings("SET statement_timeout = '5s'"), ["statement_timeout"]);
+        assert_eq!(settings("set session Search_Path to a, b"), ["search_path"]);
+        assert_eq!(settings("SET SCHEMA 'x'"), ["search_path"]);
+        assert_eq!(settings("SET ROLE app"), ["role"]);
+        assert_eq!(settings("SET myapp.tenant = 7"), ["myapp.tenant"]);
+        assert_eq!(settings("RESET work_mem"), ["work_mem"]);
+        assert_eq!(
+            settings("SET work_mem = '8MB'; SET TIME ZONE 'UTC'; SELECT 1; SET lock_timeout TO 100"),
+            ["work_mem", "lock_timeout"]
+        );
+        assert_eq!(
+            settings("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            ["default_transaction_isolation", "default_transaction_deferrable"]
+        );
+        assert!(session_effects(b"RESET ALL").reset_all);
+    }
+
+    #[test]
+    fn pins_and_releases() {
+        for sql in [
+            "LISTEN jobs",
+            "CREATE TEMP TABLE t (x int)",
+            "create global temporary table t (x int)",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "PREPARE p AS SELECT 1",
+            "SELECT pg_advisory_lock(42)",
+            "select 1; select PG_TRY_ADVISORY_LOCK(1, 2)",
+        ] {
+            let e = session_effects(sql.as_bytes());
+            assert!(e.may_pin && e.pin.is_none(), "{sql}: {e:?}");
+        }
+        for sql in [
+            "UNLISTEN *",
+            "SELECT pg_advisory_unlock_all()",
+            "DROP TABLE t",
+            "CLOSE c",
+            "DEALLOCATE p",
+            "COMMIT",
+        ] {
+            let e = session_effects(sql.as_bytes());
+            assert!(e.may_release && !e.may_pin, "{sql}: {e:?}");
+        }
+        let e = session_effects(b"SELECT set_config('a.b', 'c', false)");
+        assert_eq!(e.pin, Some("set_config()"));
+        assert_eq!(
+            session_effects(b"SET SESSION AUTHORIZATION bob").pin,
+            Some("SET SESSION AUTHORIZATION")
+        );
+        let e = session_effects(b"DISCARD ALL");
+        assert!(e.reset_all && e.deallocate_all && e.may_release);
+        assert!(session_effects(b"deallocate prepare all").deallocate_all);
+        // In a string or a comment it is nothing.
+        assert!(session_effects(b"SELECT 'pg_advisory_lock(1)' -- listen x").is_empty());
+    }
+
+    #[test]
+    fn deallocate_of_one_name() {
+        assert_eq!(deallocate_name(b"DEALLOCATE _pg3_0"), Some("_pg3_0".into()));
+        assert_eq!(deallocate_name(b"deallocate prepare \"S_1\";"), Some("S_1".into()));
+        assert_eq!(deallocate_name(b"DEALLOCATE Foo"), Some("foo".into()));
+        assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_name(b"DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocate_name(b"SELECT 1"), None);
+    }
+}
