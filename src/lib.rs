@@ -13,6 +13,7 @@
 //! - [`router`]: the SQL classifier.
 //! - [`cluster`]: the topology snapshot and health probes (primary detection).
 //! - [`cancel`]: the cancel-key registry.
+//! - [`metrics`]: Prometheus metrics with pre-resolved handles.
 //! - [`config`]: the TOML config, its validation and defaults.
 //! - [`demo`]: throwaway local PostgreSQL clusters for `pgrelay demo` and the tests.
 //! - [`error`]: error kinds, sides, and what clients may be told.
@@ -31,6 +32,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod router;
@@ -58,6 +60,9 @@ pub struct Shared {
     pub credentials: Arc<auth::Credentials>,
     /// Connected clients, for `max_client_conn`.
     pub clients: AtomicUsize,
+    pub metrics: metrics::Metrics,
+    /// Prepared statements known to parse, by content (transaction mode).
+    pub parsed: Arc<session::prepared::Parsed>,
 }
 
 impl Shared {
@@ -71,6 +76,8 @@ impl Shared {
             cancel: Arc::default(),
             credentials: Arc::default(),
             clients: AtomicUsize::new(0),
+            metrics: metrics::Metrics::new(),
+            parsed: Arc::default(),
         }
     }
 

@@ -120,6 +120,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         &mut self.wbuf
     }
 
+    /// The read and write buffers at once: answering what was read, in place.
+    pub fn buffers(&mut self) -> (&mut BytesMut, &mut BytesMut) {
+        (&mut self.rbuf, &mut self.wbuf)
+    }
+
     /// Polls one read into the read buffer. `Ready(Ok(0))` is end of stream.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
@@ -159,6 +164,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     pub fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, bytes)
+    }
+
+    /// Polls one write of the write buffer's front, consuming what was written.
+    pub fn poll_write_wbuf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf))?;
+        self.wbuf.advance(n);
+        Poll::Ready(Ok(n))
     }
 
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

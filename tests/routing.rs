@@ -113,7 +113,7 @@ async fn writes_reach_the_primary_and_reads_spread_by_weight() {
         "SELECT 1; INSERT INTO t VALUES (4)",
         "SELECT * INTO t2 FROM t; DROP TABLE t2",
         "NOTIFY chan",
-        "CREATE TEMP TABLE IF NOT EXISTS tmp (x int)",
+        "CREATE TEMP TABLE IF NOT EXISTS tmp (x int); DROP TABLE tmp",
         "/* comment */ delete FROM t WHERE id = 99",
     ];
     for sql in writes {

@@ -485,14 +485,6 @@ impl Config {
              (primary detection, replica lag)"
                 .to_owned(),
         ];
-        if self.pool.mode == PoolMode::Transaction {
-            lines.push(
-                "pool.max_prepared_statements: named prepared statements are not yet carried \
-                 across servers in transaction mode; use session mode (or unnamed statements) \
-                 for drivers that prepare"
-                    .to_owned(),
-            );
-        }
         if self.tls.client_mode != TlsMode::Disable {
             lines.push(
                 "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
@@ -1185,9 +1177,8 @@ mod tests {
     fn warnings_list_unimplemented_settings() {
         let config = parse(MINIMAL).expect("minimal");
         let lines = config.warnings();
-        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].starts_with("failover: "));
-        assert!(lines[1].starts_with("pool.max_prepared_statements: "));
         let mut config = config;
         config.tls.client_mode = TlsMode::Allow;
         config.tls.server_mode = TlsMode::Require;
@@ -1201,7 +1192,6 @@ mod tests {
             .collect();
         let expected = [
             "failover",
-            "pool.max_prepared_statements",
             "tls.client_mode",
             "tls.server_mode",
             "failover.topology",
@@ -1209,7 +1199,7 @@ mod tests {
             "failover.follow_primary_command",
         ];
         assert_eq!(keys, expected);
-        assert!(config.warnings()[2].contains("SSLRequest is answered 'N'"));
+        assert!(config.warnings()[1].contains("SSLRequest is answered 'N'"));
     }
 
     #[test]

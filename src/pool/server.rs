@@ -16,6 +16,7 @@ use crate::auth::{md5, scram, ServerCredentials};
 use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::session::params::ParamSet;
+use crate::session::prepared::ServerStatements;
 use crate::stream::{Conn, Stream, StreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,8 @@ pub struct Server {
     pub created: Instant,
     /// When it last went back to its pool.
     pub idle_since: Instant,
+    /// The statements pgrelay prepared on it for clients (transaction mode).
+    pub statements: ServerStatements,
 }
 
 impl Server {
@@ -95,6 +98,7 @@ impl Server {
             params: ParamSet::default(),
             created: Instant::now(),
             idle_since: Instant::now(),
+            statements: ServerStatements::default(),
         };
         tokio::time::timeout(timeout, server.login(target, credentials))
             .await
@@ -215,9 +219,15 @@ impl Server {
 
     /// Like [`Server::run`], returning the first column of the first row as text.
     pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
+        Ok(self.query_row(sql).await?.into_iter().next().flatten())
+    }
+
+    /// Like [`Server::run`], returning every column of the first row as text (NULL as
+    /// None; no row, no columns).
+    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, ServerError> {
         encode(|b| frontend::query(sql, b), self.conn.wbuf());
         self.conn.flush().await?;
-        let (mut failure, mut value) = (None, None);
+        let (mut failure, mut value): (_, Option<Vec<Option<String>>>) = (None, None);
         loop {
             let frame = self.conn.read_frame(MAX_MESSAGE_LEN).await?;
             match frame.tag() {
@@ -226,13 +236,15 @@ impl Server {
                         backend::parameter_status(frame.body()).map_err(StreamError::from)?;
                     self.params.set_reported(name, value);
                 }
-                b'D' if value.is_none() => value = first_column(frame.body()),
+                b'D' if value.is_none() => value = Some(columns(frame.body())),
                 backend::ERROR_RESPONSE => failure = Some(backend::error_fields(frame.body())),
                 backend::READY_FOR_QUERY => break,
                 _ => {}
             }
         }
-        failure.map_or(Ok(value), |f| Err(ServerError::Query(f)))
+        failure.map_or(Ok(value.unwrap_or_default()), |f| {
+            Err(ServerError::Query(f))
+        })
     }
 
     /// Makes this server's parameters equal to `desired` (a client's). Not cancel safe.
@@ -249,12 +261,31 @@ impl Server {
     }
 }
 
-/// The first column of a DataRow body, as text (NULL as None).
-fn first_column(body: &[u8]) -> Option<String> {
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let len = usize::try_from(len).ok()?;
-    let bytes = body.get(6..6 + len)?;
-    Some(String::from_utf8_lossy(bytes).into_owned())
+/// The columns of a DataRow body, as text (NULL as None).
+fn columns(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(count) = body.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])) else {
+        return out;
+    };
+    let mut rest = &body[2..];
+    for _ in 0..count {
+        let Some(len) = rest
+            .get(..4)
+            .map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]]))
+        else {
+            break;
+        };
+        rest = &rest[4..];
+        match usize::try_from(len) {
+            Ok(len) if len <= rest.len() => {
+                out.push(Some(String::from_utf8_lossy(&rest[..len]).into_owned()));
+                rest = &rest[len..];
+            }
+            Ok(_) => break,
+            Err(_) => out.push(None),
+        }
+    }
+    out
 }
 
 /// postgres-protocol's builders only fail on lengths over 2 GiB; ours are tiny.

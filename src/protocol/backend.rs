@@ -4,7 +4,9 @@
 //! Builders append to a caller's `BytesMut` using pgwire's message types.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{
+    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
+};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
@@ -20,6 +22,8 @@ pub const ERROR_RESPONSE: u8 = b'E';
 pub const NOTICE_RESPONSE: u8 = b'N';
 pub const COPY_IN_RESPONSE: u8 = b'G';
 pub const COPY_BOTH_RESPONSE: u8 = b'W';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const CLOSE_COMPLETE: u8 = b'3';
 
 /// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
 pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS]);
@@ -120,6 +124,10 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
             (b'M', message),
         ]),
     );
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put(buf, &CommandComplete::new(tag.to_owned()));
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {

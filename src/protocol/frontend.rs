@@ -24,6 +24,10 @@ pub const PASSWORD: u8 = b'p';
 /// Client messages whose body the session reads: Query (its SQL) and Terminate.
 pub static INSPECT: [bool; 256] = tag_table(&[QUERY, TERMINATE, PARSE, CLOSE]);
 
+/// With prepared statements carried across servers, Bind and Describe are read too.
+pub static INSPECT_PREPARED: [bool; 256] =
+    tag_table(&[QUERY, TERMINATE, PARSE, CLOSE, BIND, DESCRIBE]);
+
 /// Every message type a client may send after the startup phase.
 pub static KNOWN: [bool; 256] = tag_table(&[
     QUERY,

@@ -85,6 +85,35 @@ impl Router {
     }
 }
 
+/// Where a statement a request uses but does not parse comes from.
+pub enum Located<'a> {
+    /// It lives on that node only (session mode: each held server has its own).
+    Node(usize),
+    /// pgrelay carries it to any server: its text decides the route.
+    Text(&'a [u8]),
+    Unknown,
+}
+
+/// A client's prepared statements, as far as routing is concerned.
+pub trait StatementSource {
+    fn locate(&self, name: &[u8]) -> Located<'_>;
+}
+
+impl StatementSource for StatementNodes {
+    fn locate(&self, name: &[u8]) -> Located<'_> {
+        self.node_of(name).map_or(Located::Unknown, Located::Node)
+    }
+}
+
+impl StatementSource for crate::session::prepared::Prepared {
+    fn locate(&self, name: &[u8]) -> Located<'_> {
+        match self.statement(name) {
+            Some(statement) if !name.is_empty() => Located::Text(statement.text()),
+            _ => Located::Unknown,
+        }
+    }
+}
+
 /// Which node each of a client's prepared statements was parsed on, so that a later
 /// Bind or Describe goes where the statement exists.
 #[derive(Debug, Default)]
@@ -163,7 +192,11 @@ impl Plan {
 }
 
 /// Plans the complete request at the front of `request` (whole messages only).
-pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &StatementNodes) -> Plan {
+pub fn plan_request(
+    request: &[u8],
+    classifier: &Classifier,
+    statements: &dyn StatementSource,
+) -> Plan {
     let mut plan = Plan {
         target: Target::Replica,
         reason: None,
@@ -185,23 +218,18 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
                 parsed_here.push(name);
                 read_cstr(rest).map(|(text, _)| text)
             }),
-            frontend::BIND => {
-                read_cstr(body)
-                    .and_then(|(_, rest)| read_cstr(rest))
-                    .map(|(statement, _)| {
-                        use_statement(&mut plan, statement, &parsed_here, statements);
-                        &[][..]
-                    })
-            }
+            frontend::BIND => read_cstr(body)
+                .and_then(|(_, rest)| read_cstr(rest))
+                .and_then(|(statement, _)| {
+                    use_statement(&mut plan, statement, &parsed_here, statements)
+                }),
             // Closing a statement belongs where the statement lives, too.
-            frontend::DESCRIBE | frontend::CLOSE => {
-                if let [b'S', rest @ ..] = body {
-                    if let Some((statement, _)) = read_cstr(rest) {
-                        use_statement(&mut plan, statement, &parsed_here, statements);
-                    }
-                }
-                None
-            }
+            frontend::DESCRIBE | frontend::CLOSE => match body {
+                [b'S', rest @ ..] => read_cstr(rest).and_then(|(statement, _)| {
+                    use_statement(&mut plan, statement, &parsed_here, statements)
+                }),
+                _ => None,
+            },
             frontend::FUNCTION_CALL => {
                 plan.primary(Reason::Function);
                 None
@@ -209,7 +237,7 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
             _ => None,
         };
         if let Some(text) = text.filter(|t| !t.is_empty()) {
-            let verdict = if tag == frontend::PARSE {
+            let verdict = if tag != frontend::QUERY {
                 classifier.classify_prepared(text)
             } else {
                 classifier.classify(text)
@@ -228,22 +256,25 @@ pub fn plan_request(request: &[u8], classifier: &Classifier, statements: &Statem
     plan
 }
 
-fn use_statement(
+/// Notes a statement the request uses; returns its text if that decides the route.
+fn use_statement<'a>(
     plan: &mut Plan,
     statement: &[u8],
     parsed_here: &[&[u8]],
-    statements: &StatementNodes,
-) {
+    statements: &'a dyn StatementSource,
+) -> Option<&'a [u8]> {
     if parsed_here.contains(&statement) {
-        return;
+        return None;
     }
-    match (statements.node_of(statement), plan.node) {
-        (Some(node), None) => plan.node = Some(node),
-        (Some(node), Some(other)) if node == other => {}
+    match (statements.locate(statement), plan.node) {
+        (Located::Text(text), _) => return Some(text),
+        (Located::Node(node), None) => plan.node = Some(node),
+        (Located::Node(node), Some(other)) if node == other => {}
         // Unknown, or statements on two different nodes: the primary is the only
         // answer that is never a read on the wrong node.
         _ => plan.primary(Reason::Unsure),
     }
+    None
 }
 
 /// A small, fast random source for replica choice (xorshift64*), one per session.

@@ -6,8 +6,10 @@
 //! Errors a client may see are turned into ErrorResponses here; nothing else is.
 
 pub mod params;
+pub mod prepared;
 pub mod relay;
 mod route;
+mod settle;
 pub mod state;
 
 use std::sync::Arc;
@@ -24,8 +26,10 @@ use crate::protocol::backend;
 use crate::stream::{Conn, Stream};
 use crate::Shared;
 use params::ParamSet;
+use prepared::Prepared;
 use relay::{RelayEnd, Wire};
 use route::{RouteMode, Routing};
+use settle::Pin;
 use state::{Attachment, Farewell};
 
 /// Serves one accepted client connection to its end.
@@ -92,6 +96,8 @@ struct Session {
     attachment: Attachment,
     /// This client's place in its pool's queue, reused for every wait.
     waiter: Arc<Waiter>,
+    /// Transaction mode: session state keeps the client on its server.
+    pin: Option<Pin>,
 }
 
 impl Session {
@@ -113,6 +119,11 @@ impl Session {
         let cancel = shared.cancel.register_random();
         let routes = config.routing.enabled && config.backends.len() > 1;
         let nodes = config.backends.len();
+        let transaction_mode = mode == PoolMode::Transaction;
+        let capacity = config.pool.max_prepared_statements as usize;
+        let prepared = (transaction_mode && capacity > 0)
+            .then(|| Box::new(Prepared::new(capacity, shared.parsed.clone())));
+        let carries_statements = prepared.is_some();
         let mut session = Session {
             shared,
             client,
@@ -122,14 +133,17 @@ impl Session {
             pools: vec![None; nodes],
             held: std::iter::repeat_with(|| None).take(nodes).collect(),
             // Session mode with routing stops at each transaction's end to route the next.
-            wire: Wire::new(mode == PoolMode::Transaction || routes),
+            wire: Wire::new(transaction_mode || routes, prepared),
             routing: Routing::new(routes),
             params,
             cancel,
             attachment: Attachment::Detached,
             waiter: Arc::default(),
+            pin: None,
         };
-        session.wire.track_statements = routes;
+        // Carried statements run on any node; otherwise they are followed to theirs.
+        session.wire.track_statements = routes && !carries_statements;
+        session.wire.track_effects = transaction_mode;
         match session.greet().await {
             Ok(()) => Ok(session),
             Err(err) => Err((session.client, err)),
@@ -225,13 +239,12 @@ impl Session {
             let Attachment::Attached(guard) = &mut self.attachment else {
                 continue;
             };
-            let server = guard.server();
             let end = self
                 .wire
                 .relay(
                     &mut self.client,
-                    &mut server.conn,
-                    (&mut server.params, &mut self.params),
+                    guard.server(),
+                    &mut self.params,
                     &self.shared.pools,
                 )
                 .await;
@@ -272,6 +285,12 @@ impl Session {
         if !self.wire.has_request() {
             return Ok(false);
         }
+        if self
+            .wire
+            .answer_locally(&mut self.client, self.params.get("search_path"))
+        {
+            return Ok(self.client.flush().await.is_ok());
+        }
         match self.attach_routed().await {
             Ok(mut guard) => {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
@@ -303,13 +322,30 @@ impl Session {
         Ok(true)
     }
 
+    /// The transaction is over: settles what it did to the session, then returns the
+    /// server, unless session state pins the client to it.
     async fn detach(&mut self) {
-        self.cancel.set(None).await;
-        if let Attachment::Attached(guard) =
+        let Attachment::Attached(mut guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
-        {
-            self.put_back(guard);
+        else {
+            return;
+        };
+        if self.mode == PoolMode::Transaction {
+            let effects = self.wire.take_effects();
+            self.count_prepared();
+            if let Err(err) = self.settle(&mut guard, effects).await {
+                tracing::warn!(%err, "could not read session state back from a server; closing it");
+                self.unpin();
+                self.cancel.set(None).await;
+                return drop(guard);
+            }
+            if self.pin.is_some() {
+                self.attachment = Attachment::Attached(guard);
+                return;
+            }
         }
+        self.cancel.set(None).await;
+        self.put_back(guard);
     }
 
     /// An idle, clean server the client is done with for now: session mode keeps it
@@ -327,10 +363,13 @@ impl Session {
     /// The client is leaving: return or discard its servers.
     async fn finish(mut self) {
         self.cancel.set(None).await;
+        self.count_prepared();
+        // A pinned server holds the client's locks, channels or temp tables: it goes.
+        let pinned = self.unpin();
         if let Attachment::Attached(mut guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
         {
-            let clean = self.wire.server_clean(&mut guard.server().conn);
+            let clean = self.wire.server_clean(&mut guard.server().conn) && !pinned;
             self.farewell(guard, clean).await;
         }
         for guard in std::mem::take(&mut self.held).into_iter().flatten() {
@@ -349,6 +388,7 @@ impl Session {
                 match server.run(&config.pool.server_reset_query).await {
                     Ok(()) => {
                         server.params.clear_unreported();
+                        server.statements.clear();
                         guard.release();
                     }
                     Err(err) => {

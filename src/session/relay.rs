@@ -13,14 +13,21 @@ use std::future::poll_fn;
 use std::io;
 use std::task::{Context, Poll};
 
-use bytes::Buf;
+use bytes::{Buf, BufMut};
 
+use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::frontend::{self, KNOWN};
-use crate::protocol::{backend, ProtocolError, Scanner, Step, MAX_MESSAGE_LEN};
+use crate::protocol::{backend, header, ProtocolError, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::router::classify::effects::{session_effects, Effects};
 use crate::router::{classify, StatementNodes};
 use crate::session::params::ParamSet;
+use crate::session::prepared::{Answer, Prepared};
 use crate::stream::{Conn, Stream};
+
+/// Raw client bytes up to this size join messages pgrelay composed, so that they
+/// leave in one write.
+const COALESCE: usize = 64 * 1024;
 
 /// Stop reading a side while this much of it waits to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
@@ -89,12 +96,31 @@ pub struct Wire {
     client_paused: bool,
     /// The server answered: scan and forward what the client sent meanwhile.
     resume_client: bool,
+    /// Named prepared statements carried across servers (transaction mode).
+    pub prepared: Option<Box<Prepared>>,
+    /// Note what requests do to the session (transaction mode).
+    pub track_effects: bool,
+    /// What the requests relayed since the last [`Wire::take_effects`] do to the session.
+    effects: Effects,
+    /// The client message first in its buffer names a statement: rewrite it.
+    rewrite_front: bool,
+    /// The client Query first in its buffer is a `DEALLOCATE` pgrelay answers.
+    answer_front: bool,
+    /// A request read while detached names statements: rewrite it when attached.
+    rewrite_buffered: bool,
+    /// The server message first in its buffer answers an injected one: drop it.
+    swallow_front: bool,
 }
 
 impl Wire {
-    pub fn new(transaction_pooling: bool) -> Self {
+    pub fn new(transaction_pooling: bool, prepared: Option<Box<Prepared>>) -> Self {
+        let inspect = if prepared.is_some() {
+            &frontend::INSPECT_PREPARED
+        } else {
+            &frontend::INSPECT
+        };
         Wire {
-            client_scan: Scanner::new(&frontend::INSPECT, MAX_MESSAGE_LEN),
+            client_scan: Scanner::new(inspect, MAX_MESSAGE_LEN),
             server_scan: Scanner::new(&backend::INSPECT, MAX_MESSAGE_LEN),
             c2s: 0,
             s2c: 0,
@@ -116,7 +142,54 @@ impl Wire {
             hold_at_boundary: false,
             client_paused: false,
             resume_client: false,
+            prepared,
+            track_effects: false,
+            effects: Effects::default(),
+            rewrite_front: false,
+            answer_front: false,
+            rewrite_buffered: false,
+            swallow_front: false,
         }
+    }
+
+    /// What the requests relayed since the last call do to the session.
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Detached: answers the buffered request without a server if it is a lone
+    /// `DEALLOCATE` of the client's own protocol statement, or only prepares statements
+    /// already known to parse (and closes some). Returns whether it did.
+    pub fn answer_locally(&mut self, client: &mut Conn<Stream>, search_path: Option<&str>) -> bool {
+        let Some(prepared) = self.prepared.as_deref_mut() else {
+            return false;
+        };
+        let Ok(Some((tag, total))) = header(&client.rbuf()[..self.c2s], MAX_MESSAGE_LEN) else {
+            return false;
+        };
+        let (rbuf, wbuf) = client.buffers();
+        let named = rbuf.get(5).is_some_and(|&b| b != 0);
+        let answered = match tag {
+            frontend::QUERY => {
+                let body = &rbuf[5..total];
+                if total != self.c2s || !prepared.is_own_deallocate(body) {
+                    return false;
+                }
+                prepared.deallocate(body, b'I', wbuf);
+                true
+            }
+            frontend::PARSE if named => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
+            frontend::CLOSE => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
+            _ => false,
+        };
+        if answered {
+            client.rbuf().advance(self.c2s);
+            self.c2s = 0;
+            self.pending = 0;
+            self.extended_open = false;
+            self.rewrite_buffered = false;
+        }
+        answered
     }
 
     /// Nothing owed, nothing buffered, between transactions: the server may be released
@@ -203,6 +276,10 @@ impl Wire {
         pools: &Pools,
     ) -> Result<(), io::Error> {
         self.client_paused = false;
+        // Whatever a scan stopped in front of last time is scanned again from here.
+        self.rewrite_front = false;
+        self.answer_front = false;
+        self.rewrite_buffered = false;
         loop {
             let stopped = self.scan_client(client, pools, false);
             if stopped || self.client_done {
@@ -239,6 +316,9 @@ impl Wire {
         };
         let (statements, node) = (&mut self.statements, self.node);
         let track = attached && self.track_statements;
+        let (prepared, effects) = (&mut self.prepared, &mut self.effects);
+        let track_effects = self.track_effects;
+        let (mut rewrite_front, mut answer_front, mut rewrite_buffered) = (false, false, false);
         let scanned = self.client_scan.scan(buf, |tag, body| {
             if track {
                 if let Some(body) =
@@ -247,8 +327,46 @@ impl Wire {
                     statements.observe(tag, body, node);
                 }
             }
-            state.on_message(tag, body, pools, attached)
+            if let (Some(p), Some(body)) = (prepared.as_deref(), body) {
+                let own_deallocate = tag == frontend::QUERY && p.is_own_deallocate(body);
+                if attached && own_deallocate {
+                    // Answered in its turn, once everything before it is.
+                    answer_front = true;
+                    return Step::StopBefore;
+                }
+                if p.needs_rewrite(tag, body) {
+                    if attached {
+                        rewrite_front = true;
+                        note_effects(track_effects, tag, Some(body), effects);
+                        state.on_message(tag, Some(body), pools, attached);
+                        return Step::StopBefore;
+                    }
+                    rewrite_buffered = true;
+                }
+                rewrite_buffered |= own_deallocate;
+            }
+            note_effects(track_effects, tag, body, effects);
+            if effects.deallocate_all {
+                if let Some(p) = prepared.as_deref_mut() {
+                    p.distrust_server();
+                }
+            }
+            let step = state.on_message(tag, body, pools, attached);
+            if attached && step != Step::StopBefore {
+                if let Some(p) = prepared.as_deref_mut() {
+                    p.forwarded(tag);
+                }
+            }
+            step
         });
+        self.rewrite_front |= rewrite_front;
+        self.answer_front |= answer_front;
+        self.rewrite_buffered |= rewrite_buffered;
+        if attached && state.ignored_syncs > 0 {
+            if let Some(p) = self.prepared.as_deref_mut() {
+                p.syncs_ignored(state.ignored_syncs);
+            }
+        }
         self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
         self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
@@ -275,43 +393,63 @@ impl Wire {
         }
     }
 
-    fn scan_server(
-        &mut self,
-        server: &mut Conn<Stream>,
-        server_params: &mut ParamSet,
-        client_params: &mut ParamSet,
-    ) {
-        let buf = &server.rbuf()[self.s2c..];
+    fn scan_server(&mut self, server: &mut Server, client_params: &mut ParamSet) {
+        let Server {
+            conn,
+            params: server_params,
+            statements: server_statements,
+            ..
+        } = server;
+        let buf = &conn.rbuf()[self.s2c..];
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
         let extended_open = self.extended_open || self.unnamed_unexecuted;
         let paused = self.client_paused;
         let mut resume = false;
-        let scanned = self.server_scan.scan(buf, |tag, body| match (tag, body) {
-            (backend::READY_FOR_QUERY, Some(body)) => {
-                status = backend::ready_status(body).unwrap_or(b'E');
-                pending = pending.saturating_sub(1);
-                if txn_pooling && pending == 0 && status == b'I' && !extended_open {
-                    release = true;
-                    return Step::StopAfter;
+        let prepared = &mut self.prepared;
+        let mut swallow = false;
+        let scanned = self.server_scan.scan(buf, |tag, body| {
+            if let Some(p) = prepared.as_deref_mut() {
+                let watched = tag == backend::READY_FOR_QUERY
+                    || (p.expecting()
+                        && matches!(
+                            tag,
+                            backend::PARSE_COMPLETE
+                                | backend::CLOSE_COMPLETE
+                                | backend::ERROR_RESPONSE
+                        ));
+                if watched && p.on_server(tag, server_statements) == Answer::Swallow {
+                    swallow = true;
+                    return Step::StopBefore;
                 }
-                resume |= paused && pending == 0;
-                Step::Forward
             }
-            // The server waits for the client's COPY data.
-            (backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE, _) => {
-                resume |= paused;
-                Step::Forward
-            }
-            (backend::PARAMETER_STATUS, Some(body)) => {
-                if let Ok((name, value)) = backend::parameter_status(body) {
-                    server_params.set_reported(name, value);
-                    client_params.set_reported(name, value);
+            match (tag, body) {
+                (backend::READY_FOR_QUERY, Some(body)) => {
+                    status = backend::ready_status(body).unwrap_or(b'E');
+                    pending = pending.saturating_sub(1);
+                    if txn_pooling && pending == 0 && status == b'I' && !extended_open {
+                        release = true;
+                        return Step::StopAfter;
+                    }
+                    resume |= paused && pending == 0;
+                    Step::Forward
                 }
-                Step::Forward
+                // The server waits for the client's COPY data.
+                (backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE, _) => {
+                    resume |= paused;
+                    Step::Forward
+                }
+                (backend::PARAMETER_STATUS, Some(body)) => {
+                    if let Ok((name, value)) = backend::parameter_status(body) {
+                        server_params.set_reported(name, value);
+                        client_params.set_reported(name, value);
+                    }
+                    Step::Forward
+                }
+                _ => Step::Forward,
             }
-            _ => Step::Forward,
         });
+        self.swallow_front |= swallow;
         self.pending = pending;
         self.status = status;
         if resume {
@@ -334,11 +472,10 @@ impl Wire {
     pub async fn relay(
         &mut self,
         client: &mut Conn<Stream>,
-        server: &mut Conn<Stream>,
-        params: (&mut ParamSet, &mut ParamSet),
+        server: &mut Server,
+        client_params: &mut ParamSet,
         pools: &Pools,
     ) -> RelayEnd {
-        let (server_params, client_params) = params;
         self.release_point = false;
         self.server_eof = None;
         // A request read while detached is in flight: with hold_at_boundary, what the
@@ -349,45 +486,158 @@ impl Wire {
                 self.last_boundary,
                 Some(frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL)
             );
+        if self.prepared.is_some() {
+            self.send_buffered(client, server, client_params);
+        }
         // Bytes already buffered (a request read while detached) are scanned first.
         self.scan_client(client, pools, true);
-        poll_fn(|cx| self.poll_relay(cx, client, server, server_params, client_params, pools)).await
+        poll_fn(|cx| self.poll_relay(cx, client, server, client_params, pools)).await
+    }
+
+    /// A new attachment with prepared statements carried: accounts for the request read
+    /// while detached, rewriting it into the server's write buffer if it names
+    /// statements.
+    fn send_buffered(
+        &mut self,
+        client: &mut Conn<Stream>,
+        server: &mut Server,
+        client_params: &ParamSet,
+    ) {
+        let Some(prepared) = self.prepared.as_deref_mut() else {
+            return;
+        };
+        prepared.attached();
+        let rewrite = std::mem::take(&mut self.rewrite_buffered);
+        let mut pos = 0;
+        while let Ok(Some((tag, total))) = header(&client.rbuf()[pos..self.c2s], MAX_MESSAGE_LEN) {
+            let Some(message) = client.rbuf().get(pos..pos + total) else {
+                break;
+            };
+            let body = &message[5..];
+            if !rewrite {
+                prepared.forwarded(tag);
+            } else if prepared.needs_rewrite(tag, body) {
+                let found = prepared.rewrite(
+                    tag,
+                    body,
+                    &mut server.statements,
+                    client_params.get("search_path"),
+                    server.conn.wbuf(),
+                );
+                if let (true, Some(found)) = (self.track_effects, found) {
+                    self.effects.merge(found.clone());
+                }
+            } else {
+                server.conn.wbuf().put_slice(message);
+                prepared.forwarded(tag);
+            }
+            pos += total;
+        }
+        if rewrite {
+            client.rbuf().advance(self.c2s);
+            self.c2s = 0;
+        }
+    }
+
+    /// Attached: handles the client message the scan stopped in front of, once
+    /// everything before it is on its way. Returns whether it did.
+    fn handle_front(
+        &mut self,
+        client: &mut Conn<Stream>,
+        server: &mut Server,
+        client_params: &ParamSet,
+    ) -> bool {
+        if self.c2s > 0 {
+            return false;
+        }
+        let Some(prepared) = self.prepared.as_deref_mut() else {
+            return false;
+        };
+        let Ok(Some((tag, total))) = header(client.rbuf(), MAX_MESSAGE_LEN) else {
+            return false;
+        };
+        if self.rewrite_front {
+            let Some(body) = client.rbuf().get(5..total) else {
+                return false;
+            };
+            let found = prepared.rewrite(
+                tag,
+                body,
+                &mut server.statements,
+                client_params.get("search_path"),
+                server.conn.wbuf(),
+            );
+            if let (true, Some(found)) = (self.track_effects, found) {
+                self.effects.merge(found.clone());
+            }
+            client.rbuf().advance(total);
+            self.rewrite_front = false;
+            return true;
+        }
+        // An own DEALLOCATE is answered after everything sent before it.
+        let answered = self.s2c == 0 && self.pending == 0 && server.conn.wbuf().is_empty();
+        if !self.answer_front || !answered {
+            return false;
+        }
+        let Some(body) = client.rbuf().get(5..total).map(<[u8]>::to_vec) else {
+            return false;
+        };
+        client.rbuf().advance(total);
+        prepared.deallocate(&body, self.status, client.wbuf());
+        self.answer_front = false;
+        self.client_needs_flush = true;
+        if self.transaction_pooling && self.status == b'I' && !self.extended_open {
+            self.release_point = true;
+        }
+        true
     }
 
     fn poll_relay(
         &mut self,
         cx: &mut Context<'_>,
         client: &mut Conn<Stream>,
-        server: &mut Conn<Stream>,
-        server_params: &mut ParamSet,
+        server: &mut Server,
         client_params: &mut ParamSet,
         pools: &Pools,
     ) -> Poll<RelayEnd> {
         loop {
             let mut progress = false;
-            match self.write_to_client(cx, client, server) {
+            match self.write_to_client(cx, client, &mut server.conn) {
                 Ok(p) => progress |= p,
                 Err(err) => return Poll::Ready(RelayEnd::ClientIo(err)),
+            }
+            if self.s2c == 0 && self.swallow_front {
+                // A ParseComplete or CloseComplete of pgrelay's own: five bytes.
+                server.conn.rbuf().advance(HEADER_LEN);
+                self.swallow_front = false;
+                self.scan_server(server, client_params);
+                continue;
             }
             if self.s2c == 0 && !self.client_needs_flush {
                 if let Some(eof) = self.server_eof.take() {
                     return Poll::Ready(RelayEnd::ServerGone(eof));
                 }
                 if self.release_point {
-                    if self.server_clean(server) {
+                    if self.server_clean(&mut server.conn) {
                         return Poll::Ready(RelayEnd::TransactionDone);
                     }
                     // The client sent more meanwhile: keep the server and go on.
                     self.release_point = false;
-                    self.scan_server(server, server_params, client_params);
+                    self.scan_server(server, client_params);
                     progress = true;
                 }
             }
-            match self.write_to_server(cx, client, server) {
+            if (self.rewrite_front || self.answer_front)
+                && self.handle_front(client, server, client_params)
+            {
+                self.scan_client(client, pools, true);
+                progress = true;
+            }
+            match self.write_to_server(cx, client, &mut server.conn) {
                 Ok(p) => progress |= p,
                 Err(err) => self.server_eof = Some(Some(err)),
             }
-            if self.c2s == 0 {
+            if self.c2s == 0 && !self.rewrite_front && !self.answer_front {
                 if let Some(err) = self.protocol_error.take() {
                     return Poll::Ready(RelayEnd::ClientProtocol(err));
                 }
@@ -397,10 +647,10 @@ impl Wire {
             }
             if self.server_eof.is_none() && !self.release_point && self.s2c < HIGH_WATER {
                 // Only a completed read is progress: a pending write must not spin us.
-                if let Poll::Ready(read) = server.poll_read_more(cx) {
+                if let Poll::Ready(read) = server.conn.poll_read_more(cx) {
                     match read {
                         Ok(0) => self.server_eof = Some(None),
-                        Ok(_) => self.scan_server(server, server_params, client_params),
+                        Ok(_) => self.scan_server(server, client_params),
                         Err(err) => self.server_eof = Some(Some(err)),
                     }
                     progress = true;
@@ -435,7 +685,12 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Conn<Stream>,
     ) -> io::Result<bool> {
-        let progress = forward(cx, server, client, &mut self.s2c)?;
+        // pgrelay's own answers first: they were composed when nothing was in flight.
+        let (own, drained) = drain_wbuf(cx, client)?;
+        let mut progress = own;
+        if drained {
+            progress |= forward(cx, server, client, &mut self.s2c)?;
+        }
         self.client_needs_flush |= progress;
         if self.client_needs_flush {
             match client.poll_flush(cx) {
@@ -453,7 +708,16 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Conn<Stream>,
     ) -> io::Result<bool> {
-        let progress = forward(cx, client, server, &mut self.c2s)?;
+        if !server.wbuf().is_empty() && self.c2s > 0 && self.c2s <= COALESCE {
+            // Rewritten messages are followed by raw ones: one write for both.
+            server.wbuf().put_slice(&client.rbuf()[..self.c2s]);
+            client.rbuf().advance(self.c2s);
+            self.c2s = 0;
+        }
+        let (mut progress, drained) = drain_wbuf(cx, server)?;
+        if drained {
+            progress |= forward(cx, client, server, &mut self.c2s)?;
+        }
         if progress {
             // TLS buffers records; plain TCP returns at once.
             if let Poll::Ready(Err(err)) = server.poll_flush(cx) {
@@ -462,6 +726,21 @@ impl Wire {
         }
         Ok(progress)
     }
+}
+
+/// Writes out what pgrelay composed in `to`'s write buffer. Returns (wrote anything,
+/// the buffer is empty).
+fn drain_wbuf(cx: &mut Context<'_>, to: &mut Conn<Stream>) -> io::Result<(bool, bool)> {
+    let mut progress = false;
+    while !to.wbuf().is_empty() {
+        match to.poll_write_wbuf(cx) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(_)) => progress = true,
+            Poll::Ready(Err(err)) => return Err(err),
+            Poll::Pending => return Ok((progress, false)),
+        }
+    }
+    Ok((progress, true))
 }
 
 /// Writes the first `*pending` bytes of `from`'s read buffer to `to`, consuming them
@@ -514,9 +793,13 @@ impl ClientScan {
         ) {
             self.boundary = Some(tag);
         }
+        let answered = matches!(
+            tag,
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+        );
         let boundary = if !attached {
             Step::StopAfter
-        } else if self.hold && tag != frontend::FLUSH {
+        } else if self.hold && answered {
             self.paused = true;
             Step::StopAfter
         } else {
@@ -570,6 +853,26 @@ impl ClientScan {
                 Step::Forward
             }
             _ => Step::Forward,
+        }
+    }
+}
+
+/// Adds what a Query or Parse text does to the session.
+fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &mut Effects) {
+    if !track {
+        return;
+    }
+    let text = match (tag, body) {
+        (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
+        (frontend::PARSE, Some(body)) => crate::protocol::read_cstr(body)
+            .and_then(|(_, rest)| crate::protocol::read_cstr(rest))
+            .map(|(text, _)| text),
+        _ => None,
+    };
+    if let Some(text) = text {
+        let found = session_effects(text);
+        if !found.is_empty() {
+            effects.merge(found);
         }
     }
 }

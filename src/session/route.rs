@@ -96,10 +96,14 @@ impl Session {
         }
         let topology = self.shared.cluster.snapshot();
         let primary = topology.primary.ok_or_else(no_primary)?;
+        let statements: &dyn router::StatementSource = match self.wire.prepared.as_deref() {
+            Some(prepared) => prepared,
+            None => &self.wire.statements,
+        };
         let plan = router::plan_request(
             self.wire.request(&mut self.client),
             &self.shared.router.classifier(),
-            &self.wire.statements,
+            statements,
         );
         if plan.session_state && self.mode == PoolMode::Session {
             self.pin(primary, plan.reason).await;

@@ -131,7 +131,9 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
 }
 
 fn mentions_session_function(sql: &[u8]) -> bool {
-    contains_ci(sql, b"advisory") || contains_ci(sql, b"set_config") || contains_ci(sql, b"dblink_connect")
+    contains_ci(sql, b"advisory")
+        || contains_ci(sql, b"set_config")
+        || contains_ci(sql, b"dblink_connect")
 }
 
 fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
@@ -201,8 +203,7 @@ fn statement(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
 
 fn set(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
     let mut token = stmt.next();
-    if word(token).is_some_and(|w| is(w, "local") || is(w, "transaction") || is(w, "constraints"))
-    {
+    if word(token).is_some_and(|w| is(w, "local") || is(w, "transaction") || is(w, "constraints")) {
         return; // lasts until the transaction ends
     }
     if word(token).is_some_and(|w| is(w, "session")) {
@@ -325,19 +326,27 @@ mod tests {
 
     #[test]
     fn session_settings_are_named() {
-        assert_eq!(settings("SET statement_timeout = '5s'"), ["statement_timeout"]);
+        assert_eq!(
+            settings("SET statement_timeout = '5s'"),
+            ["statement_timeout"]
+        );
         assert_eq!(settings("set session Search_Path to a, b"), ["search_path"]);
         assert_eq!(settings("SET SCHEMA 'x'"), ["search_path"]);
         assert_eq!(settings("SET ROLE app"), ["role"]);
         assert_eq!(settings("SET myapp.tenant = 7"), ["myapp.tenant"]);
         assert_eq!(settings("RESET work_mem"), ["work_mem"]);
         assert_eq!(
-            settings("SET work_mem = '8MB'; SET TIME ZONE 'UTC'; SELECT 1; SET lock_timeout TO 100"),
+            settings(
+                "SET work_mem = '8MB'; SET TIME ZONE 'UTC'; SELECT 1; SET lock_timeout TO 100"
+            ),
             ["work_mem", "lock_timeout"]
         );
         assert_eq!(
             settings("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
-            ["default_transaction_isolation", "default_transaction_deferrable"]
+            [
+                "default_transaction_isolation",
+                "default_transaction_deferrable"
+            ]
         );
         assert!(session_effects(b"RESET ALL").reset_all);
     }
@@ -383,7 +392,10 @@ mod tests {
     #[test]
     fn deallocate_of_one_name() {
         assert_eq!(deallocate_name(b"DEALLOCATE _pg3_0"), Some("_pg3_0".into()));
-        assert_eq!(deallocate_name(b"deallocate prepare \"S_1\";"), Some("S_1".into()));
+        assert_eq!(
+            deallocate_name(b"deallocate prepare \"S_1\";"),
+            Some("S_1".into())
+        );
         assert_eq!(deallocate_name(b"DEALLOCATE Foo"), Some("foo".into()));
         assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
         assert_eq!(deallocate_name(b"DEALLOCATE a; SELECT 1"), None);

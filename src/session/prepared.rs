@@ -1,0 +1,683 @@
+//! Named prepared statements across pooled servers (transaction mode).
+//!
+//! A client's named statement lives on whichever server it was parsed on, and in
+//! transaction mode the client's next Bind may land on another server. So pgrelay
+//! keeps each client's statements (name → text and parameter types) and never shows
+//! a client's names to a server: the server-side name is derived from the statement's
+//! content (`pgrelay_<128-bit hash>`), so equal statements from many clients share one
+//! server-side statement. Each server remembers what it has prepared in a bounded LRU
+//! ([`ServerStatements`], `max_prepared_statements`).
+//!
+//! On the way in, named Parse, Bind, Describe and Close messages are rewritten
+//! ([`Prepared::rewrite`]); a Bind or Describe whose statement the server lacks is
+//! preceded by an injected Parse. On the way out, the answers to injected messages are
+//! swallowed. Every answer the client sees is the server's own, in its place: a client
+//! Parse of a statement the server already has is answered by parsing pgrelay's empty
+//! "echo" statement, and a client Close by closing a statement that never exists. So a
+//! pipeline that fails midway behaves exactly as it would without pgrelay: the server
+//! skips what follows the error, answers included.
+//!
+//! Matching answers to messages needs only ParseComplete and CloseComplete to be
+//! counted, plus where each Sync falls: [`Expect`] entries in send order, each tagged
+//! with the number of ReadyForQuery-owing messages sent before it. An ErrorResponse
+//! ends its segment: entries of that segment get no answer, and what they would have
+//! created on the server or for the client is forgotten.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashSet;
+
+use crate::protocol::{backend, frontend, read_cstr};
+use crate::router::classify::effects::{session_effects, Effects};
+
+/// Server-side names start so; client names never reach a server with it.
+const PREFIX: &[u8] = b"pgrelay_";
+const NAME_LEN: usize = PREFIX.len() + 32;
+/// An empty statement pgrelay closes and parses again to have the server answer a
+/// client's Parse of a statement it already has.
+const ECHO: &[u8] = b"pgrelay_echo";
+/// Closed to answer a client's Close: it never exists, so closing it is a no-op.
+const NONE: &[u8] = b"pgrelay_none";
+/// Parsed twice to have the server refuse a client's second Parse of one name
+/// (42P05), as it would have refused it without pgrelay.
+const DUPLICATE: &[u8] = b"pgrelay_duplicate";
+
+/// One statement a client prepared.
+#[derive(Debug)]
+pub struct Statement {
+    id: u128,
+    name: [u8; NAME_LEN],
+    /// The Parse body after the statement name: text, parameter count and types.
+    rest: Bytes,
+    /// What executing it does to the session, if anything.
+    effects: Option<Box<Effects>>,
+}
+
+impl Statement {
+    fn new(rest: &[u8], search_path: Option<&str>) -> Statement {
+        let hash = |salt: u8| {
+            let mut hasher = DefaultHasher::new();
+            salt.hash(&mut hasher);
+            rest.hash(&mut hasher);
+            // The same text means other tables under another search_path.
+            search_path.hash(&mut hasher);
+            hasher.finish()
+        };
+        let id = (u128::from(hash(1)) << 64) | u128::from(hash(2));
+        let text = read_cstr(rest).map_or(&[][..], |(text, _)| text);
+        let effects = session_effects(text);
+        Statement {
+            id,
+            name: server_name(id),
+            rest: Bytes::copy_from_slice(rest),
+            effects: (!effects.is_empty()).then(|| Box::new(effects)),
+        }
+    }
+
+    /// The SQL text, for routing.
+    pub fn text(&self) -> &[u8] {
+        read_cstr(&self.rest).map_or(&[][..], |(text, _)| text)
+    }
+}
+
+/// Statements some server has parsed without error, by id, shared by all sessions: a
+/// client that prepares one of them (Parse and Sync, nothing else) is answered without
+/// a server. Bounded; emptied when full.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    ids: DashSet<u128>,
+}
+
+const PARSED_MAX: usize = 10_000;
+
+impl Parsed {
+    fn knows(&self, id: u128) -> bool {
+        self.ids.contains(&id)
+    }
+
+    fn learn(&self, id: u128) {
+        if self.ids.len() >= PARSED_MAX {
+            self.ids.clear();
+        }
+        self.ids.insert(id);
+    }
+}
+
+/// What one server has prepared: statement ids by last use, at most `capacity`.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    last_use: HashMap<u128, u64>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    /// Whether the server has it; marks it used.
+    fn touch(&mut self, id: u128) -> bool {
+        self.tick += 1;
+        match self.last_use.get_mut(&id) {
+            Some(used) => {
+                *used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement; returns the least recently used one it pushed out.
+    fn insert(&mut self, id: u128, capacity: usize) -> Option<u128> {
+        let evicted = if self.last_use.len() >= capacity.max(1) {
+            let oldest = self
+                .last_use
+                .iter()
+                .min_by_key(|(_, used)| **used)
+                .map(|(id, _)| *id);
+            oldest.inspect(|id| {
+                self.last_use.remove(id);
+            })
+        } else {
+            None
+        };
+        self.tick += 1;
+        self.last_use.insert(id, self.tick);
+        evicted
+    }
+
+    fn remove(&mut self, id: u128) {
+        self.last_use.remove(&id);
+    }
+
+    /// The server dropped every statement (`DISCARD ALL`, `DEALLOCATE ALL`).
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+/// An answer the server owes for a Parse or Close that reached it.
+#[derive(Debug)]
+struct Expect {
+    /// ParseComplete or CloseComplete.
+    tag: u8,
+    /// pgrelay sent the message: the client must not see its answer.
+    swallow: bool,
+    /// ReadyForQuery-owing messages sent before this one.
+    segment: u64,
+    /// Skipped or failed: the server does not have this statement.
+    forget_server: Option<u128>,
+    /// Skipped or failed: the client's statement of this name does not exist.
+    forget_client: Option<Box<[u8]>>,
+}
+
+impl Expect {
+    /// A Parse of a statement under its server name: answered, it parsed.
+    fn parsed(&self) -> Option<u128> {
+        self.forget_server
+            .filter(|_| self.tag == backend::PARSE_COMPLETE)
+    }
+}
+
+/// Counters for the cache hit rate.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedStats {
+    /// A Bind or Describe found its statement prepared on the server.
+    pub hits: u64,
+    /// pgrelay had to prepare it there first.
+    pub misses: u64,
+}
+
+/// A client's prepared statements and the answers its server owes for them.
+#[derive(Debug)]
+pub struct Prepared {
+    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    expect: VecDeque<Expect>,
+    /// Query, Sync and FunctionCall messages sent to the current server.
+    sent: u64,
+    /// ReadyForQuery messages it has answered with.
+    answered: u64,
+    capacity: usize,
+    /// See [`Prepared::distrust_server`].
+    distrust: bool,
+    parsed: Arc<Parsed>,
+    pub stats: PreparedStats,
+}
+
+/// What the relay does with a server message [`Prepared::on_server`] was shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Forward,
+    /// The answer to a message pgrelay injected: drop it.
+    Swallow,
+}
+
+impl Prepared {
+    pub fn new(capacity: usize, parsed: Arc<Parsed>) -> Prepared {
+        Prepared {
+            parsed,
+            distrust: false,
+            statements: HashMap::new(),
+            expect: VecDeque::new(),
+            sent: 0,
+            answered: 0,
+            capacity,
+            stats: PreparedStats::default(),
+        }
+    }
+
+    /// A new server is attached: nothing is owed yet.
+    pub fn attached(&mut self) {
+        self.distrust = false;
+        self.expect.clear();
+        self.sent = 0;
+        self.answered = 0;
+    }
+
+    pub fn statement(&self, name: &[u8]) -> Option<&Statement> {
+        self.statements.get(name).map(|s| &**s)
+    }
+
+    /// Whether pgrelay must rewrite this client message: it names a statement, or it
+    /// parses `DEALLOCATE` of one of the client's statements.
+    pub fn needs_rewrite(&self, tag: u8, body: &[u8]) -> bool {
+        match tag {
+            frontend::PARSE => match body.first() {
+                Some(0) => self.own_deallocate_parse(body).is_some(),
+                Some(_) => true,
+                None => false,
+            },
+            frontend::BIND => read_cstr(body)
+                .and_then(|(_, rest)| rest.first())
+                .is_some_and(|&b| b != 0),
+            frontend::DESCRIBE | frontend::CLOSE => {
+                body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0)
+            }
+            _ => false,
+        }
+    }
+
+    /// The unnamed Parse of `DEALLOCATE name` for one of the client's statements (as
+    /// drivers send their maintenance commands): the name.
+    fn own_deallocate_parse(&self, body: &[u8]) -> Option<String> {
+        if self.statements.is_empty() {
+            return None;
+        }
+        let (_, rest) = read_cstr(body)?;
+        let (text, _) = read_cstr(rest)?;
+        let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+        if !text[start..].get(..10)?.eq_ignore_ascii_case(b"deallocate") {
+            return None;
+        }
+        let name = crate::router::classify::effects::deallocate_name(text)?;
+        self.statements
+            .contains_key(name.as_bytes())
+            .then_some(name)
+    }
+
+    /// The server may have dropped statements behind pgrelay's back (`DEALLOCATE ALL`
+    /// or `DISCARD ALL` in this transaction): prepare everything again until it ends.
+    pub fn distrust_server(&mut self) {
+        self.distrust = true;
+    }
+
+    fn server_has(&self, server: &mut ServerStatements, id: u128) -> bool {
+        server.touch(id) && !self.distrust
+    }
+
+    /// If a Query body is exactly `DEALLOCATE name` of one of this client's protocol
+    /// statements, pgrelay answers it: the server-side statement is shared.
+    pub fn is_own_deallocate(&self, body: &[u8]) -> bool {
+        if self.statements.is_empty() {
+            return false;
+        }
+        let Ok(text) = frontend::query_text(body) else {
+            return false;
+        };
+        let Some(name) = crate::router::classify::effects::deallocate_name(text) else {
+            return false;
+        };
+        self.statements.contains_key(name.as_bytes())
+    }
+
+    /// Answers an own `DEALLOCATE` (see [`Prepared::is_own_deallocate`]) into `out`:
+    /// CommandComplete, then ReadyForQuery with `status`. In a failed transaction the
+    /// server would have refused it, and so does pgrelay.
+    pub fn deallocate(&mut self, body: &[u8], status: u8, out: &mut BytesMut) {
+        if status == b'E' {
+            backend::error_response(
+                out,
+                backend::Severity::Error,
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+        } else {
+            let name = frontend::query_text(body)
+                .ok()
+                .and_then(crate::router::classify::effects::deallocate_name);
+            if let Some(name) = name {
+                self.statements.remove(name.as_bytes());
+            }
+            backend::command_complete(out, "DEALLOCATE");
+        }
+        backend::ready_for_query(out, status);
+    }
+
+    /// Answers a request that only prepares statements some server already parsed,
+    /// and closes statements (Parse and Close messages, then one Sync), without a
+    /// server: ParseComplete, CloseComplete, then ReadyForQuery (idle) into `out`.
+    /// Returns false, having changed nothing, for any other request.
+    pub fn answer(
+        &mut self,
+        request: &[u8],
+        search_path: Option<&str>,
+        out: &mut BytesMut,
+    ) -> bool {
+        let mut plan: Vec<(u8, &[u8], Option<Statement>)> = Vec::new();
+        let mut rest = request;
+        while let Ok(Some((tag, total))) =
+            crate::protocol::header(rest, crate::protocol::MAX_MESSAGE_LEN)
+        {
+            let Some(body) = rest.get(5..total) else {
+                return false;
+            };
+            rest = &rest[total..];
+            match tag {
+                frontend::PARSE => {
+                    let Some((name, text)) = read_cstr(body) else {
+                        return false;
+                    };
+                    let known_name = self.statements.contains_key(name)
+                        || plan
+                            .iter()
+                            .any(|(t, n, _)| *t == frontend::PARSE && *n == name);
+                    if name.is_empty() || known_name {
+                        return false;
+                    }
+                    let statement = Statement::new(text, search_path);
+                    if !self.parsed.knows(statement.id) {
+                        return false;
+                    }
+                    plan.push((tag, name, Some(statement)));
+                }
+                frontend::CLOSE if body.first() == Some(&b'S') => {
+                    let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
+                    if name.is_empty() {
+                        return false;
+                    }
+                    plan.push((tag, name, None));
+                }
+                frontend::SYNC if rest.is_empty() && !plan.is_empty() => {
+                    for (tag, name, statement) in plan {
+                        match statement {
+                            Some(statement) => {
+                                self.statements.insert(name.into(), Arc::new(statement));
+                                out.put_slice(&[backend::PARSE_COMPLETE, 0, 0, 0, 4]);
+                            }
+                            None => {
+                                debug_assert_eq!(tag, frontend::CLOSE);
+                                self.statements.remove(name);
+                                out.put_slice(&[backend::CLOSE_COMPLETE, 0, 0, 0, 4]);
+                            }
+                        }
+                    }
+                    backend::ready_for_query(out, b'I');
+                    return true;
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Notes a client message sent to the server unchanged.
+    pub fn forwarded(&mut self, tag: u8) {
+        match tag {
+            frontend::PARSE => self.expect(frontend_answer(tag), false, None, None),
+            frontend::CLOSE => self.expect(frontend_answer(tag), false, None, None),
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => self.sent += 1,
+            _ => {}
+        }
+    }
+
+    /// Syncs sent during COPY FROM STDIN were ignored by the server.
+    pub fn syncs_ignored(&mut self, count: usize) {
+        self.sent = self.sent.saturating_sub(count as u64);
+    }
+
+    fn expect(
+        &mut self,
+        tag: u8,
+        swallow: bool,
+        forget_server: Option<u128>,
+        forget_client: Option<Box<[u8]>>,
+    ) {
+        self.expect.push_back(Expect {
+            tag,
+            swallow,
+            segment: self.sent,
+            forget_server,
+            forget_client,
+        });
+    }
+
+    /// Writes what the server gets instead of the client's message `tag`/`body`
+    /// (a whole message that [`Prepared::needs_rewrite`] accepted) to `out`.
+    /// Returns the session effects of the statement a Bind executes.
+    pub fn rewrite(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        server: &mut ServerStatements,
+        search_path: Option<&str>,
+        out: &mut BytesMut,
+    ) -> Option<&Effects> {
+        match tag {
+            frontend::PARSE => {
+                let Some((name, rest)) = read_cstr(body) else {
+                    return self.pass(tag, body, out);
+                };
+                if name.is_empty() {
+                    // DEALLOCATE of the client's statement: the server-side one is
+                    // shared, so pgrelay's echo statement is deallocated instead.
+                    if let Some(own) = self.own_deallocate_parse(body) {
+                        self.statements.remove(own.as_bytes());
+                    }
+                    let after_text = read_cstr(rest).map_or(&[][..], |(_, types)| types);
+                    close(out, ECHO);
+                    self.expect(b'3', true, None, None);
+                    parse(out, ECHO, b"\0\0\0");
+                    self.expect(b'1', true, None, None);
+                    let mut text = b"DEALLOCATE pgrelay_echo\0".to_vec();
+                    text.extend_from_slice(after_text);
+                    parse(out, b"", &text);
+                    self.expect(b'1', false, None, None);
+                    return None;
+                }
+                if self.statements.contains_key(name) {
+                    // PostgreSQL refuses a second Parse of one name; so will it here.
+                    close(out, DUPLICATE);
+                    self.expect(b'3', true, None, None);
+                    parse(out, DUPLICATE, b"\0\0\0");
+                    self.expect(b'1', true, None, None);
+                    parse(out, DUPLICATE, rest);
+                    self.expect(b'1', false, None, None);
+                    return None;
+                }
+                let statement = Arc::new(Statement::new(rest, search_path));
+                let forget = Some(Box::<[u8]>::from(name));
+                if self.server_has(server, statement.id) {
+                    close(out, ECHO);
+                    self.expect(b'3', true, None, None);
+                    parse(out, ECHO, b"\0\0\0");
+                    self.expect(b'1', false, None, forget);
+                } else {
+                    self.make_room(statement.id, server, out);
+                    close(out, &statement.name);
+                    self.expect(b'3', true, None, None);
+                    parse(out, &statement.name, &statement.rest);
+                    self.expect(b'1', false, Some(statement.id), forget);
+                }
+                self.statements.insert(name.into(), statement);
+                None
+            }
+            frontend::BIND => {
+                let parsed = read_cstr(body).and_then(|(portal, rest)| {
+                    read_cstr(rest).map(|(name, rest)| (portal, name, rest))
+                });
+                let Some((portal, name, rest)) = parsed else {
+                    return self.pass(tag, body, out);
+                };
+                let Some(statement) = self.statements.get(name).cloned() else {
+                    // The server says it does not exist, naming it as the client did.
+                    return self.pass(tag, body, out);
+                };
+                self.ensure(&statement, server, out);
+                let start = out.len();
+                out.put_u8(frontend::BIND);
+                out.put_u32(0);
+                out.put_slice(portal);
+                out.put_u8(0);
+                out.put_slice(&statement.name);
+                out.put_u8(0);
+                out.put_slice(rest);
+                patch_len(out, start);
+                self.statements.get(name).and_then(|s| s.effects.as_deref())
+            }
+            frontend::DESCRIBE => {
+                let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
+                let Some(statement) = self.statements.get(name).cloned() else {
+                    return self.pass(tag, body, out);
+                };
+                self.ensure(&statement, server, out);
+                let start = out.len();
+                out.put_u8(frontend::DESCRIBE);
+                out.put_u32(0);
+                out.put_u8(b'S');
+                out.put_slice(&statement.name);
+                out.put_u8(0);
+                patch_len(out, start);
+                None
+            }
+            frontend::CLOSE => {
+                let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
+                // Closing a statement that does not exist is no error in PostgreSQL.
+                self.statements.remove(name);
+                close(out, NONE);
+                self.expect(b'3', false, None, None);
+                None
+            }
+            _ => self.pass(tag, body, out),
+        }
+    }
+
+    /// Sends a message unchanged.
+    fn pass(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) -> Option<&Effects> {
+        out.put_u8(tag);
+        out.put_u32(body.len() as u32 + 4);
+        out.put_slice(body);
+        self.forwarded(tag);
+        None
+    }
+
+    /// Prepares `statement` on the server unless it has it.
+    fn ensure(&mut self, statement: &Statement, server: &mut ServerStatements, out: &mut BytesMut) {
+        if self.server_has(server, statement.id) {
+            self.stats.hits += 1;
+            return;
+        }
+        self.stats.misses += 1;
+        self.make_room(statement.id, server, out);
+        // Closing first makes the Parse safe even if the server still had it.
+        close(out, &statement.name);
+        self.expect(b'3', true, None, None);
+        parse(out, &statement.name, &statement.rest);
+        self.expect(b'1', true, Some(statement.id), None);
+    }
+
+    /// Records `id` on the server, closing the statement it pushes out.
+    fn make_room(&mut self, id: u128, server: &mut ServerStatements, out: &mut BytesMut) {
+        if let Some(evicted) = server.insert(id, self.capacity) {
+            close(out, &server_name(evicted));
+            self.expect(b'3', true, None, None);
+        }
+    }
+
+    /// Shown every ParseComplete, CloseComplete, ErrorResponse and ReadyForQuery the
+    /// server sends while anything is expected.
+    pub fn on_server(&mut self, tag: u8, server: &mut ServerStatements) -> Answer {
+        match tag {
+            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => match self.expect.front() {
+                Some(e) if e.tag == tag => {
+                    let swallow = e.swallow;
+                    if let Some(id) = e.parsed() {
+                        self.parsed.learn(id);
+                    }
+                    self.expect.pop_front();
+                    if swallow {
+                        Answer::Swallow
+                    } else {
+                        Answer::Forward
+                    }
+                }
+                _ => {
+                    tracing::warn!(tag = %(tag as char), "an answer pgrelay did not expect; passing it on");
+                    Answer::Forward
+                }
+            },
+            backend::ERROR_RESPONSE => {
+                // The server skips the rest of this segment, up to its Sync.
+                while self
+                    .expect
+                    .front()
+                    .is_some_and(|e| e.segment <= self.answered)
+                {
+                    if let Some(e) = self.expect.pop_front() {
+                        if let Some(id) = e.forget_server {
+                            server.remove(id);
+                        }
+                        if let Some(name) = e.forget_client {
+                            self.statements.remove(&name);
+                        }
+                    }
+                }
+                Answer::Forward
+            }
+            backend::READY_FOR_QUERY => {
+                self.answered += 1;
+                Answer::Forward
+            }
+            _ => Answer::Forward,
+        }
+    }
+
+    /// Whether server answers need to be looked at.
+    pub fn expecting(&self) -> bool {
+        !self.expect.is_empty()
+    }
+
+    /// `DISCARD ALL` or `DEALLOCATE ALL` ran: the client has no statements left.
+    pub fn forget_all(&mut self) {
+        self.statements.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.statements.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty()
+    }
+}
+
+fn frontend_answer(tag: u8) -> u8 {
+    if tag == frontend::PARSE {
+        backend::PARSE_COMPLETE
+    } else {
+        backend::CLOSE_COMPLETE
+    }
+}
+
+fn server_name(id: u128) -> [u8; NAME_LEN] {
+    let mut name = [0u8; NAME_LEN];
+    name[..PREFIX.len()].copy_from_slice(PREFIX);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, slot) in name[PREFIX.len()..].iter_mut().enumerate() {
+        *slot = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    name
+}
+
+/// Parse `name` with `rest` (text, NUL, parameter count and types).
+fn parse(out: &mut BytesMut, name: &[u8], rest: &[u8]) {
+    let start = out.len();
+    out.put_u8(frontend::PARSE);
+    out.put_u32(0);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(rest);
+    patch_len(out, start);
+}
+
+/// Close statement `name`.
+fn close(out: &mut BytesMut, name: &[u8]) {
+    let start = out.len();
+    out.put_u8(frontend::CLOSE);
+    out.put_u32(0);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+    patch_len(out, start);
+}
+
+fn patch_len(out: &mut BytesMut, start: usize) {
+    let len = (out.len() - start - 1) as u32;
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
