@@ -7,6 +7,7 @@
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
 #   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
 #   ROUTING_ONLY=1 benches/pgbench_compare.sh  # only the routing on/off comparison
+#   PREPARED_ONLY=1 benches/pgbench_compare.sh # only -M prepared against -M extended
 #
 # A shared 2-core machine is noisy: each workload runs PgBouncer and pgrelay
 # alternately ROUNDS times and reports the medians.
@@ -108,7 +109,8 @@ TOML
   fi
 }
 relay_config "$RELAY_PORT" true > "$WORK/pgrelay.toml"
-PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" &
+PGRELAY_LOG=warn,pgrelay::listener=info "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" \
+  2>"$WORK/pgrelay.log" &
 RELAY_PID=$!
 
 for port in $BOUNCER_PORT $RELAY_PORT; do
@@ -158,6 +160,26 @@ compare() {
   case "$label" in latency*) printf '%-34s %11sms %11sms %11sms\n' "  average latency (median)" "$d_lat" "$bl" "$rl";; esac
   return 0
 }
+
+# Named prepared statements in transaction mode: pgrelay only (PgBouncer before 1.21
+# cannot run -M prepared in transaction mode), against -M extended.
+if [ -n "${PREPARED_ONLY:-}" ]; then
+  printf '\n%-34s %12s %12s %12s\n' "pgrelay, transaction mode" "-M extended" "-M prepared" ratio
+  for args in "-S -c $CLIENTS -j 2" "-S -c 1 -j 1" "-N -c $CLIENTS -j 2"; do
+    e_all=(); p_all=()
+    for _ in $(seq "$ROUNDS"); do
+      # shellcheck disable=SC2086
+      read -r tps _ _ _ <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" $args -M extended)"; e_all+=("$tps")
+      # shellcheck disable=SC2086
+      read -r tps _ _ _ <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" $args -M prepared)"; p_all+=("$tps")
+    done
+    e=$(printf '%s\n' "${e_all[@]}" | median); p=$(printf '%s\n' "${p_all[@]}" | median)
+    printf '%-34s %12.0f %12.0f %12.2f\n' "pgbench $args" "$e" "$p" "$(awk -v a="$p" -v b="$e" 'BEGIN{print a/b}')"
+  done
+  kill -TERM "$RELAY_PID"; wait "$RELAY_PID" 2>/dev/null || true; RELAY_PID=""
+  grep -o 'hits=[0-9]* misses=[0-9]*' "$WORK/pgrelay.log" | sed 's/^/prepared statement cache: /'
+  exit 0
+fi
 
 if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}" ]; then
   compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2

@@ -101,6 +101,15 @@ impl Pgrelay {
                 "shutdown_timeout expired with sessions still open"
             );
         }
+        let metrics = &self.shared.metrics;
+        let (hits, misses) = (metrics.prepared_hits.get(), metrics.prepared_misses.get());
+        if hits + misses > 0 {
+            tracing::info!(
+                hits,
+                misses,
+                "prepared statements found on their server / prepared there first"
+            );
+        }
     }
 }
 

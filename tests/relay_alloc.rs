@@ -114,18 +114,25 @@ async fn no_allocation_per_relayed_message() {
     // queue (each session reuses its place in it). Two runs that differ only in their
     // number of transactions: logins, health checks and pool start-up cancel out.
     pgbench(&["-i", "-s", "1", "-q"]);
-    let counted = |transactions: &str| {
+    let counted = |mode: &str, transactions: &str| {
         let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let out = pgbench(&["-S", "-c", "8", "-j", "2", "-t", transactions]);
+        let out = pgbench(&["-S", "-M", mode, "-c", "8", "-j", "2", "-t", transactions]);
         (ALLOCATIONS.load(Ordering::Relaxed) - before, out)
     };
-    let (short, _) = counted("125");
-    let (long, out) = counted("625");
-    assert!(
-        out.contains("number of transactions actually processed: 5000/5000"),
-        "{out}"
-    );
-    let per_txn = long.saturating_sub(short) as f64 / 4000.0;
-    println!("relay allocations: {streamed} for 200,000 rows; {per_txn:.3} per transaction ({short} for 1,000, {long} for 5,000)");
-    assert!(per_txn < 0.05, "{per_txn} allocations per transaction");
+    // Simple queries, then named prepared statements (renamed and carried to every
+    // server: that must not allocate either once each server has them).
+    for mode in ["simple", "prepared"] {
+        let (short, _) = counted(mode, "125");
+        let (long, out) = counted(mode, "625");
+        assert!(
+            out.contains("number of transactions actually processed: 5000/5000"),
+            "{out}"
+        );
+        let per_txn = long.saturating_sub(short) as f64 / 4000.0;
+        println!("relay allocations: {streamed} for 200,000 rows; -M {mode}: {per_txn:.3} per transaction ({short} for 1,000, {long} for 5,000)");
+        assert!(
+            per_txn < 0.05,
+            "-M {mode}: {per_txn} allocations per transaction"
+        );
+    }
 }

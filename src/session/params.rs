@@ -47,9 +47,13 @@ impl ParamSet {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.entries
-            .get(&name.to_ascii_lowercase())
-            .map(|p| p.value.as_str())
+        let param = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.entries.get(&name.to_ascii_lowercase())
+        } else {
+            // The common case, and the per-request one: no key to allocate.
+            self.entries.get(name)
+        };
+        param.map(|p| p.value.as_str())
     }
 
     /// Records a ParameterStatus value.

@@ -681,3 +681,187 @@ fn patch_len(out: &mut BytesMut, start: usize) {
     let len = (out.len() - start - 1) as u32;
     out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_body(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        body
+    }
+
+    fn bind_body(name: &str) -> Vec<u8> {
+        let mut body = vec![0];
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        body
+    }
+
+    /// The (tag, name) of each message in `out`.
+    fn messages(out: &[u8]) -> Vec<(char, String)> {
+        let mut rest = out;
+        let mut seen = Vec::new();
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let body = &rest[5..len + 1];
+            let name = match rest[0] {
+                b'C' | b'D' => read_cstr(&body[1..]).map(|(n, _)| n),
+                b'B' => read_cstr(body)
+                    .and_then(|(_, r)| read_cstr(r))
+                    .map(|(n, _)| n),
+                _ => read_cstr(body).map(|(n, _)| n),
+            };
+            seen.push((
+                rest[0] as char,
+                String::from_utf8_lossy(name.unwrap_or_default()).into_owned(),
+            ));
+            rest = &rest[len + 1..];
+        }
+        seen
+    }
+
+    fn prepared(capacity: usize) -> Prepared {
+        Prepared::new(capacity, Arc::default())
+    }
+
+    #[test]
+    fn equal_statements_get_equal_server_names() {
+        let a = Statement::new(b"SELECT 1\0\0\0", None);
+        let b = Statement::new(b"SELECT 1\0\0\0", None);
+        let c = Statement::new(b"SELECT 2\0\0\0", None);
+        let d = Statement::new(b"SELECT 1\0\0\0", Some("other"));
+        assert_eq!(a.name, b.name);
+        assert_ne!(a.name, c.name);
+        assert_ne!(a.name, d.name, "search_path is part of the identity");
+        assert!(a.name.starts_with(PREFIX));
+    }
+
+    #[test]
+    fn binds_prepare_on_servers_that_lack_the_statement_and_swallow_the_answers() {
+        let mut client = prepared(10);
+        let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
+        let mut out = BytesMut::new();
+        client.rewrite(
+            b'P',
+            &parse_body("s1", "SELECT 1"),
+            &mut first,
+            None,
+            &mut out,
+        );
+        let server_name = messages(&out)[1].1.clone();
+        assert_eq!(
+            messages(&out),
+            [('C', server_name.clone()), ('P', server_name.clone())]
+        );
+        // Close swallowed, ParseComplete forwarded.
+        assert_eq!(client.on_server(b'3', &mut first), Answer::Swallow);
+        assert_eq!(client.on_server(b'1', &mut first), Answer::Forward);
+
+        // The same server has it: the Bind is only renamed.
+        out.clear();
+        client.rewrite(b'B', &bind_body("s1"), &mut first, None, &mut out);
+        assert_eq!(messages(&out), [('B', server_name.clone())]);
+        assert_eq!(client.stats, PreparedStats { hits: 1, misses: 0 });
+
+        // Another server: prepared there first, both answers swallowed.
+        out.clear();
+        client.rewrite(b'B', &bind_body("s1"), &mut second, None, &mut out);
+        assert_eq!(
+            messages(&out),
+            [
+                ('C', server_name.clone()),
+                ('P', server_name.clone()),
+                ('B', server_name.clone())
+            ]
+        );
+        assert_eq!(client.on_server(b'3', &mut second), Answer::Swallow);
+        assert_eq!(client.on_server(b'1', &mut second), Answer::Swallow);
+        assert!(!client.expecting());
+        assert_eq!(second.len(), 1);
+    }
+
+    #[test]
+    fn an_error_forgets_what_its_segment_would_have_created() {
+        let mut client = prepared(10);
+        let mut server = ServerStatements::default();
+        let mut out = BytesMut::new();
+        // Parse a, Sync | Parse b (fails), Parse c (skipped), Sync
+        client.rewrite(
+            b'P',
+            &parse_body("a", "SELECT 1"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        client.forwarded(b'S');
+        client.rewrite(b'P', &parse_body("b", "SELEC"), &mut server, None, &mut out);
+        client.rewrite(
+            b'P',
+            &parse_body("c", "SELECT 3"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        client.forwarded(b'S');
+        assert_eq!(server.len(), 3);
+        for tag in [b'3', b'1', b'Z', b'3', b'E', b'Z'] {
+            client.on_server(tag, &mut server);
+        }
+        assert!(!client.expecting());
+        assert!(client.statement(b"a").is_some());
+        assert!(client.statement(b"b").is_none());
+        assert!(client.statement(b"c").is_none());
+        assert_eq!(server.len(), 1);
+    }
+
+    #[test]
+    fn servers_keep_the_most_recently_used() {
+        let mut server = ServerStatements::default();
+        assert_eq!(server.insert(1, 2), None);
+        assert_eq!(server.insert(2, 2), None);
+        assert!(server.touch(1));
+        assert_eq!(server.insert(3, 2), Some(2));
+        assert!(server.touch(1) && server.touch(3) && !server.touch(2));
+    }
+
+    #[test]
+    fn closes_and_second_parses_are_answered_by_the_server() {
+        let mut client = prepared(10);
+        let mut server = ServerStatements::default();
+        let mut out = BytesMut::new();
+        client.rewrite(
+            b'P',
+            &parse_body("a", "SELECT 1"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        out.clear();
+        client.rewrite(
+            b'P',
+            &parse_body("a", "SELECT 2"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        assert_eq!(
+            messages(&out),
+            [
+                ('C', "pgrelay_duplicate".into()),
+                ('P', "pgrelay_duplicate".into()),
+                ('P', "pgrelay_duplicate".into())
+            ]
+        );
+        out.clear();
+        let mut close = vec![b'S'];
+        close.extend_from_slice(b"a\0");
+        client.rewrite(b'C', &close, &mut server, None, &mut out);
+        assert_eq!(messages(&out), [('C', "pgrelay_none".into())]);
+        assert!(client.statement(b"a").is_none());
+    }
+}
