@@ -538,6 +538,28 @@ async fn listen_and_temp_tables_pin() {
         .await
         .expect("drop");
     assert!(pinned(&env, 0).await);
+
+    // SQL PREPARE pins as well, until DEALLOCATE.
+    client
+        .batch_execute("PREPARE q AS SELECT pg_backend_pid()")
+        .await
+        .expect("prepare");
+    assert!(pinned(&env, 1).await);
+    let first = simple_value(&client, "EXECUTE q").await;
+    for _ in 0..5 {
+        let load = join_all(
+            senders
+                .iter()
+                .map(|c| c.batch_execute("SELECT pg_sleep(0.005)")),
+        );
+        let (_, pid) = tokio::join!(load, simple_value(&client, "EXECUTE q"));
+        assert_eq!(pid, first);
+    }
+    client
+        .batch_execute("DEALLOCATE q")
+        .await
+        .expect("deallocate");
+    assert!(pinned(&env, 0).await);
     let err = client
         .batch_execute("SELECT * FROM scratch")
         .await
@@ -584,6 +606,23 @@ async fn prepared_statements_are_routed() {
     assert_eq!(
         on_replica, 20,
         "reads should all go to the replica (weight 0 primary)"
+    );
+
+    // A pinned client's reads go to its pinned server.
+    simple_value(&client, "SELECT pg_advisory_lock(1)").await;
+    for _ in 0..5 {
+        let row = client.query_one(&recovery, &[]).await.expect("pinned read");
+        assert!(
+            !row.get::<_, bool>(0),
+            "a pinned client read from a replica"
+        );
+    }
+    simple_value(&client, "SELECT pg_advisory_unlock(1)").await;
+    assert!(pinned(&env, 0).await);
+    let row = client.query_one(&recovery, &[]).await.expect("read");
+    assert!(
+        row.get::<_, bool>(0),
+        "unpinned reads go to the replica again"
     );
     let direct = env.direct_superuser().await;
     let count: i64 = direct
