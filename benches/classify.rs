@@ -1,8 +1,10 @@
 //! Criterion benchmarks of the statement classifier: the lexical pass on pgbench's
 //! statements (the hot path), a multi-statement string, a long SELECT served from the
-//! cache, and the sqlparser path for comparison.
+//! cache, and the sqlparser path for comparison; and the session-effects pass that
+//! transaction mode runs on every Query and Parse text.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use pgrelay::router::classify::effects::session_effects;
 use pgrelay::router::classify::{oracle, Classifier};
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;";
@@ -48,6 +50,19 @@ fn bench(c: &mut Criterion) {
     group.bench_function("sqlparser oracle on pgbench SELECT", |b| {
         b.iter(|| oracle(black_box(SELECT)))
     });
+    group.finish();
+
+    let mut group = c.benchmark_group("session effects");
+    for (name, sql) in [
+        ("pgbench SELECT", SELECT),
+        ("pgbench UPDATE", UPDATE),
+        ("SET statement_timeout", "SET statement_timeout = '5s'"),
+        ("advisory lock", "SELECT pg_advisory_lock(42)"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| session_effects(black_box(sql.as_bytes())))
+        });
+    }
     group.finish();
 }
 

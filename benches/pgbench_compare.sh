@@ -110,7 +110,7 @@ TOML
 }
 relay_config "$RELAY_PORT" true > "$WORK/pgrelay.toml"
 PGRELAY_LOG=warn,pgrelay::listener=info "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" \
-  2>"$WORK/pgrelay.log" &
+  >"$WORK/pgrelay.log" 2>&1 &
 RELAY_PID=$!
 
 for port in $BOUNCER_PORT $RELAY_PORT; do
@@ -177,7 +177,8 @@ if [ -n "${PREPARED_ONLY:-}" ]; then
     printf '%-34s %12.0f %12.0f %12.2f\n' "pgbench $args" "$e" "$p" "$(awk -v a="$p" -v b="$e" 'BEGIN{print a/b}')"
   done
   kill -TERM "$RELAY_PID"; wait "$RELAY_PID" 2>/dev/null || true; RELAY_PID=""
-  grep -o 'hits=[0-9]* misses=[0-9]*' "$WORK/pgrelay.log" | sed 's/^/prepared statement cache: /'
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/pgrelay.log" | grep -o 'hits=[0-9]* misses=[0-9]*' \
+    | awk -F'[= ]' '{printf "prepared statement cache: %s hits, %s misses, hit rate %.5f\n", $2, $4, $2/($2+$4)}' || true
   exit 0
 fi
 

@@ -517,16 +517,8 @@ impl Wire {
             if !rewrite {
                 prepared.forwarded(tag);
             } else if prepared.needs_rewrite(tag, body) {
-                let found = prepared.rewrite(
-                    tag,
-                    body,
-                    &mut server.statements,
-                    client_params.get("search_path"),
-                    server.conn.wbuf(),
-                );
-                if let (true, Some(found)) = (self.track_effects, found) {
-                    self.effects.merge(found.clone());
-                }
+                let effects = self.track_effects.then_some(&mut self.effects);
+                rewrite_message(prepared, tag, body, server, client_params, effects);
             } else {
                 server.conn.wbuf().put_slice(message);
                 prepared.forwarded(tag);
@@ -560,16 +552,8 @@ impl Wire {
             let Some(body) = client.rbuf().get(5..total) else {
                 return false;
             };
-            let found = prepared.rewrite(
-                tag,
-                body,
-                &mut server.statements,
-                client_params.get("search_path"),
-                server.conn.wbuf(),
-            );
-            if let (true, Some(found)) = (self.track_effects, found) {
-                self.effects.merge(found.clone());
-            }
+            let effects = self.track_effects.then_some(&mut self.effects);
+            rewrite_message(prepared, tag, body, server, client_params, effects);
             client.rbuf().advance(total);
             self.rewrite_front = false;
             return true;
@@ -725,6 +709,28 @@ impl Wire {
             }
         }
         Ok(progress)
+    }
+}
+
+/// Rewrites one client message into the server's write buffer; adds what the statement
+/// a Bind runs does to the session to `effects`, if given.
+fn rewrite_message(
+    prepared: &mut Prepared,
+    tag: u8,
+    body: &[u8],
+    server: &mut Server,
+    client_params: &ParamSet,
+    effects: Option<&mut Effects>,
+) {
+    let found = prepared.rewrite(
+        tag,
+        body,
+        &mut server.statements,
+        client_params.get("search_path"),
+        server.conn.wbuf(),
+    );
+    if let (Some(effects), Some(found)) = (effects, found) {
+        effects.merge(found.clone());
     }
 }
 
