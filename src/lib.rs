@@ -7,10 +7,12 @@
 //! - [`listener`]: accept loop, `max_client_conn`, one task per client, drain on
 //!   shutdown; also [`listener::Pgrelay`], a running instance.
 //! - [`auth`]: the startup handshake and client authentication; server credentials.
-//! - [`session`]: one client session (greeting, request loop), its parameters, and the
-//!   zero-copy relay.
+//! - [`session`]: one client session (greeting, request loop), its parameters, the
+//!   zero-copy relay, and what transaction mode carries across servers (named prepared
+//!   statements, session settings, pins).
 //! - [`pool`]: server connection pools, server login, checkout guards, maintenance.
-//! - [`router`]: the SQL classifier.
+//! - [`router`]: the SQL classifier (and the session-effects pass), routing plans and
+//!   replica choice.
 //! - [`cluster`]: the topology snapshot and health probes (primary detection).
 //! - [`cancel`]: the cancel-key registry.
 //! - [`metrics`]: Prometheus metrics with pre-resolved handles.

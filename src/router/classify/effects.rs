@@ -81,6 +81,11 @@ impl Effects {
 pub fn session_effects(sql: &[u8]) -> Effects {
     let mut effects = Effects::default();
     let calls = mentions_session_function(sql);
+    // One statement, perhaps with a `;` at the end: its first keywords say it all.
+    let single = match sql.iter().position(|&b| b == b';') {
+        None => true,
+        Some(i) => sql[i + 1..].iter().all(u8::is_ascii_whitespace),
+    };
     // standard_conforming_strings only moves string ends; both readings agree on the
     // keywords of ordinary text, and the cautious reading is taken by the classifier.
     let mut lexer = Lexer::new(sql, false);
@@ -91,8 +96,8 @@ pub fn session_effects(sql: &[u8]) -> Effects {
         if calls {
             function_calls(&mut stmt, &mut effects);
         }
-        if !sql.contains(&b';') {
-            // One statement: the rest of its tokens change nothing.
+        if single {
+            // The rest of its tokens change nothing.
             break;
         }
         stmt.drain();
@@ -131,9 +136,10 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
 }
 
 fn mentions_session_function(sql: &[u8]) -> bool {
-    contains_ci(sql, b"advisory")
-        || contains_ci(sql, b"set_config")
-        || contains_ci(sql, b"dblink_connect")
+    sql.contains(&b'(')
+        && (contains_ci(sql, b"advisory")
+            || contains_ci(sql, b"set_config")
+            || contains_ci(sql, b"dblink_connect"))
 }
 
 fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
