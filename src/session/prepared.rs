@@ -496,34 +496,29 @@ impl Prepared {
                     return self.pass(tag, body, out);
                 };
                 let Some(statement) = self.statements.get(name).cloned() else {
-                    // The server says it does not exist, naming it as the client did.
+                    // The server says it does not exist, naming it as the client did,
+                    // unless the name could be one of pgrelay's own.
+                    if name.starts_with(PREFIX) {
+                        bind(out, portal, NONE, rest);
+                        return None;
+                    }
                     return self.pass(tag, body, out);
                 };
                 self.ensure(&statement, server, out);
-                let start = out.len();
-                out.put_u8(frontend::BIND);
-                out.put_u32(0);
-                out.put_slice(portal);
-                out.put_u8(0);
-                out.put_slice(&statement.name);
-                out.put_u8(0);
-                out.put_slice(rest);
-                patch_len(out, start);
+                bind(out, portal, &statement.name, rest);
                 self.statements.get(name).and_then(|s| s.effects.as_deref())
             }
             frontend::DESCRIBE => {
                 let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
                 let Some(statement) = self.statements.get(name).cloned() else {
+                    if name.starts_with(PREFIX) {
+                        describe(out, NONE);
+                        return None;
+                    }
                     return self.pass(tag, body, out);
                 };
                 self.ensure(&statement, server, out);
-                let start = out.len();
-                out.put_u8(frontend::DESCRIBE);
-                out.put_u32(0);
-                out.put_u8(b'S');
-                out.put_slice(&statement.name);
-                out.put_u8(0);
-                patch_len(out, start);
+                describe(out, &statement.name);
                 None
             }
             frontend::CLOSE => {
@@ -663,6 +658,30 @@ fn parse(out: &mut BytesMut, name: &[u8], rest: &[u8]) {
     out.put_slice(name);
     out.put_u8(0);
     out.put_slice(rest);
+    patch_len(out, start);
+}
+
+/// Bind `portal` to statement `name`; `rest` is the rest of the client's Bind body.
+fn bind(out: &mut BytesMut, portal: &[u8], name: &[u8], rest: &[u8]) {
+    let start = out.len();
+    out.put_u8(frontend::BIND);
+    out.put_u32(0);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(rest);
+    patch_len(out, start);
+}
+
+/// Describe statement `name`.
+fn describe(out: &mut BytesMut, name: &[u8]) {
+    let start = out.len();
+    out.put_u8(frontend::DESCRIBE);
+    out.put_u32(0);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
     patch_len(out, start);
 }
 
@@ -817,6 +836,24 @@ mod tests {
         assert!(client.statement(b"b").is_none());
         assert!(client.statement(b"c").is_none());
         assert_eq!(server.len(), 1);
+    }
+
+    #[test]
+    fn unknown_names_never_reach_pgrelays_own_statements() {
+        let mut client = prepared(10);
+        let mut server = ServerStatements::default();
+        let mut out = BytesMut::new();
+        client.rewrite(
+            b'B',
+            &bind_body("pgrelay_echo"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        assert_eq!(messages(&out), [('B', "pgrelay_none".into())]);
+        out.clear();
+        client.rewrite(b'B', &bind_body("mine"), &mut server, None, &mut out);
+        assert_eq!(messages(&out), [('B', "mine".into())]);
     }
 
     #[test]
