@@ -676,19 +676,18 @@ fn bind(out: &mut BytesMut, portal: &[u8], name: &[u8], rest: &[u8]) {
 
 /// Describe statement `name`.
 fn describe(out: &mut BytesMut, name: &[u8]) {
-    let start = out.len();
-    out.put_u8(frontend::DESCRIBE);
-    out.put_u32(0);
-    out.put_u8(b'S');
-    out.put_slice(name);
-    out.put_u8(0);
-    patch_len(out, start);
+    statement_message(out, frontend::DESCRIBE, name);
 }
 
 /// Close statement `name`.
 fn close(out: &mut BytesMut, name: &[u8]) {
+    statement_message(out, frontend::CLOSE, name);
+}
+
+/// A Describe or Close of statement (`S`) `name`.
+fn statement_message(out: &mut BytesMut, tag: u8, name: &[u8]) {
     let start = out.len();
-    out.put_u8(frontend::CLOSE);
+    out.put_u8(tag);
     out.put_u32(0);
     out.put_u8(b'S');
     out.put_slice(name);
