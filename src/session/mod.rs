@@ -9,6 +9,7 @@ pub mod params;
 pub mod prepared;
 pub mod relay;
 mod route;
+mod scan;
 mod settle;
 pub mod state;
 

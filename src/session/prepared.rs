@@ -440,54 +440,7 @@ impl Prepared {
         out: &mut BytesMut,
     ) -> Option<&Effects> {
         match tag {
-            frontend::PARSE => {
-                let Some((name, rest)) = read_cstr(body) else {
-                    return self.pass(tag, body, out);
-                };
-                if name.is_empty() {
-                    // DEALLOCATE of the client's statement: the server-side one is
-                    // shared, so pgrelay's echo statement is deallocated instead.
-                    if let Some(own) = self.own_deallocate_parse(body) {
-                        self.statements.remove(own.as_bytes());
-                    }
-                    let after_text = read_cstr(rest).map_or(&[][..], |(_, types)| types);
-                    close(out, ECHO);
-                    self.expect(b'3', true, None, None);
-                    parse(out, ECHO, b"\0\0\0");
-                    self.expect(b'1', true, None, None);
-                    let mut text = b"DEALLOCATE pgrelay_echo\0".to_vec();
-                    text.extend_from_slice(after_text);
-                    parse(out, b"", &text);
-                    self.expect(b'1', false, None, None);
-                    return None;
-                }
-                if self.statements.contains_key(name) {
-                    // PostgreSQL refuses a second Parse of one name; so will it here.
-                    close(out, DUPLICATE);
-                    self.expect(b'3', true, None, None);
-                    parse(out, DUPLICATE, b"\0\0\0");
-                    self.expect(b'1', true, None, None);
-                    parse(out, DUPLICATE, rest);
-                    self.expect(b'1', false, None, None);
-                    return None;
-                }
-                let statement = Arc::new(Statement::new(rest, search_path));
-                let forget = Some(Box::<[u8]>::from(name));
-                if self.server_has(server, statement.id) {
-                    close(out, ECHO);
-                    self.expect(b'3', true, None, None);
-                    parse(out, ECHO, b"\0\0\0");
-                    self.expect(b'1', false, None, forget);
-                } else {
-                    self.make_room(statement.id, server, out);
-                    close(out, &statement.name);
-                    self.expect(b'3', true, None, None);
-                    parse(out, &statement.name, &statement.rest);
-                    self.expect(b'1', false, Some(statement.id), forget);
-                }
-                self.statements.insert(name.into(), statement);
-                None
-            }
+            frontend::PARSE => self.rewrite_parse(body, server, search_path, out),
             frontend::BIND => {
                 let parsed = read_cstr(body).and_then(|(portal, rest)| {
                     read_cstr(rest).map(|(name, rest)| (portal, name, rest))
@@ -533,6 +486,62 @@ impl Prepared {
         }
     }
 
+    /// A Parse that names a statement, or the unnamed Parse of `DEALLOCATE` of one.
+    fn rewrite_parse(
+        &mut self,
+        body: &[u8],
+        server: &mut ServerStatements,
+        search_path: Option<&str>,
+        out: &mut BytesMut,
+    ) -> Option<&Effects> {
+        let Some((name, rest)) = read_cstr(body) else {
+            return self.pass(frontend::PARSE, body, out);
+        };
+        if name.is_empty() {
+            // DEALLOCATE of the client's statement: the server-side one is
+            // shared, so pgrelay's echo statement is deallocated instead.
+            if let Some(own) = self.own_deallocate_parse(body) {
+                self.statements.remove(own.as_bytes());
+            }
+            let after_text = read_cstr(rest).map_or(&[][..], |(_, types)| types);
+            self.close_then_parse(out, ECHO, b"\0\0\0");
+            self.expect(b'1', true, None, None);
+            let mut text = b"DEALLOCATE pgrelay_echo\0".to_vec();
+            text.extend_from_slice(after_text);
+            parse(out, b"", &text);
+            self.expect(b'1', false, None, None);
+            return None;
+        }
+        if self.statements.contains_key(name) {
+            // PostgreSQL refuses a second Parse of one name; so will it here.
+            self.close_then_parse(out, DUPLICATE, b"\0\0\0");
+            self.expect(b'1', true, None, None);
+            parse(out, DUPLICATE, rest);
+            self.expect(b'1', false, None, None);
+            return None;
+        }
+        let statement = Arc::new(Statement::new(rest, search_path));
+        let forget = Some(Box::<[u8]>::from(name));
+        if self.server_has(server, statement.id) {
+            self.close_then_parse(out, ECHO, b"\0\0\0");
+            self.expect(b'1', false, None, forget);
+        } else {
+            self.make_room(statement.id, server, out);
+            self.close_then_parse(out, &statement.name, &statement.rest);
+            self.expect(b'1', false, Some(statement.id), forget);
+        }
+        self.statements.insert(name.into(), statement);
+        None
+    }
+
+    /// Close, then Parse `name` (so the Parse cannot meet an old statement of that
+    /// name). The Close's answer is swallowed; the caller says what the Parse's is.
+    fn close_then_parse(&mut self, out: &mut BytesMut, name: &[u8], rest: &[u8]) {
+        close(out, name);
+        self.expect(b'3', true, None, None);
+        parse(out, name, rest);
+    }
+
     /// Sends a message unchanged.
     fn pass(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) -> Option<&Effects> {
         out.put_u8(tag);
@@ -551,9 +560,7 @@ impl Prepared {
         self.stats.misses += 1;
         self.make_room(statement.id, server, out);
         // Closing first makes the Parse safe even if the server still had it.
-        close(out, &statement.name);
-        self.expect(b'3', true, None, None);
-        parse(out, &statement.name, &statement.rest);
+        self.close_then_parse(out, &statement.name, &statement.rest);
         self.expect(b'1', true, Some(statement.id), None);
     }
 

@@ -17,12 +17,13 @@ use bytes::{Buf, BufMut};
 
 use crate::pool::server::Server;
 use crate::pool::Pools;
-use crate::protocol::frontend::{self, KNOWN};
+use crate::protocol::frontend;
 use crate::protocol::{backend, header, ProtocolError, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN};
-use crate::router::classify::effects::{session_effects, Effects};
-use crate::router::{classify, StatementNodes};
+use crate::router::classify::effects::Effects;
+use crate::router::StatementNodes;
 use crate::session::params::ParamSet;
 use crate::session::prepared::{Answer, Prepared};
+use crate::session::scan::{note_effects, ClientScan};
 use crate::stream::{Conn, Stream};
 
 /// Raw client bytes up to this size join messages pgrelay composed, so that they
@@ -45,6 +46,18 @@ pub enum RelayEnd {
     ServerGone(Option<io::Error>),
     /// The client's socket failed while writing to it.
     ClientIo(io::Error),
+}
+
+/// The client message the scan stopped in front of, with prepared statements carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// Nothing: client bytes are relayed as they come.
+    Relayed,
+    /// It names a statement: rewrite it once everything before it is on its way.
+    Rewrite,
+    /// A `DEALLOCATE` of the client's own statement: answer it once everything before
+    /// it is answered.
+    Answer,
 }
 
 /// A client's relay state, kept across servers.
@@ -102,10 +115,8 @@ pub struct Wire {
     pub track_effects: bool,
     /// What the requests relayed since the last [`Wire::take_effects`] do to the session.
     effects: Effects,
-    /// The client message first in its buffer names a statement: rewrite it.
-    rewrite_front: bool,
-    /// The client Query first in its buffer is a `DEALLOCATE` pgrelay answers.
-    answer_front: bool,
+    /// What waits first in the client's buffer for pgrelay to handle it.
+    front: Front,
     /// A request read while detached names statements: rewrite it when attached.
     rewrite_buffered: bool,
     /// The server message first in its buffer answers an injected one: drop it.
@@ -145,8 +156,7 @@ impl Wire {
             prepared,
             track_effects: false,
             effects: Effects::default(),
-            rewrite_front: false,
-            answer_front: false,
+            front: Front::Relayed,
             rewrite_buffered: false,
             swallow_front: false,
         }
@@ -277,8 +287,7 @@ impl Wire {
     ) -> Result<(), io::Error> {
         self.client_paused = false;
         // Whatever a scan stopped in front of last time is scanned again from here.
-        self.rewrite_front = false;
-        self.answer_front = false;
+        self.front = Front::Relayed;
         self.rewrite_buffered = false;
         loop {
             let stopped = self.scan_client(client, pools, false);
@@ -318,7 +327,7 @@ impl Wire {
         let track = attached && self.track_statements;
         let (prepared, effects) = (&mut self.prepared, &mut self.effects);
         let track_effects = self.track_effects;
-        let (mut rewrite_front, mut answer_front, mut rewrite_buffered) = (false, false, false);
+        let (mut front, mut rewrite_buffered) = (Front::Relayed, false);
         let scanned = self.client_scan.scan(buf, |tag, body| {
             if track {
                 if let Some(body) =
@@ -331,12 +340,12 @@ impl Wire {
                 let own_deallocate = tag == frontend::QUERY && p.is_own_deallocate(body);
                 if attached && own_deallocate {
                     // Answered in its turn, once everything before it is.
-                    answer_front = true;
+                    front = Front::Answer;
                     return Step::StopBefore;
                 }
                 if p.needs_rewrite(tag, body) {
                     if attached {
-                        rewrite_front = true;
+                        front = Front::Rewrite;
                         note_effects(track_effects, tag, Some(body), effects);
                         state.on_message(tag, Some(body), pools, attached);
                         return Step::StopBefore;
@@ -359,8 +368,9 @@ impl Wire {
             }
             step
         });
-        self.rewrite_front |= rewrite_front;
-        self.answer_front |= answer_front;
+        if front != Front::Relayed {
+            self.front = front;
+        }
         self.rewrite_buffered |= rewrite_buffered;
         if attached && state.ignored_syncs > 0 {
             if let Some(p) = self.prepared.as_deref_mut() {
@@ -518,7 +528,7 @@ impl Wire {
                 prepared.forwarded(tag);
             } else if prepared.needs_rewrite(tag, body) {
                 let effects = self.track_effects.then_some(&mut self.effects);
-                rewrite_message(prepared, tag, body, server, client_params, effects);
+                rewrite_message(prepared, message, server, client_params, effects);
             } else {
                 server.conn.wbuf().put_slice(message);
                 prepared.forwarded(tag);
@@ -545,22 +555,22 @@ impl Wire {
         let Some(prepared) = self.prepared.as_deref_mut() else {
             return false;
         };
-        let Ok(Some((tag, total))) = header(client.rbuf(), MAX_MESSAGE_LEN) else {
+        let Ok(Some((_, total))) = header(client.rbuf(), MAX_MESSAGE_LEN) else {
             return false;
         };
-        if self.rewrite_front {
-            let Some(body) = client.rbuf().get(5..total) else {
+        if self.front == Front::Rewrite {
+            let Some(message) = client.rbuf().get(..total) else {
                 return false;
             };
             let effects = self.track_effects.then_some(&mut self.effects);
-            rewrite_message(prepared, tag, body, server, client_params, effects);
+            rewrite_message(prepared, message, server, client_params, effects);
             client.rbuf().advance(total);
-            self.rewrite_front = false;
+            self.front = Front::Relayed;
             return true;
         }
         // An own DEALLOCATE is answered after everything sent before it.
         let answered = self.s2c == 0 && self.pending == 0 && server.conn.wbuf().is_empty();
-        if !self.answer_front || !answered {
+        if self.front != Front::Answer || !answered {
             return false;
         }
         let Some(body) = client.rbuf().get(5..total).map(<[u8]>::to_vec) else {
@@ -568,7 +578,7 @@ impl Wire {
         };
         client.rbuf().advance(total);
         prepared.deallocate(&body, self.status, client.wbuf());
-        self.answer_front = false;
+        self.front = Front::Relayed;
         self.client_needs_flush = true;
         if self.transaction_pooling && self.status == b'I' && !self.extended_open {
             self.release_point = true;
@@ -611,9 +621,7 @@ impl Wire {
                     progress = true;
                 }
             }
-            if (self.rewrite_front || self.answer_front)
-                && self.handle_front(client, server, client_params)
-            {
+            if self.front != Front::Relayed && self.handle_front(client, server, client_params) {
                 self.scan_client(client, pools, true);
                 progress = true;
             }
@@ -621,7 +629,7 @@ impl Wire {
                 Ok(p) => progress |= p,
                 Err(err) => self.server_eof = Some(Some(err)),
             }
-            if self.c2s == 0 && !self.rewrite_front && !self.answer_front {
+            if self.c2s == 0 && self.front == Front::Relayed {
                 if let Some(err) = self.protocol_error.take() {
                     return Poll::Ready(RelayEnd::ClientProtocol(err));
                 }
@@ -716,15 +724,14 @@ impl Wire {
 /// a Bind runs does to the session to `effects`, if given.
 fn rewrite_message(
     prepared: &mut Prepared,
-    tag: u8,
-    body: &[u8],
+    message: &[u8],
     server: &mut Server,
     client_params: &ParamSet,
     effects: Option<&mut Effects>,
 ) {
     let found = prepared.rewrite(
-        tag,
-        body,
+        message[0],
+        &message[HEADER_LEN..],
         &mut server.statements,
         client_params.get("search_path"),
         server.conn.wbuf(),
@@ -771,163 +778,4 @@ fn forward(
         }
     }
     Ok(progress)
-}
-
-/// What one scan of client bytes learned.
-struct ClientScan {
-    /// Stop after each request that the server answers with ReadyForQuery.
-    hold: bool,
-    /// Stopped so: the rest waits for the answer.
-    paused: bool,
-    /// The request-ending message seen last, if any.
-    boundary: Option<u8>,
-    wire_pending: usize,
-    /// Syncs counted in `pending` that the server ignored during COPY FROM STDIN.
-    ignored_syncs: usize,
-    copy_syncs: usize,
-    extended_open: bool,
-    unnamed_unexecuted: bool,
-    terminate: bool,
-    bad_tag: Option<u8>,
-}
-
-impl ClientScan {
-    fn on_message(&mut self, tag: u8, body: Option<&[u8]>, pools: &Pools, attached: bool) -> Step {
-        if matches!(
-            tag,
-            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
-        ) {
-            self.boundary = Some(tag);
-        }
-        let answered = matches!(
-            tag,
-            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
-        );
-        let boundary = if !attached {
-            Step::StopAfter
-        } else if self.hold && answered {
-            self.paused = true;
-            Step::StopAfter
-        } else {
-            Step::Forward
-        };
-        match tag {
-            _ if !KNOWN[tag as usize] => {
-                self.bad_tag = Some(tag);
-                Step::StopBefore
-            }
-            frontend::TERMINATE => {
-                self.terminate = true;
-                Step::StopBefore
-            }
-            frontend::QUERY => {
-                if let Some(sql) = body.and_then(|b| frontend::query_text(b).ok()) {
-                    close_idle_before_database_command(sql, pools);
-                }
-                self.wire_pending += 1;
-                self.copy_syncs = 0;
-                // A simple query destroys the unnamed statement.
-                self.unnamed_unexecuted = false;
-                boundary
-            }
-            frontend::SYNC | frontend::FUNCTION_CALL => {
-                self.wire_pending += 1;
-                self.copy_syncs += usize::from(tag == frontend::SYNC);
-                self.extended_open = false;
-                boundary
-            }
-            frontend::FLUSH => boundary,
-            frontend::COPY_DONE | frontend::COPY_FAIL => {
-                self.ignored_syncs += std::mem::take(&mut self.copy_syncs);
-                Step::Forward
-            }
-            frontend::EXECUTE => {
-                self.copy_syncs = 0;
-                self.extended_open = true;
-                self.unnamed_unexecuted = false;
-                Step::Forward
-            }
-            frontend::PARSE => {
-                self.extended_open = true;
-                if body.is_some_and(|b| b.first() == Some(&0)) {
-                    self.unnamed_unexecuted = true;
-                }
-                Step::Forward
-            }
-            frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
-                self.extended_open = true;
-                Step::Forward
-            }
-            _ => Step::Forward,
-        }
-    }
-}
-
-/// Adds what a Query or Parse text does to the session.
-fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &mut Effects) {
-    if !track {
-        return;
-    }
-    let text = match (tag, body) {
-        (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
-        (frontend::PARSE, Some(body)) => crate::protocol::read_cstr(body)
-            .and_then(|(_, rest)| crate::protocol::read_cstr(rest))
-            .map(|(text, _)| text),
-        _ => None,
-    };
-    if let Some(text) = text {
-        let found = session_effects(text);
-        if !found.is_empty() {
-            effects.merge(found);
-        }
-    }
-}
-
-/// `DROP DATABASE x` and friends fail while any session is connected to `x`,
-/// including pgrelay's own idle servers: close those first.
-fn close_idle_before_database_command(sql: &[u8], pools: &Pools) {
-    if let Some(db) = classify::database_needing_exclusive_use(sql) {
-        let closed = pools.close_idle_for_dbname(&db);
-        tracing::info!(database = %db, closed, "closed idle server connections before a database command");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan(tags: &[u8]) -> ClientScan {
-        let pools = Pools::default();
-        let mut state = ClientScan {
-            hold: false,
-            paused: false,
-            boundary: None,
-            wire_pending: 0,
-            ignored_syncs: 0,
-            copy_syncs: 0,
-            extended_open: false,
-            unnamed_unexecuted: false,
-            terminate: false,
-            bad_tag: None,
-        };
-        for &tag in tags {
-            state.on_message(tag, None, &pools, true);
-        }
-        state
-    }
-
-    #[test]
-    fn syncs_inside_copy_in_are_owed_nothing() {
-        // tokio-postgres: Bind, Execute, Sync, CopyData.., CopyDone, Sync.
-        let state = scan(b"BESddcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
-        let state = scan(b"BESdfS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
-        // Flush instead of Sync before the data: the one Sync is answered.
-        let state = scan(b"BEHdcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
-        // A simple-protocol COPY after an extended query owes both ReadyForQuerys.
-        let state = scan(b"BESQdc");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 2);
-    }
 }
