@@ -5,6 +5,7 @@
 //!
 //! Errors a client may see are turned into ErrorResponses here; nothing else is.
 
+mod carry;
 pub mod params;
 pub mod prepared;
 pub mod relay;

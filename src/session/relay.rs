@@ -18,7 +18,7 @@ use bytes::{Buf, BufMut};
 use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::frontend;
-use crate::protocol::{backend, header, ProtocolError, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::{backend, ProtocolError, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::params::ParamSet;
@@ -50,7 +50,7 @@ pub enum RelayEnd {
 
 /// The client message the scan stopped in front of, with prepared statements carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Front {
+pub(super) enum Front {
     /// Nothing: client bytes are relayed as they come.
     Relayed,
     /// It names a statement: rewrite it once everything before it is on its way.
@@ -65,13 +65,13 @@ pub struct Wire {
     client_scan: Scanner,
     server_scan: Scanner,
     /// Scanned client bytes at the front of the client's read buffer, not yet written.
-    c2s: usize,
+    pub(super) c2s: usize,
     /// Scanned server bytes at the front of the server's read buffer, not yet written.
-    s2c: usize,
+    pub(super) s2c: usize,
     /// ReadyForQuery messages owed for forwarded Query, Sync and FunctionCall.
-    pending: usize,
+    pub(super) pending: usize,
     /// Extended-protocol messages were sent after the last Sync.
-    extended_open: bool,
+    pub(super) extended_open: bool,
     /// The client parsed the unnamed statement and has not executed anything since
     /// (asyncpg with its cache off, `PQprepare` with an empty name): the statement
     /// lives only on this server, so the server stays with the client until it runs.
@@ -82,16 +82,16 @@ pub struct Wire {
     /// owed no ReadyForQuery.
     copy_syncs: usize,
     /// The last ReadyForQuery status (`I`, `T`, `E`).
-    pub status: u8,
+    pub(super) status: u8,
     /// A Terminate is first in the client buffer, or the client closed.
     client_done: bool,
     protocol_error: Option<ProtocolError>,
     /// The last server message scanned completes the transaction (transaction mode).
-    release_point: bool,
+    pub(super) release_point: bool,
     server_eof: Option<Option<io::Error>>,
-    client_needs_flush: bool,
+    pub(super) client_needs_flush: bool,
     /// Release servers at transaction end (transaction mode).
-    pub transaction_pooling: bool,
+    pub(super) transaction_pooling: bool,
     /// The message that ended the last request read while detached (Query, Sync,
     /// Flush or FunctionCall): a Flush means the client has not finished it yet.
     last_boundary: Option<u8>,
@@ -110,15 +110,15 @@ pub struct Wire {
     /// The server answered: scan and forward what the client sent meanwhile.
     resume_client: bool,
     /// Named prepared statements carried across servers (transaction mode).
-    pub prepared: Option<Box<Prepared>>,
+    pub(super) prepared: Option<Box<Prepared>>,
     /// Note what requests do to the session (transaction mode).
-    pub track_effects: bool,
+    pub(super) track_effects: bool,
     /// What the requests relayed since the last [`Wire::take_effects`] do to the session.
-    effects: Effects,
+    pub(super) effects: Effects,
     /// What waits first in the client's buffer for pgrelay to handle it.
-    front: Front,
+    pub(super) front: Front,
     /// A request read while detached names statements: rewrite it when attached.
-    rewrite_buffered: bool,
+    pub(super) rewrite_buffered: bool,
     /// The server message first in its buffer answers an injected one: drop it.
     swallow_front: bool,
 }
@@ -165,41 +165,6 @@ impl Wire {
     /// What the requests relayed since the last call do to the session.
     pub fn take_effects(&mut self) -> Effects {
         std::mem::take(&mut self.effects)
-    }
-
-    /// Detached: answers the buffered request without a server if it is a lone
-    /// `DEALLOCATE` of the client's own protocol statement, or only prepares statements
-    /// already known to parse (and closes some). Returns whether it did.
-    pub fn answer_locally(&mut self, client: &mut Conn<Stream>, search_path: Option<&str>) -> bool {
-        let Some(prepared) = self.prepared.as_deref_mut() else {
-            return false;
-        };
-        let Ok(Some((tag, total))) = header(&client.rbuf()[..self.c2s], MAX_MESSAGE_LEN) else {
-            return false;
-        };
-        let (rbuf, wbuf) = client.buffers();
-        let named = rbuf.get(5).is_some_and(|&b| b != 0);
-        let answered = match tag {
-            frontend::QUERY => {
-                let body = &rbuf[5..total];
-                if total != self.c2s || !prepared.is_own_deallocate(body) {
-                    return false;
-                }
-                prepared.deallocate(body, b'I', wbuf);
-                true
-            }
-            frontend::PARSE if named => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
-            frontend::CLOSE => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
-            _ => false,
-        };
-        if answered {
-            client.rbuf().advance(self.c2s);
-            self.c2s = 0;
-            self.pending = 0;
-            self.extended_open = false;
-            self.rewrite_buffered = false;
-        }
-        answered
     }
 
     /// Nothing owed, nothing buffered, between transactions: the server may be released
@@ -504,88 +469,6 @@ impl Wire {
         poll_fn(|cx| self.poll_relay(cx, client, server, client_params, pools)).await
     }
 
-    /// A new attachment with prepared statements carried: accounts for the request read
-    /// while detached, rewriting it into the server's write buffer if it names
-    /// statements.
-    fn send_buffered(
-        &mut self,
-        client: &mut Conn<Stream>,
-        server: &mut Server,
-        client_params: &ParamSet,
-    ) {
-        let Some(prepared) = self.prepared.as_deref_mut() else {
-            return;
-        };
-        prepared.attached();
-        let rewrite = std::mem::take(&mut self.rewrite_buffered);
-        let mut pos = 0;
-        while let Ok(Some((tag, total))) = header(&client.rbuf()[pos..self.c2s], MAX_MESSAGE_LEN) {
-            let Some(message) = client.rbuf().get(pos..pos + total) else {
-                break;
-            };
-            let body = &message[5..];
-            if !rewrite {
-                prepared.forwarded(tag);
-            } else if prepared.needs_rewrite(tag, body) {
-                let effects = self.track_effects.then_some(&mut self.effects);
-                rewrite_message(prepared, message, server, client_params, effects);
-            } else {
-                server.conn.wbuf().put_slice(message);
-                prepared.forwarded(tag);
-            }
-            pos += total;
-        }
-        if rewrite {
-            client.rbuf().advance(self.c2s);
-            self.c2s = 0;
-        }
-    }
-
-    /// Attached: handles the client message the scan stopped in front of, once
-    /// everything before it is on its way. Returns whether it did.
-    fn handle_front(
-        &mut self,
-        client: &mut Conn<Stream>,
-        server: &mut Server,
-        client_params: &ParamSet,
-    ) -> bool {
-        if self.c2s > 0 {
-            return false;
-        }
-        let Some(prepared) = self.prepared.as_deref_mut() else {
-            return false;
-        };
-        let Ok(Some((_, total))) = header(client.rbuf(), MAX_MESSAGE_LEN) else {
-            return false;
-        };
-        if self.front == Front::Rewrite {
-            let Some(message) = client.rbuf().get(..total) else {
-                return false;
-            };
-            let effects = self.track_effects.then_some(&mut self.effects);
-            rewrite_message(prepared, message, server, client_params, effects);
-            client.rbuf().advance(total);
-            self.front = Front::Relayed;
-            return true;
-        }
-        // An own DEALLOCATE is answered after everything sent before it.
-        let answered = self.s2c == 0 && self.pending == 0 && server.conn.wbuf().is_empty();
-        if self.front != Front::Answer || !answered {
-            return false;
-        }
-        let Some(body) = client.rbuf().get(5..total).map(<[u8]>::to_vec) else {
-            return false;
-        };
-        client.rbuf().advance(total);
-        prepared.deallocate(&body, self.status, client.wbuf());
-        self.front = Front::Relayed;
-        self.client_needs_flush = true;
-        if self.transaction_pooling && self.status == b'I' && !self.extended_open {
-            self.release_point = true;
-        }
-        true
-    }
-
     fn poll_relay(
         &mut self,
         cx: &mut Context<'_>,
@@ -717,27 +600,6 @@ impl Wire {
             }
         }
         Ok(progress)
-    }
-}
-
-/// Rewrites one client message into the server's write buffer; adds what the statement
-/// a Bind runs does to the session to `effects`, if given.
-fn rewrite_message(
-    prepared: &mut Prepared,
-    message: &[u8],
-    server: &mut Server,
-    client_params: &ParamSet,
-    effects: Option<&mut Effects>,
-) {
-    let found = prepared.rewrite(
-        message[0],
-        &message[HEADER_LEN..],
-        &mut server.statements,
-        client_params.get("search_path"),
-        server.conn.wbuf(),
-    );
-    if let (Some(effects), Some(found)) = (effects, found) {
-        effects.merge(found.clone());
     }
 }
 
