@@ -272,6 +272,12 @@ impl Prepared {
         }
         let (_, rest) = read_cstr(body)?;
         let (text, _) = read_cstr(rest)?;
+        self.own_deallocate(text)
+    }
+
+    /// If `text` is `DEALLOCATE name` of one of the client's statements: the name. Other
+    /// texts are turned away at their first bytes.
+    fn own_deallocate(&self, text: &[u8]) -> Option<String> {
         let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
         if !text[start..].get(..10)?.eq_ignore_ascii_case(b"deallocate") {
             return None;
@@ -298,13 +304,7 @@ impl Prepared {
         if self.statements.is_empty() {
             return false;
         }
-        let Ok(text) = frontend::query_text(body) else {
-            return false;
-        };
-        let Some(name) = crate::router::classify::effects::deallocate_name(text) else {
-            return false;
-        };
-        self.statements.contains_key(name.as_bytes())
+        frontend::query_text(body).is_ok_and(|text| self.own_deallocate(text).is_some())
     }
 
     /// Answers an own `DEALLOCATE` (see [`Prepared::is_own_deallocate`]) into `out`:
