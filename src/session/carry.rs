@@ -13,6 +13,33 @@ use crate::session::params::ParamSet;
 use crate::session::prepared::Prepared;
 use crate::stream::{Conn, Stream};
 
+/// What the client scan does with a message when prepared statements are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Carry {
+    /// Relay it as it is.
+    Relay,
+    /// Attached: stop in front of it and rewrite it.
+    Rewrite,
+    /// Attached: stop in front of this own `DEALLOCATE` and answer it.
+    Answer,
+    /// Detached: the request needs rewriting when a server is attached.
+    Later,
+}
+
+/// Decides [`Carry`] for a whole client message.
+pub(super) fn carry(prepared: &Prepared, tag: u8, body: &[u8], attached: bool) -> Carry {
+    let own_deallocate = tag == frontend::QUERY && prepared.is_own_deallocate(body);
+    match (
+        attached,
+        own_deallocate || prepared.needs_rewrite(tag, body),
+    ) {
+        (true, true) if own_deallocate => Carry::Answer,
+        (true, true) => Carry::Rewrite,
+        (false, true) => Carry::Later,
+        (_, false) => Carry::Relay,
+    }
+}
+
 impl Wire {
     /// Detached: answers the buffered request without a server if it is a lone
     /// `DEALLOCATE` of the client's own protocol statement, or only prepares statements
@@ -118,11 +145,12 @@ impl Wire {
         if self.front != Front::Answer || !answered {
             return false;
         }
-        let Some(body) = client.rbuf().get(5..total).map(<[u8]>::to_vec) else {
+        let (rbuf, wbuf) = client.buffers();
+        let Some(body) = rbuf.get(HEADER_LEN..total) else {
             return false;
         };
-        client.rbuf().advance(total);
-        prepared.deallocate(&body, self.status, client.wbuf());
+        prepared.deallocate(body, self.status, wbuf);
+        rbuf.advance(total);
         self.front = Front::Relayed;
         self.client_needs_flush = true;
         if self.transaction_pooling && self.status == b'I' && !self.extended_open {

@@ -18,9 +18,12 @@ use bytes::{Buf, BufMut};
 use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::frontend;
-use crate::protocol::{backend, ProtocolError, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::{
+    backend, ProtocolError, Scanned, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN,
+};
 use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
+use crate::session::carry::{carry, Carry};
 use crate::session::params::ParamSet;
 use crate::session::prepared::{Answer, Prepared};
 use crate::session::scan::{note_effects, ClientScan};
@@ -276,18 +279,10 @@ impl Wire {
             return false;
         }
         let buf = &client.rbuf()[self.c2s..];
-        let mut state = ClientScan {
-            hold: attached && self.hold_at_boundary,
-            paused: false,
-            boundary: None,
-            wire_pending: 0,
-            ignored_syncs: 0,
-            copy_syncs: self.copy_syncs,
-            extended_open: self.extended_open,
-            unnamed_unexecuted: self.unnamed_unexecuted,
-            terminate: false,
-            bad_tag: None,
-        };
+        let mut state = ClientScan::new(attached && self.hold_at_boundary);
+        state.copy_syncs = self.copy_syncs;
+        state.extended_open = self.extended_open;
+        state.unnamed_unexecuted = self.unnamed_unexecuted;
         let (statements, node) = (&mut self.statements, self.node);
         let track = attached && self.track_statements;
         let (prepared, effects) = (&mut self.prepared, &mut self.effects);
@@ -302,22 +297,22 @@ impl Wire {
                 }
             }
             if let (Some(p), Some(body)) = (prepared.as_deref(), body) {
-                let own_deallocate = tag == frontend::QUERY && p.is_own_deallocate(body);
-                if attached && own_deallocate {
+                match carry(p, tag, body, attached) {
                     // Answered in its turn, once everything before it is.
-                    front = Front::Answer;
-                    return Step::StopBefore;
-                }
-                if p.needs_rewrite(tag, body) {
-                    if attached {
+                    Carry::Answer => {
+                        front = Front::Answer;
+                        return Step::StopBefore;
+                    }
+                    // Accounted for now, rewritten once what precedes it is on its way.
+                    Carry::Rewrite => {
                         front = Front::Rewrite;
                         note_effects(track_effects, tag, Some(body), effects);
                         state.on_message(tag, Some(body), pools, attached);
                         return Step::StopBefore;
                     }
-                    rewrite_buffered = true;
+                    Carry::Later => rewrite_buffered = true,
+                    Carry::Relay => {}
                 }
-                rewrite_buffered |= own_deallocate;
             }
             note_effects(track_effects, tag, body, effects);
             if effects.deallocate_all {
@@ -337,6 +332,16 @@ impl Wire {
             self.front = front;
         }
         self.rewrite_buffered |= rewrite_buffered;
+        self.absorb(&state, attached, scanned)
+    }
+
+    /// Takes what one scan of client bytes learned; returns whether it stopped.
+    fn absorb(
+        &mut self,
+        state: &ClientScan,
+        attached: bool,
+        scanned: Result<Scanned, ProtocolError>,
+    ) -> bool {
         if attached && state.ignored_syncs > 0 {
             if let Some(p) = self.prepared.as_deref_mut() {
                 p.syncs_ignored(state.ignored_syncs);

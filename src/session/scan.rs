@@ -28,6 +28,22 @@ pub(super) struct ClientScan {
 }
 
 impl ClientScan {
+    /// A scan that starts between requests; the caller carries over the wire state.
+    pub(super) fn new(hold: bool) -> ClientScan {
+        ClientScan {
+            hold,
+            paused: false,
+            boundary: None,
+            wire_pending: 0,
+            ignored_syncs: 0,
+            copy_syncs: 0,
+            extended_open: false,
+            unnamed_unexecuted: false,
+            terminate: false,
+            bad_tag: None,
+        }
+    }
+
     pub(super) fn on_message(
         &mut self,
         tag: u8,
@@ -140,18 +156,7 @@ mod tests {
 
     fn scan(tags: &[u8]) -> ClientScan {
         let pools = Pools::default();
-        let mut state = ClientScan {
-            hold: false,
-            paused: false,
-            boundary: None,
-            wire_pending: 0,
-            ignored_syncs: 0,
-            copy_syncs: 0,
-            extended_open: false,
-            unnamed_unexecuted: false,
-            terminate: false,
-            bad_tag: None,
-        };
+        let mut state = ClientScan::new(false);
         for &tag in tags {
             state.on_message(tag, None, &pools, true);
         }
