@@ -13,7 +13,8 @@
 //! - [`pool`]: server connection pools, server login, checkout guards, maintenance.
 //! - [`router`]: the SQL classifier (and the session-effects pass), routing plans and
 //!   replica choice.
-//! - [`cluster`]: the topology snapshot and health probes (primary detection).
+//! - [`cluster`]: the topology snapshot, the health monitor and the failover state
+//!   machine (node states, primary detection, split brain, hooks), and Patroni.
 //! - [`cancel`]: the cancel-key registry.
 //! - [`metrics`]: Prometheus metrics with pre-resolved handles.
 //! - [`config`]: the TOML config, its validation and defaults.
@@ -65,9 +66,12 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Prepared statements known to parse, by content (transaction mode).
     pub parsed: Arc<session::prepared::Parsed>,
+    /// Failover hooks: the queue and what ran.
+    pub hooks: cluster::hooks::Hooks,
 }
 
 impl Shared {
+    /// Builds the shared state; starts the hook runner, so it needs a Tokio runtime.
     pub fn new(config: Config) -> Shared {
         let topology = cluster::Topology::from_config(&config);
         Shared {
@@ -80,6 +84,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
             parsed: Arc::default(),
+            hooks: cluster::hooks::Hooks::start(),
         }
     }
 

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::health;
+use crate::cluster::{health, patroni};
 use crate::config::{Config, ConfigError};
 use crate::{pool, session, Shared};
 
@@ -40,6 +40,11 @@ pub struct Pgrelay {
 impl Pgrelay {
     pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
         let shared = Arc::new(Shared::new(config.clone()));
+        if config.failover.topology == crate::config::TopologySource::Patroni {
+            if let Err(err) = patroni::poll_once(&shared).await {
+                tracing::warn!(%err, "Patroni could not be read at start-up; health checks decide");
+            }
+        }
         health::probe_all(&shared).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
@@ -65,6 +70,7 @@ impl Pgrelay {
             ));
         }
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(patroni::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(crate::cluster::lag::run(
             shared.clone(),
             shutdown_rx.clone(),

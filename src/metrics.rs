@@ -13,6 +13,8 @@ pub struct Metrics {
     pub prepared_hits: IntCounter,
     /// pgrelay prepared the statement there first.
     pub prepared_misses: IntCounter,
+    /// Nodes taken out of service (failed checks, false primaries, detached).
+    pub failovers: IntCounter,
 }
 
 impl Metrics {
@@ -41,11 +43,17 @@ impl Metrics {
             "Binds and Describes for which pgrelay prepared the statement on the server first",
         )
         .expect("valid metric");
+        let failovers = IntCounter::new(
+            "pgrelay_failovers_total",
+            "Nodes taken out of service: failed health checks, false primaries, detaches",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(pinned_clients.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pins.clone()),
             Box::new(prepared_hits.clone()),
             Box::new(prepared_misses.clone()),
+            Box::new(failovers.clone()),
         ] {
             registry
                 .register(collector)
@@ -57,6 +65,7 @@ impl Metrics {
             pins,
             prepared_hits,
             prepared_misses,
+            failovers,
         }
     }
 

@@ -1,37 +1,81 @@
-//! The per-node probe: connect with the `[health_check]` credentials, ask
-//! `pg_is_in_recovery()`, and publish the roles into the [`Topology`]. One pass at
-//! start-up (so the first client finds a primary), then one every
-//! `health_check.period`.
+//! The health monitor: one task per node that probes it (log in with the
+//! `[health_check]` credentials, read `pg_is_in_recovery()`, the timeline and where a
+//! replica streams from), hands the outcome to the failover state machine, and acts on
+//! what changed: hooks are queued, pools of a node that went down or was demoted are
+//! dropped. A node is probed every `period`; retries, confirmations of a node coming
+//! back, and every probe while there is no primary come every `retry_delay`; a server
+//! connection that fails under a client wakes its node's task at once
+//! (`recheck_on_backend_error`).
+//!
+//! [`probe_all`] runs one round before pgrelay listens, so the first client finds the
+//! primary.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{Role, Topology};
+use super::failover::{Outcome, Probe, Transition};
+use super::hooks::{expand, HookKind, HookRun, Subjects};
+use super::Cluster;
 use crate::auth::ServerCredentials;
 use crate::config::Config;
 use crate::pool::server::{Server, ServerError, ServerTarget};
 use crate::Shared;
 
-/// Probes every node once (concurrently) and stores the roles.
-pub async fn probe_all(shared: &Shared) {
-    let config = shared.config.load_full();
-    let probes = (0..config.backends.len()).map(|node| probe(&config, shared, node));
-    let roles = futures_util::future::join_all(probes).await;
-    shared.cluster.update(|topology| {
-        if topology.nodes.len() != config.backends.len() {
-            *topology = Topology::from_config(&config);
-        }
-        for (node, role) in topology.nodes.iter_mut().zip(roles) {
-            node.up = role.is_some();
-            node.role = role.unwrap_or(Role::Unknown);
-            if node.role != Role::Replica {
-                node.lag = None;
-            }
-        }
-        topology.choose_primary(&config);
-        topology.update_read_set(&config);
-    });
+/// One row: in recovery; the timeline (a primary's WAL insert timeline, a replica's
+/// received one); where a streaming replica's WAL comes from.
+const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery()::text, \
+     CASE WHEN pg_catalog.pg_is_in_recovery() \
+     THEN (SELECT received_tli::text FROM pg_catalog.pg_stat_wal_receiver) \
+     ELSE (('x' || pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int)::text END, \
+     (SELECT sender_host || ' ' || sender_port FROM pg_catalog.pg_stat_wal_receiver WHERE status = 'streaming')";
+
+/// Something that can probe a node (the real one logs in; tests script answers).
+pub trait Prober: Send + Sync {
+    fn probe<'a>(&'a self, node: usize) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+}
+
+/// Probes over a real server connection.
+pub struct ServerProber<'s> {
+    pub shared: &'s Shared,
+}
+
+impl Prober for ServerProber<'_> {
+    fn probe<'a>(&'a self, node: usize) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async move {
+            let config = self.shared.config.load_full();
+            let mut server = connect_check(&config, self.shared, node)
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = server.query_row(PROBE_SQL).await.map_err(|e| e.to_string());
+            server.terminate().await;
+            parse_probe(&row?)
+        })
+    }
+}
+
+fn parse_probe(row: &[Option<String>]) -> Outcome {
+    let in_recovery = match row.first().and_then(Option::as_deref) {
+        Some("true") => true,
+        Some("false") => false,
+        other => return Err(format!("unexpected probe answer {other:?}")),
+    };
+    let timeline = row
+        .get(1)
+        .and_then(Option::as_deref)
+        .and_then(|t| t.parse().ok());
+    let upstream = row
+        .get(2)
+        .and_then(Option::as_deref)
+        .and_then(|s| s.rsplit_once(' '))
+        .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)));
+    Ok(Probe {
+        in_recovery,
+        timeline,
+        upstream,
+    })
 }
 
 /// Opens a connection to `node` with the health-check credentials.
@@ -41,16 +85,19 @@ pub async fn connect_check(
     node: usize,
 ) -> Result<Server, ServerError> {
     let check = &config.health_check;
-    let backend = config
-        .backends
+    let (host, port) = shared
+        .cluster
+        .load()
+        .nodes
         .get(node)
+        .map(|n| (n.host.clone(), n.port))
         .ok_or_else(|| ServerError::Connect {
-            addr: format!("backend {node}"),
+            addr: format!("node {node}"),
             source: std::io::ErrorKind::NotFound.into(),
         })?;
     let target = ServerTarget {
-        host: backend.host.clone(),
-        port: backend.port,
+        host,
+        port,
         dbname: check.database.clone(),
         user: check.user.clone(),
     };
@@ -64,38 +111,346 @@ pub async fn connect_check(
     Server::connect(&target, &credentials, check.timeout).await
 }
 
-async fn probe(config: &Config, shared: &Shared, node: usize) -> Option<Role> {
-    let backend = config.backends.get(node)?;
-    let attempt = async {
-        let mut server = connect_check(config, shared, node).await?;
-        let value = server
-            .query_value("SELECT pg_catalog.pg_is_in_recovery()")
-            .await?;
-        server.terminate().await;
-        Ok::<_, ServerError>(value)
-    };
-    match tokio::time::timeout(config.health_check.timeout, attempt).await {
-        Ok(Ok(Some(v))) if v == "f" => Some(Role::Primary),
-        Ok(Ok(Some(_))) => Some(Role::Replica),
-        Ok(Ok(None)) => None,
-        Ok(Err(err)) => {
-            tracing::warn!(node, host = %backend.host, port = backend.port, %err, "health check failed");
-            None
+/// One probe, bounded by `health_check.timeout`.
+async fn probe_once(prober: &dyn Prober, node: usize, config: &Config) -> Outcome {
+    match tokio::time::timeout(config.health_check.timeout, prober.probe(node)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!(
+            "no answer within health_check.timeout ({:?})",
+            config.health_check.timeout
+        )),
+    }
+}
+
+/// Probes every node once, concurrently, and acts on the outcome (start-up).
+pub async fn probe_all(shared: &Shared) {
+    let config = shared.config.load_full();
+    let prober = ServerProber { shared };
+    let nodes = shared.cluster.load().nodes.len();
+    let probes = (0..nodes).map(|node| probe_once(&prober, node, &config));
+    let outcomes = futures_util::future::join_all(probes).await;
+    for (node, outcome) in outcomes.iter().enumerate() {
+        let transitions = shared.cluster.observe(node, outcome, &config);
+        act(shared, &config, &transitions);
+    }
+}
+
+/// Watches one node until shutdown: probe, observe, act, wait.
+pub async fn watch_node(
+    cluster: &Cluster,
+    prober: &dyn Prober,
+    node: usize,
+    config: impl Fn() -> Arc<Config>,
+    act: impl Fn(&Config, &[Transition]),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let kick = cluster.kick_handle(node);
+    loop {
+        let delay = cluster.next_probe_in(node, &config());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = kick.notified() => {}
+            _ = shutdown.changed() => return,
         }
-        Err(_) => {
-            tracing::warn!(node, host = %backend.host, port = backend.port, "health check timed out");
-            None
+        let current = config();
+        let outcome = probe_once(prober, node, &current).await;
+        let transitions = cluster.observe(node, &outcome, &current);
+        act(&current, &transitions);
+    }
+}
+
+/// Runs the monitor until shutdown: a task per node, and more as nodes appear
+/// (Patroni members, reloads).
+pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut watched = 0;
+    let mut changes = shared.cluster.changed.subscribe();
+    loop {
+        let nodes = shared.cluster.load().nodes.len();
+        while watched < nodes {
+            let node = watched;
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let prober = ServerProber { shared: &shared };
+                watch_node(
+                    &shared.cluster,
+                    &prober,
+                    node,
+                    || shared.config.load_full(),
+                    |config, transitions| act(&shared, config, transitions),
+                    shutdown,
+                )
+                .await
+            });
+            watched += 1;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = shutdown.changed() => return,
         }
     }
 }
 
-/// Re-probes every `health_check.period` until shutdown.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let period = shared.config.load().health_check.period;
-        tokio::select! {
-            _ = tokio::time::sleep(period) => probe_all(&shared).await,
-            _ = shutdown.changed() => return,
+/// Acts on transitions: drops the pools of nodes that left service or were demoted,
+/// and queues the hooks they call for.
+pub fn act(shared: &Shared, config: &Config, transitions: &[Transition]) {
+    if transitions.is_empty() {
+        return;
+    }
+    let topology = shared.cluster.snapshot();
+    let failover = &config.failover;
+    let timeout = failover.command_timeout;
+    let hook = |kind: HookKind, template: &str, subjects: Subjects| {
+        shared.hooks.submit(HookRun {
+            kind,
+            node: subjects.node,
+            command: expand(template, &topology, &subjects),
+            timeout,
+        });
+    };
+    for transition in transitions {
+        match *transition {
+            Transition::Down {
+                node,
+                old_primary,
+                old_main,
+                new_main,
+                ..
+            } => {
+                shared.metrics.failovers.inc();
+                let closed = shared.pools.retire_node(node);
+                tracing::info!(node, closed, "dropped the pools of a node out of service");
+                let subjects = Subjects {
+                    node: Some(node),
+                    new_main,
+                    old_main,
+                    old_primary,
+                };
+                hook(HookKind::Failover, &failover.failover_command, subjects);
+            }
+            Transition::Up { node } => {
+                let subjects = Subjects {
+                    node: Some(node),
+                    new_main: topology.main_node(),
+                    old_main: topology.main_node(),
+                    old_primary: topology.primary,
+                };
+                hook(HookKind::Failback, &failover.failback_command, subjects);
+            }
+            Transition::Demoted { node } => {
+                let closed = shared.pools.retire_node(node);
+                tracing::info!(node, closed, "dropped the pools of a demoted primary");
+            }
+            Transition::NewPrimary { node, old, follow } => {
+                if !follow {
+                    continue;
+                }
+                for other in (0..topology.nodes.len()).filter(|&i| i != node) {
+                    if !topology.nodes[other].is_up() {
+                        continue;
+                    }
+                    let subjects = Subjects {
+                        node: Some(other),
+                        new_main: Some(node),
+                        old_main: old,
+                        old_primary: old,
+                    };
+                    hook(
+                        HookKind::FollowPrimary,
+                        &failover.follow_primary_command,
+                        subjects,
+                    );
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Status, Topology};
+    use crate::config::BackendConfig;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[test]
+    fn probe_rows_are_read() {
+        let row = |a: &str, b: Option<&str>, c: Option<&str>| {
+            vec![Some(a.to_owned()), b.map(str::to_owned), c.map(str::to_owned)]
+        };
+        assert_eq!(
+            parse_probe(&row("true", Some("3"), Some("127.0.0.1 5433"))),
+            Ok(Probe {
+                in_recovery: true,
+                timeline: Some(3),
+                upstream: Some(("127.0.0.1".into(), 5433)),
+            })
+        );
+        assert_eq!(
+            parse_probe(&row("false", Some("1"), None)),
+            Ok(Probe {
+                in_recovery: false,
+                timeline: Some(1),
+                upstream: None,
+            })
+        );
+        assert!(parse_probe(&row("maybe", None, None)).is_err());
+        assert!(parse_probe(&[]).is_err());
+    }
+
+    /// Answers from a script, one per probe, and notes when each probe came.
+    struct Scripted {
+        answers: Mutex<VecDeque<Outcome>>,
+        at: Mutex<Vec<Duration>>,
+        start: tokio::time::Instant,
+    }
+
+    impl Prober for Scripted {
+        fn probe<'a>(
+            &'a self,
+            _node: usize,
+        ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+            Box::pin(async move {
+                self.at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(self.start.elapsed());
+                let next = self
+                    .answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                match next {
+                    Some(outcome) => outcome,
+                    // Out of script: a probe that hangs past its timeout.
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    fn config() -> Arc<Config> {
+        let mut config = Config {
+            backends: vec![BackendConfig {
+                host: "127.0.0.1".into(),
+                port: 5432,
+                weight: 1.0,
+                data_directory: String::new(),
+                role: None,
+            }],
+            ..Config::default()
+        };
+        config.health_check.period = Duration::from_secs(5);
+        config.health_check.retry_delay = Duration::from_secs(1);
+        config.health_check.timeout = Duration::from_secs(2);
+        config.health_check.max_retries = 2;
+        Arc::new(config)
+    }
+
+    /// With paused time: a primary that answers, then fails, is declared down after
+    /// its retries, at the times the settings give, and once only.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_primary_is_down_after_period_and_retries() {
+        let config = config();
+        let cluster = Cluster::new(Topology::from_config(&config));
+        let primary = Ok(Probe {
+            in_recovery: false,
+            timeline: Some(1),
+            upstream: None,
+        });
+        // Seen up at start (as probe_all does).
+        cluster.observe(0, &primary, &config);
+        let prober = Scripted {
+            answers: Mutex::new(VecDeque::from([
+                primary.clone(),
+                Err("refused".into()),
+                Err("refused".into()),
+                Err("refused".into()),
+                Err("refused".into()),
+            ])),
+            at: Mutex::default(),
+            start: tokio::time::Instant::now(),
+        };
+        let seen = Mutex::new(Vec::new());
+        let (stop, shutdown) = watch::channel(false);
+        let watcher = watch_node(
+            &cluster,
+            &prober,
+            0,
+            || config.clone(),
+            |_, transitions: &[Transition]| {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.extend(
+                    transitions
+                        .iter()
+                        .map(|t| (tokio::time::Instant::now(), t.clone())),
+                );
+            },
+            shutdown,
+        );
+        let start = tokio::time::Instant::now();
+        tokio::select! {
+            _ = watcher => unreachable!("the watcher runs until shutdown"),
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let _ = stop.send(true);
+        let at: Vec<u64> = prober
+            .at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        // 5 s: answers. 10 s: fails. Retries at 11 s and 12 s: the third failure in
+        // a row takes it down. No primary now: probes every retry_delay (13 s: the
+        // script's last failure; 14 s: out of script, hangs for the 2 s timeout).
+        assert_eq!(at[..6], [5_000, 10_000, 11_000, 12_000, 13_000, 14_000]);
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(seen.len(), 1, "one transition, once: {seen:?}");
+        assert_eq!(seen[0].0 - start, Duration::from_secs(12));
+        assert!(matches!(seen[0].1, Transition::Down { node: 0, .. }));
+        assert_eq!(cluster.load().nodes[0].status, Status::Down);
+        assert_eq!(cluster.load().primary, None);
+    }
+
+    /// A kick (a server connection failed under a client) probes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_probes_at_once() {
+        let config = config();
+        let cluster = Cluster::new(Topology::from_config(&config));
+        let primary = Ok(Probe {
+            in_recovery: false,
+            timeline: Some(1),
+            upstream: None,
+        });
+        cluster.observe(0, &primary, &config);
+        let prober = Scripted {
+            answers: Mutex::new((0..3).map(|_| Err("reset".to_owned())).collect::<VecDeque<Outcome>>()),
+            at: Mutex::default(),
+            start: tokio::time::Instant::now(),
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let watcher = watch_node(&cluster, &prober, 0, || config.clone(), |_, _| {}, shutdown);
+        let kick = async {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            cluster.suspect(0);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        };
+        tokio::select! {
+            _ = watcher => unreachable!(),
+            _ = kick => {}
+        }
+        let at: Vec<u64> = prober
+            .at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        // Kicked at 1.5 s, then retries every second: down at 3.5 s, not 12 s.
+        assert_eq!(at[..3], [1_500, 2_500, 3_500]);
+        assert_eq!(cluster.load().nodes[0].status, Status::Down);
     }
 }

@@ -42,7 +42,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
     if !topology
         .nodes
         .iter()
-        .any(|n| n.up && n.role == Role::Replica)
+        .any(|n| n.is_up() && n.role == Role::Replica)
     {
         return; // nothing to measure: a lone primary costs no query a second
     }
@@ -54,7 +54,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
     };
     let mut lags = Vec::with_capacity(topology.nodes.len());
     for (node, state) in topology.nodes.iter().enumerate() {
-        let lag = if state.up && state.role == Role::Replica {
+        let lag = if state.is_up() && state.role == Role::Replica {
             ask(shared, conns, node, REPLICA_SQL)
                 .await
                 .and_then(|v| replica_lag(&v, primary_lsn))

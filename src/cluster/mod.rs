@@ -1,27 +1,71 @@
 //! What the backends are and how they are doing: a [`Topology`] snapshot behind
-//! `ArcSwap`, read once per request and replaced whole by the health and lag loops.
+//! `ArcSwap`, read once per request and replaced whole by the health monitor, the lag
+//! loop, the Patroni poller and the admin operations.
 //!
-//! Roles come from `pg_is_in_recovery()` on each node, never from the order of
-//! `[[backends]]`. A replica is in the read set while it is up, its lag has been
-//! measured, and the lag is within `routing.max_lag_bytes` / `max_lag_seconds`.
+//! Roles come from evidence: `pg_is_in_recovery()` and the timeline on each node (and,
+//! with `topology = "patroni"`, Patroni's leader), never from the order of
+//! `[[backends]]`. Node states follow Pgpool-II: `waiting` until a node first answers,
+//! `up` while it serves, `down` once `health_check.max_retries` retries have failed
+//! (or an operator detached it). [`failover::Tracker`] owns those decisions; a
+//! replica is in the read set while it is up, its lag has been measured, and the lag
+//! is within `routing.max_lag_bytes` / `max_lag_seconds`.
 
+pub mod failover;
 pub mod health;
+pub mod hooks;
 pub mod lag;
+pub mod patroni;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use tokio::sync::{watch, Notify};
 
-use crate::config::{Config, RoleHint};
+use crate::config::Config;
+use failover::{Outcome, Tracker, Transition};
 
 /// A node's role as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Primary,
     Replica,
-    /// Never reached, or not reachable now.
+    /// Never reached.
     Unknown,
+}
+
+impl Role {
+    /// Pgpool-II's spelling (`SHOW POOL_NODES`): primary, standby, unknown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "standby",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// Whether a node is in service, as Pgpool-II names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Configured, not yet answered a probe: takes nothing.
+    Waiting,
+    /// In service.
+    Up,
+    /// Out of service: failed checks, detached by an operator, a false primary, or
+    /// not a member Patroni lists.
+    Down,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Waiting => "waiting",
+            Status::Up => "up",
+            Status::Down => "down",
+        }
+    }
 }
 
 /// Counters per node that outlive topology snapshots (each snapshot shares them).
@@ -58,26 +102,76 @@ pub struct NodeState {
     pub host: String,
     pub port: u16,
     pub weight: f64,
+    /// `[[backends]] data_directory`, for the `%D` / `%R` placeholders.
+    pub data_directory: String,
     pub role: Role,
-    pub up: bool,
+    pub status: Status,
+    /// The last probe was answered (Pgpool-II's `pg_status`).
+    pub pg_up: bool,
+    /// The node's timeline: the WAL insert timeline of a primary, the received one
+    /// of a replica. `None` when it could not be read.
+    pub timeline: Option<u32>,
+    /// Where a replica's WAL receiver streams from, while it streams.
+    pub upstream: Option<(String, u16)>,
+    /// Patroni does not list it as a running member: it takes nothing.
+    pub vetoed: bool,
     /// Measured lag (replicas), `None` until the first measurement.
     pub lag: Option<Lag>,
     /// May take reads: the primary when up, a replica when up and fresh enough.
     pub readable: bool,
+    /// When `status` last changed.
+    pub since: SystemTime,
     pub stats: Arc<NodeStats>,
 }
 
+impl NodeState {
+    pub fn new(host: String, port: u16, weight: f64, data_directory: String) -> NodeState {
+        NodeState {
+            host,
+            port,
+            weight,
+            data_directory,
+            role: Role::Unknown,
+            status: Status::Waiting,
+            pg_up: false,
+            timeline: None,
+            upstream: None,
+            vetoed: false,
+            lag: None,
+            readable: false,
+            since: SystemTime::now(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// In service: requests may be routed here.
+    pub fn is_up(&self) -> bool {
+        self.status == Status::Up
+    }
+}
+
 impl PartialEq for NodeState {
-    /// Counters are not part of a node's state.
+    /// Counters, lag figures and timestamps are not part of a node's state.
     fn eq(&self, other: &Self) -> bool {
-        (&self.host, self.port, self.role, self.up, self.readable)
-            == (
-                &other.host,
-                other.port,
-                other.role,
-                other.up,
-                other.readable,
-            )
+        (
+            &self.host,
+            self.port,
+            self.role,
+            self.status,
+            self.pg_up,
+            self.timeline,
+            self.vetoed,
+            self.readable,
+        ) == (
+            &other.host,
+            other.port,
+            other.role,
+            other.status,
+            other.pg_up,
+            other.timeline,
+            other.vetoed,
+            other.readable,
+        )
     }
 }
 
@@ -89,21 +183,12 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Before any probe: nodes from the config, roles unknown.
+    /// Before any probe: nodes from the config, roles unknown, all waiting.
     pub fn from_config(config: &Config) -> Topology {
         let nodes = config
             .backends
             .iter()
-            .map(|b| NodeState {
-                host: b.host.clone(),
-                port: b.port,
-                weight: b.weight,
-                role: Role::Unknown,
-                up: false,
-                lag: None,
-                readable: false,
-                stats: Arc::default(),
-            })
+            .map(|b| NodeState::new(b.host.clone(), b.port, b.weight, b.data_directory.clone()))
             .collect();
         Topology {
             nodes,
@@ -111,28 +196,19 @@ impl Topology {
         }
     }
 
-    /// Picks the primary among nodes that are up and not in recovery. With several
-    /// (split brain: the failover issue guards against it properly), a node hinted
-    /// `role = "primary"` wins, else the first.
-    pub fn choose_primary(&mut self, config: &Config) {
-        let candidates: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].up && self.nodes[i].role == Role::Primary)
-            .collect();
-        if candidates.len() > 1 {
-            tracing::error!(?candidates, "more than one node claims to be primary");
-        }
-        let hinted = candidates
+    /// The node at `host:port`, if the topology has it.
+    pub fn find(&self, host: &str, port: u16) -> Option<usize> {
+        self.nodes
             .iter()
-            .copied()
-            .find(|&i| config.backends.get(i).and_then(|b| b.role) == Some(RoleHint::Primary));
-        self.primary = hinted.or(candidates.first().copied());
+            .position(|n| n.port == port && same_host(&n.host, host))
     }
 
     /// Recomputes which nodes may take reads from roles, health and lag.
     pub fn update_read_set(&mut self, config: &Config) {
         let routing = &config.routing;
         for (i, node) in self.nodes.iter_mut().enumerate() {
-            node.readable = node.up
+            node.readable = node.is_up()
+                && !node.vetoed
                 && if Some(i) == self.primary {
                     true
                 } else if node.role == Role::Replica {
@@ -154,20 +230,39 @@ impl Topology {
             .enumerate()
             .any(|(i, n)| n.readable && Some(i) != self.primary)
     }
+
+    /// Pgpool-II's main node: the primary, else the lowest-numbered node in service.
+    pub fn main_node(&self) -> Option<usize> {
+        self.primary
+            .or_else(|| self.nodes.iter().position(NodeState::is_up))
+    }
+}
+
+/// Whether two host names denote the same host, counting the loopback spellings as one.
+pub fn same_host(a: &str, b: &str) -> bool {
+    let loopback = |h: &str| matches!(h, "localhost" | "127.0.0.1" | "::1" | "[::1]");
+    a.eq_ignore_ascii_case(b) || (loopback(a) && loopback(b))
 }
 
 /// The shared, swappable topology.
 pub struct Cluster {
     topology: ArcSwap<Topology>,
-    /// Serializes writers (health and lag loops) so neither loses the other's update.
-    writer: Mutex<()>,
+    /// The failover state machine; its lock also serializes every writer of
+    /// `topology`, so no update is lost.
+    tracker: Mutex<Tracker>,
+    /// Bumped at every published change: clients holding for a primary wait on it.
+    changed: watch::Sender<u64>,
+    /// One per node: wakes the node's health check at once.
+    kicks: Mutex<Vec<Arc<Notify>>>,
 }
 
 impl Cluster {
     pub fn new(topology: Topology) -> Self {
         Cluster {
+            tracker: Mutex::new(Tracker::new(topology.nodes.len())),
             topology: ArcSwap::from_pointee(topology),
-            writer: Mutex::new(()),
+            changed: watch::channel(0).0,
+            kicks: Mutex::new(Vec::new()),
         }
     }
 
@@ -185,21 +280,95 @@ impl Cluster {
         topology.primary.map(|i| (i, topology.nodes[i].clone()))
     }
 
-    /// Applies `change` to a copy of the current topology and publishes it.
-    pub fn update(&self, change: impl FnOnce(&mut Topology)) {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+    /// Applies `change` to a copy of the current topology (with the tracker) and
+    /// publishes it; returns what `change` returned.
+    fn edit<R>(&self, change: impl FnOnce(&mut Topology, &mut Tracker) -> R) -> R {
+        let mut tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.topology.load_full();
         let mut next = (*current).clone();
-        change(&mut next);
+        let result = change(&mut next, &mut tracker);
         if *current != next {
             let summary: Vec<_> = next
                 .nodes
                 .iter()
-                .map(|n| (n.port, n.role, n.up, n.readable))
+                .map(|n| (n.port, n.role.as_str(), n.status.as_str(), n.readable))
                 .collect();
             tracing::info!(primary = ?next.primary, nodes = ?summary, "topology changed");
+            self.topology.store(Arc::new(next));
+            self.changed.send_modify(|generation| *generation += 1);
+        } else {
+            self.topology.store(Arc::new(next));
         }
-        self.topology.store(Arc::new(next));
+        result
+    }
+
+    /// Applies `change` to a copy of the current topology and publishes it.
+    pub fn update(&self, change: impl FnOnce(&mut Topology)) {
+        self.edit(|topology, _| change(topology));
+    }
+
+    /// Takes one probe's outcome for `node` into the state machine.
+    pub fn observe(&self, node: usize, outcome: &Outcome, config: &Config) -> Vec<Transition> {
+        self.edit(|topology, tracker| tracker.observe(topology, config, node, outcome))
+    }
+
+    /// Runs an operator's command (detach, attach, promote) on the state machine.
+    pub fn operate(
+        &self,
+        op: failover::Operation,
+        config: &Config,
+    ) -> Result<Vec<Transition>, failover::OperationError> {
+        self.edit(|topology, tracker| tracker.operate(topology, config, op))
+    }
+
+    /// Takes Patroni's view of the members (`None`: Patroni could not be read).
+    pub fn patroni_view(&self, view: patroni::View, config: &Config) -> Vec<Transition> {
+        self.edit(|topology, tracker| tracker.patroni(topology, config, view))
+    }
+
+    /// How long `node`'s health check waits before its next probe.
+    pub fn next_probe_in(&self, node: usize, config: &Config) -> std::time::Duration {
+        let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        tracker.next_probe_in(&self.topology.load(), config, node)
+    }
+
+    /// The wake-up for `node`'s health check.
+    pub fn kick_handle(&self, node: usize) -> Arc<Notify> {
+        let mut kicks = self.kicks.lock().unwrap_or_else(|p| p.into_inner());
+        while kicks.len() <= node {
+            kicks.push(Arc::default());
+        }
+        kicks[node].clone()
+    }
+
+    /// A server connection to `node` failed under a client: check the node now.
+    pub fn suspect(&self, node: usize) {
+        tracing::debug!(node, "server connection failed; checking the node now");
+        self.kick_handle(node).notify_one();
+    }
+
+    /// Waits until a primary is known, or `deadline`. Returns it, if any.
+    pub async fn wait_primary(&self, deadline: tokio::time::Instant) -> Option<usize> {
+        let mut changes = self.changed.subscribe();
+        loop {
+            if let Some(primary) = self.topology.load().primary {
+                return Some(primary);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.topology.load().primary,
+            }
+        }
+    }
+
+    /// Waits for the next published change, or `deadline`. Returns false at the deadline.
+    pub async fn wait_change(&self, deadline: tokio::time::Instant) -> bool {
+        let mut changes = self.changed.subscribe();
+        changes.borrow_and_update();
+        matches!(
+            tokio::time::timeout_at(deadline, changes.changed()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
@@ -240,11 +409,11 @@ mod tests {
         };
         let mut t = Topology::from_config(&config);
         for (i, lag) in lags.iter().enumerate() {
-            t.nodes[i].up = true;
+            t.nodes[i].status = Status::Up;
             t.nodes[i].role = if i == 0 { Role::Primary } else { Role::Replica };
             t.nodes[i].lag = *lag;
         }
-        t.choose_primary(&config);
+        t.primary = Some(0);
         (t, config)
     }
 
@@ -273,7 +442,7 @@ mod tests {
         t.update_read_set(&config);
         let readable: Vec<bool> = t.nodes.iter().map(|n| n.readable).collect();
         assert_eq!(readable, [true, true, true, true, false]);
-        t.nodes[1].up = false;
+        t.nodes[1].status = Status::Down;
         t.update_read_set(&config);
         assert!(!t.nodes[1].readable);
     }

@@ -402,6 +402,9 @@ impl HealthCheckConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         require_positive("health_check.period", self.period)?;
         require_positive("health_check.timeout", self.timeout)?;
+        if self.up_after == 0 {
+            return Err(invalid("health_check.up_after", "must be at least 1"));
+        }
         if self.user.is_empty() {
             return Err(invalid("health_check.user", "must not be empty"));
         }
@@ -420,15 +423,20 @@ impl FailoverConfig {
                 "topology = \"patroni\" needs at least one URL",
             ));
         }
-        let is_http = |url: &&String| url.starts_with("http://") || url.starts_with("https://");
-        match self.patroni_urls.iter().position(|url| !is_http(&url)) {
-            Some(i) => Err(invalid(
-                format!("failover.patroni_urls[{i}]"),
-                format!(
-                    "{:?} must start with http:// or https://",
-                    self.patroni_urls[i]
-                ),
-            )),
+        require_positive("failover.patroni_period", self.patroni_period)?;
+        require_positive("failover.command_timeout", self.command_timeout)?;
+        let bad = self
+            .patroni_urls
+            .iter()
+            .position(|url| crate::cluster::patroni::Endpoint::parse(url).is_err());
+        match bad {
+            Some(i) => {
+                let url = &self.patroni_urls[i];
+                let why = crate::cluster::patroni::Endpoint::parse(url)
+                    .err()
+                    .unwrap_or_default();
+                Err(invalid(format!("failover.patroni_urls[{i}]"), why))
+            }
             None => Ok(()),
         }
     }
@@ -479,12 +487,7 @@ impl Config {
     /// Settings this build accepts but does not act on yet, one line each, key path
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {
-        let mut lines = vec![
-            "failover: the failover section is parsed and validated but not yet used by this \
-             build; of health_check, only period, timeout and the credentials are used \
-             (primary detection, replica lag)"
-                .to_owned(),
-        ];
+        let mut lines = Vec::new();
         if self.tls.client_mode != TlsMode::Disable {
             lines.push(
                 "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
@@ -497,27 +500,6 @@ impl Config {
                  server connections are unencrypted",
                 self.tls.server_mode.as_str()
             ));
-        }
-        if self.failover.topology == TopologySource::Patroni {
-            lines.push(
-                "failover.topology: patroni is not implemented yet; [[backends]] are used as listed"
-                    .to_owned(),
-            );
-        }
-        let commands = [
-            ("failover.failover_command", &self.failover.failover_command),
-            ("failover.failback_command", &self.failover.failback_command),
-            (
-                "failover.follow_primary_command",
-                &self.failover.follow_primary_command,
-            ),
-        ];
-        for (key, command) in commands {
-            if !command.is_empty() {
-                lines.push(format!(
-                    "{key}: failover commands are not run by this build yet"
-                ));
-            }
         }
         lines
     }
@@ -741,7 +723,7 @@ mod tests {
         let text = format!(
             "log_format = \"json\"\nauth_type = \"md5\"\n[pool]\nmode = \"session\"\n\
              [routing]\nread_after_write = \"off\"\nload_balance = \"least_connections\"\n\
-             [failover]\ntopology = \"patroni\"\npatroni_urls = [\"https://p:8008\"]\n\
+             [failover]\ntopology = \"patroni\"\npatroni_urls = [\"http://p:8008\"]\n\
              [tls]\nserver_mode = \"verify-full\"\nserver_ca = \"ca.pem\"\n{MINIMAL}"
         );
         let config = parse(&text).expect("valid");
@@ -1176,30 +1158,19 @@ mod tests {
     #[test]
     fn warnings_list_unimplemented_settings() {
         let config = parse(MINIMAL).expect("minimal");
-        let lines = config.warnings();
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].starts_with("failover: "));
+        assert_eq!(config.warnings(), Vec::<String>::new());
         let mut config = config;
         config.tls.client_mode = TlsMode::Allow;
         config.tls.server_mode = TlsMode::Require;
         config.failover.topology = TopologySource::Patroni;
         config.failover.failover_command = "/bin/true %d".into();
-        config.failover.follow_primary_command = "/bin/true".into();
         let keys: Vec<String> = config
             .warnings()
             .iter()
             .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
             .collect();
-        let expected = [
-            "failover",
-            "tls.client_mode",
-            "tls.server_mode",
-            "failover.topology",
-            "failover.failover_command",
-            "failover.follow_primary_command",
-        ];
-        assert_eq!(keys, expected);
-        assert!(config.warnings()[1].contains("SSLRequest is answered 'N'"));
+        assert_eq!(keys, ["tls.client_mode", "tls.server_mode"]);
+        assert!(config.warnings()[0].contains("SSLRequest is answered 'N'"));
     }
 
     #[test]

@@ -265,6 +265,13 @@ pub struct HealthCheckConfig {
     pub password: String,
     /// Database the probe connects to. Default `"postgres"`.
     pub database: String,
+    /// Consecutive successful probes before a down node may serve again. Default 2.
+    pub up_after: u32,
+    /// A server connection that fails under a client (refused, reset, closed
+    /// mid-request) has its node probed at once instead of at the next period
+    /// (Pgpool-II's `failover_on_backend_error`, but checked rather than trusted).
+    /// Default `true`.
+    pub recheck_on_backend_error: bool,
 }
 
 impl Default for HealthCheckConfig {
@@ -277,6 +284,8 @@ impl Default for HealthCheckConfig {
             user: "postgres".to_owned(),
             password: String::new(),
             database: "postgres".to_owned(),
+            up_after: 2,
+            recheck_on_backend_error: true,
         }
     }
 }
@@ -296,6 +305,8 @@ impl fmt::Debug for HealthCheckConfig {
             .field("user", &self.user)
             .field("password", &format_args!("{password:?}"))
             .field("database", &self.database)
+            .field("up_after", &self.up_after)
+            .field("recheck_on_backend_error", &self.recheck_on_backend_error)
             .finish()
     }
 }
@@ -328,8 +339,15 @@ pub struct FailoverConfig {
     pub auto_failback: bool,
     /// Source of the topology. Default `static`.
     pub topology: TopologySource,
-    /// Patroni REST endpoints (`http://` or `https://`), needed for `patroni`. Default `[]`.
+    /// Patroni REST endpoints (`http://`), needed for `patroni`. Default `[]`.
     pub patroni_urls: Vec<String>,
+    /// How often Patroni's `/cluster` is read. Default 1s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub patroni_period: Duration,
+    /// A failover, failback or follow-primary command still running after this is
+    /// killed (and recorded as timed out). Default 60s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub command_timeout: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -342,6 +360,8 @@ impl Default for FailoverConfig {
             auto_failback: true,
             topology: TopologySource::Static,
             patroni_urls: Vec::new(),
+            patroni_period: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -37,7 +37,11 @@ impl ServerGuard {
     /// unread.
     pub fn release(mut self) {
         if let Some(server) = self.server.take() {
-            self.pool.give_back(server);
+            if self.pool.retired(&server) {
+                self.pool.forget(Some(server));
+            } else {
+                self.pool.give_back(server);
+            }
         }
     }
 }

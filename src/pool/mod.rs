@@ -99,6 +99,8 @@ pub struct Pool {
     /// The parameters a fresh server reports, so clients asking for nothing special
     /// can be greeted without a server round trip.
     defaults: OnceLock<ParamSet>,
+    /// Bumped when the node is retired: servers of an older epoch are not reused.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// What a checkout does next. A short-lived stack value: boxing the server to even out
@@ -131,7 +133,13 @@ impl Pool {
             }),
             connects: Semaphore::new(MAX_CONCURRENT_CONNECTS),
             defaults: OnceLock::new(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Whether `server` was opened before the node was last retired.
+    pub(crate) fn retired(&self, server: &Server) -> bool {
+        server.epoch != self.epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -214,7 +222,9 @@ impl Pool {
         )
         .await?;
         self.defaults.get_or_init(|| server.params.clone());
-        Ok(Box::new(server))
+        let mut server = Box::new(server);
+        server.epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(server)
     }
 
     /// Returns a server that is idle and clean to the first waiter, or the idle list.
@@ -399,6 +409,19 @@ impl Pools {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.map.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// A node left service or was demoted: its idle servers close now, and servers
+    /// in use close when they come back. Returns how many idle servers closed.
+    pub fn retire_node(&self, node: usize) -> usize {
+        self.all()
+            .iter()
+            .filter(|p| p.key.node == node)
+            .map(|p| {
+                p.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                p.close_idle()
+            })
+            .sum()
     }
 
     /// Closes idle servers connected to the server-side database `dbname`.

@@ -64,6 +64,8 @@ pub struct Server {
     pub idle_since: Instant,
     /// The statements pgrelay prepared on it for clients (transaction mode).
     pub statements: ServerStatements,
+    /// Its pool's epoch when it was opened (see `Pools::retire_node`).
+    pub epoch: u64,
 }
 
 impl Server {
@@ -99,6 +101,7 @@ impl Server {
             created: Instant::now(),
             idle_since: Instant::now(),
             statements: ServerStatements::default(),
+            epoch: 0,
         };
         tokio::time::timeout(timeout, server.login(target, credentials))
             .await

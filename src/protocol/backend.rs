@@ -26,7 +26,13 @@ pub const PARSE_COMPLETE: u8 = b'1';
 pub const CLOSE_COMPLETE: u8 = b'3';
 
 /// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
-pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS]);
+pub static INSPECT: [bool; 256] =
+    tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE]);
+
+/// Whether an ErrorResponse ends the server session (`FATAL` or `PANIC`).
+pub fn is_fatal(body: &[u8]) -> bool {
+    matches!(error_fields(body).severity.as_str(), "FATAL" | "PANIC")
+}
 
 /// Transaction status of a ReadyForQuery body (`I`, `T` or `E`).
 pub fn ready_status(body: &[u8]) -> Result<u8, ProtocolError> {
@@ -83,7 +89,8 @@ pub fn error_fields(body: &[u8]) -> ErrorFields {
         };
         let value = String::from_utf8_lossy(value).into_owned();
         match kind {
-            b'S' => fields.severity = value,
+            // `V` (never translated, PostgreSQL 9.6+) follows `S` and wins.
+            b'S' | b'V' => fields.severity = value,
             b'C' => fields.code = value,
             b'M' => fields.message = value,
             _ => {}

@@ -436,7 +436,7 @@ mod tests {
         };
         let mut t = Topology::from_config(&config);
         for (i, node) in t.nodes.iter_mut().enumerate() {
-            node.up = true;
+            node.status = crate::cluster::Status::Up;
             node.role = if i == 0 { Role::Primary } else { Role::Replica };
             node.lag = (i > 0).then_some(Lag {
                 replay_lsn: 100 * i as u64,
@@ -444,7 +444,7 @@ mod tests {
                 seconds: 0.0,
             });
         }
-        t.choose_primary(&config);
+        t.primary = Some(0);
         t.update_read_set(&config);
         (t, config)
     }
@@ -530,7 +530,7 @@ mod tests {
     #[test]
     fn unreadable_nodes_take_nothing() {
         let (mut t, config) = topology(&[1.0, 1.0, 1.0]);
-        t.nodes[1].up = false;
+        t.nodes[1].status = crate::cluster::Status::Down;
         t.nodes[2].lag = None;
         t.update_read_set(&config);
         assert_eq!(

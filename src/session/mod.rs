@@ -110,7 +110,7 @@ impl Session {
         config: &Config,
     ) -> Result<Session, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
-        let pool = match shared.primary_pool(config, &login.database, &login.user) {
+        let pool = match greeting_pool(&shared, config, &login, mode).await {
             Ok(pool) => pool,
             Err(err) => return Err((client, err)),
         };
@@ -119,8 +119,8 @@ impl Session {
             params.set_unreported(name, value);
         }
         let cancel = shared.cancel.register_random();
-        let routes = config.routing.enabled && config.backends.len() > 1;
-        let nodes = config.backends.len();
+        let nodes = shared.cluster.load().nodes.len();
+        let routes = config.routing.enabled && nodes > 1;
         let transaction_mode = mode == PoolMode::Transaction;
         let capacity = config.pool.max_prepared_statements as usize;
         let prepared = (transaction_mode && capacity > 0)
@@ -175,6 +175,11 @@ impl Session {
             }
             (PoolMode::Session, _) => self.attach_for_session().await?,
         };
+        if self.params.get("in_hot_standby") == Some("on") {
+            // Greeted from a replica while there is no primary: pgrelay itself takes
+            // writes (they wait for the next primary), so it is no hot standby.
+            self.params.set_reported("in_hot_standby", "off");
+        }
         let buf = self.client.wbuf();
         auth::auth_ok(buf);
         for (name, value) in self.params.reported() {
@@ -261,10 +266,9 @@ impl Session {
                     return self.finish().await;
                 }
                 RelayEnd::ServerGone(err) => {
-                    tracing::warn!(user = %self.login.user, err = ?err, "server connection lost during a session");
-                    self.attachment = Attachment::Detached;
-                    self.client.shutdown().await;
-                    return;
+                    if !self.server_lost(err).await {
+                        return self.finish().await;
+                    }
                 }
             }
         }
@@ -322,6 +326,63 @@ impl Session {
             }
         }
         Ok(true)
+    }
+
+    /// The server went away under the client (a crash, a shutdown, a failover). In
+    /// transaction mode the client is told its request failed (the server's own
+    /// FATAL code, e.g. 57P01, or 08006) and goes on with another server; in session
+    /// mode, or when session state pinned it to that server, that state is gone, so
+    /// the client is told so and closed, as PostgreSQL would. Returns whether the
+    /// session goes on.
+    async fn server_lost(&mut self, err: Option<std::io::Error>) -> bool {
+        let Attachment::Attached(guard) =
+            std::mem::replace(&mut self.attachment, Attachment::Detached)
+        else {
+            return false;
+        };
+        let node = guard.pool().key.node;
+        drop(guard);
+        self.backend_failed(node);
+        self.cancel.set(None).await;
+        let fatal = self.wire.take_server_fatal();
+        let (code, message) = match &fatal {
+            Some(fields) => (fields.code.clone(), fields.message.clone()),
+            None => (
+                "08006".to_owned(),
+                "the server connection was lost; the transaction did not complete".to_owned(),
+            ),
+        };
+        tracing::warn!(user = %self.login.user, node, %code, %message, io = ?err, "server connection lost under a client");
+        let pinned = self.unpin();
+        let loss = match self.mode {
+            PoolMode::Transaction if !pinned => self.wire.server_lost(&mut self.client),
+            _ => None,
+        };
+        let Some(loss) = loss else {
+            let err = ClientError::fatal(ErrorKind::ServerConnect, code, message);
+            err.encode(self.client.wbuf());
+            let _ = self.client.flush().await;
+            self.client.shutdown().await;
+            return false;
+        };
+        let _ = self.wire.take_effects();
+        let err = ClientError::error(ErrorKind::ServerConnect, code, message);
+        for _ in 0..loss.owed {
+            err.encode(self.client.wbuf());
+            backend::ready_for_query(self.client.wbuf(), b'I');
+        }
+        if loss.sync_owed {
+            if loss.owed == 0 {
+                err.encode(self.client.wbuf());
+            }
+            if self.client.flush().await.is_err()
+                || self.wire.skip_until_sync(&mut self.client).await.is_err()
+            {
+                return false;
+            }
+            backend::ready_for_query(self.client.wbuf(), b'I');
+        }
+        self.client.flush().await.is_ok()
     }
 
     /// The transaction is over: settles what it did to the session, then returns the
@@ -409,6 +470,41 @@ impl Session {
     }
 }
 
+/// The pool a client is greeted from: the primary's. With no primary, transaction
+/// mode greets from a replica that takes reads (its requests are routed one by one
+/// anyway); session mode, and a cluster with nothing readable, wait for a primary up
+/// to `failover.hold_timeout`.
+async fn greeting_pool(
+    shared: &Shared,
+    config: &Config,
+    login: &ClientLogin,
+    mode: PoolMode,
+) -> Result<Arc<Pool>, ClientError> {
+    let (primary, readable) = {
+        let topology = shared.cluster.load();
+        let readable = topology.nodes.iter().position(|n| n.readable);
+        (topology.primary, readable)
+    };
+    let node = match (primary, readable, mode) {
+        (Some(primary), _, _) => primary,
+        (None, Some(replica), PoolMode::Transaction) if config.routing.enabled => replica,
+        _ => {
+            let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
+            shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
+                ClientError::fatal(
+                    ErrorKind::ServerConnect,
+                    "08006",
+                    format!(
+                        "no primary server is available (waited failover.hold_timeout, {:?})",
+                        config.failover.hold_timeout
+                    ),
+                )
+            })?
+        }
+    };
+    shared.node_pool(config, node, &login.database, &login.user)
+}
+
 fn pool_error(err: PoolError) -> ClientError {
     match err {
         PoolError::Timeout(wait) => ClientError::error(
@@ -421,8 +517,12 @@ fn pool_error(err: PoolError) -> ClientError {
 }
 
 /// A server's own refusal is passed on as it is; pgrelay's trouble reaching it is 08006.
+/// A server shutting down or starting up (57P01-57P03) counts as one not reached.
 fn server_error(err: ServerError) -> ClientError {
     match err {
+        ServerError::Rejected(fields) if fields.code.starts_with("57P") => {
+            ClientError::fatal(ErrorKind::ServerConnect, fields.code, fields.message)
+        }
         ServerError::Rejected(fields) | ServerError::Query(fields) => {
             ClientError::fatal(ErrorKind::ServerAuth, fields.code, fields.message)
         }

@@ -241,6 +241,17 @@ impl Prepared {
         self.answered = 0;
     }
 
+    /// The server went away: statements it never confirmed were never the client's
+    /// (the client is told its request failed), and nothing is owed any more.
+    pub fn server_lost(&mut self) {
+        for expected in std::mem::take(&mut self.expect) {
+            if let Some(name) = expected.forget_client {
+                self.statements.remove(&name);
+            }
+        }
+        self.attached();
+    }
+
     pub fn statement(&self, name: &[u8]) -> Option<&Statement> {
         self.statements.get(name).map(|s| &**s)
     }

@@ -124,6 +124,18 @@ pub struct Wire {
     pub(super) rewrite_buffered: bool,
     /// The server message first in its buffer answers an injected one: drop it.
     swallow_front: bool,
+    /// The server ended the session with this FATAL error (not forwarded: the
+    /// session decides what the client is told).
+    server_fatal: Option<backend::ErrorFields>,
+}
+
+/// What a client was owed by a server that went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// ReadyForQuery messages owed (Query, Sync, FunctionCall sent or scanned).
+    pub owed: usize,
+    /// An extended request was open: the client still sends its Sync.
+    pub sync_owed: bool,
 }
 
 impl Wire {
@@ -162,7 +174,47 @@ impl Wire {
             front: Front::Relayed,
             rewrite_buffered: false,
             swallow_front: false,
+            server_fatal: None,
         }
+    }
+
+    /// The FATAL error the server ended with, if it sent one.
+    pub fn take_server_fatal(&mut self) -> Option<backend::ErrorFields> {
+        self.server_fatal.take()
+    }
+
+    /// The server went away mid-relay: forgets everything it owed and everything
+    /// scanned for it, and says what the client is owed instead. `None` if the client
+    /// is in the middle of a message, where its stream cannot be picked up again.
+    pub fn server_lost(&mut self, client: &mut Conn<Stream>) -> Option<Loss> {
+        if !self.client_scan.at_boundary() {
+            return None;
+        }
+        // Scanned for the lost server, never run: answered as failed below.
+        client.rbuf().advance(self.c2s);
+        self.c2s = 0;
+        let loss = Loss {
+            owed: self.pending,
+            sync_owed: self.extended_open,
+        };
+        self.pending = 0;
+        self.extended_open = false;
+        self.unnamed_unexecuted = false;
+        self.copy_syncs = 0;
+        self.status = b'I';
+        self.release_point = false;
+        self.server_eof = None;
+        self.client_paused = false;
+        self.resume_client = false;
+        self.swallow_front = false;
+        self.front = Front::Relayed;
+        self.rewrite_buffered = false;
+        self.s2c = 0;
+        self.server_scan = Scanner::new(&backend::INSPECT, MAX_MESSAGE_LEN);
+        if let Some(p) = self.prepared.as_deref_mut() {
+            p.server_lost();
+        }
+        Some(loss)
     }
 
     /// What the requests relayed since the last call do to the session.
@@ -388,6 +440,7 @@ impl Wire {
         let mut resume = false;
         let prepared = &mut self.prepared;
         let mut swallow = false;
+        let mut fatal = None;
         let scanned = self.server_scan.scan(buf, |tag, body| {
             if let Some(p) = prepared.as_deref_mut() {
                 let watched = tag == backend::READY_FOR_QUERY
@@ -419,6 +472,11 @@ impl Wire {
                     resume |= paused;
                     Step::Forward
                 }
+                // The server ends the session: the session tells the client.
+                (backend::ERROR_RESPONSE, Some(body)) if backend::is_fatal(body) => {
+                    fatal = Some(backend::error_fields(body));
+                    Step::StopBefore
+                }
                 (backend::PARAMETER_STATUS, Some(body)) => {
                     if let Ok((name, value)) = backend::parameter_status(body) {
                         server_params.set_reported(name, value);
@@ -430,6 +488,10 @@ impl Wire {
             }
         });
         self.swallow_front |= swallow;
+        if fatal.is_some() {
+            self.server_fatal = fatal;
+            self.server_eof = Some(None);
+        }
         self.pending = pending;
         self.status = status;
         if resume {

@@ -13,6 +13,10 @@ use crate::pool::{Pool, ServerGuard};
 use crate::router::classify::{Reason, Target};
 use crate::router::{self, Choice, Dice, Router};
 
+/// How long a request for a node that gave no server waits before trying again, if
+/// the topology does not move first.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A client's routing state.
 pub(super) struct Routing {
     pub(super) mode: RouteMode,
@@ -59,43 +63,94 @@ impl Routing {
     }
 }
 
+/// The primary is unknown: a request that needs it waits up to
+/// `failover.hold_timeout` for one before failing with this.
+fn no_primary(waited: std::time::Duration) -> ClientError {
+    ClientError::error(
+        ErrorKind::ServerConnect,
+        "08006",
+        format!("no primary server is available (waited failover.hold_timeout, {waited:?})"),
+    )
+}
+
 impl Session {
-    /// Routes the buffered request and returns a server on the chosen node. A replica
-    /// that cannot give a server hands the request to the primary instead.
+    /// Routes the buffered request and returns a server on the chosen node.
+    ///
+    /// A request that needs the primary while there is none waits for one (up to
+    /// `failover.hold_timeout`). A node that cannot give a server is checked at once
+    /// (`recheck_on_backend_error`); a read moves to the primary, and a request for
+    /// the primary waits for the topology to change and tries again, within the same
+    /// hold: a switchover costs a client between transactions a pause, not an error.
     pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
-        let node = self.route().await?;
-        match self.server_on(node).await {
-            Ok(guard) => Ok(guard),
-            Err(err) => {
-                let topology = self.shared.cluster.snapshot();
-                if let Some(state) = topology.nodes.get(node) {
-                    NodeStats::count(&state.stats.errors);
-                }
-                match topology.primary {
-                    Some(primary) if primary != node && err.kind == ErrorKind::ServerConnect => {
-                        tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
-                        self.server_on(primary).await
+        let hold = self.shared.config.load().failover.hold_timeout;
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            let node = self.route(deadline).await?;
+            let err = match self.server_on(node).await {
+                Ok(guard) => return Ok(guard),
+                Err(err) if err.kind == ErrorKind::ServerConnect => err,
+                Err(err) => return Err(err),
+            };
+            self.backend_failed(node);
+            let topology = self.shared.cluster.snapshot();
+            match topology.primary {
+                Some(primary) if primary != node => {
+                    tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
+                    match self.server_on(primary).await {
+                        Ok(guard) => return Ok(guard),
+                        Err(err) if err.kind == ErrorKind::ServerConnect => {
+                            self.backend_failed(primary)
+                        }
+                        Err(err) => return Err(err),
                     }
-                    _ => Err(err),
                 }
+                _ => {
+                    tracing::info!(node, message = %err.message, "no server on the primary; waiting for the cluster to settle");
+                }
+            }
+            // Try again once the topology moves (a node marked down, a new primary),
+            // or after a short pause; give up at the hold's end.
+            let pause = tokio::time::Instant::now() + RETRY_PAUSE;
+            self.shared.cluster.wait_change(pause.min(deadline)).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err);
             }
         }
     }
 
+    /// A server connection to `node` failed: count it and have the node checked now.
+    pub(super) fn backend_failed(&self, node: usize) {
+        let topology = self.shared.cluster.load();
+        if let Some(state) = topology.nodes.get(node) {
+            NodeStats::count(&state.stats.errors);
+        }
+        if self.shared.config.load().health_check.recheck_on_backend_error {
+            self.shared.cluster.suspect(node);
+        }
+    }
+
+    /// The primary, waiting for one until `deadline` if there is none.
+    async fn primary_by(&self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
+        if let Some(primary) = self.shared.cluster.load().primary {
+            return Ok(primary);
+        }
+        let started = tokio::time::Instant::now();
+        tracing::info!(user = %self.login.user, "no primary; holding the request until one appears");
+        match self.shared.cluster.wait_primary(deadline).await {
+            Some(primary) => {
+                tracing::info!(primary, waited = ?started.elapsed(), "a primary appeared; the held request goes on");
+                Ok(primary)
+            }
+            None => Err(no_primary(started.elapsed())),
+        }
+    }
+
     /// Decides which node runs the buffered request (the start of a transaction).
-    async fn route(&mut self) -> Result<usize, ClientError> {
-        let no_primary = || {
-            ClientError::fatal(
-                ErrorKind::ServerConnect,
-                "08006",
-                "no primary server is available",
-            )
-        };
+    async fn route(&mut self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
         if self.routing.mode != RouteMode::PerRequest {
-            return self.shared.cluster.load().primary.ok_or_else(no_primary);
+            return self.primary_by(deadline).await;
         }
         let topology = self.shared.cluster.snapshot();
-        let primary = topology.primary.ok_or_else(no_primary)?;
         let statements: &dyn router::StatementSource = match self.wire.prepared.as_deref() {
             Some(prepared) => prepared,
             None => &self.wire.statements,
@@ -106,33 +161,47 @@ impl Session {
             statements,
         );
         if plan.session_state && self.mode == PoolMode::Session {
+            let primary = self.primary_by(deadline).await?;
             self.pin(primary, plan.reason).await;
         }
-        let writes = plan.target == Target::Primary
-            || (!plan.functions.is_empty() && self.any_volatile(&plan.functions, primary).await?);
+        let writes = plan.target == Target::Primary || {
+            if plan.functions.is_empty() {
+                false
+            } else {
+                let primary = self.primary_by(deadline).await?;
+                self.any_volatile(&plan.functions, primary).await?
+            }
+        };
         if writes {
             self.routing.writes = Writes::Unfenced;
-            NodeStats::count(&topology.nodes[primary].stats.writes);
+            let primary = self.primary_by(deadline).await?;
+            let topology = self.shared.cluster.load();
+            if let Some(state) = topology.nodes.get(primary) {
+                NodeStats::count(&state.stats.writes);
+            }
             return Ok(primary);
         }
         let node = match plan
             .node
-            .filter(|&n| topology.nodes.get(n).is_some_and(|s| s.up))
+            .filter(|&n| topology.nodes.get(n).is_some_and(|s| s.is_up()))
         {
             // A statement it uses lives there.
             Some(node) => node,
-            None => self.choose_reader(&topology, primary).await?,
+            None => match self.choose_reader(&topology).await? {
+                Some(node) => node,
+                // Nothing fresh enough: the primary takes it.
+                None => self.primary_by(deadline).await?,
+            },
         };
-        NodeStats::count(&topology.nodes[node].stats.selects);
+        if let Some(state) = self.shared.cluster.load().nodes.get(node) {
+            NodeStats::count(&state.stats.selects);
+        }
         Ok(node)
     }
 
-    /// The node for a read, under the read-after-write policy and the load balancer.
-    async fn choose_reader(
-        &mut self,
-        topology: &Topology,
-        primary: usize,
-    ) -> Result<usize, ClientError> {
+    /// The node for a read, under the read-after-write policy and the load balancer;
+    /// `None`: only the primary will do.
+    async fn choose_reader(&mut self, topology: &Topology) -> Result<Option<usize>, ClientError> {
         let (read_after_write, load_balance, prefer_lower_lag) = {
             let config = self.shared.config.load();
             let r = &config.routing;
@@ -140,10 +209,14 @@ impl Session {
         };
         let fence = match read_after_write {
             ReadAfterWrite::Off | ReadAfterWrite::Transaction => None,
-            ReadAfterWrite::Session if self.routing.writes != Writes::None => return Ok(primary),
+            ReadAfterWrite::Session if self.routing.writes != Writes::None => return Ok(None),
             ReadAfterWrite::Session => None,
             ReadAfterWrite::Lsn => {
                 if self.routing.writes == Writes::Unfenced && topology.has_readable_replica() {
+                    // Without a primary there is no position to fence at.
+                    let Some(primary) = topology.primary else {
+                        return Ok(None);
+                    };
                     let lsn = self.primary_wal_position(primary).await?;
                     self.routing.writes = Writes::Fenced(lsn);
                 }
@@ -151,7 +224,7 @@ impl Session {
                     Writes::None => None,
                     Writes::Fenced(lsn) => Some(lsn),
                     // No replica to fence against: the primary takes it.
-                    Writes::Unfenced => return Ok(primary),
+                    Writes::Unfenced => return Ok(None),
                 }
             }
         };
@@ -173,8 +246,7 @@ impl Session {
             &choice,
             &self.shared.router,
             &mut self.routing.dice,
-        )
-        .unwrap_or(primary))
+        ))
     }
 
     /// Session mode: keeps the client on its primary server from now on, and lets the
@@ -205,6 +277,11 @@ impl Session {
     fn pool_on(&mut self, node: usize) -> Result<Arc<Pool>, ClientError> {
         if let Some(Some(pool)) = self.pools.get(node) {
             return Ok(pool.clone());
+        }
+        if self.pools.len() <= node {
+            // A node added since the session began (Patroni, a reload).
+            self.pools.resize(node + 1, None);
+            self.held.resize_with(node + 1, || None);
         }
         let config = self.shared.config.load();
         let pool = self

@@ -1,0 +1,363 @@
+//! Failover hooks: `failover_command`, `failback_command` and `follow_primary_command`,
+//! run through `sh -c` with Pgpool-II's placeholders, one at a time and in the order
+//! their transitions happened, each with `failover.command_timeout`. Their output is
+//! logged line by line and their exit status recorded ([`HookLog`]); a hook that
+//! fails or hangs delays only the hooks queued behind it, never clients.
+
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+
+use super::Topology;
+
+/// Which command a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    Failover,
+    Failback,
+    FollowPrimary,
+}
+
+impl HookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::Failover => "failover_command",
+            HookKind::Failback => "failback_command",
+            HookKind::FollowPrimary => "follow_primary_command",
+        }
+    }
+}
+
+/// The nodes a hook's placeholders name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subjects {
+    /// `%d %h %p %D`: the node the hook is about.
+    pub node: Option<usize>,
+    /// `%m %H %r %R`: the new main node.
+    pub new_main: Option<usize>,
+    /// `%M`: the old main node.
+    pub old_main: Option<usize>,
+    /// `%P %N %S`: the old primary.
+    pub old_primary: Option<usize>,
+}
+
+/// Replaces Pgpool-II's placeholders in `template`:
+///
+/// | | |
+/// |---|---|
+/// | `%d` `%h` `%p` `%D` | the node's id, host, port, data directory |
+/// | `%m` `%H` `%r` `%R` | the new main node's id, host, port, data directory |
+/// | `%M` | the old main node's id |
+/// | `%P` `%N` `%S` | the old primary's id, host, port |
+/// | `%%` | `%` |
+///
+/// A node that does not exist gives id `-1` and empty host, port and directory, as
+/// in Pgpool-II. Values are not quoted (hosts and directories come from the config).
+/// An unknown `%x` is left as it is.
+pub fn expand(template: &str, topology: &Topology, subjects: &Subjects) -> String {
+    let id = |node: Option<usize>| node.map_or_else(|| "-1".to_owned(), |n| n.to_string());
+    let field = |node: Option<usize>, pick: fn(&super::NodeState) -> String| {
+        node.and_then(|n| topology.nodes.get(n))
+            .map(pick)
+            .unwrap_or_default()
+    };
+    let host = |n: &super::NodeState| n.host.clone();
+    let port = |n: &super::NodeState| n.port.to_string();
+    let dir = |n: &super::NodeState| n.data_directory.clone();
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let value = match chars.next() {
+            Some('d') => id(subjects.node),
+            Some('h') => field(subjects.node, host),
+            Some('p') => field(subjects.node, port),
+            Some('D') => field(subjects.node, dir),
+            Some('m') => id(subjects.new_main),
+            Some('H') => field(subjects.new_main, host),
+            Some('r') => field(subjects.new_main, port),
+            Some('R') => field(subjects.new_main, dir),
+            Some('M') => id(subjects.old_main),
+            Some('P') => id(subjects.old_primary),
+            Some('N') => field(subjects.old_primary, host),
+            Some('S') => field(subjects.old_primary, port),
+            Some('%') => "%".to_owned(),
+            Some(other) => format!("%{other}"),
+            None => "%".to_owned(),
+        };
+        out.push_str(&value);
+    }
+    out
+}
+
+/// How a hook ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookOutcome {
+    Exited(i32),
+    /// Killed by a signal it did not ask for.
+    Signaled(i32),
+    /// Still running after `command_timeout`: killed, with its process group.
+    TimedOut,
+    /// `sh` could not be started.
+    SpawnFailed(String),
+}
+
+impl HookOutcome {
+    pub fn succeeded(&self) -> bool {
+        *self == HookOutcome::Exited(0)
+    }
+}
+
+/// One hook that ran.
+#[derive(Debug, Clone)]
+pub struct HookRecord {
+    pub kind: HookKind,
+    pub node: Option<usize>,
+    /// The command after placeholder expansion.
+    pub command: String,
+    pub started: SystemTime,
+    pub elapsed: Duration,
+    pub outcome: HookOutcome,
+}
+
+/// One hook waiting to run.
+#[derive(Debug, Clone)]
+pub struct HookRun {
+    pub kind: HookKind,
+    pub node: Option<usize>,
+    pub command: String,
+    pub timeout: Duration,
+}
+
+/// The most recent hooks, newest last, for the admin console and tests.
+const KEPT: usize = 100;
+
+/// Queues hooks for the runner and keeps what they did.
+pub struct Hooks {
+    queue: mpsc::UnboundedSender<HookRun>,
+    records: Arc<Mutex<VecDeque<HookRecord>>>,
+    /// Queued or running.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hooks {
+    /// Starts the runner task (on the current runtime).
+    pub fn start() -> Hooks {
+        let (queue, runs) = mpsc::unbounded_channel();
+        let records = Arc::new(Mutex::new(VecDeque::new()));
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(run_queue(runs, records.clone(), in_flight.clone()));
+        Hooks {
+            queue,
+            records,
+            in_flight,
+        }
+    }
+
+    /// Queues a hook; an empty command is not run.
+    pub fn submit(&self, run: HookRun) {
+        if run.command.trim().is_empty() {
+            return;
+        }
+        tracing::info!(hook = run.kind.as_str(), node = ?run.node, command = %run.command, "queueing hook");
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.queue.send(run).is_err() {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The hooks that ran, oldest first.
+    pub fn records(&self) -> Vec<HookRecord> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.iter().cloned().collect()
+    }
+
+    /// Hooks queued or running.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn run_queue(
+    mut runs: mpsc::UnboundedReceiver<HookRun>,
+    records: Arc<Mutex<VecDeque<HookRecord>>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    while let Some(run) = runs.recv().await {
+        let record = run_one(run).await;
+        let mut kept = records.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(record);
+        drop(kept);
+        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Output kept per stream; the rest is dropped (and said so).
+const OUTPUT_LIMIT: usize = 64 * 1024;
+
+async fn run_one(run: HookRun) -> HookRecord {
+    use tokio::io::AsyncReadExt;
+    let started = SystemTime::now();
+    let clock = tokio::time::Instant::now();
+    let hook = run.kind.as_str();
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(&run.command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let record = |outcome| HookRecord {
+        kind: run.kind,
+        node: run.node,
+        command: run.command.clone(),
+        started,
+        elapsed: clock.elapsed(),
+        outcome,
+    };
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            tracing::error!(hook, command = %run.command, %err, "could not start hook");
+            return record(HookOutcome::SpawnFailed(err.to_string()));
+        }
+    };
+    let pid = child.id();
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let work = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let read_out = async {
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.take(OUTPUT_LIMIT as u64).read_to_end(&mut out).await;
+            }
+        };
+        let read_err = async {
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.take(OUTPUT_LIMIT as u64).read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(read_out, read_err);
+        let status = child.wait().await;
+        (status, out, err)
+    };
+    let outcome = match tokio::time::timeout(run.timeout, work).await {
+        Ok((status, out, err)) => {
+            log_output(hook, "stdout", &out);
+            log_output(hook, "stderr", &err);
+            match status {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => HookOutcome::Exited(code),
+                    (None, Some(signal)) => HookOutcome::Signaled(signal),
+                    (None, None) => HookOutcome::Signaled(0),
+                },
+                Err(err) => HookOutcome::SpawnFailed(err.to_string()),
+            }
+        }
+        Err(_) => {
+            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                // The whole group: `sh` and whatever it started.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            HookOutcome::TimedOut
+        }
+    };
+    let record = record(outcome);
+    if record.outcome.succeeded() {
+        tracing::info!(hook, command = %record.command, elapsed = ?record.elapsed, "hook finished");
+    } else {
+        tracing::error!(hook, command = %record.command, elapsed = ?record.elapsed, outcome = ?record.outcome, "hook failed");
+    }
+    record
+}
+
+fn log_output(hook: &str, stream: &str, bytes: &[u8]) {
+    for line in String::from_utf8_lossy(bytes).lines() {
+        tracing::info!(hook, stream, "{line}");
+    }
+    if bytes.len() >= OUTPUT_LIMIT {
+        tracing::warn!(hook, stream, "hook output cut at {OUTPUT_LIMIT} bytes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::NodeState;
+
+    fn topology() -> Topology {
+        Topology {
+            nodes: vec![
+                NodeState::new("db0".into(), 5432, 1.0, "/d/0".into()),
+                NodeState::new("db1".into(), 5433, 1.0, "/d/1".into()),
+            ],
+            primary: Some(1),
+        }
+    }
+
+    #[test]
+    fn placeholders_follow_pgpool() {
+        let subjects = Subjects {
+            node: Some(0),
+            new_main: Some(1),
+            old_main: Some(0),
+            old_primary: Some(0),
+        };
+        let out = expand(
+            "f %d %h %p %D %m %H %r %R %M %P %N %S %% %x %",
+            &topology(),
+            &subjects,
+        );
+        assert_eq!(
+            out,
+            "f 0 db0 5432 /d/0 1 db1 5433 /d/1 0 0 db0 5432 % %x %"
+        );
+        let none = expand("%d|%h|%m|%H|%P|%N", &topology(), &Subjects::default());
+        assert_eq!(none, "-1||-1||-1|");
+    }
+
+    #[tokio::test]
+    async fn hooks_run_in_order_and_record_their_end() {
+        let hooks = Hooks::start();
+        let run = |command: &str, timeout_ms| HookRun {
+            kind: HookKind::Failover,
+            node: Some(0),
+            command: command.into(),
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        hooks.submit(run("echo out; echo err >&2; exit 3", 5_000));
+        hooks.submit(run("sleep 30", 200));
+        hooks.submit(run("", 1_000));
+        hooks.submit(run("true", 5_000));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hooks.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let outcomes: Vec<HookOutcome> = hooks.records().into_iter().map(|r| r.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                HookOutcome::Exited(3),
+                HookOutcome::TimedOut,
+                HookOutcome::Exited(0)
+            ]
+        );
+    }
+}
