@@ -88,6 +88,19 @@ impl Shared {
         }
     }
 
+    /// The node operations the admin console calls (`DETACH NODE`, `ATTACH NODE`,
+    /// `PROMOTE NODE [SWITCHOVER]`): the state machine decides, then pools are dropped
+    /// and hooks queued as for any other transition.
+    pub fn operate(
+        &self,
+        op: cluster::failover::Operation,
+    ) -> Result<(), cluster::failover::OperationError> {
+        let config = self.config.load_full();
+        let transitions = self.cluster.operate(op, &config)?;
+        cluster::health::act(self, &config, &transitions);
+        Ok(())
+    }
+
     /// The pool for a client's database and user on the current primary.
     pub fn primary_pool(
         &self,

@@ -324,6 +324,11 @@ impl Tracker {
         }
     }
 
+    /// Whether `node`'s last probe failed (its next comes after `retry_delay`).
+    pub fn retrying(&self, node: usize) -> bool {
+        self.nodes.get(node).is_some_and(|t| t.fails > 0)
+    }
+
     /// Takes `node` out of service.
     fn take_down(
         &mut self,

@@ -145,13 +145,24 @@ pub async fn watch_node(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let kick = cluster.kick_handle(node);
+    let mut last = tokio::time::Instant::now();
     loop {
-        let delay = cluster.next_probe_in(node, &config());
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = kick.notified() => {}
-            _ = shutdown.changed() => return,
+        let due = last + cluster.next_probe_in(node, &config());
+        if cluster.retrying(node) {
+            // Retries keep their `retry_delay`: clients failing meanwhile must not
+            // turn a short blip into a failover by probing faster.
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = kick.notified() => {}
+                _ = shutdown.changed() => return,
+            }
         }
+        last = tokio::time::Instant::now();
         let current = config();
         let outcome = probe_once(prober, node, &current).await;
         let transitions = cluster.observe(node, &outcome, &current);
@@ -436,7 +447,12 @@ mod tests {
         let kick = async {
             tokio::time::sleep(Duration::from_millis(1_500)).await;
             cluster.suspect(0);
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            // Clients failing during the retries do not hurry them.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                cluster.suspect(0);
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
         };
         tokio::select! {
             _ = watcher => unreachable!(),

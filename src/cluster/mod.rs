@@ -332,6 +332,12 @@ impl Cluster {
         tracker.next_probe_in(&self.topology.load(), config, node)
     }
 
+    /// Whether `node`'s checks are retrying after a failure (kicks wait for them).
+    pub fn retrying(&self, node: usize) -> bool {
+        let tracker = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        tracker.retrying(node)
+    }
+
     /// The wake-up for `node`'s health check.
     pub fn kick_handle(&self, node: usize) -> Arc<Notify> {
         let mut kicks = self.kicks.lock().unwrap_or_else(|p| p.into_inner());

@@ -289,6 +289,27 @@ impl LocalCluster {
         self.runner.run(&mut cmd).map(drop)
     }
 
+    /// Makes a stopped node a standby of the node at `primary_port` (a demoted primary
+    /// after a switchover): `standby.signal` and a `primary_conninfo`. Start it after.
+    pub fn make_standby_of(&self, port: u16, primary_port: u16) -> Result<(), DemoError> {
+        let node = self.node(port)?;
+        self.runner
+            .write_file(&node.data_dir.join("standby.signal"), "")?;
+        let auto = node.data_dir.join("postgresql.auto.conf");
+        let mut conf = fs::read_to_string(&auto).map_err(io_error("reading", &auto))?;
+        conf.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={primary_port} user={SUPERUSER} application_name={}'\n",
+            node.name
+        ));
+        self.runner.write_file(&auto, &conf)
+    }
+
+    /// A shell command line running `program` from PostgreSQL's bin directory as the
+    /// user the servers run as, for scripts (e.g. a failover hook that promotes).
+    pub fn shell_command(&self, program: &str) -> String {
+        self.runner.shell_command(program)
+    }
+
     pub fn data_dir(&self, port: u16) -> Option<PathBuf> {
         self.node(port).ok().map(|node| node.data_dir.clone())
     }

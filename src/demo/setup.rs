@@ -136,6 +136,20 @@ impl Runner {
             .map_err(io_error("handing to the run-as user:", path))
     }
 
+    /// A shell command line that runs `program` as [`Runner::command`] would (for
+    /// scripts such as failover hooks). Paths are single-quoted.
+    pub(super) fn shell_command(&self, program: &str) -> String {
+        let exe = shell_quote(&self.bindir.join(program).to_string_lossy());
+        match &self.run_as {
+            Some(user) => format!(
+                "{} -u {} -- {exe}",
+                shell_quote(&runuser_path().to_string_lossy()),
+                user.name
+            ),
+            None => exe,
+        }
+    }
+
     pub(super) fn write_file(&self, path: &Path, contents: &str) -> Result<(), DemoError> {
         fs::write(path, contents).map_err(io_error("writing", path))?;
         self.hand_over(path)
@@ -287,4 +301,9 @@ pub(super) fn stored_password(role: &str, password: &str, md5: bool) -> String {
         );
     }
     postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+/// Single-quotes `text` for `sh`.
+pub(super) fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
 }

@@ -100,6 +100,10 @@ struct Session {
     waiter: Arc<Waiter>,
     /// Transaction mode: session state keeps the client on its server.
     pin: Option<Pin>,
+    /// The client was idle in a transaction whose server went away: its next request
+    /// is answered with this error (never run elsewhere, where a `COMMIT` would
+    /// "succeed" with nothing to commit).
+    lost_transaction: Option<ClientError>,
 }
 
 impl Session {
@@ -142,6 +146,7 @@ impl Session {
             attachment: Attachment::Detached,
             waiter: Arc::default(),
             pin: None,
+            lost_transaction: None,
         };
         // Carried statements run on any node; otherwise they are followed to theirs.
         session.wire.track_statements = routes && !carries_statements;
@@ -297,7 +302,11 @@ impl Session {
         {
             return Ok(self.client.flush().await.is_ok());
         }
-        match self.attach_routed().await {
+        let attached = match self.lost_transaction.take() {
+            Some(err) => Err(err),
+            None => self.attach_routed().await,
+        };
+        match attached {
             Ok(mut guard) => {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
                 let node = guard.pool().key.node;
@@ -354,6 +363,7 @@ impl Session {
         };
         tracing::warn!(user = %self.login.user, node, %code, %message, io = ?err, "server connection lost under a client");
         let pinned = self.unpin();
+        let in_transaction = self.wire.status != b'I';
         let loss = match self.mode {
             PoolMode::Transaction if !pinned => self.wire.server_lost(&mut self.client),
             _ => None,
@@ -367,6 +377,10 @@ impl Session {
         };
         let _ = self.wire.take_effects();
         let err = ClientError::error(ErrorKind::ServerConnect, code, message);
+        if in_transaction && loss.owed == 0 && !loss.sync_owed {
+            self.lost_transaction = Some(err);
+            return true;
+        }
         for _ in 0..loss.owed {
             err.encode(self.client.wbuf());
             backend::ready_for_query(self.client.wbuf(), b'I');

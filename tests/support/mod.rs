@@ -47,6 +47,8 @@ pub struct EnvOptions {
     pub weights: Vec<f64>,
     /// Whole sections appended after the rest (e.g. `"[health_check]\nperiod = \"1h\""`).
     pub sections: Vec<String>,
+    /// Write each node's `data_directory` into `[[backends]]` (for `%D` / `%R`).
+    pub data_dirs: bool,
 }
 
 impl Default for EnvOptions {
@@ -65,6 +67,7 @@ impl Default for EnvOptions {
             routing: Vec::new(),
             weights: Vec::new(),
             sections: Vec::new(),
+            data_dirs: false,
         }
     }
 }
@@ -108,8 +111,20 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     .await
     .expect("cluster task")
     .expect("start PostgreSQL");
-    let config =
-        Config::from_toml_str(&config_text(&options, &cluster.ports())).expect("test config");
+    let dirs: Vec<String> = if options.data_dirs {
+        cluster
+            .ports()
+            .iter()
+            .map(|&port| {
+                let dir = cluster.data_dir(port).expect("data dir");
+                dir.to_string_lossy().into_owned()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let text = config_text_with_dirs(&options, &cluster.ports(), &dirs);
+    let config = Config::from_toml_str(&text).expect("test config");
     let relay = Pgrelay::start(config).await.expect("start pgrelay");
     let addr = relay.addrs[0];
     TestEnv {
@@ -137,6 +152,11 @@ pub fn relay_conn_string(addr: SocketAddr, user: &str, password: &str, db: &str)
 }
 
 pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
+    config_text_with_dirs(options, ports, &[])
+}
+
+/// [`config_text`], with a `data_directory` for each backend that has one in `dirs`.
+pub fn config_text_with_dirs(options: &EnvOptions, ports: &[u16], dirs: &[String]) -> String {
     let mut text = format!(
         "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nauth_type = \"{}\"\n{}\n",
         options.client_auth,
@@ -166,6 +186,9 @@ pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
         ));
         if let Some(weight) = options.weights.get(i) {
             text.push_str(&format!("weight = {weight:?}\n"));
+        }
+        if let Some(dir) = dirs.get(i) {
+            text.push_str(&format!("data_directory = {dir:?}\n"));
         }
     }
     for (name, password) in &options.relay_users {

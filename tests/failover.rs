@@ -1,0 +1,677 @@
+//! Failover against real clusters: a crashed primary replaced through the
+//! failover_command, a planned switchover, a replica that dies and comes back, a
+//! flapping replica, and split brains (newer timeline, and a tie an operator settles).
+//!
+//! Health checks run fast here (every 300 ms, retries 200 ms apart), so transitions take
+//! well under a second; the figures each test prints are what a run measured.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgrelay::cluster::failover::Operation;
+use pgrelay::cluster::hooks::{HookKind, HookOutcome};
+use pgrelay::cluster::Status;
+use support::*;
+
+/// Health checks every 300 ms; down after a probe and 2 retries 200 ms apart.
+fn fast_checks(failover: &[String]) -> Vec<String> {
+    vec![
+        "[health_check]\nperiod = \"300ms\"\ntimeout = \"1s\"\nmax_retries = 2\n\
+         retry_delay = \"200ms\"\nup_after = 2"
+            .to_owned(),
+        format!("[failover]\nhold_timeout = \"30s\"\n{}", failover.join("\n")),
+    ]
+}
+
+/// A hook: the command for the config (a script under `dir`, given every
+/// placeholder) and the log its script appends its arguments to. Write the script
+/// with [`write_hook`] (once the cluster is up, if it needs `pg_ctl`).
+fn hook(dir: &std::path::Path, name: &str) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let script = dir.join(format!("{name}.sh"));
+    let command = format!(
+        "sh '{}' %d %h %p %D %m %H %M %P %r %R %N %S %%",
+        script.display()
+    );
+    write_hook(&script, &log, None);
+    (command, log, script)
+}
+
+/// The script logs its arguments; with `pg_ctl`, when the failed node is the old
+/// primary (`%d` = `%P`), it promotes the new main node (`%R`), as Pgpool-II's sample
+/// failover script does.
+fn write_hook(script: &std::path::Path, log: &std::path::Path, pg_ctl: Option<&str>) {
+    let promote = match pg_ctl {
+        Some(pg_ctl) => format!(
+            "if [ \"$1\" = \"$8\" ]; then {pg_ctl} promote -w -D \"${{10}}\" || exit 7; fi\n"
+        ),
+        None => String::new(),
+    };
+    std::fs::write(
+        script,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n{promote}", log.display()),
+    )
+    .expect("write hook script");
+}
+
+fn log_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What one load task saw.
+#[derive(Default)]
+struct Seen {
+    /// Keys whose INSERT was acknowledged.
+    acked: Vec<i64>,
+    oks: Vec<Instant>,
+    errors: Vec<(Instant, String)>,
+}
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Vec<Arc<Mutex<Seen>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load {
+            stop: Arc::default(),
+            seen: Vec::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// A client that inserts keys `id * 1e6 + n` one by one (extended protocol,
+    /// autocommit), as fast as it can.
+    async fn writer(&mut self, env: &TestEnv, id: i64) {
+        let client = env.client().await;
+        let (stop, seen) = (self.stop.clone(), Arc::new(Mutex::new(Seen::default())));
+        self.seen.push(seen.clone());
+        self.tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = id * 1_000_000 + n;
+                let result = client.execute("INSERT INTO t (k) VALUES ($1)", &[&key]).await;
+                let mut seen = seen.lock().expect("seen");
+                match result {
+                    Ok(_) => {
+                        seen.acked.push(key);
+                        seen.oks.push(Instant::now());
+                    }
+                    Err(err) => {
+                        let code = sqlstate(&err).unwrap_or_else(|| err.to_string());
+                        seen.errors.push((Instant::now(), code));
+                    }
+                }
+            }
+        }));
+    }
+
+    /// A client that reads (simple protocol) as fast as it can.
+    async fn reader(&mut self, env: &TestEnv) {
+        let client = env.client().await;
+        let (stop, seen) = (self.stop.clone(), Arc::new(Mutex::new(Seen::default())));
+        self.seen.push(seen.clone());
+        self.tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let result = client.simple_query("SELECT count(*) FROM t").await;
+                let mut seen = seen.lock().expect("seen");
+                match result {
+                    Ok(_) => seen.oks.push(Instant::now()),
+                    Err(err) => {
+                        let code = sqlstate(&err).unwrap_or_else(|| err.to_string());
+                        seen.errors.push((Instant::now(), code));
+                    }
+                }
+            }
+        }));
+    }
+
+    async fn finish(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("load task");
+        }
+        self.seen
+            .into_iter()
+            .map(|s| std::mem::take(&mut *s.lock().expect("seen")))
+            .collect()
+    }
+
+    /// The first acknowledged write after `since`, from any writer.
+    fn first_ok_after(&self, since: Instant, writers: usize) -> Option<Instant> {
+        self.seen[..writers]
+            .iter()
+            .filter_map(|s| s.lock().expect("seen").oks.iter().copied().find(|&t| t > since))
+            .min()
+    }
+}
+
+fn max_gap(oks: &[Instant]) -> Duration {
+    oks.windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// Creates `t` on the primary and waits until every replica has it.
+async fn create_table(env: &TestEnv) {
+    let primary = env.direct_superuser().await;
+    primary
+        .batch_execute("CREATE TABLE t (k bigint PRIMARY KEY); GRANT ALL ON t TO app")
+        .await
+        .expect("create t");
+    for port in env.cluster.replica_ports() {
+        let ok = eventually(Duration::from_secs(20), || async {
+            env.cluster
+                .psql(port, APP_DB, "SELECT count(*) FROM t")
+                .is_ok()
+        })
+        .await;
+        assert!(ok, "replica {port} never saw t");
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let ok = eventually(timeout, || {
+        let done = check();
+        async move { done }
+    })
+    .await;
+    assert!(ok, "timed out waiting for {what}");
+}
+
+/// The primary crashes under load; the failover_command promotes the replica that
+/// has replayed the most; writes resume on it, reads never stop, no acknowledged
+/// write is lost, and the other replica is told to follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_replaced_through_the_failover_command() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failover, failover_log, failover_script) = hook(scratch.path(), "failover");
+    let (follow, follow_log, _) = hook(scratch.path(), "follow");
+    let options = EnvOptions {
+        replicas: 2,
+        // Reads only on replicas: the crash must not touch them.
+        weights: vec![0.0, 1.0, 1.0],
+        data_dirs: true,
+        sections: fast_checks(&[
+            format!("failover_command = {failover:?}"),
+            format!("follow_primary_command = {follow:?}"),
+        ]),
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    let pg_ctl = env.cluster.shell_command("pg_ctl");
+    write_hook(&failover_script, &failover_log, Some(&pg_ctl));
+    create_table(&env).await;
+    // Every acknowledged commit is on both replicas: whichever is promoted has it.
+    let primary = env.direct_superuser().await;
+    // (The harness turns synchronous_commit off for speed: on again, here.)
+    for sql in [
+        "ALTER SYSTEM SET synchronous_commit = 'on'",
+        "ALTER SYSTEM SET synchronous_standby_names = 'ANY 2 (*)'",
+        "SELECT pg_reload_conf()",
+    ] {
+        primary.batch_execute(sql).await.expect("synchronous replication");
+    }
+    drop(primary);
+    let old_port = env.cluster.primary_port();
+    let shared = env.relay.shared.clone();
+    wait_for("replica lag measured", Duration::from_secs(10), || {
+        shared.cluster.load().nodes.iter().skip(1).all(|n| n.readable)
+    })
+    .await;
+
+    let writers = 4;
+    let mut load = Load::new();
+    for id in 1..=writers as i64 {
+        load.writer(&env, id).await;
+    }
+    for _ in 0..2 {
+        load.reader(&env).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.cluster
+        .stop_node(old_port, "immediate")
+        .expect("crash the primary");
+    // pg_ctl waits for the server to be gone: any write acknowledged from here on
+    // ran on a new primary.
+    let crashed_at = Instant::now();
+    let mut resumed = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while resumed.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        resumed = load.first_ok_after(crashed_at, writers);
+    }
+    let resumed = resumed.expect("writes resumed after the crash");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = load.finish().await;
+    let recovery = resumed - crashed_at;
+
+    // The hook ran once, with Pgpool-II's placeholders.
+    let topology = shared.cluster.snapshot();
+    let new_primary = topology.primary.expect("a new primary");
+    assert_ne!(new_primary, 0);
+    let other = 3 - new_primary;
+    let dir = |node: usize| topology.nodes[node].data_directory.clone();
+    let port = |node: usize| topology.nodes[node].port;
+    let lines = log_lines(&failover_log);
+    assert_eq!(
+        lines,
+        [format!(
+            "0 127.0.0.1 {old_port} {} {new_primary} 127.0.0.1 0 0 {} {} 127.0.0.1 {old_port} %",
+            dir(0),
+            port(new_primary),
+            dir(new_primary)
+        )],
+        "failover_command ran once for node 0"
+    );
+    // The other replica is told to follow the new primary.
+    wait_for("follow_primary_command", Duration::from_secs(10), || {
+        !log_lines(&follow_log).is_empty()
+    })
+    .await;
+    let follow_lines = log_lines(&follow_log);
+    assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
+    assert!(
+        follow_lines[0].starts_with(&format!("{other} 127.0.0.1 {} ", port(other))),
+        "{follow_lines:?}"
+    );
+    let records = shared.hooks.records();
+    assert!(records
+        .iter()
+        .all(|r| r.outcome == HookOutcome::Exited(0)), "{records:?}");
+    assert_eq!(topology.nodes[0].status, Status::Down);
+
+    // Writes: at most the one in flight per writer failed, with a clear code, and
+    // every acknowledged write is on the new primary.
+    let (write_seen, read_seen) = seen.split_at(writers);
+    let write_errors: Vec<&String> = write_seen
+        .iter()
+        .flat_map(|s| s.errors.iter().map(|(_, code)| code))
+        .collect();
+    assert!(write_errors.len() <= writers, "{write_errors:?}");
+    for code in &write_errors {
+        assert!(
+            ["08006", "57P01", "57P02", "57P03"].contains(&code.as_str()),
+            "unexpected write error {code}"
+        );
+    }
+    let acked: Vec<i64> = write_seen.iter().flat_map(|s| s.acked.clone()).collect();
+    let present = env
+        .cluster
+        .psql(port(new_primary), APP_DB, "SELECT k FROM t")
+        .expect("read the new primary");
+    let present: std::collections::HashSet<i64> =
+        present.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let lost: Vec<&i64> = acked.iter().filter(|k| !present.contains(k)).collect();
+    let boundaries: Vec<(i64, i64)> = write_seen
+        .iter()
+        .map(|s| {
+            let before = s.oks.iter().filter(|&&t| t <= crashed_at).count();
+            (
+                s.acked.get(before.wrapping_sub(1)).copied().unwrap_or(0),
+                s.acked.last().copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {} (last before the crash, last overall, per writer: \
+         {boundaries:?}; new primary {new_primary}): {lost:?}",
+        lost.len()
+    );
+    // Reads never stopped.
+    let read_errors: usize = read_seen.iter().map(|s| s.errors.len()).sum();
+    assert_eq!(read_errors, 0, "reads failed");
+    let read_gap = read_seen.iter().map(|s| max_gap(&s.oks)).max().unwrap_or_default();
+    assert!(read_gap < Duration::from_secs(2), "reads paused {read_gap:?}");
+    eprintln!(
+        "failover: writes resumed {recovery:?} after the crash; {} writes acknowledged, \
+         {} failed in flight, none lost; longest pause between reads {read_gap:?}; \
+         failover_command took {:?}",
+        acked.len(),
+        write_errors.len(),
+        records.first().map(|r| r.elapsed).unwrap_or_default()
+    );
+    assert!(recovery < Duration::from_secs(15), "recovery took {recovery:?}");
+}
+
+/// A planned switchover: the primary stops (fast), the replica is promoted, the old
+/// primary comes back as its replica. Clients between transactions see no error:
+/// their writes wait for the new primary. A client inside a transaction on the old
+/// primary is told (57P01) and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failback, failback_log, _) = hook(scratch.path(), "failback");
+    let options = EnvOptions {
+        replicas: 1,
+        weights: vec![0.0, 1.0],
+        sections: fast_checks(&[format!("failback_command = {failback:?}")]),
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    create_table(&env).await;
+    let shared = env.relay.shared.clone();
+    let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
+
+    let mut idle = Vec::new();
+    for i in 0..6i64 {
+        let client = env.client().await;
+        client
+            .execute("INSERT INTO t (k) VALUES ($1)", &[&i])
+            .await
+            .expect("first write");
+        idle.push(client);
+    }
+    let in_transaction = env.client().await;
+    in_transaction
+        .batch_execute("BEGIN; INSERT INTO t (k) VALUES (100)")
+        .await
+        .expect("open a transaction");
+    let mut load = Load::new();
+    for _ in 0..2 {
+        load.reader(&env).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    env.cluster.stop_node(old_port, "fast").expect("stop the primary");
+    let stopped_at = Instant::now();
+    // Clients between transactions write now: there is no primary, so they wait.
+    let writes: Vec<_> = idle
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            tokio::spawn(async move {
+                let key = 1_000 + i as i64;
+                let result = client.execute("INSERT INTO t (k) VALUES ($1)", &[&key]).await;
+                (result.map_err(|e| e.to_string()), Instant::now(), client)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let promoting_at = Instant::now();
+    blocking({
+        let cluster_port = new_port;
+        let shell = env.cluster.shell_command("pg_ctl");
+        let dir = env.cluster.data_dir(cluster_port).expect("dir");
+        move || {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("{shell} promote -w -D '{}'", dir.display()))
+                .status()
+                .expect("pg_ctl promote");
+            assert!(status.success());
+        }
+    })
+    .await;
+    let mut held = Duration::ZERO;
+    let mut clients = Vec::new();
+    for write in writes {
+        let (result, done_at, client) = write.await.expect("write task");
+        assert!(result.is_ok(), "a client between transactions saw {result:?}");
+        assert!(done_at >= promoting_at, "the write waited for the new primary");
+        held = held.max(done_at - stopped_at);
+        clients.push(client);
+    }
+    assert_eq!(
+        shared.cluster.load().primary,
+        Some(1),
+        "the promoted replica is the primary"
+    );
+
+    // The client that was inside a transaction is told, and goes on.
+    let err = in_transaction
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("its transaction is gone");
+    let code = sqlstate(&err);
+    assert!(
+        matches!(code.as_deref(), Some("57P01" | "08006")),
+        "{err:?}"
+    );
+    in_transaction
+        .batch_execute("INSERT INTO t (k) VALUES (101)")
+        .await
+        .expect("the session goes on");
+    let committed = simple_value(&in_transaction, "SELECT count(*) FROM t WHERE k IN (100, 101)").await;
+    assert_eq!(committed, "1", "only the write after the switchover exists");
+
+    // The old primary comes back as a replica of the new one: it fails back.
+    env.cluster
+        .make_standby_of(old_port, new_port)
+        .expect("demote");
+    env.cluster.start_node(old_port).expect("restart as a replica");
+    wait_for("the old primary back in service", Duration::from_secs(20), || {
+        let t = shared.cluster.load();
+        t.nodes[0].status == Status::Up && t.nodes[0].upstream.is_some()
+    })
+    .await;
+    let lines = log_lines(&failback_log);
+    assert_eq!(lines.len(), 1, "failback_command once: {lines:?}");
+    assert!(lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")), "{lines:?}");
+    let seen = load.finish().await;
+    let read_errors: usize = seen.iter().map(|s| s.errors.len()).sum();
+    assert_eq!(read_errors, 0, "reads failed during the switchover");
+    for client in &clients {
+        client
+            .execute("INSERT INTO t (k) SELECT max(k) + 1 FROM t", &[])
+            .await
+            .expect("writes after the switchover");
+    }
+    eprintln!(
+        "switchover: writes held at most {held:?} (promotion began {:?} after the stop)",
+        promoting_at - stopped_at
+    );
+}
+
+/// A replica dies (failover_command runs once, reads move to the primary without
+/// errors) and comes back (failback_command once, reads return to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failover, failover_log, _) = hook(scratch.path(), "failover");
+    let (failback, failback_log, _) = hook(scratch.path(), "failback");
+    let options = EnvOptions {
+        replicas: 1,
+        data_dirs: true,
+        sections: fast_checks(&[
+            format!("failover_command = {failover:?}"),
+            format!("failback_command = {failback:?}"),
+        ]),
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    create_table(&env).await;
+    let shared = env.relay.shared.clone();
+    let replica_port = env.cluster.replica_ports()[0];
+    let primary_port = env.cluster.primary_port();
+    wait_for("replica readable", Duration::from_secs(10), || {
+        shared.cluster.load().nodes[1].readable
+    })
+    .await;
+    let mut load = Load::new();
+    for _ in 0..3 {
+        load.reader(&env).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.cluster
+        .stop_node(replica_port, "immediate")
+        .expect("kill the replica");
+    wait_for("replica down", Duration::from_secs(10), || {
+        shared.cluster.load().nodes[1].status == Status::Down
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dir = |node: usize| shared.cluster.load().nodes[node].data_directory.clone();
+    assert_eq!(
+        log_lines(&failover_log),
+        [format!(
+            "1 127.0.0.1 {replica_port} {} 0 127.0.0.1 0 0 {primary_port} {} 127.0.0.1 {primary_port} %",
+            dir(1),
+            dir(0)
+        )],
+        "failover_command once, for node 1, the primary staying main"
+    );
+    let reads_before = shared.cluster.load().nodes[1].stats.selects.load(Ordering::Relaxed);
+    env.cluster.start_node(replica_port).expect("restart the replica");
+    wait_for("replica back", Duration::from_secs(20), || {
+        let t = shared.cluster.load();
+        t.nodes[1].status == Status::Up && t.nodes[1].readable
+    })
+    .await;
+    wait_for("reads on the replica again", Duration::from_secs(10), || {
+        shared.cluster.load().nodes[1].stats.selects.load(Ordering::Relaxed) > reads_before + 10
+    })
+    .await;
+    let seen = load.finish().await;
+    let errors: Vec<&String> = seen
+        .iter()
+        .flat_map(|s| s.errors.iter().map(|(_, c)| c))
+        .collect();
+    // A read in flight on the replica when it was killed may fail; nothing else.
+    assert!(errors.len() <= 3, "{errors:?}");
+    let failbacks = log_lines(&failback_log);
+    assert_eq!(failbacks.len(), 1, "{failbacks:?}");
+    assert!(failbacks[0].starts_with(&format!("1 127.0.0.1 {replica_port} ")));
+    assert_eq!(log_lines(&failover_log).len(), 1, "no second failover");
+}
+
+/// A replica restarted quickly, again and again, never stays down long enough to be
+/// declared down: no hook runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_replica_runs_no_hooks() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failover, failover_log, _) = hook(scratch.path(), "failover");
+    let (failback, failback_log, _) = hook(scratch.path(), "failback");
+    let options = EnvOptions {
+        replicas: 1,
+        sections: vec![
+            // Down only after 10 retries 300 ms apart: a restart is far quicker.
+            "[health_check]\nperiod = \"200ms\"\ntimeout = \"1s\"\nmax_retries = 10\n\
+             retry_delay = \"300ms\""
+                .to_owned(),
+            format!(
+                "[failover]\nfailover_command = {failover:?}\nfailback_command = {failback:?}"
+            ),
+        ],
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    let shared = env.relay.shared.clone();
+    let replica_port = env.cluster.replica_ports()[0];
+    for _ in 0..4 {
+        env.cluster
+            .stop_node(replica_port, "immediate")
+            .expect("stop");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        env.cluster.start_node(replica_port).expect("start");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(shared.cluster.load().nodes[1].status, Status::Up);
+    assert!(log_lines(&failover_log).is_empty());
+    assert!(log_lines(&failback_log).is_empty());
+    assert!(shared.hooks.records().is_empty());
+}
+
+/// A replica promoted behind pgrelay's back: two primaries. The newer timeline wins,
+/// the old primary is detached as a false primary, and writes go to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_the_newest_timeline_wins() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failover, failover_log, _) = hook(scratch.path(), "failover");
+    let options = EnvOptions {
+        replicas: 1,
+        sections: fast_checks(&[format!("failover_command = {failover:?}")]),
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    create_table(&env).await;
+    let shared = env.relay.shared.clone();
+    let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
+    let client = env.client().await;
+    env.cluster.promote(new_port).expect("promote behind pgrelay's back");
+    wait_for("the new primary", Duration::from_secs(10), || {
+        shared.cluster.load().primary == Some(1)
+    })
+    .await;
+    let t = shared.cluster.snapshot();
+    assert_eq!(t.nodes[0].status, Status::Down, "the false primary is detached");
+    assert!(t.nodes[0].pg_up, "though it still answers");
+    assert_eq!(t.nodes[1].timeline, Some(2));
+    client
+        .execute("INSERT INTO t (k) VALUES (7)", &[])
+        .await
+        .expect("write after the split brain");
+    let on_new = env.cluster.psql(new_port, APP_DB, "SELECT count(*) FROM t").expect("new");
+    let on_old = env.cluster.psql(old_port, APP_DB, "SELECT count(*) FROM t").expect("old");
+    assert_eq!((on_new.as_str(), on_old.as_str()), ("1", "0"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = log_lines(&failover_log);
+    assert_eq!(lines.len(), 1, "one failover_command, for the false primary: {lines:?}");
+    assert!(lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")));
+}
+
+/// Two primaries on the same timeline (two unrelated servers): writes go to neither,
+/// wait out `hold_timeout` and fail; an operator's PROMOTE NODE settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_on_one_timeline_waits_for_an_operator() {
+    let env = start(EnvOptions::default()).await;
+    let second = blocking(|| {
+        pgrelay::demo::LocalCluster::start(&pgrelay::demo::ClusterOptions {
+            replicas: 0,
+            host_auth: "scram-sha-256".into(),
+            users: vec![(APP_USER.into(), APP_PASSWORD.into())],
+            databases: vec![(APP_DB.into(), APP_USER.into())],
+            extra_conf: Vec::new(),
+        })
+        .expect("second cluster")
+    })
+    .await;
+    let options = EnvOptions {
+        sections: vec![
+            "[health_check]\nperiod = \"300ms\"\nretry_delay = \"200ms\"".to_owned(),
+            "[failover]\nhold_timeout = \"1s\"".to_owned(),
+        ],
+        ..EnvOptions::default()
+    };
+    let relay = start_relay(&options, &[env.cluster.primary_port(), second.primary_port()]).await;
+    assert_eq!(relay.shared.cluster.load().primary, None, "no authority");
+    let conn = relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
+    let started = Instant::now();
+    let refused = connect_str(&conn).await.map(drop);
+    let err = refused.expect_err("no primary, nothing readable: the login waits, then fails");
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    relay
+        .shared
+        .operate(Operation::Promote {
+            node: 1,
+            switchover: false,
+        })
+        .expect("promote node 1");
+    let client = connect_str(&conn).await.expect("connect after the operator chose");
+    let port = simple_value(&client, "SELECT current_setting('port')").await;
+    assert_eq!(port, second.primary_port().to_string());
+    assert!(relay
+        .shared
+        .hooks
+        .records()
+        .iter()
+        .all(|r| r.kind != HookKind::Failover));
+}
