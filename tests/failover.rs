@@ -22,7 +22,10 @@ fn fast_checks(failover: &[String]) -> Vec<String> {
         "[health_check]\nperiod = \"300ms\"\ntimeout = \"1s\"\nmax_retries = 2\n\
          retry_delay = \"200ms\"\nup_after = 2"
             .to_owned(),
-        format!("[failover]\nhold_timeout = \"30s\"\n{}", failover.join("\n")),
+        format!(
+            "[failover]\nhold_timeout = \"30s\"\n{}",
+            failover.join("\n")
+        ),
     ]
 }
 
@@ -100,7 +103,9 @@ impl Load {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let key = id * 1_000_000 + n;
-                let result = client.execute("INSERT INTO t (k) VALUES ($1)", &[&key]).await;
+                let result = client
+                    .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
+                    .await;
                 let mut seen = seen.lock().expect("seen");
                 match result {
                     Ok(_) => {
@@ -151,7 +156,14 @@ impl Load {
     fn first_ok_after(&self, since: Instant, writers: usize) -> Option<Instant> {
         self.seen[..writers]
             .iter()
-            .filter_map(|s| s.lock().expect("seen").oks.iter().copied().find(|&t| t > since))
+            .filter_map(|s| {
+                s.lock()
+                    .expect("seen")
+                    .oks
+                    .iter()
+                    .copied()
+                    .find(|&t| t > since)
+            })
             .min()
     }
 }
@@ -225,13 +237,22 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         "ALTER SYSTEM SET synchronous_standby_names = 'ANY 2 (*)'",
         "SELECT pg_reload_conf()",
     ] {
-        primary.batch_execute(sql).await.expect("synchronous replication");
+        primary
+            .batch_execute(sql)
+            .await
+            .expect("synchronous replication");
     }
     drop(primary);
     let old_port = env.cluster.primary_port();
     let shared = env.relay.shared.clone();
     wait_for("replica lag measured", Duration::from_secs(10), || {
-        shared.cluster.load().nodes.iter().skip(1).all(|n| n.readable)
+        shared
+            .cluster
+            .load()
+            .nodes
+            .iter()
+            .skip(1)
+            .all(|n| n.readable)
     })
     .await;
 
@@ -291,9 +312,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         "{follow_lines:?}"
     );
     let records = shared.hooks.records();
-    assert!(records
-        .iter()
-        .all(|r| r.outcome == HookOutcome::Exited(0)), "{records:?}");
+    assert!(
+        records.iter().all(|r| r.outcome == HookOutcome::Exited(0)),
+        "{records:?}"
+    );
     assert_eq!(topology.nodes[0].status, Status::Down);
 
     // Writes: at most the one in flight per writer failed, with a clear code, and
@@ -315,8 +337,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         .cluster
         .psql(port(new_primary), APP_DB, "SELECT k FROM t")
         .expect("read the new primary");
-    let present: std::collections::HashSet<i64> =
-        present.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let present: std::collections::HashSet<i64> = present
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
     let lost: Vec<&i64> = acked.iter().filter(|k| !present.contains(k)).collect();
     let boundaries: Vec<(i64, i64)> = write_seen
         .iter()
@@ -337,8 +361,15 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     // Reads never stopped.
     let read_errors: usize = read_seen.iter().map(|s| s.errors.len()).sum();
     assert_eq!(read_errors, 0, "reads failed");
-    let read_gap = read_seen.iter().map(|s| max_gap(&s.oks)).max().unwrap_or_default();
-    assert!(read_gap < Duration::from_secs(2), "reads paused {read_gap:?}");
+    let read_gap = read_seen
+        .iter()
+        .map(|s| max_gap(&s.oks))
+        .max()
+        .unwrap_or_default();
+    assert!(
+        read_gap < Duration::from_secs(2),
+        "reads paused {read_gap:?}"
+    );
     eprintln!(
         "failover: writes resumed {recovery:?} after the crash; {} writes acknowledged, \
          {} failed in flight, none lost; longest pause between reads {read_gap:?}; \
@@ -347,7 +378,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         write_errors.len(),
         records.first().map(|r| r.elapsed).unwrap_or_default()
     );
-    assert!(recovery < Duration::from_secs(15), "recovery took {recovery:?}");
+    assert!(
+        recovery < Duration::from_secs(15),
+        "recovery took {recovery:?}"
+    );
 }
 
 /// A planned switchover: the primary stops (fast), the replica is promoted, the old
@@ -389,7 +423,9 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    env.cluster.stop_node(old_port, "fast").expect("stop the primary");
+    env.cluster
+        .stop_node(old_port, "fast")
+        .expect("stop the primary");
     let stopped_at = Instant::now();
     // Clients between transactions write now: there is no primary, so they wait.
     let writes: Vec<_> = idle
@@ -398,7 +434,9 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         .map(|(i, client)| {
             tokio::spawn(async move {
                 let key = 1_000 + i as i64;
-                let result = client.execute("INSERT INTO t (k) VALUES ($1)", &[&key]).await;
+                let result = client
+                    .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
+                    .await;
                 (result.map_err(|e| e.to_string()), Instant::now(), client)
             })
         })
@@ -423,8 +461,14 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
     let mut clients = Vec::new();
     for write in writes {
         let (result, done_at, client) = write.await.expect("write task");
-        assert!(result.is_ok(), "a client between transactions saw {result:?}");
-        assert!(done_at >= promoting_at, "the write waited for the new primary");
+        assert!(
+            result.is_ok(),
+            "a client between transactions saw {result:?}"
+        );
+        assert!(
+            done_at >= promoting_at,
+            "the write waited for the new primary"
+        );
         held = held.max(done_at - stopped_at);
         clients.push(client);
     }
@@ -448,22 +492,35 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         .batch_execute("INSERT INTO t (k) VALUES (101)")
         .await
         .expect("the session goes on");
-    let committed = simple_value(&in_transaction, "SELECT count(*) FROM t WHERE k IN (100, 101)").await;
+    let committed = simple_value(
+        &in_transaction,
+        "SELECT count(*) FROM t WHERE k IN (100, 101)",
+    )
+    .await;
     assert_eq!(committed, "1", "only the write after the switchover exists");
 
     // The old primary comes back as a replica of the new one: it fails back.
     env.cluster
         .make_standby_of(old_port, new_port)
         .expect("demote");
-    env.cluster.start_node(old_port).expect("restart as a replica");
-    wait_for("the old primary back in service", Duration::from_secs(20), || {
-        let t = shared.cluster.load();
-        t.nodes[0].status == Status::Up && t.nodes[0].upstream.is_some()
-    })
+    env.cluster
+        .start_node(old_port)
+        .expect("restart as a replica");
+    wait_for(
+        "the old primary back in service",
+        Duration::from_secs(20),
+        || {
+            let t = shared.cluster.load();
+            t.nodes[0].status == Status::Up && t.nodes[0].upstream.is_some()
+        },
+    )
     .await;
     let lines = log_lines(&failback_log);
     assert_eq!(lines.len(), 1, "failback_command once: {lines:?}");
-    assert!(lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")), "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")),
+        "{lines:?}"
+    );
     let seen = load.finish().await;
     let read_errors: usize = seen.iter().map(|s| s.errors.len()).sum();
     assert_eq!(read_errors, 0, "reads failed during the switchover");
@@ -527,16 +584,29 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
         )],
         "failover_command once, for node 1, the primary staying main"
     );
-    let reads_before = shared.cluster.load().nodes[1].stats.selects.load(Ordering::Relaxed);
-    env.cluster.start_node(replica_port).expect("restart the replica");
+    let reads_before = shared.cluster.load().nodes[1]
+        .stats
+        .selects
+        .load(Ordering::Relaxed);
+    env.cluster
+        .start_node(replica_port)
+        .expect("restart the replica");
     wait_for("replica back", Duration::from_secs(20), || {
         let t = shared.cluster.load();
         t.nodes[1].status == Status::Up && t.nodes[1].readable
     })
     .await;
-    wait_for("reads on the replica again", Duration::from_secs(10), || {
-        shared.cluster.load().nodes[1].stats.selects.load(Ordering::Relaxed) > reads_before + 10
-    })
+    wait_for(
+        "reads on the replica again",
+        Duration::from_secs(10),
+        || {
+            shared.cluster.load().nodes[1]
+                .stats
+                .selects
+                .load(Ordering::Relaxed)
+                > reads_before + 10
+        },
+    )
     .await;
     let seen = load.finish().await;
     let errors: Vec<&String> = seen
@@ -565,9 +635,7 @@ async fn a_flapping_replica_runs_no_hooks() {
             "[health_check]\nperiod = \"200ms\"\ntimeout = \"1s\"\nmax_retries = 10\n\
              retry_delay = \"300ms\""
                 .to_owned(),
-            format!(
-                "[failover]\nfailover_command = {failover:?}\nfailback_command = {failback:?}"
-            ),
+            format!("[failover]\nfailover_command = {failover:?}\nfailback_command = {failback:?}"),
         ],
         ..EnvOptions::default()
     };
@@ -605,25 +673,41 @@ async fn split_brain_the_newest_timeline_wins() {
     let shared = env.relay.shared.clone();
     let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
     let client = env.client().await;
-    env.cluster.promote(new_port).expect("promote behind pgrelay's back");
+    env.cluster
+        .promote(new_port)
+        .expect("promote behind pgrelay's back");
     wait_for("the new primary", Duration::from_secs(10), || {
         shared.cluster.load().primary == Some(1)
     })
     .await;
     let t = shared.cluster.snapshot();
-    assert_eq!(t.nodes[0].status, Status::Down, "the false primary is detached");
+    assert_eq!(
+        t.nodes[0].status,
+        Status::Down,
+        "the false primary is detached"
+    );
     assert!(t.nodes[0].pg_up, "though it still answers");
     assert_eq!(t.nodes[1].timeline, Some(2));
     client
         .execute("INSERT INTO t (k) VALUES (7)", &[])
         .await
         .expect("write after the split brain");
-    let on_new = env.cluster.psql(new_port, APP_DB, "SELECT count(*) FROM t").expect("new");
-    let on_old = env.cluster.psql(old_port, APP_DB, "SELECT count(*) FROM t").expect("old");
+    let on_new = env
+        .cluster
+        .psql(new_port, APP_DB, "SELECT count(*) FROM t")
+        .expect("new");
+    let on_old = env
+        .cluster
+        .psql(old_port, APP_DB, "SELECT count(*) FROM t")
+        .expect("old");
     assert_eq!((on_new.as_str(), on_old.as_str()), ("1", "0"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lines = log_lines(&failover_log);
-    assert_eq!(lines.len(), 1, "one failover_command, for the false primary: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "one failover_command, for the false primary: {lines:?}"
+    );
     assert!(lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")));
 }
 
@@ -650,7 +734,11 @@ async fn split_brain_on_one_timeline_waits_for_an_operator() {
         ],
         ..EnvOptions::default()
     };
-    let relay = start_relay(&options, &[env.cluster.primary_port(), second.primary_port()]).await;
+    let relay = start_relay(
+        &options,
+        &[env.cluster.primary_port(), second.primary_port()],
+    )
+    .await;
     assert_eq!(relay.shared.cluster.load().primary, None, "no authority");
     let conn = relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
     let started = Instant::now();
@@ -665,7 +753,9 @@ async fn split_brain_on_one_timeline_waits_for_an_operator() {
             switchover: false,
         })
         .expect("promote node 1");
-    let client = connect_str(&conn).await.expect("connect after the operator chose");
+    let client = connect_str(&conn)
+        .await
+        .expect("connect after the operator chose");
     let port = simple_value(&client, "SELECT current_setting('port')").await;
     assert_eq!(port, second.primary_port().to_string());
     assert!(relay

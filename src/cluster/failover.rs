@@ -239,7 +239,10 @@ impl Tracker {
                 }
             }
             Operation::Attach(node) => {
-                let n = t.nodes.get_mut(node).ok_or(OperationError::NoSuchNode(node))?;
+                let n = t
+                    .nodes
+                    .get_mut(node)
+                    .ok_or(OperationError::NoSuchNode(node))?;
                 if !n.pg_up {
                     return Err(OperationError::Unreachable(node));
                 }
@@ -289,7 +292,9 @@ impl Tracker {
                     member.host.clone(),
                     member.port,
                     backend.map_or(1.0, |b| b.weight),
-                    backend.map(|b| b.data_directory.clone()).unwrap_or_default(),
+                    backend
+                        .map(|b| b.data_directory.clone())
+                        .unwrap_or_default(),
                 ));
             }
         }

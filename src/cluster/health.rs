@@ -289,7 +289,11 @@ mod tests {
     #[test]
     fn probe_rows_are_read() {
         let row = |a: &str, b: Option<&str>, c: Option<&str>| {
-            vec![Some(a.to_owned()), b.map(str::to_owned), c.map(str::to_owned)]
+            vec![
+                Some(a.to_owned()),
+                b.map(str::to_owned),
+                c.map(str::to_owned),
+            ]
         };
         assert_eq!(
             parse_probe(&row("true", Some("3"), Some("127.0.0.1 5433"))),
@@ -319,10 +323,7 @@ mod tests {
     }
 
     impl Prober for Scripted {
-        fn probe<'a>(
-            &'a self,
-            _node: usize,
-        ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        fn probe<'a>(&'a self, _node: usize) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
             Box::pin(async move {
                 self.at
                     .lock()
@@ -438,7 +439,11 @@ mod tests {
         });
         cluster.observe(0, &primary, &config);
         let prober = Scripted {
-            answers: Mutex::new((0..3).map(|_| Err("reset".to_owned())).collect::<VecDeque<Outcome>>()),
+            answers: Mutex::new(
+                (0..3)
+                    .map(|_| Err("reset".to_owned()))
+                    .collect::<VecDeque<Outcome>>(),
+            ),
             at: Mutex::default(),
             start: tokio::time::Instant::now(),
         };

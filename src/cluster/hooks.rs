@@ -325,10 +325,7 @@ mod tests {
             &topology(),
             &subjects,
         );
-        assert_eq!(
-            out,
-            "f 0 db0 5432 /d/0 1 db1 5433 /d/1 0 0 db0 5432 % %x %"
-        );
+        assert_eq!(out, "f 0 db0 5432 /d/0 1 db1 5433 /d/1 0 0 db0 5432 % %x %");
         let none = expand("%d|%h|%m|%H|%P|%N", &topology(), &Subjects::default());
         assert_eq!(none, "-1||-1||-1|");
     }

@@ -170,8 +170,7 @@ fn http_body(raw: &[u8]) -> Result<Vec<u8>, String> {
             continue;
         };
         let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked")
-        {
+        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
             chunked = true;
         } else if name.eq_ignore_ascii_case("content-length") {
             length = value.parse::<usize>().ok();
@@ -271,16 +270,28 @@ mod tests {
         let view = View::parse(RECORDED.as_bytes()).expect("parses");
         assert_eq!(view.members.len(), 3);
         assert!(view.is_leader("127.0.0.1", 5434));
-        assert!(view.is_leader("localhost", 5434), "loopback spellings match");
+        assert!(
+            view.is_leader("localhost", 5434),
+            "loopback spellings match"
+        );
         assert!(!view.is_leader("127.0.0.1", 5433));
         assert!(view.member("127.0.0.1", 5433).is_some_and(Member::serves));
         assert!(!view.member("127.0.0.1", 5435).is_some_and(Member::serves));
-        assert_eq!(view.member("127.0.0.1", 5434).and_then(|m| m.timeline), Some(2));
+        assert_eq!(
+            view.member("127.0.0.1", 5434).and_then(|m| m.timeline),
+            Some(2)
+        );
         // Patroni 3.1+ says "streaming" for replicas; a leader that is not running
         // is no leader.
         let newer = RECORDED
-            .replace(r#""state": "running", "api_url": "http://127.0.0.1:8009"#, r#""state": "streaming", "api_url": "http://127.0.0.1:8009"#)
-            .replace(r#""role": "leader", "state": "running""#, r#""role": "leader", "state": "starting""#);
+            .replace(
+                r#""state": "running", "api_url": "http://127.0.0.1:8009"#,
+                r#""state": "streaming", "api_url": "http://127.0.0.1:8009"#,
+            )
+            .replace(
+                r#""role": "leader", "state": "running""#,
+                r#""role": "leader", "state": "starting""#,
+            );
         let view = View::parse(newer.as_bytes()).expect("parses");
         assert!(view.member("127.0.0.1", 5433).is_some_and(Member::serves));
         assert!(!view.is_leader("127.0.0.1", 5434));
@@ -332,16 +343,17 @@ mod tests {
             let mut request = vec![0u8; 1024];
             let n = socket.read(&mut request).await.expect("read");
             assert!(request[..n].starts_with(b"GET /cluster HTTP/1.1\r\n"));
-            let reply = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{RECORDED}"
-            );
+            let reply =
+                format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{RECORDED}");
             socket.write_all(reply.as_bytes()).await.expect("write");
         });
         let endpoint = Endpoint {
             host: "127.0.0.1".into(),
             port,
         };
-        let view = fetch(&endpoint, Duration::from_secs(5)).await.expect("view");
+        let view = fetch(&endpoint, Duration::from_secs(5))
+            .await
+            .expect("view");
         assert!(view.is_leader("127.0.0.1", 5434));
     }
 }

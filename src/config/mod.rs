@@ -235,10 +235,12 @@ impl Config {
     }
 
     fn validate_backends(&self) -> Result<(), ConfigError> {
-        if self.backends.is_empty() {
+        // With Patroni the members come from /cluster; [[backends]] only add weights
+        // and data directories.
+        if self.backends.is_empty() && self.failover.topology != TopologySource::Patroni {
             return Err(invalid(
                 "backends",
-                "at least one [[backends]] entry is required",
+                "at least one [[backends]] entry is required (or failover.topology = \"patroni\")",
             ));
         }
         for (i, backend) in self.backends.iter().enumerate() {
@@ -1076,6 +1078,16 @@ mod tests {
             c.failover.patroni_urls = vec!["http://a:8008".into(), "a:8008".into()];
         };
         assert_eq!(invalid_key(bad_url), "failover.patroni_urls[1]");
+        let https = |c: &mut Config| {
+            c.failover.topology = TopologySource::Patroni;
+            c.failover.patroni_urls = vec!["https://a:8008".into()];
+        };
+        assert_eq!(invalid_key(https), "failover.patroni_urls[0]");
+        let mut members_from_patroni = parse(MINIMAL).expect("minimal config");
+        members_from_patroni.backends.clear();
+        members_from_patroni.failover.topology = TopologySource::Patroni;
+        members_from_patroni.failover.patroni_urls = vec!["http://a:8008".into()];
+        assert!(members_from_patroni.validate().is_ok());
     }
 
     #[test]

@@ -26,8 +26,7 @@ pub const PARSE_COMPLETE: u8 = b'1';
 pub const CLOSE_COMPLETE: u8 = b'3';
 
 /// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
-pub static INSPECT: [bool; 256] =
-    tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE]);
+pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE]);
 
 /// Whether an ErrorResponse ends the server session (`FATAL` or `PANIC`).
 pub fn is_fatal(body: &[u8]) -> bool {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{server_error, Session};
-use crate::cluster::{NodeStats, Topology};
+use crate::cluster::{NodeStats, Role, Topology};
 use crate::config::{PoolMode, ReadAfterWrite};
 use crate::error::{ClientError, ErrorKind};
 use crate::pool::server::ServerError;
@@ -87,7 +87,12 @@ impl Session {
         loop {
             let node = self.route(deadline).await?;
             let err = match self.server_on(node).await {
-                Ok(guard) => return Ok(guard),
+                Ok(guard) if !self.demoted(&guard, node) => return Ok(guard),
+                Ok(_) => ClientError::error(
+                    ErrorKind::ServerConnect,
+                    "08006",
+                    "the primary is in recovery now",
+                ),
                 Err(err) if err.kind == ErrorKind::ServerConnect => err,
                 Err(err) => return Err(err),
             };
@@ -118,13 +123,42 @@ impl Session {
         }
     }
 
+    /// A server on what pgrelay takes for the primary says it is a hot standby (it was
+    /// demoted and came back before its probe told): not for this request. The
+    /// server goes, and the node is checked at once.
+    fn demoted(&self, guard: &ServerGuard, node: usize) -> bool {
+        let standby = guard.server_ref().params.get("in_hot_standby") == Some("on") && {
+            let topology = self.shared.cluster.load();
+            // Its last probe said primary (an operator's PROMOTE NODE of a replica,
+            // without a switchover, is taken at its word).
+            topology.primary == Some(node)
+                && topology
+                    .nodes
+                    .get(node)
+                    .is_some_and(|n| n.role == Role::Primary)
+        };
+        if standby {
+            tracing::warn!(
+                node,
+                "a server on the primary is a hot standby; checking the node"
+            );
+        }
+        standby
+    }
+
     /// A server connection to `node` failed: count it and have the node checked now.
     pub(super) fn backend_failed(&self, node: usize) {
         let topology = self.shared.cluster.load();
         if let Some(state) = topology.nodes.get(node) {
             NodeStats::count(&state.stats.errors);
         }
-        if self.shared.config.load().health_check.recheck_on_backend_error {
+        if self
+            .shared
+            .config
+            .load()
+            .health_check
+            .recheck_on_backend_error
+        {
             self.shared.cluster.suspect(node);
         }
     }
