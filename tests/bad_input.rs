@@ -282,13 +282,18 @@ fn dead_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-/// A backend nobody listens on: clients (two at once, then another) are told 08006
-/// promptly instead of hanging, and pgrelay keeps answering.
+/// A backend nobody listens on: clients (two at once, then another) wait for a primary
+/// only `failover.hold_timeout` (1 s here), are then told 08006 instead of hanging, and
+/// pgrelay keeps answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_is_08006() {
     watch_panics();
     let port = dead_port();
-    let relay = start_relay(&EnvOptions::default(), &[port]).await;
+    let options = EnvOptions {
+        sections: vec!["[failover]\nhold_timeout = \"1s\"".to_owned()],
+        ..EnvOptions::default()
+    };
+    let relay = start_relay(&options, &[port]).await;
     let attempt = || async {
         let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
         let started = Instant::now();

@@ -317,6 +317,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         "{records:?}"
     );
     assert_eq!(topology.nodes[0].status, Status::Down);
+    // Nothing of the dead node is kept.
+    for pool in shared.pools.all().iter().filter(|p| p.key.node == 0) {
+        assert_eq!(pool.counts().1, 0, "servers kept for the dead node");
+    }
 
     // Writes: at most the one in flight per writer failed, with a clear code, and
     // every acknowledged write is on the new primary.
@@ -515,6 +519,12 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         },
     )
     .await;
+    // Hooks run after the transition, on their own task.
+    wait_for("failback_command", Duration::from_secs(10), || {
+        !log_lines(&failback_log).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let lines = log_lines(&failback_log);
     assert_eq!(lines.len(), 1, "failback_command once: {lines:?}");
     assert!(
@@ -615,6 +625,10 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
         .collect();
     // A read in flight on the replica when it was killed may fail; nothing else.
     assert!(errors.len() <= 3, "{errors:?}");
+    wait_for("failback_command", Duration::from_secs(10), || {
+        !log_lines(&failback_log).is_empty()
+    })
+    .await;
     let failbacks = log_lines(&failback_log);
     assert_eq!(failbacks.len(), 1, "{failbacks:?}");
     assert!(failbacks[0].starts_with(&format!("1 127.0.0.1 {replica_port} ")));
@@ -764,4 +778,92 @@ async fn split_brain_on_one_timeline_waits_for_an_operator() {
         .records()
         .iter()
         .all(|r| r.kind != HookKind::Failover));
+}
+
+/// An operator's PROMOTE NODE ... SWITCHOVER: the primary is detached, the
+/// failover_command promotes the chosen node, writes wait and then land there, and
+/// the other replica is told to follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_switchover_promotes_through_the_failover_command() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (failover, failover_log, failover_script) = hook(scratch.path(), "failover");
+    let (follow, follow_log, _) = hook(scratch.path(), "follow");
+    let options = EnvOptions {
+        replicas: 2,
+        data_dirs: true,
+        sections: fast_checks(&[
+            format!("failover_command = {failover:?}"),
+            format!("follow_primary_command = {follow:?}"),
+        ]),
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    let pg_ctl = env.cluster.shell_command("pg_ctl");
+    write_hook(&failover_script, &failover_log, Some(&pg_ctl));
+    create_table(&env).await;
+    let shared = env.relay.shared.clone();
+    let client = env.client().await;
+    client
+        .execute("INSERT INTO t (k) VALUES (1)", &[])
+        .await
+        .expect("write before");
+    let target = 2;
+    // A planned switchover waits for the target to have everything (the harness
+    // replicates asynchronously).
+    let port = env.cluster.ports()[target];
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        env.cluster
+            .psql(port, APP_DB, "SELECT count(*) FROM t")
+            .is_ok_and(|n| n == "1")
+    })
+    .await;
+    assert!(caught_up, "node {target} replays the first write");
+    shared
+        .operate(Operation::Promote {
+            node: target,
+            switchover: true,
+        })
+        .expect("promote");
+    let began = Instant::now();
+    client
+        .execute("INSERT INTO t (k) VALUES (2)", &[])
+        .await
+        .expect("the write waits for the promotion, then runs");
+    let waited = began.elapsed();
+    assert_eq!(shared.cluster.load().primary, Some(target));
+    let on_target = env
+        .cluster
+        .psql(
+            port,
+            APP_DB,
+            "SELECT string_agg(k::text, ',' ORDER BY k) FROM t",
+        )
+        .expect("target");
+    assert_eq!(on_target, "1,2");
+    let lines = log_lines(&failover_log);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("0 127.0.0.1 {} ", env.cluster.primary_port())),
+        "{lines:?}"
+    );
+    assert!(
+        lines[0].contains(&format!(" {target} 127.0.0.1 0 0 {port} ")),
+        "%m is the node to promote: {lines:?}"
+    );
+    wait_for("follow_primary_command", Duration::from_secs(10), || {
+        !log_lines(&follow_log).is_empty()
+    })
+    .await;
+    let follow_lines = log_lines(&follow_log);
+    assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
+    assert!(
+        follow_lines[0].starts_with("1 127.0.0.1 "),
+        "{follow_lines:?}"
+    );
+    // The detached old primary stays out, though it still answers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = shared.cluster.load();
+    assert_eq!(t.nodes[0].status, Status::Down);
+    assert!(t.nodes[0].pg_up);
+    eprintln!("operator switchover: the write waited {waited:?}");
 }

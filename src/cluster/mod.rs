@@ -423,6 +423,44 @@ mod tests {
         (t, config)
     }
 
+    /// With paused time: a request holding for a primary gets it as soon as one is
+    /// published, and gives up at its deadline otherwise.
+    #[tokio::test(start_paused = true)]
+    async fn holding_for_a_primary_ends_at_a_new_one_or_the_deadline() {
+        let (mut t, config) = topology(&[None, None]);
+        t.primary = None;
+        t.nodes[0].status = Status::Down;
+        let cluster = Cluster::new(t);
+        let start = tokio::time::Instant::now();
+        let deadline = start + std::time::Duration::from_secs(30);
+        let waiting = cluster.wait_primary(deadline);
+        let promote = async {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            let promoted = Ok(failover::Probe {
+                in_recovery: false,
+                timeline: Some(2),
+                upstream: None,
+            });
+            cluster.observe(1, &promoted, &config)
+        };
+        let (primary, transitions) = tokio::join!(waiting, promote);
+        assert_eq!(primary, Some(1));
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(3));
+        assert!(matches!(
+            transitions[..],
+            [Transition::NewPrimary { node: 1, .. }]
+        ));
+        let (mut t, _) = topology(&[None]);
+        t.primary = None;
+        let cluster = Cluster::new(t);
+        let start = tokio::time::Instant::now();
+        let none = cluster
+            .wait_primary(start + std::time::Duration::from_secs(30))
+            .await;
+        assert_eq!(none, None);
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(30));
+    }
+
     #[test]
     fn read_set_follows_lag_limits() {
         let fresh = Lag {
