@@ -867,3 +867,49 @@ async fn an_operator_switchover_promotes_through_the_failover_command() {
     assert!(t.nodes[0].pg_up);
     eprintln!("operator switchover: the write waited {waited:?}");
 }
+
+/// `recheck_on_backend_error`: with health checks an hour apart, a client that cannot
+/// reach the primary has it checked at once (down within a second); with the setting
+/// off, the node stays up until its next period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_error_has_the_node_checked_at_once() {
+    let checks = |recheck: bool| EnvOptions {
+        sections: vec![
+            format!(
+                "[health_check]\nperiod = \"1h\"\nretry_delay = \"200ms\"\nmax_retries = 2\n\
+                 recheck_on_backend_error = {recheck}"
+            ),
+            "[failover]\nhold_timeout = \"1s\"".to_owned(),
+        ],
+        ..EnvOptions::default()
+    };
+    let env = start(checks(true)).await;
+    let port = env.cluster.primary_port();
+    let quiet = start_relay(&checks(false), &[port]).await;
+    let loud_client = env.client().await;
+    let quiet_conn = relay_conn_string(quiet.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
+    let quiet_client = connect_str(&quiet_conn).await.expect("connect");
+    env.cluster.stop_node(port, "immediate").expect("stop");
+    let stopped = Instant::now();
+    let queries: Vec<_> = [loud_client, quiet_client]
+        .into_iter()
+        .map(|client| tokio::spawn(async move { client.simple_query("SELECT 1").await.map(drop) }))
+        .collect();
+    let loud = env.relay.shared.clone();
+    wait_for("the node checked and down", Duration::from_secs(3), || {
+        loud.cluster.load().nodes[0].status == Status::Down
+    })
+    .await;
+    let down_after = stopped.elapsed();
+    for query in queries {
+        let err = query.await.expect("query task").expect_err("no server");
+        assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        quiet.shared.cluster.load().nodes[0].status,
+        Status::Up,
+        "without the setting nothing checks before the period"
+    );
+    eprintln!("recheck_on_backend_error: down {down_after:?} after the stop (period 1h)");
+}
