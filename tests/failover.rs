@@ -29,43 +29,77 @@ fn fast_checks(failover: &[String]) -> Vec<String> {
     ]
 }
 
-/// A hook: the command for the config (a script under `dir`, given every
-/// placeholder) and the log its script appends its arguments to. Write the script
-/// with [`write_hook`] (once the cluster is up, if it needs `pg_ctl`).
-fn hook(dir: &std::path::Path, name: &str) -> (String, std::path::PathBuf, std::path::PathBuf) {
-    let log = dir.join(format!("{name}.log"));
-    let script = dir.join(format!("{name}.sh"));
-    let command = format!(
-        "sh '{}' %d %h %p %D %m %H %M %P %r %R %N %S %%",
-        script.display()
-    );
-    write_hook(&script, &log, None);
-    (command, log, script)
+/// Hook scripts in a scratch directory; each appends its arguments (every
+/// placeholder, in Pgpool-II's order) to a log of its own.
+struct Hooks {
+    dir: tempfile::TempDir,
 }
 
-/// The script logs its arguments; with `pg_ctl`, when the failed node is the old
-/// primary (`%d` = `%P`), it promotes the new main node (`%R`), as Pgpool-II's sample
-/// failover script does.
-fn write_hook(script: &std::path::Path, log: &std::path::Path, pg_ctl: Option<&str>) {
-    let promote = match pg_ctl {
-        Some(pg_ctl) => format!(
-            "if [ \"$1\" = \"$8\" ]; then {pg_ctl} promote -w -D \"${{10}}\" || exit 7; fi\n"
-        ),
-        None => String::new(),
-    };
-    std::fs::write(
-        script,
-        format!("#!/bin/sh\necho \"$*\" >> '{}'\n{promote}", log.display()),
-    )
-    .expect("write hook script");
-}
+impl Hooks {
+    fn new() -> Hooks {
+        Hooks {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
 
-fn log_lines(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    fn script(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{name}.sh"))
+    }
+
+    fn log_path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// The command line for `<name>_command`; the script only logs (see `promote_with`).
+    fn command(&self, name: &str) -> String {
+        self.write(name, None);
+        format!(
+            "sh '{}' %d %h %p %D %m %H %M %P %r %R %N %S %%",
+            self.script(name).display()
+        )
+    }
+
+    /// Rewrites `name`'s script so that, when the failed node is the old primary
+    /// (`%d` = `%P`), it promotes the new main node (`%R`) with `pg_ctl`, as Pgpool-II's
+    /// sample failover script does.
+    fn promote_with(&self, name: &str, pg_ctl: &str) {
+        self.write(name, Some(pg_ctl));
+    }
+
+    fn write(&self, name: &str, pg_ctl: Option<&str>) {
+        let promote = match pg_ctl {
+            Some(pg_ctl) => format!(
+                "if [ \"$1\" = \"$8\" ]; then {pg_ctl} promote -w -D \"${{10}}\" || exit 7; fi\n"
+            ),
+            None => String::new(),
+        };
+        let log = self.log_path(name);
+        let text = format!("#!/bin/sh\necho \"$*\" >> '{}'\n{promote}", log.display());
+        std::fs::write(self.script(name), text).expect("write hook script");
+    }
+
+    /// What `name`'s script logged, a line per run.
+    fn log(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.log_path(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Fast checks, data directories for `%D`/`%R`, and `<name>_command` for each name.
+    fn options(&self, replicas: usize, names: &[&str]) -> EnvOptions {
+        let commands: Vec<String> = names
+            .iter()
+            .map(|name| format!("{name}_command = {:?}", self.command(name)))
+            .collect();
+        EnvOptions {
+            replicas,
+            data_dirs: true,
+            sections: fast_checks(&commands),
+            ..EnvOptions::default()
+        }
+    }
 }
 
 /// What one load task saw.
@@ -119,6 +153,13 @@ impl Load {
                 }
             }
         }));
+    }
+
+    /// `count` readers.
+    async fn readers(&mut self, env: &TestEnv, count: usize) {
+        for _ in 0..count {
+            self.reader(env).await;
+        }
     }
 
     /// A client that reads (simple protocol) as fast as it can.
@@ -211,23 +252,14 @@ async fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
 /// write is lost, and the other replica is told to follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_is_replaced_through_the_failover_command() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failover, failover_log, failover_script) = hook(scratch.path(), "failover");
-    let (follow, follow_log, _) = hook(scratch.path(), "follow");
+    let hooks = Hooks::new();
     let options = EnvOptions {
-        replicas: 2,
         // Reads only on replicas: the crash must not touch them.
         weights: vec![0.0, 1.0, 1.0],
-        data_dirs: true,
-        sections: fast_checks(&[
-            format!("failover_command = {failover:?}"),
-            format!("follow_primary_command = {follow:?}"),
-        ]),
-        ..EnvOptions::default()
+        ..hooks.options(2, &["failover", "follow_primary"])
     };
     let env = start(options).await;
-    let pg_ctl = env.cluster.shell_command("pg_ctl");
-    write_hook(&failover_script, &failover_log, Some(&pg_ctl));
+    hooks.promote_with("failover", &env.cluster.shell_command("pg_ctl"));
     create_table(&env).await;
     // Every acknowledged commit is on both replicas: whichever is promoted has it.
     let primary = env.direct_superuser().await;
@@ -261,9 +293,7 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     for id in 1..=writers as i64 {
         load.writer(&env, id).await;
     }
-    for _ in 0..2 {
-        load.reader(&env).await;
-    }
+    load.readers(&env, 2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.cluster
         .stop_node(old_port, "immediate")
@@ -289,7 +319,7 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     let other = 3 - new_primary;
     let dir = |node: usize| topology.nodes[node].data_directory.clone();
     let port = |node: usize| topology.nodes[node].port;
-    let lines = log_lines(&failover_log);
+    let lines = hooks.log("failover");
     assert_eq!(
         lines,
         [format!(
@@ -302,10 +332,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     );
     // The other replica is told to follow the new primary.
     wait_for("follow_primary_command", Duration::from_secs(10), || {
-        !log_lines(&follow_log).is_empty()
+        !hooks.log("follow_primary").is_empty()
     })
     .await;
-    let follow_lines = log_lines(&follow_log);
+    let follow_lines = hooks.log("follow_primary");
     assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
     assert!(
         follow_lines[0].starts_with(&format!("{other} 127.0.0.1 {} ", port(other))),
@@ -394,13 +424,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
 /// primary is told (57P01) and goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failback, failback_log, _) = hook(scratch.path(), "failback");
+    let hooks = Hooks::new();
     let options = EnvOptions {
-        replicas: 1,
         weights: vec![0.0, 1.0],
-        sections: fast_checks(&[format!("failback_command = {failback:?}")]),
-        ..EnvOptions::default()
+        ..hooks.options(1, &["failback"])
     };
     let env = start(options).await;
     create_table(&env).await;
@@ -422,9 +449,7 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         .await
         .expect("open a transaction");
     let mut load = Load::new();
-    for _ in 0..2 {
-        load.reader(&env).await;
-    }
+    load.readers(&env, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     env.cluster
@@ -521,11 +546,11 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
     .await;
     // Hooks run after the transition, on their own task.
     wait_for("failback_command", Duration::from_secs(10), || {
-        !log_lines(&failback_log).is_empty()
+        !hooks.log("failback").is_empty()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let lines = log_lines(&failback_log);
+    let lines = hooks.log("failback");
     assert_eq!(lines.len(), 1, "failback_command once: {lines:?}");
     assert!(
         lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")),
@@ -550,19 +575,8 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
 /// errors) and comes back (failback_command once, reads return to it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failover, failover_log, _) = hook(scratch.path(), "failover");
-    let (failback, failback_log, _) = hook(scratch.path(), "failback");
-    let options = EnvOptions {
-        replicas: 1,
-        data_dirs: true,
-        sections: fast_checks(&[
-            format!("failover_command = {failover:?}"),
-            format!("failback_command = {failback:?}"),
-        ]),
-        ..EnvOptions::default()
-    };
-    let env = start(options).await;
+    let hooks = Hooks::new();
+    let env = start(hooks.options(1, &["failover", "failback"])).await;
     create_table(&env).await;
     let shared = env.relay.shared.clone();
     let replica_port = env.cluster.replica_ports()[0];
@@ -572,9 +586,7 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
     })
     .await;
     let mut load = Load::new();
-    for _ in 0..3 {
-        load.reader(&env).await;
-    }
+    load.readers(&env, 3).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.cluster
         .stop_node(replica_port, "immediate")
@@ -586,7 +598,7 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dir = |node: usize| shared.cluster.load().nodes[node].data_directory.clone();
     assert_eq!(
-        log_lines(&failover_log),
+        hooks.log("failover"),
         [format!(
             "1 127.0.0.1 {replica_port} {} 0 127.0.0.1 0 0 {primary_port} {} 127.0.0.1 {primary_port} %",
             dir(1),
@@ -626,22 +638,21 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
     // A read in flight on the replica when it was killed may fail; nothing else.
     assert!(errors.len() <= 3, "{errors:?}");
     wait_for("failback_command", Duration::from_secs(10), || {
-        !log_lines(&failback_log).is_empty()
+        !hooks.log("failback").is_empty()
     })
     .await;
-    let failbacks = log_lines(&failback_log);
+    let failbacks = hooks.log("failback");
     assert_eq!(failbacks.len(), 1, "{failbacks:?}");
     assert!(failbacks[0].starts_with(&format!("1 127.0.0.1 {replica_port} ")));
-    assert_eq!(log_lines(&failover_log).len(), 1, "no second failover");
+    assert_eq!(hooks.log("failover").len(), 1, "no second failover");
 }
 
 /// A replica restarted quickly, again and again, never stays down long enough to be
 /// declared down: no hook runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_replica_runs_no_hooks() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failover, failover_log, _) = hook(scratch.path(), "failover");
-    let (failback, failback_log, _) = hook(scratch.path(), "failback");
+    let hooks = Hooks::new();
+    let (failover, failback) = (hooks.command("failover"), hooks.command("failback"));
     let options = EnvOptions {
         replicas: 1,
         sections: vec![
@@ -666,8 +677,8 @@ async fn a_flapping_replica_runs_no_hooks() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(shared.cluster.load().nodes[1].status, Status::Up);
-    assert!(log_lines(&failover_log).is_empty());
-    assert!(log_lines(&failback_log).is_empty());
+    assert!(hooks.log("failover").is_empty());
+    assert!(hooks.log("failback").is_empty());
     assert!(shared.hooks.records().is_empty());
 }
 
@@ -675,14 +686,8 @@ async fn a_flapping_replica_runs_no_hooks() {
 /// the old primary is detached as a false primary, and writes go to the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_brain_the_newest_timeline_wins() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failover, failover_log, _) = hook(scratch.path(), "failover");
-    let options = EnvOptions {
-        replicas: 1,
-        sections: fast_checks(&[format!("failover_command = {failover:?}")]),
-        ..EnvOptions::default()
-    };
-    let env = start(options).await;
+    let hooks = Hooks::new();
+    let env = start(hooks.options(1, &["failover"])).await;
     create_table(&env).await;
     let shared = env.relay.shared.clone();
     let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
@@ -716,7 +721,7 @@ async fn split_brain_the_newest_timeline_wins() {
         .expect("old");
     assert_eq!((on_new.as_str(), on_old.as_str()), ("1", "0"));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let lines = log_lines(&failover_log);
+    let lines = hooks.log("failover");
     assert_eq!(
         lines.len(),
         1,
@@ -785,21 +790,9 @@ async fn split_brain_on_one_timeline_waits_for_an_operator() {
 /// the other replica is told to follow it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_switchover_promotes_through_the_failover_command() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let (failover, failover_log, failover_script) = hook(scratch.path(), "failover");
-    let (follow, follow_log, _) = hook(scratch.path(), "follow");
-    let options = EnvOptions {
-        replicas: 2,
-        data_dirs: true,
-        sections: fast_checks(&[
-            format!("failover_command = {failover:?}"),
-            format!("follow_primary_command = {follow:?}"),
-        ]),
-        ..EnvOptions::default()
-    };
-    let env = start(options).await;
-    let pg_ctl = env.cluster.shell_command("pg_ctl");
-    write_hook(&failover_script, &failover_log, Some(&pg_ctl));
+    let hooks = Hooks::new();
+    let env = start(hooks.options(2, &["failover", "follow_primary"])).await;
+    hooks.promote_with("failover", &env.cluster.shell_command("pg_ctl"));
     create_table(&env).await;
     let shared = env.relay.shared.clone();
     let client = env.client().await;
@@ -840,7 +833,7 @@ async fn an_operator_switchover_promotes_through_the_failover_command() {
         )
         .expect("target");
     assert_eq!(on_target, "1,2");
-    let lines = log_lines(&failover_log);
+    let lines = hooks.log("failover");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
         lines[0].starts_with(&format!("0 127.0.0.1 {} ", env.cluster.primary_port())),
@@ -851,10 +844,10 @@ async fn an_operator_switchover_promotes_through_the_failover_command() {
         "%m is the node to promote: {lines:?}"
     );
     wait_for("follow_primary_command", Duration::from_secs(10), || {
-        !log_lines(&follow_log).is_empty()
+        !hooks.log("follow_primary").is_empty()
     })
     .await;
-    let follow_lines = log_lines(&follow_log);
+    let follow_lines = hooks.log("follow_primary");
     assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
     assert!(
         follow_lines[0].starts_with("1 127.0.0.1 "),

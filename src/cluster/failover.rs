@@ -588,6 +588,21 @@ mod tests {
         })
     }
 
+    fn new_primary(node: usize, old: Option<usize>, follow: bool) -> Transition {
+        Transition::NewPrimary { node, old, follow }
+    }
+
+    fn promote(
+        tracker: &mut Tracker,
+        t: &mut Topology,
+        config: &Config,
+        node: usize,
+        switchover: bool,
+    ) -> Vec<Transition> {
+        let op = Operation::Promote { node, switchover };
+        tracker.operate(t, config, op).expect("promote")
+    }
+
     fn failed() -> Outcome {
         Err("connection refused".into())
     }
@@ -620,14 +635,7 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(t.primary, None);
         let out = tracker.observe(&mut t, &config, 0, &primary(1));
-        assert_eq!(
-            out,
-            [Transition::NewPrimary {
-                node: 0,
-                old: None,
-                follow: false
-            }]
-        );
+        assert_eq!(out, [new_primary(0, None, false)]);
         assert_eq!(statuses(&t), ["up", "up"]);
         // A node that never answered stays waiting, and runs no hook.
         let mut t = Topology::from_config(&config);
@@ -669,14 +677,7 @@ mod tests {
         assert!(tracker.observe(&mut t, &config, 0, &failed()).is_empty());
         // The script promotes node 2: it is the primary, and node 1 follows it.
         let out = tracker.observe(&mut t, &config, 2, &primary(2));
-        assert_eq!(
-            out,
-            [Transition::NewPrimary {
-                node: 2,
-                old: Some(0),
-                follow: true
-            }]
-        );
+        assert_eq!(out, [new_primary(2, Some(0), true)]);
         assert_eq!(t.primary, Some(2));
     }
 
@@ -737,11 +738,7 @@ mod tests {
                     old_main: Some(0),
                     new_main: Some(2),
                 },
-                Transition::NewPrimary {
-                    node: 1,
-                    old: Some(0),
-                    follow: true
-                }
+                new_primary(1, Some(0), true)
             ]
         );
         assert_eq!(t.primary, Some(1));
@@ -799,14 +796,7 @@ mod tests {
         assert_eq!(t.primary, None);
         assert_eq!(t.nodes[0].status, Status::Up);
         let out = tracker.observe(&mut t, &config, 1, &primary(2));
-        assert_eq!(
-            out,
-            [Transition::NewPrimary {
-                node: 1,
-                old: None,
-                follow: false
-            }]
-        );
+        assert_eq!(out, [new_primary(1, None, false)]);
     }
 
     #[test]
@@ -820,14 +810,7 @@ mod tests {
         let out = tracker.observe(&mut t, &config, 0, &primary(1));
         assert_eq!(
             out,
-            [
-                Transition::Up { node: 0 },
-                Transition::NewPrimary {
-                    node: 0,
-                    old: Some(0),
-                    follow: false
-                }
-            ]
+            [Transition::Up { node: 0 }, new_primary(0, Some(0), false)]
         );
         // Without auto_failback it stays down.
         let (mut tracker, mut t, mut config) = cluster(2);
@@ -844,11 +827,7 @@ mod tests {
     #[test]
     fn switchover_detaches_the_primary_and_waits_for_the_promotion() {
         let (mut tracker, mut t, config) = cluster(3);
-        let op = Operation::Promote {
-            node: 2,
-            switchover: true,
-        };
-        let out = tracker.operate(&mut t, &config, op).expect("promote");
+        let out = promote(&mut tracker, &mut t, &config, 2, true);
         assert_eq!(
             out,
             [Transition::Down {
@@ -861,29 +840,11 @@ mod tests {
         );
         assert_eq!(t.primary, None, "writes wait until node 2 leaves recovery");
         let out = tracker.observe(&mut t, &config, 2, &primary(2));
-        assert_eq!(
-            out,
-            [Transition::NewPrimary {
-                node: 2,
-                old: Some(0),
-                follow: true
-            }]
-        );
+        assert_eq!(out, [new_primary(2, Some(0), true)]);
         // Without the flag, pgrelay's primary moves at once and nothing runs.
         let (mut tracker, mut t, config) = cluster(2);
-        let op = Operation::Promote {
-            node: 1,
-            switchover: false,
-        };
-        let out = tracker.operate(&mut t, &config, op).expect("promote");
-        assert_eq!(
-            out,
-            [Transition::NewPrimary {
-                node: 1,
-                old: Some(0),
-                follow: false
-            }]
-        );
+        let out = promote(&mut tracker, &mut t, &config, 1, false);
+        assert_eq!(out, [new_primary(1, Some(0), false)]);
         assert_eq!(
             tracker.operate(&mut t, &config, Operation::Attach(7)),
             Err(OperationError::NoSuchNode(7))

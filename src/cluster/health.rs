@@ -343,6 +343,34 @@ mod tests {
         }
     }
 
+    fn scripted(answers: impl IntoIterator<Item = Outcome>) -> Scripted {
+        Scripted {
+            answers: Mutex::new(answers.into_iter().collect()),
+            at: Mutex::default(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    fn primary() -> Outcome {
+        Ok(Probe {
+            in_recovery: false,
+            timeline: Some(1),
+            upstream: None,
+        })
+    }
+
+    /// A cluster of one node, seen up as the primary at start (as `probe_all` does).
+    fn up_primary(config: &Config) -> Cluster {
+        let cluster = Cluster::new(Topology::from_config(config));
+        cluster.observe(0, &primary(), config);
+        cluster
+    }
+
+    fn probe_times(prober: &Scripted) -> Vec<u64> {
+        let at = prober.at.lock().unwrap_or_else(|p| p.into_inner());
+        at.iter().map(|d| d.as_millis() as u64).collect()
+    }
+
     fn config() -> Arc<Config> {
         let mut config = Config {
             backends: vec![BackendConfig {
@@ -366,25 +394,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failing_primary_is_down_after_period_and_retries() {
         let config = config();
-        let cluster = Cluster::new(Topology::from_config(&config));
-        let primary = Ok(Probe {
-            in_recovery: false,
-            timeline: Some(1),
-            upstream: None,
-        });
-        // Seen up at start (as probe_all does).
-        cluster.observe(0, &primary, &config);
-        let prober = Scripted {
-            answers: Mutex::new(VecDeque::from([
-                primary.clone(),
-                Err("refused".into()),
-                Err("refused".into()),
-                Err("refused".into()),
-                Err("refused".into()),
-            ])),
-            at: Mutex::default(),
-            start: tokio::time::Instant::now(),
-        };
+        let cluster = up_primary(&config);
+        let refused = || Err("refused".to_owned());
+        let prober = scripted([primary(), refused(), refused(), refused(), refused()]);
         let seen = Mutex::new(Vec::new());
         let (stop, shutdown) = watch::channel(false);
         let watcher = watch_node(
@@ -408,13 +420,7 @@ mod tests {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
         let _ = stop.send(true);
-        let at: Vec<u64> = prober
-            .at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|d| d.as_millis() as u64)
-            .collect();
+        let at = probe_times(&prober);
         // 5 s: answers. 10 s: fails. Retries at 11 s and 12 s: the third failure in
         // a row takes it down. No primary now: probes every retry_delay (13 s: the
         // script's last failure; 14 s: out of script, hangs for the 2 s timeout).
@@ -431,22 +437,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_kick_probes_at_once() {
         let config = config();
-        let cluster = Cluster::new(Topology::from_config(&config));
-        let primary = Ok(Probe {
-            in_recovery: false,
-            timeline: Some(1),
-            upstream: None,
-        });
-        cluster.observe(0, &primary, &config);
-        let prober = Scripted {
-            answers: Mutex::new(
-                (0..3)
-                    .map(|_| Err("reset".to_owned()))
-                    .collect::<VecDeque<Outcome>>(),
-            ),
-            at: Mutex::default(),
-            start: tokio::time::Instant::now(),
-        };
+        let cluster = up_primary(&config);
+        let prober = scripted((0..3).map(|_| Err("reset".to_owned())));
         let (_stop, shutdown) = watch::channel(false);
         let watcher = watch_node(&cluster, &prober, 0, || config.clone(), |_, _| {}, shutdown);
         let kick = async {
@@ -463,13 +455,7 @@ mod tests {
             _ = watcher => unreachable!(),
             _ = kick => {}
         }
-        let at: Vec<u64> = prober
-            .at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|d| d.as_millis() as u64)
-            .collect();
+        let at = probe_times(&prober);
         // Kicked at 1.5 s, then retries every second: down at 3.5 s, not 12 s.
         assert_eq!(at[..3], [1_500, 2_500, 3_500]);
         assert_eq!(cluster.load().nodes[0].status, Status::Down);
