@@ -87,6 +87,16 @@ impl Hooks {
             .collect()
     }
 
+    /// Waits for `name`'s script to run (hooks run on their own task, after the
+    /// transition), checks it ran exactly once, and returns what it logged.
+    async fn ran_once(&self, name: &str) -> String {
+        wait_for(name, Duration::from_secs(10), || !self.log(name).is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut lines = self.log(name);
+        assert_eq!(lines.len(), 1, "{name} once: {lines:?}");
+        lines.remove(0)
+    }
+
     /// Fast checks, data directories for `%D`/`%R`, and `<name>_command` for each name.
     fn options(&self, replicas: usize, names: &[&str]) -> EnvOptions {
         let commands: Vec<String> = names
@@ -331,15 +341,10 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
         "failover_command ran once for node 0"
     );
     // The other replica is told to follow the new primary.
-    wait_for("follow_primary_command", Duration::from_secs(10), || {
-        !hooks.log("follow_primary").is_empty()
-    })
-    .await;
-    let follow_lines = hooks.log("follow_primary");
-    assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
+    let follow = hooks.ran_once("follow_primary").await;
     assert!(
-        follow_lines[0].starts_with(&format!("{other} 127.0.0.1 {} ", port(other))),
-        "{follow_lines:?}"
+        follow.starts_with(&format!("{other} 127.0.0.1 {} ", port(other))),
+        "{follow}"
     );
     let records = shared.hooks.records();
     assert!(
@@ -544,17 +549,10 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         },
     )
     .await;
-    // Hooks run after the transition, on their own task.
-    wait_for("failback_command", Duration::from_secs(10), || {
-        !hooks.log("failback").is_empty()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let lines = hooks.log("failback");
-    assert_eq!(lines.len(), 1, "failback_command once: {lines:?}");
+    let failback = hooks.ran_once("failback").await;
     assert!(
-        lines[0].starts_with(&format!("0 127.0.0.1 {old_port} ")),
-        "{lines:?}"
+        failback.starts_with(&format!("0 127.0.0.1 {old_port} ")),
+        "{failback}"
     );
     let seen = load.finish().await;
     let read_errors: usize = seen.iter().map(|s| s.errors.len()).sum();
@@ -637,13 +635,11 @@ async fn a_replica_that_dies_and_comes_back_fails_over_and_back_once() {
         .collect();
     // A read in flight on the replica when it was killed may fail; nothing else.
     assert!(errors.len() <= 3, "{errors:?}");
-    wait_for("failback_command", Duration::from_secs(10), || {
-        !hooks.log("failback").is_empty()
-    })
-    .await;
-    let failbacks = hooks.log("failback");
-    assert_eq!(failbacks.len(), 1, "{failbacks:?}");
-    assert!(failbacks[0].starts_with(&format!("1 127.0.0.1 {replica_port} ")));
+    let failback = hooks.ran_once("failback").await;
+    assert!(
+        failback.starts_with(&format!("1 127.0.0.1 {replica_port} ")),
+        "{failback}"
+    );
     assert_eq!(hooks.log("failover").len(), 1, "no second failover");
 }
 
@@ -843,16 +839,8 @@ async fn an_operator_switchover_promotes_through_the_failover_command() {
         lines[0].contains(&format!(" {target} 127.0.0.1 0 0 {port} ")),
         "%m is the node to promote: {lines:?}"
     );
-    wait_for("follow_primary_command", Duration::from_secs(10), || {
-        !hooks.log("follow_primary").is_empty()
-    })
-    .await;
-    let follow_lines = hooks.log("follow_primary");
-    assert_eq!(follow_lines.len(), 1, "{follow_lines:?}");
-    assert!(
-        follow_lines[0].starts_with("1 127.0.0.1 "),
-        "{follow_lines:?}"
-    );
+    let follow = hooks.ran_once("follow_primary").await;
+    assert!(follow.starts_with("1 127.0.0.1 "), "{follow}");
     // The detached old primary stays out, though it still answers.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t = shared.cluster.load();
