@@ -24,9 +24,26 @@ pub enum ErrorKind {
     ServerLost,
     ClientLost,
     Config,
+    /// A refused or failed admin console command.
+    Admin,
 }
 
 impl ErrorKind {
+    /// Every kind, for metrics resolved up front.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::Protocol,
+        ErrorKind::Auth,
+        ErrorKind::ClientLimit,
+        ErrorKind::UnknownDatabase,
+        ErrorKind::PoolTimeout,
+        ErrorKind::ServerConnect,
+        ErrorKind::ServerAuth,
+        ErrorKind::ServerLost,
+        ErrorKind::ClientLost,
+        ErrorKind::Config,
+        ErrorKind::Admin,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Protocol => "protocol",
@@ -39,6 +56,7 @@ impl ErrorKind {
             ErrorKind::ServerLost => "server_lost",
             ErrorKind::ClientLost => "client_lost",
             ErrorKind::Config => "config",
+            ErrorKind::Admin => "admin",
         }
     }
 }

@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used, clippy::todo, clippy::dbg_macro)]
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod cluster;
@@ -68,6 +69,14 @@ pub struct Shared {
     pub parsed: Arc<session::prepared::Parsed>,
     /// Failover hooks: the queue and what ran.
     pub hooks: cluster::hooks::Hooks,
+    /// Who is connected, per-database counters, paused databases.
+    pub registry: Arc<session::registry::Registry>,
+    /// The file `RELOAD` and SIGHUP read (none: the config came from elsewhere).
+    pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Set by the console's `SHUTDOWN`; `main` waits on it with the signals.
+    pub shutdown_requested: tokio::sync::Notify,
+    /// Set once shutdown began: idle clients are told and closed.
+    pub shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -85,7 +94,63 @@ impl Shared {
             metrics: metrics::Metrics::new(),
             parsed: Arc::default(),
             hooks: cluster::hooks::Hooks::start(),
+            registry: Arc::default(),
+            config_path: std::sync::Mutex::new(None),
+            shutdown_requested: tokio::sync::Notify::new(),
+            shutting_down: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Asks the process to shut down gracefully (as SIGTERM does).
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.notify_one();
+    }
+
+    /// Re-reads the config file (`RELOAD`, SIGHUP). An invalid file is rejected with
+    /// the reason, and the running config stays.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let path = self
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| config::ConfigError::Invalid {
+                key: "(file)".to_owned(),
+                message: "pgrelay was not started from a config file; nothing to reload".to_owned(),
+            })?;
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!(%err, path = %path.display(), "reload rejected; keeping the running configuration");
+                return Err(err);
+            }
+        };
+        self.apply(config);
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Puts a validated config in place: routing, nodes (added, removed, weights),
+    /// pool limits and credentials, and everything read per request. Pools of
+    /// unchanged nodes keep their servers; transactions in flight are not touched.
+    pub fn apply(&self, config: Config) {
+        self.router.reconfigure(&config);
+        let transitions = self.cluster.reconfigure(&config);
+        for node in &transitions.removed {
+            self.pools.retire_node(*node);
+        }
+        for pool in self.pools.all() {
+            let user = config.user(&pool.key.user).cloned();
+            if let Some(user) = user {
+                let settings = pool_settings(&config, &pool.key.database, &pool.key.user);
+                pool.reconfigure(settings, user);
+            }
+        }
+        if !transitions.added.is_empty() || !transitions.removed.is_empty() {
+            tracing::info!(added = ?transitions.added, removed = ?transitions.removed, "backends changed");
+        }
+        cluster::health::act(self, &config, &transitions.transitions);
+        self.config.store(Arc::new(config));
     }
 
     /// The node operations the admin console calls (`DETACH NODE`, `ATTACH NODE`,
@@ -161,16 +226,21 @@ impl Shared {
                 dbname,
                 user: user.to_owned(),
             };
-            let settings = PoolSettings {
-                size: config.pool_size_for(database, user) as usize,
-                min_size: config.pool.min_pool_size as usize,
-                wait_timeout: config.pool.query_wait_timeout,
-                connect_timeout: config.pool.server_connect_timeout,
-                idle_timeout: config.pool.server_idle_timeout,
-                lifetime: config.pool.server_lifetime,
-            };
+            let settings = pool_settings(config, database, user);
             Pool::new(key, target, settings, user_config, self.credentials.clone())
         });
         Ok(pool)
+    }
+}
+
+/// The limits of the pool for `database` and `user` under `config`.
+fn pool_settings(config: &Config, database: &str, user: &str) -> PoolSettings {
+    PoolSettings {
+        size: config.pool_size_for(database, user) as usize,
+        min_size: config.pool.min_pool_size as usize,
+        wait_timeout: config.pool.query_wait_timeout,
+        connect_timeout: config.pool.server_connect_timeout,
+        idle_timeout: config.pool.server_idle_timeout,
+        lifetime: config.pool.server_lifetime,
     }
 }

@@ -31,6 +31,8 @@ pub enum ListenError {
 pub struct Pgrelay {
     /// The bound addresses (port 0 in the config becomes a real port here).
     pub addrs: Vec<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` answer, if `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     /// Client sessions, for draining.
@@ -69,6 +71,24 @@ impl Pgrelay {
                 shutdown_rx.clone(),
             ));
         }
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ListenError::Bind { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| ListenError::Bind { addr, source })?;
+                tracing::info!(addr = %local, "metrics and health endpoints listening");
+                tokio::spawn(crate::metrics::serve_http(
+                    listener,
+                    shared.clone(),
+                    shutdown_rx.clone(),
+                ));
+                Some(local)
+            }
+            None => None,
+        };
         tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(patroni::run(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(crate::cluster::lag::run(
@@ -78,25 +98,30 @@ impl Pgrelay {
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,
+            metrics_addr,
             shared,
             shutdown,
             sessions,
         })
     }
 
-    /// Re-reads the config file; an invalid file leaves the running config in place.
-    /// New pools use the new settings; existing pools keep theirs.
+    /// Re-reads the config file at `path` (and remembers it for `RELOAD`); an invalid
+    /// file leaves the running config in place.
     pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
-        let config = Config::load(path)?;
-        self.shared.router.reconfigure(&config);
-        self.shared.config.store(Arc::new(config));
-        tracing::info!(path = %path.display(), "configuration reloaded");
-        Ok(())
+        *self
+            .shared
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(path.to_owned());
+        self.shared.reload()
     }
 
-    /// Stops accepting, then waits up to `drain` for sessions to end.
+    /// Stops accepting, tells clients between transactions to go (57P01), lets the
+    /// others finish their transaction, and waits up to `drain` for every session to
+    /// end; what is left then is dropped.
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.shutdown.send(true);
+        self.shared.shutting_down.send_replace(true);
         self.sessions.close();
         if tokio::time::timeout(drain, self.sessions.wait())
             .await

@@ -93,20 +93,26 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let drain = config.pool.shutdown_timeout;
     let relay = Pgrelay::start(config).await?;
+    *relay
+        .shared
+        .config_path
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = path;
     loop {
-        match next_signal().await? {
-            Signal::Reload => match &path {
-                Some(path) => {
-                    if let Err(err) = relay.reload(path) {
-                        tracing::error!(%err, "reload rejected; keeping the running configuration");
-                    }
-                }
-                None => tracing::warn!("no config file to reload"),
-            },
+        let signal = tokio::select! {
+            signal = next_signal() => signal?,
+            () = relay.shared.shutdown_requested.notified() => Signal::Graceful,
+        };
+        // Read per signal: a reload may have changed it.
+        let drain = relay.shared.config.load().pool.shutdown_timeout;
+        match signal {
+            Signal::Reload => {
+                // Failures are logged with their reason; the running config stays.
+                let _ = relay.shared.reload();
+            }
             Signal::Graceful => {
-                tracing::info!("SIGTERM: draining sessions");
+                tracing::info!("shutting down: draining sessions");
                 relay.shutdown(drain).await;
                 return Ok(());
             }

@@ -1,7 +1,32 @@
-//! Prometheus metrics: one [`Metrics`] in [`crate::Shared`], its handles resolved once,
-//! so that the hot path only touches atomics.
+//! Prometheus metrics and the HTTP listener (`metrics_listen`) that serves them with
+//! the Kubernetes probes: `GET /metrics`, `/healthz` (the process answers) and
+//! `/readyz` (listening, and a primary is known).
+//!
+//! One [`Metrics`] lives in [`crate::Shared`]. Counters the hot path touches are
+//! resolved once (per node, per error kind) so a transaction only adds to atomics;
+//! gauges of state (clients, servers, nodes) are computed when scraped.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::error::ErrorKind;
+use crate::Shared;
+
+/// Per-node counters, resolved once and shared by every session.
+pub struct NodeCounters {
+    pub read_transactions: IntCounter,
+    pub write_transactions: IntCounter,
+    pub read_queries: IntCounter,
+    pub write_queries: IntCounter,
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -15,57 +40,241 @@ pub struct Metrics {
     pub prepared_misses: IntCounter,
     /// Nodes taken out of service (failed checks, false primaries, detached).
     pub failovers: IntCounter,
+    /// Errors sent to clients, by kind (indexed as [`ErrorKind::ALL`]).
+    errors: Vec<IntCounter>,
+    /// A routed request to its transaction's end.
+    pub query_duration: Histogram,
+    /// Waiting for a server connection.
+    pub pool_wait: Histogram,
+    pub bytes_received: IntCounter,
+    pub bytes_sent: IntCounter,
+    transactions: IntCounterVec,
+    queries: IntCounterVec,
+    nodes: Mutex<Vec<Arc<NodeCounters>>>,
+    clients: IntGaugeVec,
+    servers: IntGaugeVec,
+    node_up: IntGaugeVec,
+    node_primary: IntGaugeVec,
+    node_readable: IntGaugeVec,
+    node_lag_bytes: IntGaugeVec,
+    node_lag_seconds: prometheus::GaugeVec,
 }
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+/// Buckets from 100 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    30.0,
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let pinned_clients = IntGauge::new(
-            "pgrelay_pinned_clients",
-            "Clients kept on one server in transaction mode by session state",
-        )
-        .expect("valid metric");
-        let pins = IntCounterVec::new(
-            Opts::new(
+        let histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+                .expect("valid metric")
+        };
+        let errors_vec = counter_vec(
+            "pgrelay_client_errors_total",
+            "Errors sent to clients, by kind",
+            &["kind"],
+        );
+        let errors = ErrorKind::ALL
+            .iter()
+            .map(|kind| errors_vec.with_label_values(&[kind.as_str()]))
+            .collect();
+        let bytes = counter_vec(
+            "pgrelay_bytes_total",
+            "Bytes relayed, by direction (received from clients, sent to clients)",
+            &["direction"],
+        );
+        let metrics = Metrics {
+            pinned_clients: IntGauge::new(
+                "pgrelay_pinned_clients",
+                "Clients kept on one server in transaction mode by session state",
+            )
+            .expect("valid metric"),
+            pins: counter_vec(
                 "pgrelay_pins_total",
                 "Clients pinned to their server in transaction mode, by reason",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let prepared_hits = IntCounter::new(
-            "pgrelay_prepared_statement_hits_total",
-            "Binds and Describes whose statement the server had prepared",
-        )
-        .expect("valid metric");
-        let prepared_misses = IntCounter::new(
-            "pgrelay_prepared_statement_misses_total",
-            "Binds and Describes for which pgrelay prepared the statement on the server first",
-        )
-        .expect("valid metric");
-        let failovers = IntCounter::new(
-            "pgrelay_failovers_total",
-            "Nodes taken out of service: failed health checks, false primaries, detaches",
-        )
-        .expect("valid metric");
-        for collector in [
-            Box::new(pinned_clients.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(pins.clone()),
-            Box::new(prepared_hits.clone()),
-            Box::new(prepared_misses.clone()),
-            Box::new(failovers.clone()),
-        ] {
-            registry
+            prepared_hits: counter(
+                "pgrelay_prepared_statement_hits_total",
+                "Binds and Describes whose statement the server had prepared",
+            ),
+            prepared_misses: counter(
+                "pgrelay_prepared_statement_misses_total",
+                "Binds and Describes for which pgrelay prepared the statement on the server first",
+            ),
+            failovers: counter(
+                "pgrelay_failovers_total",
+                "Nodes taken out of service: failed health checks, false primaries, detaches",
+            ),
+            errors,
+            query_duration: histogram(
+                "pgrelay_query_duration_seconds",
+                "From a client's request being routed to the end of its transaction",
+            ),
+            pool_wait: histogram(
+                "pgrelay_pool_wait_seconds",
+                "Time a request waited for a server connection",
+            ),
+            bytes_received: bytes.with_label_values(&["received"]),
+            bytes_sent: bytes.with_label_values(&["sent"]),
+            transactions: counter_vec(
+                "pgrelay_transactions_total",
+                "Transactions relayed, by node and route (read, write)",
+                &["node", "route"],
+            ),
+            queries: counter_vec(
+                "pgrelay_queries_total",
+                "Queries (Query and Execute messages) relayed, by node and route",
+                &["node", "route"],
+            ),
+            nodes: Mutex::new(Vec::new()),
+            clients: gauge_vec(
+                "pgrelay_client_connections",
+                "Client connections by state (active, waiting, idle)",
+                &["state"],
+            ),
+            servers: gauge_vec(
+                "pgrelay_server_connections",
+                "Server connections by node and state (active, idle)",
+                &["node", "state"],
+            ),
+            node_up: gauge_vec(
+                "pgrelay_node_up",
+                "1 while the node is in service",
+                &["node"],
+            ),
+            node_primary: gauge_vec("pgrelay_node_primary", "1 for the primary", &["node"]),
+            node_readable: gauge_vec(
+                "pgrelay_node_readable",
+                "1 while the node takes reads",
+                &["node"],
+            ),
+            node_lag_bytes: gauge_vec(
+                "pgrelay_node_lag_bytes",
+                "Replication lag in bytes of WAL, as last measured",
+                &["node"],
+            ),
+            node_lag_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pgrelay_node_lag_seconds",
+                    "Replay delay in seconds, as last measured",
+                ),
+                &["node"],
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.pinned_clients.clone()),
+            Box::new(metrics.pins.clone()),
+            Box::new(metrics.prepared_hits.clone()),
+            Box::new(metrics.prepared_misses.clone()),
+            Box::new(metrics.failovers.clone()),
+            Box::new(errors_vec),
+            Box::new(metrics.query_duration.clone()),
+            Box::new(metrics.pool_wait.clone()),
+            Box::new(bytes),
+            Box::new(metrics.transactions.clone()),
+            Box::new(metrics.queries.clone()),
+            Box::new(metrics.clients.clone()),
+            Box::new(metrics.servers.clone()),
+            Box::new(metrics.node_up.clone()),
+            Box::new(metrics.node_primary.clone()),
+            Box::new(metrics.node_readable.clone()),
+            Box::new(metrics.node_lag_bytes.clone()),
+            Box::new(metrics.node_lag_seconds.clone()),
+        ];
+        for collector in collectors {
+            metrics
+                .registry
                 .register(collector)
                 .expect("metric registered once");
         }
-        Metrics {
-            registry,
-            pinned_clients,
-            pins,
-            prepared_hits,
-            prepared_misses,
-            failovers,
+        metrics
+    }
+
+    /// Counts an error sent to a client.
+    pub fn error(&self, kind: ErrorKind) {
+        if let Some(i) = ErrorKind::ALL.iter().position(|&k| k == kind) {
+            self.errors[i].inc();
+        }
+    }
+
+    /// The counters of `node` (resolved on first use, then shared).
+    pub fn node(&self, node: usize) -> Arc<NodeCounters> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        while nodes.len() <= node {
+            let label = nodes.len().to_string();
+            nodes.push(Arc::new(NodeCounters {
+                read_transactions: self.transactions.with_label_values(&[&label, "read"]),
+                write_transactions: self.transactions.with_label_values(&[&label, "write"]),
+                read_queries: self.queries.with_label_values(&[&label, "read"]),
+                write_queries: self.queries.with_label_values(&[&label, "write"]),
+            }));
+        }
+        nodes[node].clone()
+    }
+
+    /// Sets the state gauges from what is connected and how the nodes are.
+    pub fn refresh(&self, shared: &Shared) {
+        use crate::session::registry::ClientState;
+        let mut by_state = [0i64; 3];
+        for client in shared.registry.clients() {
+            if !client.admin {
+                by_state[client.state() as usize] += 1;
+            }
+        }
+        for state in [ClientState::Idle, ClientState::Active, ClientState::Waiting] {
+            self.clients
+                .with_label_values(&[state.as_str()])
+                .set(by_state[state as usize]);
+        }
+        self.servers.reset();
+        for pool in shared.pools.all() {
+            let (idle, total, _) = pool.counts();
+            let node = pool.key.node.to_string();
+            self.servers
+                .with_label_values(&[&node, "idle"])
+                .add(idle as i64);
+            self.servers
+                .with_label_values(&[&node, "active"])
+                .add((total - idle) as i64);
+        }
+        let topology = shared.cluster.snapshot();
+        for (i, n) in topology.nodes.iter().enumerate() {
+            let label = i.to_string();
+            let label = [label.as_str()];
+            self.node_up
+                .with_label_values(&label)
+                .set(i64::from(n.is_up()));
+            self.node_primary
+                .with_label_values(&label)
+                .set(i64::from(topology.primary == Some(i)));
+            self.node_readable
+                .with_label_values(&label)
+                .set(i64::from(n.readable));
+            self.node_lag_bytes
+                .with_label_values(&label)
+                .set(n.lag.map_or(0, |l| l.bytes) as i64);
+            self.node_lag_seconds
+                .with_label_values(&label)
+                .set(n.lag.map_or(0.0, |l| l.seconds));
         }
     }
 
@@ -83,4 +292,83 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+pub async fn serve_http(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(socket, &shared))
+                        .await;
+                });
+            }
+            Err(err) => {
+                tracing::warn!(%err, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request (its head, at most 8 KiB) and answers it.
+async fn answer(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            shared.metrics.refresh(shared);
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                shared.metrics.render(),
+            )
+        }
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => match shared.cluster.load().primary {
+            Some(primary) => (
+                "200 OK",
+                "text/plain",
+                format!("ready: primary is node {primary}\n"),
+            ),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready: no primary known\n".to_owned(),
+            ),
+        },
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(response.as_bytes()).await?;
+    socket.shutdown().await
 }

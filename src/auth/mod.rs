@@ -169,6 +169,18 @@ where
     }
     let login = read_login(&params)?;
     authenticate(conn, config, credentials, &login.user).await?;
+    if crate::admin::is_admin_database(&login.database) {
+        let allowed =
+            config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);
+        if !allowed {
+            let message = format!(
+                "user \"{}\" may not use the admin console (admin_users, stats_users)",
+                login.user
+            );
+            return Err(ClientError::fatal(ErrorKind::Auth, "28000", message).into());
+        }
+        return Ok(Handshake::Login(login));
+    }
     if !config.allows_any_database() && config.database(&login.database).is_none() {
         let message = format!("database \"{}\" does not exist", login.database);
         return Err(ClientError::fatal(ErrorKind::UnknownDatabase, "3D000", message).into());

@@ -76,6 +76,16 @@ pub enum Transition {
     Demoted { node: usize },
 }
 
+/// What a reload did to the nodes.
+#[derive(Debug, Default)]
+pub struct BackendChanges {
+    /// Nodes added (or listed again).
+    pub added: Vec<usize>,
+    /// Nodes no longer listed: they take nothing and their pools close.
+    pub removed: Vec<usize>,
+    pub transitions: Vec<Transition>,
+}
+
 /// An operator's command (the admin console's `DETACH NODE`, `ATTACH NODE`,
 /// `PROMOTE NODE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +318,51 @@ impl Tracker {
         let mut out = Vec::new();
         self.settle(t, config, &mut out);
         out
+    }
+
+    /// Takes a reloaded config's `[[backends]]` (see [`super::Cluster::reconfigure`]).
+    pub fn reconfigure(&mut self, t: &mut Topology, config: &Config) -> BackendChanges {
+        let mut changes = BackendChanges::default();
+        let patroni = config.failover.topology == crate::config::TopologySource::Patroni;
+        for backend in &config.backends {
+            match t.find(&backend.host, backend.port) {
+                Some(i) => {
+                    let n = &mut t.nodes[i];
+                    n.weight = backend.weight;
+                    n.data_directory = backend.data_directory.clone();
+                    if n.vetoed && !patroni {
+                        n.vetoed = false;
+                        changes.added.push(i);
+                    }
+                }
+                None => {
+                    t.nodes.push(NodeState::new(
+                        backend.host.clone(),
+                        backend.port,
+                        backend.weight,
+                        backend.data_directory.clone(),
+                    ));
+                    changes.added.push(t.nodes.len() - 1);
+                }
+            }
+        }
+        if !patroni {
+            for (i, n) in t.nodes.iter_mut().enumerate() {
+                let listed = config
+                    .backends
+                    .iter()
+                    .any(|b| b.port == n.port && same_host(&b.host, &n.host));
+                if !listed && !n.vetoed {
+                    n.vetoed = true;
+                    changes.removed.push(i);
+                }
+            }
+        }
+        self.fit(t.nodes.len());
+        let mut out = Vec::new();
+        self.settle(t, config, &mut out);
+        changes.transitions = out;
+        changes
     }
 
     /// How long `node` waits before its next probe: retries and confirmations come

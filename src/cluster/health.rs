@@ -111,15 +111,26 @@ pub async fn connect_check(
     Server::connect(&target, &credentials, check.timeout).await
 }
 
-/// One probe, bounded by `health_check.timeout`.
-async fn probe_once(prober: &dyn Prober, node: usize, config: &Config) -> Outcome {
-    match tokio::time::timeout(config.health_check.timeout, prober.probe(node)).await {
+/// One probe, bounded by `health_check.timeout`, recorded in the node's statistics.
+async fn probe_once(
+    cluster: &Cluster,
+    prober: &dyn Prober,
+    node: usize,
+    config: &Config,
+) -> Outcome {
+    let started = tokio::time::Instant::now();
+    let outcome = match tokio::time::timeout(config.health_check.timeout, prober.probe(node)).await
+    {
         Ok(outcome) => outcome,
         Err(_) => Err(format!(
             "no answer within health_check.timeout ({:?})",
             config.health_check.timeout
         )),
+    };
+    if let Some(state) = cluster.load().nodes.get(node) {
+        state.stats.record_probe(outcome.is_ok(), started.elapsed());
     }
+    outcome
 }
 
 /// Probes every node once, concurrently, and acts on the outcome (start-up).
@@ -127,7 +138,7 @@ pub async fn probe_all(shared: &Shared) {
     let config = shared.config.load_full();
     let prober = ServerProber { shared };
     let nodes = shared.cluster.load().nodes.len();
-    let probes = (0..nodes).map(|node| probe_once(&prober, node, &config));
+    let probes = (0..nodes).map(|node| probe_once(&shared.cluster, &prober, node, &config));
     let outcomes = futures_util::future::join_all(probes).await;
     for (node, outcome) in outcomes.iter().enumerate() {
         let transitions = shared.cluster.observe(node, outcome, &config);
@@ -164,7 +175,7 @@ pub async fn watch_node(
         }
         last = tokio::time::Instant::now();
         let current = config();
-        let outcome = probe_once(prober, node, &current).await;
+        let outcome = probe_once(cluster, prober, node, &current).await;
         let transitions = cluster.observe(node, &outcome, &current);
         act(&current, &transitions);
     }

@@ -77,11 +77,72 @@ pub struct NodeStats {
     pub writes: AtomicU64,
     /// Requests that could not get a server on this node.
     pub errors: AtomicU64,
+    /// Requests by their first statement (`SHOW POOL_BACKEND_STATS`).
+    pub inserts: AtomicU64,
+    pub updates: AtomicU64,
+    pub deletes: AtomicU64,
+    pub ddl: AtomicU64,
+    pub other: AtomicU64,
+    /// ErrorResponses the node sent, by severity.
+    pub server_errors: AtomicU64,
+    pub fatals: AtomicU64,
+    pub panics: AtomicU64,
+    health: Mutex<HealthStats>,
+}
+
+/// Pgpool-II's health-check statistics for one node.
+#[derive(Debug, Clone, Default)]
+pub struct HealthStats {
+    pub total: u64,
+    pub success: u64,
+    pub fail: u64,
+    /// Probes that were retries (the one before had failed).
+    pub retries: u64,
+    /// The longest run of retries.
+    pub max_retries: u64,
+    pub max_duration: std::time::Duration,
+    pub min_duration: Option<std::time::Duration>,
+    pub total_duration: std::time::Duration,
+    pub last: Option<SystemTime>,
+    pub last_success: Option<SystemTime>,
+    pub last_failure: Option<SystemTime>,
+    streak: u64,
 }
 
 impl NodeStats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn health(&self) -> HealthStats {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records one probe: whether it was answered and how long it took.
+    pub fn record_probe(&self, ok: bool, took: std::time::Duration) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        h.total += 1;
+        if h.streak > 0 {
+            h.retries += 1;
+        }
+        if ok {
+            h.success += 1;
+            h.last_success = Some(now);
+            h.streak = 0;
+        } else {
+            h.fail += 1;
+            h.last_failure = Some(now);
+            h.streak += 1;
+            h.max_retries = h.max_retries.max(h.streak - 1);
+        }
+        h.last = Some(now);
+        h.max_duration = h.max_duration.max(took);
+        h.min_duration = Some(h.min_duration.map_or(took, |m| m.min(took)));
+        h.total_duration += took;
     }
 }
 
@@ -324,6 +385,13 @@ impl Cluster {
     /// Takes Patroni's view of the members (`None`: Patroni could not be read).
     pub fn patroni_view(&self, view: patroni::View, config: &Config) -> Vec<Transition> {
         self.edit(|topology, tracker| tracker.patroni(topology, config, view))
+    }
+
+    /// Takes a reloaded config's `[[backends]]` (static topology): new ones become
+    /// nodes, those no longer listed take nothing (their ids stay), weights and data
+    /// directories follow the file.
+    pub fn reconfigure(&self, config: &Config) -> failover::BackendChanges {
+        self.edit(|topology, tracker| tracker.reconfigure(topology, config))
     }
 
     /// How long `node`'s health check waits before its next probe.

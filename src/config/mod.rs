@@ -485,7 +485,112 @@ impl BackendConfig {
     }
 }
 
+/// An enum setting as the config file spells it.
+fn spelled<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A duration as the config file writes it.
+fn duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 impl Config {
+    /// Every scalar setting as `(key, value)`, for `SHOW CONFIG`. Passwords are not
+    /// shown; lists are joined with commas.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let (p, r, h, f, t) = (
+            &self.pool,
+            &self.routing,
+            &self.health_check,
+            &self.failover,
+            &self.tls,
+        );
+        let list = |items: &[String]| items.join(",");
+        let listen: Vec<String> = self.listen.iter().map(|a| a.to_string()).collect();
+        vec![
+            ("listen", listen.join(",")),
+            ("admin_users", list(&self.admin_users)),
+            ("stats_users", list(&self.stats_users)),
+            (
+                "metrics_listen",
+                self.metrics_listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            ("log_format", spelled(&self.log_format)),
+            ("worker_threads", self.worker_threads.to_string()),
+            ("auth_type", spelled(&self.auth_type)),
+            ("pool.mode", spelled(&p.mode)),
+            ("pool.default_pool_size", p.default_pool_size.to_string()),
+            ("pool.min_pool_size", p.min_pool_size.to_string()),
+            ("pool.max_client_conn", p.max_client_conn.to_string()),
+            ("pool.query_wait_timeout", duration(p.query_wait_timeout)),
+            ("pool.server_idle_timeout", duration(p.server_idle_timeout)),
+            ("pool.server_lifetime", duration(p.server_lifetime)),
+            (
+                "pool.client_login_timeout",
+                duration(p.client_login_timeout),
+            ),
+            (
+                "pool.server_connect_timeout",
+                duration(p.server_connect_timeout),
+            ),
+            ("pool.server_reset_query", p.server_reset_query.clone()),
+            (
+                "pool.max_prepared_statements",
+                p.max_prepared_statements.to_string(),
+            ),
+            ("pool.shutdown_timeout", duration(p.shutdown_timeout)),
+            ("routing.enabled", r.enabled.to_string()),
+            ("routing.read_after_write", spelled(&r.read_after_write)),
+            ("routing.load_balance", spelled(&r.load_balance)),
+            ("routing.write_functions", list(&r.write_functions)),
+            ("routing.read_only_functions", list(&r.read_only_functions)),
+            ("routing.max_lag_bytes", r.max_lag_bytes.to_string()),
+            ("routing.max_lag_seconds", r.max_lag_seconds.to_string()),
+            ("routing.lag_check_period", duration(r.lag_check_period)),
+            ("routing.prefer_lower_lag", r.prefer_lower_lag.to_string()),
+            ("health_check.period", duration(h.period)),
+            ("health_check.timeout", duration(h.timeout)),
+            ("health_check.max_retries", h.max_retries.to_string()),
+            ("health_check.retry_delay", duration(h.retry_delay)),
+            ("health_check.user", h.user.clone()),
+            ("health_check.database", h.database.clone()),
+            ("health_check.up_after", h.up_after.to_string()),
+            (
+                "health_check.recheck_on_backend_error",
+                h.recheck_on_backend_error.to_string(),
+            ),
+            ("failover.failover_command", f.failover_command.clone()),
+            ("failover.failback_command", f.failback_command.clone()),
+            (
+                "failover.follow_primary_command",
+                f.follow_primary_command.clone(),
+            ),
+            ("failover.command_timeout", duration(f.command_timeout)),
+            ("failover.hold_timeout", duration(f.hold_timeout)),
+            ("failover.auto_failback", f.auto_failback.to_string()),
+            ("failover.topology", spelled(&f.topology)),
+            ("failover.patroni_urls", list(&f.patroni_urls)),
+            ("failover.patroni_period", duration(f.patroni_period)),
+            ("tls.client_mode", spelled(&t.client_mode)),
+            ("tls.client_cert", t.client_cert.clone()),
+            ("tls.client_key", t.client_key.clone()),
+            ("tls.client_ca", t.client_ca.clone()),
+            ("tls.server_mode", spelled(&t.server_mode)),
+            ("tls.server_ca", t.server_ca.clone()),
+        ]
+    }
+
     /// Settings this build accepts but does not act on yet, one line each, key path
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {

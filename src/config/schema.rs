@@ -78,7 +78,7 @@ impl Default for Config {
 }
 
 /// `log_format`: how log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines (default).
@@ -89,7 +89,7 @@ pub enum LogFormat {
 }
 
 /// `auth_type`: how clients prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 pub enum AuthType {
     /// No password asked.
     #[serde(rename = "trust")]
@@ -107,7 +107,7 @@ pub enum AuthType {
 }
 
 /// `pool.mode` and the per-database / per-user `pool_mode` overrides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// A server connection is held for the client's whole session.
@@ -174,7 +174,7 @@ impl Default for PoolConfig {
 }
 
 /// `routing.read_after_write`: when a client's reads must go to the primary after it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadAfterWrite {
     /// Reads may go to replicas right after a write.
@@ -189,7 +189,7 @@ pub enum ReadAfterWrite {
 }
 
 /// `routing.load_balance`: how a replica is picked for a read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalance {
     /// Random, in proportion to `backends.weight` (default).
@@ -312,7 +312,7 @@ impl fmt::Debug for HealthCheckConfig {
 }
 
 /// `failover.topology`: where the cluster's shape comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TopologySource {
     /// `[[backends]]` as listed, roles detected by probing (default).
@@ -367,7 +367,7 @@ impl Default for FailoverConfig {
 }
 
 /// libpq-style TLS mode, for either side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
     /// No TLS.

@@ -39,7 +39,7 @@ pub async fn maintain(pools: Arc<Pools>, mut shutdown: watch::Receiver<bool>) {
             if closed > 0 {
                 tracing::debug!(pool = ?pool.key, closed, "closed idle or expired servers");
             }
-            if pool.counts().1 < pool.settings.min_size {
+            if pool.counts().1 < pool.settings.load().min_size {
                 // Opening servers must not hold up the wait checks.
                 tokio::spawn(async move {
                     if let Err(err) = pool.fill_to_min().await {

@@ -91,8 +91,9 @@ struct Inner {
 pub struct Pool {
     pub key: PoolKey,
     pub target: ServerTarget,
-    pub settings: PoolSettings,
-    user: UserConfig,
+    /// The limits it runs with; `RELOAD` replaces them.
+    pub settings: arc_swap::ArcSwap<PoolSettings>,
+    user: Mutex<UserConfig>,
     credentials: Arc<Credentials>,
     inner: Mutex<Inner>,
     connects: Semaphore,
@@ -101,6 +102,17 @@ pub struct Pool {
     defaults: OnceLock<ParamSet>,
     /// Bumped when the node is retired: servers of an older epoch are not reused.
     epoch: std::sync::atomic::AtomicU64,
+    /// Servers of an older epoch still in use.
+    stale: std::sync::atomic::AtomicUsize,
+}
+
+/// An idle server, as `SHOW SERVERS` lists it.
+#[derive(Debug, Clone)]
+pub struct IdleServer {
+    pub pid: i32,
+    pub connected: std::time::SystemTime,
+    pub close_needed: bool,
+    pub prepared: usize,
 }
 
 /// What a checkout does next. A short-lived stack value: boxing the server to even out
@@ -123,8 +135,8 @@ impl Pool {
         Pool {
             key,
             target,
-            settings,
-            user,
+            settings: arc_swap::ArcSwap::from_pointee(settings),
+            user: Mutex::new(user),
             credentials,
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
@@ -134,7 +146,50 @@ impl Pool {
             connects: Semaphore::new(MAX_CONCURRENT_CONNECTS),
             defaults: OnceLock::new(),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            stale: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// New limits and credentials (`RELOAD`): a smaller pool shrinks as servers come
+    /// back; servers already open stay.
+    pub fn reconfigure(&self, settings: PoolSettings, user: UserConfig) {
+        self.settings.store(Arc::new(settings));
+        *self.user.lock().unwrap_or_else(|p| p.into_inner()) = user;
+    }
+
+    /// The idle servers, for `SHOW SERVERS`.
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        let now = (Instant::now(), std::time::SystemTime::now());
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        self.lock()
+            .idle
+            .iter()
+            .map(|s| IdleServer {
+                pid: s.pid,
+                connected: now.1 - now.0.duration_since(s.created),
+                close_needed: s.epoch != epoch,
+                prepared: s.statements.len(),
+            })
+            .collect()
+    }
+
+    /// Closes the idle servers and marks those in use to be closed when they come
+    /// back. Returns how many idle servers closed.
+    pub fn retire(self: &Arc<Self>) -> usize {
+        let closed = self.close_idle();
+        self.epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (idle, total, _) = self.counts();
+        self.stale.fetch_add(
+            total.saturating_sub(idle),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        closed
+    }
+
+    /// Servers in use that are to be closed when they come back (`WAIT_CLOSE`).
+    pub fn close_needed(&self) -> usize {
+        self.stale.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `server` was opened before the node was last retired.
@@ -192,7 +247,7 @@ impl Pool {
         let mut inner = self.lock();
         if let Some(server) = inner.idle.pop() {
             Next::Take(server)
-        } else if inner.total < self.settings.size {
+        } else if inner.total < self.settings.load().size {
             inner.total += 1;
             Next::Connect
         } else {
@@ -209,7 +264,8 @@ impl Pool {
     }
 
     fn server_credentials(&self) -> ServerCredentials {
-        self.credentials.for_server(&self.user)
+        self.credentials
+            .for_server(&self.user.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     async fn connect(&self) -> Result<Box<Server>, PoolError> {
@@ -218,7 +274,7 @@ impl Pool {
         let server = Server::connect(
             &self.target,
             &self.server_credentials(),
-            self.settings.connect_timeout,
+            self.settings.load().connect_timeout,
         )
         .await?;
         self.defaults.get_or_init(|| server.params.clone());
@@ -231,6 +287,13 @@ impl Pool {
     pub(crate) fn give_back(&self, mut server: Box<Server>) {
         server.idle_since = Instant::now();
         let mut inner = self.lock();
+        if inner.total > self.settings.load().size {
+            // The pool was made smaller (`RELOAD`): this one goes.
+            inner.total -= 1;
+            drop(inner);
+            close_later(server);
+            return;
+        }
         match inner.waiters.pop_front() {
             Some((_, waiter)) => waiter.hand_over(Ok(server)),
             None => inner.idle.push(server),
@@ -241,11 +304,18 @@ impl Pool {
     /// waiting, opens a replacement for them.
     pub(crate) fn forget(self: &Arc<Self>, server: Option<Box<Server>>) {
         if let Some(server) = server {
+            if self.retired(&server) {
+                let _ = self.stale.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                );
+            }
             close_later(server);
         }
         let mut inner = self.lock();
         inner.total = inner.total.saturating_sub(1);
-        if !inner.waiters.is_empty() && inner.total < self.settings.size {
+        if !inner.waiters.is_empty() && inner.total < self.settings.load().size {
             inner.total += 1;
             drop(inner);
             let pool = self.clone();
@@ -274,10 +344,11 @@ impl Pool {
             let mut out = Vec::new();
             let total = inner.total;
             for mut server in inner.idle.drain(..) {
-                let spare = total - out.len() > self.settings.min_size;
-                let expired = now.duration_since(server.created) >= self.settings.lifetime
+                let spare = total - out.len() > self.settings.load().min_size;
+                let expired = now.duration_since(server.created) >= self.settings.load().lifetime
                     || (spare
-                        && now.duration_since(server.idle_since) >= self.settings.idle_timeout);
+                        && now.duration_since(server.idle_since)
+                            >= self.settings.load().idle_timeout);
                 if expired || !server.conn.is_quiet() {
                     out.push(server);
                 } else {
@@ -296,7 +367,7 @@ impl Pool {
 
     /// Fails the waits that have lasted `query_wait_timeout` (the oldest are first).
     pub fn expire_waiters(&self, now: Instant) {
-        let timeout = self.settings.wait_timeout;
+        let timeout = self.settings.load().wait_timeout;
         let mut inner = self.lock();
         while let Some((since, _)) = inner.waiters.front() {
             if now.saturating_duration_since(*since) < timeout {
@@ -323,7 +394,7 @@ impl Pool {
         loop {
             {
                 let mut inner = self.lock();
-                if inner.total >= self.settings.min_size || !inner.waiters.is_empty() {
+                if inner.total >= self.settings.load().min_size || !inner.waiters.is_empty() {
                     return Ok(());
                 }
                 inner.total += 1;
@@ -417,10 +488,25 @@ impl Pools {
         self.all()
             .iter()
             .filter(|p| p.key.node == node)
-            .map(|p| {
-                p.epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                p.close_idle()
-            })
+            .map(|p| p.retire())
+            .sum()
+    }
+
+    /// `KILL db`: every pool of the client-facing database `database`, retired.
+    pub fn retire_database(&self, database: &str) -> usize {
+        self.all()
+            .iter()
+            .filter(|p| p.key.database == database)
+            .map(|p| p.retire())
+            .sum()
+    }
+
+    /// Servers in use still to be closed, for `database` or all (`WAIT_CLOSE`).
+    pub fn close_needed(&self, database: Option<&str>) -> usize {
+        self.all()
+            .iter()
+            .filter(|p| database.is_none_or(|d| p.key.database == d))
+            .map(|p| p.close_needed())
             .sum()
     }
 

@@ -4,6 +4,7 @@
 //! Builders append to a caller's `BytesMut` using pgwire's message types.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::response::{
     CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
 };
@@ -130,6 +131,54 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
             (b'M', message),
         ]),
     );
+}
+
+/// Type OIDs of the columns pgrelay's own result sets use.
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const INT8: u32 = 20;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const FLOAT8: u32 = 701;
+}
+
+/// RowDescription for text-format columns `(name, type oid)`.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) {
+    let fields = columns
+        .iter()
+        .map(|&(name, type_id)| {
+            let size = match type_id {
+                oid::BOOL => 1,
+                oid::INT4 => 4,
+                oid::INT8 | oid::FLOAT8 => 8,
+                _ => -1,
+            };
+            FieldDescription::new(name.to_owned(), 0, 0, type_id, size, -1, 0)
+        })
+        .collect();
+    put(buf, &RowDescription::new(fields));
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    let mut data = BytesMut::new();
+    for value in values {
+        match value {
+            Some(v) => {
+                let v = v.as_ref().as_bytes();
+                data.put_i32(v.len() as i32);
+                data.put_slice(v);
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    put(buf, &DataRow::new(data, values.len() as i16));
+}
+
+/// EmptyQueryResponse: the answer to a query string with no command.
+pub fn empty_query(buf: &mut BytesMut) {
+    buf.put_u8(b'I');
+    buf.put_i32(4);
 }
 
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {

@@ -8,6 +8,7 @@
 mod carry;
 pub mod params;
 pub mod prepared;
+pub mod registry;
 pub mod relay;
 mod route;
 mod scan;
@@ -22,6 +23,7 @@ use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
 use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind};
+use crate::metrics::NodeCounters;
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
 use crate::protocol::backend;
@@ -29,6 +31,7 @@ use crate::stream::{Conn, Stream};
 use crate::Shared;
 use params::ParamSet;
 use prepared::Prepared;
+use registry::{ClientHandle, DbStats};
 use relay::{RelayEnd, Wire};
 use route::{RouteMode, Routing};
 use settle::Pin;
@@ -38,6 +41,7 @@ use state::{Attachment, Farewell};
 pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().ok();
+    let local = tcp.local_addr().ok();
     let mut client = Conn::new(Stream::Plain(tcp));
     let config = shared.config.load_full();
     let handshake = tokio::time::timeout(
@@ -52,6 +56,7 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
         }
         Ok(Err(AuthError::Client(err))) => {
             tracing::info!(?peer, code = %err.code, message = %err.message, "client login refused");
+            shared.metrics.error(err.kind);
             return say_goodbye(&mut client, &err).await;
         }
         Ok(Err(AuthError::Stream(err))) => {
@@ -66,9 +71,36 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
             return say_goodbye(&mut client, &err).await;
         }
     };
-    match Session::start(shared, client, login, &config).await {
-        Ok(session) => session.run().await,
-        Err((mut client, err)) => say_goodbye(&mut client, &err).await,
+    let application_name = login
+        .gucs
+        .iter()
+        .find(|(name, _)| name == "application_name")
+        .map_or("", |(_, value)| value.as_str());
+    let admin = crate::admin::is_admin_database(&login.database);
+    let handle = shared.registry.register(registry::NewClient {
+        user: &login.user,
+        database: &login.database,
+        application_name,
+        addr: peer,
+        local,
+        admin,
+    });
+    if admin {
+        return crate::admin::serve(shared, client, login, handle).await;
+    }
+    let entry = handle.entry.clone();
+    match Session::start(shared.clone(), client, login, &config, handle).await {
+        // `KILL` ends the session where it is: its servers are discarded.
+        Ok(session) => tokio::select! {
+            () = session.run() => {}
+            () = entry.killed.notified() => {
+                tracing::info!(user = %entry.user, database = %entry.database, "client killed from the admin console");
+            }
+        },
+        Err((mut client, err)) => {
+            shared.metrics.error(err.kind);
+            say_goodbye(&mut client, &err).await
+        }
     }
 }
 
@@ -104,6 +136,26 @@ struct Session {
     /// is answered with this error (never run elsewhere, where a `COMMIT` would
     /// "succeed" with nothing to commit).
     lost_transaction: Option<ClientError>,
+    /// Its entry in the registry (`SHOW CLIENTS`, `KILL`, `PAUSE`).
+    handle: ClientHandle,
+    /// Its database's counters (`SHOW STATS`).
+    db_stats: Arc<DbStats>,
+    /// Per-node metric handles, resolved on first use.
+    node_counters: Vec<Option<Arc<NodeCounters>>>,
+    /// The request being served: when it was complete, how long it waited for a
+    /// server, and whether it was routed as a write.
+    request: Option<Request>,
+    /// Becomes true when pgrelay shuts down: idle clients are told and closed.
+    shutting_down: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Timing of the request a session serves.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    at: std::time::Instant,
+    wait: std::time::Duration,
+    node: usize,
+    write: bool,
 }
 
 impl Session {
@@ -112,6 +164,7 @@ impl Session {
         client: Conn<Stream>,
         login: ClientLogin,
         config: &Config,
+        handle: ClientHandle,
     ) -> Result<Session, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
         let pool = match greeting_pool(&shared, config, &login, mode).await {
@@ -130,6 +183,8 @@ impl Session {
         let prepared = (transaction_mode && capacity > 0)
             .then(|| Box::new(Prepared::new(capacity, shared.parsed.clone())));
         let carries_statements = prepared.is_some();
+        let db_stats = shared.registry.db_stats(&login.database);
+        let shutting_down = shared.shutting_down.subscribe();
         let mut session = Session {
             shared,
             client,
@@ -147,6 +202,11 @@ impl Session {
             waiter: Arc::default(),
             pin: None,
             lost_transaction: None,
+            db_stats,
+            handle,
+            node_counters: Vec::new(),
+            request: None,
+            shutting_down,
         };
         // Carried statements run on any node; otherwise they are followed to theirs.
         session.wire.track_statements = routes && !carries_statements;
@@ -213,6 +273,7 @@ impl Session {
             self.held[node] = Some(guard);
         } else {
             self.cancel.set(Some(server.cancel_target())).await;
+            self.handle.active(node, server.pid);
             self.wire.node = node;
             self.attachment = Attachment::Attached(guard);
         }
@@ -282,11 +343,15 @@ impl Session {
     /// Transaction mode: waits for a complete request and attaches a server for it.
     /// `Ok(false)` when the client is done.
     async fn next_request(&mut self) -> Result<bool, ClientError> {
-        if let Err(err) = self
-            .wire
-            .read_request(&mut self.client, &self.shared.pools)
-            .await
-        {
+        let read = tokio::select! {
+            biased;
+            _ = self.shutting_down.wait_for(|&down| down) => {
+                // Between transactions: nothing is lost by leaving now.
+                return Err(shutting_down());
+            }
+            read = self.wire.read_request(&mut self.client, &self.shared.pools) => read,
+        };
+        if let Err(err) = read {
             tracing::debug!(%err, "client read failed");
             return Ok(false);
         }
@@ -302,6 +367,15 @@ impl Session {
         {
             return Ok(self.client.flush().await.is_ok());
         }
+        let at = std::time::Instant::now();
+        self.handle.waiting();
+        if self.shared.registry.is_paused(&self.login.database) {
+            tracing::debug!(database = %self.login.database, "paused; the request waits for RESUME");
+            self.shared
+                .registry
+                .wait_resumed(&self.login.database)
+                .await;
+        }
         let attached = match self.lost_transaction.take() {
             Some(err) => Err(err),
             None => self.attach_routed().await,
@@ -310,12 +384,21 @@ impl Session {
             Ok(mut guard) => {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
                 let node = guard.pool().key.node;
+                self.handle.active(node, guard.server_ref().pid);
+                self.request = Some(Request {
+                    at,
+                    wait: at.elapsed(),
+                    node,
+                    write: self.routing.last_write,
+                });
                 self.wire.record_request(&mut self.client, node);
                 self.wire.hold_at_boundary = self.routing.mode == RouteMode::PerRequest
                     && self.shared.cluster.load().primary != Some(node);
                 self.attachment = Attachment::Attached(guard);
             }
             Err(mut err) => {
+                self.handle.idle();
+                self.shared.metrics.error(err.kind);
                 err.fatal = false;
                 // The request never ran: answer it like a failed statement. A request
                 // that ended with Flush is not over: the error goes out now, and the
@@ -351,6 +434,9 @@ impl Session {
         };
         let node = guard.pool().key.node;
         drop(guard);
+        self.account();
+        self.handle.idle();
+        self.shared.metrics.error(ErrorKind::ServerLost);
         self.backend_failed(node);
         self.cancel.set(None).await;
         let fatal = self.wire.take_server_fatal();
@@ -369,14 +455,14 @@ impl Session {
             _ => None,
         };
         let Some(loss) = loss else {
-            let err = ClientError::fatal(ErrorKind::ServerConnect, code, message);
+            let err = ClientError::fatal(ErrorKind::ServerLost, code, message);
             err.encode(self.client.wbuf());
             let _ = self.client.flush().await;
             self.client.shutdown().await;
             return false;
         };
         let _ = self.wire.take_effects();
-        let err = ClientError::error(ErrorKind::ServerConnect, code, message);
+        let err = ClientError::error(ErrorKind::ServerLost, code, message);
         if in_transaction && loss.owed == 0 && !loss.sync_owed {
             self.lost_transaction = Some(err);
             return true;
@@ -407,6 +493,7 @@ impl Session {
         else {
             return;
         };
+        self.account();
         if self.mode == PoolMode::Transaction {
             let effects = self.wire.take_effects();
             self.count_prepared();
@@ -422,6 +509,7 @@ impl Session {
             }
         }
         self.cancel.set(None).await;
+        self.handle.idle();
         self.put_back(guard);
     }
 
@@ -437,8 +525,72 @@ impl Session {
         }
     }
 
+    /// Adds what the request just served did to the statistics and metrics.
+    fn account(&mut self) {
+        let counts = self.wire.take_counts();
+        let metrics = &self.shared.metrics;
+        metrics.bytes_received.inc_by(counts.received);
+        metrics.bytes_sent.inc_by(counts.sent);
+        let Some(request) = self.request.take() else {
+            // Session mode without routing: one relay for the whole session, so its
+            // queries and bytes are added when it ends, with no transactions counted.
+            let work = registry::Work {
+                queries: counts.queries,
+                received: counts.received,
+                sent: counts.sent,
+                ..registry::Work::default()
+            };
+            self.db_stats.add(&work, false);
+            return;
+        };
+        let xact = request.at.elapsed();
+        let work = registry::Work {
+            queries: counts.queries,
+            received: counts.received,
+            sent: counts.sent,
+            xact,
+            wait: request.wait,
+        };
+        self.db_stats.add(&work, true);
+        metrics.query_duration.observe(xact.as_secs_f64());
+        metrics.pool_wait.observe(request.wait.as_secs_f64());
+        if self.node_counters.len() <= request.node {
+            self.node_counters.resize(request.node + 1, None);
+        }
+        let node =
+            self.node_counters[request.node].get_or_insert_with(|| metrics.node(request.node));
+        if request.write {
+            node.write_transactions.inc();
+            node.write_queries.inc_by(counts.queries);
+        } else {
+            node.read_transactions.inc();
+            node.read_queries.inc_by(counts.queries);
+        }
+        if counts.errors != [0; 3] {
+            if let Some(state) = self.shared.cluster.load().nodes.get(request.node) {
+                let stats = &state.stats;
+                stats
+                    .server_errors
+                    .fetch_add(counts.errors[0], std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .fatals
+                    .fetch_add(counts.errors[1], std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .panics
+                    .fetch_add(counts.errors[2], std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        if let Some(prepared) = self.wire.prepared.as_deref() {
+            self.handle
+                .entry
+                .prepared
+                .store(prepared.len() as u32, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// The client is leaving: return or discard its servers.
     async fn finish(mut self) {
+        self.account();
         self.cancel.set(None).await;
         self.count_prepared();
         // A pinned server holds the client's locks, channels or temp tables: it goes.
@@ -477,6 +629,7 @@ impl Session {
     }
 
     async fn fail(mut self, err: ClientError) {
+        self.shared.metrics.error(err.kind);
         err.encode(self.client.wbuf());
         let _ = self.client.flush().await;
         self.client.shutdown().await;
@@ -517,6 +670,15 @@ async fn greeting_pool(
         }
     };
     shared.node_pool(config, node, &login.database, &login.user)
+}
+
+/// What an idle client is told when pgrelay shuts down.
+fn shutting_down() -> ClientError {
+    ClientError::fatal(
+        ErrorKind::ClientLost,
+        "57P01",
+        "terminating connection because pgrelay is shutting down",
+    )
 }
 
 fn pool_error(err: PoolError) -> ClientError {

@@ -127,6 +127,21 @@ pub struct Wire {
     /// The server ended the session with this FATAL error (not forwarded: the
     /// session decides what the client is told).
     server_fatal: Option<backend::ErrorFields>,
+    /// Since the last [`Wire::take_counts`]: what was relayed.
+    counts: Counts,
+}
+
+/// What a relay moved, for statistics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Query and Execute messages from the client.
+    pub queries: u64,
+    /// Bytes read from the client and written to the server.
+    pub received: u64,
+    /// Bytes written to the client.
+    pub sent: u64,
+    /// ErrorResponses from the server, by severity: ERROR, FATAL, PANIC.
+    pub errors: [u64; 3],
 }
 
 /// What a client was owed by a server that went away.
@@ -175,7 +190,13 @@ impl Wire {
             rewrite_buffered: false,
             swallow_front: false,
             server_fatal: None,
+            counts: Counts::default(),
         }
+    }
+
+    /// What was relayed since the last call.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
     }
 
     /// The FATAL error the server ended with, if it sent one.
@@ -399,6 +420,7 @@ impl Wire {
                 p.syncs_ignored(state.ignored_syncs);
             }
         }
+        self.counts.queries += state.queries;
         self.pending = (self.pending + state.wire_pending).saturating_sub(state.ignored_syncs);
         self.copy_syncs = state.copy_syncs;
         self.extended_open = state.extended_open;
@@ -441,6 +463,7 @@ impl Wire {
         let prepared = &mut self.prepared;
         let mut swallow = false;
         let mut fatal = None;
+        let mut errors = [0u64; 3];
         let scanned = self.server_scan.scan(buf, |tag, body| {
             if let Some(p) = prepared.as_deref_mut() {
                 let watched = tag == backend::READY_FOR_QUERY
@@ -472,10 +495,19 @@ impl Wire {
                     resume |= paused;
                     Step::Forward
                 }
-                // The server ends the session: the session tells the client.
-                (backend::ERROR_RESPONSE, Some(body)) if backend::is_fatal(body) => {
-                    fatal = Some(backend::error_fields(body));
-                    Step::StopBefore
+                (backend::ERROR_RESPONSE, Some(body)) => {
+                    let fields = backend::error_fields(body);
+                    match fields.severity.as_str() {
+                        "FATAL" => errors[1] += 1,
+                        "PANIC" => errors[2] += 1,
+                        _ => errors[0] += 1,
+                    }
+                    if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
+                        // The server ends the session: the session tells the client.
+                        fatal = Some(fields);
+                        return Step::StopBefore;
+                    }
+                    Step::Forward
                 }
                 (backend::PARAMETER_STATUS, Some(body)) => {
                     if let Ok((name, value)) = backend::parameter_status(body) {
@@ -488,6 +520,9 @@ impl Wire {
             }
         });
         self.swallow_front |= swallow;
+        for (total, new) in self.counts.errors.iter_mut().zip(errors) {
+            *total += new;
+        }
         if fatal.is_some() {
             self.server_fatal = fatal;
             self.server_eof = Some(None);
@@ -629,9 +664,12 @@ impl Wire {
     ) -> io::Result<bool> {
         // pgrelay's own answers first: they were composed when nothing was in flight.
         let (own, drained) = drain_wbuf(cx, client)?;
-        let mut progress = own;
+        self.counts.sent += own as u64;
+        let mut progress = own > 0;
         if drained {
-            progress |= forward(cx, server, client, &mut self.s2c)?;
+            let moved = forward(cx, server, client, &mut self.s2c)?;
+            self.counts.sent += moved as u64;
+            progress |= moved > 0;
         }
         self.client_needs_flush |= progress;
         if self.client_needs_flush {
@@ -656,9 +694,12 @@ impl Wire {
             client.rbuf().advance(self.c2s);
             self.c2s = 0;
         }
-        let (mut progress, drained) = drain_wbuf(cx, server)?;
+        let (own, drained) = drain_wbuf(cx, server)?;
+        let mut progress = own > 0;
         if drained {
-            progress |= forward(cx, client, server, &mut self.c2s)?;
+            let moved = forward(cx, client, server, &mut self.c2s)?;
+            self.counts.received += moved as u64;
+            progress |= moved > 0;
         }
         if progress {
             // TLS buffers records; plain TCP returns at once.
@@ -670,41 +711,41 @@ impl Wire {
     }
 }
 
-/// Writes out what pgrelay composed in `to`'s write buffer. Returns (wrote anything,
+/// Writes out what pgrelay composed in `to`'s write buffer. Returns (bytes written,
 /// the buffer is empty).
-fn drain_wbuf(cx: &mut Context<'_>, to: &mut Conn<Stream>) -> io::Result<(bool, bool)> {
-    let mut progress = false;
+fn drain_wbuf(cx: &mut Context<'_>, to: &mut Conn<Stream>) -> io::Result<(usize, bool)> {
+    let mut written = 0;
     while !to.wbuf().is_empty() {
         match to.poll_write_wbuf(cx) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(_)) => progress = true,
+            Poll::Ready(Ok(n)) => written += n,
             Poll::Ready(Err(err)) => return Err(err),
-            Poll::Pending => return Ok((progress, false)),
+            Poll::Pending => return Ok((written, false)),
         }
     }
-    Ok((progress, true))
+    Ok((written, true))
 }
 
 /// Writes the first `*pending` bytes of `from`'s read buffer to `to`, consuming them
-/// as they go. Returns whether anything was written.
+/// as they go. Returns how many were written.
 fn forward(
     cx: &mut Context<'_>,
     from: &mut Conn<Stream>,
     to: &mut Conn<Stream>,
     pending: &mut usize,
-) -> io::Result<bool> {
-    let mut progress = false;
+) -> io::Result<usize> {
+    let mut written = 0;
     while *pending > 0 {
         match to.poll_write(cx, &from.rbuf()[..*pending]) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(n)) => {
                 from.rbuf().advance(n);
                 *pending -= n;
-                progress = true;
+                written += n;
             }
             Poll::Ready(Err(err)) => return Err(err),
             Poll::Pending => break,
         }
     }
-    Ok(progress)
+    Ok(written)
 }

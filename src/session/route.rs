@@ -20,6 +20,8 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// A client's routing state.
 pub(super) struct Routing {
     pub(super) mode: RouteMode,
+    /// The last request routed went to the primary because it may write.
+    pub(super) last_write: bool,
     writes: Writes,
     dice: Dice,
 }
@@ -57,6 +59,7 @@ impl Routing {
             } else {
                 RouteMode::Off
             },
+            last_write: true,
             writes: Writes::None,
             dice: Dice::new(),
         }
@@ -182,6 +185,7 @@ impl Session {
     /// Decides which node runs the buffered request (the start of a transaction).
     async fn route(&mut self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
         if self.routing.mode != RouteMode::PerRequest {
+            self.routing.last_write = true;
             return self.primary_by(deadline).await;
         }
         let topology = self.shared.cluster.snapshot();
@@ -206,6 +210,7 @@ impl Session {
                 self.any_volatile(&plan.functions, primary).await?
             }
         };
+        self.routing.last_write = writes;
         if writes {
             self.routing.writes = Writes::Unfenced;
             let primary = self.primary_by(deadline).await?;

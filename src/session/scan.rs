@@ -25,6 +25,8 @@ pub(super) struct ClientScan {
     pub(super) unnamed_unexecuted: bool,
     pub(super) terminate: bool,
     pub(super) bad_tag: Option<u8>,
+    /// Query and Execute messages seen.
+    pub(super) queries: u64,
 }
 
 impl ClientScan {
@@ -41,6 +43,7 @@ impl ClientScan {
             unnamed_unexecuted: false,
             terminate: false,
             bad_tag: None,
+            queries: 0,
         }
     }
 
@@ -69,6 +72,7 @@ impl ClientScan {
         } else {
             Step::Forward
         };
+        self.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
         match tag {
             _ if !KNOWN[tag as usize] => {
                 self.bad_tag = Some(tag);

@@ -1,0 +1,776 @@
+//! The console's `SHOW` tables: Pgpool-II's columns for the node views, PgBouncer's
+//! for the pool views (the columns that apply to pgrelay; those that do not are 0),
+//! so `pgbouncer_exporter`-style tools read them as they are.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+
+use crate::cluster::Role;
+use crate::config::PoolMode;
+use crate::protocol::backend::{self, oid};
+use crate::session::registry::ClientState;
+use crate::Shared;
+
+/// Which table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    PoolNodes,
+    PoolHealthCheckStats,
+    PoolBackendStats,
+    Pools,
+    Stats,
+    Clients,
+    Servers,
+    Databases,
+    Users,
+    Config,
+    Version,
+    Help,
+}
+
+impl Show {
+    pub fn parse(word: &str) -> Option<Show> {
+        Some(match word {
+            "pool_nodes" => Show::PoolNodes,
+            "pool_health_check_stats" => Show::PoolHealthCheckStats,
+            "pool_backend_stats" => Show::PoolBackendStats,
+            "pools" => Show::Pools,
+            "stats" => Show::Stats,
+            "clients" => Show::Clients,
+            "servers" => Show::Servers,
+            "databases" => Show::Databases,
+            "users" => Show::Users,
+            "config" => Show::Config,
+            "version" => Show::Version,
+            "help" => Show::Help,
+            _ => return None,
+        })
+    }
+}
+
+/// A result set.
+pub struct Table {
+    pub columns: Vec<(&'static str, u32)>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, u32)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, values: Vec<Option<String>>) {
+        debug_assert_eq!(values.len(), self.columns.len());
+        self.rows.push(values);
+    }
+
+    pub fn encode(&self, buf: &mut BytesMut) {
+        backend::row_description(buf, &self.columns);
+        for row in &self.rows {
+            backend::data_row(buf, row);
+        }
+    }
+}
+
+fn v(value: impl ToString) -> Option<String> {
+    Some(value.to_string())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC.
+pub fn format_time(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+fn mode_name(mode: PoolMode) -> &'static str {
+    match mode {
+        PoolMode::Session => "session",
+        PoolMode::Transaction => "transaction",
+    }
+}
+
+pub fn show(shared: &Shared, what: Show) -> Table {
+    match what {
+        Show::PoolNodes => pool_nodes(shared),
+        Show::PoolHealthCheckStats => health_check_stats(shared),
+        Show::PoolBackendStats => backend_stats(shared),
+        Show::Pools => pools(shared),
+        Show::Stats => stats(shared),
+        Show::Clients => clients(shared),
+        Show::Servers => servers(shared),
+        Show::Databases => databases(shared),
+        Show::Users => users(shared),
+        Show::Config => config(shared),
+        Show::Version => {
+            let mut t = Table::new(&[("version", oid::TEXT)]);
+            t.row(vec![v(concat!("pgrelay ", env!("CARGO_PKG_VERSION")))]);
+            t
+        }
+        Show::Help => {
+            let mut t = Table::new(&[("command", oid::TEXT)]);
+            for line in [
+                "SHOW POOL_NODES|POOL_HEALTH_CHECK_STATS|POOL_BACKEND_STATS",
+                "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|VERSION|HELP",
+                "RELOAD",
+                "PAUSE [db]",
+                "RESUME [db]",
+                "KILL db",
+                "WAIT_CLOSE [db]",
+                "SHUTDOWN",
+                "DETACH NODE n",
+                "ATTACH NODE n",
+                "PROMOTE NODE n [SWITCHOVER]",
+            ] {
+                t.row(vec![v(line)]);
+            }
+            t
+        }
+    }
+}
+
+/// Pgpool-II's `SHOW POOL_NODES`, its 14 columns in its order.
+fn pool_nodes(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("node_id", oid::TEXT),
+        ("hostname", oid::TEXT),
+        ("port", oid::TEXT),
+        ("status", oid::TEXT),
+        ("pg_status", oid::TEXT),
+        ("lb_weight", oid::TEXT),
+        ("role", oid::TEXT),
+        ("pg_role", oid::TEXT),
+        ("select_cnt", oid::TEXT),
+        ("load_balance_node", oid::TEXT),
+        ("replication_delay", oid::TEXT),
+        ("replication_state", oid::TEXT),
+        ("replication_sync_state", oid::TEXT),
+        ("last_status_change", oid::TEXT),
+    ]);
+    let topology = shared.cluster.snapshot();
+    let total_weight: f64 = topology.nodes.iter().map(|n| n.weight).sum();
+    for (i, n) in topology.nodes.iter().enumerate() {
+        let primary = topology.primary == Some(i);
+        let role = if primary {
+            "primary"
+        } else if n.role == Role::Primary {
+            // A claimant that is not the primary (split brain, a false primary).
+            "unknown"
+        } else {
+            Role::Replica.as_str()
+        };
+        let delay = if primary {
+            0
+        } else {
+            n.lag.map_or(0, |l| l.bytes)
+        };
+        let state = if n.role == Role::Replica && n.upstream.is_some() {
+            "streaming"
+        } else {
+            ""
+        };
+        t.row(vec![
+            v(i),
+            v(&n.host),
+            v(n.port),
+            v(n.status.as_str()),
+            v(if n.pg_up { "up" } else { "down" }),
+            v(format!(
+                "{:.6}",
+                if total_weight > 0.0 {
+                    n.weight / total_weight
+                } else {
+                    0.0
+                }
+            )),
+            v(role),
+            v(n.role.as_str()),
+            v(n.stats.selects.load(Ordering::Relaxed)),
+            v(n.readable),
+            v(delay),
+            v(state),
+            v(""),
+            v(format_time(n.since)),
+        ]);
+    }
+    t
+}
+
+/// Pgpool-II's `SHOW POOL_HEALTH_CHECK_STATS`.
+fn health_check_stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("node_id", oid::TEXT),
+        ("hostname", oid::TEXT),
+        ("port", oid::TEXT),
+        ("status", oid::TEXT),
+        ("role", oid::TEXT),
+        ("last_status_change", oid::TEXT),
+        ("total_count", oid::TEXT),
+        ("success_count", oid::TEXT),
+        ("fail_count", oid::TEXT),
+        ("skip_count", oid::TEXT),
+        ("retry_count", oid::TEXT),
+        ("average_retry_count", oid::TEXT),
+        ("max_retry_count", oid::TEXT),
+        ("max_duration", oid::TEXT),
+        ("min_duration", oid::TEXT),
+        ("average_duration", oid::TEXT),
+        ("last_health_check", oid::TEXT),
+        ("last_successful_health_check", oid::TEXT),
+        ("last_skip_health_check", oid::TEXT),
+        ("last_failed_health_check", oid::TEXT),
+    ]);
+    let topology = shared.cluster.snapshot();
+    for (i, n) in topology.nodes.iter().enumerate() {
+        let h = n.stats.health();
+        let time = |t: Option<SystemTime>| v(t.map(format_time).unwrap_or_default());
+        let ms = |d: Duration| v(d.as_millis());
+        let failures_streaks = h.fail.max(1);
+        t.row(vec![
+            v(i),
+            v(&n.host),
+            v(n.port),
+            v(n.status.as_str()),
+            v(if topology.primary == Some(i) {
+                "primary"
+            } else {
+                n.role.as_str()
+            }),
+            v(format_time(n.since)),
+            v(h.total),
+            v(h.success),
+            v(h.fail),
+            v(0),
+            v(h.retries),
+            v(format!("{:.6}", h.retries as f64 / failures_streaks as f64)),
+            v(h.max_retries),
+            ms(h.max_duration),
+            ms(h.min_duration.unwrap_or_default()),
+            v(format!(
+                "{:.6}",
+                if h.total > 0 {
+                    h.total_duration.as_secs_f64() * 1000.0 / h.total as f64
+                } else {
+                    0.0
+                }
+            )),
+            time(h.last),
+            time(h.last_success),
+            v(""),
+            time(h.last_failure),
+        ]);
+    }
+    t
+}
+
+/// Pgpool-II's `SHOW POOL_BACKEND_STATS`.
+fn backend_stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("node_id", oid::TEXT),
+        ("hostname", oid::TEXT),
+        ("port", oid::TEXT),
+        ("status", oid::TEXT),
+        ("role", oid::TEXT),
+        ("select_cnt", oid::TEXT),
+        ("insert_cnt", oid::TEXT),
+        ("update_cnt", oid::TEXT),
+        ("delete_cnt", oid::TEXT),
+        ("ddl_cnt", oid::TEXT),
+        ("other_cnt", oid::TEXT),
+        ("panic_cnt", oid::TEXT),
+        ("fatal_cnt", oid::TEXT),
+        ("error_cnt", oid::TEXT),
+    ]);
+    let topology = shared.cluster.snapshot();
+    for (i, n) in topology.nodes.iter().enumerate() {
+        let s = &n.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| v(c.load(Ordering::Relaxed));
+        t.row(vec![
+            v(i),
+            v(&n.host),
+            v(n.port),
+            v(n.status.as_str()),
+            v(if topology.primary == Some(i) {
+                "primary"
+            } else {
+                n.role.as_str()
+            }),
+            load(&s.selects),
+            load(&s.inserts),
+            load(&s.updates),
+            load(&s.deletes),
+            load(&s.ddl),
+            load(&s.other),
+            load(&s.panics),
+            load(&s.fatals),
+            load(&s.server_errors),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's `SHOW POOLS`: one row per database and user (pgrelay's pools per node
+/// added up).
+fn pools(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", oid::TEXT),
+        ("user", oid::TEXT),
+        ("cl_active", oid::INT4),
+        ("cl_waiting", oid::INT4),
+        ("cl_active_cancel_req", oid::INT4),
+        ("cl_waiting_cancel_req", oid::INT4),
+        ("sv_active", oid::INT4),
+        ("sv_active_cancel", oid::INT4),
+        ("sv_being_canceled", oid::INT4),
+        ("sv_idle", oid::INT4),
+        ("sv_used", oid::INT4),
+        ("sv_tested", oid::INT4),
+        ("sv_login", oid::INT4),
+        ("maxwait", oid::INT4),
+        ("maxwait_us", oid::INT4),
+        ("pool_mode", oid::TEXT),
+    ]);
+    let config = shared.config.load();
+    let mut keys: Vec<(String, String)> = shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| (p.key.database.clone(), p.key.user.clone()))
+        .collect();
+    let clients = shared.registry.clients();
+    for c in clients.iter().filter(|c| !c.admin) {
+        keys.push((c.database.clone(), c.user.clone()));
+    }
+    keys.sort();
+    keys.dedup();
+    for (database, user) in keys {
+        let (mut idle, mut total) = (0, 0);
+        for pool in shared
+            .pools
+            .all()
+            .iter()
+            .filter(|p| p.key.database == database && p.key.user == user)
+        {
+            let (i, n, _) = pool.counts();
+            idle += i;
+            total += n;
+        }
+        let mine = clients
+            .iter()
+            .filter(|c| !c.admin && c.database == database && c.user == user);
+        let (mut active, mut waiting, mut maxwait) = (0, 0, Duration::ZERO);
+        for c in mine {
+            match c.state() {
+                ClientState::Active => active += 1,
+                ClientState::Waiting => {
+                    waiting += 1;
+                    maxwait = maxwait.max(shared.registry.times(c).1.unwrap_or_default());
+                }
+                ClientState::Idle => {}
+            }
+        }
+        t.row(vec![
+            v(&database),
+            v(&user),
+            v(active),
+            v(waiting),
+            v(0),
+            v(0),
+            v(total - idle),
+            v(0),
+            v(0),
+            v(idle),
+            v(0),
+            v(0),
+            v(0),
+            v(maxwait.as_secs()),
+            v(maxwait.subsec_micros()),
+            v(mode_name(config.pool_mode_for(&database, &user))),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's `SHOW STATS`.
+fn stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", oid::TEXT),
+        ("total_xact_count", oid::INT8),
+        ("total_query_count", oid::INT8),
+        ("total_received", oid::INT8),
+        ("total_sent", oid::INT8),
+        ("total_xact_time", oid::INT8),
+        ("total_query_time", oid::INT8),
+        ("total_wait_time", oid::INT8),
+        ("avg_xact_count", oid::INT8),
+        ("avg_query_count", oid::INT8),
+        ("avg_recv", oid::INT8),
+        ("avg_sent", oid::INT8),
+        ("avg_xact_time", oid::INT8),
+        ("avg_query_time", oid::INT8),
+        ("avg_wait_time", oid::INT8),
+    ]);
+    let averages = shared.registry.averages(Duration::from_secs(15));
+    for (database, [xacts, queries, received, sent, xact_us, wait_us]) in
+        shared.registry.all_stats()
+    {
+        let avg = averages.get(&database).copied().unwrap_or_default();
+        t.row(vec![
+            v(&database),
+            v(xacts),
+            v(queries),
+            v(received),
+            v(sent),
+            v(xact_us),
+            // pgrelay times transactions, not single queries.
+            v(xact_us),
+            v(wait_us),
+            v(avg[0]),
+            v(avg[1]),
+            v(avg[2]),
+            v(avg[3]),
+            v(avg[4]),
+            v(avg[4]),
+            v(avg[5]),
+        ]);
+    }
+    t
+}
+
+const CONNECTION_COLUMNS: [(&str, u32); 19] = [
+    ("type", oid::TEXT),
+    ("user", oid::TEXT),
+    ("database", oid::TEXT),
+    ("state", oid::TEXT),
+    ("addr", oid::TEXT),
+    ("port", oid::INT4),
+    ("local_addr", oid::TEXT),
+    ("local_port", oid::INT4),
+    ("connect_time", oid::TEXT),
+    ("request_time", oid::TEXT),
+    ("wait", oid::INT4),
+    ("wait_us", oid::INT4),
+    ("close_needed", oid::INT4),
+    ("ptr", oid::TEXT),
+    ("link", oid::TEXT),
+    ("remote_pid", oid::INT4),
+    ("tls", oid::TEXT),
+    ("application_name", oid::TEXT),
+    ("prepared_statements", oid::INT4),
+];
+
+/// PgBouncer's `SHOW CLIENTS`.
+fn clients(shared: &Shared) -> Table {
+    let mut t = Table::new(&CONNECTION_COLUMNS);
+    for c in shared.registry.clients() {
+        let (request, wait) = shared.registry.times(&c);
+        let wait = wait.unwrap_or_default();
+        let state = c.state();
+        t.row(vec![
+            v("C"),
+            v(&c.user),
+            v(&c.database),
+            v(state.as_str()),
+            v(c.addr.map(|a| a.ip().to_string()).unwrap_or_default()),
+            v(c.addr.map_or(0, |a| a.port())),
+            v(c.local.map(|a| a.ip().to_string()).unwrap_or_default()),
+            v(c.local.map_or(0, |a| a.port())),
+            v(format_time(c.connected)),
+            v(format_time(request)),
+            v(wait.as_secs()),
+            v(wait.subsec_micros()),
+            v(0),
+            v(format!("{:x}", c.id)),
+            c.link().map(|(_, pid)| format!("{pid:x}")),
+            v(0),
+            v(""),
+            v(&c.application_name),
+            v(c.prepared.load(Ordering::Relaxed)),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's `SHOW SERVERS`: idle servers from the pools, active ones from the
+/// clients holding them.
+fn servers(shared: &Shared) -> Table {
+    let mut t = Table::new(&CONNECTION_COLUMNS);
+    let topology = shared.cluster.snapshot();
+    let address = |node: usize| {
+        topology
+            .nodes
+            .get(node)
+            .map(|n| (n.host.clone(), n.port))
+            .unwrap_or_default()
+    };
+    let row = |state: &str,
+               user: &str,
+               database: &str,
+               node: usize,
+               pid: i32,
+               connected: Option<SystemTime>,
+               link: Option<String>,
+               close_needed: bool,
+               prepared: usize| {
+        let (host, port) = address(node);
+        vec![
+            v("S"),
+            v(user),
+            v(database),
+            v(state),
+            v(host),
+            v(port),
+            v(""),
+            v(0),
+            v(connected.map(format_time).unwrap_or_default()),
+            v(""),
+            v(0),
+            v(0),
+            v(u8::from(close_needed)),
+            v(format!("{pid:x}")),
+            link,
+            v(pid),
+            v(""),
+            v(""),
+            v(prepared),
+        ]
+    };
+    for pool in shared.pools.all() {
+        for idle in pool.idle_servers() {
+            t.row(row(
+                "idle",
+                &pool.key.user,
+                &pool.key.database,
+                pool.key.node,
+                idle.pid,
+                Some(idle.connected),
+                None,
+                idle.close_needed,
+                idle.prepared,
+            ));
+        }
+    }
+    for c in shared.registry.clients() {
+        if let Some((node, pid)) = c.link() {
+            t.row(row(
+                "active",
+                &c.user,
+                &c.database,
+                node,
+                pid,
+                None,
+                Some(format!("{:x}", c.id)),
+                false,
+                0,
+            ));
+        }
+    }
+    t
+}
+
+/// PgBouncer's `SHOW DATABASES`: the configured databases (or those in use, with an
+/// empty `[[databases]]`), on the current primary, and the console itself.
+fn databases(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("name", oid::TEXT),
+        ("host", oid::TEXT),
+        ("port", oid::INT4),
+        ("database", oid::TEXT),
+        ("force_user", oid::TEXT),
+        ("pool_size", oid::INT4),
+        ("min_pool_size", oid::INT4),
+        ("reserve_pool", oid::INT4),
+        ("server_lifetime", oid::INT4),
+        ("pool_mode", oid::TEXT),
+        ("max_connections", oid::INT4),
+        ("current_connections", oid::INT4),
+        ("paused", oid::INT4),
+        ("disabled", oid::INT4),
+    ]);
+    let config = shared.config.load();
+    let topology = shared.cluster.snapshot();
+    let primary = topology.primary.and_then(|p| topology.nodes.get(p));
+    let mut names: Vec<(String, String)> = config
+        .databases
+        .iter()
+        .map(|d| (d.name.clone(), d.server_dbname().to_owned()))
+        .collect();
+    if names.is_empty() {
+        let mut seen: Vec<String> = shared
+            .pools
+            .all()
+            .iter()
+            .map(|p| p.key.database.clone())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        names = seen.into_iter().map(|d| (d.clone(), d)).collect();
+    }
+    for (name, dbname) in names {
+        let current: usize = shared
+            .pools
+            .all()
+            .iter()
+            .filter(|p| p.key.database == name)
+            .map(|p| p.counts().1)
+            .sum();
+        let mode = config
+            .database(&name)
+            .and_then(|d| d.pool_mode)
+            .unwrap_or(config.pool.mode);
+        t.row(vec![
+            v(&name),
+            primary.map(|p| p.host.clone()),
+            primary.map(|p| p.port.to_string()),
+            v(dbname),
+            None,
+            v(config.pool.default_pool_size),
+            v(config.pool.min_pool_size),
+            v(0),
+            v(config.pool.server_lifetime.as_secs()),
+            v(mode_name(mode)),
+            v(0),
+            v(current),
+            v(u8::from(shared.registry.is_paused(&name))),
+            v(0),
+        ]);
+    }
+    let listen_port = config.listen.first().map_or(0, |a| a.port());
+    for console in crate::admin::DATABASES {
+        t.row(vec![
+            v(console),
+            None,
+            v(listen_port),
+            v(console),
+            None,
+            v(2),
+            v(0),
+            v(0),
+            v(0),
+            v("statement"),
+            v(0),
+            v(0),
+            v(0),
+            v(0),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's `SHOW USERS`.
+fn users(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("name", oid::TEXT),
+        ("pool_size", oid::INT4),
+        ("reserve_pool_size", oid::INT4),
+        ("pool_mode", oid::TEXT),
+        ("max_user_connections", oid::INT4),
+        ("current_connections", oid::INT4),
+        ("max_user_client_connections", oid::INT4),
+        ("current_client_connections", oid::INT4),
+    ]);
+    let config = shared.config.load();
+    let clients = shared.registry.clients();
+    for user in &config.users {
+        let servers: usize = shared
+            .pools
+            .all()
+            .iter()
+            .filter(|p| p.key.user == user.name)
+            .map(|p| p.counts().1)
+            .sum();
+        let connected = clients.iter().filter(|c| c.user == user.name).count();
+        t.row(vec![
+            v(&user.name),
+            user.pool_size.map(|s| s.to_string()),
+            v(0),
+            user.pool_mode.map(|m| mode_name(m).to_owned()),
+            v(0),
+            v(servers),
+            v(0),
+            v(connected),
+        ]);
+    }
+    t
+}
+
+/// PgBouncer's `SHOW CONFIG`: every setting, its default, and whether `RELOAD`
+/// applies it.
+fn config(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("key", oid::TEXT),
+        ("value", oid::TEXT),
+        ("default", oid::TEXT),
+        ("changeable", oid::TEXT),
+    ]);
+    let config = shared.config.load();
+    let defaults = crate::config::Config::default().settings();
+    for (key, value) in config.settings() {
+        let default = defaults
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default();
+        let changeable = !matches!(key, "listen" | "metrics_listen" | "worker_threads");
+        t.row(vec![
+            v(key),
+            v(value),
+            v(default),
+            v(if changeable { "yes" } else { "no" }),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_print_in_utc() {
+        assert_eq!(format_time(UNIX_EPOCH), "1970-01-01 00:00:00");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(format_time(t), "2026-11-18 11:06:40");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_825_600); // 2000-02-29 12:00
+        assert_eq!(format_time(leap), "2000-02-29 12:00:00");
+    }
+
+    #[test]
+    fn show_names() {
+        assert_eq!(Show::parse("pool_nodes"), Some(Show::PoolNodes));
+        assert_eq!(Show::parse("servers"), Some(Show::Servers));
+        assert_eq!(Show::parse("fds"), None);
+    }
+
+    #[test]
+    fn status_names_are_pgpools() {
+        use crate::cluster::Status;
+        assert_eq!(
+            [Status::Up, Status::Waiting, Status::Down].map(Status::as_str),
+            ["up", "waiting", "down"]
+        );
+    }
+}
