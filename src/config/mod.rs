@@ -226,7 +226,8 @@ impl Config {
             ));
         }
         match self.metrics_listen {
-            Some(addr) if self.listen.contains(&addr) => Err(invalid(
+            // Port 0 picks a free port for each, so they never collide.
+            Some(addr) if addr.port() != 0 && self.listen.contains(&addr) => Err(invalid(
                 "metrics_listen",
                 format!("{addr} is also in listen"),
             )),

@@ -180,6 +180,66 @@ pub struct Plan {
     pub functions: Vec<Box<str>>,
     /// The node holding a statement the request uses but does not parse itself.
     pub node: Option<usize>,
+    /// What its first statement is (Pgpool-II's per-node counters).
+    pub kind: Option<Kind>,
+}
+
+/// A statement's kind by its first keyword, as `SHOW POOL_BACKEND_STATS` counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Ddl,
+    Other,
+}
+
+/// The kind of `text` by its first keyword (after blanks, comments and parentheses).
+pub fn statement_kind(text: &[u8]) -> Kind {
+    let mut rest = text;
+    loop {
+        match rest {
+            [b, tail @ ..] if b.is_ascii_whitespace() || *b == b'(' => rest = tail,
+            [b'-', b'-', tail @ ..] => {
+                rest = tail
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(&[][..], |i| &tail[i + 1..]);
+            }
+            [b'/', b'*', tail @ ..] => {
+                rest = tail
+                    .windows(2)
+                    .position(|w| w == b"*/")
+                    .map_or(&[][..], |i| &tail[i + 2..]);
+            }
+            _ => break,
+        }
+    }
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    let word = &rest[..end];
+    let is = |w: &str| word.eq_ignore_ascii_case(w.as_bytes());
+    if is("select") || is("values") || is("table") {
+        Kind::Select
+    } else if is("insert") {
+        Kind::Insert
+    } else if is("update") {
+        Kind::Update
+    } else if is("delete") {
+        Kind::Delete
+    } else if [
+        "create", "alter", "drop", "truncate", "comment", "grant", "revoke", "reindex",
+    ]
+    .iter()
+    .any(|w| is(w))
+    {
+        Kind::Ddl
+    } else {
+        Kind::Other
+    }
 }
 
 impl Plan {
@@ -203,9 +263,11 @@ pub fn plan_request(
         session_state: false,
         functions: Vec::new(),
         node: None,
+        kind: None,
     };
     // Statements parsed earlier in this same request run wherever it goes.
     let mut parsed_here: Vec<&[u8]> = Vec::new();
+    let (mut parse_kind, mut executes) = (None, false);
     let mut pos = 0;
     while let Ok(Some((tag, total))) = header(&request[pos..], MAX_MESSAGE_LEN) {
         let Some(body) = request.get(pos + 5..pos + total) else {
@@ -236,7 +298,18 @@ pub fn plan_request(
             }
             _ => None,
         };
+        executes |= tag == frontend::EXECUTE;
         if let Some(text) = text.filter(|t| !t.is_empty()) {
+            // Counted as what runs: a Query, a Bind's statement, or a Parse that
+            // this request also executes (not a bare prepare).
+            let kind = if tag == frontend::PARSE {
+                &mut parse_kind
+            } else {
+                &mut plan.kind
+            };
+            if kind.is_none() {
+                *kind = Some(statement_kind(text));
+            }
             let verdict = if tag != frontend::QUERY {
                 classifier.classify_prepared(text)
             } else {
@@ -252,6 +325,9 @@ pub fn plan_request(
                 }
             }
         }
+    }
+    if plan.kind.is_none() && executes {
+        plan.kind = parse_kind;
     }
     plan
 }
@@ -609,6 +685,20 @@ mod tests {
             plan_request(&call, &classifier, &statements).target,
             Target::Primary
         );
+    }
+
+    #[test]
+    fn statement_kinds_by_first_keyword() {
+        assert_eq!(statement_kind(b"SELECT 1"), Kind::Select);
+        assert_eq!(statement_kind(b"  /* x */ -- y\n (select 1)"), Kind::Select);
+        assert_eq!(statement_kind(b"insert into t values (1)"), Kind::Insert);
+        assert_eq!(statement_kind(b"UPDATE t SET a = 1"), Kind::Update);
+        assert_eq!(statement_kind(b"Delete from t"), Kind::Delete);
+        assert_eq!(statement_kind(b"CREATE TABLE t (a int)"), Kind::Ddl);
+        assert_eq!(statement_kind(b"TRUNCATE t"), Kind::Ddl);
+        assert_eq!(statement_kind(b"BEGIN"), Kind::Other);
+        assert_eq!(statement_kind(b"selective"), Kind::Other);
+        assert_eq!(statement_kind(b""), Kind::Other);
     }
 
     #[test]

@@ -509,8 +509,8 @@ impl Session {
             }
         }
         self.cancel.set(None).await;
-        self.handle.idle();
         self.put_back(guard);
+        self.handle.idle();
     }
 
     /// An idle, clean server the client is done with for now: session mode keeps it

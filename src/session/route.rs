@@ -211,12 +211,22 @@ impl Session {
             }
         };
         self.routing.last_write = writes;
+        let kind = plan.kind;
         if writes {
             self.routing.writes = Writes::Unfenced;
             let primary = self.primary_by(deadline).await?;
             let topology = self.shared.cluster.load();
             if let Some(state) = topology.nodes.get(primary) {
                 NodeStats::count(&state.stats.writes);
+                let stats = &state.stats;
+                let counter = match kind {
+                    Some(router::Kind::Insert) => &stats.inserts,
+                    Some(router::Kind::Update) => &stats.updates,
+                    Some(router::Kind::Delete) => &stats.deletes,
+                    Some(router::Kind::Ddl) => &stats.ddl,
+                    _ => &stats.other,
+                };
+                NodeStats::count(counter);
             }
             return Ok(primary);
         }

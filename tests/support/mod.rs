@@ -49,6 +49,8 @@ pub struct EnvOptions {
     pub sections: Vec<String>,
     /// Write each node's `data_directory` into `[[backends]]` (for `%D` / `%R`).
     pub data_dirs: bool,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on a free port (`Pgrelay::metrics_addr`).
+    pub metrics: bool,
 }
 
 impl Default for EnvOptions {
@@ -68,6 +70,7 @@ impl Default for EnvOptions {
             weights: Vec::new(),
             sections: Vec::new(),
             data_dirs: false,
+            metrics: false,
         }
     }
 }
@@ -157,8 +160,9 @@ pub fn config_text(options: &EnvOptions, ports: &[u16]) -> String {
 
 /// [`config_text`], with a `data_directory` for each backend that has one in `dirs`.
 pub fn config_text_with_dirs(options: &EnvOptions, ports: &[u16], dirs: &[String]) -> String {
+    let metrics = if options.metrics { "127.0.0.1:0" } else { "" };
     let mut text = format!(
-        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nauth_type = \"{}\"\n{}\n",
+        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"{metrics}\"\nauth_type = \"{}\"\n{}\n",
         options.client_auth,
         options.top_extra.join("\n")
     );
