@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::config::{Config, LogFormat};
 use pgrelay::listener::Pgrelay;
-use pgrelay::shutdown::{next_signal, Signal};
+use pgrelay::shutdown::{Signal, Signals};
 
 #[derive(Parser)]
 #[command(version, about = "PostgreSQL connection pooler and read/write router")]
@@ -69,7 +69,10 @@ fn runtime(workers: u32) -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
         .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr; stdout is for what the user asked for (`check`, `demo`).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -93,6 +96,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
     let relay = Pgrelay::start(config).await?;
     *relay
         .shared
@@ -101,7 +105,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner()) = path;
     loop {
         let signal = tokio::select! {
-            signal = next_signal() => signal?,
+            signal = signals.next() => signal,
             () = relay.shared.shutdown_requested.notified() => Signal::Graceful,
         };
         // Read per signal: a reload may have changed it.
@@ -159,7 +163,8 @@ fn demo(port: u16) -> anyhow::Result<()> {
             ports.get(1).copied().unwrap_or(0)
         );
         // Ctrl-C or SIGTERM (as from `timeout` or a service manager) both clean up.
-        while next_signal().await? == Signal::Reload {}
+        let mut signals = Signals::new()?;
+        while signals.next().await == Signal::Reload {}
         println!("stopping...");
         relay.shutdown(Duration::from_secs(2)).await;
         anyhow::Ok(())

@@ -11,14 +11,29 @@ pub enum Signal {
     Fast,
 }
 
-/// Waits for the next signal of interest.
-pub async fn next_signal() -> std::io::Result<Signal> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = hup.recv() => Signal::Reload,
-        _ = term.recv() => Signal::Graceful,
-        _ = int.recv() => Signal::Fast,
-    })
+/// The signal streams, registered once: a signal that arrives while the previous one
+/// is being handled waits in its stream instead of being lost.
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next signal of interest.
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.term.recv() => Signal::Graceful,
+            _ = self.int.recv() => Signal::Fast,
+        }
+    }
 }

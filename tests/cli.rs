@@ -172,3 +172,100 @@ fn demo_serves_psql_and_cleans_up_on_sigterm() {
         );
     }
 }
+
+/// `pgrelay run`: SIGHUP re-reads the file (a broken one is refused and logged, the
+/// running config stays), the console's SHUTDOWN ends the process, and the log is JSON
+/// when `log_format = "json"`.
+#[test]
+fn run_reloads_on_sighup_and_shuts_down_from_the_console() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgrelay.toml");
+    let port = free_port();
+    let config = |pool_size: u32| {
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"\"\nlog_format = \"json\"\n\
+             admin_users = [\"admin\"]\nauth_type = \"md5\"\n\
+             [pool]\ndefault_pool_size = {pool_size}\n\
+             [[backends]]\nhost = \"127.0.0.1\"\nport = {}\n\
+             [[users]]\nname = \"admin\"\npassword = \"admin-secret\"\n",
+            free_port()
+        )
+    };
+    std::fs::write(&path, config(20)).expect("write");
+    let log = dir.path().join("log");
+    let mut run = Demo(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start pgrelay run"),
+    );
+    let console = |sql: &str| {
+        Command::new("psql")
+            .env("PGPASSWORD", "admin-secret")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "admin", "-d", "pgrelay", "-c", sql])
+            .output()
+            .expect("run psql")
+    };
+    let pool_size = || {
+        let out = console("SHOW CONFIG");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("pool.default_pool_size|"))
+            .map(|l| l.split('|').nth(1).unwrap_or("").to_owned())
+    };
+    let wait_for = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("the console", &|| pool_size().as_deref() == Some("20"));
+    let pid = nix::unistd::Pid::from_raw(run.0.id() as i32);
+    std::fs::write(&path, config(7)).expect("write");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_for("the reload", &|| pool_size().as_deref() == Some("7"));
+    std::fs::write(&path, "[pool]\ndefault_pool_size = -1\n").expect("write");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_for("the refusal in the log", &|| {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("reload rejected"))
+    });
+    assert_eq!(
+        pool_size().as_deref(),
+        Some("7"),
+        "the running config stays"
+    );
+    let out = console("SHUTDOWN");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = run.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgrelay did not exit after SHUTDOWN"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(&log).expect("log");
+    for line in log.lines() {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(parsed.get("level").is_some(), "{line}");
+    }
+    assert!(log.contains("configuration reloaded"));
+}
