@@ -146,9 +146,11 @@ fn demo(port: u16) -> anyhow::Result<()> {
         .map(|p| format!("[[backends]]\nhost = \"127.0.0.1\"\nport = {p}\n"))
         .collect();
     let text = format!(
-        "listen = [\"127.0.0.1:{port}\"]\nauth_type = \"scram-sha-256\"\nmetrics_listen = \"\"\n\
+        "listen = [\"127.0.0.1:{port}\"]\nauth_type = \"scram-sha-256\"\n\
+         metrics_listen = \"127.0.0.1:0\"\nadmin_users = [\"admin\"]\n\
          [pool]\nmode = \"transaction\"\ndefault_pool_size = 10\n\
-         {backends}\n[[databases]]\nname = \"app\"\n\n[[users]]\nname = \"app\"\npassword = \"app-secret\"\n"
+         {backends}\n[[databases]]\nname = \"app\"\n\n[[users]]\nname = \"app\"\npassword = \"app-secret\"\n\
+         [[users]]\nname = \"admin\"\npassword = \"admin-secret\"\n"
     );
     let config = Config::from_toml_str(&text).context("demo config")?;
     runtime(1)?.block_on(async {
@@ -158,9 +160,14 @@ fn demo(port: u16) -> anyhow::Result<()> {
              Connect with:\n\n    psql \"postgres://app:app-secret@127.0.0.1:{port}/app\"\n\n\
              or run a benchmark:\n\n    PGPASSWORD=app-secret pgbench -i -h 127.0.0.1 -p {port} -U app app\n    \
              PGPASSWORD=app-secret pgbench -c 8 -T 10 -h 127.0.0.1 -p {port} -U app app\n\n\
+             The admin console:\n\n    psql \"postgres://admin:admin-secret@127.0.0.1:{port}/pgrelay\" -c \"SHOW POOL_NODES\"\n\n\
+             Metrics and probes: http://{metrics}/metrics  /healthz  /readyz\n\n\
              Press Ctrl-C to stop pgrelay and remove the cluster.",
             ports[0],
-            ports.get(1).copied().unwrap_or(0)
+            ports.get(1).copied().unwrap_or(0),
+            metrics = relay
+                .metrics_addr
+                .map_or_else(|| "(off)".to_owned(), |a| a.to_string()),
         );
         // Ctrl-C or SIGTERM (as from `timeout` or a service manager) both clean up.
         let mut signals = Signals::new()?;

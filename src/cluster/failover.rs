@@ -531,7 +531,11 @@ impl Tracker {
                     self.newest_timeline = self.newest_timeline.max(tl);
                 }
                 let n = &t.nodes[new];
-                tracing::warn!(node = new, host = %n.host, port = n.port, timeline = ?n.timeline, ?old, "new primary");
+                if old.is_some() {
+                    tracing::warn!(node = new, host = %n.host, port = n.port, timeline = ?n.timeline, ?old, "new primary");
+                } else {
+                    tracing::info!(node = new, host = %n.host, port = n.port, timeline = ?n.timeline, "primary found");
+                }
                 t.primary = Some(new);
                 out.push(Transition::NewPrimary {
                     node: new,
