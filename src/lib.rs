@@ -8,15 +8,19 @@
 //!   shutdown; also [`listener::Pgrelay`], a running instance.
 //! - [`auth`]: the startup handshake and client authentication; server credentials.
 //! - [`session`]: one client session (greeting, request loop), its parameters, the
-//!   zero-copy relay, and what transaction mode carries across servers (named prepared
-//!   statements, session settings, pins).
+//!   zero-copy relay, what transaction mode carries across servers (named prepared
+//!   statements, session settings, pins), and the registry of clients and per-database
+//!   counters the console and metrics read.
 //! - [`pool`]: server connection pools, server login, checkout guards, maintenance.
 //! - [`router`]: the SQL classifier (and the session-effects pass), routing plans and
 //!   replica choice.
 //! - [`cluster`]: the topology snapshot, the health monitor and the failover state
 //!   machine (node states, primary detection, split brain, hooks), and Patroni.
+//! - [`admin`]: the admin console (virtual database `pgrelay`/`pgbouncer`): Pgpool-II's
+//!   and PgBouncer's SHOW tables, RELOAD, PAUSE/RESUME/KILL, SHUTDOWN, node operations.
 //! - [`cancel`]: the cancel-key registry.
-//! - [`metrics`]: Prometheus metrics with pre-resolved handles.
+//! - [`metrics`]: Prometheus metrics with pre-resolved handles, and the HTTP listener
+//!   for `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`]: the TOML config, its validation and defaults.
 //! - [`demo`]: throwaway local PostgreSQL clusters for `pgrelay demo` and the tests.
 //! - [`error`]: error kinds, sides, and what clients may be told.

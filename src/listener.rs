@@ -157,7 +157,27 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     sessions: TaskTracker,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_each(listener, shutdown, |tcp| {
+        let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = ClientSlot(shared.clone());
+        let too_many = count > shared.config.load().pool.max_client_conn as usize;
+        let shared = shared.clone();
+        sessions.spawn(async move {
+            session::serve(tcp, shared, too_many).await;
+            drop(slot);
+        });
+    })
+    .await
+}
+
+/// Hands every accepted connection to `serve` until shutdown. A failed accept (out of
+/// file descriptors and the like) backs off instead of spinning.
+pub async fn accept_each(
+    listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    mut serve: impl FnMut(tokio::net::TcpStream),
 ) {
     loop {
         let accepted = tokio::select! {
@@ -165,19 +185,9 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         match accepted {
-            Ok((tcp, _)) => {
-                let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-                let slot = ClientSlot(shared.clone());
-                let too_many = count > shared.config.load().pool.max_client_conn as usize;
-                let shared = shared.clone();
-                sessions.spawn(async move {
-                    session::serve(tcp, shared, too_many).await;
-                    drop(slot);
-                });
-            }
+            Ok((tcp, _)) => serve(tcp),
             Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::error!(%err, "accept failed");
+                tracing::error!(%err, addr = ?listener.local_addr().ok(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -298,27 +298,15 @@ impl Default for Metrics {
 pub async fn serve_http(
     listener: TcpListener,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
-        };
-        match accepted {
-            Ok((socket, _)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), answer(socket, &shared))
-                        .await;
-                });
-            }
-            Err(err) => {
-                tracing::warn!(%err, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::listener::accept_each(listener, shutdown, |socket| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(socket, &shared)).await;
+        });
+    })
+    .await
 }
 
 /// Reads one request (its head, at most 8 KiB) and answers it.

@@ -219,6 +219,18 @@ fn pool_nodes(shared: &Shared) -> Table {
     t
 }
 
+/// The first five columns of Pgpool-II's per-node statistics: node_id, hostname, port,
+/// status, role.
+fn node_head(topology: &crate::cluster::Topology, i: usize) -> Vec<Option<String>> {
+    let n = &topology.nodes[i];
+    let role = if topology.primary == Some(i) {
+        "primary"
+    } else {
+        n.role.as_str()
+    };
+    vec![v(i), v(&n.host), v(n.port), v(n.status.as_str()), v(role)]
+}
+
 /// Pgpool-II's `SHOW POOL_HEALTH_CHECK_STATS`.
 fn health_check_stats(shared: &Shared) -> Table {
     let mut t = Table::new(&[
@@ -249,16 +261,8 @@ fn health_check_stats(shared: &Shared) -> Table {
         let time = |t: Option<SystemTime>| v(t.map(format_time).unwrap_or_default());
         let ms = |d: Duration| v(d.as_millis());
         let failures_streaks = h.fail.max(1);
-        t.row(vec![
-            v(i),
-            v(&n.host),
-            v(n.port),
-            v(n.status.as_str()),
-            v(if topology.primary == Some(i) {
-                "primary"
-            } else {
-                n.role.as_str()
-            }),
+        let mut row = node_head(&topology, i);
+        row.extend([
             v(format_time(n.since)),
             v(h.total),
             v(h.success),
@@ -282,6 +286,7 @@ fn health_check_stats(shared: &Shared) -> Table {
             v(""),
             time(h.last_failure),
         ]);
+        t.row(row);
     }
     t
 }
@@ -308,16 +313,8 @@ fn backend_stats(shared: &Shared) -> Table {
     for (i, n) in topology.nodes.iter().enumerate() {
         let s = &n.stats;
         let load = |c: &std::sync::atomic::AtomicU64| v(c.load(Ordering::Relaxed));
-        t.row(vec![
-            v(i),
-            v(&n.host),
-            v(n.port),
-            v(n.status.as_str()),
-            v(if topology.primary == Some(i) {
-                "primary"
-            } else {
-                n.role.as_str()
-            }),
+        let mut row = node_head(&topology, i);
+        row.extend([
             load(&s.selects),
             load(&s.inserts),
             load(&s.updates),
@@ -328,6 +325,7 @@ fn backend_stats(shared: &Shared) -> Table {
             load(&s.fatals),
             load(&s.server_errors),
         ]);
+        t.row(row);
     }
     t
 }
