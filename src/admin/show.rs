@@ -64,6 +64,14 @@ impl Table {
         }
     }
 
+    /// A table of text columns (Pgpool-II's tables are all text).
+    fn texts(names: &[&'static str]) -> Table {
+        Table {
+            columns: names.iter().map(|&n| (n, oid::TEXT)).collect(),
+            rows: Vec::new(),
+        }
+    }
+
     fn row(&mut self, values: Vec<Option<String>>) {
         debug_assert_eq!(values.len(), self.columns.len());
         self.rows.push(values);
@@ -154,21 +162,21 @@ pub fn show(shared: &Shared, what: Show) -> Table {
 
 /// Pgpool-II's `SHOW POOL_NODES`, its 14 columns in its order.
 fn pool_nodes(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("node_id", oid::TEXT),
-        ("hostname", oid::TEXT),
-        ("port", oid::TEXT),
-        ("status", oid::TEXT),
-        ("pg_status", oid::TEXT),
-        ("lb_weight", oid::TEXT),
-        ("role", oid::TEXT),
-        ("pg_role", oid::TEXT),
-        ("select_cnt", oid::TEXT),
-        ("load_balance_node", oid::TEXT),
-        ("replication_delay", oid::TEXT),
-        ("replication_state", oid::TEXT),
-        ("replication_sync_state", oid::TEXT),
-        ("last_status_change", oid::TEXT),
+    let mut t = Table::texts(&[
+        "node_id",
+        "hostname",
+        "port",
+        "status",
+        "pg_status",
+        "lb_weight",
+        "role",
+        "pg_role",
+        "select_cnt",
+        "load_balance_node",
+        "replication_delay",
+        "replication_state",
+        "replication_sync_state",
+        "last_status_change",
     ]);
     let topology = shared.cluster.snapshot();
     let total_weight: f64 = topology.nodes.iter().map(|n| n.weight).sum();
@@ -219,8 +227,10 @@ fn pool_nodes(shared: &Shared) -> Table {
     t
 }
 
-/// The first five columns of Pgpool-II's per-node statistics: node_id, hostname, port,
-/// status, role.
+/// The first five columns of Pgpool-II's per-node statistics.
+const NODE_HEAD: [&str; 5] = ["node_id", "hostname", "port", "status", "role"];
+
+/// The values of [`NODE_HEAD`] for node `i`.
 fn node_head(topology: &crate::cluster::Topology, i: usize) -> Vec<Option<String>> {
     let n = &topology.nodes[i];
     let role = if topology.primary == Some(i) {
@@ -233,28 +243,29 @@ fn node_head(topology: &crate::cluster::Topology, i: usize) -> Vec<Option<String
 
 /// Pgpool-II's `SHOW POOL_HEALTH_CHECK_STATS`.
 fn health_check_stats(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("node_id", oid::TEXT),
-        ("hostname", oid::TEXT),
-        ("port", oid::TEXT),
-        ("status", oid::TEXT),
-        ("role", oid::TEXT),
-        ("last_status_change", oid::TEXT),
-        ("total_count", oid::TEXT),
-        ("success_count", oid::TEXT),
-        ("fail_count", oid::TEXT),
-        ("skip_count", oid::TEXT),
-        ("retry_count", oid::TEXT),
-        ("average_retry_count", oid::TEXT),
-        ("max_retry_count", oid::TEXT),
-        ("max_duration", oid::TEXT),
-        ("min_duration", oid::TEXT),
-        ("average_duration", oid::TEXT),
-        ("last_health_check", oid::TEXT),
-        ("last_successful_health_check", oid::TEXT),
-        ("last_skip_health_check", oid::TEXT),
-        ("last_failed_health_check", oid::TEXT),
-    ]);
+    let mut t = Table::texts(
+        &[
+            NODE_HEAD.as_slice(),
+            &[
+                "last_status_change",
+                "total_count",
+                "success_count",
+                "fail_count",
+                "skip_count",
+                "retry_count",
+                "average_retry_count",
+                "max_retry_count",
+                "max_duration",
+                "min_duration",
+                "average_duration",
+                "last_health_check",
+                "last_successful_health_check",
+                "last_skip_health_check",
+                "last_failed_health_check",
+            ],
+        ]
+        .concat(),
+    );
     let topology = shared.cluster.snapshot();
     for (i, n) in topology.nodes.iter().enumerate() {
         let h = n.stats.health();
@@ -293,22 +304,23 @@ fn health_check_stats(shared: &Shared) -> Table {
 
 /// Pgpool-II's `SHOW POOL_BACKEND_STATS`.
 fn backend_stats(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("node_id", oid::TEXT),
-        ("hostname", oid::TEXT),
-        ("port", oid::TEXT),
-        ("status", oid::TEXT),
-        ("role", oid::TEXT),
-        ("select_cnt", oid::TEXT),
-        ("insert_cnt", oid::TEXT),
-        ("update_cnt", oid::TEXT),
-        ("delete_cnt", oid::TEXT),
-        ("ddl_cnt", oid::TEXT),
-        ("other_cnt", oid::TEXT),
-        ("panic_cnt", oid::TEXT),
-        ("fatal_cnt", oid::TEXT),
-        ("error_cnt", oid::TEXT),
-    ]);
+    let mut t = Table::texts(
+        &[
+            NODE_HEAD.as_slice(),
+            &[
+                "select_cnt",
+                "insert_cnt",
+                "update_cnt",
+                "delete_cnt",
+                "ddl_cnt",
+                "other_cnt",
+                "panic_cnt",
+                "fatal_cnt",
+                "error_cnt",
+            ],
+        ]
+        .concat(),
+    );
     let topology = shared.cluster.snapshot();
     for (i, n) in topology.nodes.iter().enumerate() {
         let s = &n.stats;
