@@ -51,6 +51,11 @@ pub struct Metrics {
     transactions: IntCounterVec,
     queries: IntCounterVec,
     nodes: Mutex<Vec<Arc<NodeCounters>>>,
+    state: StateGauges,
+}
+
+/// Gauges of what is connected and how the nodes are, set when scraped.
+struct StateGauges {
     clients: IntGaugeVec,
     servers: IntGaugeVec,
     node_up: IntGaugeVec,
@@ -58,6 +63,59 @@ pub struct Metrics {
     node_readable: IntGaugeVec,
     node_lag_bytes: IntGaugeVec,
     node_lag_seconds: prometheus::GaugeVec,
+}
+
+impl StateGauges {
+    fn new() -> StateGauges {
+        StateGauges {
+            clients: gauge_vec(
+                "pgrelay_client_connections",
+                "Client connections by state (active, waiting, idle)",
+                &["state"],
+            ),
+            servers: gauge_vec(
+                "pgrelay_server_connections",
+                "Server connections by node and state (active, idle)",
+                &["node", "state"],
+            ),
+            node_up: gauge_vec(
+                "pgrelay_node_up",
+                "1 while the node is in service",
+                &["node"],
+            ),
+            node_primary: gauge_vec("pgrelay_node_primary", "1 for the primary", &["node"]),
+            node_readable: gauge_vec(
+                "pgrelay_node_readable",
+                "1 while the node takes reads",
+                &["node"],
+            ),
+            node_lag_bytes: gauge_vec(
+                "pgrelay_node_lag_bytes",
+                "Replication lag in bytes of WAL, as last measured",
+                &["node"],
+            ),
+            node_lag_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "pgrelay_node_lag_seconds",
+                    "Replay delay in seconds, as last measured",
+                ),
+                &["node"],
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.clients.clone()),
+            Box::new(self.servers.clone()),
+            Box::new(self.node_up.clone()),
+            Box::new(self.node_primary.clone()),
+            Box::new(self.node_readable.clone()),
+            Box::new(self.node_lag_bytes.clone()),
+            Box::new(self.node_lag_seconds.clone()),
+        ]
+    }
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -144,43 +202,10 @@ impl Metrics {
                 &["node", "route"],
             ),
             nodes: Mutex::new(Vec::new()),
-            clients: gauge_vec(
-                "pgrelay_client_connections",
-                "Client connections by state (active, waiting, idle)",
-                &["state"],
-            ),
-            servers: gauge_vec(
-                "pgrelay_server_connections",
-                "Server connections by node and state (active, idle)",
-                &["node", "state"],
-            ),
-            node_up: gauge_vec(
-                "pgrelay_node_up",
-                "1 while the node is in service",
-                &["node"],
-            ),
-            node_primary: gauge_vec("pgrelay_node_primary", "1 for the primary", &["node"]),
-            node_readable: gauge_vec(
-                "pgrelay_node_readable",
-                "1 while the node takes reads",
-                &["node"],
-            ),
-            node_lag_bytes: gauge_vec(
-                "pgrelay_node_lag_bytes",
-                "Replication lag in bytes of WAL, as last measured",
-                &["node"],
-            ),
-            node_lag_seconds: prometheus::GaugeVec::new(
-                Opts::new(
-                    "pgrelay_node_lag_seconds",
-                    "Replay delay in seconds, as last measured",
-                ),
-                &["node"],
-            )
-            .expect("valid metric"),
+            state: StateGauges::new(),
             registry,
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.pinned_clients.clone()),
             Box::new(metrics.pins.clone()),
             Box::new(metrics.prepared_hits.clone()),
@@ -192,14 +217,8 @@ impl Metrics {
             Box::new(bytes),
             Box::new(metrics.transactions.clone()),
             Box::new(metrics.queries.clone()),
-            Box::new(metrics.clients.clone()),
-            Box::new(metrics.servers.clone()),
-            Box::new(metrics.node_up.clone()),
-            Box::new(metrics.node_primary.clone()),
-            Box::new(metrics.node_readable.clone()),
-            Box::new(metrics.node_lag_bytes.clone()),
-            Box::new(metrics.node_lag_seconds.clone()),
         ];
+        collectors.extend(metrics.state.collectors());
         for collector in collectors {
             metrics
                 .registry
@@ -234,6 +253,7 @@ impl Metrics {
     /// Sets the state gauges from what is connected and how the nodes are.
     pub fn refresh(&self, shared: &Shared) {
         use crate::session::registry::ClientState;
+        let gauges = &self.state;
         let mut by_state = [0i64; 3];
         for client in shared.registry.clients() {
             if !client.admin {
@@ -241,18 +261,21 @@ impl Metrics {
             }
         }
         for state in [ClientState::Idle, ClientState::Active, ClientState::Waiting] {
-            self.clients
+            gauges
+                .clients
                 .with_label_values(&[state.as_str()])
                 .set(by_state[state as usize]);
         }
-        self.servers.reset();
+        gauges.servers.reset();
         for pool in shared.pools.all() {
             let (idle, total, _) = pool.counts();
             let node = pool.key.node.to_string();
-            self.servers
+            gauges
+                .servers
                 .with_label_values(&[&node, "idle"])
                 .add(idle as i64);
-            self.servers
+            gauges
+                .servers
                 .with_label_values(&[&node, "active"])
                 .add((total - idle) as i64);
         }
@@ -260,19 +283,24 @@ impl Metrics {
         for (i, n) in topology.nodes.iter().enumerate() {
             let label = i.to_string();
             let label = [label.as_str()];
-            self.node_up
+            gauges
+                .node_up
                 .with_label_values(&label)
                 .set(i64::from(n.is_up()));
-            self.node_primary
+            gauges
+                .node_primary
                 .with_label_values(&label)
                 .set(i64::from(topology.primary == Some(i)));
-            self.node_readable
+            gauges
+                .node_readable
                 .with_label_values(&label)
                 .set(i64::from(n.readable));
-            self.node_lag_bytes
+            gauges
+                .node_lag_bytes
                 .with_label_values(&label)
                 .set(n.lag.map_or(0, |l| l.bytes) as i64);
-            self.node_lag_seconds
+            gauges
+                .node_lag_seconds
                 .with_label_values(&label)
                 .set(n.lag.map_or(0.0, |l| l.seconds));
         }

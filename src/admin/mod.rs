@@ -9,6 +9,7 @@
 //! `SHUTDOWN`, `WAIT_CLOSE [db]`; and the node operations `DETACH NODE n`,
 //! `ATTACH NODE n`, `PROMOTE NODE n [SWITCHOVER]`.
 
+pub mod nodes;
 pub mod show;
 
 use std::sync::Arc;

@@ -1,13 +1,13 @@
-//! The console's `SHOW` tables: Pgpool-II's columns for the node views, PgBouncer's
-//! for the pool views (the columns that apply to pgrelay; those that do not are 0),
-//! so `pgbouncer_exporter`-style tools read them as they are.
+//! The console's `SHOW` tables: PgBouncer's columns for the pool views (the columns
+//! that apply to pgrelay; those that do not are 0), so `pgbouncer_exporter`-style
+//! tools read them as they are. Pgpool-II's node views are in [`super::nodes`].
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 
-use crate::cluster::Role;
+use super::nodes;
 use crate::config::PoolMode;
 use crate::protocol::backend::{self, oid};
 use crate::session::registry::ClientState;
@@ -57,7 +57,7 @@ pub struct Table {
 }
 
 impl Table {
-    fn new(columns: &[(&'static str, u32)]) -> Table {
+    pub(super) fn new(columns: &[(&'static str, u32)]) -> Table {
         Table {
             columns: columns.to_vec(),
             rows: Vec::new(),
@@ -65,14 +65,14 @@ impl Table {
     }
 
     /// A table of text columns (Pgpool-II's tables are all text).
-    fn texts(names: &[&'static str]) -> Table {
+    pub(super) fn texts(names: &[&'static str]) -> Table {
         Table {
             columns: names.iter().map(|&n| (n, oid::TEXT)).collect(),
             rows: Vec::new(),
         }
     }
 
-    fn row(&mut self, values: Vec<Option<String>>) {
+    pub(super) fn row(&mut self, values: Vec<Option<String>>) {
         debug_assert_eq!(values.len(), self.columns.len());
         self.rows.push(values);
     }
@@ -85,7 +85,7 @@ impl Table {
     }
 }
 
-fn v(value: impl ToString) -> Option<String> {
+pub(super) fn v(value: impl ToString) -> Option<String> {
     Some(value.to_string())
 }
 
@@ -123,9 +123,9 @@ fn mode_name(mode: PoolMode) -> &'static str {
 
 pub fn show(shared: &Shared, what: Show) -> Table {
     match what {
-        Show::PoolNodes => pool_nodes(shared),
-        Show::PoolHealthCheckStats => health_check_stats(shared),
-        Show::PoolBackendStats => backend_stats(shared),
+        Show::PoolNodes => nodes::pool_nodes(shared),
+        Show::PoolHealthCheckStats => nodes::health_check_stats(shared),
+        Show::PoolBackendStats => nodes::backend_stats(shared),
         Show::Pools => pools(shared),
         Show::Stats => stats(shared),
         Show::Clients => clients(shared),
@@ -158,188 +158,6 @@ pub fn show(shared: &Shared, what: Show) -> Table {
             t
         }
     }
-}
-
-/// Pgpool-II's `SHOW POOL_NODES`, its 14 columns in its order.
-fn pool_nodes(shared: &Shared) -> Table {
-    let mut t = Table::texts(&[
-        "node_id",
-        "hostname",
-        "port",
-        "status",
-        "pg_status",
-        "lb_weight",
-        "role",
-        "pg_role",
-        "select_cnt",
-        "load_balance_node",
-        "replication_delay",
-        "replication_state",
-        "replication_sync_state",
-        "last_status_change",
-    ]);
-    let topology = shared.cluster.snapshot();
-    let total_weight: f64 = topology.nodes.iter().map(|n| n.weight).sum();
-    for (i, n) in topology.nodes.iter().enumerate() {
-        let primary = topology.primary == Some(i);
-        let role = if primary {
-            "primary"
-        } else if n.role == Role::Primary {
-            // A claimant that is not the primary (split brain, a false primary).
-            "unknown"
-        } else {
-            Role::Replica.as_str()
-        };
-        let delay = if primary {
-            0
-        } else {
-            n.lag.map_or(0, |l| l.bytes)
-        };
-        let state = if n.role == Role::Replica && n.upstream.is_some() {
-            "streaming"
-        } else {
-            ""
-        };
-        t.row(vec![
-            v(i),
-            v(&n.host),
-            v(n.port),
-            v(n.status.as_str()),
-            v(if n.pg_up { "up" } else { "down" }),
-            v(format!(
-                "{:.6}",
-                if total_weight > 0.0 {
-                    n.weight / total_weight
-                } else {
-                    0.0
-                }
-            )),
-            v(role),
-            v(n.role.as_str()),
-            v(n.stats.selects.load(Ordering::Relaxed)),
-            v(n.readable),
-            v(delay),
-            v(state),
-            v(""),
-            v(format_time(n.since)),
-        ]);
-    }
-    t
-}
-
-/// The first five columns of Pgpool-II's per-node statistics.
-const NODE_HEAD: [&str; 5] = ["node_id", "hostname", "port", "status", "role"];
-
-/// The values of [`NODE_HEAD`] for node `i`.
-fn node_head(topology: &crate::cluster::Topology, i: usize) -> Vec<Option<String>> {
-    let n = &topology.nodes[i];
-    let role = if topology.primary == Some(i) {
-        "primary"
-    } else {
-        n.role.as_str()
-    };
-    vec![v(i), v(&n.host), v(n.port), v(n.status.as_str()), v(role)]
-}
-
-/// Pgpool-II's `SHOW POOL_HEALTH_CHECK_STATS`.
-fn health_check_stats(shared: &Shared) -> Table {
-    let mut t = Table::texts(
-        &[
-            NODE_HEAD.as_slice(),
-            &[
-                "last_status_change",
-                "total_count",
-                "success_count",
-                "fail_count",
-                "skip_count",
-                "retry_count",
-                "average_retry_count",
-                "max_retry_count",
-                "max_duration",
-                "min_duration",
-                "average_duration",
-                "last_health_check",
-                "last_successful_health_check",
-                "last_skip_health_check",
-                "last_failed_health_check",
-            ],
-        ]
-        .concat(),
-    );
-    let topology = shared.cluster.snapshot();
-    for (i, n) in topology.nodes.iter().enumerate() {
-        let h = n.stats.health();
-        let time = |t: Option<SystemTime>| v(t.map(format_time).unwrap_or_default());
-        let ms = |d: Duration| v(d.as_millis());
-        let failures_streaks = h.fail.max(1);
-        let mut row = node_head(&topology, i);
-        row.extend([
-            v(format_time(n.since)),
-            v(h.total),
-            v(h.success),
-            v(h.fail),
-            v(0),
-            v(h.retries),
-            v(format!("{:.6}", h.retries as f64 / failures_streaks as f64)),
-            v(h.max_retries),
-            ms(h.max_duration),
-            ms(h.min_duration.unwrap_or_default()),
-            v(format!(
-                "{:.6}",
-                if h.total > 0 {
-                    h.total_duration.as_secs_f64() * 1000.0 / h.total as f64
-                } else {
-                    0.0
-                }
-            )),
-            time(h.last),
-            time(h.last_success),
-            v(""),
-            time(h.last_failure),
-        ]);
-        t.row(row);
-    }
-    t
-}
-
-/// Pgpool-II's `SHOW POOL_BACKEND_STATS`.
-fn backend_stats(shared: &Shared) -> Table {
-    let mut t = Table::texts(
-        &[
-            NODE_HEAD.as_slice(),
-            &[
-                "select_cnt",
-                "insert_cnt",
-                "update_cnt",
-                "delete_cnt",
-                "ddl_cnt",
-                "other_cnt",
-                "panic_cnt",
-                "fatal_cnt",
-                "error_cnt",
-            ],
-        ]
-        .concat(),
-    );
-    let topology = shared.cluster.snapshot();
-    for (i, n) in topology.nodes.iter().enumerate() {
-        let s = &n.stats;
-        let load = |c: &std::sync::atomic::AtomicU64| v(c.load(Ordering::Relaxed));
-        let mut row = node_head(&topology, i);
-        row.extend([
-            load(&s.selects),
-            load(&s.inserts),
-            load(&s.updates),
-            load(&s.deletes),
-            load(&s.ddl),
-            load(&s.other),
-            load(&s.panics),
-            load(&s.fatals),
-            load(&s.server_errors),
-        ]);
-        t.row(row);
-    }
-    t
 }
 
 /// PgBouncer's `SHOW POOLS`: one row per database and user (pgrelay's pools per node

@@ -6,6 +6,7 @@
 //! Errors a client may see are turned into ErrorResponses here; nothing else is.
 
 mod carry;
+mod lost;
 pub mod params;
 pub mod prepared;
 pub mod registry;
@@ -167,7 +168,7 @@ impl Session {
         handle: ClientHandle,
     ) -> Result<Session, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
-        let pool = match greeting_pool(&shared, config, &login, mode).await {
+        let pool = match route::greeting_pool(&shared, config, &login, mode).await {
             Ok(pool) => pool,
             Err(err) => return Err((client, err)),
         };
@@ -420,71 +421,6 @@ impl Session {
         Ok(true)
     }
 
-    /// The server went away under the client (a crash, a shutdown, a failover). In
-    /// transaction mode the client is told its request failed (the server's own
-    /// FATAL code, e.g. 57P01, or 08006) and goes on with another server; in session
-    /// mode, or when session state pinned it to that server, that state is gone, so
-    /// the client is told so and closed, as PostgreSQL would. Returns whether the
-    /// session goes on.
-    async fn server_lost(&mut self, err: Option<std::io::Error>) -> bool {
-        let Attachment::Attached(guard) =
-            std::mem::replace(&mut self.attachment, Attachment::Detached)
-        else {
-            return false;
-        };
-        let node = guard.pool().key.node;
-        drop(guard);
-        self.account();
-        self.handle.idle();
-        self.shared.metrics.error(ErrorKind::ServerLost);
-        self.backend_failed(node);
-        self.cancel.set(None).await;
-        let fatal = self.wire.take_server_fatal();
-        let (code, message) = match &fatal {
-            Some(fields) => (fields.code.clone(), fields.message.clone()),
-            None => (
-                "08006".to_owned(),
-                "the server connection was lost; the transaction did not complete".to_owned(),
-            ),
-        };
-        tracing::warn!(user = %self.login.user, node, %code, %message, io = ?err, "server connection lost under a client");
-        let pinned = self.unpin();
-        let in_transaction = self.wire.status != b'I';
-        let loss = match self.mode {
-            PoolMode::Transaction if !pinned => self.wire.server_lost(&mut self.client),
-            _ => None,
-        };
-        let Some(loss) = loss else {
-            let err = ClientError::fatal(ErrorKind::ServerLost, code, message);
-            err.encode(self.client.wbuf());
-            let _ = self.client.flush().await;
-            self.client.shutdown().await;
-            return false;
-        };
-        let _ = self.wire.take_effects();
-        let err = ClientError::error(ErrorKind::ServerLost, code, message);
-        if in_transaction && loss.owed == 0 && !loss.sync_owed {
-            self.lost_transaction = Some(err);
-            return true;
-        }
-        for _ in 0..loss.owed {
-            err.encode(self.client.wbuf());
-            backend::ready_for_query(self.client.wbuf(), b'I');
-        }
-        if loss.sync_owed {
-            if loss.owed == 0 {
-                err.encode(self.client.wbuf());
-            }
-            if self.client.flush().await.is_err()
-                || self.wire.skip_until_sync(&mut self.client).await.is_err()
-            {
-                return false;
-            }
-            backend::ready_for_query(self.client.wbuf(), b'I');
-        }
-        self.client.flush().await.is_ok()
-    }
-
     /// The transaction is over: settles what it did to the session, then returns the
     /// server, unless session state pins the client to it.
     async fn detach(&mut self) {
@@ -635,41 +571,6 @@ impl Session {
         self.client.shutdown().await;
         self.finish().await;
     }
-}
-
-/// The pool a client is greeted from: the primary's. With no primary, transaction
-/// mode greets from a replica that takes reads (its requests are routed one by one
-/// anyway); session mode, and a cluster with nothing readable, wait for a primary up
-/// to `failover.hold_timeout`.
-async fn greeting_pool(
-    shared: &Shared,
-    config: &Config,
-    login: &ClientLogin,
-    mode: PoolMode,
-) -> Result<Arc<Pool>, ClientError> {
-    let (primary, readable) = {
-        let topology = shared.cluster.load();
-        let readable = topology.nodes.iter().position(|n| n.readable);
-        (topology.primary, readable)
-    };
-    let node = match (primary, readable, mode) {
-        (Some(primary), _, _) => primary,
-        (None, Some(replica), PoolMode::Transaction) if config.routing.enabled => replica,
-        _ => {
-            let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
-            shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
-                ClientError::fatal(
-                    ErrorKind::ServerConnect,
-                    "08006",
-                    format!(
-                        "no primary server is available (waited failover.hold_timeout, {:?})",
-                        config.failover.hold_timeout
-                    ),
-                )
-            })?
-        }
-    };
-    shared.node_pool(config, node, &login.database, &login.user)
 }
 
 /// What an idle client is told when pgrelay shuts down.

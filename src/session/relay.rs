@@ -495,20 +495,14 @@ impl Wire {
                     resume |= paused;
                     Step::Forward
                 }
-                (backend::ERROR_RESPONSE, Some(body)) => {
-                    let fields = backend::error_fields(body);
-                    match fields.severity.as_str() {
-                        "FATAL" => errors[1] += 1,
-                        "PANIC" => errors[2] += 1,
-                        _ => errors[0] += 1,
-                    }
-                    if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
-                        // The server ends the session: the session tells the client.
+                (backend::ERROR_RESPONSE, Some(body)) => match note_error(body, &mut errors) {
+                    // The server ends the session: the session tells the client.
+                    Some(fields) => {
                         fatal = Some(fields);
-                        return Step::StopBefore;
+                        Step::StopBefore
                     }
-                    Step::Forward
-                }
+                    None => Step::Forward,
+                },
                 (backend::PARAMETER_STATUS, Some(body)) => {
                     if let Ok((name, value)) = backend::parameter_status(body) {
                         server_params.set_reported(name, value);
@@ -709,6 +703,19 @@ impl Wire {
         }
         Ok(progress)
     }
+}
+
+/// Counts a server ErrorResponse by severity (ERROR, FATAL, PANIC); returns its fields
+/// if it ends the server's session.
+fn note_error(body: &[u8], errors: &mut [u64; 3]) -> Option<backend::ErrorFields> {
+    let fields = backend::error_fields(body);
+    let slot = match fields.severity.as_str() {
+        "FATAL" => 1,
+        "PANIC" => 2,
+        _ => 0,
+    };
+    errors[slot] += 1;
+    (slot > 0).then_some(fields)
 }
 
 /// Writes out what pgrelay composed in `to`'s write buffer. Returns (bytes written,

@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use super::{server_error, Session};
+use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
-use crate::config::{PoolMode, ReadAfterWrite};
+use crate::config::{Config, PoolMode, ReadAfterWrite};
 use crate::error::{ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
 use crate::router::classify::{Reason, Target};
 use crate::router::{self, Choice, Dice, Router};
+use crate::Shared;
 
 /// How long a request for a node that gave no server waits before trying again, if
 /// the topology does not move first.
@@ -409,4 +411,39 @@ impl Session {
         }
         Ok(false)
     }
+}
+
+/// The pool a client is greeted from: the primary's. With no primary, transaction
+/// mode greets from a replica that takes reads (its requests are routed one by one
+/// anyway); session mode, and a cluster with nothing readable, wait for a primary up
+/// to `failover.hold_timeout`.
+pub(super) async fn greeting_pool(
+    shared: &Shared,
+    config: &Config,
+    login: &ClientLogin,
+    mode: PoolMode,
+) -> Result<Arc<Pool>, ClientError> {
+    let (primary, readable) = {
+        let topology = shared.cluster.load();
+        let readable = topology.nodes.iter().position(|n| n.readable);
+        (topology.primary, readable)
+    };
+    let node = match (primary, readable, mode) {
+        (Some(primary), _, _) => primary,
+        (None, Some(replica), PoolMode::Transaction) if config.routing.enabled => replica,
+        _ => {
+            let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
+            shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
+                ClientError::fatal(
+                    ErrorKind::ServerConnect,
+                    "08006",
+                    format!(
+                        "no primary server is available (waited failover.hold_timeout, {:?})",
+                        config.failover.hold_timeout
+                    ),
+                )
+            })?
+        }
+    };
+    shared.node_pool(config, node, &login.database, &login.user)
 }
