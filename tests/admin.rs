@@ -686,7 +686,27 @@ async fn reload_applies_pool_size_new_backends_and_keeps_a_broken_file_out() {
     );
     load.progress(50, Duration::from_secs(10)).await;
 
-    // A user added by a reload logs in.
+    // A user added by a reload logs in; the pools it did not change keep their
+    // servers (no server opened after the reload that was not there before).
+    let servers = || async {
+        let mut pids = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let listed = show(&admin, "SERVERS").await;
+            pids.extend(
+                listed
+                    .rows
+                    .iter()
+                    .filter(|r| {
+                        cell(r, "user") == APP_USER && cell(r, "port") == ports[0].to_string()
+                    })
+                    .map(|r| cell(r, "remote_pid").to_owned()),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pids
+    };
+    let before_reload = servers().await;
+    assert!(!before_reload.is_empty());
     let late = relay_conn_string(relay.addrs[0], "late", "late-secret", APP_DB);
     assert!(connect_str(&late).await.is_err(), "not a user yet");
     options
@@ -694,6 +714,11 @@ async fn reload_applies_pool_size_new_backends_and_keeps_a_broken_file_out() {
         .push(("late".into(), "late-secret".into()));
     std::fs::write(&path, config_text(&options, &ports)).expect("write config");
     admin.simple_query("RELOAD").await.expect("reload");
+    let after_reload = servers().await;
+    assert!(
+        after_reload.is_subset(&before_reload),
+        "the app pool kept its servers: {before_reload:?} then {after_reload:?}"
+    );
     let late = connect_str(&late)
         .await
         .expect("a user added by RELOAD logs in");
