@@ -170,23 +170,6 @@ impl Shared {
         Ok(())
     }
 
-    /// The pool for a client's database and user on the current primary.
-    pub fn primary_pool(
-        &self,
-        config: &Config,
-        database: &str,
-        user: &str,
-    ) -> Result<Arc<Pool>, ClientError> {
-        let (node, _) = self.cluster.primary().ok_or_else(|| {
-            ClientError::fatal(
-                ErrorKind::ServerConnect,
-                "08006",
-                "no primary server is available",
-            )
-        })?;
-        self.node_pool(config, node, database, user)
-    }
-
     /// The pool for a client's database and user on `node`.
     pub fn node_pool(
         &self,

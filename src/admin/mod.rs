@@ -235,19 +235,8 @@ async fn execute(
         Command::Pause(database) => {
             shared.registry.pause(database.as_deref());
             tracing::warn!(database = ?database, "PAUSE: new transactions wait; waiting for active ones to end");
-            let busy = || {
-                let servers: usize = shared
-                    .pools
-                    .all()
-                    .iter()
-                    .filter(|p| database.as_deref().is_none_or(|d| p.key.database == d))
-                    .map(|p| {
-                        let (idle, total, _) = p.counts();
-                        total - idle
-                    })
-                    .sum();
-                servers + shared.registry.active_in(database.as_deref())
-            };
+            let database = database.as_deref();
+            let busy = || shared.pools.in_use(database) + shared.registry.active_in(database);
             while busy() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -182,9 +182,8 @@ fn pools(shared: &Shared) -> Table {
         ("pool_mode", oid::TEXT),
     ]);
     let config = shared.config.load();
-    let mut keys: Vec<(String, String)> = shared
-        .pools
-        .all()
+    let all = shared.pools.all();
+    let mut keys: Vec<(String, String)> = all
         .iter()
         .map(|p| (p.key.database.clone(), p.key.user.clone()))
         .collect();
@@ -196,9 +195,7 @@ fn pools(shared: &Shared) -> Table {
     keys.dedup();
     for (database, user) in keys {
         let (mut idle, mut total) = (0, 0);
-        for pool in shared
-            .pools
-            .all()
+        for pool in all
             .iter()
             .filter(|p| p.key.database == database && p.key.user == user)
         {

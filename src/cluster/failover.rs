@@ -34,8 +34,21 @@ pub struct Probe {
     pub upstream: Option<(String, u16)>,
 }
 
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Connecting, logging in or asking failed.
+    #[error(transparent)]
+    Server(#[from] crate::pool::server::ServerError),
+    #[error("no answer within health_check.timeout ({0:?})")]
+    Timeout(std::time::Duration),
+    /// The probe query answered something else than a boolean first.
+    #[error("unexpected probe answer {0:?}")]
+    Answer(Option<String>),
+}
+
 /// A probe's result: what it found, or why it failed.
-pub type Outcome = Result<Probe, String>;
+pub type Outcome = Result<Probe, ProbeError>;
 
 /// Why a node left service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -663,7 +676,7 @@ mod tests {
     }
 
     fn failed() -> Outcome {
-        Err("connection refused".into())
+        Err(ProbeError::Timeout(Duration::from_secs(2)))
     }
 
     /// A primary (node 0) and replicas, all up.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::failover::{Outcome, Probe, Transition};
+use super::failover::{Outcome, Probe, ProbeError, Transition};
 use super::hooks::{expand, HookKind, HookRun, Subjects};
 use super::Cluster;
 use crate::auth::ServerCredentials;
@@ -46,10 +46,8 @@ impl Prober for ServerProber<'_> {
     fn probe<'a>(&'a self, node: usize) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
         Box::pin(async move {
             let config = self.shared.config.load_full();
-            let mut server = connect_check(&config, self.shared, node)
-                .await
-                .map_err(|e| e.to_string())?;
-            let row = server.query_row(PROBE_SQL).await.map_err(|e| e.to_string());
+            let mut server = connect_check(&config, self.shared, node).await?;
+            let row = server.query_row(PROBE_SQL).await;
             server.terminate().await;
             parse_probe(&row?)
         })
@@ -60,7 +58,7 @@ fn parse_probe(row: &[Option<String>]) -> Outcome {
     let in_recovery = match row.first().and_then(Option::as_deref) {
         Some("true") => true,
         Some("false") => false,
-        other => return Err(format!("unexpected probe answer {other:?}")),
+        other => return Err(ProbeError::Answer(other.map(str::to_owned))),
     };
     let timeline = row
         .get(1)
@@ -122,10 +120,7 @@ async fn probe_once(
     let outcome = match tokio::time::timeout(config.health_check.timeout, prober.probe(node)).await
     {
         Ok(outcome) => outcome,
-        Err(_) => Err(format!(
-            "no answer within health_check.timeout ({:?})",
-            config.health_check.timeout
-        )),
+        Err(_) => Err(ProbeError::Timeout(config.health_check.timeout)),
     };
     if let Some(state) = cluster.load().nodes.get(node) {
         state.stats.record_probe(outcome.is_ok(), started.elapsed());
@@ -307,16 +302,16 @@ mod tests {
             ]
         };
         assert_eq!(
-            parse_probe(&row("true", Some("3"), Some("127.0.0.1 5433"))),
-            Ok(Probe {
+            parse_probe(&row("true", Some("3"), Some("127.0.0.1 5433"))).ok(),
+            Some(Probe {
                 in_recovery: true,
                 timeline: Some(3),
                 upstream: Some(("127.0.0.1".into(), 5433)),
             })
         );
         assert_eq!(
-            parse_probe(&row("false", Some("1"), None)),
-            Ok(Probe {
+            parse_probe(&row("false", Some("1"), None)).ok(),
+            Some(Probe {
                 in_recovery: false,
                 timeline: Some(1),
                 upstream: None,
@@ -406,7 +401,7 @@ mod tests {
     async fn a_failing_primary_is_down_after_period_and_retries() {
         let config = config();
         let cluster = up_primary(&config);
-        let refused = || Err("refused".to_owned());
+        let refused = || Err(ProbeError::Answer(None));
         let prober = scripted([primary(), refused(), refused(), refused(), refused()]);
         let seen = Mutex::new(Vec::new());
         let (stop, shutdown) = watch::channel(false);
@@ -449,7 +444,7 @@ mod tests {
     async fn a_kick_probes_at_once() {
         let config = config();
         let cluster = up_primary(&config);
-        let prober = scripted((0..3).map(|_| Err("reset".to_owned())));
+        let prober = scripted((0..3).map(|_| Err(ProbeError::Answer(None))));
         let (_stop, shutdown) = watch::channel(false);
         let watcher = watch_node(&cluster, &prober, 0, || config.clone(), |_, _| {}, shutdown);
         let kick = async {

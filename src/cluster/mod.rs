@@ -114,6 +114,13 @@ impl NodeStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds the ErrorResponses a node sent, by severity: ERROR, FATAL, PANIC.
+    pub fn add_errors(&self, [errors, fatals, panics]: [u64; 3]) {
+        self.server_errors.fetch_add(errors, Ordering::Relaxed);
+        self.fatals.fetch_add(fatals, Ordering::Relaxed);
+        self.panics.fetch_add(panics, Ordering::Relaxed);
+    }
+
     pub fn health(&self) -> HealthStats {
         self.health
             .lock()
@@ -334,11 +341,6 @@ impl Cluster {
     /// A cheap borrow of the current snapshot, for the hot path.
     pub fn load(&self) -> arc_swap::Guard<Arc<Topology>> {
         self.topology.load()
-    }
-
-    pub fn primary(&self) -> Option<(usize, NodeState)> {
-        let topology = self.topology.load();
-        topology.primary.map(|i| (i, topology.nodes[i].clone()))
     }
 
     /// Applies `change` to a copy of the current topology (with the tracker) and

@@ -20,6 +20,34 @@ use tokio::sync::watch;
 use super::same_host;
 use crate::Shared;
 
+/// Why Patroni could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PatroniError {
+    #[error("{0}")]
+    Url(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP status {0:?}")]
+    Status(String),
+    #[error("malformed HTTP response: {0}")]
+    Http(&'static str),
+    #[error("bad /cluster answer: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Every URL failed: each with its reason.
+    #[error("no URL answered: {}", describe(.0))]
+    NoneAnswered(Vec<(String, PatroniError)>),
+}
+
+fn describe(failures: &[(String, PatroniError)]) -> String {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|(url, e)| format!("{url}: {e}"))
+        .collect();
+    each.join("; ")
+}
+
 /// The largest `/cluster` answer read.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -107,8 +135,8 @@ pub struct View {
 }
 
 impl View {
-    pub fn parse(json: &[u8]) -> Result<View, String> {
-        serde_json::from_slice(json).map_err(|e| format!("bad /cluster answer: {e}"))
+    pub fn parse(json: &[u8]) -> Result<View, PatroniError> {
+        Ok(serde_json::from_slice(json)?)
     }
 
     pub fn member(&self, host: &str, port: u16) -> Option<&Member> {
@@ -125,43 +153,36 @@ impl View {
 }
 
 /// `GET /cluster` from one endpoint.
-pub async fn fetch(endpoint: &Endpoint, timeout: Duration) -> Result<View, String> {
+pub async fn fetch(endpoint: &Endpoint, timeout: Duration) -> Result<View, PatroniError> {
     let work = async {
-        let mut tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
         let request = format!(
             "GET /cluster HTTP/1.1\r\nHost: {}:{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
             endpoint.host, endpoint.port
         );
-        tcp.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
+        tcp.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
-        tcp.take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        tcp.take(MAX_RESPONSE).read_to_end(&mut raw).await?;
         View::parse(&http_body(&raw)?)
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| PatroniError::Timeout(timeout))?
 }
 
 /// The body of a `200` response (chunked or not).
-fn http_body(raw: &[u8]) -> Result<Vec<u8>, String> {
+fn http_body(raw: &[u8]) -> Result<Vec<u8>, PatroniError> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or("incomplete HTTP response")?;
+        .ok_or(PatroniError::Http("incomplete"))?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let body = &raw[split + 4..];
     let mut lines = head.lines();
     let status = lines.next().unwrap_or_default();
     let code = status.split_whitespace().nth(1).unwrap_or_default();
     if code != "200" {
-        return Err(format!("HTTP status {status:?}"));
+        return Err(PatroniError::Status(status.to_owned()));
     }
     let mut chunked = false;
     let mut length = None;
@@ -180,27 +201,32 @@ fn http_body(raw: &[u8]) -> Result<Vec<u8>, String> {
         return dechunk(body);
     }
     Ok(match length {
-        Some(n) => body.get(..n).ok_or("truncated HTTP body")?.to_vec(),
+        Some(n) => body
+            .get(..n)
+            .ok_or(PatroniError::Http("truncated body"))?
+            .to_vec(),
         None => body.to_vec(),
     })
 }
 
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, PatroniError> {
     let mut out = Vec::new();
     loop {
         let line_end = body
             .windows(2)
             .position(|w| w == b"\r\n")
-            .ok_or("bad chunk")?;
+            .ok_or(PatroniError::Http("bad chunk"))?;
         let size_text = String::from_utf8_lossy(&body[..line_end]);
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| PatroniError::Http("bad chunk size"))?;
         body = &body[line_end + 2..];
         if size == 0 {
             return Ok(out);
         }
-        out.extend_from_slice(body.get(..size).ok_or("truncated chunk")?);
-        body = body.get(size + 2..).ok_or("truncated chunk")?;
+        let truncated = || PatroniError::Http("truncated chunk");
+        out.extend_from_slice(body.get(..size).ok_or_else(truncated)?);
+        body = body.get(size + 2..).ok_or_else(truncated)?;
     }
 }
 
@@ -229,14 +255,14 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// One reading: the first endpoint that answers is believed.
-pub async fn poll_once(shared: &Shared) -> Result<(), String> {
+pub async fn poll_once(shared: &Shared) -> Result<(), PatroniError> {
     let config = shared.config.load_full();
     let timeout = config.health_check.timeout;
     let mut errors = Vec::new();
     for url in &config.failover.patroni_urls {
         let result = match Endpoint::parse(url) {
             Ok(endpoint) => fetch(&endpoint, timeout).await,
-            Err(err) => Err(err),
+            Err(err) => Err(PatroniError::Url(err)),
         };
         match result {
             Ok(view) => {
@@ -244,10 +270,10 @@ pub async fn poll_once(shared: &Shared) -> Result<(), String> {
                 super::health::act(shared, &config, &transitions);
                 return Ok(());
             }
-            Err(err) => errors.push(format!("{url}: {err}")),
+            Err(err) => errors.push((url.clone(), err)),
         }
     }
-    Err(errors.join("; "))
+    Err(PatroniError::NoneAnswered(errors))
 }
 
 #[cfg(test)]

@@ -494,20 +494,29 @@ impl Pools {
 
     /// `KILL db`: every pool of the client-facing database `database`, retired.
     pub fn retire_database(&self, database: &str) -> usize {
-        self.all()
-            .iter()
-            .filter(|p| p.key.database == database)
-            .map(|p| p.retire())
-            .sum()
+        self.of_database(Some(database)).map(|p| p.retire()).sum()
     }
 
     /// Servers in use still to be closed, for `database` or all (`WAIT_CLOSE`).
     pub fn close_needed(&self, database: Option<&str>) -> usize {
-        self.all()
-            .iter()
-            .filter(|p| database.is_none_or(|d| p.key.database == d))
-            .map(|p| p.close_needed())
+        self.of_database(database).map(|p| p.close_needed()).sum()
+    }
+
+    /// Servers checked out, for `database` or all (`PAUSE`).
+    pub fn in_use(&self, database: Option<&str>) -> usize {
+        self.of_database(database)
+            .map(|p| {
+                let (idle, total, _) = p.counts();
+                total - idle
+            })
             .sum()
+    }
+
+    /// The pools of the client-facing `database`, or all of them.
+    fn of_database<'a>(&self, database: Option<&'a str>) -> impl Iterator<Item = Arc<Pool>> + 'a {
+        self.all()
+            .into_iter()
+            .filter(move |p| database.is_none_or(|d| p.key.database == d))
     }
 
     /// Closes idle servers connected to the server-side database `dbname`.

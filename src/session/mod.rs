@@ -369,7 +369,7 @@ impl Session {
             return Ok(self.client.flush().await.is_ok());
         }
         let at = std::time::Instant::now();
-        self.handle.waiting();
+        self.handle.waiting(at);
         if self.shared.registry.is_paused(&self.login.database) {
             tracing::debug!(database = %self.login.database, "paused; the request waits for RESUME");
             self.shared
@@ -467,7 +467,14 @@ impl Session {
         let metrics = &self.shared.metrics;
         metrics.bytes_received.inc_by(counts.received);
         metrics.bytes_sent.inc_by(counts.sent);
-        let Some(request) = self.request.take() else {
+        let request = self.request.take();
+        if counts.errors != [0; 3] {
+            let node = request.map_or(self.wire.node, |r| r.node);
+            if let Some(state) = self.shared.cluster.load().nodes.get(node) {
+                state.stats.add_errors(counts.errors);
+            }
+        }
+        let Some(request) = request else {
             // Session mode without routing: one relay for the whole session, so its
             // queries and bytes are added when it ends, with no transactions counted.
             let work = registry::Work {
@@ -501,20 +508,6 @@ impl Session {
         } else {
             node.read_transactions.inc();
             node.read_queries.inc_by(counts.queries);
-        }
-        if counts.errors != [0; 3] {
-            if let Some(state) = self.shared.cluster.load().nodes.get(request.node) {
-                let stats = &state.stats;
-                stats
-                    .server_errors
-                    .fetch_add(counts.errors[0], std::sync::atomic::Ordering::Relaxed);
-                stats
-                    .fatals
-                    .fetch_add(counts.errors[1], std::sync::atomic::Ordering::Relaxed);
-                stats
-                    .panics
-                    .fetch_add(counts.errors[2], std::sync::atomic::Ordering::Relaxed);
-            }
         }
         if let Some(prepared) = self.wire.prepared.as_deref() {
             self.handle

@@ -64,9 +64,8 @@ pub struct ClientEntry {
     link_pid: AtomicI32,
     /// Named prepared statements it has (transaction mode).
     pub prepared: AtomicU32,
-    /// Set by `KILL`: the session ends at once.
+    /// Notified by `KILL`: the session ends at once.
     pub killed: Notify,
-    killed_flag: AtomicBool,
 }
 
 impl ClientEntry {
@@ -79,12 +78,8 @@ impl ClientEntry {
         (node != u32::MAX).then(|| (node as usize, self.link_pid.load(Ordering::Relaxed)))
     }
 
-    pub fn is_killed(&self) -> bool {
-        self.killed_flag.load(Ordering::Relaxed)
-    }
-
+    /// Ends the session (`KILL`); a session not waiting yet ends at its next wait.
     pub fn kill(&self) {
-        self.killed_flag.store(true, Ordering::Relaxed);
         self.killed.notify_one();
     }
 }
@@ -96,9 +91,11 @@ pub struct ClientHandle {
 }
 
 impl ClientHandle {
-    /// The client waits for a server.
-    pub fn waiting(&self) {
-        let now = self.registry.now_ms();
+    /// The client's request, complete at `at`, waits for a server.
+    pub fn waiting(&self, at: Instant) {
+        let now = at
+            .saturating_duration_since(self.registry.start)
+            .as_millis() as u64;
         self.entry.request_ms.store(now, Ordering::Relaxed);
         self.entry.wait_since_ms.store(now, Ordering::Relaxed);
         self.entry
@@ -271,7 +268,6 @@ impl Registry {
             link_pid: AtomicI32::new(0),
             prepared: AtomicU32::new(0),
             killed: Notify::new(),
-            killed_flag: AtomicBool::new(false),
         });
         self.clients.insert(id, entry.clone());
         ClientHandle {
@@ -410,11 +406,6 @@ impl Registry {
         changed
     }
 
-    /// The paused databases, for `SHOW DATABASES`.
-    pub fn paused_all(&self) -> bool {
-        self.paused.lock().unwrap_or_else(|p| p.into_inner()).all
-    }
-
     /// Waits while `database` is paused.
     pub async fn wait_resumed(&self, database: &str) {
         let mut changes = self.paused_changed.subscribe();
@@ -453,7 +444,7 @@ mod tests {
         let a = registry.register(new("app"));
         let b = registry.register(new("other"));
         assert_eq!(registry.clients().len(), 2);
-        a.waiting();
+        a.waiting(Instant::now());
         assert_eq!(a.entry.state(), ClientState::Waiting);
         assert!(registry.times(&a.entry).1.is_some());
         a.active(1, 4242);

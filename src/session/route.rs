@@ -434,14 +434,10 @@ pub(super) async fn greeting_pool(
         _ => {
             let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
-                ClientError::fatal(
-                    ErrorKind::ServerConnect,
-                    "08006",
-                    format!(
-                        "no primary server is available (waited failover.hold_timeout, {:?})",
-                        config.failover.hold_timeout
-                    ),
-                )
+                // At login, an error ends the connection.
+                let mut err = no_primary(config.failover.hold_timeout);
+                err.fatal = true;
+                err
             })?
         }
     };
