@@ -665,14 +665,10 @@ async fn pgbench_prepared_mode() {
     });
 }
 
-/// The Python drivers people use, in their prepared modes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_drivers() {
-    let env = start(transaction_pool(3)).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/prepared.py");
-    // Debian's python3-psycopg and python3-asyncpg (.ci/run installs them) live with
-    // the system interpreter, which another python3 on PATH may shadow.
-    let python = ["/usr/bin/python3", "python3"]
+/// Debian's python3-psycopg and python3-asyncpg (.ci/run installs them) live with the
+/// system interpreter, which another python3 on PATH may shadow.
+fn python_with_drivers() -> &'static str {
+    ["/usr/bin/python3", "python3"]
         .into_iter()
         .find(|python| {
             std::process::Command::new(python)
@@ -682,9 +678,16 @@ async fn python_drivers() {
         })
         .expect(
             "a python3 with psycopg and asyncpg (apt-get install python3-psycopg python3-asyncpg)",
-        );
+        )
+}
+
+/// The Python drivers people use, in their prepared modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_drivers() {
+    let env = start(transaction_pool(3)).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/prepared.py");
     let out = tokio::task::block_in_place(|| {
-        std::process::Command::new(python)
+        std::process::Command::new(python_with_drivers())
             .arg(script)
             .arg(format!(
                 "postgresql://{APP_USER}:{}@127.0.0.1:{}/{APP_DB}",
@@ -704,4 +707,180 @@ async fn python_drivers() {
         text.contains("psycopg ok") && text.contains("asyncpg ok"),
         "{text}"
     );
+}
+
+fn describe_portal() -> Vec<u8> {
+    raw::message(b'D', b"P\0")
+}
+
+/// node-postgres' way with a named statement: parsed once per connection, then Bind,
+/// Describe of the portal, Execute, Sync for every use.
+fn use_named(name: &str) -> Vec<Vec<u8>> {
+    vec![bind(name), describe_portal(), execute(), sync()]
+}
+
+/// The answers' shape, with the column count of each RowDescription: `"2 T3 D C Z"`.
+fn shape_with_columns(messages: &[Message]) -> String {
+    messages
+        .iter()
+        .map(|m| match m.tag {
+            b'T' => format!("T{}", u16::from_be_bytes([m.body[0], m.body[1]])),
+            b'E' => format!("E:{}", m.sqlstate().unwrap_or_default()),
+            tag => (tag as char).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Each request on every client through pgrelay, and on a connection straight to
+/// PostgreSQL: all must answer alike.
+async fn same_everywhere(
+    direct: &mut TcpStream,
+    clients: &mut [TcpStream],
+    request: &[Vec<u8>],
+    expected: &str,
+) {
+    let answers = exchange(direct, request).await;
+    assert_eq!(shape_with_columns(&answers), expected, "PostgreSQL itself");
+    for (i, client) in clients.iter_mut().enumerate() {
+        let answers = exchange(client, request).await;
+        assert_eq!(shape_with_columns(&answers), expected, "client {i}");
+    }
+}
+
+/// Statements prepared before a schema change answer as PostgreSQL answers them, on
+/// whichever server the client lands: refused as stale (0A000), on a server that has
+/// the old preparation and on one that never had it, until the client prepares them
+/// again; then they return the new shape everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_across_schema_changes_answer_as_postgresql() {
+    // Three servers that keep one statement each: other statements push it out.
+    let env = start(trust_env(3, 1)).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute("CREATE TABLE nt (a int); INSERT INTO nt VALUES (1)")
+        .await
+        .expect("create table");
+    let primary = std::net::SocketAddr::from(([127, 0, 0, 1], env.cluster.primary_port()));
+    let mut direct = raw::login_trust(primary, "postgres", APP_DB).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(raw::login_trust(env.addr, APP_USER, APP_DB).await);
+    }
+    // Inside open transactions, the three clients hold the three servers: each
+    // prepares the statement on its own.
+    let begin = [raw::query("BEGIN")];
+    let prepare = [parse("s1", "SELECT * FROM nt"), sync()];
+    for client in clients.iter_mut() {
+        assert_eq!(shape(&exchange(client, &begin).await), "C Z");
+        assert_eq!(shape(&exchange(client, &prepare).await), "1 Z");
+        let answers = exchange(client, &use_named("s1")).await;
+        assert_eq!(shape_with_columns(&answers), "2 T1 D C Z");
+    }
+    for client in clients.iter_mut() {
+        assert_eq!(
+            shape(&exchange(client, &[raw::query("COMMIT")]).await),
+            "C Z"
+        );
+    }
+    assert_eq!(shape(&exchange(&mut direct, &prepare).await), "1 Z");
+
+    admin
+        .batch_execute("ALTER TABLE nt ADD COLUMN b int DEFAULT 2")
+        .await
+        .expect("alter table");
+    // The first refusal comes from a server that prepared it before the change.
+    same_everywhere(
+        &mut direct,
+        &mut clients[..1],
+        &use_named("s1"),
+        "E:0A000 Z",
+    )
+    .await;
+    // Other statements push it out of every server; where it is prepared no more,
+    // pgrelay refuses it as PostgreSQL would, rather than preparing the old text anew.
+    let other = [parse("other", "SELECT 2"), bind("other"), execute(), sync()];
+    for client in clients.iter_mut() {
+        assert_eq!(shape(&exchange(client, &begin).await), "C Z");
+        assert_eq!(shape(&exchange(client, &other).await), "1 2 D C Z");
+    }
+    for client in clients.iter_mut() {
+        assert_eq!(
+            shape(&exchange(client, &[raw::query("COMMIT")]).await),
+            "C Z"
+        );
+    }
+    for _ in 0..2 {
+        same_everywhere(&mut direct, &mut clients, &use_named("s1"), "E:0A000 Z").await;
+    }
+    // Prepared again, it returns the new shape on every server.
+    let mut again = vec![close_statement("s1"), parse("s1", "SELECT * FROM nt")];
+    again.extend(use_named("s1"));
+    same_everywhere(&mut direct, &mut clients, &again, "3 1 2 T2 D C Z").await;
+    for _ in 0..2 {
+        same_everywhere(&mut direct, &mut clients, &use_named("s1"), "2 T2 D C Z").await;
+    }
+
+    // Dropped and created again with other column types.
+    admin
+        .batch_execute(
+            "DROP TABLE nt; CREATE TABLE nt (a text, b int, c int); INSERT INTO nt VALUES ('x', 1, 2)",
+        )
+        .await
+        .expect("re-create table");
+    for _ in 0..2 {
+        same_everywhere(&mut direct, &mut clients, &use_named("s1"), "E:0A000 Z").await;
+    }
+    same_everywhere(&mut direct, &mut clients, &again, "3 1 2 T3 D C Z").await;
+    let answers = exchange(&mut clients[2], &use_named("s1")).await;
+    assert_eq!(values(&answers), ["x"]);
+}
+
+/// asyncpg with its statement cache on, through schema changes (ADD COLUMN, ALTER
+/// COLUMN TYPE, DROP and CREATE with other types, ALTER TYPE of a composite, an
+/// unrelated index): every read of every client returns what it returns straight
+/// from PostgreSQL, errors included. asyncpg re-prepares and retries a statement
+/// PostgreSQL refuses as stale, so the application sees none of those refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_reads_through_schema_changes_as_from_postgresql() {
+    let env = start(transaction_pool(3)).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/drivers/schema_change.py"
+    );
+    let url = |port: u16| {
+        format!(
+            "postgresql://{APP_USER}:{}@127.0.0.1:{port}/{APP_DB}",
+            support::APP_PASSWORD
+        )
+    };
+    let run = |port: u16, suffix: &str| {
+        let out = std::process::Command::new(python_with_drivers())
+            .args([script, &url(port), suffix])
+            .output()
+            .expect("run python3");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let direct = tokio::task::block_in_place(|| run(env.cluster.primary_port(), "direct"));
+    let relayed = tokio::task::block_in_place(|| run(env.port(), "relayed"));
+    let direct = direct
+        .replace("sc_t_direct", "T")
+        .replace("sc_u_direct", "U");
+    let relayed = relayed
+        .replace("sc_t_relayed", "T")
+        .replace("sc_u_relayed", "U");
+    assert_eq!(relayed, direct);
+    // The only errors the application sees are asyncpg's own outdated type cache after
+    // the composite change, as straight from PostgreSQL: no refused statement.
+    let log: Vec<serde_json::Value> = serde_json::from_str(&relayed).expect("JSON log");
+    assert_eq!(log.len(), 6 * 6 * 2 * 2, "{relayed}");
+    for entry in &log {
+        let (step, outcome) = (&entry[0], &entry[4]);
+        if outcome[0] == "error" {
+            assert_eq!(step, "composite", "{entry}");
+            assert_eq!(outcome[1], "OutdatedSchemaCacheError", "{entry}");
+        }
+    }
 }

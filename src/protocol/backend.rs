@@ -75,6 +75,9 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    /// The server function that raised it (`R`): names an error whatever the language
+    /// of its message (`RevalidateCachedQuery` for a stale prepared statement).
+    pub routine: String,
 }
 
 pub fn error_fields(body: &[u8]) -> ErrorFields {
@@ -93,6 +96,7 @@ pub fn error_fields(body: &[u8]) -> ErrorFields {
             b'S' | b'V' => fields.severity = value,
             b'C' => fields.code = value,
             b'M' => fields.message = value,
+            b'R' => fields.routine = value,
             _ => {}
         }
         rest = next;
@@ -129,6 +133,32 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
             (b'V', severity.to_owned()),
             (b'C', code.to_owned()),
             (b'M', message),
+        ]),
+    );
+}
+
+/// The server function that refuses a prepared statement whose result shape changed.
+pub const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
+
+impl ErrorFields {
+    /// PostgreSQL refused to run a prepared statement because a schema change altered
+    /// its result shape (0A000 "cached plan must not change result type").
+    pub fn is_stale_plan(&self) -> bool {
+        self.code == "0A000" && self.routine == STALE_PLAN_ROUTINE
+    }
+}
+
+/// The error PostgreSQL gives when a prepared statement's result shape changed since it
+/// was prepared, with the routine drivers recognise it by (asyncpg re-prepares on it).
+pub fn stale_plan_error(buf: &mut BytesMut) {
+    put(
+        buf,
+        &ErrorResponse::new(vec![
+            (b'S', "ERROR".to_owned()),
+            (b'V', "ERROR".to_owned()),
+            (b'C', "0A000".to_owned()),
+            (b'M', "cached plan must not change result type".to_owned()),
+            (b'R', STALE_PLAN_ROUTINE.to_owned()),
         ]),
     );
 }

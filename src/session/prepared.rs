@@ -25,11 +25,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashSet;
 
+use crate::protocol::backend::ErrorFields;
 use crate::protocol::{backend, frontend, read_cstr};
 use crate::router::classify::effects::{session_effects, Effects};
 
@@ -44,6 +46,12 @@ const NONE: &[u8] = b"pgrelay_none";
 /// Parsed twice to have the server refuse a client's second Parse of one name
 /// (42P05), as it would have refused it without pgrelay.
 const DUPLICATE: &[u8] = b"pgrelay_duplicate";
+/// A Parse that always fails (42601): sent in place of preparing a statement a server
+/// refused as stale, so that the server skips the request to its Sync; its error is
+/// replaced by PostgreSQL's own for a stale statement.
+const STALE: &[u8] = b"pgrelay_stale";
+const STALE_TEXT: &[u8] = b"pgrelay_stale\0\0\0";
+const SYNTAX_ERROR: &str = "42601";
 
 /// One statement a client prepared.
 #[derive(Debug)]
@@ -57,13 +65,17 @@ pub struct Statement {
 }
 
 impl Statement {
-    fn new(rest: &[u8], search_path: Option<&str>) -> Statement {
+    /// `generation` is the schema generation it was prepared in (see [`Parsed`]).
+    fn new(rest: &[u8], search_path: Option<&str>, generation: u64) -> Statement {
         let hash = |salt: u8| {
             let mut hasher = DefaultHasher::new();
             salt.hash(&mut hasher);
             rest.hash(&mut hasher);
             // The same text means other tables under another search_path.
             search_path.hash(&mut hasher);
+            // After a schema change the same text may return another shape: it is
+            // another statement, prepared afresh on every server.
+            generation.hash(&mut hasher);
             hasher.finish()
         };
         let id = (u128::from(hash(1)) << 64) | u128::from(hash(2));
@@ -83,17 +95,50 @@ impl Statement {
     }
 }
 
-/// Statements some server has parsed without error, by id, shared by all sessions: a
-/// client that prepares one of them (Parse and Sync, nothing else) is answered without
-/// a server. Bounded; emptied when full.
+/// What all sessions know about statements, shared.
+///
+/// - Statements some server has parsed without error, by id: a client that prepares one
+///   of them (Parse and Sync, nothing else) is answered without a server.
+/// - The schema generation, bumped by every schema change pgrelay sees (DDL or `DISCARD
+///   PLANS`/`ALL` through it, or a server refusing a statement as stale). It is part of a
+///   statement's id, so a statement a client prepares after a change is never served
+///   from a preparation made before it.
+/// - Statements a server refused because their result shape changed (0A000 "cached plan
+///   must not change result type"): PostgreSQL refuses them on every connection that
+///   prepared them before the change, so pgrelay never prepares them afresh on another
+///   server, where they would silently return the new shape.
+///
+/// The sets are bounded; each is emptied when full.
 #[derive(Debug, Default)]
 pub struct Parsed {
     ids: DashSet<u128>,
+    generation: AtomicU64,
+    stale: DashSet<u128>,
 }
 
 const PARSED_MAX: usize = 10_000;
 
 impl Parsed {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The schema may have changed: statements prepared from now on get new ids.
+    pub fn schema_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn mark_stale(&self, id: u128) {
+        if self.stale.len() >= PARSED_MAX {
+            self.stale.clear();
+        }
+        self.stale.insert(id);
+    }
+
+    fn is_stale(&self, id: u128) -> bool {
+        self.stale.contains(&id)
+    }
+
     fn knows(&self, id: u128) -> bool {
         self.ids.contains(&id)
     }
@@ -176,6 +221,8 @@ struct Expect {
     forget_server: Option<u128>,
     /// Skipped or failed: the client's statement of this name does not exist.
     forget_client: Option<Box<[u8]>>,
+    /// A [`STALE`] Parse: its error is replaced by PostgreSQL's for a stale statement.
+    replaces_error: bool,
 }
 
 impl Expect {
@@ -207,6 +254,9 @@ pub struct Prepared {
     capacity: usize,
     /// See [`Prepared::distrust_server`].
     distrust: bool,
+    /// Statements Binds and Describes used, by segment (as [`Expect::segment`]), until
+    /// that segment is answered: a stale-statement error is put down to them.
+    used: Vec<(u64, u128)>,
     parsed: Arc<Parsed>,
     pub stats: PreparedStats,
 }
@@ -217,6 +267,10 @@ pub enum Answer {
     Forward,
     /// The answer to a message pgrelay injected: drop it.
     Swallow,
+    /// The error of a [`STALE`] Parse: drop it, and tell the client what PostgreSQL
+    /// tells a client whose prepared statement went stale
+    /// ([`backend::stale_plan_error`]).
+    Replace,
 }
 
 impl Prepared {
@@ -224,6 +278,7 @@ impl Prepared {
         Prepared {
             parsed,
             distrust: false,
+            used: Vec::new(),
             statements: HashMap::new(),
             expect: VecDeque::new(),
             sent: 0,
@@ -237,6 +292,7 @@ impl Prepared {
     pub fn attached(&mut self) {
         self.distrust = false;
         self.expect.clear();
+        self.used.clear();
         self.sent = 0;
         self.answered = 0;
     }
@@ -372,7 +428,7 @@ impl Prepared {
                     if name.is_empty() || known_name {
                         return false;
                     }
-                    let statement = Statement::new(text, search_path);
+                    let statement = Statement::new(text, search_path, self.parsed.generation());
                     if !self.parsed.knows(statement.id) {
                         return false;
                     }
@@ -436,6 +492,7 @@ impl Prepared {
             segment: self.sent,
             forget_server,
             forget_client,
+            replaces_error: false,
         });
     }
 
@@ -531,7 +588,8 @@ impl Prepared {
             self.expect(b'1', false, None, None);
             return None;
         }
-        let statement = Arc::new(Statement::new(rest, search_path));
+        let generation = self.parsed.generation();
+        let statement = Arc::new(Statement::new(rest, search_path, generation));
         let forget = Some(Box::<[u8]>::from(name));
         if self.server_has(server, statement.id) {
             self.close_then_parse(out, ECHO, b"\0\0\0");
@@ -564,11 +622,22 @@ impl Prepared {
 
     /// Prepares `statement` on the server unless it has it.
     fn ensure(&mut self, statement: &Statement, server: &mut ServerStatements, out: &mut BytesMut) {
+        if self.used.last() != Some(&(self.sent, statement.id)) {
+            self.used.push((self.sent, statement.id));
+        }
         if self.server_has(server, statement.id) {
             self.stats.hits += 1;
             return;
         }
         self.stats.misses += 1;
+        if self.parsed.is_stale(statement.id) {
+            parse(out, STALE, STALE_TEXT);
+            self.expect(b'1', true, None, None);
+            if let Some(e) = self.expect.back_mut() {
+                e.replaces_error = true;
+            }
+            return;
+        }
         self.make_room(statement.id, server, out);
         // Closing first makes the Parse safe even if the server still had it.
         self.close_then_parse(out, &statement.name, &statement.rest);
@@ -583,9 +652,24 @@ impl Prepared {
         }
     }
 
-    /// Shown every ParseComplete, CloseComplete, ErrorResponse and ReadyForQuery the
-    /// server sends while anything is expected.
-    pub fn on_server(&mut self, tag: u8, server: &mut ServerStatements) -> Answer {
+    /// Whether [`Prepared::on_server`] must be shown server messages with this tag.
+    pub fn watches(&self, tag: u8) -> bool {
+        match tag {
+            backend::READY_FOR_QUERY => true,
+            backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => self.expecting(),
+            backend::ERROR_RESPONSE => self.expecting() || !self.used.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Shown the server messages [`Prepared::watches`]; `error` holds an
+    /// ErrorResponse's fields.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        error: Option<&ErrorFields>,
+        server: &mut ServerStatements,
+    ) -> Answer {
         match tag {
             backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => match self.expect.front() {
                 Some(e) if e.tag == tag => {
@@ -606,6 +690,14 @@ impl Prepared {
                 }
             },
             backend::ERROR_RESPONSE => {
+                let replace = error.is_some_and(|e| e.code == SYNTAX_ERROR)
+                    && self
+                        .expect
+                        .front()
+                        .is_some_and(|e| e.replaces_error && e.segment <= self.answered);
+                if error.is_some_and(ErrorFields::is_stale_plan) {
+                    self.note_stale_plan();
+                }
                 // The server skips the rest of this segment, up to its Sync.
                 while self
                     .expect
@@ -621,14 +713,39 @@ impl Prepared {
                         }
                     }
                 }
-                Answer::Forward
+                if replace {
+                    Answer::Replace
+                } else {
+                    Answer::Forward
+                }
             }
             backend::READY_FOR_QUERY => {
                 self.answered += 1;
+                if !self.used.is_empty() {
+                    let answered = self.answered;
+                    self.used.retain(|(segment, _)| *segment >= answered);
+                }
                 Answer::Forward
             }
             _ => Answer::Forward,
         }
+    }
+
+    /// A server refused a statement of the current segment as stale: the schema
+    /// changed under it. The statements the segment used are stale everywhere (a
+    /// segment seldom uses more than one), and statements prepared from now on are new.
+    fn note_stale_plan(&mut self) {
+        self.parsed.schema_changed();
+        for (segment, id) in &self.used {
+            if *segment <= self.answered {
+                self.parsed.mark_stale(*id);
+            }
+        }
+    }
+
+    /// The client's transaction changes the schema (DDL, `DISCARD PLANS`).
+    pub fn schema_changed(&self) {
+        self.parsed.schema_changed();
     }
 
     /// Whether server answers need to be looked at.
@@ -767,10 +884,10 @@ mod tests {
 
     #[test]
     fn equal_statements_get_equal_server_names() {
-        let a = Statement::new(b"SELECT 1\0\0\0", None);
-        let b = Statement::new(b"SELECT 1\0\0\0", None);
-        let c = Statement::new(b"SELECT 2\0\0\0", None);
-        let d = Statement::new(b"SELECT 1\0\0\0", Some("other"));
+        let a = Statement::new(b"SELECT 1\0\0\0", None, 0);
+        let b = Statement::new(b"SELECT 1\0\0\0", None, 0);
+        let c = Statement::new(b"SELECT 2\0\0\0", None, 0);
+        let d = Statement::new(b"SELECT 1\0\0\0", Some("other"), 0);
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
         assert_ne!(a.name, d.name, "search_path is part of the identity");
@@ -795,8 +912,8 @@ mod tests {
             [('C', server_name.clone()), ('P', server_name.clone())]
         );
         // Close swallowed, ParseComplete forwarded.
-        assert_eq!(client.on_server(b'3', &mut first), Answer::Swallow);
-        assert_eq!(client.on_server(b'1', &mut first), Answer::Forward);
+        assert_eq!(client.on_server(b'3', None, &mut first), Answer::Swallow);
+        assert_eq!(client.on_server(b'1', None, &mut first), Answer::Forward);
 
         // The same server has it: the Bind is only renamed.
         out.clear();
@@ -815,8 +932,8 @@ mod tests {
                 ('B', server_name.clone())
             ]
         );
-        assert_eq!(client.on_server(b'3', &mut second), Answer::Swallow);
-        assert_eq!(client.on_server(b'1', &mut second), Answer::Swallow);
+        assert_eq!(client.on_server(b'3', None, &mut second), Answer::Swallow);
+        assert_eq!(client.on_server(b'1', None, &mut second), Answer::Swallow);
         assert!(!client.expecting());
         assert_eq!(second.len(), 1);
     }
@@ -846,7 +963,7 @@ mod tests {
         client.forwarded(b'S');
         assert_eq!(server.len(), 3);
         for tag in [b'3', b'1', b'Z', b'3', b'E', b'Z'] {
-            client.on_server(tag, &mut server);
+            client.on_server(tag, None, &mut server);
         }
         assert!(!client.expecting());
         assert!(client.statement(b"a").is_some());
@@ -871,6 +988,120 @@ mod tests {
         out.clear();
         client.rewrite(b'B', &bind_body("mine"), &mut server, None, &mut out);
         assert_eq!(messages(&out), [('B', "mine".into())]);
+    }
+
+    fn error(code: &str, routine: &str) -> ErrorFields {
+        ErrorFields {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: String::new(),
+            routine: routine.into(),
+        }
+    }
+
+    #[test]
+    fn a_stale_statement_is_refused_everywhere_and_prepared_anew_under_a_new_id() {
+        let parsed = Arc::new(Parsed::default());
+        let (mut a, mut b) = (
+            Prepared::new(10, parsed.clone()),
+            Prepared::new(10, parsed.clone()),
+        );
+        let (mut first, mut second) = (ServerStatements::default(), ServerStatements::default());
+        let mut out = BytesMut::new();
+        // Both clients prepare the same text: one server-side statement on `first`.
+        a.rewrite(
+            b'P',
+            &parse_body("s", "SELECT * FROM t"),
+            &mut first,
+            None,
+            &mut out,
+        );
+        b.rewrite(
+            b'P',
+            &parse_body("s", "SELECT * FROM t"),
+            &mut first,
+            None,
+            &mut out,
+        );
+        let old = a.statement(b"s").map(|s| s.id);
+        assert_eq!(old, b.statement(b"s").map(|s| s.id));
+        a.attached();
+        b.attached();
+
+        // After a schema change, a's Bind on `first` is refused as stale.
+        out.clear();
+        a.rewrite(b'B', &bind_body("s"), &mut first, None, &mut out);
+        a.forwarded(b'S');
+        let stale = error("0A000", backend::STALE_PLAN_ROUTINE);
+        assert_eq!(a.on_server(b'E', Some(&stale), &mut first), Answer::Forward);
+        assert_eq!(a.on_server(b'Z', None, &mut first), Answer::Forward);
+        assert!(parsed.is_stale(old.unwrap_or_default()));
+
+        // The driver re-prepares the same text under a new name: a new statement,
+        // really parsed, never echoed from the stale one.
+        out.clear();
+        a.rewrite(
+            b'P',
+            &parse_body("s2", "SELECT * FROM t"),
+            &mut first,
+            None,
+            &mut out,
+        );
+        let renewed = a.statement(b"s2").map(|s| s.id);
+        assert_ne!(renewed, old);
+        assert!(messages(&out)
+            .iter()
+            .all(|(_, name)| name != "pgrelay_echo"));
+
+        // b still holds the old statement. On a server that never had it, it is not
+        // prepared afresh: a failing Parse stands in, and its error is replaced.
+        out.clear();
+        b.rewrite(b'B', &bind_body("s"), &mut second, None, &mut out);
+        b.forwarded(b'S');
+        assert_eq!(messages(&out)[0], ('P', "pgrelay_stale".into()));
+        assert_eq!(
+            b.on_server(b'E', Some(&error("42601", "scanner_yyerror")), &mut second),
+            Answer::Replace
+        );
+        assert_eq!(second.len(), 0);
+        // Another error in that place (an aborted transaction) is passed on.
+        out.clear();
+        b.attached();
+        b.rewrite(b'B', &bind_body("s"), &mut second, None, &mut out);
+        b.forwarded(b'S');
+        let aborted = error("25P02", "exec_parse_message");
+        assert_eq!(
+            b.on_server(b'E', Some(&aborted), &mut second),
+            Answer::Forward
+        );
+    }
+
+    #[test]
+    fn statements_prepared_after_a_schema_change_are_new() {
+        let parsed = Arc::new(Parsed::default());
+        let mut client = Prepared::new(10, parsed.clone());
+        let mut server = ServerStatements::default();
+        let mut out = BytesMut::new();
+        client.rewrite(
+            b'P',
+            &parse_body("a", "SELECT 1"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        parsed.schema_changed();
+        client.rewrite(
+            b'P',
+            &parse_body("b", "SELECT 1"),
+            &mut server,
+            None,
+            &mut out,
+        );
+        assert_ne!(
+            client.statement(b"a").map(|s| s.id),
+            client.statement(b"b").map(|s| s.id)
+        );
+        assert_eq!(server.len(), 2, "the second is parsed, not echoed");
     }
 
     #[test]

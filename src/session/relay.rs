@@ -124,6 +124,9 @@ pub struct Wire {
     pub(super) rewrite_buffered: bool,
     /// The server message first in its buffer answers an injected one: drop it.
     swallow_front: bool,
+    /// ... and tell the client its statement went stale instead (see
+    /// [`Answer::Replace`]).
+    replace_front: bool,
     /// The server ended the session with this FATAL error (not forwarded: the
     /// session decides what the client is told).
     server_fatal: Option<backend::ErrorFields>,
@@ -189,6 +192,7 @@ impl Wire {
             front: Front::Relayed,
             rewrite_buffered: false,
             swallow_front: false,
+            replace_front: false,
             server_fatal: None,
             counts: Counts::default(),
         }
@@ -228,6 +232,7 @@ impl Wire {
         self.client_paused = false;
         self.resume_client = false;
         self.swallow_front = false;
+        self.replace_front = false;
         self.front = Front::Relayed;
         self.rewrite_buffered = false;
         self.s2c = 0;
@@ -387,10 +392,16 @@ impl Wire {
                     Carry::Relay => {}
                 }
             }
+            let changed_schema = effects.schema_change;
             note_effects(track_effects, tag, body, effects);
-            if effects.deallocate_all {
-                if let Some(p) = prepared.as_deref_mut() {
+            if let Some(p) = prepared.as_deref_mut() {
+                if effects.deallocate_all {
                     p.distrust_server();
+                }
+                if effects.schema_change && !changed_schema {
+                    // Statements the client prepares later in this transaction see the
+                    // change; the end of the transaction bumps again for everyone else.
+                    p.schema_changed();
                 }
             }
             let step = state.on_message(tag, body, pools, attached);
@@ -462,21 +473,25 @@ impl Wire {
         let mut resume = false;
         let prepared = &mut self.prepared;
         let mut swallow = false;
+        let mut replace = false;
         let mut fatal = None;
         let mut errors = [0u64; 3];
         let scanned = self.server_scan.scan(buf, |tag, body| {
-            if let Some(p) = prepared.as_deref_mut() {
-                let watched = tag == backend::READY_FOR_QUERY
-                    || (p.expecting()
-                        && matches!(
-                            tag,
-                            backend::PARSE_COMPLETE
-                                | backend::CLOSE_COMPLETE
-                                | backend::ERROR_RESPONSE
-                        ));
-                if watched && p.on_server(tag, server_statements) == Answer::Swallow {
-                    swallow = true;
-                    return Step::StopBefore;
+            let error = match (tag, body) {
+                (backend::ERROR_RESPONSE, Some(body)) => Some(backend::error_fields(body)),
+                _ => None,
+            };
+            if let Some(p) = prepared.as_deref_mut().filter(|p| p.watches(tag)) {
+                match p.on_server(tag, error.as_ref(), server_statements) {
+                    Answer::Forward => {}
+                    Answer::Swallow => {
+                        swallow = true;
+                        return Step::StopBefore;
+                    }
+                    Answer::Replace => {
+                        (swallow, replace) = (true, true);
+                        return Step::StopBefore;
+                    }
                 }
             }
             match (tag, body) {
@@ -495,14 +510,16 @@ impl Wire {
                     resume |= paused;
                     Step::Forward
                 }
-                (backend::ERROR_RESPONSE, Some(body)) => match note_error(body, &mut errors) {
-                    // The server ends the session: the session tells the client.
-                    Some(fields) => {
-                        fatal = Some(fields);
-                        Step::StopBefore
+                (backend::ERROR_RESPONSE, Some(_)) => {
+                    match error.and_then(|e| note_error(e, &mut errors)) {
+                        // The server ends the session: the session tells the client.
+                        Some(fields) => {
+                            fatal = Some(fields);
+                            Step::StopBefore
+                        }
+                        None => Step::Forward,
                     }
-                    None => Step::Forward,
-                },
+                }
                 (backend::PARAMETER_STATUS, Some(body)) => {
                     if let Ok((name, value)) = backend::parameter_status(body) {
                         server_params.set_reported(name, value);
@@ -514,6 +531,7 @@ impl Wire {
             }
         });
         self.swallow_front |= swallow;
+        self.replace_front |= replace;
         for (total, new) in self.counts.errors.iter_mut().zip(errors) {
             *total += new;
         }
@@ -580,8 +598,16 @@ impl Wire {
                 Err(err) => return Poll::Ready(RelayEnd::ClientIo(err)),
             }
             if self.s2c == 0 && self.swallow_front {
-                // A ParseComplete or CloseComplete of pgrelay's own: five bytes.
-                server.conn.rbuf().advance(HEADER_LEN);
+                // The answer to a message of pgrelay's own, whole in the buffer: a
+                // ParseComplete or CloseComplete, or the error of a stale Parse.
+                let len = crate::protocol::header(server.conn.rbuf(), MAX_MESSAGE_LEN)
+                    .ok()
+                    .flatten()
+                    .map_or(HEADER_LEN, |(_, total)| total);
+                server.conn.rbuf().advance(len);
+                if std::mem::take(&mut self.replace_front) {
+                    backend::stale_plan_error(client.wbuf());
+                }
                 self.swallow_front = false;
                 self.scan_server(server, client_params);
                 continue;
@@ -707,8 +733,7 @@ impl Wire {
 
 /// Counts a server ErrorResponse by severity (ERROR, FATAL, PANIC); returns its fields
 /// if it ends the server's session.
-fn note_error(body: &[u8], errors: &mut [u64; 3]) -> Option<backend::ErrorFields> {
-    let fields = backend::error_fields(body);
+fn note_error(fields: backend::ErrorFields, errors: &mut [u64; 3]) -> Option<backend::ErrorFields> {
     let slot = match fields.severity.as_str() {
         "FATAL" => 1,
         "PANIC" => 2,

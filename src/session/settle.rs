@@ -51,6 +51,10 @@ impl Session {
         if effects.is_empty() && !check_pins {
             return Ok(());
         }
+        if effects.schema_change {
+            // Committed now: statements prepared from here on see the new schema.
+            self.shared.parsed.schema_changed();
+        }
         let server = guard.server();
         if effects.deallocate_all {
             server.statements.clear();

@@ -55,6 +55,10 @@ pub struct Effects {
     pub may_release: bool,
     /// State the server cannot be asked about: the client stays on its server for good.
     pub pin: Option<&'static str>,
+    /// May change what prepared statements return (`CREATE`, `ALTER`, `DROP` of
+    /// anything but temporary objects, `DISCARD PLANS`/`ALL`): statements prepared
+    /// before it are not shared with clients that prepare them after it.
+    pub schema_change: bool,
 }
 
 impl Effects {
@@ -74,6 +78,7 @@ impl Effects {
         self.may_pin |= other.may_pin;
         self.may_release |= other.may_release;
         self.pin = self.pin.or(other.pin);
+        self.schema_change |= other.schema_change;
     }
 }
 
@@ -166,10 +171,12 @@ fn statement(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
         reset(stmt, effects);
     } else if kw("discard") {
         effects.may_release = true;
-        if word(stmt.next()).is_some_and(|w| is(w, "all")) {
+        let what = word(stmt.next());
+        if what.is_some_and(|w| is(w, "all")) {
             effects.reset_all = true;
             effects.deallocate_all = true;
         }
+        effects.schema_change = what.is_some_and(|w| is(w, "all") || is(w, "plans"));
     } else if kw("deallocate") {
         effects.may_release = true;
         let mut next = word(stmt.next());
@@ -190,11 +197,16 @@ fn statement(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
                 break;
             }
             if !(is(w, "or") || is(w, "replace") || is(w, "global") || is(w, "local")) {
+                effects.schema_change = true;
                 break;
             }
         }
+    } else if kw("alter") {
+        effects.schema_change = true;
+    } else if kw("drop") {
+        effects.may_release = true;
+        effects.schema_change = true;
     } else if kw("unlisten")
-        || kw("drop")
         || kw("close")
         || kw("commit")
         || kw("end")
@@ -393,6 +405,30 @@ mod tests {
         assert!(session_effects(b"deallocate prepare all").deallocate_all);
         // In a string or a comment it is nothing.
         assert!(session_effects(b"SELECT 'pg_advisory_lock(1)' -- listen x").is_empty());
+    }
+
+    #[test]
+    fn schema_changes_are_noted() {
+        for sql in [
+            "ALTER TABLE t ADD COLUMN b int",
+            "drop table t",
+            "CREATE TABLE t (a int)",
+            "create or replace view v as select 1",
+            "DISCARD PLANS",
+            "discard all",
+            "SELECT 1; ALTER TYPE c ADD ATTRIBUTE z int",
+        ] {
+            assert!(session_effects(sql.as_bytes()).schema_change, "{sql}");
+        }
+        for sql in [
+            "CREATE TEMP TABLE x (a int)",
+            "create temporary table x as select 1",
+            "DISCARD TEMP",
+            "SELECT 'alter table t'",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!session_effects(sql.as_bytes()).schema_change, "{sql}");
+        }
     }
 
     #[test]
