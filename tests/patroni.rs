@@ -1,5 +1,5 @@
 //! `topology = "patroni"` end to end: etcd and two Patroni nodes on loopback (Debian's
-//! `etcd-server` and `patroni` packages, which `.ci/run` installs), pgrelay told only
+//! `etcd-server` and `patroni` packages, which `bash .ci/test` installs), pgrelay told only
 //! the Patroni REST URLs, and `patronictl switchover` under load through pgrelay.
 
 mod support;
@@ -26,14 +26,7 @@ fn free_port() -> u16 {
 }
 
 fn find(program: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("{program} is not installed: apt-get install patroni etcd-server (.ci/run does)")
-    })
+    support::needs::program(program)
 }
 
 /// The `postgres` user when running as root (PostgreSQL refuses root).

@@ -670,19 +670,10 @@ async fn pgbench_prepared_mode() {
 async fn python_drivers() {
     let env = start(transaction_pool(3)).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/prepared.py");
-    // Debian's python3-psycopg and python3-asyncpg (.ci/run installs them) live with
-    // the system interpreter, which another python3 on PATH may shadow.
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|python| {
-            std::process::Command::new(python)
-                .args(["-c", "import psycopg, asyncpg"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        })
-        .expect(
-            "a python3 with psycopg and asyncpg (apt-get install python3-psycopg python3-asyncpg)",
-        );
+    let python = support::needs::python(&[
+        ("psycopg", "python3-psycopg"),
+        ("asyncpg", "python3-asyncpg"),
+    ]);
     let out = tokio::task::block_in_place(|| {
         std::process::Command::new(python)
             .arg(script)
