@@ -59,6 +59,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run { config: path } => {
             let config = load(&path)?;
             init_logging(config.log_format);
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             runtime(config.worker_threads)?.block_on(run(config, Some(path)))
         }
         Command::Demo { port } => {

@@ -331,7 +331,8 @@ fn missing_config_file_is_one_line_with_the_os_reason() {
     }
 }
 
-/// Text logs carry no ANSI colour codes when stderr is a pipe.
+/// Text logs carry no ANSI colour codes when stderr is a pipe, and `run` warns, as
+/// `check` does, that `[tls]` is not implemented yet.
 #[test]
 fn logs_to_a_pipe_have_no_colour_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -342,7 +343,8 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         format!(
             "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nlog_format = \"text\"\n\
              [[backends]]\nhost = \"127.0.0.1\"\nport = {}\n\
-             [[users]]\nname = \"a\"\npassword = \"b\"\n",
+             [[users]]\nname = \"a\"\npassword = \"b\"\n\
+             [tls]\nclient_mode = \"prefer\"\n",
             free_port()
         ),
     )
@@ -380,6 +382,11 @@ fn logs_to_a_pipe_have_no_colour_codes() {
         log.push(line);
     }
     assert!(log.len() >= 2, "{log:?}");
+    assert!(
+        log.iter()
+            .any(|line| contains(line, b"TLS is not implemented yet")),
+        "no TLS warning in {log:?}"
+    );
     for line in &log {
         assert!(
             !line.contains(&0x1b),
