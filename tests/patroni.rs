@@ -520,3 +520,13 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
     );
     relay.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A machine without etcd is told which package to install and the README's command.
+#[test]
+#[should_panic(
+    expected = "`etcd` is not installed (Debian package `etcd-server`); the README's test \
+                command, `bash .ci/test`"
+)]
+fn a_missing_program_names_its_package_and_the_readme_command() {
+    support::needs::program_in("etcd", &[]);
+}

@@ -22,10 +22,17 @@ fn package_of(program: &str) -> &'static str {
 /// Where `program` is: the first PATH entry holding it, else /usr/sbin (not on a normal
 /// user's PATH). A missing program fails the test, naming its package.
 pub fn program(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
+    let path: Vec<PathBuf> = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .chain([PathBuf::from("/usr/sbin")])
+        .collect();
+    program_in(program, &path)
+}
+
+/// [`program`] looking only in `dirs`.
+pub fn program_in(program: &str, dirs: &[PathBuf]) -> PathBuf {
+    dirs.iter()
         .map(|dir| dir.join(program))
         .find(|path| path.is_file())
         .unwrap_or_else(|| {
