@@ -125,7 +125,7 @@ impl Shared {
         let config = match Config::load(&path) {
             Ok(config) => config,
             Err(err) => {
-                tracing::error!(%err, path = %path.display(), "reload rejected; keeping the running configuration");
+                tracing::error!(err = %err.with_reason(), path = %path.display(), "reload rejected; keeping the running configuration");
                 return Err(err);
             }
         };

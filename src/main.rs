@@ -1,12 +1,15 @@
 //! The `pgrelay` command: `run -c FILE`, `check -c FILE`, `demo`. Logging, runtime and
 //! wiring only; everything else lives in the library.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pgrelay::config::{Config, LogFormat};
+use pgrelay::config::{Config, ConfigError, LogFormat};
 use pgrelay::listener::Pgrelay;
 use pgrelay::shutdown::{Signal, Signals};
 
@@ -21,30 +24,44 @@ struct Cli {
 enum Command {
     /// Run pgrelay with a config file.
     Run {
-        #[arg(short, long)]
+        /// The configuration file (TOML); conf/pgrelay.toml documents every key.
+        #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Check a config file and report problems with the key's path.
     Check {
-        #[arg(short, long)]
+        /// The configuration file (TOML) to check; nothing is started.
+        #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Start a throwaway PostgreSQL primary and replica with pgrelay in front of them.
     Demo {
-        /// Where pgrelay listens.
+        /// The port pgrelay listens on, on 127.0.0.1 (PostgreSQL takes free ports).
         #[arg(long, default_value_t = 6432)]
         port: u16,
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
+fn main() -> ExitCode {
+    match execute(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` puts the causes on the same line: "cannot read FILE: <OS reason>".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Check { config } => check(&config),
         Command::Run { config: path } => {
-            let config = Config::load(&path)
-                .with_context(|| format!("invalid config {}", path.display()))?;
+            let config = load(&path)?;
             init_logging(config.log_format);
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             runtime(config.worker_threads)?.block_on(run(config, Some(path)))
         }
         Command::Demo { port } => {
@@ -70,28 +87,44 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
         .unwrap_or_else(|_| "info".into());
     // Logs go to stderr; stdout is for what the user asked for (`check`, `demo`).
+    // Colours only on a terminal: in a file or a pipe the escape codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    match Config::load(path) {
-        Ok(config) => {
-            for warning in config.warnings() {
-                println!("warning: {warning}");
-            }
-            println!("{}: ok", path.display());
-            Ok(())
-        }
-        Err(err) => {
-            eprintln!("{}: {err}", path.display());
-            std::process::exit(1);
-        }
+/// Loads the file; an error names it once: "cannot read FILE: <OS reason>", or
+/// "FILE: <key>: <problem>".
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|err| match err {
+        ConfigError::Read { .. } => anyhow::Error::new(err),
+        err => anyhow::Error::new(err).context(path.display().to_string()),
+    })
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// Fails at once when the demo's port is taken, before a cluster is built for nothing.
+/// The probe socket is closed again at once; pgrelay binds the port itself.
+fn ensure_port_free(port: u16) -> anyhow::Result<()> {
+    match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        Ok(_) => Ok(()),
+        Err(err) => anyhow::bail!(
+            "port {port} on 127.0.0.1 is not free ({err}); stop what listens there or \
+             choose another port with `pgrelay demo --port <PORT>`"
+        ),
     }
 }
 
@@ -130,6 +163,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn demo(port: u16) -> anyhow::Result<()> {
+    ensure_port_free(port)?;
     let options = pgrelay::demo::ClusterOptions {
         replicas: 1,
         host_auth: "scram-sha-256".into(),

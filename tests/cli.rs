@@ -269,3 +269,194 @@ fn run_reloads_on_sighup_and_shuts_down_from_the_console() {
     }
     assert!(log.contains("configuration reloaded"));
 }
+
+/// `run --help` and `check --help` describe every option, `--config` included.
+#[test]
+fn help_describes_every_option() {
+    for command in ["run", "check", "demo"] {
+        let out = Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .expect("run pgrelay --help");
+        assert!(out.status.success(), "{command} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let options: Vec<&str> = help
+            .lines()
+            .skip_while(|line| *line != "Options:")
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .collect();
+        assert!(
+            !options.is_empty(),
+            "{command} --help lists no options:\n{help}"
+        );
+        if command != "demo" {
+            assert!(
+                options.iter().any(|line| line.contains("-c, --config")),
+                "{command} --help:\n{help}"
+            );
+        }
+        for line in options {
+            // "  -c, --config <FILE>  The configuration file ...": text after the name.
+            let described = line
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, text)| !text.trim().is_empty());
+            assert!(described, "{command} --help: no description in {line:?}");
+        }
+    }
+}
+
+/// A missing file: one line naming it once, with the OS reason, and a failing status.
+#[test]
+fn missing_config_file_is_one_line_with_the_os_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.toml");
+    let shown = path.display().to_string();
+    for command in ["run", "check"] {
+        let out = Command::new(BIN)
+            .args([command, "-c"])
+            .arg(&path)
+            .output()
+            .expect("run pgrelay");
+        assert!(!out.status.success(), "{command}: {:?}", out.status);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{command}: {stderr}");
+        assert_eq!(stderr.matches(&shown).count(), 1, "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot read {shown}: "))
+                && stderr.contains("No such file or directory (os error 2)"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+/// Text logs carry no ANSI colour codes when stderr is a pipe, and `run` warns, as
+/// `check` does, that `[tls]` is not implemented yet.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgrelay.toml");
+    // A backend nobody listens on: the health check logs a warning too.
+    std::fs::write(
+        &path,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nlog_format = \"text\"\n\
+             [[backends]]\nhost = \"127.0.0.1\"\nport = {}\n\
+             [[users]]\nname = \"a\"\npassword = \"b\"\n\
+             [tls]\nclient_mode = \"prefer\"\n",
+            free_port()
+        ),
+    )
+    .expect("write");
+    let mut run = Demo(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("PGRELAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pgrelay run"),
+    );
+    let stderr = run.0.stderr.take().expect("stderr");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).split(b'\n') {
+            if lines.send(line.expect("read stderr")).is_err() {
+                return;
+            }
+        }
+    });
+    let mut log: Vec<Vec<u8>> = Vec::new();
+    while !log.iter().any(|line| contains(line, b"listening")) {
+        let line = received
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no `listening` log line; log: {log:?}"));
+        log.push(line);
+    }
+    let pid = nix::unistd::Pid::from_raw(run.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    // The rest of the log, up to the exit (the pipe closes).
+    while let Ok(line) = received.recv_timeout(Duration::from_secs(20)) {
+        log.push(line);
+    }
+    assert!(log.len() >= 2, "{log:?}");
+    assert!(
+        log.iter()
+            .any(|line| contains(line, b"TLS is not implemented yet")),
+        "no TLS warning in {log:?}"
+    );
+    for line in &log {
+        assert!(
+            !line.contains(&0x1b),
+            "ANSI escape in {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `pgrelay demo --port P` with P taken fails at once, naming P and `--port`, and runs
+/// no PostgreSQL program: the PATH leads to stand-ins for PostgreSQL's programs that only
+/// record that they ran, so building a cluster first would leave a mark.
+#[test]
+fn demo_on_a_taken_port_fails_before_starting_postgres() {
+    use std::os::unix::fs::PermissionsExt;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bin, marks) = (dir.path().join("bin"), dir.path().join("marks"));
+    std::fs::create_dir(&bin).expect("bin dir");
+    std::fs::create_dir(&marks).expect("marks dir");
+    // The demo runs PostgreSQL's programs as `postgres` when we are root.
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    mode(dir.path(), 0o755);
+    mode(&bin, 0o755);
+    mode(&marks, 0o777);
+    for program in ["initdb", "pg_ctl", "postgres", "pg_basebackup", "psql"] {
+        let script = bin.join(program);
+        let mark = marks.join(program);
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ntouch '{}'\nexit 1\n", mark.display()),
+        )
+        .expect("write stand-in");
+        mode(&script, 0o755);
+    }
+    let path = std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["demo", "--port", &port])
+        .env("PATH", path)
+        .output()
+        .expect("run pgrelay demo");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "demo succeeded on a taken port");
+    assert!(
+        stderr.contains(&port) && stderr.contains("--port"),
+        "the error names neither the port nor --port: {stderr}"
+    );
+    let ran: Vec<_> = std::fs::read_dir(&marks)
+        .expect("marks")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert!(
+        ran.is_empty(),
+        "the demo ran {ran:?} before checking its port"
+    );
+    assert!(!stdout.contains("starting"), "{stdout}");
+    // A real cluster takes seconds (initdb alone about one); the check takes none.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    drop(taken);
+}

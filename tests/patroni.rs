@@ -1,5 +1,5 @@
 //! `topology = "patroni"` end to end: etcd and two Patroni nodes on loopback (Debian's
-//! `etcd-server` and `patroni` packages, which `.ci/run` installs), pgrelay told only
+//! `etcd-server` and `patroni` packages, which `bash .ci/test` installs), pgrelay told only
 //! the Patroni REST URLs, and `patronictl switchover` under load through pgrelay.
 
 mod support;
@@ -26,14 +26,7 @@ fn free_port() -> u16 {
 }
 
 fn find(program: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("{program} is not installed: apt-get install patroni etcd-server (.ci/run does)")
-    })
+    support::needs::program(program)
 }
 
 /// The `postgres` user when running as root (PostgreSQL refuses root).
@@ -526,4 +519,14 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
         String::from_utf8_lossy(&rows.stdout).trim()
     );
     relay.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A machine without etcd is told which package to install and the README's command.
+#[test]
+#[should_panic(
+    expected = "`etcd` is not installed (Debian package `etcd-server`); the README's test \
+                command, `bash .ci/test`"
+)]
+fn a_missing_program_names_its_package_and_the_readme_command() {
+    support::needs::program_in("etcd", &[]);
 }

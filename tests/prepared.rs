@@ -665,20 +665,13 @@ async fn pgbench_prepared_mode() {
     });
 }
 
-/// Debian's python3-psycopg and python3-asyncpg (.ci/run installs them) live with the
-/// system interpreter, which another python3 on PATH may shadow.
+/// The system interpreter with Debian's psycopg and asyncpg (another python3 on PATH
+/// may shadow it).
 fn python_with_drivers() -> &'static str {
-    ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|python| {
-            std::process::Command::new(python)
-                .args(["-c", "import psycopg, asyncpg"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        })
-        .expect(
-            "a python3 with psycopg and asyncpg (apt-get install python3-psycopg python3-asyncpg)",
-        )
+    support::needs::python(&[
+        ("psycopg", "python3-psycopg"),
+        ("asyncpg", "python3-asyncpg"),
+    ])
 }
 
 /// The Python drivers people use, in their prepared modes.

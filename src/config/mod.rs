@@ -33,8 +33,9 @@ pub const ADMIN_DATABASE: &str = "pgrelay";
 /// Everything that can go wrong while loading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{}: cannot read the configuration file", path.display())]
+    /// The file could not be read. The OS reason is the source, not part of this
+    /// message, so a caller printing the chain (`{:#}` of anyhow) shows it once.
+    #[error("cannot read {}", path.display())]
     Read {
         /// The path given to [`Config::load`].
         path: PathBuf,
@@ -62,6 +63,18 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The message followed by its sources (the OS reason of a `Read`), for one log line.
+    pub fn with_reason(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(err) = source {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            source = err.source();
+        }
+        text
+    }
+
     /// The key path a `Parse` or `Invalid` error is about.
     pub fn key(&self) -> Option<&str> {
         match self {
@@ -741,8 +754,11 @@ mod tests {
     fn missing_file_is_a_read_error() {
         let err = Config::load(Path::new("/nonexistent/pgrelay.toml")).expect_err("no file");
         assert!(matches!(err, ConfigError::Read { .. }));
-        assert!(err.to_string().starts_with("/nonexistent/pgrelay.toml: "));
-        assert!(std::error::Error::source(&err).is_some());
+        assert_eq!(err.to_string(), "cannot read /nonexistent/pgrelay.toml");
+        assert_eq!(
+            err.with_reason(),
+            "cannot read /nonexistent/pgrelay.toml: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

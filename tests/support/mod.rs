@@ -13,6 +13,7 @@ use pgrelay::config::Config;
 use pgrelay::demo::{ClusterOptions, LocalCluster};
 use pgrelay::listener::Pgrelay;
 
+pub mod needs;
 pub mod raw;
 
 pub const APP_USER: &str = "app";

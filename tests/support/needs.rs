@@ -1,0 +1,72 @@
+//! What some tests need from the machine beyond PostgreSQL: programs and Python modules
+//! from Debian packages. A missing one fails the test with a message naming the package
+//! and the README's test command, which installs everything the tests need.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The README's test command; it installs what is missing, then runs the tests.
+pub const TEST_COMMAND: &str = "bash .ci/test";
+
+/// The Debian package that ships `program`, for the message about a missing one.
+fn package_of(program: &str) -> &'static str {
+    match program {
+        "etcd" => "etcd-server",
+        "patroni" | "patronictl" => "patroni",
+        "psql" | "pgbench" => "postgresql-client",
+        "pgbouncer" => "pgbouncer",
+        _ => "postgresql",
+    }
+}
+
+/// Where `program` is: the first PATH entry holding it, else /usr/sbin (not on a normal
+/// user's PATH). A missing program fails the test, naming its package.
+pub fn program(program: &str) -> PathBuf {
+    let path: Vec<PathBuf> = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .collect();
+    program_in(program, &path)
+}
+
+/// [`program`] looking only in `dirs`.
+pub fn program_in(program: &str, dirs: &[PathBuf]) -> PathBuf {
+    dirs.iter()
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{program}` is not installed (Debian package `{}`); the README's test \
+                 command, `{TEST_COMMAND}`, installs it and everything else the tests need",
+                package_of(program)
+            )
+        })
+}
+
+/// A python3 that imports every module of `modules` (module, Debian package): the
+/// system interpreter first, because Debian's python3-* packages live with it and
+/// another python3 on PATH (pyenv, a virtualenv) may shadow it.
+pub fn python(modules: &[(&str, &str)]) -> &'static str {
+    let imports = modules
+        .iter()
+        .map(|(module, _)| *module)
+        .collect::<Vec<_>>()
+        .join(", ");
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|python| {
+            Command::new(python)
+                .args(["-c", &format!("import {imports}")])
+                .output()
+                .is_ok_and(|out| out.status.success())
+        })
+        .unwrap_or_else(|| {
+            let packages: Vec<&str> = modules.iter().map(|(_, package)| *package).collect();
+            panic!(
+                "no python3 imports {imports} (Debian packages {}); the README's test \
+                 command, `{TEST_COMMAND}`, installs them and everything else the tests need",
+                packages.join(" ")
+            )
+        })
+}
