@@ -118,6 +118,10 @@ pub struct Parsed {
 
 const PARSED_MAX: usize = 10_000;
 
+/// Statements a request's Binds and Describes are remembered by, at most: a client
+/// that pipelines more before a Sync gets no stale-statement bookkeeping past them.
+const USED_MAX: usize = 64;
+
 impl Parsed {
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
@@ -622,8 +626,9 @@ impl Prepared {
 
     /// Prepares `statement` on the server unless it has it.
     fn ensure(&mut self, statement: &Statement, server: &mut ServerStatements, out: &mut BytesMut) {
-        if self.used.last() != Some(&(self.sent, statement.id)) {
-            self.used.push((self.sent, statement.id));
+        let entry = (self.sent, statement.id);
+        if self.used.len() < USED_MAX && self.used.last() != Some(&entry) {
+            self.used.push(entry);
         }
         if self.server_has(server, statement.id) {
             self.stats.hits += 1;
