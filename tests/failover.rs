@@ -423,6 +423,203 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     );
 }
 
+/// What one short session (log in, INSERT, disconnect) saw.
+struct Session {
+    started: Instant,
+    done: Instant,
+    /// The key, if its INSERT was acknowledged; else what failed (step and message).
+    outcome: Result<i64, String>,
+}
+
+/// Short write sessions, one after another, from `loops` tasks until `stop`: each logs
+/// in afresh, inserts one key and disconnects. Odd tasks set `application_name`, so
+/// that their login needs a server (the pool's defaults do not match).
+fn short_sessions(
+    addr: std::net::SocketAddr,
+    loops: i64,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Session>>> {
+    (0..loops)
+        .map(|id| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut config: tokio_postgres::Config =
+                    relay_conn_string(addr, APP_USER, APP_PASSWORD, APP_DB)
+                        .parse()
+                        .expect("config");
+                if id % 2 == 1 {
+                    config.application_name("short-writer");
+                }
+                let mut sessions = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = id * 1_000_000 + n;
+                    let started = Instant::now();
+                    let outcome = one_short_session(&config, key).await;
+                    sessions.push(Session {
+                        started,
+                        done: Instant::now(),
+                        outcome,
+                    });
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                sessions
+            })
+        })
+        .collect()
+}
+
+async fn one_short_session(config: &tokio_postgres::Config, key: i64) -> Result<i64, String> {
+    let describe = |step: &str, err: tokio_postgres::Error| {
+        let detail = err.as_db_error().map_or_else(
+            || err.to_string(),
+            |db| format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        );
+        format!("{step}: {detail}")
+    };
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| describe("login", e))?;
+    let connection = tokio::spawn(connection);
+    let result = client
+        .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
+        .await
+        .map(|_| key)
+        .map_err(|e| describe("insert", e));
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// The primary crashes (`pg_ctl stop -m immediate`) under a stream of short write
+/// sessions, with health checks every second and one retry. Logins and writes that
+/// arrive meanwhile are held until the failover_command has promoted the replica and
+/// then run there: no session that starts after the crash fails, only what was in
+/// flight may, no client is shown an internal address, and every acknowledged write
+/// is on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_start_after_a_crash_do_not_fail() {
+    let hooks = Hooks::new();
+    let failover = hooks.command("failover");
+    let options = EnvOptions {
+        replicas: 1,
+        data_dirs: true,
+        sections: vec![
+            "[health_check]\nperiod = \"1s\"\ntimeout = \"1s\"\nmax_retries = 1\n\
+             retry_delay = \"1s\""
+                .to_owned(),
+            format!("[failover]\nhold_timeout = \"30s\"\nfailover_command = {failover:?}"),
+        ],
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    hooks.promote_with("failover", &env.cluster.shell_command("pg_ctl"));
+    create_table(&env).await;
+    let primary = env.direct_superuser().await;
+    // Acknowledged commits are on the replica too: the promoted node has them all.
+    for sql in [
+        "ALTER SYSTEM SET synchronous_commit = 'on'",
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        "SELECT pg_reload_conf()",
+    ] {
+        primary
+            .batch_execute(sql)
+            .await
+            .expect("synchronous replication");
+    }
+    drop(primary);
+    let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
+    let shared = env.relay.shared.clone();
+    wait_for("replica readable", Duration::from_secs(10), || {
+        shared.cluster.load().nodes[1].readable
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = short_sessions(env.addr, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.cluster
+        .stop_node(old_port, "immediate")
+        .expect("crash the primary");
+    // pg_ctl returns once the server is gone: sessions from here on start after it.
+    let crashed_at = Instant::now();
+    wait_for("a new primary", Duration::from_secs(30), || {
+        shared.cluster.load().primary == Some(1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sessions = Vec::new();
+    for task in tasks {
+        sessions.extend(task.await.expect("session task"));
+    }
+
+    let (before, after): (Vec<&Session>, Vec<&Session>) =
+        sessions.iter().partition(|s| s.started < crashed_at);
+    let failed = |list: &[&Session]| -> Vec<String> {
+        list.iter()
+            .filter_map(|s| s.outcome.as_ref().err().cloned())
+            .collect()
+    };
+    let (failed_before, failed_after) = (failed(&before), failed(&after));
+    // Writes resumed: the first write acknowledged after the crash (by the new primary).
+    let recovery = sessions
+        .iter()
+        .filter(|s| s.outcome.is_ok() && s.done > crashed_at)
+        .map(|s| s.done - crashed_at)
+        .min();
+    let longest_login = after
+        .iter()
+        .map(|s| s.done - s.started)
+        .max()
+        .unwrap_or_default();
+    let acked: Vec<i64> = sessions
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().ok().copied())
+        .collect();
+    eprintln!(
+        "crash under short sessions: writes resumed {recovery:?} after the crash; {} sessions \
+         started before it ({} failed in flight: {failed_before:?}), {} after it ({} failed: \
+         {failed_after:?}); the longest session after it took {longest_login:?}; {} writes \
+         acknowledged",
+        before.len(),
+        failed_before.len(),
+        after.len(),
+        failed_after.len(),
+        acked.len()
+    );
+    for message in failed_after.iter().chain(&failed_before) {
+        assert!(
+            !message.contains("127.0.0.1") && !message.contains("os error"),
+            "a client was shown an internal detail: {message}"
+        );
+    }
+    assert!(
+        failed_after.is_empty(),
+        "{} of {} sessions that started after the crash failed",
+        failed_after.len(),
+        after.len()
+    );
+    // In flight at the crash: at most one per task.
+    assert!(failed_before.len() <= 4, "{failed_before:?}");
+    let succeeded_after = after.iter().filter(|s| s.outcome.is_ok()).count();
+    assert!(succeeded_after > 10, "only {succeeded_after} sessions after the crash");
+    let recovery = recovery.expect("writes resumed");
+    assert!(recovery < Duration::from_secs(10), "recovery took {recovery:?}");
+    hooks.ran_once("failover").await;
+    let present: std::collections::HashSet<i64> = env
+        .cluster
+        .psql(new_port, APP_DB, "SELECT k FROM t")
+        .expect("read the new primary")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let lost: Vec<&i64> = acked.iter().filter(|k| !present.contains(k)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
 /// A planned switchover: the primary stops (fast), the replica is promoted, the old
 /// primary comes back as its replica. Clients between transactions see no error:
 /// their writes wait for the new primary. A client inside a transaction on the old

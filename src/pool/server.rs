@@ -42,6 +42,26 @@ pub enum ServerError {
     Stream(#[from] StreamError),
 }
 
+impl ServerError {
+    /// The server could not be reached or is going away: refused, reset, timed out,
+    /// closed, or an answer of 57P01-57P03 (shutting down, crashed, starting up) or
+    /// class 08. The client's request never reached it, so waiting for the cluster to
+    /// settle and trying again (perhaps elsewhere) is safe. Refusals of the login
+    /// itself (password, database, method) are not: they say the same next time.
+    pub fn unreachable(&self) -> bool {
+        match self {
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout { .. }
+            | ServerError::Unexpected { .. }
+            | ServerError::Stream(_) => true,
+            ServerError::Rejected(fields) | ServerError::Query(fields) => {
+                fields.code.starts_with("57P") || fields.code.starts_with("08")
+            }
+            ServerError::AuthMethod(_) | ServerError::Scram(_) => false,
+        }
+    }
+}
+
 /// Where and as whom a pool's servers connect.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
