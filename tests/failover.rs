@@ -623,7 +623,7 @@ async fn sessions_that_start_after_a_crash_do_not_fail() {
 /// A planned switchover: the primary stops (fast), the replica is promoted, the old
 /// primary comes back as its replica. Clients between transactions see no error:
 /// their writes wait for the new primary. A client inside a transaction on the old
-/// primary is told (57P01) and goes on.
+/// primary has lost it: its connection ends with the server's FATAL 57P01.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
     let hooks = Hooks::new();
@@ -645,7 +645,9 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
             .expect("first write");
         idle.push(client);
     }
-    let in_transaction = env.client().await;
+    let (in_transaction, in_transaction_end) = connect_watched(&env.app_config())
+        .await
+        .expect("connect");
     in_transaction
         .batch_execute("BEGIN; INSERT INTO t (k) VALUES (100)")
         .await
@@ -709,22 +711,28 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         "the promoted replica is the primary"
     );
 
-    // The client that was inside a transaction is told, and goes on.
+    // The client that was inside a transaction lost it: as directly, its connection
+    // ended with the server's FATAL 57P01, and its COMMIT cannot run anywhere.
+    let end = tokio::time::timeout(Duration::from_secs(5), in_transaction_end)
+        .await
+        .expect("the connection ended")
+        .expect("connection task");
+    let err = end.expect_err("it ended with the server's FATAL");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    assert!(in_transaction.is_closed());
     let err = in_transaction
         .batch_execute("COMMIT")
         .await
         .expect_err("its transaction is gone");
-    let code = sqlstate(&err);
-    assert!(
-        matches!(code.as_deref(), Some("57P01" | "08006")),
-        "{err:?}"
-    );
-    in_transaction
+    assert!(err.is_closed(), "{err:?}");
+    // A new connection works, and only the write after the switchover exists.
+    let reconnected = env.client().await;
+    reconnected
         .batch_execute("INSERT INTO t (k) VALUES (101)")
         .await
-        .expect("the session goes on");
+        .expect("a new connection writes");
     let committed = simple_value(
-        &in_transaction,
+        &reconnected,
         "SELECT count(*) FROM t WHERE k IN (100, 101)",
     )
     .await;
