@@ -605,9 +605,15 @@ async fn sessions_that_start_after_a_crash_do_not_fail() {
     // In flight at the crash: at most one per task.
     assert!(failed_before.len() <= 4, "{failed_before:?}");
     let succeeded_after = after.iter().filter(|s| s.outcome.is_ok()).count();
-    assert!(succeeded_after > 10, "only {succeeded_after} sessions after the crash");
+    assert!(
+        succeeded_after > 10,
+        "only {succeeded_after} sessions after the crash"
+    );
     let recovery = recovery.expect("writes resumed");
-    assert!(recovery < Duration::from_secs(10), "recovery took {recovery:?}");
+    assert!(
+        recovery < Duration::from_secs(10),
+        "recovery took {recovery:?}"
+    );
     hooks.ran_once("failover").await;
     let present: std::collections::HashSet<i64> = env
         .cluster
@@ -645,9 +651,8 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
             .expect("first write");
         idle.push(client);
     }
-    let (in_transaction, in_transaction_end) = connect_watched(&env.app_config())
-        .await
-        .expect("connect");
+    let (in_transaction, in_transaction_end) =
+        connect_watched(&env.app_config()).await.expect("connect");
     in_transaction
         .batch_execute("BEGIN; INSERT INTO t (k) VALUES (100)")
         .await
@@ -731,11 +736,8 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         .batch_execute("INSERT INTO t (k) VALUES (101)")
         .await
         .expect("a new connection writes");
-    let committed = simple_value(
-        &reconnected,
-        "SELECT count(*) FROM t WHERE k IN (100, 101)",
-    )
-    .await;
+    let committed =
+        simple_value(&reconnected, "SELECT count(*) FROM t WHERE k IN (100, 101)").await;
     assert_eq!(committed, "1", "only the write after the switchover exists");
 
     // The old primary comes back as a replica of the new one: it fails back.

@@ -91,7 +91,10 @@ async fn idle_in_a_transaction_is_closed_with_the_servers_fatal() {
     let bystander = env.client().await;
     bystander.batch_execute("BEGIN").await.expect("BEGIN");
     let bystander_pid = server_pid(&bystander).await;
-    for (how, config) in [("directly", direct_config(&env)), ("through pgrelay", env.app_config())] {
+    for (how, config) in [
+        ("directly", direct_config(&env)),
+        ("through pgrelay", env.app_config()),
+    ] {
         let (client, end) = connect_watched(&config).await.expect("connect");
         client
             .batch_execute("BEGIN; CREATE TEMP TABLE scratch (a int)")

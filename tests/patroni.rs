@@ -379,7 +379,12 @@ fn fresh_sessions(
 
 async fn fresh_session(config: &tokio_postgres::Config) -> Result<(), String> {
     let describe = |step: &str, err: tokio_postgres::Error| match err.as_db_error() {
-        Some(db) => format!("{step}: {} {}: {}", db.severity(), db.code().code(), db.message()),
+        Some(db) => format!(
+            "{step}: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        ),
         None => format!("{step}: {err}"),
     };
     let (client, connection) = config
@@ -414,7 +419,15 @@ fn pgbench(relay: std::net::SocketAddr, dir: &Path, clients: u32, seconds: u32) 
         .arg(&script)
         .arg(format!("--log-prefix={}", dir.join("pgbench").display()))
         .args(["-c", &clients.to_string(), "-T", &seconds.to_string()])
-        .args(["-h", "127.0.0.1", "-p", &relay.port().to_string(), "-U", APP_USER, APP_DB])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &relay.port().to_string(),
+            "-U",
+            APP_USER,
+            APP_DB,
+        ])
         .output()
         .expect("run pgbench");
     let text = format!(
@@ -436,10 +449,16 @@ fn pgbench_ends(dir: &Path) -> Vec<std::time::SystemTime> {
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             text.lines()
                 .filter_map(|line| {
-                    let fields: Vec<u64> =
-                        line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+                    let fields: Vec<u64> = line
+                        .split_whitespace()
+                        .filter_map(|f| f.parse().ok())
+                        .collect();
                     let (&us, &secs) = (fields.get(5)?, fields.get(4)?);
-                    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(us))
+                    Some(
+                        std::time::UNIX_EPOCH
+                            + Duration::from_secs(secs)
+                            + Duration::from_micros(us),
+                    )
                 })
                 .collect::<Vec<_>>()
         })
@@ -663,7 +682,13 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
         String::from_utf8_lossy(&rows.stdout).trim()
     );
     check_fresh_sessions(&fresh, &seen, began, (pg1, pg2));
-    check_pgbench(bench_ok, &bench_out, bench_dir.path(), began_wall, (pg1, pg2));
+    check_pgbench(
+        bench_ok,
+        &bench_out,
+        bench_dir.path(),
+        began_wall,
+        (pg1, pg2),
+    );
     relay.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -703,7 +728,10 @@ fn check_fresh_sessions(fresh: &[Fresh], seen: &[Seen], began: Instant, ports: (
         .collect();
     for (session, message) in &failed {
         let in_flight = died_at.is_some_and(|died| session.started <= died);
-        assert!(in_flight, "a session that started after the old leader went away failed: {message}");
+        assert!(
+            in_flight,
+            "a session that started after the old leader went away failed: {message}"
+        );
     }
     eprintln!(
         "patroni: {} fresh sessions, {} of them started after the switchover began; {} failed \
@@ -735,8 +763,15 @@ fn check_pgbench(ok: bool, out: &str, dir: &Path, began: std::time::SystemTime, 
     let after = ends.iter().filter(|&&t| t > began).count();
     eprintln!(
         "patroni: pgbench {} ({} transactions, {after} of them after the switchover began)",
-        if ok { "succeeded" } else { "had a client abort" },
+        if ok {
+            "succeeded"
+        } else {
+            "had a client abort"
+        },
         ends.len()
     );
-    assert!(after > 0, "pgbench ran nothing after the switchover began: {out}");
+    assert!(
+        after > 0,
+        "pgbench ran nothing after the switchover began: {out}"
+    );
 }

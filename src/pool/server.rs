@@ -412,3 +412,35 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(code: &str) -> ErrorFields {
+        ErrorFields {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: "m".into(),
+        }
+    }
+
+    /// Going away or not reached: worth a wait and another try. Refused logins: not.
+    #[test]
+    fn unreachable_servers() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let connect = ServerError::Connect {
+            addr: "127.0.0.1:5432".into(),
+            source: refused,
+        };
+        assert!(connect.unreachable());
+        for code in ["57P01", "57P02", "57P03", "08006"] {
+            assert!(ServerError::Rejected(fields(code)).unreachable(), "{code}");
+            assert!(ServerError::Query(fields(code)).unreachable(), "{code}");
+        }
+        for code in ["28P01", "3D000", "53300", "22023"] {
+            assert!(!ServerError::Rejected(fields(code)).unreachable(), "{code}");
+        }
+        assert!(!ServerError::AuthMethod("GSS").unreachable());
+    }
+}

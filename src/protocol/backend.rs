@@ -291,4 +291,14 @@ mod tests {
         let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         assert_eq!(backend_key(k.body()).unwrap(), (7, -9));
     }
+
+    #[test]
+    fn command_tags_that_open_or_close_a_block() {
+        assert_eq!(block_change(b"BEGIN\0"), Some(true));
+        assert_eq!(block_change(b"COMMIT\0"), Some(false));
+        assert_eq!(block_change(b"ROLLBACK\0"), Some(false));
+        assert_eq!(block_change(b"INSERT 0 1\0"), None);
+        assert_eq!(block_change(b"BEGIN"), None);
+        assert!(INSPECT[COMMAND_COMPLETE as usize]);
+    }
 }

@@ -47,7 +47,9 @@ impl Session {
         let in_block = self.wire.in_block();
         tracing::warn!(user = %self.login.user, node, %code, %message, in_block, io = ?err, "server connection lost under a client");
         let loss = match self.mode {
-            PoolMode::Transaction if !pinned && !in_block => self.wire.server_lost(&mut self.client),
+            PoolMode::Transaction if !pinned && !in_block => {
+                self.wire.server_lost(&mut self.client)
+            }
             _ => None,
         };
         let Some(loss) = loss else {

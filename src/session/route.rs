@@ -157,7 +157,8 @@ impl Session {
                 err.fatal = true;
                 return Err(err);
             }
-            self.pool = greeting_pool(&self.shared, &config, &self.login, self.mode, deadline).await?;
+            self.pool =
+                greeting_pool(&self.shared, &config, &self.login, self.mode, deadline).await?;
         }
     }
 
