@@ -1092,7 +1092,28 @@ async fn a_backend_error_has_the_node_checked_at_once() {
     for query in queries {
         let err = query.await.expect("query task").expect_err("no server");
         assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+        assert_clean(&err, port);
     }
+    // A login that needs a server (application_name differs from the pool's) is held
+    // as long, then refused as cleanly.
+    let mut config = env.app_config();
+    config.application_name("needs-a-server");
+    let started = Instant::now();
+    let err = connect_watched(&config)
+        .await
+        .map(drop)
+        .expect_err("no primary to log in to");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "held for the hold_timeout"
+    );
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.severity(), db.code().code()),
+        ("FATAL", "08006"),
+        "{err:?}"
+    );
+    assert_clean(&err, port);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         quiet.shared.cluster.load().nodes[0].status,
@@ -1100,4 +1121,16 @@ async fn a_backend_error_has_the_node_checked_at_once() {
         "without the setting nothing checks before the period"
     );
     eprintln!("recheck_on_backend_error: down {down_after:?} after the stop (period 1h)");
+}
+
+/// A client is told the primary is not available, and nothing of how pgrelay reaches it.
+fn assert_clean(err: &tokio_postgres::Error, port: u16) {
+    let message = err.as_db_error().map(|db| db.message()).unwrap_or_default();
+    assert!(
+        message.starts_with("the primary server is not available"),
+        "{message}"
+    );
+    for detail in ["127.0.0.1", &port.to_string(), "os error"] {
+        assert!(!message.contains(detail), "{message}");
+    }
 }

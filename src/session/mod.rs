@@ -208,7 +208,7 @@ impl Session {
         // Carried statements run on any node; otherwise they are followed to theirs.
         session.wire.track_statements = routes && !carries_statements;
         session.wire.track_effects = transaction_mode;
-        match session.greet().await {
+        match session.greet(deadline).await {
             Ok(()) => Ok(session),
             Err(err) => Err((session.client, err)),
         }
@@ -217,7 +217,7 @@ impl Session {
     /// Settles the client's parameters (on a server unless the pool's defaults already
     /// match them), then sends AuthenticationOk, ParameterStatus, BackendKeyData and
     /// ReadyForQuery.
-    async fn greet(&mut self) -> Result<(), ClientError> {
+    async fn greet(&mut self, deadline: tokio::time::Instant) -> Result<(), ClientError> {
         let defaults = self
             .pool
             .defaults()
@@ -229,12 +229,12 @@ impl Session {
                 self.cancel.key()
             }
             (PoolMode::Transaction, None) => {
-                let mut guard = self.greeting_server().await?;
+                let mut guard = self.greeting_server(deadline).await?;
                 self.params.adopt_reported(&guard.server().params);
                 guard.release();
                 self.cancel.key()
             }
-            (PoolMode::Session, _) => self.attach_for_session().await?,
+            (PoolMode::Session, _) => self.attach_for_session(deadline).await?,
         };
         if self.params.get("in_hot_standby") == Some("on") {
             // Greeted from a replica while there is no primary: pgrelay itself takes
@@ -256,8 +256,11 @@ impl Session {
 
     /// Session mode: the server is the client's for good, and so is its real key.
     /// With routing, the primary server is kept for the client's requests that need it.
-    async fn attach_for_session(&mut self) -> Result<(i32, i32), ClientError> {
-        let mut guard = self.greeting_server().await?;
+    async fn attach_for_session(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(i32, i32), ClientError> {
+        let mut guard = self.greeting_server(deadline).await?;
         let node = guard.pool().key.node;
         let server = guard.server();
         self.params.adopt_reported(&server.params);

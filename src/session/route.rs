@@ -133,12 +133,14 @@ impl Session {
 
     /// A server to greet the client from, on the pool chosen at login. A node that
     /// cannot give one (a primary dying, a switchover) is checked at once, and the
-    /// login is held like any request, up to `failover.hold_timeout`, then greeted
-    /// from whichever node greets clients once the cluster has moved.
-    pub(super) async fn greeting_server(&mut self) -> Result<ServerGuard, ClientError> {
+    /// login is held like any request, until `deadline` (the login's
+    /// `failover.hold_timeout`), then greeted from whichever node greets clients once
+    /// the cluster has moved.
+    pub(super) async fn greeting_server(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<ServerGuard, ClientError> {
         let config = self.shared.config.load_full();
-        let started = tokio::time::Instant::now();
-        let deadline = started + config.failover.hold_timeout;
         loop {
             let pool = self.pool.clone();
             let node = pool.key.node;
@@ -153,7 +155,8 @@ impl Session {
             let pause = tokio::time::Instant::now() + RETRY_PAUSE;
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
-                let mut err = no_primary(started.elapsed());
+                // At login, an error ends the connection.
+                let mut err = no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 return Err(err);
             }
