@@ -87,48 +87,73 @@ impl Session {
     /// (`recheck_on_backend_error`); a read moves to the primary, and a request for
     /// the primary waits for the topology to change and tries again, within the same
     /// hold: a switchover costs a client between transactions a pause, not an error.
+    /// So does a lookup on the primary that routing needed (its WAL position, a
+    /// function's volatility). Nothing of the client's request has been sent yet.
     pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
         let hold = self.shared.config.load().failover.hold_timeout;
         let started = tokio::time::Instant::now();
         let deadline = started + hold;
         loop {
-            let node = self.route(deadline).await?;
-            let err = match self.server_on(node).await {
-                Ok(guard) if !self.demoted(&guard, node) => return Ok(guard),
-                Ok(_) => ClientError::error(
-                    ErrorKind::ServerConnect,
-                    "08006",
-                    "the primary is in recovery now",
-                ),
-                Err(err) if err.kind == ErrorKind::ServerConnect => err,
+            let attached = match self.route(deadline).await {
+                Ok(node) => self.attach_on(node).await?,
+                Err(err)
+                    if err.kind == ErrorKind::ServerConnect
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(message = %err.message, "a lookup on the primary failed; waiting for the cluster to settle");
+                    if let Some(primary) = self.shared.cluster.load().primary {
+                        self.backend_failed(primary);
+                    }
+                    None
+                }
                 Err(err) => return Err(err),
             };
-            self.backend_failed(node);
-            let topology = self.shared.cluster.snapshot();
-            match topology.primary {
-                Some(primary) if primary != node => {
-                    tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
-                    match self.server_on(primary).await {
-                        Ok(guard) => return Ok(guard),
-                        Err(err) if err.kind == ErrorKind::ServerConnect => {
-                            self.backend_failed(primary)
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-                _ => {
-                    tracing::info!(node, message = %err.message, "no server on the primary; waiting for the cluster to settle");
-                }
+            if let Some(guard) = attached {
+                return Ok(guard);
             }
             // Try again once the topology moves (a node marked down, a new primary),
             // or after a short pause; give up at the hold's end.
             let pause = tokio::time::Instant::now() + RETRY_PAUSE;
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(node, code = %err.code, message = %err.message, "no server within failover.hold_timeout; the request fails");
+                tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
                 return Err(no_primary(started.elapsed()));
             }
         }
+    }
+
+    /// A server on `node` for the routed request. `None` when the node (and, for a
+    /// read, the primary too) could not give one: the node is checked at once and the
+    /// request waits for the cluster to settle.
+    async fn attach_on(&mut self, node: usize) -> Result<Option<ServerGuard>, ClientError> {
+        let err = match self.server_on(node).await {
+            Ok(guard) if !self.demoted(&guard, node) => return Ok(Some(guard)),
+            Ok(_) => ClientError::error(
+                ErrorKind::ServerConnect,
+                "08006",
+                "the primary is in recovery now",
+            ),
+            Err(err) if err.kind == ErrorKind::ServerConnect => err,
+            Err(err) => return Err(err),
+        };
+        self.backend_failed(node);
+        let primary = self.shared.cluster.load().primary;
+        match primary {
+            Some(primary) if primary != node => {
+                tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
+                match self.server_on(primary).await {
+                    Ok(guard) => return Ok(Some(guard)),
+                    Err(err) if err.kind == ErrorKind::ServerConnect => {
+                        self.backend_failed(primary)
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            _ => {
+                tracing::info!(node, message = %err.message, "no server on the primary; waiting for the cluster to settle");
+            }
+        }
+        Ok(None)
     }
 
     /// A server to greet the client from, on the pool chosen at login. A node that
