@@ -502,9 +502,20 @@ async fn one_short_session(config: &tokio_postgres::Config, key: i64) -> Result<
 /// is on the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_that_start_after_a_crash_do_not_fail() {
+    crash_under_short_sessions("transaction").await;
+}
+
+/// The same in session mode, where every login takes a server on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_start_after_a_crash_do_not_fail_session_mode() {
+    crash_under_short_sessions("session").await;
+}
+
+async fn crash_under_short_sessions(pool_mode: &'static str) {
     let hooks = Hooks::new();
     let failover = hooks.command("failover");
     let options = EnvOptions {
+        pool_mode,
         replicas: 1,
         data_dirs: true,
         sections: vec![
@@ -583,7 +594,8 @@ async fn sessions_that_start_after_a_crash_do_not_fail() {
         .filter_map(|s| s.outcome.as_ref().ok().copied())
         .collect();
     eprintln!(
-        "crash under short sessions: writes resumed {recovery:?} after the crash; {} sessions \
+        "crash under short sessions ({pool_mode} mode): writes resumed {recovery:?} after the \
+         crash; {} sessions \
          started before it ({} failed in flight: {failed_before:?}), {} after it ({} failed: \
          {failed_after:?}), {during} of them before writes resumed; the longest session \
          after it took {longest_login:?}; {} writes acknowledged",
