@@ -423,10 +423,227 @@ async fn a_crashed_primary_is_replaced_through_the_failover_command() {
     );
 }
 
+/// What one short session (log in, INSERT, disconnect) saw.
+struct Session {
+    started: Instant,
+    done: Instant,
+    /// The key, if its INSERT was acknowledged; else what failed (step and message).
+    outcome: Result<i64, String>,
+}
+
+/// Short write sessions until `stop`, one started every `every` on its own task (so
+/// held sessions do not slow the arrivals): each logs in afresh, inserts one key and
+/// disconnects. Every other one sets `application_name`, so that its login needs a
+/// server (the pool's defaults do not match).
+fn short_sessions(
+    addr: std::net::SocketAddr,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Session>> {
+    tokio::spawn(async move {
+        let base: tokio_postgres::Config = relay_conn_string(addr, APP_USER, APP_PASSWORD, APP_DB)
+            .parse()
+            .expect("config");
+        let mut running = Vec::new();
+        let mut key = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            key += 1;
+            let mut config = base.clone();
+            if key % 2 == 0 {
+                config.application_name("short-writer");
+            }
+            running.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = one_short_session(&config, key).await;
+                Session {
+                    started,
+                    done: Instant::now(),
+                    outcome,
+                }
+            }));
+            tokio::time::sleep(every).await;
+        }
+        let mut sessions = Vec::new();
+        for session in running {
+            sessions.push(session.await.expect("session task"));
+        }
+        sessions
+    })
+}
+
+async fn one_short_session(config: &tokio_postgres::Config, key: i64) -> Result<i64, String> {
+    let describe = |step: &str, err: tokio_postgres::Error| {
+        let detail = err.as_db_error().map_or_else(
+            || err.to_string(),
+            |db| format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        );
+        format!("{step}: {detail}")
+    };
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| describe("login", e))?;
+    let connection = tokio::spawn(connection);
+    let result = client
+        .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
+        .await
+        .map(|_| key)
+        .map_err(|e| describe("insert", e));
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// The primary crashes (`pg_ctl stop -m immediate`) under a stream of short write
+/// sessions, with health checks every second and one retry. Logins and writes that
+/// arrive meanwhile are held until the failover_command has promoted the replica and
+/// then run there: no session that starts after the crash fails, only what was in
+/// flight may, no client is shown an internal address, and every acknowledged write
+/// is on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_start_after_a_crash_do_not_fail() {
+    crash_under_short_sessions("transaction").await;
+}
+
+/// The same in session mode, where every login takes a server on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_start_after_a_crash_do_not_fail_session_mode() {
+    crash_under_short_sessions("session").await;
+}
+
+async fn crash_under_short_sessions(pool_mode: &'static str) {
+    let hooks = Hooks::new();
+    let failover = hooks.command("failover");
+    let options = EnvOptions {
+        pool_mode,
+        replicas: 1,
+        data_dirs: true,
+        sections: vec![
+            "[health_check]\nperiod = \"1s\"\ntimeout = \"1s\"\nmax_retries = 1\n\
+             retry_delay = \"1s\""
+                .to_owned(),
+            format!("[failover]\nhold_timeout = \"30s\"\nfailover_command = {failover:?}"),
+        ],
+        ..EnvOptions::default()
+    };
+    let env = start(options).await;
+    hooks.promote_with("failover", &env.cluster.shell_command("pg_ctl"));
+    create_table(&env).await;
+    let primary = env.direct_superuser().await;
+    // Acknowledged commits are on the replica too: the promoted node has them all.
+    for sql in [
+        "ALTER SYSTEM SET synchronous_commit = 'on'",
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        "SELECT pg_reload_conf()",
+    ] {
+        primary
+            .batch_execute(sql)
+            .await
+            .expect("synchronous replication");
+    }
+    drop(primary);
+    let (old_port, new_port) = (env.cluster.primary_port(), env.cluster.replica_ports()[0]);
+    let shared = env.relay.shared.clone();
+    wait_for("replica readable", Duration::from_secs(10), || {
+        shared.cluster.load().nodes[1].readable
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let arrivals = short_sessions(env.addr, Duration::from_millis(40), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.cluster
+        .stop_node(old_port, "immediate")
+        .expect("crash the primary");
+    // pg_ctl returns once the server is gone: sessions from here on start after it.
+    let crashed_at = Instant::now();
+    wait_for("a new primary", Duration::from_secs(30), || {
+        shared.cluster.load().primary == Some(1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sessions = arrivals.await.expect("sessions");
+
+    let (before, after): (Vec<&Session>, Vec<&Session>) =
+        sessions.iter().partition(|s| s.started < crashed_at);
+    let failed = |list: &[&Session]| -> Vec<String> {
+        list.iter()
+            .filter_map(|s| s.outcome.as_ref().err().cloned())
+            .collect()
+    };
+    let (failed_before, failed_after) = (failed(&before), failed(&after));
+    // Writes resumed: the first write acknowledged after the crash (by the new primary).
+    let recovery = sessions
+        .iter()
+        .filter(|s| s.outcome.is_ok() && s.done > crashed_at)
+        .map(|s| s.done - crashed_at)
+        .min();
+    let longest_login = after
+        .iter()
+        .map(|s| s.done - s.started)
+        .max()
+        .unwrap_or_default();
+    // Sessions that arrived while there was no primary to write to: they were held.
+    let during = after
+        .iter()
+        .filter(|s| recovery.is_some_and(|r| s.started < crashed_at + r))
+        .count();
+    let acked: Vec<i64> = sessions
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().ok().copied())
+        .collect();
+    eprintln!(
+        "crash under short sessions ({pool_mode} mode): writes resumed {recovery:?} after the \
+         crash; {} sessions \
+         started before it ({} failed in flight: {failed_before:?}), {} after it ({} failed: \
+         {failed_after:?}), {during} of them before writes resumed; the longest session \
+         after it took {longest_login:?}; {} writes acknowledged",
+        before.len(),
+        failed_before.len(),
+        after.len(),
+        failed_after.len(),
+        acked.len()
+    );
+    for message in failed_after.iter().chain(&failed_before) {
+        assert!(
+            !message.contains("127.0.0.1") && !message.contains("os error"),
+            "a client was shown an internal detail: {message}"
+        );
+    }
+    assert!(
+        failed_after.is_empty(),
+        "{} of {} sessions that started after the crash failed",
+        failed_after.len(),
+        after.len()
+    );
+    // In flight at the crash: a few at most.
+    assert!(failed_before.len() <= 4, "{failed_before:?}");
+    assert!(
+        during >= 10,
+        "only {during} sessions arrived during the outage"
+    );
+    let recovery = recovery.expect("writes resumed");
+    assert!(
+        recovery < Duration::from_secs(10),
+        "recovery took {recovery:?}"
+    );
+    hooks.ran_once("failover").await;
+    let present: std::collections::HashSet<i64> = env
+        .cluster
+        .psql(new_port, APP_DB, "SELECT k FROM t")
+        .expect("read the new primary")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let lost: Vec<&i64> = acked.iter().filter(|k| !present.contains(k)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
 /// A planned switchover: the primary stops (fast), the replica is promoted, the old
 /// primary comes back as its replica. Clients between transactions see no error:
 /// their writes wait for the new primary. A client inside a transaction on the old
-/// primary is told (57P01) and goes on.
+/// primary has lost it: its connection ends with the server's FATAL 57P01.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
     let hooks = Hooks::new();
@@ -448,7 +665,8 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
             .expect("first write");
         idle.push(client);
     }
-    let in_transaction = env.client().await;
+    let (in_transaction, in_transaction_end) =
+        connect_watched(&env.app_config()).await.expect("connect");
     in_transaction
         .batch_execute("BEGIN; INSERT INTO t (k) VALUES (100)")
         .await
@@ -512,25 +730,28 @@ async fn a_planned_switchover_costs_clients_between_transactions_nothing() {
         "the promoted replica is the primary"
     );
 
-    // The client that was inside a transaction is told, and goes on.
+    // The client that was inside a transaction lost it: as directly, its connection
+    // ended with the server's FATAL 57P01, and its COMMIT cannot run anywhere.
+    let end = tokio::time::timeout(Duration::from_secs(5), in_transaction_end)
+        .await
+        .expect("the connection ended")
+        .expect("connection task");
+    let err = end.expect_err("it ended with the server's FATAL");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    assert!(in_transaction.is_closed());
     let err = in_transaction
         .batch_execute("COMMIT")
         .await
         .expect_err("its transaction is gone");
-    let code = sqlstate(&err);
-    assert!(
-        matches!(code.as_deref(), Some("57P01" | "08006")),
-        "{err:?}"
-    );
-    in_transaction
+    assert!(err.is_closed(), "{err:?}");
+    // A new connection works, and only the write after the switchover exists.
+    let reconnected = env.client().await;
+    reconnected
         .batch_execute("INSERT INTO t (k) VALUES (101)")
         .await
-        .expect("the session goes on");
-    let committed = simple_value(
-        &in_transaction,
-        "SELECT count(*) FROM t WHERE k IN (100, 101)",
-    )
-    .await;
+        .expect("a new connection writes");
+    let committed =
+        simple_value(&reconnected, "SELECT count(*) FROM t WHERE k IN (100, 101)").await;
     assert_eq!(committed, "1", "only the write after the switchover exists");
 
     // The old primary comes back as a replica of the new one: it fails back.
@@ -885,7 +1106,28 @@ async fn a_backend_error_has_the_node_checked_at_once() {
     for query in queries {
         let err = query.await.expect("query task").expect_err("no server");
         assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+        assert_clean(&err, port);
     }
+    // A login that needs a server (application_name differs from the pool's) is held
+    // as long, then refused as cleanly.
+    let mut config = env.app_config();
+    config.application_name("needs-a-server");
+    let started = Instant::now();
+    let err = connect_watched(&config)
+        .await
+        .map(drop)
+        .expect_err("no primary to log in to");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "held for the hold_timeout"
+    );
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.severity(), db.code().code()),
+        ("FATAL", "08006"),
+        "{err:?}"
+    );
+    assert_clean(&err, port);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         quiet.shared.cluster.load().nodes[0].status,
@@ -893,4 +1135,16 @@ async fn a_backend_error_has_the_node_checked_at_once() {
         "without the setting nothing checks before the period"
     );
     eprintln!("recheck_on_backend_error: down {down_after:?} after the stop (period 1h)");
+}
+
+/// A client is told the primary is not available, and nothing of how pgrelay reaches it.
+fn assert_clean(err: &tokio_postgres::Error, port: u16) {
+    let message = err.as_db_error().map(|db| db.message()).unwrap_or_default();
+    assert!(
+        message.starts_with("the primary server is not available"),
+        "{message}"
+    );
+    for detail in ["127.0.0.1", &port.to_string(), "os error"] {
+        assert!(!message.contains(detail), "{message}");
+    }
 }

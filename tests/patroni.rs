@@ -327,6 +327,137 @@ impl Drop for PatroniCluster {
     }
 }
 
+/// One short session (log in, INSERT, disconnect) started while the cluster changes.
+struct Fresh {
+    started: Instant,
+    done: Instant,
+    outcome: Result<(), String>,
+}
+
+/// Starts a short write session every `every` until `stop`, each on its own task, so
+/// held sessions do not slow the arrivals. Every other one sets `application_name`,
+/// so its login needs a server (the pool's defaults do not match).
+fn fresh_sessions(
+    conn: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Fresh>> {
+    tokio::spawn(async move {
+        let mut running = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let mut config: tokio_postgres::Config = conn.parse().expect("config");
+            if n % 2 == 0 {
+                config.application_name("fresh");
+            }
+            running.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = fresh_session(&config).await;
+                Fresh {
+                    started,
+                    done: Instant::now(),
+                    outcome,
+                }
+            }));
+            tokio::time::sleep(every).await;
+        }
+        let mut sessions = Vec::new();
+        for session in running {
+            sessions.push(session.await.expect("session task"));
+        }
+        sessions
+    })
+}
+
+async fn fresh_session(config: &tokio_postgres::Config) -> Result<(), String> {
+    let describe = |step: &str, err: tokio_postgres::Error| match err.as_db_error() {
+        Some(db) => format!(
+            "{step}: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        ),
+        None => format!("{step}: {err}"),
+    };
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| describe("login", e))?;
+    let connection = tokio::spawn(connection);
+    let result = client
+        .execute("INSERT INTO t DEFAULT VALUES", &[])
+        .await
+        .map(drop)
+        .map_err(|e| describe("insert", e));
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// pgbench through pgrelay: every transaction a fresh login (`-C`) and one autocommit
+/// UPDATE, `clients` at once for `seconds`, each transaction logged (`-l`) in `dir`.
+/// Returns whether it succeeded and what it printed.
+fn pgbench(relay: std::net::SocketAddr, dir: &Path, clients: u32, seconds: u32) -> (bool, String) {
+    let script = dir.join("update.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000 * :scale)\n\
+         UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n",
+    )
+    .expect("pgbench script");
+    let out = Command::new(find("pgbench"))
+        .env("PGPASSWORD", APP_PASSWORD)
+        .args(["-n", "-C", "-j", "2", "-l", "-f"])
+        .arg(&script)
+        .arg(format!("--log-prefix={}", dir.join("pgbench").display()))
+        .args(["-c", &clients.to_string(), "-T", &seconds.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &relay.port().to_string(),
+            "-U",
+            APP_USER,
+            APP_DB,
+        ])
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// When pgbench's logged transactions ended (`-l`: `... time_epoch time_us`).
+fn pgbench_ends(dir: &Path) -> Vec<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pgbench."))
+        .flat_map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            text.lines()
+                .filter_map(|line| {
+                    let fields: Vec<u64> = line
+                        .split_whitespace()
+                        .filter_map(|f| f.parse().ok())
+                        .collect();
+                    let (&us, &secs) = (fields.get(5)?, fields.get(4)?);
+                    Some(
+                        std::time::UNIX_EPOCH
+                            + Duration::from_secs(secs)
+                            + Duration::from_micros(us),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Seen {
     oks: Vec<Instant>,
@@ -400,6 +531,24 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
     assert_eq!(shared.cluster.load().nodes.len(), 2, "members discovered");
     assert_eq!(shared.cluster.load().primary, node_of(pg1));
     let conn = relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
+    let bench_dir = tempfile::tempdir().expect("tempdir");
+    let relay_addr = relay.addrs[0];
+    let bench_path = bench_dir.path().to_owned();
+    let init = tokio::task::spawn_blocking(move || {
+        Command::new(find("pgbench"))
+            .env("PGPASSWORD", APP_PASSWORD)
+            .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1"])
+            .args(["-p", &relay_addr.port().to_string(), "-U", APP_USER, APP_DB])
+            .output()
+            .expect("pgbench -i")
+    })
+    .await
+    .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -435,8 +584,13 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
             }
         }));
     }
+    // Fresh write sessions, about 18 a second, and pgbench logging in afresh for
+    // every transaction, across the switchover.
+    let fresh = fresh_sessions(conn.clone(), Duration::from_millis(55), stop.clone());
+    let bench = tokio::task::spawn_blocking(move || pgbench(relay_addr, &bench_path, 4, 10));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let began = Instant::now();
+    let began_wall = std::time::SystemTime::now();
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.switchover("pg1", "pg2");
         cluster
@@ -465,10 +619,12 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
     .await;
     assert!(ok, "the old leader serves again, as a replica");
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let (bench_ok, bench_out) = bench.await.expect("pgbench");
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.expect("load");
     }
+    let fresh = fresh.await.expect("fresh sessions");
     let seen: Vec<Seen> = seen
         .into_iter()
         .map(|s| std::mem::take(&mut *s.lock().expect("seen")))
@@ -518,7 +674,99 @@ async fn patronictl_switchover_under_load_through_pgrelay() {
         errors.len(),
         String::from_utf8_lossy(&rows.stdout).trim()
     );
+    check_fresh_sessions(&fresh, &seen, began, (pg1, pg2));
+    check_pgbench(
+        bench_ok,
+        &bench_out,
+        bench_dir.path(),
+        began_wall,
+        (pg1, pg2),
+    );
     relay.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Nothing a client is told names a server's address or an io error.
+fn assert_no_internal_detail(text: &str, (pg1, pg2): (u16, u16)) {
+    for detail in [pg1.to_string(), pg2.to_string(), "os error".to_owned()] {
+        assert!(
+            !text.contains(&detail),
+            "a client was shown {detail:?}: {text}"
+        );
+    }
+}
+
+/// Fresh sessions across the switchover: none failed at login; a session failed only
+/// if its INSERT was in flight when the old leader went away (it started before the
+/// first failure any client saw, which is that moment); none that started after that
+/// failed.
+fn check_fresh_sessions(fresh: &[Fresh], seen: &[Seen], began: Instant, ports: (u16, u16)) {
+    let failed: Vec<(&Fresh, &String)> = fresh
+        .iter()
+        .filter_map(|s| s.outcome.as_ref().err().map(|e| (s, e)))
+        .collect();
+    for (_, message) in &failed {
+        assert_no_internal_detail(message, ports);
+        assert!(!message.starts_with("login"), "a login failed: {message}");
+    }
+    let died_at = seen
+        .iter()
+        .flat_map(|s| s.errors.iter().map(|(at, _)| *at))
+        .chain(failed.iter().map(|(s, _)| s.done))
+        .min();
+    let after: Vec<&Fresh> = fresh.iter().filter(|s| s.started >= began).collect();
+    let failed_after: Vec<&String> = failed
+        .iter()
+        .filter(|(s, _)| s.started >= began)
+        .map(|(_, m)| *m)
+        .collect();
+    for (session, message) in &failed {
+        let in_flight = died_at.is_some_and(|died| session.started <= died);
+        assert!(
+            in_flight,
+            "a session that started after the old leader went away failed: {message}"
+        );
+    }
+    eprintln!(
+        "patroni: {} fresh sessions, {} of them started after the switchover began; {} failed \
+         ({} of those that started after it began, with a request in flight on the old \
+         leader: {failed_after:?})",
+        fresh.len(),
+        after.len(),
+        failed.len(),
+        failed_after.len()
+    );
+    assert!(after.len() > 20, "too few sessions during the switchover");
+}
+
+/// pgbench across the switchover: no login refused, nothing internal shown, and
+/// transactions logged in and ran after the switchover began.
+fn check_pgbench(ok: bool, out: &str, dir: &Path, began: std::time::SystemTime, ports: (u16, u16)) {
+    assert_no_internal_detail(out, ports);
+    assert!(
+        !out.contains("while establishing connection") && !out.contains("connection to database"),
+        "a pgbench login failed: {out}"
+    );
+    for line in out.lines().filter(|l| l.contains("aborted in command")) {
+        assert!(
+            line.contains("terminating connection") || line.contains("server closed"),
+            "only a statement in flight on the old leader may fail: {line}"
+        );
+    }
+    let ends = pgbench_ends(dir);
+    let after = ends.iter().filter(|&&t| t > began).count();
+    eprintln!(
+        "patroni: pgbench {} ({} transactions, {after} of them after the switchover began)",
+        if ok {
+            "succeeded"
+        } else {
+            "had a client abort"
+        },
+        ends.len()
+    );
+    assert!(
+        after > 0,
+        "pgbench ran nothing after the switchover began: {out}"
+    );
 }
 
 /// A machine without etcd is told which package to install and the README's command.

@@ -332,7 +332,8 @@ pub struct FailoverConfig {
     pub failback_command: String,
     /// Shell command run for each replica after a new primary appears. Default `""`.
     pub follow_primary_command: String,
-    /// How long writes wait for a new primary before failing. Default 30s.
+    /// How long writes (and logins that need a server) wait for a primary that is
+    /// gone or cannot be reached before failing. Default 30s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub hold_timeout: Duration,
     /// Put a recovered node back into service automatically. Default `true`.

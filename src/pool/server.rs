@@ -42,6 +42,26 @@ pub enum ServerError {
     Stream(#[from] StreamError),
 }
 
+impl ServerError {
+    /// The server could not be reached or is going away: refused, reset, timed out,
+    /// closed, or an answer of 57P01-57P03 (shutting down, crashed, starting up) or
+    /// class 08. The client's request never reached it, so waiting for the cluster to
+    /// settle and trying again (perhaps elsewhere) is safe. Refusals of the login
+    /// itself (password, database, method) are not: they say the same next time.
+    pub fn unreachable(&self) -> bool {
+        match self {
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout { .. }
+            | ServerError::Unexpected { .. }
+            | ServerError::Stream(_) => true,
+            ServerError::Rejected(fields) | ServerError::Query(fields) => {
+                fields.code.starts_with("57P") || fields.code.starts_with("08")
+            }
+            ServerError::AuthMethod(_) | ServerError::Scram(_) => false,
+        }
+    }
+}
+
 /// Where and as whom a pool's servers connect.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
@@ -390,5 +410,38 @@ impl Server {
             pid: self.pid,
             secret: self.secret,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(code: &str) -> ErrorFields {
+        ErrorFields {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: "m".into(),
+            routine: String::new(),
+        }
+    }
+
+    /// Going away or not reached: worth a wait and another try. Refused logins: not.
+    #[test]
+    fn unreachable_servers() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let connect = ServerError::Connect {
+            addr: "127.0.0.1:5432".into(),
+            source: refused,
+        };
+        assert!(connect.unreachable());
+        for code in ["57P01", "57P02", "57P03", "08006"] {
+            assert!(ServerError::Rejected(fields(code)).unreachable(), "{code}");
+            assert!(ServerError::Query(fields(code)).unreachable(), "{code}");
+        }
+        for code in ["28P01", "3D000", "53300", "22023"] {
+            assert!(!ServerError::Rejected(fields(code)).unreachable(), "{code}");
+        }
+        assert!(!ServerError::AuthMethod("GSS").unreachable());
     }
 }

@@ -25,9 +25,27 @@ pub const COPY_IN_RESPONSE: u8 = b'G';
 pub const COPY_BOTH_RESPONSE: u8 = b'W';
 pub const PARSE_COMPLETE: u8 = b'1';
 pub const CLOSE_COMPLETE: u8 = b'3';
+pub const COMMAND_COMPLETE: u8 = b'C';
 
-/// Server messages whose body the relay reads: ReadyForQuery and ParameterStatus.
-pub static INSPECT: [bool; 256] = tag_table(&[READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE]);
+/// Server messages whose body the relay reads: ReadyForQuery, ParameterStatus,
+/// ErrorResponse, and CommandComplete (whether a transaction block began).
+pub static INSPECT: [bool; 256] = tag_table(&[
+    READY_FOR_QUERY,
+    PARAMETER_STATUS,
+    ERROR_RESPONSE,
+    COMMAND_COMPLETE,
+]);
+
+/// What a CommandComplete body says of the transaction block: `Some(true)` it began
+/// one (`BEGIN`, also for `START TRANSACTION`), `Some(false)` it ended one (`COMMIT`,
+/// `ROLLBACK`), `None` anything else.
+pub fn block_change(body: &[u8]) -> Option<bool> {
+    match body {
+        b"BEGIN\0" => Some(true),
+        b"COMMIT\0" | b"ROLLBACK\0" => Some(false),
+        _ => None,
+    }
+}
 
 /// Whether an ErrorResponse ends the server session (`FATAL` or `PANIC`).
 pub fn is_fatal(body: &[u8]) -> bool {
@@ -302,5 +320,15 @@ mod tests {
         assert_eq!(parameter_status(s.body()).unwrap(), ("TimeZone", "UTC"));
         let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         assert_eq!(backend_key(k.body()).unwrap(), (7, -9));
+    }
+
+    #[test]
+    fn command_tags_that_open_or_close_a_block() {
+        assert_eq!(block_change(b"BEGIN\0"), Some(true));
+        assert_eq!(block_change(b"COMMIT\0"), Some(false));
+        assert_eq!(block_change(b"ROLLBACK\0"), Some(false));
+        assert_eq!(block_change(b"INSERT 0 1\0"), None);
+        assert_eq!(block_change(b"BEGIN"), None);
+        assert!(INSPECT[COMMAND_COMPLETE as usize]);
     }
 }

@@ -1,5 +1,17 @@
-//! When a server goes away under a client (a crash, a shutdown, a failover): what the
-//! client is told, and how its session goes on without that server.
+//! When a server goes away under a client (a crash, a shutdown, a failover,
+//! `pg_terminate_backend`): what the client is told, and whether its session goes on.
+//!
+//! The rule is to show the client what it would see talking to PostgreSQL directly,
+//! except where pgrelay can do better without lying:
+//! - a request in flight outside a transaction block fails with an ERROR (the server's
+//!   own code, else 08006) and ReadyForQuery `I`; the session goes on with another
+//!   server, as nothing the client relied on was lost;
+//! - a client inside a transaction block (in flight or idle in it) has lost its
+//!   transaction: it gets the server's FATAL and its connection is closed, so drivers
+//!   and pools see the connection break and replace it;
+//! - session mode, and a client pinned to the server by session state: FATAL and close.
+//!
+//! A client between transactions holds no server, so it never notices.
 
 use super::state::Attachment;
 use super::Session;
@@ -7,13 +19,13 @@ use crate::config::PoolMode;
 use crate::error::{ClientError, ErrorKind};
 use crate::protocol::backend;
 
+/// What the client is told when its server closed without a FATAL of its own (a
+/// crash, an immediate shutdown): libpq's words for it.
+const CLOSED_UNEXPECTEDLY: &str = "server closed the connection unexpectedly";
+
 impl Session {
-    /// The server went away under the client (a crash, a shutdown, a failover). In
-    /// transaction mode the client is told its request failed (the server's own
-    /// FATAL code, e.g. 57P01, or 08006) and goes on with another server; in session
-    /// mode, or when session state pinned it to that server, that state is gone, so
-    /// the client is told so and closed, as PostgreSQL would. Returns whether the
-    /// session goes on.
+    /// The server went away under the client. Returns whether the session goes on
+    /// (see the module doc for what the client is told).
     pub(super) async fn server_lost(&mut self, err: Option<std::io::Error>) -> bool {
         let Attachment::Attached(guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
@@ -27,19 +39,17 @@ impl Session {
         self.shared.metrics.error(ErrorKind::ServerLost);
         self.backend_failed(node);
         self.cancel.set(None).await;
-        let fatal = self.wire.take_server_fatal();
-        let (code, message) = match &fatal {
-            Some(fields) => (fields.code.clone(), fields.message.clone()),
-            None => (
-                "08006".to_owned(),
-                "the server connection was lost; the transaction did not complete".to_owned(),
-            ),
+        let (code, message) = match self.wire.take_server_fatal() {
+            Some(fields) => (fields.code, fields.message),
+            None => ("08006".to_owned(), CLOSED_UNEXPECTEDLY.to_owned()),
         };
-        tracing::warn!(user = %self.login.user, node, %code, %message, io = ?err, "server connection lost under a client");
         let pinned = self.unpin();
-        let in_transaction = self.wire.status != b'I';
+        let in_block = self.wire.in_block();
+        tracing::warn!(user = %self.login.user, node, %code, %message, in_block, io = ?err, "server connection lost under a client");
         let loss = match self.mode {
-            PoolMode::Transaction if !pinned => self.wire.server_lost(&mut self.client),
+            PoolMode::Transaction if !pinned && !in_block => {
+                self.wire.server_lost(&mut self.client)
+            }
             _ => None,
         };
         let Some(loss) = loss else {
@@ -51,10 +61,6 @@ impl Session {
         };
         let _ = self.wire.take_effects();
         let err = ClientError::error(ErrorKind::ServerLost, code, message);
-        if in_transaction && loss.owed == 0 && !loss.sync_owed {
-            self.lost_transaction = Some(err);
-            return true;
-        }
         for _ in 0..loss.owed {
             err.encode(self.client.wbuf());
             backend::ready_for_query(self.client.wbuf(), b'I');

@@ -133,10 +133,6 @@ struct Session {
     waiter: Arc<Waiter>,
     /// Transaction mode: session state keeps the client on its server.
     pin: Option<Pin>,
-    /// The client was idle in a transaction whose server went away: its next request
-    /// is answered with this error (never run elsewhere, where a `COMMIT` would
-    /// "succeed" with nothing to commit).
-    lost_transaction: Option<ClientError>,
     /// Its entry in the registry (`SHOW CLIENTS`, `KILL`, `PAUSE`).
     handle: ClientHandle,
     /// Its database's counters (`SHOW STATS`).
@@ -168,7 +164,8 @@ impl Session {
         handle: ClientHandle,
     ) -> Result<Session, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
-        let pool = match route::greeting_pool(&shared, config, &login, mode).await {
+        let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
+        let pool = match route::greeting_pool(&shared, config, &login, mode, deadline).await {
             Ok(pool) => pool,
             Err(err) => return Err((client, err)),
         };
@@ -202,7 +199,6 @@ impl Session {
             attachment: Attachment::Detached,
             waiter: Arc::default(),
             pin: None,
-            lost_transaction: None,
             db_stats,
             handle,
             node_counters: Vec::new(),
@@ -212,7 +208,7 @@ impl Session {
         // Carried statements run on any node; otherwise they are followed to theirs.
         session.wire.track_statements = routes && !carries_statements;
         session.wire.track_effects = transaction_mode;
-        match session.greet().await {
+        match session.greet(deadline).await {
             Ok(()) => Ok(session),
             Err(err) => Err((session.client, err)),
         }
@@ -221,7 +217,7 @@ impl Session {
     /// Settles the client's parameters (on a server unless the pool's defaults already
     /// match them), then sends AuthenticationOk, ParameterStatus, BackendKeyData and
     /// ReadyForQuery.
-    async fn greet(&mut self) -> Result<(), ClientError> {
+    async fn greet(&mut self, deadline: tokio::time::Instant) -> Result<(), ClientError> {
         let defaults = self
             .pool
             .defaults()
@@ -233,13 +229,12 @@ impl Session {
                 self.cancel.key()
             }
             (PoolMode::Transaction, None) => {
-                let pool = self.pool.clone();
-                let mut guard = self.checkout_reconciled(&pool).await?;
+                let mut guard = self.greeting_server(deadline).await?;
                 self.params.adopt_reported(&guard.server().params);
                 guard.release();
                 self.cancel.key()
             }
-            (PoolMode::Session, _) => self.attach_for_session().await?,
+            (PoolMode::Session, _) => self.attach_for_session(deadline).await?,
         };
         if self.params.get("in_hot_standby") == Some("on") {
             // Greeted from a replica while there is no primary: pgrelay itself takes
@@ -261,15 +256,17 @@ impl Session {
 
     /// Session mode: the server is the client's for good, and so is its real key.
     /// With routing, the primary server is kept for the client's requests that need it.
-    async fn attach_for_session(&mut self) -> Result<(i32, i32), ClientError> {
-        let pool = self.pool.clone();
-        let mut guard = self.checkout_reconciled(&pool).await?;
+    async fn attach_for_session(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(i32, i32), ClientError> {
+        let mut guard = self.greeting_server(deadline).await?;
+        let node = guard.pool().key.node;
         let server = guard.server();
         self.params.adopt_reported(&server.params);
         if let Some(handle) = self.shared.cancel.register((server.pid, server.secret)) {
             self.cancel = handle;
         }
-        let node = pool.key.node;
         if self.routing.mode != RouteMode::Off {
             self.held[node] = Some(guard);
         } else {
@@ -291,7 +288,8 @@ impl Session {
             }
         };
         if let Err(err) = guard.server().reconcile(&self.params).await {
-            let server_clean = matches!(err, ServerError::Query(_));
+            tracing::warn!(pool = ?pool.key, %err, "could not settle a client's parameters on a server");
+            let server_clean = matches!(err, ServerError::Query(_)) && !err.unreachable();
             let client_error = server_error(err);
             if server_clean {
                 guard.release();
@@ -377,11 +375,7 @@ impl Session {
                 .wait_resumed(&self.login.database)
                 .await;
         }
-        let attached = match self.lost_transaction.take() {
-            Some(err) => Err(err),
-            None => self.attach_routed().await,
-        };
-        match attached {
+        match self.attach_routed().await {
             Ok(mut guard) => {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
                 let node = guard.pool().key.node;
@@ -586,16 +580,21 @@ fn pool_error(err: PoolError) -> ClientError {
     }
 }
 
-/// A server's own refusal is passed on as it is; pgrelay's trouble reaching it is 08006.
-/// A server shutting down or starting up (57P01-57P03) counts as one not reached.
+/// A server's own refusal of the login or of pgrelay's settings is passed on as it is.
+/// A server that could not be reached, or is going away, is 08006 with no detail: its
+/// address and the io error are for the log (the caller logs them), not the client.
 fn server_error(err: ServerError) -> ClientError {
+    if err.unreachable() {
+        return ClientError::fatal(
+            ErrorKind::ServerConnect,
+            "08006",
+            "the server is not available",
+        );
+    }
     match err {
-        ServerError::Rejected(fields) if fields.code.starts_with("57P") => {
-            ClientError::fatal(ErrorKind::ServerConnect, fields.code, fields.message)
-        }
         ServerError::Rejected(fields) | ServerError::Query(fields) => {
             ClientError::fatal(ErrorKind::ServerAuth, fields.code, fields.message)
         }
-        other => ClientError::fatal(ErrorKind::ServerConnect, "08006", other.to_string()),
+        other => ClientError::fatal(ErrorKind::ServerAuth, "08006", other.to_string()),
     }
 }

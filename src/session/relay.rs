@@ -86,6 +86,10 @@ pub struct Wire {
     copy_syncs: usize,
     /// The last ReadyForQuery status (`I`, `T`, `E`).
     pub(super) status: u8,
+    /// The server began a transaction block since its last ReadyForQuery (its
+    /// CommandComplete said `BEGIN`): losing it now loses a transaction the client
+    /// opened, though `status` still says idle.
+    block_opened: bool,
     /// A Terminate is first in the client buffer, or the client closed.
     client_done: bool,
     protocol_error: Option<ProtocolError>,
@@ -173,6 +177,7 @@ impl Wire {
             unnamed_unexecuted: false,
             copy_syncs: 0,
             status: b'I',
+            block_opened: false,
             client_done: false,
             protocol_error: None,
             release_point: false,
@@ -227,6 +232,7 @@ impl Wire {
         self.unnamed_unexecuted = false;
         self.copy_syncs = 0;
         self.status = b'I';
+        self.block_opened = false;
         self.release_point = false;
         self.server_eof = None;
         self.client_paused = false;
@@ -241,6 +247,12 @@ impl Wire {
             p.server_lost();
         }
         Some(loss)
+    }
+
+    /// The client is inside a transaction block on its server: the last ReadyForQuery
+    /// said so, or the request in flight began one.
+    pub fn in_block(&self) -> bool {
+        self.status != b'I' || self.block_opened
     }
 
     /// What the requests relayed since the last call do to the session.
@@ -468,6 +480,7 @@ impl Wire {
         let buf = &conn.rbuf()[self.s2c..];
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
+        let mut block_opened = self.block_opened;
         let extended_open = self.extended_open || self.unnamed_unexecuted;
         let paused = self.client_paused;
         let mut resume = false;
@@ -497,6 +510,7 @@ impl Wire {
             match (tag, body) {
                 (backend::READY_FOR_QUERY, Some(body)) => {
                     status = backend::ready_status(body).unwrap_or(b'E');
+                    block_opened = false;
                     pending = pending.saturating_sub(1);
                     if txn_pooling && pending == 0 && status == b'I' && !extended_open {
                         release = true;
@@ -520,6 +534,10 @@ impl Wire {
                         None => Step::Forward,
                     }
                 }
+                (backend::COMMAND_COMPLETE, Some(body)) => {
+                    block_opened = backend::block_change(body).unwrap_or(block_opened);
+                    Step::Forward
+                }
                 (backend::PARAMETER_STATUS, Some(body)) => {
                     if let Ok((name, value)) = backend::parameter_status(body) {
                         server_params.set_reported(name, value);
@@ -541,6 +559,7 @@ impl Wire {
         }
         self.pending = pending;
         self.status = status;
+        self.block_opened = block_opened;
         if resume {
             self.client_paused = false;
             self.resume_client = true;

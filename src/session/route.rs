@@ -68,13 +68,14 @@ impl Routing {
     }
 }
 
-/// The primary is unknown: a request that needs it waits up to
-/// `failover.hold_timeout` for one before failing with this.
+/// The primary is unknown, or cannot be reached: a request (or a login) that needs
+/// it waits up to `failover.hold_timeout` for one before failing with this. It names
+/// no address and no io error; the log has those.
 fn no_primary(waited: std::time::Duration) -> ClientError {
     ClientError::error(
         ErrorKind::ServerConnect,
         "08006",
-        format!("no primary server is available (waited failover.hold_timeout, {waited:?})"),
+        format!("the primary server is not available (waited failover.hold_timeout, {waited:?})"),
     )
 }
 
@@ -86,45 +87,106 @@ impl Session {
     /// (`recheck_on_backend_error`); a read moves to the primary, and a request for
     /// the primary waits for the topology to change and tries again, within the same
     /// hold: a switchover costs a client between transactions a pause, not an error.
+    /// So does a lookup on the primary that routing needed (its WAL position, a
+    /// function's volatility). Nothing of the client's request has been sent yet.
     pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
         let hold = self.shared.config.load().failover.hold_timeout;
-        let deadline = tokio::time::Instant::now() + hold;
+        let started = tokio::time::Instant::now();
+        let deadline = started + hold;
         loop {
-            let node = self.route(deadline).await?;
-            let err = match self.server_on(node).await {
-                Ok(guard) if !self.demoted(&guard, node) => return Ok(guard),
-                Ok(_) => ClientError::error(
-                    ErrorKind::ServerConnect,
-                    "08006",
-                    "the primary is in recovery now",
-                ),
-                Err(err) if err.kind == ErrorKind::ServerConnect => err,
+            let attached = match self.route(deadline).await {
+                Ok(node) => self.attach_on(node).await?,
+                Err(err)
+                    if err.kind == ErrorKind::ServerConnect
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(message = %err.message, "a lookup on the primary failed; waiting for the cluster to settle");
+                    if let Some(primary) = self.shared.cluster.load().primary {
+                        self.backend_failed(primary);
+                    }
+                    None
+                }
                 Err(err) => return Err(err),
             };
-            self.backend_failed(node);
-            let topology = self.shared.cluster.snapshot();
-            match topology.primary {
-                Some(primary) if primary != node => {
-                    tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
-                    match self.server_on(primary).await {
-                        Ok(guard) => return Ok(guard),
-                        Err(err) if err.kind == ErrorKind::ServerConnect => {
-                            self.backend_failed(primary)
-                        }
-                        Err(err) => return Err(err),
-                    }
-                }
-                _ => {
-                    tracing::info!(node, message = %err.message, "no server on the primary; waiting for the cluster to settle");
-                }
+            if let Some(guard) = attached {
+                return Ok(guard);
             }
             // Try again once the topology moves (a node marked down, a new primary),
             // or after a short pause; give up at the hold's end.
             let pause = tokio::time::Instant::now() + RETRY_PAUSE;
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
+                return Err(no_primary(started.elapsed()));
+            }
+        }
+    }
+
+    /// A server on `node` for the routed request. `None` when the node (and, for a
+    /// read, the primary too) could not give one: the node is checked at once and the
+    /// request waits for the cluster to settle.
+    async fn attach_on(&mut self, node: usize) -> Result<Option<ServerGuard>, ClientError> {
+        let err = match self.server_on(node).await {
+            Ok(guard) if !self.demoted(&guard, node) => return Ok(Some(guard)),
+            Ok(_) => ClientError::error(
+                ErrorKind::ServerConnect,
+                "08006",
+                "the primary is in recovery now",
+            ),
+            Err(err) if err.kind == ErrorKind::ServerConnect => err,
+            Err(err) => return Err(err),
+        };
+        self.backend_failed(node);
+        let primary = self.shared.cluster.load().primary;
+        match primary {
+            Some(primary) if primary != node => {
+                tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
+                match self.server_on(primary).await {
+                    Ok(guard) => return Ok(Some(guard)),
+                    Err(err) if err.kind == ErrorKind::ServerConnect => {
+                        self.backend_failed(primary)
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            _ => {
+                tracing::info!(node, message = %err.message, "no server on the primary; waiting for the cluster to settle");
+            }
+        }
+        Ok(None)
+    }
+
+    /// A server to greet the client from, on the pool chosen at login. A node that
+    /// cannot give one (a primary dying, a switchover) is checked at once, and the
+    /// login is held like any request, until `deadline` (the login's
+    /// `failover.hold_timeout`), then greeted from whichever node greets clients once
+    /// the cluster has moved.
+    pub(super) async fn greeting_server(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<ServerGuard, ClientError> {
+        let config = self.shared.config.load_full();
+        loop {
+            let pool = self.pool.clone();
+            let node = pool.key.node;
+            match self.checkout_reconciled(&pool).await {
+                Ok(guard) if !self.demoted(&guard, node) => return Ok(guard),
+                Ok(_) => {}
+                Err(err) if err.kind == ErrorKind::ServerConnect => {}
+                Err(err) => return Err(err),
+            }
+            self.backend_failed(node);
+            tracing::info!(node, user = %self.login.user, "no server to greet a client from; holding the login");
+            let pause = tokio::time::Instant::now() + RETRY_PAUSE;
+            self.shared.cluster.wait_change(pause.min(deadline)).await;
+            if tokio::time::Instant::now() >= deadline {
+                // At login, an error ends the connection.
+                let mut err = no_primary(config.failover.hold_timeout);
+                err.fatal = true;
                 return Err(err);
             }
+            self.pool =
+                greeting_pool(&self.shared, &config, &self.login, self.mode, deadline).await?;
         }
     }
 
@@ -415,13 +477,14 @@ impl Session {
 
 /// The pool a client is greeted from: the primary's. With no primary, transaction
 /// mode greets from a replica that takes reads (its requests are routed one by one
-/// anyway); session mode, and a cluster with nothing readable, wait for a primary up
-/// to `failover.hold_timeout`.
+/// anyway); session mode, and a cluster with nothing readable, wait for a primary
+/// until `deadline` (the login's `failover.hold_timeout`).
 pub(super) async fn greeting_pool(
     shared: &Shared,
     config: &Config,
     login: &ClientLogin,
     mode: PoolMode,
+    deadline: tokio::time::Instant,
 ) -> Result<Arc<Pool>, ClientError> {
     let (primary, readable) = {
         let topology = shared.cluster.load();
@@ -432,7 +495,6 @@ pub(super) async fn greeting_pool(
         (Some(primary), _, _) => primary,
         (None, Some(replica), PoolMode::Transaction) if config.routing.enabled => replica,
         _ => {
-            let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
                 // At login, an error ends the connection.
                 let mut err = no_primary(config.failover.hold_timeout);
