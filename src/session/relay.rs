@@ -129,6 +129,10 @@ pub struct Wire {
     server_fatal: Option<backend::ErrorFields>,
     /// Since the last [`Wire::take_counts`]: what was relayed.
     counts: Counts,
+    /// The pid pgrelay issued this client (transaction mode). A notification sent by
+    /// the client's own server reaches the client with it, so that a client sees its
+    /// own notifications as its own (asyncpg, psycopg compare pids).
+    pub(super) own_pid: Option<i32>,
 }
 
 /// What a relay moved, for statistics.
@@ -191,6 +195,7 @@ impl Wire {
             swallow_front: false,
             server_fatal: None,
             counts: Counts::default(),
+            own_pid: None,
         }
     }
 
@@ -448,13 +453,25 @@ impl Wire {
     }
 
     fn scan_server(&mut self, server: &mut Server, client_params: &mut ParamSet) {
+        while self.scan_server_once(server, client_params) {}
+    }
+
+    /// Scans newly read server bytes. Returns true if it stopped after a notification
+    /// of the client's own server, whose pid it then made the client's: scan on.
+    fn scan_server_once(&mut self, server: &mut Server, client_params: &mut ParamSet) -> bool {
+        // A notification the server itself sent, when the client has a pid of its own.
+        let own_pid = self.own_pid.filter(|&pid| pid != server.pid);
+        let server_pid = server.pid.to_be_bytes();
+        let mut notification_at = None;
         let Server {
             conn,
             params: server_params,
             statements: server_statements,
             ..
         } = server;
-        let buf = &conn.rbuf()[self.s2c..];
+        let from = self.s2c;
+        let buf = &conn.rbuf()[from..];
+        let base = buf.as_ptr() as usize;
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
         let extended_open = self.extended_open || self.unnamed_unexecuted;
@@ -510,6 +527,13 @@ impl Wire {
                     }
                     Step::Forward
                 }
+                (backend::NOTIFICATION_RESPONSE, Some(body))
+                    if own_pid.is_some() && body.get(..4) == Some(&server_pid[..]) =>
+                {
+                    // Rewritten in place once the scan lets go of the buffer.
+                    notification_at = Some(body.as_ptr() as usize - base);
+                    Step::StopAfter
+                }
                 _ => Step::Forward,
             }
         });
@@ -536,6 +560,11 @@ impl Wire {
                 self.server_eof = Some(Some(io::Error::new(io::ErrorKind::InvalidData, err)))
             }
         }
+        let (Some(at), Some(pid)) = (notification_at, own_pid) else {
+            return false;
+        };
+        conn.rbuf()[from + at..from + at + 4].copy_from_slice(&pid.to_be_bytes());
+        true
     }
 
     /// Relays until the session must act. Cancel safe only between calls; the session
@@ -648,6 +677,28 @@ impl Wire {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// The relay was abandoned (the session was killed): writes out to the client what
+    /// was scanned for it. Returns whether the client then stands between two messages,
+    /// where pgrelay may add one of its own. Cancel safe.
+    pub async fn deliver_scanned(
+        &mut self,
+        client: &mut Conn<Stream>,
+        server: &mut Conn<Stream>,
+    ) -> bool {
+        let delivered = poll_fn(|cx| loop {
+            match self.write_to_client(cx, client, server) {
+                Err(_) => return Poll::Ready(false),
+                Ok(_) if self.s2c == 0 && client.wbuf().is_empty() && !self.client_needs_flush => {
+                    return Poll::Ready(true)
+                }
+                Ok(true) => {}
+                Ok(false) => return Poll::Pending,
+            }
+        })
+        .await;
+        delivered && self.server_scan.at_boundary()
     }
 
     fn write_to_client(
