@@ -261,6 +261,11 @@ pub fn bind_complete(buf: &mut BytesMut) {
     buf.put_slice(&[b'2', 0, 0, 0, 4]);
 }
 
+/// PortalSuspended: Execute's row limit was reached.
+pub fn portal_suspended(buf: &mut BytesMut) {
+    buf.put_slice(&[b's', 0, 0, 0, 4]);
+}
+
 /// ParameterDescription of the given parameter type OIDs.
 pub fn parameter_description(buf: &mut BytesMut, types: &[u32]) {
     buf.put_u8(b't');

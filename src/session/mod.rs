@@ -426,8 +426,8 @@ impl Session {
         {
             return Ok(self.client.flush().await.is_ok());
         }
-        if let Some((call, target)) = self.issued_pid_call() {
-            return self.signal_issued_pid(call, target).await;
+        if let Some(request) = self.pid_request() {
+            return self.answer_pid_request(request).await;
         }
         let at = std::time::Instant::now();
         self.handle.waiting(at);

@@ -11,10 +11,13 @@
 //! Only a request that is exactly one such call, between transactions, is recognised:
 //! a simple Query `SELECT [pg_catalog.]pg_terminate_backend(N)` (case-insensitive, an
 //! optional `;`), or an extended request of that text with `N` written out or bound as
-//! `$1` (text, or binary int4/int2): an unnamed Parse, Bind, Describe, Execute
-//! (no row limit), Sync; or Bind of a statement the client prepared earlier, then
-//! Describe, Execute, Sync. Recognising costs a few byte compares per Query or Parse,
-//! and one hash lookup of the statement name per request that opens with a named Bind.
+//! `$1` (text, or binary int4/int2): an unnamed Parse, Bind, Describe, Execute, Sync; or Bind of a statement the client prepared earlier, then
+//! Describe, Execute, Sync. With prepared statements carried, pgrelay also answers the
+//! named Parse (and Describe) of such a text itself and keeps the statement like any
+//! other: asyncpg and tokio-postgres prepare it with a Flush or Sync of its own, after
+//! which a server would stay attached until the Bind had run there. Recognising costs a
+//! few byte compares per Query or Parse, and one hash lookup of the statement name per
+//! request that opens with a named Bind.
 
 use std::sync::Arc;
 
@@ -53,6 +56,16 @@ enum Arg {
     Param,
 }
 
+/// What a recognised request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recognised {
+    /// One call, to carry out.
+    Call(PidCall),
+    /// A named statement of a call, prepared (and described); nothing runs. Its `pid`
+    /// is 0.
+    Prepare(PidCall),
+}
+
 /// A request that is one call of `pg_terminate_backend` or `pg_cancel_backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct PidCall {
@@ -62,6 +75,9 @@ pub(super) struct PidCall {
     format: i16,
     /// The type of `$1`, if the statement has it.
     param_type: Option<u32>,
+    /// Execute asked for at most some rows: PostgreSQL then suspends the portal after
+    /// the one row rather than completing it.
+    limited: bool,
 }
 
 /// The statement text of a call, or `None`.
@@ -126,12 +142,14 @@ fn messages(request: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
-/// Recognises a buffered request (complete, nothing after it) that is one call;
-/// `carried` gives the text of a statement the client prepared earlier, by name.
+/// Recognises a buffered request (complete, nothing after it) that is one call, or
+/// (`carry`: statements are carried) the preparation of one. `carried` gives the text
+/// of a statement the client prepared earlier, by name.
 pub(super) fn recognise<'a>(
     request: &'a [u8],
+    carry: bool,
     carried: impl FnOnce(&[u8]) -> Option<&'a [u8]>,
-) -> Option<PidCall> {
+) -> Option<Recognised> {
     let (tag, total) = header(request, MAX_MESSAGE_LEN).ok()??;
     match tag {
         frontend::QUERY if total == request.len() => {
@@ -139,14 +157,15 @@ pub(super) fn recognise<'a>(
             let (signal, Arg::Literal(pid)) = parse_call(text)? else {
                 return None;
             };
-            Some(PidCall {
+            Some(Recognised::Call(PidCall {
                 signal,
                 pid,
                 format: 0,
                 param_type: None,
-            })
+                limited: false,
+            }))
         }
-        frontend::PARSE | frontend::BIND => extended(request, carried),
+        frontend::PARSE | frontend::BIND => extended(request, carry, carried),
         _ => None,
     }
 }
@@ -156,6 +175,9 @@ pub(super) fn recognise<'a>(
 enum Stage {
     Start,
     Parsed,
+    /// A named statement was parsed: only Describe of it, then Flush or Sync, follow.
+    NamedParsed,
+    Prepared,
     Bound,
     Executed,
     Synced,
@@ -165,27 +187,36 @@ enum Stage {
 struct Extended<'a> {
     stage: Stage,
     call: Option<(Signal, Arg)>,
-    /// The type of `$1` an unnamed Parse declared (0: unspecified).
+    /// The type of `$1` a Parse declared (0: unspecified).
     declared: Option<u32>,
+    /// The statement a named Parse prepares.
+    name: &'a [u8],
     portal: &'a [u8],
     found: Option<PidCall>,
 }
 
 fn extended<'a>(
     request: &'a [u8],
+    carry: bool,
     carried: impl FnOnce(&[u8]) -> Option<&'a [u8]>,
-) -> Option<PidCall> {
+) -> Option<Recognised> {
     let mut carried = Some(carried);
     let mut seen = Extended {
         stage: Stage::Start,
         call: None,
         declared: None,
+        name: b"",
         portal: b"",
         found: None,
     };
     for (tag, body) in messages(request) {
         seen.stage = match (tag, seen.stage) {
-            (frontend::PARSE, Stage::Start) => seen.parse(body)?,
+            (frontend::PARSE, Stage::Start) => seen.parse(body, carry)?,
+            (frontend::DESCRIBE, Stage::NamedParsed) => {
+                let (name, _) = read_cstr(body.strip_prefix(b"S")?)?;
+                (name == seen.name).then_some(Stage::NamedParsed)?
+            }
+            (frontend::FLUSH | frontend::SYNC, Stage::NamedParsed) => Stage::Prepared,
             (frontend::BIND, Stage::Start) => {
                 let (_, rest) = read_cstr(body)?;
                 let (name, _) = read_cstr(rest)?;
@@ -197,26 +228,42 @@ fn extended<'a>(
             (frontend::DESCRIBE, Stage::Parsed) if body.first() == Some(&b'S') => Stage::Parsed,
             (frontend::DESCRIBE, Stage::Bound) => Stage::Bound,
             (frontend::EXECUTE, Stage::Bound) => {
-                let (portal, rest) = read_cstr(body)?;
-                let no_limit = rest == [0, 0, 0, 0];
-                (portal == seen.portal && no_limit).then_some(Stage::Executed)?
+                let (portal, mut rest) = read_cstr(body)?;
+                let max_rows = take_i32(&mut rest)?;
+                let found = seen.found.as_mut()?;
+                found.limited = max_rows > 0;
+                (portal == seen.portal && rest.is_empty()).then_some(Stage::Executed)?
             }
             (frontend::SYNC, Stage::Executed) => Stage::Synced,
             _ => return None,
         };
     }
-    (seen.stage == Stage::Synced).then_some(seen.found?)
+    match seen.stage {
+        Stage::Synced => Some(Recognised::Call(seen.found?)),
+        Stage::Prepared => {
+            let (signal, arg) = seen.call?;
+            Some(Recognised::Prepare(PidCall {
+                signal,
+                pid: 0,
+                format: 0,
+                param_type: seen.param_type(arg),
+                limited: false,
+            }))
+        }
+        _ => None,
+    }
 }
 
 impl<'a> Extended<'a> {
-    /// An unnamed Parse of a call.
-    fn parse(&mut self, body: &[u8]) -> Option<Stage> {
+    /// A Parse of a call: unnamed, or named when statements are carried (pgrelay
+    /// keeps it then; without that, it would exist on no server).
+    fn parse(&mut self, body: &'a [u8], carry: bool) -> Option<Stage> {
         let (name, rest) = read_cstr(body)?;
         let (text, types) = read_cstr(rest)?;
-        if !name.is_empty() {
-            // A named statement answered here would exist on no server.
+        if !name.is_empty() && !carry {
             return None;
         }
+        self.name = name;
         let call = parse_call(text)?;
         self.declared = match (call.1, types) {
             (Arg::Literal(_), [0, 0]) => None,
@@ -231,7 +278,19 @@ impl<'a> Extended<'a> {
             _ => return None,
         };
         self.call = Some(call);
-        Some(Stage::Parsed)
+        if name.is_empty() {
+            Some(Stage::Parsed)
+        } else {
+            Some(Stage::NamedParsed)
+        }
+    }
+
+    /// The type of `$1`, if the statement has it.
+    fn param_type(&self, arg: Arg) -> Option<u32> {
+        (arg == Arg::Param).then(|| match self.declared {
+            Some(backend::oid::INT2) => backend::oid::INT2,
+            _ => backend::oid::INT4,
+        })
     }
 
     /// A Bind of the unnamed statement just parsed, or of the carried one.
@@ -264,10 +323,8 @@ impl<'a> Extended<'a> {
             signal,
             pid,
             format: results.first().copied().unwrap_or(0),
-            param_type: (arg == Arg::Param).then(|| match self.declared {
-                Some(backend::oid::INT2) => backend::oid::INT2,
-                _ => backend::oid::INT4,
-            }),
+            param_type: self.param_type(arg),
+            limited: false,
         });
         Some(Stage::Bound)
     }
@@ -322,7 +379,9 @@ fn answer(call: &PidCall, request: &[u8], value: bool, out: &mut BytesMut) {
                 backend::bool_row_description(out, name, 0);
                 backend::bool_data_row(out, value, 0);
                 backend::command_complete(out, "SELECT 1");
+                backend::ready_for_query(out, b'I');
             }
+            frontend::SYNC => backend::ready_for_query(out, b'I'),
             frontend::PARSE => backend::parse_complete(out),
             frontend::BIND => backend::bind_complete(out),
             frontend::DESCRIBE if body.first() == Some(&b'S') => {
@@ -336,12 +395,15 @@ fn answer(call: &PidCall, request: &[u8], value: bool, out: &mut BytesMut) {
             frontend::DESCRIBE => backend::bool_row_description(out, name, call.format),
             frontend::EXECUTE => {
                 backend::bool_data_row(out, value, call.format);
-                backend::command_complete(out, "SELECT 1");
+                if call.limited {
+                    backend::portal_suspended(out);
+                } else {
+                    backend::command_complete(out, "SELECT 1");
+                }
             }
             _ => {}
         }
     }
-    backend::ready_for_query(out, b'I');
 }
 
 /// What the client that calls `pg_terminate_backend` on itself is told.
@@ -364,47 +426,91 @@ impl Wire {
     }
 }
 
+/// What pgrelay does with a request about the pids it issued.
+pub(super) enum PidRequest {
+    /// Carries out this call on that client, and answers it.
+    Signal(PidCall, Arc<ClientEntry>),
+    /// Keeps the statement its named Parse prepares, and answers it.
+    Prepare(PidCall),
+}
+
+/// The name and the rest (text, parameter types) of the Parse a request opens with.
+fn parsed_statement(request: &[u8]) -> Option<(&[u8], &[u8])> {
+    match messages(request).next()? {
+        (frontend::PARSE, body) => read_cstr(body),
+        _ => None,
+    }
+}
+
 impl Session {
-    /// Transaction mode, between transactions: the buffered request is one call on a
-    /// pid pgrelay issued to a client of the same user, and that client.
-    pub(super) fn issued_pid_call(&mut self) -> Option<(PidCall, Arc<ClientEntry>)> {
+    /// Transaction mode, between transactions: whether the buffered request is one
+    /// call on a pid pgrelay issued to a client of the same user, or the preparation
+    /// of such a call.
+    pub(super) fn pid_request(&mut self) -> Option<PidRequest> {
         if self.mode != PoolMode::Transaction {
             return None;
         }
         let request = self.wire.request(&mut self.client);
         let prepared = self.wire.prepared.as_deref();
-        let call = recognise(request, |name| Some(prepared?.statement(name)?.text()))?;
+        let carried = |name: &[u8]| Some(prepared?.statement(name)?.text());
+        let call = match recognise(request, prepared.is_some(), carried)? {
+            Recognised::Prepare(call) => {
+                // A second Parse of one name is the server's to refuse.
+                let (name, _) = parsed_statement(request)?;
+                let known = prepared.is_some_and(|p| p.statement(name).is_some());
+                return (!known).then_some(PidRequest::Prepare(call));
+            }
+            Recognised::Call(call) => call,
+        };
         if !self.shared.cancel.is_issued(call.pid) {
             return None;
         }
         let target = self.shared.registry.issued_to(call.pid)?;
-        (target.user == self.login.user).then_some((call, target))
+        (target.user == self.login.user).then_some(PidRequest::Signal(call, target))
     }
 
-    /// Carries out a call [`Session::issued_pid_call`] found and answers it. `Ok(false)`
-    /// when the client is gone; the caller's own termination is an error.
-    pub(super) async fn signal_issued_pid(
+    /// Carries out what [`Session::pid_request`] found and answers the request.
+    /// `Ok(false)` when the client is gone; the caller's own termination is an error.
+    pub(super) async fn answer_pid_request(
         &mut self,
-        call: PidCall,
-        target: Arc<ClientEntry>,
+        request: PidRequest,
     ) -> Result<bool, ClientError> {
-        match call.signal {
-            Signal::Terminate if Arc::ptr_eq(&target, &self.handle.entry) => {
-                return Err(terminated())
+        let call = match request {
+            PidRequest::Prepare(call) => {
+                let (rbuf, _) = self.client.buffers();
+                let statement = parsed_statement(&rbuf[..self.wire.c2s]);
+                if let (Some(prepared), Some((name, rest))) =
+                    (self.wire.prepared.as_deref_mut(), statement)
+                {
+                    prepared.adopt(name, rest, self.params.get("search_path"));
+                }
+                call
             }
-            Signal::Terminate => {
-                tracing::info!(user = %target.user, database = %target.database, pid = call.pid, "pg_terminate_backend of a client");
-                target.kill();
+            PidRequest::Signal(call, target) => {
+                self.signal(call, &target).await?;
+                call
             }
-            Signal::Cancel => {
-                tracing::debug!(pid = call.pid, "pg_cancel_backend of a client");
-                self.shared.cancel.cancel_issued(call.pid).await;
-            }
-        }
+        };
         let (rbuf, wbuf) = self.client.buffers();
         answer(&call, &rbuf[..self.wire.c2s], true, wbuf);
         self.wire.consume_request(&mut self.client);
         Ok(self.client.flush().await.is_ok())
+    }
+
+    async fn signal(&self, call: PidCall, target: &Arc<ClientEntry>) -> Result<(), ClientError> {
+        match call.signal {
+            Signal::Terminate if Arc::ptr_eq(target, &self.handle.entry) => Err(terminated()),
+            Signal::Terminate => {
+                tracing::info!(user = %target.user, database = %target.database, pid = call.pid, "pg_terminate_backend of a client");
+                target.kill();
+                Ok(())
+            }
+            Signal::Cancel => {
+                tracing::debug!(pid = call.pid, "pg_cancel_backend of a client");
+                self.shared.cancel.cancel_issued(call.pid).await;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -459,8 +565,22 @@ mod tests {
         .concat()
     }
 
+    /// The call a request is (statements carried).
+    fn call<'a>(
+        request: &'a [u8],
+        carried: impl FnOnce(&[u8]) -> Option<&'a [u8]>,
+    ) -> Option<PidCall> {
+        match recognise(request, true, carried)? {
+            Recognised::Call(call) => Some(call),
+            Recognised::Prepare(_) => None,
+        }
+    }
+
     fn simple(sql: &str) -> Option<(Signal, i32)> {
-        recognise(&query(sql), |_| None).map(|c| (c.signal, c.pid))
+        match recognise(&query(sql), true, |_| None) {
+            Some(Recognised::Call(c)) => Some((c.signal, c.pid)),
+            _ => None,
+        }
     }
 
     #[test]
@@ -488,7 +608,7 @@ mod tests {
             assert_eq!(simple(other), None, "{other}");
         }
         let two = [query("SELECT pg_cancel_backend(1)"), query("SELECT 1")].concat();
-        assert_eq!(recognise(&two, |_| None), None);
+        assert_eq!(call(&two, |_| None), None);
     }
 
     #[test]
@@ -499,9 +619,9 @@ mod tests {
             tail(),
         ]
         .concat();
-        let call = recognise(&text, |_| None).expect("a call");
+        let found = call(&text, |_| None).expect("a call");
         assert_eq!(
-            (call.signal, call.pid, call.format),
+            (found.signal, found.pid, found.format),
             (Signal::Terminate, 4194400, 0)
         );
         let binary = [
@@ -510,32 +630,33 @@ mod tests {
             tail(),
         ]
         .concat();
-        let call = recognise(&binary, |_| None).expect("a call");
+        let found = call(&binary, |_| None).expect("a call");
         assert_eq!(
-            (call.signal, call.pid, call.format),
+            (found.signal, found.pid, found.format),
             (Signal::Cancel, 4194401, 1)
         );
         // A statement the client prepared earlier, by name.
         let carried = [bind("s1", Some((1, &5i32.to_be_bytes())), 1), tail()].concat();
-        let call = recognise(&carried, |name| {
+        let found = call(&carried, |name| {
             (name == b"s1").then_some(&b"SELECT pg_terminate_backend($1)"[..])
         });
-        assert_eq!(call.map(|c| c.pid), Some(5));
-        // Named Parse, bigint, a row limit: to the server.
+        assert_eq!(found.map(|c| c.pid), Some(5));
+        // A named Parse with its Bind, bigint, a row limit: to the server.
         let named = [
             message(b'P', b"s\0SELECT pg_cancel_backend($1)\0\0\0"),
             bind("s", Some((0, b"1")), 0),
             tail(),
         ]
         .concat();
-        assert_eq!(recognise(&named, |_| None), None);
+        assert_eq!(recognise(&named, true, |_| None), None);
         let bigint = [
             parse("SELECT pg_cancel_backend($1)", &[20]),
             bind("", Some((0, b"1")), 0),
             tail(),
         ]
         .concat();
-        assert_eq!(recognise(&bigint, |_| None), None);
+        assert_eq!(call(&bigint, |_| None), None);
+        // asyncpg's fetchval asks for one row: the portal is suspended after it.
         let limited = [
             parse("SELECT pg_cancel_backend(3)", &[]),
             bind("", None, 0),
@@ -543,7 +664,11 @@ mod tests {
             message(b'S', b""),
         ]
         .concat();
-        assert_eq!(recognise(&limited, |_| None), None);
+        let found = call(&limited, |_| None).expect("a call");
+        let mut out = BytesMut::new();
+        answer(&found, &limited, true, &mut out);
+        let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
+        assert_eq!(tags, "12DsZ");
     }
 
     #[test]
@@ -555,9 +680,9 @@ mod tests {
             tail(),
         ]
         .concat();
-        let call = recognise(&request, |_| None).expect("a call");
+        let found = call(&request, |_| None).expect("a call");
         let mut out = BytesMut::new();
-        answer(&call, &request, true, &mut out);
+        answer(&found, &request, true, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "1tT2TDCZ");
         let row = messages(&out)
@@ -566,9 +691,35 @@ mod tests {
         assert_eq!(row, Some(vec![0, 1, 0, 0, 0, 1, 1]), "binary true");
         out.clear();
         let request = query("SELECT pg_cancel_backend(9)");
-        let call = recognise(&request, |_| None).expect("a call");
-        answer(&call, &request, true, &mut out);
+        let found = call(&request, |_| None).expect("a call");
+        answer(&found, &request, true, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "TDCZ");
+    }
+
+    #[test]
+    fn named_preparations_are_kept_only_when_statements_are_carried() {
+        let prepare = [
+            message(b'P', b"s\0SELECT pg_terminate_backend($1)\0\0\0"),
+            message(b'D', b"Ss\0"),
+            message(b'H', b""),
+        ]
+        .concat();
+        let Some(Recognised::Prepare(found)) = recognise(&prepare, true, |_| None) else {
+            panic!("a preparation");
+        };
+        assert_eq!(found.param_type, Some(backend::oid::INT4));
+        assert_eq!(recognise(&prepare, false, |_| None), None);
+        let mut out = BytesMut::new();
+        answer(&found, &prepare, true, &mut out);
+        let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
+        assert_eq!(tags, "1tT", "no ReadyForQuery before the Sync");
+        let other_name = [
+            message(b'P', b"s\0SELECT pg_terminate_backend($1)\0\0\0"),
+            message(b'D', b"St\0"),
+            message(b'S', b""),
+        ]
+        .concat();
+        assert_eq!(recognise(&other_name, true, |_| None), None);
     }
 }
