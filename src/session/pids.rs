@@ -287,10 +287,11 @@ impl<'a> Extended<'a> {
 
     /// The type of `$1`, if the statement has it.
     fn param_type(&self, arg: Arg) -> Option<u32> {
-        (arg == Arg::Param).then(|| match self.declared {
+        let oid = match self.declared {
             Some(backend::oid::INT2) => backend::oid::INT2,
             _ => backend::oid::INT4,
-        })
+        };
+        (arg == Arg::Param).then_some(oid)
     }
 
     /// A Bind of the unnamed statement just parsed, or of the carried one.
