@@ -202,6 +202,73 @@ async fn terminate_in_the_middle_of_a_query() {
     );
 }
 
+/// Inside a transaction and from a pinned client, a call is answered in its place, and
+/// the transaction goes on on its server; in a failed transaction the server refuses
+/// it, as it would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_inside_transactions_and_from_pinned_clients() {
+    let env = start(several_servers()).await;
+    let (victim, mut victim_messages) = connect_observed(&env).await;
+    let pid = own_pid(&victim, &mut victim_messages, "victim").await;
+
+    let mut caller = env.client().await;
+    let tx = caller.transaction().await.expect("begin");
+    let before: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("before")
+        .get(0);
+    // A failed statement's transaction refuses the call (the server answers), and
+    // the victim is untouched.
+    tx.batch_execute("SAVEPOINT s").await.expect("savepoint");
+    assert!(tx.batch_execute("SELECT 1 / 0").await.is_err());
+    let refused = tx
+        .simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .expect_err("a failed transaction refuses everything");
+    assert_eq!(sqlstate(&refused).as_deref(), Some("25P02"));
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s")
+        .await
+        .expect("rollback to");
+    assert_eq!(simple_value(&victim, "SELECT 5").await, "5", "untouched");
+    let terminated: bool = tx
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("pg_terminate_backend in a transaction")
+        .get(0);
+    assert!(terminated);
+    let after: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("after")
+        .get(0);
+    assert_eq!(before, after, "the transaction stayed on its server");
+    tx.commit().await.expect("commit");
+    match next_message(&mut victim_messages).await {
+        Err(err) => assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}"),
+        other => panic!("expected the connection to end with 57P01, got {other:?}"),
+    }
+
+    // A pinned caller (it listens) cancels another client's query.
+    let (pinned, mut pinned_messages) = connect_observed(&env).await;
+    let pinned_pid = own_pid(&pinned, &mut pinned_messages, "pinned").await;
+    let (sleeper, mut sleeper_messages) = connect_observed(&env).await;
+    let sleeper_pid = own_pid(&sleeper, &mut sleeper_messages, "sleeper").await;
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let answer = simple_value(&pinned, &format!("SELECT pg_cancel_backend({sleeper_pid})")).await;
+    assert_eq!(answer, "t");
+    let (code, at) = query_error(sleeping).await;
+    assert_eq!(code.as_deref(), Some("57014"));
+    assert!(at - asked < Duration::from_secs(3));
+    // Still pinned, still told its own pid.
+    assert_eq!(
+        own_pid(&pinned, &mut pinned_messages, "pinned").await,
+        pinned_pid
+    );
+}
+
 /// A real server's pid, and a pid nobody has, go to the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_server_pids_pass_through() {

@@ -222,6 +222,7 @@ impl Session {
         if transaction_mode {
             let pid = session.cancel.key().0;
             session.wire.own_pid = Some(pid);
+            session.wire.intercept_pids = true;
             session.handle.entry.set_issued_pid(pid);
         }
         match session.greet().await {
@@ -364,6 +365,11 @@ impl Session {
                         return Exit::Done;
                     }
                 }
+                RelayEnd::Intercepted => match self.intercepted().await {
+                    Ok(true) => {}
+                    Ok(false) => return Exit::Done,
+                    Err(err) => return Exit::Failed(err),
+                },
             }
         }
     }

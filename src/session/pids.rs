@@ -8,7 +8,13 @@
 //! a call on a client of another user (PostgreSQL lets a role signal only its own
 //! sessions unless it is privileged, which pgrelay cannot tell).
 //!
-//! Only a request that is exactly one such call, between transactions, is recognised:
+//! Between transactions the session looks at each request before it picks a server;
+//! inside a transaction, or pinned to a server, the relay stops in front of a Query or
+//! a Parse that opens a request and whose text is a call (a few byte compares per Query
+//! or Parse), waits until everything before it is answered, and hands it to the
+//! session ([`Session::intercepted`]), which answers it or has the relay send it on;
+//! once the client has prepared a call, a Bind of it is stopped in front of too.
+//! Only a request that is exactly one such call is recognised:
 //! a simple Query `SELECT [pg_catalog.]pg_terminate_backend(N)` (case-insensitive, an
 //! optional `;`), or an extended request of that text with `N` written out or bound as
 //! `$1` (text, or binary int4/int2): an unnamed Parse, Bind, Describe, Execute, Sync; or Bind of a statement the client prepared earlier, then
@@ -80,7 +86,9 @@ pub(super) struct PidCall {
     limited: bool,
 }
 
-/// The statement text of a call, or `None`.
+/// The call a statement text is, or `None`. The text ends at its end or at a NUL (a
+/// message body may be passed as it is): anything else fails at its first bytes, so
+/// the common statement costs a few compares, whatever its length.
 fn parse_call(text: &[u8]) -> Option<(Signal, Arg)> {
     let rest = keyword(skip_ws(text), b"select")?;
     if !rest.first()?.is_ascii_whitespace() {
@@ -106,7 +114,28 @@ fn parse_call(text: &[u8]) -> Option<(Signal, Arg)> {
     if let Some(after) = rest.strip_prefix(b";") {
         rest = skip_ws(after);
     }
-    rest.is_empty().then_some((signal, arg))
+    matches!(rest.first(), None | Some(0)).then_some((signal, arg))
+}
+
+/// Whether a Query, Parse or Bind body is that of a call (its pid may be pgrelay's):
+/// the relay hands such a request to the session. A few compares for any other
+/// statement; a Bind is looked at only if the client has prepared a call before
+/// (`pid_statements`), and then costs a lookup of its statement (`carried`).
+pub(super) fn may_be_call<'a>(
+    tag: u8,
+    body: &[u8],
+    pid_statements: bool,
+    carried: impl FnOnce(&[u8]) -> Option<&'a [u8]>,
+) -> bool {
+    match tag {
+        frontend::QUERY => parse_call(body).is_some(),
+        frontend::PARSE => read_cstr(body).is_some_and(|(_, rest)| parse_call(rest).is_some()),
+        frontend::BIND if pid_statements => read_cstr(body)
+            .and_then(|(_, rest)| read_cstr(rest))
+            .and_then(|(name, _)| carried(name))
+            .is_some_and(|text| parse_call(text).is_some()),
+        _ => false,
+    }
 }
 
 fn skip_ws(text: &[u8]) -> &[u8] {
@@ -153,8 +182,7 @@ pub(super) fn recognise<'a>(
     let (tag, total) = header(request, MAX_MESSAGE_LEN).ok()??;
     match tag {
         frontend::QUERY if total == request.len() => {
-            let text = frontend::query_text(&request[HEADER_LEN..]).ok()?;
-            let (signal, Arg::Literal(pid)) = parse_call(text)? else {
+            let (signal, Arg::Literal(pid)) = parse_call(&request[HEADER_LEN..])? else {
                 return None;
             };
             Some(Recognised::Call(PidCall {
@@ -259,12 +287,12 @@ impl<'a> Extended<'a> {
     /// keeps it then; without that, it would exist on no server).
     fn parse(&mut self, body: &'a [u8], carry: bool) -> Option<Stage> {
         let (name, rest) = read_cstr(body)?;
-        let (text, types) = read_cstr(rest)?;
         if !name.is_empty() && !carry {
             return None;
         }
+        let call = parse_call(rest)?;
+        let (_, types) = read_cstr(rest)?;
         self.name = name;
-        let call = parse_call(text)?;
         self.declared = match (call.1, types) {
             (Arg::Literal(_), [0, 0]) => None,
             (Arg::Param, [0, 0]) => Some(0),
@@ -370,19 +398,19 @@ fn take_formats(rest: &mut &[u8]) -> Option<Vec<i16>> {
     Some(codes)
 }
 
-/// Answers the recognised `request` as PostgreSQL would have, with `value` as the
-/// call's result.
-fn answer(call: &PidCall, request: &[u8], value: bool, out: &mut BytesMut) {
+/// Answers the recognised `request` as PostgreSQL would have, the call's result being
+/// `true`, in transaction `status` (`I` or `T`).
+fn answer(call: &PidCall, request: &[u8], status: u8, out: &mut BytesMut) {
     let name = call.signal.function();
     for (tag, body) in messages(request) {
         match tag {
             frontend::QUERY => {
                 backend::bool_row_description(out, name, 0);
-                backend::bool_data_row(out, value, 0);
+                backend::bool_data_row(out, true, 0);
                 backend::command_complete(out, "SELECT 1");
-                backend::ready_for_query(out, b'I');
+                backend::ready_for_query(out, status);
             }
-            frontend::SYNC => backend::ready_for_query(out, b'I'),
+            frontend::SYNC => backend::ready_for_query(out, status),
             frontend::PARSE => backend::parse_complete(out),
             frontend::BIND => backend::bind_complete(out),
             frontend::DESCRIBE if body.first() == Some(&b'S') => {
@@ -395,7 +423,7 @@ fn answer(call: &PidCall, request: &[u8], value: bool, out: &mut BytesMut) {
             }
             frontend::DESCRIBE => backend::bool_row_description(out, name, call.format),
             frontend::EXECUTE => {
-                backend::bool_data_row(out, value, call.format);
+                backend::bool_data_row(out, true, call.format);
                 if call.limited {
                     backend::portal_suspended(out);
                 } else {
@@ -448,7 +476,8 @@ impl Session {
     /// call on a pid pgrelay issued to a client of the same user, or the preparation
     /// of such a call.
     pub(super) fn pid_request(&mut self) -> Option<PidRequest> {
-        if self.mode != PoolMode::Transaction {
+        // In a failed transaction the server refuses everything; so be it.
+        if self.mode != PoolMode::Transaction || self.wire.status == b'E' {
             return None;
         }
         let request = self.wire.request(&mut self.client);
@@ -484,6 +513,7 @@ impl Session {
                     (self.wire.prepared.as_deref_mut(), statement)
                 {
                     prepared.adopt(name, rest, self.params.get("search_path"));
+                    self.wire.pid_statements = true;
                 }
                 call
             }
@@ -493,9 +523,40 @@ impl Session {
             }
         };
         let (rbuf, wbuf) = self.client.buffers();
-        answer(&call, &rbuf[..self.wire.c2s], true, wbuf);
+        answer(&call, &rbuf[..self.wire.c2s], self.wire.status, wbuf);
         self.wire.consume_request(&mut self.client);
         Ok(self.client.flush().await.is_ok())
+    }
+
+    /// The relay stopped in front of a request that may be a call on a pid pgrelay
+    /// issued (in a transaction, or pinned), with everything before it answered: reads
+    /// it whole and answers it, or has the relay send it on. `Ok(false)` when the
+    /// client is gone.
+    pub(super) async fn intercepted(&mut self) -> Result<bool, ClientError> {
+        if self
+            .wire
+            .read_request(&mut self.client, &self.shared.pools)
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+        if let Some(err) = self.wire.take_protocol_error() {
+            return Err(ClientError::protocol(err.to_string()));
+        }
+        if !self.wire.has_request() {
+            return Ok(false);
+        }
+        self.wire.resumed = true;
+        match self.pid_request() {
+            Some(request) => self.answer_pid_request(request).await,
+            None => {
+                // Sent on as it is: noted as any request routed to this node.
+                let node = self.wire.node;
+                self.wire.record_request(&mut self.client, node);
+                Ok(true)
+            }
+        }
     }
 
     async fn signal(&self, call: PidCall, target: &Arc<ClientEntry>) -> Result<(), ClientError> {
@@ -667,7 +728,7 @@ mod tests {
         .concat();
         let found = call(&limited, |_| None).expect("a call");
         let mut out = BytesMut::new();
-        answer(&found, &limited, true, &mut out);
+        answer(&found, &limited, b'I', &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "12DsZ");
     }
@@ -683,7 +744,7 @@ mod tests {
         .concat();
         let found = call(&request, |_| None).expect("a call");
         let mut out = BytesMut::new();
-        answer(&found, &request, true, &mut out);
+        answer(&found, &request, b'I', &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "1tT2TDCZ");
         let row = messages(&out)
@@ -693,7 +754,7 @@ mod tests {
         out.clear();
         let request = query("SELECT pg_cancel_backend(9)");
         let found = call(&request, |_| None).expect("a call");
-        answer(&found, &request, true, &mut out);
+        answer(&found, &request, b'I', &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "TDCZ");
     }
@@ -712,7 +773,7 @@ mod tests {
         assert_eq!(found.param_type, Some(backend::oid::INT4));
         assert_eq!(recognise(&prepare, false, |_| None), None);
         let mut out = BytesMut::new();
-        answer(&found, &prepare, true, &mut out);
+        answer(&found, &prepare, b'I', &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "1tT", "no ReadyForQuery before the Sync");
         let other_name = [

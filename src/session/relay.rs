@@ -25,6 +25,7 @@ use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
 use crate::session::params::ParamSet;
+use crate::session::pids;
 use crate::session::prepared::{Answer, Prepared};
 use crate::session::scan::{note_effects, ClientScan};
 use crate::stream::{Conn, Stream};
@@ -49,6 +50,9 @@ pub enum RelayEnd {
     ServerGone(Option<io::Error>),
     /// The client's socket failed while writing to it.
     ClientIo(io::Error),
+    /// The client's next request may be a call on a pid pgrelay issued; everything
+    /// before it is answered. The session handles it, then relays on.
+    Intercepted,
 }
 
 /// The client message the scan stopped in front of, with prepared statements carried.
@@ -61,6 +65,9 @@ pub(super) enum Front {
     /// A `DEALLOCATE` of the client's own statement: answer it once everything before
     /// it is answered.
     Answer,
+    /// A request that may be a call on a pid pgrelay issued: once everything before it
+    /// is answered, the session reads and handles it ([`RelayEnd::Intercepted`]).
+    PidCall,
 }
 
 /// A client's relay state, kept across servers.
@@ -133,6 +140,15 @@ pub struct Wire {
     /// the client's own server reaches the client with it, so that a client sees its
     /// own notifications as its own (asyncpg, psycopg compare pids).
     pub(super) own_pid: Option<i32>,
+    /// Stop in front of requests that may be calls on pids pgrelay issued (transaction
+    /// mode): the session answers those itself, inside transactions too.
+    pub(super) intercept_pids: bool,
+    /// The relay goes on with the server it had after [`RelayEnd::Intercepted`]:
+    /// nothing the server owes is forgotten.
+    pub(super) resumed: bool,
+    /// The client prepared a call on a pid as a named statement: its Binds are looked
+    /// at too.
+    pub(super) pid_statements: bool,
 }
 
 /// What a relay moved, for statistics.
@@ -196,6 +212,9 @@ impl Wire {
             server_fatal: None,
             counts: Counts::default(),
             own_pid: None,
+            intercept_pids: false,
+            resumed: false,
+            pid_statements: false,
         }
     }
 
@@ -366,7 +385,17 @@ impl Wire {
         let (prepared, effects) = (&mut self.prepared, &mut self.effects);
         let track_effects = self.track_effects;
         let (mut front, mut rewrite_buffered) = (Front::Relayed, false);
+        let intercept = attached && self.intercept_pids;
+        let pid_statements = self.pid_statements;
         let scanned = self.client_scan.scan(buf, |tag, body| {
+            // Only at a request's start: what came before then gets all its answers.
+            if let (true, false, Some(body)) = (intercept, state.extended_open, body) {
+                let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
+                if pids::may_be_call(tag, body, pid_statements, carried) {
+                    front = Front::PidCall;
+                    return Step::StopBefore;
+                }
+            }
             if track {
                 if let Some(body) =
                     body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
@@ -589,6 +618,7 @@ impl Wire {
         if self.prepared.is_some() {
             self.send_buffered(client, server, client_params);
         }
+        self.resumed = false;
         // Bytes already buffered (a request read while detached) are scanned first.
         self.scan_client(client, pools, true);
         poll_fn(|cx| self.poll_relay(cx, client, server, client_params, pools)).await
@@ -632,6 +662,10 @@ impl Wire {
             if self.front != Front::Relayed && self.handle_front(client, server, client_params) {
                 self.scan_client(client, pools, true);
                 progress = true;
+            }
+            if self.front == Front::PidCall && self.all_answered(client, server) {
+                self.front = Front::Relayed;
+                return Poll::Ready(RelayEnd::Intercepted);
             }
             match self.write_to_server(cx, client, &mut server.conn) {
                 Ok(p) => progress |= p,
@@ -677,6 +711,18 @@ impl Wire {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Nothing is on its way to or from the server, nor to the client.
+    fn all_answered(&self, client: &mut Conn<Stream>, server: &mut Server) -> bool {
+        self.c2s == 0
+            && self.s2c == 0
+            && self.pending == 0
+            && !self.extended_open
+            && !self.swallow_front
+            && !self.client_needs_flush
+            && client.wbuf().is_empty()
+            && server.conn.wbuf().is_empty()
     }
 
     /// The relay was abandoned (the session was killed): writes out to the client what

@@ -77,6 +77,21 @@ def psycopg_terminate(caller):
         pass
     assert victim.broken
     caller.prepare_threshold = 5
+    # psycopg's default: not autocommit, so the call runs in a transaction (BEGIN first).
+    victim = connect()
+    with psycopg.connect(URL) as in_transaction:
+        row = in_transaction.execute(
+            "SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,)
+        ).fetchone()
+        assert row == (True,), row
+        assert in_transaction.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        in_transaction.commit()
+    try:
+        victim.execute("SELECT 1")
+        raise AssertionError("a terminated connection still works")
+    except psycopg.OperationalError:
+        pass
+    assert victim.broken
 
 
 def psycopg_cancel(caller):
