@@ -8,22 +8,24 @@
 //! a call on a client of another user (PostgreSQL lets a role signal only its own
 //! sessions unless it is privileged, which pgrelay cannot tell).
 //!
-//! Between transactions the session looks at each request before it picks a server;
-//! inside a transaction, or pinned to a server, the relay stops in front of a Query or
-//! a Parse that opens a request and whose text is a call (a few byte compares per Query
-//! or Parse), waits until everything before it is answered, and hands it to the
-//! session ([`Session::intercepted`]), which answers it or has the relay send it on;
-//! once the client has prepared a call, a Bind of it is stopped in front of too.
-//! Only a request that is exactly one such call is recognised:
-//! a simple Query `SELECT [pg_catalog.]pg_terminate_backend(N)` (case-insensitive, an
-//! optional `;`), or an extended request of that text with `N` written out or bound as
-//! `$1` (text, or binary int4/int2): an unnamed Parse, Bind, Describe, Execute, Sync; or Bind of a statement the client prepared earlier, then
-//! Describe, Execute, Sync. With prepared statements carried, pgrelay also answers the
-//! named Parse (and Describe) of such a text itself and keeps the statement like any
-//! other: asyncpg and tokio-postgres prepare it with a Flush or Sync of its own, after
-//! which a server would stay attached until the Bind had run there. Recognising costs a
-//! few byte compares per Query or Parse, and one hash lookup of the statement name per
-//! request that opens with a named Bind.
+//! Only a request that is exactly one such call is recognised: a simple Query
+//! `SELECT [pg_catalog.]pg_terminate_backend(N)` (case-insensitive, an optional `;`),
+//! or an extended request of that text with `N` written out or bound as `$1` (text, or
+//! binary int4/int2): an unnamed Parse, Bind, Describe, Execute, Sync; or a Bind of a
+//! statement the client prepared earlier, then Describe, Execute, Sync. With prepared
+//! statements carried, pgrelay also answers the named Parse (and Describe) of such a
+//! text itself and keeps the statement like any other: asyncpg and tokio-postgres
+//! prepare it in a request of its own, after which, ended by a Flush, a server would
+//! stay attached until the Bind had run there.
+//!
+//! Between transactions the session looks at each request before it picks a server
+//! ([`Session::pid_request`]). Inside a transaction, or pinned to a server, the relay
+//! stops in front of a Query or Parse that opens a request and whose text is a call
+//! (and, once the client has prepared a call, a Bind of it), waits until everything
+//! before it is answered, and hands it to the session ([`Session::intercepted`]), which
+//! answers it or has the relay send it on. The cost on the way: a few byte compares
+//! per Query or Parse, whatever its length, and, only for clients that have parsed a
+//! call, one statement lookup per named Bind.
 
 use std::sync::Arc;
 
@@ -482,7 +484,9 @@ impl Session {
         }
         let request = self.wire.request(&mut self.client);
         let prepared = self.wire.prepared.as_deref();
-        let carried = |name: &[u8]| Some(prepared?.statement(name)?.text());
+        // Only a client that parsed a call has a statement of one.
+        let lookup = prepared.filter(|_| self.wire.pid_statements);
+        let carried = |name: &[u8]| Some(lookup?.statement(name)?.text());
         let call = match recognise(request, prepared.is_some(), carried)? {
             Recognised::Prepare(call) => {
                 // A second Parse of one name is the server's to refuse.
@@ -513,7 +517,6 @@ impl Session {
                     (self.wire.prepared.as_deref_mut(), statement)
                 {
                     prepared.adopt(name, rest, self.params.get("search_path"));
-                    self.wire.pid_statements = true;
                 }
                 call
             }

@@ -146,8 +146,8 @@ pub struct Wire {
     /// The relay goes on with the server it had after [`RelayEnd::Intercepted`]:
     /// nothing the server owes is forgotten.
     pub(super) resumed: bool,
-    /// The client prepared a call on a pid as a named statement: its Binds are looked
-    /// at too.
+    /// The client parsed a call on a pid (maybe as a named statement): its Binds are
+    /// looked at too.
     pub(super) pid_statements: bool,
 }
 
@@ -385,15 +385,18 @@ impl Wire {
         let (prepared, effects) = (&mut self.prepared, &mut self.effects);
         let track_effects = self.track_effects;
         let (mut front, mut rewrite_buffered) = (Front::Relayed, false);
-        let intercept = attached && self.intercept_pids;
-        let pid_statements = self.pid_statements;
+        let (intercept, mut pid_statements) = (self.intercept_pids, self.pid_statements);
         let scanned = self.client_scan.scan(buf, |tag, body| {
-            // Only at a request's start: what came before then gets all its answers.
-            if let (true, false, Some(body)) = (intercept, state.extended_open, body) {
+            if let (true, Some(body)) = (intercept, body) {
                 let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
                 if pids::may_be_call(tag, body, pid_statements, carried) {
-                    front = Front::PidCall;
-                    return Step::StopBefore;
+                    // Its Binds are worth a look from now on.
+                    pid_statements |= tag == frontend::PARSE;
+                    // Only at a request's start: what came before gets all its answers.
+                    if attached && !state.extended_open {
+                        front = Front::PidCall;
+                        return Step::StopBefore;
+                    }
                 }
             }
             if track {
@@ -438,6 +441,7 @@ impl Wire {
         if front != Front::Relayed {
             self.front = front;
         }
+        self.pid_statements = pid_statements;
         self.rewrite_buffered |= rewrite_buffered;
         self.absorb(&state, attached, scanned)
     }
