@@ -486,16 +486,24 @@ impl Wire {
     }
 
     fn scan_server(&mut self, server: &mut Server, client_params: &mut ParamSet) {
-        while self.scan_server_once(server, client_params) {}
+        while let Some(at) = self.scan_server_once(server, client_params) {
+            // The client's own pid over its server's, in place: no copy, no allocation.
+            if let Some(pid) = self.own_pid {
+                server.conn.rbuf()[at..at + 4].copy_from_slice(&pid.to_be_bytes());
+            }
+        }
     }
 
-    /// Scans newly read server bytes. Returns true if it stopped after a notification
-    /// of the client's own server, whose pid it then made the client's: scan on.
-    fn scan_server_once(&mut self, server: &mut Server, client_params: &mut ParamSet) -> bool {
-        // A notification the server itself sent, when the client has a pid of its own.
-        let own_pid = self.own_pid.filter(|&pid| pid != server.pid);
-        let server_pid = server.pid.to_be_bytes();
-        let mut notification_at = None;
+    /// Scans newly read server bytes. If it stopped after a notification the client's
+    /// own server sent, returns where in the read buffer its sender pid is: scan on.
+    fn scan_server_once(
+        &mut self,
+        server: &mut Server,
+        client_params: &mut ParamSet,
+    ) -> Option<usize> {
+        // Only a client with a pid of its own (transaction mode) has them rewritten.
+        let own = self.own_pid.is_some_and(|pid| pid != server.pid);
+        let (server_pid, mut notified_at) = (server.pid.to_be_bytes(), None);
         let Server {
             conn,
             params: server_params,
@@ -561,23 +569,16 @@ impl Wire {
                     Step::Forward
                 }
                 (backend::NOTIFICATION_RESPONSE, Some(body))
-                    if own_pid.is_some() && body.get(..4) == Some(&server_pid[..]) =>
+                    if own && body.starts_with(&server_pid) =>
                 {
-                    // Rewritten in place once the scan lets go of the buffer.
-                    notification_at = Some(body.as_ptr() as usize - base);
+                    notified_at = Some(body.as_ptr() as usize - base);
                     Step::StopAfter
                 }
                 _ => Step::Forward,
             }
         });
         self.swallow_front |= swallow;
-        for (total, new) in self.counts.errors.iter_mut().zip(errors) {
-            *total += new;
-        }
-        if fatal.is_some() {
-            self.server_fatal = fatal;
-            self.server_eof = Some(None);
-        }
+        self.note_server_errors(errors, fatal);
         self.pending = pending;
         self.status = status;
         if resume {
@@ -593,11 +594,18 @@ impl Wire {
                 self.server_eof = Some(Some(io::Error::new(io::ErrorKind::InvalidData, err)))
             }
         }
-        let (Some(at), Some(pid)) = (notification_at, own_pid) else {
-            return false;
-        };
-        conn.rbuf()[from + at..from + at + 4].copy_from_slice(&pid.to_be_bytes());
-        true
+        notified_at.map(|at| from + at)
+    }
+
+    /// Counts the ErrorResponses a scan saw; a FATAL one ends the relay.
+    fn note_server_errors(&mut self, errors: [u64; 3], fatal: Option<backend::ErrorFields>) {
+        for (total, new) in self.counts.errors.iter_mut().zip(errors) {
+            *total += new;
+        }
+        if fatal.is_some() {
+            self.server_fatal = fatal;
+            self.server_eof = Some(None);
+        }
     }
 
     /// Relays until the session must act. Cancel safe only between calls; the session
