@@ -105,6 +105,20 @@ async fn notifications_and_signals_through_tokio_postgres() {
         .parse()
         .expect("pid");
     assert_ne!(pid, server_pid, "the server's own pid is not the client's");
+    // Many at once (one read holds several): each one is the client's own.
+    victim
+        .batch_execute("SELECT pg_notify('victim', i::text) FROM generate_series(1, 500) AS i")
+        .await
+        .expect("notify many");
+    for i in 1..=500 {
+        match next_message(&mut victim_messages).await {
+            Ok(AsyncMessage::Notification(n)) => {
+                assert_eq!(n.payload(), i.to_string());
+                assert_eq!(n.process_id(), pid, "notification {i}");
+            }
+            other => panic!("expected notification {i}, got {other:?}"),
+        }
+    }
 
     // Another client's notification keeps its sender's server pid.
     let caller = env.client().await;
