@@ -200,3 +200,24 @@ impl Drop for CancelHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_pids_are_unique_above_linux_pids_and_forgotten_on_drop() {
+        let registry = Arc::new(CancelRegistry::default());
+        let handles: Vec<_> = (0..1000).map(|_| registry.register_random()).collect();
+        let pids: std::collections::HashSet<i32> = handles.iter().map(|h| h.key().0).collect();
+        assert_eq!(pids.len(), handles.len(), "no two clients share a pid");
+        assert!(pids.iter().all(|&pid| pid >= ISSUED_PID_MIN));
+        let pid = handles[0].key().0;
+        assert!(registry.is_issued(pid));
+        drop(handles);
+        assert!(!registry.is_issued(pid));
+        // A server's real key (session mode) is no issued pid.
+        let real = registry.register((4242, 7)).expect("free key");
+        assert!(!registry.is_issued(real.key().0));
+    }
+}

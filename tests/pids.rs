@@ -283,6 +283,40 @@ async fn calls_inside_transactions_and_from_pinned_clients() {
     );
 }
 
+/// A client that terminates itself is told 57P01 at once; a client of another user
+/// cannot terminate it (the server answers, as for a pid it does not know).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_oneself_and_other_users() {
+    let env = start(EnvOptions {
+        server_users: vec![
+            (APP_USER.into(), support::APP_PASSWORD.into()),
+            ("other".into(), "other-secret".into()),
+        ],
+        relay_users: vec![
+            (APP_USER.into(), support::APP_PASSWORD.into()),
+            ("other".into(), "other-secret".into()),
+        ],
+        ..several_servers()
+    })
+    .await;
+    let (victim, mut victim_messages) = connect_observed(&env).await;
+    let pid = own_pid(&victim, &mut victim_messages, "victim").await;
+    let other = env
+        .connect("other", "other-secret", APP_DB)
+        .await
+        .expect("connect as another user");
+    let answer = simple_value(&other, &format!("SELECT pg_terminate_backend({pid})")).await;
+    assert_eq!(answer, "f", "not pgrelay's to do for another user");
+    assert_eq!(simple_value(&victim, "SELECT 1").await, "1", "untouched");
+
+    let err = victim
+        .simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .expect_err("terminated itself");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    assert!(victim.simple_query("SELECT 1").await.is_err(), "closed");
+}
+
 /// A real server's pid, and a pid nobody has, go to the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_server_pids_pass_through() {
