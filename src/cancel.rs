@@ -4,6 +4,11 @@
 //! A cancel is sent while holding the client's slot, and a session clears its slot
 //! (waiting for such a cancel to finish) before its server goes back to the pool, so a
 //! cancel can never reach a server that has since moved to another client.
+//!
+//! The pids pgrelay issues itself (transaction mode) are unique among the clients it
+//! serves and lie above any pid Linux hands out (`pid_max` is at most 2^22), so one of
+//! them can never be mistaken for a real server's: `pg_cancel_backend` and
+//! `pg_terminate_backend` of such a pid are pgrelay's to carry out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +20,9 @@ use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// The lowest pid pgrelay issues: above Linux's largest `pid_max` (2^22).
+pub const ISSUED_PID_MIN: i32 = 1 << 22;
 
 /// How long forwarding one cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +62,8 @@ type Slot = Arc<SlotInner>;
 #[derive(Default)]
 pub struct CancelRegistry {
     slots: DashMap<(i32, i32), Slot>,
+    /// The pids pgrelay issued, with their secrets: a pid alone finds its client.
+    issued: DashMap<i32, i32>,
 }
 
 /// A client's registration; unregisters on drop.
@@ -61,18 +71,47 @@ pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     key: (i32, i32),
     slot: Slot,
+    /// The key is one pgrelay made up (listed in `issued`).
+    issued: bool,
 }
 
 impl CancelRegistry {
-    /// Registers a client under a fresh random key (transaction mode).
+    /// Registers a client under a fresh random key (transaction mode), whose pid no
+    /// other client of pgrelay has.
     pub fn register_random(self: &Arc<Self>) -> CancelHandle {
         let mut rng = rand::thread_rng();
         loop {
-            let key = (rng.gen_range(1..i32::MAX), rng.gen());
-            if let Some(handle) = self.register(key) {
-                return handle;
+            let key = (rng.gen_range(ISSUED_PID_MIN..i32::MAX), rng.gen());
+            let dashmap::Entry::Vacant(pid) = self.issued.entry(key.0) else {
+                continue;
+            };
+            pid.insert(key.1);
+            match self.register(key) {
+                Some(mut handle) => {
+                    handle.issued = true;
+                    return handle;
+                }
+                None => {
+                    self.issued.remove(&key.0);
+                }
             }
         }
+    }
+
+    /// Whether `pid` is one pgrelay issued to a client that is still connected.
+    pub fn is_issued(&self, pid: i32) -> bool {
+        self.issued.contains_key(&pid)
+    }
+
+    /// Forwards a cancel for the client pgrelay issued `pid` to, as its own
+    /// CancelRequest would (`pg_cancel_backend` of that pid). Returns whether there is
+    /// such a client.
+    pub async fn cancel_issued(&self, pid: i32) -> bool {
+        let Some(secret) = self.issued.get(&pid).map(|s| *s) else {
+            return false;
+        };
+        self.cancel(pid, secret).await;
+        true
     }
 
     /// Registers a client under `key` (session mode: its server's real key). `None` if
@@ -87,6 +126,7 @@ impl CancelRegistry {
                     registry: self.clone(),
                     key,
                     slot,
+                    issued: false,
                 })
             }
         }
@@ -155,5 +195,29 @@ impl CancelHandle {
 impl Drop for CancelHandle {
     fn drop(&mut self) {
         self.registry.slots.remove(&self.key);
+        if self.issued {
+            self.registry.issued.remove(&self.key.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_pids_are_unique_above_linux_pids_and_forgotten_on_drop() {
+        let registry = Arc::new(CancelRegistry::default());
+        let handles: Vec<_> = (0..1000).map(|_| registry.register_random()).collect();
+        let pids: std::collections::HashSet<i32> = handles.iter().map(|h| h.key().0).collect();
+        assert_eq!(pids.len(), handles.len(), "no two clients share a pid");
+        assert!(pids.iter().all(|&pid| pid >= ISSUED_PID_MIN));
+        let pid = handles[0].key().0;
+        assert!(registry.is_issued(pid));
+        drop(handles);
+        assert!(!registry.is_issued(pid));
+        // A server's real key (session mode) is no issued pid.
+        let real = registry.register((4242, 7)).expect("free key");
+        assert!(!registry.is_issued(real.key().0));
     }
 }

@@ -587,8 +587,9 @@ async fn pause_resume_and_kill_under_load() {
         .expect_err("nothing paused");
     assert_eq!(sqlstate(&err).as_deref(), Some("55000"));
 
-    // KILL: the database's clients go; new ones wait for RESUME.
-    let victim = env.client().await;
+    // KILL: the database's clients go, told so as PostgreSQL tells a terminated
+    // session (57P01); new ones wait for RESUME.
+    let (victim, victim_end) = connect_watched(&env.app_config()).await.expect("connect");
     admin
         .simple_query(&format!("KILL {APP_DB}"))
         .await
@@ -598,6 +599,12 @@ async fn pause_resume_and_kill_under_load() {
     })
     .await;
     assert!(gone, "a killed client's connection is closed");
+    let end = tokio::time::timeout(Duration::from_secs(5), victim_end)
+        .await
+        .expect("the killed connection ended")
+        .expect("connection task");
+    let err = end.expect_err("the killed connection ended with an error");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
     let newcomer = env.client().await;
     let waited = tokio::time::timeout(
         Duration::from_millis(500),

@@ -1,7 +1,8 @@
 //! The relay does not allocate per message: a counting global allocator measures what
 //! this process (pgrelay in-process; the clients are external `psql` and `pgbench`)
-//! allocates while a large result streams through it and while many transactions run
-//! in transaction mode.
+//! allocates while a large result streams through it, while a client's own
+//! notifications have their pid rewritten, and while many transactions run in
+//! transaction mode.
 
 mod support;
 
@@ -108,6 +109,23 @@ async fn no_allocation_per_relayed_message() {
     assert!(
         streamed < 5_000,
         "{streamed} allocations while relaying 200,000 rows"
+    );
+
+    // 20,000 notifications of the client's own server: each gets the client's own pid,
+    // written over the server's in the read buffer.
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    psql(&[
+        "-Atq",
+        "-o",
+        "/dev/null",
+        "-c",
+        "LISTEN own; SELECT count(pg_notify('own', i::text)) FROM generate_series(1, 20000) AS i",
+    ]);
+    let notified = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    println!("relay allocations: {notified} for a login and 20,000 own notifications");
+    assert!(
+        notified < 5_000,
+        "{notified} allocations while relaying 20,000 notifications"
     );
 
     // Transaction mode: 8 clients over 4 servers, so clients also wait in the pool's

@@ -26,14 +26,17 @@ pub const COPY_BOTH_RESPONSE: u8 = b'W';
 pub const PARSE_COMPLETE: u8 = b'1';
 pub const CLOSE_COMPLETE: u8 = b'3';
 pub const COMMAND_COMPLETE: u8 = b'C';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
 
 /// Server messages whose body the relay reads: ReadyForQuery, ParameterStatus,
-/// ErrorResponse, and CommandComplete (whether a transaction block began).
+/// ErrorResponse, CommandComplete (whether a transaction block began) and
+/// NotificationResponse (whose sender pid it may rewrite).
 pub static INSPECT: [bool; 256] = tag_table(&[
     READY_FOR_QUERY,
     PARAMETER_STATUS,
     ERROR_RESPONSE,
     COMMAND_COMPLETE,
+    NOTIFICATION_RESPONSE,
 ]);
 
 /// What a CommandComplete body says of the transaction block: `Some(true)` it began
@@ -185,6 +188,7 @@ pub fn stale_plan_error(buf: &mut BytesMut) {
 pub mod oid {
     pub const BOOL: u32 = 16;
     pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
     pub const INT4: u32 = 23;
     pub const TEXT: u32 = 25;
     pub const FLOAT8: u32 = 701;
@@ -289,6 +293,51 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
 /// number and libpq 18 refuses anything below 3.0.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, newest: i32, unsupported: Vec<String>) {
     put(buf, &NegotiateProtocolVersion::new(newest, unsupported));
+}
+
+/// ParseComplete.
+pub fn parse_complete(buf: &mut BytesMut) {
+    buf.put_slice(&[PARSE_COMPLETE, 0, 0, 0, 4]);
+}
+
+/// BindComplete.
+pub fn bind_complete(buf: &mut BytesMut) {
+    buf.put_slice(&[b'2', 0, 0, 0, 4]);
+}
+
+/// PortalSuspended: Execute's row limit was reached.
+pub fn portal_suspended(buf: &mut BytesMut) {
+    buf.put_slice(&[b's', 0, 0, 0, 4]);
+}
+
+/// ParameterDescription of the given parameter type OIDs.
+pub fn parameter_description(buf: &mut BytesMut, types: &[u32]) {
+    buf.put_u8(b't');
+    buf.put_i32(4 + 2 + 4 * types.len() as i32);
+    buf.put_i16(types.len() as i16);
+    for &oid in types {
+        buf.put_u32(oid);
+    }
+}
+
+/// RowDescription of one boolean column `name`, sent in `format` (0 text, 1 binary).
+pub fn bool_row_description(buf: &mut BytesMut, name: &str, format: i16) {
+    let field = FieldDescription::new(name.to_owned(), 0, 0, oid::BOOL, 1, -1, format);
+    put(buf, &RowDescription::new(vec![field]));
+}
+
+/// DataRow of one boolean value in `format` (0 text, 1 binary).
+pub fn bool_data_row(buf: &mut BytesMut, value: bool, format: i16) {
+    let byte = match (format, value) {
+        (1, value) => u8::from(value),
+        (_, true) => b't',
+        (_, false) => b'f',
+    };
+    buf.put_u8(b'D');
+    buf.put_i32(4 + 2 + 4 + 1);
+    buf.put_i16(1);
+    buf.put_i32(1);
+    buf.put_u8(byte);
 }
 
 /// A single-byte answer to SSLRequest / GSSENCRequest.

@@ -88,7 +88,9 @@ impl Wire {
         let Some(prepared) = self.prepared.as_deref_mut() else {
             return;
         };
-        prepared.attached();
+        if !self.resumed {
+            prepared.attached();
+        }
         let rewrite = std::mem::take(&mut self.rewrite_buffered);
         let mut pos = 0;
         while let Ok(Some((tag, total))) = header(&client.rbuf()[pos..self.c2s], MAX_MESSAGE_LEN) {

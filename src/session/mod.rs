@@ -8,6 +8,7 @@
 mod carry;
 mod lost;
 pub mod params;
+mod pids;
 pub mod prepared;
 pub mod registry;
 pub mod relay;
@@ -89,15 +90,8 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
     if admin {
         return crate::admin::serve(shared, client, login, handle).await;
     }
-    let entry = handle.entry.clone();
     match Session::start(shared.clone(), client, login, &config, handle).await {
-        // `KILL` ends the session where it is: its servers are discarded.
-        Ok(session) => tokio::select! {
-            () = session.run() => {}
-            () = entry.killed.notified() => {
-                tracing::info!(user = %entry.user, database = %entry.database, "client killed from the admin console");
-            }
-        },
+        Ok(session) => session.run().await,
         Err((mut client, err)) => {
             shared.metrics.error(err.kind);
             say_goodbye(&mut client, &err).await
@@ -145,6 +139,19 @@ struct Session {
     /// Becomes true when pgrelay shuts down: idle clients are told and closed.
     shutting_down: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How a session's request loop ended.
+enum Exit {
+    /// The client left, or its connection failed.
+    Done,
+    /// The client is told this error and closed.
+    Failed(ClientError),
+    /// `KILL` or `pg_terminate_backend`: the session ends where it is.
+    Killed,
+}
+
+/// How long a killed client's last words may take to write.
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Timing of the request a session serves.
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +215,12 @@ impl Session {
         // Carried statements run on any node; otherwise they are followed to theirs.
         session.wire.track_statements = routes && !carries_statements;
         session.wire.track_effects = transaction_mode;
+        if transaction_mode {
+            let pid = session.cancel.key().0;
+            session.wire.own_pid = Some(pid);
+            session.wire.intercept_pids = true;
+            session.handle.entry.set_issued_pid(pid);
+        }
         match session.greet(deadline).await {
             Ok(()) => Ok(session),
             Err(err) => Err((session.client, err)),
@@ -300,12 +313,27 @@ impl Session {
     }
 
     async fn run(mut self) {
+        let entry = self.handle.entry.clone();
+        let exit = tokio::select! {
+            biased;
+            () = entry.killed.notified() => Exit::Killed,
+            exit = self.serve_requests() => exit,
+        };
+        match exit {
+            Exit::Done => self.finish().await,
+            Exit::Failed(err) => self.fail(err).await,
+            Exit::Killed => self.killed().await,
+        }
+    }
+
+    /// Serves the client's requests until the session must end.
+    async fn serve_requests(&mut self) -> Exit {
         loop {
             if matches!(self.attachment, Attachment::Detached) {
                 match self.next_request().await {
                     Ok(true) => {}
-                    Ok(false) => return self.finish().await,
-                    Err(err) => return self.fail(err).await,
+                    Ok(false) => return Exit::Done,
+                    Err(err) => return Exit::Failed(err),
                 }
             }
             let Attachment::Attached(guard) = &mut self.attachment else {
@@ -322,21 +350,57 @@ impl Session {
                 .await;
             match end {
                 RelayEnd::TransactionDone => self.detach().await,
-                RelayEnd::ClientGone => return self.finish().await,
+                RelayEnd::ClientGone => return Exit::Done,
                 RelayEnd::ClientProtocol(err) => {
-                    return self.fail(ClientError::protocol(err.to_string())).await
+                    return Exit::Failed(ClientError::protocol(err.to_string()))
                 }
                 RelayEnd::ClientIo(err) => {
                     tracing::debug!(%err, "client connection failed");
-                    return self.finish().await;
+                    return Exit::Done;
                 }
                 RelayEnd::ServerGone(err) => {
                     if !self.server_lost(err).await {
-                        return self.finish().await;
+                        return Exit::Done;
                     }
                 }
+                RelayEnd::Intercepted => match self.intercepted().await {
+                    Ok(true) => {}
+                    Ok(false) => return Exit::Done,
+                    Err(err) => return Exit::Failed(err),
+                },
             }
         }
+    }
+
+    /// `KILL` or `pg_terminate_backend` ended the session wherever it was: the query
+    /// it ran is cancelled and its server discarded, and the client is told FATAL 57P01,
+    /// as PostgreSQL tells a terminated session.
+    async fn killed(mut self) {
+        tracing::info!(user = %self.login.user, database = %self.login.database, "client terminated by an administrator command");
+        let mut aligned = true;
+        if let Attachment::Attached(mut guard) =
+            std::mem::replace(&mut self.attachment, Attachment::Detached)
+        {
+            let server = guard.server();
+            if !self.wire.server_clean(&mut server.conn) {
+                let (pid, secret) = self.cancel.key();
+                self.shared.cancel.cancel(pid, secret).await;
+            }
+            // What the server sent before stays the client's; the FATAL must start a
+            // message of its own.
+            let delivered = self
+                .wire
+                .deliver_scanned(&mut self.client, &mut server.conn);
+            aligned = tokio::time::timeout(GOODBYE_TIMEOUT, delivered)
+                .await
+                .unwrap_or(false);
+        }
+        if aligned {
+            pids::terminated().encode(self.client.wbuf());
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.flush()).await;
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.shutdown()).await;
+        self.finish().await;
     }
 
     /// Transaction mode: waits for a complete request and attaches a server for it.
@@ -365,6 +429,9 @@ impl Session {
             .answer_locally(&mut self.client, self.params.get("search_path"))
         {
             return Ok(self.client.flush().await.is_ok());
+        }
+        if let Some(request) = self.pid_request() {
+            return self.answer_pid_request(request).await;
         }
         let at = std::time::Instant::now();
         self.handle.waiting(at);

@@ -316,6 +316,14 @@ impl Prepared {
         self.statements.get(name).map(|s| &**s)
     }
 
+    /// Takes a statement whose Parse pgrelay answered itself (`rest`: its text and
+    /// parameter types). No server has it yet: it is prepared where it is first used.
+    pub fn adopt(&mut self, name: &[u8], rest: &[u8], search_path: Option<&str>) {
+        let generation = self.parsed.generation();
+        let statement = Arc::new(Statement::new(rest, search_path, generation));
+        self.statements.insert(name.into(), statement);
+    }
+
     /// Whether pgrelay must rewrite this client message: it names a statement, or it
     /// parses `DEALLOCATE` of one of the client's statements.
     pub fn needs_rewrite(&self, tag: u8, body: &[u8]) -> bool {

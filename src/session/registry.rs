@@ -64,7 +64,10 @@ pub struct ClientEntry {
     link_pid: AtomicI32,
     /// Named prepared statements it has (transaction mode).
     pub prepared: AtomicU32,
-    /// Notified by `KILL`: the session ends at once.
+    /// The pid pgrelay issued it (transaction mode; 0: none), so that
+    /// `pg_terminate_backend` of that pid finds it.
+    issued_pid: AtomicI32,
+    /// Notified by `KILL` and `pg_terminate_backend`: the session ends at once.
     pub killed: Notify,
 }
 
@@ -81,6 +84,11 @@ impl ClientEntry {
     /// Ends the session (`KILL`); a session not waiting yet ends at its next wait.
     pub fn kill(&self) {
         self.killed.notify_one();
+    }
+
+    /// Records the pid pgrelay issued the client.
+    pub fn set_issued_pid(&self, pid: i32) {
+        self.issued_pid.store(pid, Ordering::Relaxed);
     }
 }
 
@@ -267,6 +275,7 @@ impl Registry {
             link_node: AtomicU32::new(u32::MAX),
             link_pid: AtomicI32::new(0),
             prepared: AtomicU32::new(0),
+            issued_pid: AtomicI32::new(0),
             killed: Notify::new(),
         });
         self.clients.insert(id, entry.clone());
@@ -274,6 +283,18 @@ impl Registry {
             entry,
             registry: self.clone(),
         }
+    }
+
+    /// The client pgrelay issued `pid` to. A scan of every client: it serves only
+    /// `pg_terminate_backend`, which is rare.
+    pub fn issued_to(&self, pid: i32) -> Option<Arc<ClientEntry>> {
+        if pid == 0 {
+            return None;
+        }
+        self.clients
+            .iter()
+            .find(|c| c.issued_pid.load(Ordering::Relaxed) == pid)
+            .map(|c| c.value().clone())
     }
 
     /// Every client, oldest first.

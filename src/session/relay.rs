@@ -25,6 +25,7 @@ use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
 use crate::session::params::ParamSet;
+use crate::session::pids;
 use crate::session::prepared::{Answer, Prepared};
 use crate::session::scan::{note_effects, ClientScan};
 use crate::stream::{Conn, Stream};
@@ -49,6 +50,9 @@ pub enum RelayEnd {
     ServerGone(Option<io::Error>),
     /// The client's socket failed while writing to it.
     ClientIo(io::Error),
+    /// The client's next request may be a call on a pid pgrelay issued; everything
+    /// before it is answered. The session handles it, then relays on.
+    Intercepted,
 }
 
 /// The client message the scan stopped in front of, with prepared statements carried.
@@ -61,6 +65,9 @@ pub(super) enum Front {
     /// A `DEALLOCATE` of the client's own statement: answer it once everything before
     /// it is answered.
     Answer,
+    /// A request that may be a call on a pid pgrelay issued: once everything before it
+    /// is answered, the session reads and handles it ([`RelayEnd::Intercepted`]).
+    PidCall,
 }
 
 /// A client's relay state, kept across servers.
@@ -136,6 +143,19 @@ pub struct Wire {
     server_fatal: Option<backend::ErrorFields>,
     /// Since the last [`Wire::take_counts`]: what was relayed.
     counts: Counts,
+    /// The pid pgrelay issued this client (transaction mode). A notification sent by
+    /// the client's own server reaches the client with it, so that a client sees its
+    /// own notifications as its own (asyncpg, psycopg compare pids).
+    pub(super) own_pid: Option<i32>,
+    /// Stop in front of requests that may be calls on pids pgrelay issued (transaction
+    /// mode): the session answers those itself, inside transactions too.
+    pub(super) intercept_pids: bool,
+    /// The relay goes on with the server it had after [`RelayEnd::Intercepted`]:
+    /// nothing the server owes is forgotten.
+    pub(super) resumed: bool,
+    /// The client parsed a call on a pid (maybe as a named statement): its Binds are
+    /// looked at too.
+    pub(super) pid_statements: bool,
 }
 
 /// What a relay moved, for statistics.
@@ -200,6 +220,10 @@ impl Wire {
             replace_front: false,
             server_fatal: None,
             counts: Counts::default(),
+            own_pid: None,
+            intercept_pids: false,
+            resumed: false,
+            pid_statements: false,
         }
     }
 
@@ -378,7 +402,20 @@ impl Wire {
         let (prepared, effects) = (&mut self.prepared, &mut self.effects);
         let track_effects = self.track_effects;
         let (mut front, mut rewrite_buffered) = (Front::Relayed, false);
+        let (intercept, mut pid_statements) = (self.intercept_pids, self.pid_statements);
         let scanned = self.client_scan.scan(buf, |tag, body| {
+            if let (true, Some(body)) = (intercept, body) {
+                let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
+                if pids::may_be_call(tag, body, pid_statements, carried) {
+                    // Its Binds are worth a look from now on.
+                    pid_statements |= tag == frontend::PARSE;
+                    // Only at a request's start: what came before gets all its answers.
+                    if attached && !state.extended_open {
+                        front = Front::PidCall;
+                        return Step::StopBefore;
+                    }
+                }
+            }
             if track {
                 if let Some(body) =
                     body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
@@ -427,6 +464,7 @@ impl Wire {
         if front != Front::Relayed {
             self.front = front;
         }
+        self.pid_statements = pid_statements;
         self.rewrite_buffered |= rewrite_buffered;
         self.absorb(&state, attached, scanned)
     }
@@ -471,13 +509,33 @@ impl Wire {
     }
 
     fn scan_server(&mut self, server: &mut Server, client_params: &mut ParamSet) {
+        while let Some(at) = self.scan_server_once(server, client_params) {
+            // The client's own pid over its server's, in place: no copy, no allocation.
+            if let Some(pid) = self.own_pid {
+                server.conn.rbuf()[at..at + 4].copy_from_slice(&pid.to_be_bytes());
+            }
+        }
+    }
+
+    /// Scans newly read server bytes. If it stopped after a notification the client's
+    /// own server sent, returns where in the read buffer its sender pid is: scan on.
+    fn scan_server_once(
+        &mut self,
+        server: &mut Server,
+        client_params: &mut ParamSet,
+    ) -> Option<usize> {
+        // Only a client with a pid of its own (transaction mode) has them rewritten.
+        let own = self.own_pid.is_some_and(|pid| pid != server.pid);
+        let (server_pid, mut notified_at) = (server.pid.to_be_bytes(), None);
         let Server {
             conn,
             params: server_params,
             statements: server_statements,
             ..
         } = server;
-        let buf = &conn.rbuf()[self.s2c..];
+        let from = self.s2c;
+        let buf = &conn.rbuf()[from..];
+        let base = buf.as_ptr() as usize;
         let txn_pooling = self.transaction_pooling;
         let (mut pending, mut status, mut release) = (self.pending, self.status, false);
         let mut block_opened = self.block_opened;
@@ -545,18 +603,18 @@ impl Wire {
                     }
                     Step::Forward
                 }
+                (backend::NOTIFICATION_RESPONSE, Some(body))
+                    if own && body.starts_with(&server_pid) =>
+                {
+                    notified_at = Some(body.as_ptr() as usize - base);
+                    Step::StopAfter
+                }
                 _ => Step::Forward,
             }
         });
         self.swallow_front |= swallow;
         self.replace_front |= replace;
-        for (total, new) in self.counts.errors.iter_mut().zip(errors) {
-            *total += new;
-        }
-        if fatal.is_some() {
-            self.server_fatal = fatal;
-            self.server_eof = Some(None);
-        }
+        self.note_server_errors(errors, fatal);
         self.pending = pending;
         self.status = status;
         self.block_opened = block_opened;
@@ -572,6 +630,18 @@ impl Wire {
             Err(err) => {
                 self.server_eof = Some(Some(io::Error::new(io::ErrorKind::InvalidData, err)))
             }
+        }
+        notified_at.map(|at| from + at)
+    }
+
+    /// Counts the ErrorResponses a scan saw; a FATAL one ends the relay.
+    fn note_server_errors(&mut self, errors: [u64; 3], fatal: Option<backend::ErrorFields>) {
+        for (total, new) in self.counts.errors.iter_mut().zip(errors) {
+            *total += new;
+        }
+        if fatal.is_some() {
+            self.server_fatal = fatal;
+            self.server_eof = Some(None);
         }
     }
 
@@ -597,6 +667,7 @@ impl Wire {
         if self.prepared.is_some() {
             self.send_buffered(client, server, client_params);
         }
+        self.resumed = false;
         // Bytes already buffered (a request read while detached) are scanned first.
         self.scan_client(client, pools, true);
         poll_fn(|cx| self.poll_relay(cx, client, server, client_params, pools)).await
@@ -649,6 +720,10 @@ impl Wire {
                 self.scan_client(client, pools, true);
                 progress = true;
             }
+            if self.front == Front::PidCall && self.all_answered(client, server) {
+                self.front = Front::Relayed;
+                return Poll::Ready(RelayEnd::Intercepted);
+            }
             match self.write_to_server(cx, client, &mut server.conn) {
                 Ok(p) => progress |= p,
                 Err(err) => self.server_eof = Some(Some(err)),
@@ -693,6 +768,40 @@ impl Wire {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Nothing is on its way to or from the server, nor to the client.
+    fn all_answered(&self, client: &mut Conn<Stream>, server: &mut Server) -> bool {
+        self.c2s == 0
+            && self.s2c == 0
+            && self.pending == 0
+            && !self.extended_open
+            && !self.swallow_front
+            && !self.client_needs_flush
+            && client.wbuf().is_empty()
+            && server.conn.wbuf().is_empty()
+    }
+
+    /// The relay was abandoned (the session was killed): writes out to the client what
+    /// was scanned for it. Returns whether the client then stands between two messages,
+    /// where pgrelay may add one of its own. Cancel safe.
+    pub async fn deliver_scanned(
+        &mut self,
+        client: &mut Conn<Stream>,
+        server: &mut Conn<Stream>,
+    ) -> bool {
+        let delivered = poll_fn(|cx| loop {
+            match self.write_to_client(cx, client, server) {
+                Err(_) => return Poll::Ready(false),
+                Ok(_) if self.s2c == 0 && client.wbuf().is_empty() && !self.client_needs_flush => {
+                    return Poll::Ready(true)
+                }
+                Ok(true) => {}
+                Ok(false) => return Poll::Pending,
+            }
+        })
+        .await;
+        delivered && self.server_scan.at_boundary()
     }
 
     fn write_to_client(
