@@ -9,7 +9,9 @@
 
 pub mod guard;
 pub mod maintain;
+pub mod params;
 pub mod server;
+pub mod statements;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -20,8 +22,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::auth::{Credentials, ServerCredentials};
 use crate::config::UserConfig;
-use crate::session::params::ParamSet;
 pub use guard::ServerGuard;
+use params::ParamSet;
 use server::{Server, ServerError, ServerTarget};
 
 /// How many servers one pool may be logging in to at once.

@@ -15,9 +15,10 @@ use tokio::net::TcpStream;
 use crate::auth::{md5, scram, ServerCredentials};
 use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::MAX_MESSAGE_LEN;
-use crate::session::params::ParamSet;
-use crate::session::prepared::ServerStatements;
 use crate::stream::{Conn, Stream, StreamError};
+
+use super::params::ParamSet;
+use super::statements::ServerStatements;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

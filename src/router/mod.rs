@@ -76,7 +76,7 @@ impl Router {
     pub fn volatility_query(name: &str) -> String {
         format!(
             "SELECT COALESCE(bool_or(provolatile = 'v'), true) FROM pg_catalog.pg_proc WHERE proname = {}",
-            crate::session::params::literal(name)
+            crate::pool::params::literal(name)
         )
     }
 
@@ -102,15 +102,6 @@ pub trait StatementSource {
 impl StatementSource for StatementNodes {
     fn locate(&self, name: &[u8]) -> Located<'_> {
         self.node_of(name).map_or(Located::Unknown, Located::Node)
-    }
-}
-
-impl StatementSource for crate::session::prepared::Prepared {
-    fn locate(&self, name: &[u8]) -> Located<'_> {
-        match self.statement(name) {
-            Some(statement) if !name.is_empty() => Located::Text(statement.text()),
-            _ => Located::Unknown,
-        }
     }
 }
 

@@ -6,10 +6,10 @@
 use bytes::{Buf, BufMut};
 
 use super::relay::{Front, Wire};
+use crate::pool::params::ParamSet;
 use crate::pool::server::Server;
 use crate::protocol::{frontend, header, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::router::classify::effects::Effects;
-use crate::session::params::ParamSet;
 use crate::session::prepared::Prepared;
 use crate::stream::{Conn, Stream};
 

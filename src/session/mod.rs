@@ -7,7 +7,6 @@
 
 mod carry;
 mod lost;
-pub mod params;
 mod pids;
 pub mod prepared;
 pub mod registry;
@@ -26,12 +25,12 @@ use crate::cancel::CancelHandle;
 use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind};
 use crate::metrics::NodeCounters;
+use crate::pool::params::ParamSet;
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
 use crate::protocol::backend;
 use crate::stream::{Conn, Stream};
 use crate::Shared;
-use params::ParamSet;
 use prepared::Prepared;
 use registry::{ClientHandle, DbStats};
 use relay::{RelayEnd, Wire};

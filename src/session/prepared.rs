@@ -31,6 +31,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashSet;
 
+use crate::pool::statements::ServerStatements;
 use crate::protocol::backend::ErrorFields;
 use crate::protocol::{backend, frontend, read_cstr};
 use crate::router::classify::effects::{session_effects, Effects};
@@ -152,63 +153,6 @@ impl Parsed {
             self.ids.clear();
         }
         self.ids.insert(id);
-    }
-}
-
-/// What one server has prepared: statement ids by last use, at most `capacity`.
-#[derive(Debug, Default)]
-pub struct ServerStatements {
-    last_use: HashMap<u128, u64>,
-    tick: u64,
-}
-
-impl ServerStatements {
-    /// Whether the server has it; marks it used.
-    fn touch(&mut self, id: u128) -> bool {
-        self.tick += 1;
-        match self.last_use.get_mut(&id) {
-            Some(used) => {
-                *used = self.tick;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Records a statement; returns the least recently used one it pushed out.
-    fn insert(&mut self, id: u128, capacity: usize) -> Option<u128> {
-        let evicted = if self.last_use.len() >= capacity.max(1) {
-            let oldest = self
-                .last_use
-                .iter()
-                .min_by_key(|(_, used)| **used)
-                .map(|(id, _)| *id);
-            oldest.inspect(|id| {
-                self.last_use.remove(id);
-            })
-        } else {
-            None
-        };
-        self.tick += 1;
-        self.last_use.insert(id, self.tick);
-        evicted
-    }
-
-    fn remove(&mut self, id: u128) {
-        self.last_use.remove(&id);
-    }
-
-    /// The server dropped every statement (`DISCARD ALL`, `DEALLOCATE ALL`).
-    pub fn clear(&mut self) {
-        self.last_use.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.last_use.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last_use.is_empty()
     }
 }
 

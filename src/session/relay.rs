@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut};
 
+use crate::pool::params::ParamSet;
 use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::frontend;
@@ -24,7 +25,6 @@ use crate::protocol::{
 use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
-use crate::session::params::ParamSet;
 use crate::session::pids;
 use crate::session::prepared::{Answer, Prepared};
 use crate::session::scan::{note_effects, ClientScan};

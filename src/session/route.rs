@@ -505,3 +505,12 @@ pub(super) async fn greeting_pool(
     };
     shared.node_pool(config, node, &login.database, &login.user)
 }
+
+impl router::StatementSource for super::prepared::Prepared {
+    fn locate(&self, name: &[u8]) -> router::Located<'_> {
+        match self.statement(name) {
+            Some(statement) if !name.is_empty() => router::Located::Text(statement.text()),
+            _ => router::Located::Unknown,
+        }
+    }
+}

@@ -5,8 +5,8 @@
 //! `WITH HOLD` cursors, SQL `PREPARE` — pins the client to its server until the server
 //! says it is gone.
 
-use super::params::literal;
 use super::Session;
+use crate::pool::params::literal;
 use crate::pool::server::ServerError;
 use crate::pool::ServerGuard;
 use crate::router::classify::effects::Effects;
