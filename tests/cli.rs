@@ -58,6 +58,36 @@ fn check_names_the_bad_key() {
     assert!(stderr.contains("pool.query_wait_timeout"), "{stderr}");
 }
 
+/// The console's names are reserved, PgBouncer's `pgbouncer` as well as `pgrelay`: a
+/// `[[databases]]` entry with one could never be reached, so `check` refuses it.
+#[test]
+fn check_refuses_a_database_named_like_the_console() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for console in ["pgbouncer", "pgrelay"] {
+        let path = dir.path().join(format!("{console}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[[backends]]\nhost = \"127.0.0.1\"\n[[users]]\nname = \"a\"\npassword = \"b\"\n\
+                 [[databases]]\nname = \"{console}\"\n"
+            ),
+        )
+        .expect("write");
+        let out = Command::new(BIN)
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run pgrelay check");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{console}: {stderr}");
+        assert!(stderr.contains("databases[0].name"), "{stderr}");
+        assert!(
+            stderr.contains("reserved for the admin console"),
+            "{stderr}"
+        );
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

@@ -23,13 +23,6 @@ use crate::session::registry::ClientHandle;
 use crate::stream::{Conn, Stream};
 use crate::Shared;
 
-/// The database names that reach the console.
-pub const DATABASES: [&str; 2] = ["pgrelay", "pgbouncer"];
-
-pub fn is_admin_database(name: &str) -> bool {
-    DATABASES.contains(&name)
-}
-
 /// One console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

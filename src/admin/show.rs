@@ -484,7 +484,7 @@ fn databases(shared: &Shared) -> Table {
         ]);
     }
     let listen_port = config.listen.first().map_or(0, |a| a.port());
-    for console in crate::admin::DATABASES {
+    for console in crate::config::ADMIN_DATABASES {
         t.row(vec![
             v(console),
             None,

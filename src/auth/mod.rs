@@ -169,7 +169,7 @@ where
     }
     let login = read_login(&params)?;
     authenticate(conn, config, credentials, &login.user).await?;
-    if crate::admin::is_admin_database(&login.database) {
+    if crate::config::is_admin_database(&login.database) {
         let allowed =
             config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);
         if !allowed {

@@ -27,8 +27,15 @@ pub use schema::{
 };
 pub use values::{ScramSecret, Secret};
 
-/// Name of the admin console's virtual database; no `[[databases]]` entry may take it.
-pub const ADMIN_DATABASE: &str = "pgrelay";
+/// The names of the admin console's virtual database (pgrelay's own and PgBouncer's);
+/// a client connecting to either reaches the console, so no `[[databases]]` entry may
+/// take one.
+pub const ADMIN_DATABASES: [&str; 2] = ["pgrelay", "pgbouncer"];
+
+/// Whether a client asking for `name` reaches the admin console.
+pub fn is_admin_database(name: &str) -> bool {
+    ADMIN_DATABASES.contains(&name)
+}
 
 /// Everything that can go wrong while loading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -274,10 +281,10 @@ impl Config {
         for (i, db) in self.databases.iter().enumerate() {
             let key = format!("databases[{i}]");
             require_name(&key, &db.name)?;
-            if db.name == ADMIN_DATABASE {
+            if is_admin_database(&db.name) {
                 return Err(invalid(
                     format!("{key}.name"),
-                    format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
+                    format!("\"{}\" is reserved for the admin console", db.name),
                 ));
             }
             if db.dbname.as_deref() == Some("") {
@@ -1141,10 +1148,13 @@ mod tests {
             invalid_key(|c| c.databases.push(database(""))),
             "databases[0].name"
         );
-        assert_eq!(
-            invalid_key(|c| c.databases.push(database("pgrelay"))),
-            "databases[0].name"
-        );
+        for console in ADMIN_DATABASES {
+            assert_eq!(
+                invalid_key(|c| c.databases.push(database(console))),
+                "databases[0].name",
+                "{console}"
+            );
+        }
         let empty = |c: &mut Config| {
             c.databases.push(DatabaseConfig {
                 dbname: Some(String::new()),

@@ -77,7 +77,7 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
         .iter()
         .find(|(name, _)| name == "application_name")
         .map_or("", |(_, value)| value.as_str());
-    let admin = crate::admin::is_admin_database(&login.database);
+    let admin = crate::config::is_admin_database(&login.database);
     let handle = shared.registry.register(registry::NewClient {
         user: &login.user,
         database: &login.database,
