@@ -43,6 +43,7 @@ pub mod listener;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod registry;
 pub mod router;
 pub mod session;
 pub mod shutdown;
@@ -74,7 +75,7 @@ pub struct Shared {
     /// Failover hooks: the queue and what ran.
     pub hooks: cluster::hooks::Hooks,
     /// Who is connected, per-database counters, paused databases.
-    pub registry: Arc<session::registry::Registry>,
+    pub registry: Arc<registry::Registry>,
     /// The file `RELOAD` and SIGHUP read (none: the config came from elsewhere).
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// Set by the console's `SHUTDOWN`; `main` waits on it with the signals.

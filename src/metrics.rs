@@ -252,7 +252,7 @@ impl Metrics {
 
     /// Sets the state gauges from what is connected and how the nodes are.
     pub fn refresh(&self, shared: &Shared) {
-        use crate::session::registry::ClientState;
+        use crate::registry::ClientState;
         let gauges = &self.state;
         let mut by_state = [0i64; 3];
         for client in shared.registry.clients() {

@@ -19,7 +19,7 @@ use crate::auth::ClientLogin;
 use crate::cluster::failover::Operation;
 use crate::error::{ClientError, ErrorKind};
 use crate::protocol::{backend, frontend, MAX_MESSAGE_LEN};
-use crate::session::registry::ClientHandle;
+use crate::registry::ClientHandle;
 use crate::stream::{Conn, Stream};
 use crate::Shared;
 

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use super::nodes;
 use crate::config::PoolMode;
 use crate::protocol::backend::{self, oid};
-use crate::session::registry::ClientState;
+use crate::registry::ClientState;
 use crate::Shared;
 
 /// Which table.

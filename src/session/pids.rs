@@ -32,12 +32,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::registry::ClientEntry;
 use super::relay::Wire;
 use super::Session;
 use crate::config::PoolMode;
 use crate::error::{ClientError, ErrorKind};
 use crate::protocol::{backend, frontend, header, read_cstr, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::registry::ClientEntry;
 use crate::stream::{Conn, Stream};
 
 /// What a call asks for.
