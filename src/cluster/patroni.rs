@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::same_host;
+use crate::config::PatroniEndpoint;
 use crate::Shared;
 
 /// Why Patroni could not be read.
@@ -50,57 +51,6 @@ fn describe(failures: &[(String, PatroniError)]) -> String {
 
 /// The largest `/cluster` answer read.
 const MAX_RESPONSE: u64 = 1 << 20;
-
-/// One Patroni REST endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-}
-
-impl Endpoint {
-    /// Parses `http://host[:port][/]` (port 8008 by default, Patroni's).
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(format!(
-                "{url:?}: https is not supported; give Patroni's REST API over http://"
-            ));
-        } else {
-            return Err(format!("{url:?} must start with http://"));
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.is_empty() || authority.contains('/') {
-            return Err(format!("{url:?}: give only the scheme, host and port"));
-        }
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(bracketed) => {
-                let (host, after) = bracketed
-                    .split_once(']')
-                    .ok_or_else(|| format!("{url:?}: unclosed ["))?;
-                (host, after.strip_prefix(':'))
-            }
-            None => match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            },
-        };
-        let port = match port {
-            Some(port) => port
-                .parse::<u16>()
-                .map_err(|_| format!("{url:?}: bad port {port:?}"))?,
-            None => 8008,
-        };
-        if host.is_empty() {
-            return Err(format!("{url:?}: no host"));
-        }
-        Ok(Endpoint {
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
 
 /// One member of `/cluster`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -153,7 +103,7 @@ impl View {
 }
 
 /// `GET /cluster` from one endpoint.
-pub async fn fetch(endpoint: &Endpoint, timeout: Duration) -> Result<View, PatroniError> {
+pub async fn fetch(endpoint: &PatroniEndpoint, timeout: Duration) -> Result<View, PatroniError> {
     let work = async {
         let mut tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
         let request = format!(
@@ -260,7 +210,7 @@ pub async fn poll_once(shared: &Shared) -> Result<(), PatroniError> {
     let timeout = config.health_check.timeout;
     let mut errors = Vec::new();
     for url in &config.failover.patroni_urls {
-        let result = match Endpoint::parse(url) {
+        let result = match PatroniEndpoint::parse(url) {
             Ok(endpoint) => fetch(&endpoint, timeout).await,
             Err(err) => Err(PatroniError::Url(err)),
         };
@@ -339,25 +289,6 @@ mod tests {
         assert!(http_body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
     }
 
-    #[test]
-    fn endpoints_parse() {
-        let ok = |url: &str| Endpoint::parse(url).expect(url);
-        assert_eq!(
-            ok("http://127.0.0.1:8008"),
-            Endpoint {
-                host: "127.0.0.1".into(),
-                port: 8008
-            }
-        );
-        assert_eq!(ok("http://db1/").port, 8008);
-        assert_eq!(ok("http://[::1]:8009").host, "::1");
-        assert!(Endpoint::parse("https://db1:8008").is_err());
-        assert!(Endpoint::parse("db1:8008").is_err());
-        assert!(Endpoint::parse("http://db1:80x").is_err());
-        assert!(Endpoint::parse("http://db1:8008/cluster").is_err());
-        assert!(Endpoint::parse("http://").is_err());
-    }
-
     #[tokio::test]
     async fn fetches_over_http() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -373,7 +304,7 @@ mod tests {
                 format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{RECORDED}");
             socket.write_all(reply.as_bytes()).await.expect("write");
         });
-        let endpoint = Endpoint {
+        let endpoint = PatroniEndpoint {
             host: "127.0.0.1".into(),
             port,
         };

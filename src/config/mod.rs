@@ -25,7 +25,7 @@ pub use schema::{
     LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint, RoutingConfig,
     TlsConfig, TlsMode, TopologySource, UserConfig,
 };
-pub use values::{ScramSecret, Secret};
+pub use values::{PatroniEndpoint, ScramSecret, Secret};
 
 /// The names of the admin console's virtual database (pgrelay's own and PgBouncer's);
 /// a client connecting to either reaches the console, so no `[[databases]]` entry may
@@ -451,13 +451,11 @@ impl FailoverConfig {
         let bad = self
             .patroni_urls
             .iter()
-            .position(|url| crate::cluster::patroni::Endpoint::parse(url).is_err());
+            .position(|url| PatroniEndpoint::parse(url).is_err());
         match bad {
             Some(i) => {
                 let url = &self.patroni_urls[i];
-                let why = crate::cluster::patroni::Endpoint::parse(url)
-                    .err()
-                    .unwrap_or_default();
+                let why = PatroniEndpoint::parse(url).err().unwrap_or_default();
                 Err(invalid(format!("failover.patroni_urls[{i}]"), why))
             }
             None => Ok(()),

@@ -311,6 +311,58 @@ impl Visitor<'_> for RedactedStringVisitor {
     }
 }
 
+/// One Patroni REST endpoint (`failover.patroni_urls`), checked when the config is
+/// validated and used by the Patroni loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatroniEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl PatroniEndpoint {
+    /// Parses `http://host[:port][/]` (port 8008 by default, Patroni's).
+    pub fn parse(url: &str) -> Result<PatroniEndpoint, String> {
+        let rest = if let Some(rest) = url.strip_prefix("http://") {
+            rest
+        } else if url.starts_with("https://") {
+            return Err(format!(
+                "{url:?}: https is not supported; give Patroni's REST API over http://"
+            ));
+        } else {
+            return Err(format!("{url:?} must start with http://"));
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!("{url:?}: give only the scheme, host and port"));
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(bracketed) => {
+                let (host, after) = bracketed
+                    .split_once(']')
+                    .ok_or_else(|| format!("{url:?}: unclosed ["))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            Some(port) => port
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?}: bad port {port:?}"))?,
+            None => 8008,
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        Ok(PatroniEndpoint {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,5 +540,24 @@ mod tests {
     fn rejects_overflow() {
         assert!(parse_duration("99999999999999999999s").is_err());
         assert!(parse_duration("18446744073709551615h").is_err());
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        let ok = |url: &str| PatroniEndpoint::parse(url).expect(url);
+        assert_eq!(
+            ok("http://127.0.0.1:8008"),
+            PatroniEndpoint {
+                host: "127.0.0.1".into(),
+                port: 8008
+            }
+        );
+        assert_eq!(ok("http://db1/").port, 8008);
+        assert_eq!(ok("http://[::1]:8009").host, "::1");
+        assert!(PatroniEndpoint::parse("https://db1:8008").is_err());
+        assert!(PatroniEndpoint::parse("db1:8008").is_err());
+        assert!(PatroniEndpoint::parse("http://db1:80x").is_err());
+        assert!(PatroniEndpoint::parse("http://db1:8008/cluster").is_err());
+        assert!(PatroniEndpoint::parse("http://").is_err());
     }
 }
