@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{health, patroni};
 use crate::config::{Config, ConfigError};
-use crate::{pool, session, Shared};
+use crate::{admin, pool, session, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -80,11 +80,7 @@ impl Pgrelay {
                     .local_addr()
                     .map_err(|source| ListenError::Bind { addr, source })?;
                 tracing::info!(addr = %local, "metrics and health endpoints listening");
-                tokio::spawn(crate::metrics::serve_http(
-                    listener,
-                    shared.clone(),
-                    shutdown_rx.clone(),
-                ));
+                tokio::spawn(serve_http(listener, shared.clone(), shutdown_rx.clone()));
                 Some(local)
             }
             None => None,
@@ -165,8 +161,32 @@ async fn accept_loop(
         let too_many = count > shared.config.load().pool.max_client_conn as usize;
         let shared = shared.clone();
         sessions.spawn(async move {
-            session::serve(tcp, shared, too_many).await;
+            serve(tcp, shared, too_many).await;
             drop(slot);
+        });
+    })
+    .await
+}
+
+/// One client connection to its end: the login, then a session or the admin console.
+async fn serve(tcp: tokio::net::TcpStream, shared: Arc<Shared>, too_many: bool) {
+    let Some(client) = session::log_in(tcp, &shared, too_many).await else {
+        return;
+    };
+    if client.admin {
+        admin::serve(shared, client.client, client.login, client.handle).await
+    } else {
+        session::serve(shared, client).await
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+async fn serve_http(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    accept_each(listener, shutdown, |socket| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let answer = crate::metrics::answer(socket, &shared);
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer).await;
         });
     })
     .await

@@ -1,21 +1,20 @@
-//! Prometheus metrics and the HTTP listener (`metrics_listen`) that serves them with
-//! the Kubernetes probes: `GET /metrics`, `/healthz` (the process answers) and
-//! `/readyz` (listening, and a primary is known).
+//! Prometheus metrics and the answers of the HTTP listener (`metrics_listen`, whose
+//! accept loop is in [`crate::listener`]) that serves them with the Kubernetes probes:
+//! `GET /metrics`, `/healthz` (the process answers) and `/readyz` (listening, and a
+//! primary is known).
 //!
 //! One [`Metrics`] lives in [`crate::Shared`]. Counters the hot path touches are
 //! resolved once (per node, per error kind) so a transaction only adds to atomics;
 //! gauges of state (clients, servers, nodes) are computed when scraped.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 
 use crate::error::ErrorKind;
 use crate::Shared;
@@ -322,23 +321,9 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
-pub async fn serve_http(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    crate::listener::accept_each(listener, shutdown, |socket| {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(socket, &shared)).await;
-        });
-    })
-    .await
-}
-
-/// Reads one request (its head, at most 8 KiB) and answers it.
-async fn answer(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
+/// Reads one request of the HTTP listener (its head, at most 8 KiB) and answers it:
+/// `/metrics`, `/healthz` or `/readyz`. The accept loop is the listener's.
+pub async fn answer(mut socket: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {

@@ -37,8 +37,20 @@ use route::{RouteMode, Routing};
 use settle::Pin;
 use state::{Attachment, Farewell};
 
-/// Serves one accepted client connection to its end.
-pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) {
+/// A client that logged in and is registered, for the listener to hand to a session
+/// ([`serve`]) or, when it asked for the admin database, to the console.
+pub struct LoggedIn {
+    pub client: Conn<Stream>,
+    pub login: ClientLogin,
+    pub handle: ClientHandle,
+    /// It asked for the admin console's database.
+    pub admin: bool,
+    config: Arc<Config>,
+}
+
+/// Runs the startup handshake of an accepted client connection and registers the
+/// client; `None` when it ended there (a cancel request, a refused login).
+pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> Option<LoggedIn> {
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().ok();
     let local = tcp.local_addr().ok();
@@ -52,15 +64,18 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
     let login = match handshake {
         Ok(Ok(Handshake::Login(login))) => login,
         Ok(Ok(Handshake::Cancel { pid, secret })) => {
-            return shared.cancel.cancel(pid, secret).await
+            shared.cancel.cancel(pid, secret).await;
+            return None;
         }
         Ok(Err(AuthError::Client(err))) => {
             tracing::info!(?peer, code = %err.code, message = %err.message, "client login refused");
             shared.metrics.error(err.kind);
-            return say_goodbye(&mut client, &err).await;
+            say_goodbye(&mut client, &err).await;
+            return None;
         }
         Ok(Err(AuthError::Stream(err))) => {
-            return tracing::debug!(?peer, %err, "client left during login")
+            tracing::debug!(?peer, %err, "client left during login");
+            return None;
         }
         Err(_) => {
             let err = ClientError::fatal(
@@ -68,7 +83,8 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
                 "08P01",
                 "client_login_timeout expired before the client logged in",
             );
-            return say_goodbye(&mut client, &err).await;
+            say_goodbye(&mut client, &err).await;
+            return None;
         }
     };
     let application_name = login
@@ -85,9 +101,24 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
         local,
         admin,
     });
-    if admin {
-        return crate::admin::serve(shared, client, login, handle).await;
-    }
+    Some(LoggedIn {
+        client,
+        login,
+        handle,
+        admin,
+        config,
+    })
+}
+
+/// Serves a logged-in client's session to its end.
+pub async fn serve(shared: Arc<Shared>, logged_in: LoggedIn) {
+    let LoggedIn {
+        client,
+        login,
+        handle,
+        config,
+        ..
+    } = logged_in;
     match Session::start(shared.clone(), client, login, &config, handle).await {
         Ok(session) => session.run().await,
         Err((mut client, err)) => {
