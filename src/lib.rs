@@ -35,6 +35,7 @@ pub mod auth;
 pub mod cancel;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod error;
 #[doc(hidden)]
@@ -61,8 +62,10 @@ use pool::{Pool, PoolKey, PoolSettings, Pools};
 
 /// Everything sessions and background tasks share, built once at start-up.
 pub struct Shared {
-    pub config: ArcSwap<Config>,
-    pub cluster: cluster::Cluster,
+    /// Shared with the cluster loops ([`cluster::Monitor`]), which read it each round.
+    pub config: Arc<ArcSwap<Config>>,
+    /// Shared with the cluster loops, which publish what they observe in it.
+    pub cluster: Arc<cluster::Cluster>,
     pub router: router::Router,
     pub pools: Arc<Pools>,
     pub cancel: Arc<cancel::CancelRegistry>,
@@ -90,8 +93,8 @@ impl Shared {
         let topology = cluster::Topology::from_config(&config);
         Shared {
             router: router::Router::new(&config),
-            config: ArcSwap::from_pointee(config),
-            cluster: cluster::Cluster::new(topology),
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            cluster: Arc::new(cluster::Cluster::new(topology)),
             pools: Arc::default(),
             cancel: Arc::default(),
             credentials: Arc::default(),
@@ -109,66 +112,6 @@ impl Shared {
     /// Asks the process to shut down gracefully (as SIGTERM does).
     pub fn request_shutdown(&self) {
         self.shutdown_requested.notify_one();
-    }
-
-    /// Re-reads the config file (`RELOAD`, SIGHUP). An invalid file is rejected with
-    /// the reason, and the running config stays.
-    pub fn reload(&self) -> Result<(), config::ConfigError> {
-        let path = self
-            .config_path
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| config::ConfigError::Invalid {
-                key: "(file)".to_owned(),
-                message: "pgrelay was not started from a config file; nothing to reload".to_owned(),
-            })?;
-        let config = match Config::load(&path) {
-            Ok(config) => config,
-            Err(err) => {
-                tracing::error!(err = %err.with_reason(), path = %path.display(), "reload rejected; keeping the running configuration");
-                return Err(err);
-            }
-        };
-        self.apply(config);
-        tracing::info!(path = %path.display(), "configuration reloaded");
-        Ok(())
-    }
-
-    /// Puts a validated config in place: routing, nodes (added, removed, weights),
-    /// pool limits and credentials, and everything read per request. Pools of
-    /// unchanged nodes keep their servers; transactions in flight are not touched.
-    pub fn apply(&self, config: Config) {
-        self.router.reconfigure(&config);
-        let transitions = self.cluster.reconfigure(&config);
-        for node in &transitions.removed {
-            self.pools.retire_node(*node);
-        }
-        for pool in self.pools.all() {
-            let user = config.user(&pool.key.user).cloned();
-            if let Some(user) = user {
-                let settings = pool_settings(&config, &pool.key.database, &pool.key.user);
-                pool.reconfigure(settings, user);
-            }
-        }
-        if !transitions.added.is_empty() || !transitions.removed.is_empty() {
-            tracing::info!(added = ?transitions.added, removed = ?transitions.removed, "backends changed");
-        }
-        cluster::health::act(self, &config, &transitions.transitions);
-        self.config.store(Arc::new(config));
-    }
-
-    /// The node operations the admin console calls (`DETACH NODE`, `ATTACH NODE`,
-    /// `PROMOTE NODE [SWITCHOVER]`): the state machine decides, then pools are dropped
-    /// and hooks queued as for any other transition.
-    pub fn operate(
-        &self,
-        op: cluster::failover::Operation,
-    ) -> Result<(), cluster::failover::OperationError> {
-        let config = self.config.load_full();
-        let transitions = self.cluster.operate(op, &config)?;
-        cluster::health::act(self, &config, &transitions);
-        Ok(())
     }
 
     /// The pool for a client's database and user on `node`.
@@ -222,7 +165,7 @@ impl Shared {
 }
 
 /// The limits of the pool for `database` and `user` under `config`.
-fn pool_settings(config: &Config, database: &str, user: &str) -> PoolSettings {
+pub(crate) fn pool_settings(config: &Config, database: &str, user: &str) -> PoolSettings {
     PoolSettings {
         size: config.pool_size_for(database, user) as usize,
         min_size: config.pool.min_pool_size as usize,

@@ -14,9 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{health, patroni};
+use crate::cluster::{health, lag, patroni};
 use crate::config::{Config, ConfigError};
-use crate::{admin, pool, session, Shared};
+use crate::{admin, control, pool, session, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -42,12 +42,13 @@ pub struct Pgrelay {
 impl Pgrelay {
     pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
         let shared = Arc::new(Shared::new(config.clone()));
+        let monitor = control::monitor(&shared);
         if config.failover.topology == crate::config::TopologySource::Patroni {
-            if let Err(err) = patroni::poll_once(&shared).await {
+            if let Err(err) = patroni::poll_once(&monitor).await {
                 tracing::warn!(%err, "Patroni could not be read at start-up; health checks decide");
             }
         }
-        health::probe_all(&shared).await;
+        health::probe_all(&monitor).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
@@ -85,12 +86,9 @@ impl Pgrelay {
             }
             None => None,
         };
-        tokio::spawn(health::run(shared.clone(), shutdown_rx.clone()));
-        tokio::spawn(patroni::run(shared.clone(), shutdown_rx.clone()));
-        tokio::spawn(crate::cluster::lag::run(
-            shared.clone(),
-            shutdown_rx.clone(),
-        ));
+        tokio::spawn(health::run(monitor.clone(), shutdown_rx.clone()));
+        tokio::spawn(patroni::run(monitor.clone(), shutdown_rx.clone()));
+        tokio::spawn(lag::run(monitor, shutdown_rx.clone()));
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay::cluster::patroni::{fetch, Endpoint, View};
+use pgrelay::cluster::patroni::{fetch, View};
 use pgrelay::cluster::{Role, Status};
 use pgrelay::config::Config;
+use pgrelay::config::PatroniEndpoint as Endpoint;
 use pgrelay::listener::Pgrelay;
 use support::*;
 

@@ -13,7 +13,6 @@ pub mod nodes;
 pub mod show;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::auth::ClientLogin;
 use crate::cluster::failover::Operation;
@@ -226,33 +225,15 @@ async fn execute(
         }
         Command::Reload => shared.reload().map_err(|err| failed(err.to_string())),
         Command::Pause(database) => {
-            shared.registry.pause(database.as_deref());
-            tracing::warn!(database = ?database, "PAUSE: new transactions wait; waiting for active ones to end");
-            let database = database.as_deref();
-            let busy = || shared.pools.in_use(database) + shared.registry.active_in(database);
-            while busy() > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            shared.pause(database.as_deref()).await;
             Ok(())
         }
-        Command::Resume(database) => {
-            if !shared.registry.resume(database.as_deref()) {
-                return Err(failed("nothing is paused".to_owned()));
-            }
-            tracing::warn!(database = ?database, "RESUME");
-            Ok(())
-        }
+        Command::Resume(database) => match shared.resume(database.as_deref()) {
+            true => Ok(()),
+            false => Err(failed("nothing is paused".to_owned())),
+        },
         Command::Kill(database) => {
-            shared.registry.pause(Some(database));
-            let mut killed = 0;
-            for entry in shared.registry.clients() {
-                if !entry.admin && entry.database == *database {
-                    entry.kill();
-                    killed += 1;
-                }
-            }
-            let closed = shared.pools.retire_database(database);
-            tracing::warn!(%database, killed, closed, "KILL: clients dropped; new ones wait for RESUME");
+            shared.kill(database);
             Ok(())
         }
         Command::Shutdown => {
@@ -261,9 +242,7 @@ async fn execute(
             Ok(())
         }
         Command::WaitClose(database) => {
-            while shared.pools.close_needed(database.as_deref()) > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            shared.wait_close(database.as_deref()).await;
             Ok(())
         }
         Command::Node(op) => shared.operate(*op).map_err(|err| failed(err.to_string())),

@@ -1,8 +1,8 @@
 //! The health monitor: one task per node that probes it (log in with the
 //! `[health_check]` credentials, read `pg_is_in_recovery()`, the timeline and where a
-//! replica streams from), hands the outcome to the failover state machine, and acts on
-//! what changed: hooks are queued, pools of a node that went down or was demoted are
-//! dropped. A node is probed every `period`; retries, confirmations of a node coming
+//! replica streams from), hands the outcome to the failover state machine, and hands
+//! what changed up through [`super::Findings`] (`control` queues hooks and drops the
+//! pools of a node that went down or was demoted). A node is probed every `period`; retries, confirmations of a node coming
 //! back, and every probe while there is no primary come every `retry_delay`; a server
 //! connection that fails under a client wakes its node's task at once
 //! (`recheck_on_backend_error`).
@@ -17,12 +17,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::failover::{Outcome, Probe, ProbeError, Transition};
-use super::hooks::{expand, HookKind, HookRun, Subjects};
-use super::Cluster;
+use super::{Cluster, Monitor};
 use crate::auth::ServerCredentials;
 use crate::config::Config;
 use crate::pool::server::{Server, ServerError, ServerTarget};
-use crate::Shared;
 
 /// One row: in recovery; the timeline (a primary's WAL insert timeline, a replica's
 /// received one); where a streaming replica's WAL comes from.
@@ -39,14 +37,14 @@ pub trait Prober: Send + Sync {
 
 /// Probes over a real server connection.
 pub struct ServerProber<'s> {
-    pub shared: &'s Shared,
+    pub monitor: &'s Monitor,
 }
 
 impl Prober for ServerProber<'_> {
     fn probe<'a>(&'a self, node: usize) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
         Box::pin(async move {
-            let config = self.shared.config.load_full();
-            let mut server = connect_check(&config, self.shared, node).await?;
+            let config = self.monitor.config.load_full();
+            let mut server = connect_check(&config, self.monitor, node).await?;
             let row = server.query_row(PROBE_SQL).await;
             server.terminate().await;
             parse_probe(&row?)
@@ -79,11 +77,11 @@ fn parse_probe(row: &[Option<String>]) -> Outcome {
 /// Opens a connection to `node` with the health-check credentials.
 pub async fn connect_check(
     config: &Config,
-    shared: &Shared,
+    monitor: &Monitor,
     node: usize,
 ) -> Result<Server, ServerError> {
     let check = &config.health_check;
-    let (host, port) = shared
+    let (host, port) = monitor
         .cluster
         .load()
         .nodes
@@ -102,7 +100,7 @@ pub async fn connect_check(
     let credentials = if !check.password.is_empty() {
         ServerCredentials::Password(check.password.as_bytes().to_vec())
     } else if let Some(user) = config.user(&check.user) {
-        shared.credentials.for_server(user)
+        monitor.credentials.for_server(user)
     } else {
         ServerCredentials::Password(Vec::new())
     };
@@ -128,16 +126,16 @@ async fn probe_once(
     outcome
 }
 
-/// Probes every node once, concurrently, and acts on the outcome (start-up).
-pub async fn probe_all(shared: &Shared) {
-    let config = shared.config.load_full();
-    let prober = ServerProber { shared };
-    let nodes = shared.cluster.load().nodes.len();
-    let probes = (0..nodes).map(|node| probe_once(&shared.cluster, &prober, node, &config));
+/// Probes every node once, concurrently, and reports the outcome (start-up).
+pub async fn probe_all(monitor: &Monitor) {
+    let config = monitor.config.load_full();
+    let prober = ServerProber { monitor };
+    let nodes = monitor.cluster.load().nodes.len();
+    let probes = (0..nodes).map(|node| probe_once(&monitor.cluster, &prober, node, &config));
     let outcomes = futures_util::future::join_all(probes).await;
     for (node, outcome) in outcomes.iter().enumerate() {
-        let transitions = shared.cluster.observe(node, outcome, &config);
-        act(shared, &config, &transitions);
+        let transitions = monitor.cluster.observe(node, outcome, &config);
+        monitor.findings.report(&config, &transitions);
     }
 }
 
@@ -178,23 +176,23 @@ pub async fn watch_node(
 
 /// Runs the monitor until shutdown: a task per node, and more as nodes appear
 /// (Patroni members, reloads).
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(monitor: Monitor, mut shutdown: watch::Receiver<bool>) {
     let mut watched = 0;
-    let mut changes = shared.cluster.changed.subscribe();
+    let mut changes = monitor.cluster.changed.subscribe();
     loop {
-        let nodes = shared.cluster.load().nodes.len();
+        let nodes = monitor.cluster.load().nodes.len();
         while watched < nodes {
             let node = watched;
-            let shared = shared.clone();
+            let monitor = monitor.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let prober = ServerProber { shared: &shared };
+                let prober = ServerProber { monitor: &monitor };
                 watch_node(
-                    &shared.cluster,
+                    &monitor.cluster,
                     &prober,
                     node,
-                    || shared.config.load_full(),
-                    |config, transitions| act(&shared, config, transitions),
+                    || monitor.config.load_full(),
+                    |config, transitions| monitor.findings.report(config, transitions),
                     shutdown,
                 )
                 .await
@@ -204,81 +202,6 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = changes.changed() => {}
             _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// Acts on transitions: drops the pools of nodes that left service or were demoted,
-/// and queues the hooks they call for.
-pub fn act(shared: &Shared, config: &Config, transitions: &[Transition]) {
-    if transitions.is_empty() {
-        return;
-    }
-    let topology = shared.cluster.snapshot();
-    let failover = &config.failover;
-    let timeout = failover.command_timeout;
-    let hook = |kind: HookKind, template: &str, subjects: Subjects| {
-        shared.hooks.submit(HookRun {
-            kind,
-            node: subjects.node,
-            command: expand(template, &topology, &subjects),
-            timeout,
-        });
-    };
-    for transition in transitions {
-        match *transition {
-            Transition::Down {
-                node,
-                old_primary,
-                old_main,
-                new_main,
-                ..
-            } => {
-                shared.metrics.failovers.inc();
-                let closed = shared.pools.retire_node(node);
-                tracing::info!(node, closed, "dropped the pools of a node out of service");
-                let subjects = Subjects {
-                    node: Some(node),
-                    new_main,
-                    old_main,
-                    old_primary,
-                };
-                hook(HookKind::Failover, &failover.failover_command, subjects);
-            }
-            Transition::Up { node } => {
-                let subjects = Subjects {
-                    node: Some(node),
-                    new_main: topology.main_node(),
-                    old_main: topology.main_node(),
-                    old_primary: topology.primary,
-                };
-                hook(HookKind::Failback, &failover.failback_command, subjects);
-            }
-            Transition::Demoted { node } => {
-                let closed = shared.pools.retire_node(node);
-                tracing::info!(node, closed, "dropped the pools of a demoted primary");
-            }
-            Transition::NewPrimary { node, old, follow } => {
-                if !follow {
-                    continue;
-                }
-                for other in (0..topology.nodes.len()).filter(|&i| i != node) {
-                    if !topology.nodes[other].is_up() {
-                        continue;
-                    }
-                    let subjects = Subjects {
-                        node: Some(other),
-                        new_main: Some(node),
-                        old_main: old,
-                        old_primary: old,
-                    };
-                    hook(
-                        HookKind::FollowPrimary,
-                        &failover.follow_primary_command,
-                        subjects,
-                    );
-                }
-            }
         }
     }
 }

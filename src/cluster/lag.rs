@@ -4,13 +4,10 @@
 //! while WAL waits to be replayed (seconds). The results move replicas in and out of
 //! the read set and give read-your-writes the replay positions it compares against.
 
-use std::sync::Arc;
-
 use tokio::sync::watch;
 
-use super::{health, parse_lsn, Lag, Role};
+use super::{health, parse_lsn, Lag, Monitor, Role};
 use crate::pool::server::Server;
-use crate::Shared;
 
 const PRIMARY_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
 /// Replay position and, when replay is behind what was received, the seconds since
@@ -20,11 +17,11 @@ const REPLICA_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text || '
      THEN 0 ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), 0) END::text";
 
 /// Measures lag until shutdown; the first pass runs at once.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(monitor: Monitor, mut shutdown: watch::Receiver<bool>) {
     let mut conns: Vec<Option<Server>> = Vec::new();
     loop {
-        measure(&shared, &mut conns).await;
-        let period = shared.config.load().routing.lag_check_period;
+        measure(&monitor, &mut conns).await;
+        let period = monitor.config.load().routing.lag_check_period;
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = shutdown.changed() => return,
@@ -33,8 +30,8 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// One pass: the primary's position, then every replica's.
-pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
-    let topology = shared.cluster.snapshot();
+pub async fn measure(monitor: &Monitor, conns: &mut Vec<Option<Server>>) {
+    let topology = monitor.cluster.snapshot();
     conns.resize_with(topology.nodes.len(), || None);
     let Some(primary) = topology.primary else {
         return;
@@ -46,7 +43,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
     {
         return; // nothing to measure: a lone primary costs no query a second
     }
-    let Some(primary_lsn) = ask(shared, conns, primary, PRIMARY_SQL)
+    let Some(primary_lsn) = ask(monitor, conns, primary, PRIMARY_SQL)
         .await
         .and_then(|v| parse_lsn(&v))
     else {
@@ -55,7 +52,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
     let mut lags = Vec::with_capacity(topology.nodes.len());
     for (node, state) in topology.nodes.iter().enumerate() {
         let lag = if state.is_up() && state.role == Role::Replica {
-            ask(shared, conns, node, REPLICA_SQL)
+            ask(monitor, conns, node, REPLICA_SQL)
                 .await
                 .and_then(|v| replica_lag(&v, primary_lsn))
         } else {
@@ -63,7 +60,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
         };
         lags.push(lag);
     }
-    shared.cluster.update(|t| {
+    monitor.cluster.update(|t| {
         if t.primary != Some(primary) || t.nodes.len() != lags.len() {
             return; // the topology moved on while we measured
         }
@@ -72,7 +69,7 @@ pub async fn measure(shared: &Shared, conns: &mut Vec<Option<Server>>) {
                 node.lag = lag;
             }
         }
-        t.update_read_set(&shared.config.load());
+        t.update_read_set(&monitor.config.load());
     });
 }
 
@@ -88,15 +85,15 @@ fn replica_lag(value: &str, primary_lsn: u64) -> Option<Lag> {
 
 /// Runs `sql` on `node`'s lag connection, opening it if needed; a failure closes it.
 async fn ask(
-    shared: &Shared,
+    monitor: &Monitor,
     conns: &mut [Option<Server>],
     node: usize,
     sql: &str,
 ) -> Option<String> {
-    let config = shared.config.load_full();
+    let config = monitor.config.load_full();
     let attempt = async {
         if conns[node].is_none() {
-            conns[node] = Some(health::connect_check(&config, shared, node).await?);
+            conns[node] = Some(health::connect_check(&config, monitor, node).await?);
         }
         match conns[node].as_mut() {
             Some(server) => server.query_value(sql).await,

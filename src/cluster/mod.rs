@@ -23,8 +23,43 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::auth::Credentials;
 use crate::config::Config;
 use failover::{Outcome, Tracker, Transition};
+
+/// What the health, lag and Patroni loops are given: the cluster they watch, the
+/// config they read each round, the credentials they log in with, and where they hand
+/// what they find. They reach nothing else: `control` builds it and acts on findings.
+#[derive(Clone)]
+pub struct Monitor {
+    pub cluster: Arc<Cluster>,
+    pub config: Arc<ArcSwap<Config>>,
+    pub credentials: Arc<Credentials>,
+    pub findings: Findings,
+}
+
+/// Where the loops hand the node transitions they caused (a node down or up, a
+/// primary demoted, a new primary); the one who acts on them (`control`: pools
+/// dropped, hooks queued, failovers counted) gives the callback. It runs before the
+/// loop goes on, so a node's pools are gone before its next probe.
+#[derive(Clone)]
+pub struct Findings(Arc<Act>);
+
+/// What `control` does with transitions observed under a config.
+type Act = dyn Fn(&Config, &[Transition]) + Send + Sync;
+
+impl Findings {
+    pub fn new(act: impl Fn(&Config, &[Transition]) + Send + Sync + 'static) -> Findings {
+        Findings(Arc::new(act))
+    }
+
+    /// Hands `transitions` (observed under `config`) up; nothing happens for none.
+    pub fn report(&self, config: &Config, transitions: &[Transition]) {
+        if !transitions.is_empty() {
+            (self.0)(config, transitions);
+        }
+    }
+}
 
 /// A node's role as last observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,6 @@
 //! The HTTP client is the smallest that serves: HTTP/1.1 `GET`, `Connection: close`,
 //! a body read by `Content-Length`, chunks, or to the end, at most 1 MiB.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,9 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::same_host;
+use super::{same_host, Monitor};
 use crate::config::PatroniEndpoint;
-use crate::Shared;
 
 /// Why Patroni could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -182,14 +180,14 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, PatroniError> {
 
 /// Reads `/cluster` every `patroni_period` until shutdown (only with
 /// `topology = "patroni"`), and once at start-up before the first probes.
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(monitor: Monitor, mut shutdown: watch::Receiver<bool>) {
     let mut failing = false;
     loop {
-        let config = shared.config.load_full();
+        let config = monitor.config.load_full();
         if config.failover.topology != crate::config::TopologySource::Patroni {
             return;
         }
-        match poll_once(&shared).await {
+        match poll_once(&monitor).await {
             Ok(()) => failing = false,
             Err(err) if !failing => {
                 tracing::warn!(%err, "Patroni could not be read; keeping its last view, health checks decide meanwhile");
@@ -204,9 +202,10 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// One reading: the first endpoint that answers is believed.
-pub async fn poll_once(shared: &Shared) -> Result<(), PatroniError> {
-    let config = shared.config.load_full();
+/// One reading: the first endpoint that answers is believed; what its view changed
+/// is reported.
+pub async fn poll_once(monitor: &Monitor) -> Result<(), PatroniError> {
+    let config = monitor.config.load_full();
     let timeout = config.health_check.timeout;
     let mut errors = Vec::new();
     for url in &config.failover.patroni_urls {
@@ -216,8 +215,8 @@ pub async fn poll_once(shared: &Shared) -> Result<(), PatroniError> {
         };
         match result {
             Ok(view) => {
-                let transitions = shared.cluster.patroni_view(view, &config);
-                super::health::act(shared, &config, &transitions);
+                let transitions = monitor.cluster.patroni_view(view, &config);
+                monitor.findings.report(&config, &transitions);
                 return Ok(());
             }
             Err(err) => errors.push((url.clone(), err)),

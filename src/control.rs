@@ -1,0 +1,207 @@
+//! The one place that acts on change: reloads and applies a config, carries out the
+//! console's node operations (`DETACH`, `ATTACH`, `PROMOTE`), and acts on the node
+//! transitions the cluster loops hand up ([`Findings`]): it drops the pools of
+//! nodes that left service or were demoted, counts failovers and queues hooks.
+//!
+//! The loops themselves get only a [`Monitor`] built here ([`monitor`]); they
+//! never see [`Shared`]. The console reaches reload and the node operations through
+//! the methods this module gives [`Shared`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::failover::{Operation, OperationError, Transition};
+use crate::cluster::hooks::{expand, HookKind, HookRun, Subjects};
+use crate::cluster::{Findings, Monitor};
+use crate::config::{self, Config};
+use crate::{pool_settings, Shared};
+
+/// What the health, lag and Patroni loops get: the pieces they read, and findings that
+/// come back to [`act`].
+pub fn monitor(shared: &Arc<Shared>) -> Monitor {
+    let acting = Arc::downgrade(shared);
+    Monitor {
+        cluster: shared.cluster.clone(),
+        config: shared.config.clone(),
+        credentials: shared.credentials.clone(),
+        findings: Findings::new(move |config, transitions| {
+            if let Some(shared) = acting.upgrade() {
+                act(&shared, config, transitions);
+            }
+        }),
+    }
+}
+
+impl Shared {
+    /// Re-reads the config file (`RELOAD`, SIGHUP). An invalid file is rejected with
+    /// the reason, and the running config stays.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let path = self
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| config::ConfigError::Invalid {
+                key: "(file)".to_owned(),
+                message: "pgrelay was not started from a config file; nothing to reload".to_owned(),
+            })?;
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!(err = %err.with_reason(), path = %path.display(), "reload rejected; keeping the running configuration");
+                return Err(err);
+            }
+        };
+        self.apply(config);
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Puts a validated config in place: routing, nodes (added, removed, weights),
+    /// pool limits and credentials, and everything read per request. Pools of
+    /// unchanged nodes keep their servers; transactions in flight are not touched.
+    pub fn apply(&self, config: Config) {
+        self.router.reconfigure(&config);
+        let transitions = self.cluster.reconfigure(&config);
+        for node in &transitions.removed {
+            self.pools.retire_node(*node);
+        }
+        for pool in self.pools.all() {
+            let user = config.user(&pool.key.user).cloned();
+            if let Some(user) = user {
+                let settings = pool_settings(&config, &pool.key.database, &pool.key.user);
+                pool.reconfigure(settings, user);
+            }
+        }
+        if !transitions.added.is_empty() || !transitions.removed.is_empty() {
+            tracing::info!(added = ?transitions.added, removed = ?transitions.removed, "backends changed");
+        }
+        act(self, &config, &transitions.transitions);
+        self.config.store(Arc::new(config));
+    }
+
+    /// The node operations the admin console calls (`DETACH NODE`, `ATTACH NODE`,
+    /// `PROMOTE NODE [SWITCHOVER]`): the state machine decides, then pools are dropped
+    /// and hooks queued as for any other transition.
+    pub fn operate(&self, op: Operation) -> Result<(), OperationError> {
+        let config = self.config.load_full();
+        let transitions = self.cluster.operate(op, &config)?;
+        act(self, &config, &transitions);
+        Ok(())
+    }
+
+    /// `PAUSE [db]`: new transactions wait; returns once no transaction is active.
+    pub async fn pause(&self, database: Option<&str>) {
+        self.registry.pause(database);
+        tracing::warn!(database = ?database, "PAUSE: new transactions wait; waiting for active ones to end");
+        let busy = || self.pools.in_use(database) + self.registry.active_in(database);
+        while busy() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `RESUME [db]`; false when nothing was paused.
+    pub fn resume(&self, database: Option<&str>) -> bool {
+        let resumed = self.registry.resume(database);
+        if resumed {
+            tracing::warn!(database = ?database, "RESUME");
+        }
+        resumed
+    }
+
+    /// `KILL db`: drops its clients and servers; new clients wait for `RESUME`.
+    pub fn kill(&self, database: &str) {
+        self.registry.pause(Some(database));
+        let mut killed = 0;
+        for entry in self.registry.clients() {
+            if !entry.admin && entry.database == database {
+                entry.kill();
+                killed += 1;
+            }
+        }
+        let closed = self.pools.retire_database(database);
+        tracing::warn!(%database, killed, closed, "KILL: clients dropped; new ones wait for RESUME");
+    }
+
+    /// `WAIT_CLOSE [db]`: returns once the servers a reload retired have closed.
+    pub async fn wait_close(&self, database: Option<&str>) {
+        while self.pools.close_needed(database) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Acts on node transitions: drops the pools of nodes that left service or were
+/// demoted, counts failovers, and queues the hooks they call for.
+pub fn act(shared: &Shared, config: &Config, transitions: &[Transition]) {
+    if transitions.is_empty() {
+        return;
+    }
+    let topology = shared.cluster.snapshot();
+    let failover = &config.failover;
+    let timeout = failover.command_timeout;
+    let hook = |kind: HookKind, template: &str, subjects: Subjects| {
+        shared.hooks.submit(HookRun {
+            kind,
+            node: subjects.node,
+            command: expand(template, &topology, &subjects),
+            timeout,
+        });
+    };
+    for transition in transitions {
+        match *transition {
+            Transition::Down {
+                node,
+                old_primary,
+                old_main,
+                new_main,
+                ..
+            } => {
+                shared.metrics.failovers.inc();
+                let closed = shared.pools.retire_node(node);
+                tracing::info!(node, closed, "dropped the pools of a node out of service");
+                let subjects = Subjects {
+                    node: Some(node),
+                    new_main,
+                    old_main,
+                    old_primary,
+                };
+                hook(HookKind::Failover, &failover.failover_command, subjects);
+            }
+            Transition::Up { node } => {
+                let subjects = Subjects {
+                    node: Some(node),
+                    new_main: topology.main_node(),
+                    old_main: topology.main_node(),
+                    old_primary: topology.primary,
+                };
+                hook(HookKind::Failback, &failover.failback_command, subjects);
+            }
+            Transition::Demoted { node } => {
+                let closed = shared.pools.retire_node(node);
+                tracing::info!(node, closed, "dropped the pools of a demoted primary");
+            }
+            Transition::NewPrimary { node, old, follow } => {
+                if !follow {
+                    continue;
+                }
+                for other in (0..topology.nodes.len()).filter(|&i| i != node) {
+                    if !topology.nodes[other].is_up() {
+                        continue;
+                    }
+                    let subjects = Subjects {
+                        node: Some(other),
+                        new_main: Some(node),
+                        old_main: old,
+                        old_primary: old,
+                    };
+                    hook(
+                        HookKind::FollowPrimary,
+                        &failover.follow_primary_command,
+                        subjects,
+                    );
+                }
+            }
+        }
+    }
+}
