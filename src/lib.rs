@@ -1,29 +1,34 @@
 //! pgrelay: a PostgreSQL connection pooler and read/write router.
 //!
 //! # Layout
-//! - [`protocol`]: the sans-IO wire codec (framing, the relay's scanner, startup
-//!   packets, message views and builders).
-//! - [`stream`]: the only owner of sockets; buffered frame reads, batched writes.
-//! - [`listener`]: accept loop, `max_client_conn`, one task per client, drain on
-//!   shutdown; also [`listener::Pgrelay`], a running instance.
-//! - [`auth`]: the startup handshake and client authentication; server credentials.
-//! - [`session`]: one client session (greeting, request loop), its parameters, the
-//!   zero-copy relay, what transaction mode carries across servers (named prepared
-//!   statements, session settings, pins), and the registry of clients and per-database
-//!   counters the console and metrics read.
-//! - [`pool`]: server connection pools, server login, checkout guards, maintenance.
-//! - [`router`]: the SQL classifier (and the session-effects pass), routing plans and
-//!   replica choice.
-//! - [`cluster`]: the topology snapshot, the health monitor and the failover state
-//!   machine (node states, primary detection, split brain, hooks), and Patroni.
-//! - [`admin`]: the admin console (virtual database `pgrelay`/`pgbouncer`): Pgpool-II's
-//!   and PgBouncer's SHOW tables, RELOAD, PAUSE/RESUME/KILL, SHUTDOWN, node operations.
-//! - [`cancel`]: the cancel-key registry.
-//! - [`metrics`]: Prometheus metrics with pre-resolved handles, and the HTTP listener
-//!   for `/metrics`, `/healthz`, `/readyz`.
-//! - [`config`]: the TOML config, its validation and defaults.
-//! - [`demo`]: throwaway local PostgreSQL clusters for `pgrelay demo` and the tests.
-//! - [`error`]: error kinds, sides, and what clients may be told.
+//!
+//! Modules stand on floors: a module imports only from its own floor or from floors
+//! below, so nothing lower knows anything higher exists (`tests/floors.rs` reads every
+//! `crate::` path in `src/` and keeps it so).
+//!
+//! | floor | module | owns |
+//! |------:|--------|------|
+//! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`demo`]) |
+//! |  9 | [`listener`] | accept loops (clients, the metrics/health HTTP listener), `max_client_conn`, a task per client (a session or the console), drain on shutdown; [`listener::Pgrelay`], a running instance |
+//! |  8 | [`control`] | the one place that acts on change: reload, apply, console operations (`PAUSE`, `KILL`, `DETACH`, `PROMOTE`...), the node transitions the cluster loops hand up |
+//! |  7 | [`admin`] | the admin console (virtual database `pgrelay`/`pgbouncer`): PgBouncer's and Pgpool-II's SHOW tables |
+//! |  7 | [`metrics`] | Prometheus metrics with pre-resolved handles; the answers to `/metrics`, `/healthz`, `/readyz` |
+//! |  6 | [`session`] | one client session: login, request loop, routing inside it, the zero-copy relay, what transaction mode carries across servers |
+//! |  5 | [`router`] | the SQL classifier and session effects, routing plans, replica choice |
+//! |  4 | [`cluster`] | the topology snapshot; health, lag and Patroni loops that report their findings ([`cluster::Monitor`]); the failover state machine; hooks |
+//! |  3 | [`pool`] | server connections: pools, checkout, guards, maintenance, one server with its session state (parameters, prepared-statement LRU) |
+//! |  3 | [`registry`] | who is connected (clients, per-database counters, pauses), for the console and metrics |
+//! |  3 | [`cancel`] | cancel keys: a client's key to the server running its query |
+//! |  2 | [`auth`] | the startup handshake, client authentication, server credentials |
+//! |  1 | [`stream`] | the only owner of sockets; buffered frame reads, batched writes |
+//! |  0 | [`protocol`] | the sans-IO wire codec |
+//! |  0 | [`config`] | the TOML config, validation, defaults, the names it reserves (admin databases) |
+//! |  0 | [`error`] | error kinds, sides, and what clients may be told |
+//!
+//! [`Shared`], below, is the context built at start-up and handed to sessions and
+//! everything above them (floor 6 and up); lower floors get only the pieces they use
+//! (a pool its settings, the cluster loops a [`cluster::Monitor`]). Its acting methods
+//! (reload, the console's operations) are written in [`control`].
 //!
 //! A query flows listener → auth → session → pool (checkout) → relay → pool (release).
 
