@@ -484,7 +484,7 @@ impl Session {
                 });
                 self.wire.record_request(&mut self.client, node);
                 self.wire.hold_at_boundary = self.routing.mode == RouteMode::PerRequest
-                    && self.shared.cluster.load().primary != Some(node);
+                    && self.routing.primary != Some(node);
                 self.attachment = Attachment::Attached(guard);
             }
             Err(mut err) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
-use crate::config::{Config, PoolMode, ReadAfterWrite};
+use crate::config::{Config, LoadBalance, PoolMode, ReadAfterWrite};
 use crate::error::{ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
@@ -24,6 +24,8 @@ pub(super) struct Routing {
     pub(super) mode: RouteMode,
     /// The last request routed went to the primary because it may write.
     pub(super) last_write: bool,
+    /// The primary in the topology the last request was routed with.
+    pub(super) primary: Option<usize>,
     writes: Writes,
     dice: Dice,
 }
@@ -38,6 +40,27 @@ pub(super) enum RouteMode {
     /// Session mode: something the client did cannot follow it to another server, so
     /// it stays on the primary server it holds (notifications, temp tables, ...).
     Pinned,
+}
+
+/// What routing reads of the config, copied out of one load when a request starts
+/// routing, so no snapshot is held while the request waits for a server.
+#[derive(Debug, Clone, Copy)]
+struct RoutePolicy {
+    hold_timeout: std::time::Duration,
+    read_after_write: ReadAfterWrite,
+    load_balance: LoadBalance,
+    prefer_lower_lag: bool,
+}
+
+impl RoutePolicy {
+    fn of(config: &Config) -> RoutePolicy {
+        RoutePolicy {
+            hold_timeout: config.failover.hold_timeout,
+            read_after_write: config.routing.read_after_write,
+            load_balance: config.routing.load_balance,
+            prefer_lower_lag: config.routing.prefer_lower_lag,
+        }
+    }
 }
 
 /// What a client's reads must see of its own writes.
@@ -62,6 +85,7 @@ impl Routing {
                 RouteMode::Off
             },
             last_write: true,
+            primary: None,
             writes: Writes::None,
             dice: Dice::new(),
         }
@@ -89,19 +113,23 @@ impl Session {
     /// hold: a switchover costs a client between transactions a pause, not an error.
     /// So does a lookup on the primary that routing needed (its WAL position, a
     /// function's volatility). Nothing of the client's request has been sent yet.
+    ///
+    /// The config is read once per request, the topology once per attempt (and again
+    /// only after waiting for it to change); both are passed down.
     pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
-        let hold = self.shared.config.load().failover.hold_timeout;
+        let policy = RoutePolicy::of(&self.shared.config.load());
         let started = tokio::time::Instant::now();
-        let deadline = started + hold;
+        let deadline = started + policy.hold_timeout;
         loop {
-            let attached = match self.route(deadline).await {
-                Ok(node) => self.attach_on(node).await?,
+            let mut topology = self.shared.cluster.snapshot();
+            let attached = match self.route(&policy, &mut topology, deadline).await {
+                Ok(node) => self.attach_on(node, &topology).await?,
                 Err(err)
                     if err.kind == ErrorKind::ServerConnect
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::info!(message = %err.message, "a lookup on the primary failed; waiting for the cluster to settle");
-                    if let Some(primary) = self.shared.cluster.load().primary {
+                    if let Some(primary) = topology.primary {
                         self.backend_failed(primary);
                     }
                     None
@@ -109,6 +137,7 @@ impl Session {
                 Err(err) => return Err(err),
             };
             if let Some(guard) = attached {
+                self.routing.primary = topology.primary;
                 return Ok(guard);
             }
             // Try again once the topology moves (a node marked down, a new primary),
@@ -125,9 +154,13 @@ impl Session {
     /// A server on `node` for the routed request. `None` when the node (and, for a
     /// read, the primary too) could not give one: the node is checked at once and the
     /// request waits for the cluster to settle.
-    async fn attach_on(&mut self, node: usize) -> Result<Option<ServerGuard>, ClientError> {
+    async fn attach_on(
+        &mut self,
+        node: usize,
+        topology: &Topology,
+    ) -> Result<Option<ServerGuard>, ClientError> {
         let err = match self.server_on(node).await {
-            Ok(guard) if !self.demoted(&guard, node) => return Ok(Some(guard)),
+            Ok(guard) if !self.demoted(&guard, node, topology) => return Ok(Some(guard)),
             Ok(_) => ClientError::error(
                 ErrorKind::ServerConnect,
                 "08006",
@@ -137,8 +170,7 @@ impl Session {
             Err(err) => return Err(err),
         };
         self.backend_failed(node);
-        let primary = self.shared.cluster.load().primary;
-        match primary {
+        match topology.primary {
             Some(primary) if primary != node => {
                 tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
                 match self.server_on(primary).await {
@@ -170,7 +202,9 @@ impl Session {
             let pool = self.pool.clone();
             let node = pool.key.node;
             match self.checkout_reconciled(&pool).await {
-                Ok(guard) if !self.demoted(&guard, node) => return Ok(guard),
+                Ok(guard) if !self.demoted(&guard, node, &self.shared.cluster.load()) => {
+                    return Ok(guard)
+                }
                 Ok(_) => {}
                 Err(err) if err.kind == ErrorKind::ServerConnect => {}
                 Err(err) => return Err(err),
@@ -193,9 +227,8 @@ impl Session {
     /// A server on what pgrelay takes for the primary says it is a hot standby (it was
     /// demoted and came back before its probe told): not for this request. The
     /// server goes, and the node is checked at once.
-    fn demoted(&self, guard: &ServerGuard, node: usize) -> bool {
+    fn demoted(&self, guard: &ServerGuard, node: usize, topology: &Topology) -> bool {
         let standby = guard.server_ref().params.get("in_hot_standby") == Some("on") && {
-            let topology = self.shared.cluster.load();
             // Its last probe said primary (an operator's PROMOTE NODE of a replica,
             // without a switchover, is taken at its word).
             topology.primary == Some(node)
@@ -230,9 +263,14 @@ impl Session {
         }
     }
 
-    /// The primary, waiting for one until `deadline` if there is none.
-    async fn primary_by(&self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
-        if let Some(primary) = self.shared.cluster.load().primary {
+    /// The primary, waiting for one until `deadline` if `topology` has none; after a
+    /// wait, `topology` is the snapshot that has it.
+    async fn primary_by(
+        &self,
+        topology: &mut Arc<Topology>,
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, ClientError> {
+        if let Some(primary) = topology.primary {
             return Ok(primary);
         }
         let started = tokio::time::Instant::now();
@@ -240,19 +278,25 @@ impl Session {
         match self.shared.cluster.wait_primary(deadline).await {
             Some(primary) => {
                 tracing::info!(primary, waited = ?started.elapsed(), "a primary appeared; the held request goes on");
+                *topology = self.shared.cluster.snapshot();
                 Ok(primary)
             }
             None => Err(no_primary(started.elapsed())),
         }
     }
 
-    /// Decides which node runs the buffered request (the start of a transaction).
-    async fn route(&mut self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
+    /// Decides which node runs the buffered request (the start of a transaction),
+    /// under the request's `policy` and `topology`.
+    async fn route(
+        &mut self,
+        policy: &RoutePolicy,
+        topology: &mut Arc<Topology>,
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, ClientError> {
         if self.routing.mode != RouteMode::PerRequest {
             self.routing.last_write = true;
-            return self.primary_by(deadline).await;
+            return self.primary_by(topology, deadline).await;
         }
-        let topology = self.shared.cluster.snapshot();
         let statements: &dyn router::StatementSource = match self.wire.prepared.as_deref() {
             Some(prepared) => prepared,
             None => &self.wire.statements,
@@ -263,14 +307,14 @@ impl Session {
             statements,
         );
         if plan.session_state && self.mode == PoolMode::Session {
-            let primary = self.primary_by(deadline).await?;
+            let primary = self.primary_by(topology, deadline).await?;
             self.pin(primary, plan.reason).await;
         }
         let writes = plan.target == Target::Primary || {
             if plan.functions.is_empty() {
                 false
             } else {
-                let primary = self.primary_by(deadline).await?;
+                let primary = self.primary_by(topology, deadline).await?;
                 self.any_volatile(&plan.functions, primary).await?
             }
         };
@@ -278,8 +322,7 @@ impl Session {
         let kind = plan.kind;
         if writes {
             self.routing.writes = Writes::Unfenced;
-            let primary = self.primary_by(deadline).await?;
-            let topology = self.shared.cluster.load();
+            let primary = self.primary_by(topology, deadline).await?;
             if let Some(state) = topology.nodes.get(primary) {
                 NodeStats::count(&state.stats.writes);
                 let stats = &state.stats;
@@ -300,13 +343,13 @@ impl Session {
         {
             // A statement it uses lives there.
             Some(node) => node,
-            None => match self.choose_reader(&topology).await? {
+            None => match self.choose_reader(policy, topology).await? {
                 Some(node) => node,
                 // Nothing fresh enough: the primary takes it.
-                None => self.primary_by(deadline).await?,
+                None => self.primary_by(topology, deadline).await?,
             },
         };
-        if let Some(state) = self.shared.cluster.load().nodes.get(node) {
+        if let Some(state) = topology.nodes.get(node) {
             NodeStats::count(&state.stats.selects);
         }
         Ok(node)
@@ -314,13 +357,12 @@ impl Session {
 
     /// The node for a read, under the read-after-write policy and the load balancer;
     /// `None`: only the primary will do.
-    async fn choose_reader(&mut self, topology: &Topology) -> Result<Option<usize>, ClientError> {
-        let (read_after_write, load_balance, prefer_lower_lag) = {
-            let config = self.shared.config.load();
-            let r = &config.routing;
-            (r.read_after_write, r.load_balance, r.prefer_lower_lag)
-        };
-        let fence = match read_after_write {
+    async fn choose_reader(
+        &mut self,
+        policy: &RoutePolicy,
+        topology: &Topology,
+    ) -> Result<Option<usize>, ClientError> {
+        let fence = match policy.read_after_write {
             ReadAfterWrite::Off | ReadAfterWrite::Transaction => None,
             ReadAfterWrite::Session if self.routing.writes != Writes::None => return Ok(None),
             ReadAfterWrite::Session => None,
@@ -349,8 +391,8 @@ impl Session {
             })
         };
         let choice = Choice {
-            load_balance,
-            prefer_lower_lag,
+            load_balance: policy.load_balance,
+            prefer_lower_lag: policy.prefer_lower_lag,
             fence,
             busy: &busy,
         };
