@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::cluster::failover::{Operation, OperationError, Transition};
 use crate::cluster::hooks::{expand, HookKind, HookRun, Subjects};
-use crate::cluster::{Findings, Monitor};
+use crate::cluster::{Findings, Monitor, Topology};
 use crate::config::{self, Config};
 use crate::{pool_settings, Shared};
 
@@ -185,23 +185,29 @@ pub fn act(shared: &Shared, config: &Config, transitions: &[Transition]) {
                 if !follow {
                     continue;
                 }
-                for other in (0..topology.nodes.len()).filter(|&i| i != node) {
-                    if !topology.nodes[other].is_up() {
-                        continue;
-                    }
-                    let subjects = Subjects {
-                        node: Some(other),
-                        new_main: Some(node),
-                        old_main: old,
-                        old_primary: old,
-                    };
-                    hook(
-                        HookKind::FollowPrimary,
-                        &failover.follow_primary_command,
-                        subjects,
-                    );
+                for subjects in followers(&topology, node, old) {
+                    let command = &failover.follow_primary_command;
+                    hook(HookKind::FollowPrimary, command, subjects);
                 }
             }
         }
     }
+}
+
+/// What `follow_primary_command` runs for: every other node in service, now that
+/// `node` is the primary (`old` was).
+fn followers(
+    topology: &Topology,
+    node: usize,
+    old: Option<usize>,
+) -> impl Iterator<Item = Subjects> + '_ {
+    let others = topology.nodes.iter().enumerate();
+    others
+        .filter(move |(other, state)| *other != node && state.is_up())
+        .map(move |(other, _)| Subjects {
+            node: Some(other),
+            new_main: Some(node),
+            old_main: old,
+            old_primary: old,
+        })
 }
