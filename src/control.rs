@@ -123,6 +123,11 @@ impl Shared {
         tracing::warn!(%database, killed, closed, "KILL: clients dropped; new ones wait for RESUME");
     }
 
+    /// `SHUTDOWN`: asks the process to shut down gracefully (as SIGTERM does).
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.notify_one();
+    }
+
     /// `WAIT_CLOSE [db]`: returns once the servers a reload retired have closed.
     pub async fn wait_close(&self, database: Option<&str>) {
         while self.pools.close_needed(database) > 0 {
@@ -210,4 +215,62 @@ fn followers(
             old_main: old,
             old_primary: old,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::failover::DownReason;
+    use crate::cluster::Status;
+
+    fn config(backends: u16) -> Config {
+        let text: String = (0..backends)
+            .map(|i| format!("[[backends]]\nhost = \"127.0.0.1\"\nport = {}\n", 5432 + i))
+            .collect();
+        Config::from_toml_str(&text).expect("config")
+    }
+
+    #[test]
+    fn followers_are_the_other_nodes_in_service() {
+        let mut topology = Topology::from_config(&config(3));
+        for (i, node) in topology.nodes.iter_mut().enumerate() {
+            node.status = if i == 1 { Status::Down } else { Status::Up };
+        }
+        let subjects: Vec<Subjects> = followers(&topology, 0, Some(1)).collect();
+        assert_eq!(
+            subjects,
+            [Subjects {
+                node: Some(2),
+                new_main: Some(0),
+                old_main: Some(1),
+                old_primary: Some(1),
+            }]
+        );
+    }
+
+    /// The cluster loops' findings reach `act` while pgrelay runs, and nothing once
+    /// the shared state is gone.
+    #[tokio::test]
+    async fn findings_come_back_to_act() {
+        let config = config(2);
+        let shared = Arc::new(Shared::new(config.clone()));
+        let monitor = monitor(&shared);
+        monitor.findings.report(&config, &[]);
+        assert_eq!(shared.metrics.failovers.get(), 0);
+        let down = Transition::Down {
+            node: 1,
+            reason: DownReason::HealthCheck,
+            old_primary: Some(0),
+            old_main: Some(0),
+            new_main: Some(0),
+        };
+        monitor.findings.report(&config, &[down.clone()]);
+        assert_eq!(
+            shared.metrics.failovers.get(),
+            1,
+            "a node down is a failover"
+        );
+        drop(shared);
+        monitor.findings.report(&config, &[down]);
+    }
 }

@@ -114,11 +114,6 @@ impl Shared {
         }
     }
 
-    /// Asks the process to shut down gracefully (as SIGTERM does).
-    pub fn request_shutdown(&self) {
-        self.shutdown_requested.notify_one();
-    }
-
     /// The pool for a client's database and user on `node`.
     pub fn node_pool(
         &self,
