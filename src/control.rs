@@ -264,7 +264,9 @@ mod tests {
             old_main: Some(0),
             new_main: Some(0),
         };
-        monitor.findings.report(&config, &[down.clone()]);
+        monitor
+            .findings
+            .report(&config, std::slice::from_ref(&down));
         assert_eq!(
             shared.metrics.failovers.get(),
             1,
