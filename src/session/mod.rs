@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
 use crate::config::{Config, PoolMode};
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{ClientError, ErrorKind, Side};
 use crate::metrics::NodeCounters;
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
@@ -64,14 +64,7 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
         Ok(Err(AuthError::Stream(err))) => {
             return tracing::debug!(?peer, %err, "client left during login")
         }
-        Err(_) => {
-            let err = ClientError::fatal(
-                ErrorKind::Protocol,
-                "08P01",
-                "client_login_timeout expired before the client logged in",
-            );
-            return say_goodbye(&mut client, &err).await;
-        }
+        Err(_) => return say_goodbye(&mut client, &ClientError::login_timeout()).await,
     };
     let application_name = login
         .gucs
@@ -99,6 +92,8 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, too_many_clients: bool) 
     }
 }
 
+/// Tells the client a FATAL error, then closes its connection: the one way a session
+/// ends with an error.
 async fn say_goodbye(client: &mut Conn<Stream>, err: &ClientError) {
     err.encode(client.wbuf());
     let _ = client.flush().await;
@@ -264,7 +259,7 @@ impl Session {
         self.client
             .flush()
             .await
-            .map_err(|_| ClientError::fatal(ErrorKind::ClientLost, "08006", "client went away"))
+            .map_err(|_| ClientError::client_gone())
     }
 
     /// Session mode: the server is the client's for good, and so is its real key.
@@ -302,9 +297,9 @@ impl Session {
         };
         if let Err(err) = guard.server().reconcile(&self.params).await {
             tracing::warn!(pool = ?pool.key, %err, "could not settle a client's parameters on a server");
-            let server_clean = matches!(err, ServerError::Query(_)) && !err.unreachable();
+            let side = err.side();
             let client_error = server_error(err);
-            if server_clean {
+            if side == Side::Client {
                 guard.release();
             }
             return Err(client_error);
@@ -396,7 +391,7 @@ impl Session {
                 .unwrap_or(false);
         }
         if aligned {
-            pids::terminated().encode(self.client.wbuf());
+            ClientError::terminated().encode(self.client.wbuf());
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.flush()).await;
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.shutdown()).await;
@@ -410,7 +405,7 @@ impl Session {
             biased;
             _ = self.shutting_down.wait_for(|&down| down) => {
                 // Between transactions: nothing is lost by leaving now.
-                return Err(shutting_down());
+                return Err(ClientError::shutting_down());
             }
             read = self.wire.read_request(&mut self.client, &self.shared.pools) => read,
         };
@@ -462,24 +457,38 @@ impl Session {
                 self.handle.idle();
                 self.shared.metrics.error(err.kind);
                 err.fatal = false;
-                // The request never ran: answer it like a failed statement. A request
-                // that ended with Flush is not over: the error goes out now, and the
-                // ReadyForQuery after the client's Sync, as PostgreSQL would do it.
+                // The request never ran: answer it like a failed statement.
                 let sync_owed = self.wire.discard_request(&mut self.client);
-                err.encode(self.client.wbuf());
-                if self.client.flush().await.is_err() {
-                    return Ok(false);
-                }
-                if sync_owed && self.wire.skip_until_sync(&mut self.client).await.is_err() {
-                    return Ok(false);
-                }
-                backend::ready_for_query(self.client.wbuf(), b'I');
-                if self.client.flush().await.is_err() {
-                    return Ok(false);
-                }
+                let owed = usize::from(!sync_owed);
+                return Ok(self.fail_request(&err, owed, sync_owed).await);
             }
         }
         Ok(true)
+    }
+
+    /// Fails requests the client sent, as PostgreSQL fails a statement outside a
+    /// transaction block: `err` and ReadyForQuery `I` for each of the `owed` requests
+    /// that ended with Query or Sync. A request that ended with Flush is not over
+    /// (`sync_owed`): its error goes out now, everything up to the client's Sync is
+    /// skipped, and the ReadyForQuery follows that Sync. Returns whether the client is
+    /// still there.
+    async fn fail_request(&mut self, err: &ClientError, owed: usize, sync_owed: bool) -> bool {
+        for _ in 0..owed {
+            err.encode(self.client.wbuf());
+            backend::ready_for_query(self.client.wbuf(), b'I');
+        }
+        if sync_owed {
+            if owed == 0 {
+                err.encode(self.client.wbuf());
+            }
+            if self.client.flush().await.is_err()
+                || self.wire.skip_until_sync(&mut self.client).await.is_err()
+            {
+                return false;
+            }
+            backend::ready_for_query(self.client.wbuf(), b'I');
+        }
+        self.client.flush().await.is_ok()
     }
 
     /// The transaction is over: settles what it did to the session, then returns the
@@ -620,48 +629,35 @@ impl Session {
 
     async fn fail(mut self, err: ClientError) {
         self.shared.metrics.error(err.kind);
-        err.encode(self.client.wbuf());
-        let _ = self.client.flush().await;
-        self.client.shutdown().await;
+        say_goodbye(&mut self.client, &err).await;
         self.finish().await;
     }
 }
 
-/// What an idle client is told when pgrelay shuts down.
-fn shutting_down() -> ClientError {
-    ClientError::fatal(
-        ErrorKind::ClientLost,
-        "57P01",
-        "terminating connection because pgrelay is shutting down",
-    )
-}
-
 fn pool_error(err: PoolError) -> ClientError {
     match err {
-        PoolError::Timeout(wait) => ClientError::error(
-            ErrorKind::PoolTimeout,
-            "53400",
-            format!("query_wait_timeout: no server connection became available within {wait:?}"),
-        ),
+        PoolError::Timeout(wait) => ClientError::pool_timeout(wait),
         PoolError::Server(err) => server_error(err),
     }
 }
 
-/// A server's own refusal of the login or of pgrelay's settings is passed on as it is.
-/// A server that could not be reached, or is going away, is 08006 with no detail: its
-/// address and the io error are for the log (the caller logs them), not the client.
+/// A server's own refusal of the login or of pgrelay's settings is passed on as it is
+/// (its code and its words, which name no address). Anything else is one of pgrelay's
+/// own messages with no detail: the address, the io error or the SCRAM failure is for
+/// the log (the caller logs it), not the client.
 fn server_error(err: ServerError) -> ClientError {
     if err.unreachable() {
-        return ClientError::fatal(
-            ErrorKind::ServerConnect,
-            "08006",
-            "the server is not available",
-        );
+        return ClientError::server_unavailable();
     }
     match err {
         ServerError::Rejected(fields) | ServerError::Query(fields) => {
             ClientError::fatal(ErrorKind::ServerAuth, fields.code, fields.message)
         }
-        other => ClientError::fatal(ErrorKind::ServerAuth, "08006", other.to_string()),
+        ServerError::AuthMethod(_)
+        | ServerError::Scram(_)
+        | ServerError::Connect { .. }
+        | ServerError::ConnectTimeout { .. }
+        | ServerError::Unexpected { .. }
+        | ServerError::Stream(_) => ClientError::server_login_failed(),
     }
 }

@@ -8,7 +8,7 @@ use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
 use crate::config::{Config, PoolMode, ReadAfterWrite};
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
 use crate::router::classify::{Reason, Target};
@@ -68,17 +68,6 @@ impl Routing {
     }
 }
 
-/// The primary is unknown, or cannot be reached: a request (or a login) that needs
-/// it waits up to `failover.hold_timeout` for one before failing with this. It names
-/// no address and no io error; the log has those.
-fn no_primary(waited: std::time::Duration) -> ClientError {
-    ClientError::error(
-        ErrorKind::ServerConnect,
-        "08006",
-        format!("the primary server is not available (waited failover.hold_timeout, {waited:?})"),
-    )
-}
-
 impl Session {
     /// Routes the buffered request and returns a server on the chosen node.
     ///
@@ -117,7 +106,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
-                return Err(no_primary(started.elapsed()));
+                return Err(ClientError::no_primary(started.elapsed()));
             }
         }
     }
@@ -130,7 +119,7 @@ impl Session {
             Ok(guard) if !self.demoted(&guard, node) => return Ok(Some(guard)),
             Ok(_) => ClientError::error(
                 ErrorKind::ServerConnect,
-                "08006",
+                sqlstate::CONNECTION_FAILURE,
                 "the primary is in recovery now",
             ),
             Err(err) if err.kind == ErrorKind::ServerConnect => err,
@@ -181,7 +170,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 return Err(err);
             }
@@ -242,7 +231,7 @@ impl Session {
                 tracing::info!(primary, waited = ?started.elapsed(), "a primary appeared; the held request goes on");
                 Ok(primary)
             }
-            None => Err(no_primary(started.elapsed())),
+            None => Err(ClientError::no_primary(started.elapsed())),
         }
     }
 
@@ -435,7 +424,7 @@ impl Session {
             .ok_or_else(|| {
                 ClientError::error(
                     ErrorKind::ServerConnect,
-                    "08006",
+                    sqlstate::CONNECTION_FAILURE,
                     "could not read the primary's WAL position",
                 )
             })
@@ -497,7 +486,7 @@ pub(super) async fn greeting_pool(
         _ => {
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 err
             })?
