@@ -336,12 +336,7 @@ impl Session {
             };
             let end = self
                 .wire
-                .relay(
-                    &mut self.client,
-                    guard.server(),
-                    &mut self.params,
-                    &self.shared.pools,
-                )
+                .relay(&mut self.client, guard.server(), &mut self.params)
                 .await;
             match end {
                 RelayEnd::TransactionDone => self.detach().await,
@@ -407,12 +402,13 @@ impl Session {
                 // Between transactions: nothing is lost by leaving now.
                 return Err(ClientError::shutting_down());
             }
-            read = self.wire.read_request(&mut self.client, &self.shared.pools) => read,
+            read = self.wire.read_request(&mut self.client) => read,
         };
         if let Err(err) = read {
             tracing::debug!(%err, "client read failed");
             return Ok(false);
         }
+        self.close_idle_for_database_command();
         if let Some(err) = self.wire.take_protocol_error() {
             return Err(ClientError::protocol(err.to_string()));
         }
@@ -489,6 +485,16 @@ impl Session {
             backend::ready_for_query(self.client.wbuf(), b'I');
         }
         self.client.flush().await.is_ok()
+    }
+
+    /// `DROP DATABASE x` and friends fail while any session is connected to `x`,
+    /// pgrelay's own idle servers included: the request just read has those closed
+    /// before it goes out.
+    fn close_idle_for_database_command(&mut self) {
+        if let Some(db) = self.wire.take_database_command() {
+            let closed = self.shared.pools.close_idle_for_dbname(&db);
+            tracing::info!(database = %db, closed, "closed idle server connections before a database command");
+        }
     }
 
     /// The transaction is over: settles what it did to the session, then returns the
