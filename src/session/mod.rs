@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 
 use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
+use crate::cluster::NodeStats;
 use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind, Side};
-use crate::metrics::NodeCounters;
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
 use crate::protocol::backend;
@@ -126,8 +126,8 @@ struct Session {
     handle: ClientHandle,
     /// Its database's counters (`SHOW STATS`).
     db_stats: Arc<DbStats>,
-    /// Per-node metric handles, resolved on first use.
-    node_counters: Vec<Option<Arc<NodeCounters>>>,
+    /// Per-node counters, resolved on first use.
+    node_stats: Vec<Option<Arc<NodeStats>>>,
     /// The request being served: when it was complete, how long it waited for a
     /// server, and whether it was routed as a write.
     request: Option<Request>,
@@ -203,7 +203,7 @@ impl Session {
             pin: None,
             db_stats,
             handle,
-            node_counters: Vec::new(),
+            node_stats: Vec::new(),
             request: None,
             shutting_down,
         };
@@ -540,14 +540,13 @@ impl Session {
     /// Adds what the request just served did to the statistics and metrics.
     fn account(&mut self) {
         let counts = self.wire.take_counts();
-        let metrics = &self.shared.metrics;
-        metrics.bytes_received.inc_by(counts.received);
-        metrics.bytes_sent.inc_by(counts.sent);
+        self.shared.metrics.bytes_received.inc_by(counts.received);
+        self.shared.metrics.bytes_sent.inc_by(counts.sent);
         let request = self.request.take();
         if counts.errors != [0; 3] {
             let node = request.map_or(self.wire.node, |r| r.node);
-            if let Some(state) = self.shared.cluster.load().nodes.get(node) {
-                state.stats.add_errors(counts.errors);
+            if let Some(stats) = self.node_stats(node) {
+                stats.add_errors(counts.errors);
             }
         }
         let Some(request) = request else {
@@ -571,19 +570,11 @@ impl Session {
             wait: request.wait,
         };
         self.db_stats.add(&work, true);
+        let metrics = &self.shared.metrics;
         metrics.query_duration.observe(xact.as_secs_f64());
         metrics.pool_wait.observe(request.wait.as_secs_f64());
-        if self.node_counters.len() <= request.node {
-            self.node_counters.resize(request.node + 1, None);
-        }
-        let node =
-            self.node_counters[request.node].get_or_insert_with(|| metrics.node(request.node));
-        if request.write {
-            node.write_transactions.inc();
-            node.write_queries.inc_by(counts.queries);
-        } else {
-            node.read_transactions.inc();
-            node.read_queries.inc_by(counts.queries);
+        if let Some(stats) = self.node_stats(request.node) {
+            stats.add_transaction(request.write, counts.queries);
         }
         if let Some(prepared) = self.wire.prepared.as_deref() {
             self.handle
@@ -591,6 +582,18 @@ impl Session {
                 .prepared
                 .store(prepared.len() as u32, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The counters of `node`, looked up in the topology on first use.
+    fn node_stats(&mut self, node: usize) -> Option<&NodeStats> {
+        if self.node_stats.len() <= node {
+            self.node_stats.resize(node + 1, None);
+        }
+        if self.node_stats[node].is_none() {
+            let stats = self.shared.cluster.load().nodes.get(node)?.stats.clone();
+            self.node_stats[node] = Some(stats);
+        }
+        self.node_stats[node].as_deref()
     }
 
     /// The client is leaving: return or discard its servers.
