@@ -505,6 +505,12 @@ impl Session {
         else {
             return;
         };
+        if self.mode == PoolMode::Session && self.pin.is_some() {
+            // Pinned for good: the session goes on with this server as if it were not
+            // routed, and is accounted for when it ends.
+            self.attachment = Attachment::Attached(guard);
+            return;
+        }
         self.account();
         if self.mode == PoolMode::Transaction {
             let effects = self.wire.take_effects();
@@ -601,8 +607,9 @@ impl Session {
         self.account();
         self.cancel.set(None).await;
         self.count_prepared();
-        // A pinned server holds the client's locks, channels or temp tables: it goes.
-        let pinned = self.unpin();
+        // A pinned server holds the client's locks, channels or temp tables: it goes
+        // (in session mode, server_reset_query clears them).
+        let pinned = self.unpin() && self.mode == PoolMode::Transaction;
         if let Attachment::Attached(mut guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
         {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::settle::Pin;
 use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
@@ -33,11 +34,9 @@ pub(super) struct Routing {
 pub(super) enum RouteMode {
     /// Routing is off, or there is only one backend: everything goes to the primary.
     Off,
-    /// Each request that starts a transaction is classified and routed.
+    /// Each request that starts a transaction is classified and routed (unless the
+    /// client is pinned: then it stays on the primary server it holds).
     PerRequest,
-    /// Session mode: something the client did cannot follow it to another server, so
-    /// it stays on the primary server it holds (notifications, temp tables, ...).
-    Pinned,
 }
 
 /// What a client's reads must see of its own writes.
@@ -237,7 +236,7 @@ impl Session {
 
     /// Decides which node runs the buffered request (the start of a transaction).
     async fn route(&mut self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
-        if self.routing.mode != RouteMode::PerRequest {
+        if self.routing.mode != RouteMode::PerRequest || self.pin.is_some() {
             self.routing.last_write = true;
             return self.primary_by(deadline).await;
         }
@@ -253,7 +252,7 @@ impl Session {
         );
         if plan.session_state && self.mode == PoolMode::Session {
             let primary = self.primary_by(deadline).await?;
-            self.pin(primary, plan.reason).await;
+            self.pin_to_primary(primary, plan.reason).await;
         }
         let writes = plan.target == Target::Primary || {
             if plan.functions.is_empty() {
@@ -351,12 +350,12 @@ impl Session {
         ))
     }
 
-    /// Session mode: keeps the client on its primary server from now on, and lets the
-    /// servers it held elsewhere go.
-    async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
+    /// Session mode: something the client did cannot follow it to another server
+    /// (notifications, temp tables, ...), so it stays on its primary server from now
+    /// on, and the servers it held elsewhere go.
+    async fn pin_to_primary(&mut self, primary: usize, reason: Option<Reason>) {
         tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
-        self.routing.mode = RouteMode::Pinned;
-        self.wire.transaction_pooling = false;
+        self.pin_to_server(Pin::for_good("session state"));
         for node in 0..self.held.len() {
             if node != primary {
                 if let Some(guard) = self.held[node].take() {
