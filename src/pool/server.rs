@@ -465,4 +465,23 @@ mod tests {
         }
         assert!(!ServerError::AuthMethod("GSS").unreachable());
     }
+
+    /// Only a refusal of pgrelay's own query leaves a server fit to keep.
+    #[test]
+    fn sides() {
+        assert_eq!(ServerError::Query(fields("22023")).side(), Side::Client);
+        assert_eq!(ServerError::Query(fields("57P01")).side(), Side::Server);
+        assert_eq!(ServerError::Rejected(fields("28P01")).side(), Side::Server);
+        let closed = ServerError::Stream(StreamError::Closed);
+        assert_eq!(closed.side(), Side::Server);
+    }
+
+    /// A SCRAM failure keeps its cause as a source, not as text.
+    #[test]
+    fn scram_failures_keep_their_source() {
+        use std::error::Error;
+        let err = ServerError::Scram(scram::ScramError::ServerSignature.into());
+        let source = err.source().expect("a source");
+        assert_eq!(source.to_string(), "server signature does not match");
+    }
 }

@@ -677,3 +677,40 @@ fn server_error(err: ServerError) -> ClientError {
         | ServerError::Stream(_) => ClientError::server_login_failed(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::sqlstate;
+
+    /// What a client hears of a server failure names no address and no io error.
+    #[test]
+    fn server_errors_keep_internals_out() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let failures = [
+            ServerError::Connect {
+                addr: "10.1.2.3:5433".into(),
+                source: refused,
+            },
+            ServerError::ConnectTimeout {
+                addr: "10.1.2.3:5433".into(),
+            },
+            ServerError::Stream(crate::stream::StreamError::Closed),
+            ServerError::AuthMethod("md5 without a password or md5 hash"),
+            ServerError::Scram(crate::auth::scram::ScramError::ServerSignature.into()),
+        ];
+        for failure in failures {
+            let logged = failure.to_string();
+            let told = server_error(failure);
+            assert_eq!(told.code, sqlstate::CONNECTION_FAILURE, "{logged}");
+            assert!(told.fatal, "{logged}");
+            for internal in ["10.1.2.3", "5433", "md5", "signature", "i/o"] {
+                assert!(
+                    !told.message.contains(internal),
+                    "{logged}: {}",
+                    told.message
+                );
+            }
+        }
+    }
+}
