@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use super::settle::Pin;
 use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
 use crate::config::{Config, PoolMode, ReadAfterWrite};
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
 use crate::router::classify::{Reason, Target};
@@ -33,11 +34,9 @@ pub(super) struct Routing {
 pub(super) enum RouteMode {
     /// Routing is off, or there is only one backend: everything goes to the primary.
     Off,
-    /// Each request that starts a transaction is classified and routed.
+    /// Each request that starts a transaction is classified and routed (unless the
+    /// client is pinned: then it stays on the primary server it holds).
     PerRequest,
-    /// Session mode: something the client did cannot follow it to another server, so
-    /// it stays on the primary server it holds (notifications, temp tables, ...).
-    Pinned,
 }
 
 /// What a client's reads must see of its own writes.
@@ -66,17 +65,6 @@ impl Routing {
             dice: Dice::new(),
         }
     }
-}
-
-/// The primary is unknown, or cannot be reached: a request (or a login) that needs
-/// it waits up to `failover.hold_timeout` for one before failing with this. It names
-/// no address and no io error; the log has those.
-fn no_primary(waited: std::time::Duration) -> ClientError {
-    ClientError::error(
-        ErrorKind::ServerConnect,
-        "08006",
-        format!("the primary server is not available (waited failover.hold_timeout, {waited:?})"),
-    )
 }
 
 impl Session {
@@ -117,7 +105,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
-                return Err(no_primary(started.elapsed()));
+                return Err(ClientError::no_primary(started.elapsed()));
             }
         }
     }
@@ -130,7 +118,7 @@ impl Session {
             Ok(guard) if !self.demoted(&guard, node) => return Ok(Some(guard)),
             Ok(_) => ClientError::error(
                 ErrorKind::ServerConnect,
-                "08006",
+                sqlstate::CONNECTION_FAILURE,
                 "the primary is in recovery now",
             ),
             Err(err) if err.kind == ErrorKind::ServerConnect => err,
@@ -181,7 +169,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 return Err(err);
             }
@@ -242,13 +230,13 @@ impl Session {
                 tracing::info!(primary, waited = ?started.elapsed(), "a primary appeared; the held request goes on");
                 Ok(primary)
             }
-            None => Err(no_primary(started.elapsed())),
+            None => Err(ClientError::no_primary(started.elapsed())),
         }
     }
 
     /// Decides which node runs the buffered request (the start of a transaction).
     async fn route(&mut self, deadline: tokio::time::Instant) -> Result<usize, ClientError> {
-        if self.routing.mode != RouteMode::PerRequest {
+        if self.routing.mode != RouteMode::PerRequest || self.pin.is_some() {
             self.routing.last_write = true;
             return self.primary_by(deadline).await;
         }
@@ -264,7 +252,7 @@ impl Session {
         );
         if plan.session_state && self.mode == PoolMode::Session {
             let primary = self.primary_by(deadline).await?;
-            self.pin(primary, plan.reason).await;
+            self.pin_to_primary(primary, plan.reason).await;
         }
         let writes = plan.target == Target::Primary || {
             if plan.functions.is_empty() {
@@ -362,12 +350,12 @@ impl Session {
         ))
     }
 
-    /// Session mode: keeps the client on its primary server from now on, and lets the
-    /// servers it held elsewhere go.
-    async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
+    /// Session mode: something the client did cannot follow it to another server
+    /// (notifications, temp tables, ...), so it stays on its primary server from now
+    /// on, and the servers it held elsewhere go.
+    async fn pin_to_primary(&mut self, primary: usize, reason: Option<Reason>) {
         tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
-        self.routing.mode = RouteMode::Pinned;
-        self.wire.transaction_pooling = false;
+        self.pin_to_server(Pin::for_good("session state"));
         for node in 0..self.held.len() {
             if node != primary {
                 if let Some(guard) = self.held[node].take() {
@@ -435,7 +423,7 @@ impl Session {
             .ok_or_else(|| {
                 ClientError::error(
                     ErrorKind::ServerConnect,
-                    "08006",
+                    sqlstate::CONNECTION_FAILURE,
                     "could not read the primary's WAL position",
                 )
             })
@@ -497,7 +485,7 @@ pub(super) async fn greeting_pool(
         _ => {
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 err
             })?
