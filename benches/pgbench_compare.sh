@@ -8,6 +8,8 @@
 #   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
 #   ROUTING_ONLY=1 benches/pgbench_compare.sh  # only the routing on/off comparison
 #   PREPARED_ONLY=1 benches/pgbench_compare.sh # only -M prepared against -M extended
+#   BASELINE_BIN=/path/to/old/pgrelay benches/pgbench_compare.sh
+#                                         # also an older pgrelay build, in the same rounds
 #
 # A shared 2-core machine is noisy: each workload runs PgBouncer and pgrelay
 # alternately ROUNDS times and reports the medians.
@@ -34,9 +36,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 WORK=$(mktemp -d /tmp/pgrelay-bench.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); RELAY_PORT=$(free_port)
-RELAY_PID=""; BOUNCER_PID=""; OFF_PID=""; ON_PID=""
+RELAY_PID=""; BOUNCER_PID=""; OFF_PID=""; ON_PID=""; BASE_PID=""
 cleanup() {
   [ -n "$RELAY_PID" ] && kill "$RELAY_PID" 2>/dev/null || true
+  [ -n "$BASE_PID" ] && kill "$BASE_PID" 2>/dev/null || true
   [ -n "$OFF_PID" ] && kill "$OFF_PID" 2>/dev/null || true
   [ -n "$ON_PID" ] && kill "$ON_PID" 2>/dev/null || true
   as_pg "$BINDIR/pg_ctl" -D "$WORK/replica" -m immediate stop >/dev/null 2>&1 || true
@@ -112,8 +115,15 @@ relay_config "$RELAY_PORT" true > "$WORK/pgrelay.toml"
 PGRELAY_LOG=warn,pgrelay::listener=info "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" \
   >"$WORK/pgrelay.log" 2>&1 &
 RELAY_PID=$!
+BASE_PORT=""
+if [ -n "${BASELINE_BIN:-}" ]; then
+  BASE_PORT=$(free_port)
+  relay_config "$BASE_PORT" true > "$WORK/baseline.toml"
+  PGRELAY_LOG=warn "$BASELINE_BIN" run -c "$WORK/baseline.toml" >"$WORK/baseline.log" 2>&1 &
+  BASE_PID=$!
+fi
 
-for port in $BOUNCER_PORT $RELAY_PORT; do
+for port in $BOUNCER_PORT $RELAY_PORT $BASE_PORT; do
   for _ in $(seq 50); do psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
 done
 pgbench -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
@@ -142,9 +152,13 @@ ms_per_1k() { awk -v c="$1" -v n="$2" -v hz="$HZ" 'BEGIN{printf "%.1f", (n>0)?c*
 
 compare() {
   local label=$1; shift
-  local d_tps d_lat b_tps=() r_tps=() b_ms=() r_ms=() b_lat=() r_lat=()
+  local d_tps d_lat b_tps=() r_tps=() b_ms=() r_ms=() b_lat=() r_lat=() o_tps=() o_ms=()
   read -r d_tps _ _ d_lat <<<"$(run_pgbench "$PG_PORT" "" "$@")"
   for _ in $(seq "$ROUNDS"); do
+    if [ -n "$BASE_PID" ]; then
+      read -r tps tx cpu _ <<<"$(run_pgbench "$BASE_PORT" "$BASE_PID" "$@")"
+      o_tps+=("$tps"); o_ms+=("$(ms_per_1k "$cpu" "$tx")")
+    fi
     read -r tps tx cpu lat <<<"$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "$@")"
     b_tps+=("$tps"); b_ms+=("$(ms_per_1k "$cpu" "$tx")"); b_lat+=("$lat")
     read -r tps tx cpu lat <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" "$@")"
@@ -157,6 +171,10 @@ compare() {
   printf '%-34s %12.0f %12.0f %12.0f %9.2f %10s / %-10s cpu ratio %.2f\n' "$label" "$d_tps" "$bt" "$rt" \
     "$(awk -v a="$rt" -v b="$bt" 'BEGIN{print a/b}')" "$bm" "$rm" \
     "$(awk -v a="$rm" -v b="$bm" 'BEGIN{print (b>0)?a/b:0}')"
+  if [ -n "$BASE_PID" ]; then
+    printf '%-34s %12s %12s %12.0f %9s %10s / %-10s (baseline build)\n' "  baseline pgrelay" "" "" \
+      "$(printf '%s\n' "${o_tps[@]}" | median)" "" "" "$(printf '%s\n' "${o_ms[@]}" | median)"
+  fi
   case "$label" in latency*) printf '%-34s %11sms %11sms %11sms\n' "  average latency (median)" "$d_lat" "$bl" "$rl";; esac
   return 0
 }

@@ -3,7 +3,11 @@
 //! client may be told.
 //!
 //! Module errors stay typed (`thiserror`, sources kept); an error reaches a client only
-//! by being turned into a `ClientError`, which carries a PostgreSQL SQLSTATE.
+//! by being turned into a `ClientError`, which carries a PostgreSQL SQLSTATE from
+//! [`sqlstate`] and a message written for the client. Addresses, io errors and
+//! authentication failures between pgrelay and its servers go to the log, never into
+//! a `ClientError`: the constructors below are the allowlist of what pgrelay says in
+//! its own words.
 
 use std::borrow::Cow;
 
@@ -65,8 +69,29 @@ impl ErrorKind {
 /// and whether a node's health is in question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// What the client asked for was refused; the server is as good as before.
     Client,
+    /// The server (or the way to it) failed; it is not to be used again.
     Server,
+}
+
+/// The SQLSTATE codes pgrelay writes in its own ErrorResponses (PostgreSQL's
+/// `errcodes.txt` names).
+pub mod sqlstate {
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
 /// An error a client may see: an ErrorResponse with a SQLSTATE.
@@ -106,7 +131,84 @@ impl ClientError {
     }
 
     pub fn protocol(message: impl Into<String>) -> Self {
-        Self::fatal(ErrorKind::Protocol, "08P01", message)
+        Self::fatal(ErrorKind::Protocol, sqlstate::PROTOCOL_VIOLATION, message)
+    }
+
+    /// A server could not be reached, or is going away: which one and why is logged.
+    pub fn server_unavailable() -> Self {
+        Self::fatal(
+            ErrorKind::ServerConnect,
+            sqlstate::CONNECTION_FAILURE,
+            "the server is not available",
+        )
+    }
+
+    /// pgrelay could not log in to a server for a reason that is its own
+    /// configuration's (an authentication method or a SCRAM exchange it cannot
+    /// complete): the log has the details.
+    pub fn server_login_failed() -> Self {
+        Self::fatal(
+            ErrorKind::ServerAuth,
+            sqlstate::CONNECTION_FAILURE,
+            "pgrelay could not log in to the server",
+        )
+    }
+
+    /// The primary is unknown or cannot be reached, and `failover.hold_timeout` passed.
+    pub fn no_primary(waited: std::time::Duration) -> Self {
+        Self::error(
+            ErrorKind::ServerConnect,
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "the primary server is not available (waited failover.hold_timeout, {waited:?})"
+            ),
+        )
+    }
+
+    /// No server connection was free within `query_wait_timeout`.
+    pub fn pool_timeout(wait: std::time::Duration) -> Self {
+        Self::error(
+            ErrorKind::PoolTimeout,
+            sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+            format!("query_wait_timeout: no server connection became available within {wait:?}"),
+        )
+    }
+
+    /// The client's socket failed while pgrelay wrote to it (the client never reads it).
+    pub fn client_gone() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLost,
+            sqlstate::CONNECTION_FAILURE,
+            "client went away",
+        )
+    }
+
+    /// What an idle client is told when pgrelay shuts down.
+    pub fn shutting_down() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLost,
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection because pgrelay is shutting down",
+        )
+    }
+
+    /// What a client terminated by `KILL` or `pg_terminate_backend` is told, as
+    /// PostgreSQL tells a terminated session.
+    pub fn terminated() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLost,
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command",
+        )
+    }
+
+    /// The client did not finish logging in within `client_login_timeout`.
+    pub fn login_timeout() -> Self {
+        Self::fatal(
+            ErrorKind::Protocol,
+            sqlstate::PROTOCOL_VIOLATION,
+            "client_login_timeout expired before the client logged in",
+        )
     }
 
     /// Appends the ErrorResponse to `buf`.

@@ -61,7 +61,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use config::Config;
-use error::{ClientError, ErrorKind};
+use error::{sqlstate, ClientError, ErrorKind};
 use pool::server::ServerTarget;
 use pool::{Pool, PoolKey, PoolSettings, Pools};
 
@@ -129,14 +129,18 @@ impl Shared {
             .get(node)
             .map(|n| (n.host.clone(), n.port))
             .ok_or_else(|| {
-                ClientError::fatal(ErrorKind::ServerConnect, "08006", "no such server")
+                ClientError::fatal(
+                    ErrorKind::ServerConnect,
+                    sqlstate::CONNECTION_FAILURE,
+                    "no such server",
+                )
             })?;
         let user_config = config
             .user(user)
             .ok_or_else(|| {
                 ClientError::fatal(
                     ErrorKind::Auth,
-                    "28000",
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     format!("role \"{user}\" is not known to pgrelay"),
                 )
             })?

@@ -4,10 +4,11 @@
 //! primary is known).
 //!
 //! One [`Metrics`] lives in [`crate::Shared`]. Counters the hot path touches are
-//! resolved once (per node, per error kind) so a transaction only adds to atomics;
-//! gauges of state (clients, servers, nodes) are computed when scraped.
+//! resolved once (per error kind) so a transaction only adds to atomics; per-node
+//! counts are kept in [`crate::cluster::NodeStats`] and copied into their counters
+//! when scraped, like the gauges of state (clients, servers, nodes).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -18,14 +19,6 @@ use tokio::net::TcpStream;
 
 use crate::error::ErrorKind;
 use crate::Shared;
-
-/// Per-node counters, resolved once and shared by every session.
-pub struct NodeCounters {
-    pub read_transactions: IntCounter,
-    pub write_transactions: IntCounter,
-    pub read_queries: IntCounter,
-    pub write_queries: IntCounter,
-}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -49,7 +42,9 @@ pub struct Metrics {
     pub bytes_sent: IntCounter,
     transactions: IntCounterVec,
     queries: IntCounterVec,
-    nodes: Mutex<Vec<Arc<NodeCounters>>>,
+    /// Held while node counts are copied into `transactions` and `queries`, so that
+    /// two scrapes at once do not both add the same difference.
+    node_sync: Mutex<()>,
     state: StateGauges,
 }
 
@@ -200,7 +195,7 @@ impl Metrics {
                 "Queries (Query and Execute messages) relayed, by node and route",
                 &["node", "route"],
             ),
-            nodes: Mutex::new(Vec::new()),
+            node_sync: Mutex::new(()),
             state: StateGauges::new(),
             registry,
         };
@@ -234,19 +229,27 @@ impl Metrics {
         }
     }
 
-    /// The counters of `node` (resolved on first use, then shared).
-    pub fn node(&self, node: usize) -> Arc<NodeCounters> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        while nodes.len() <= node {
-            let label = nodes.len().to_string();
-            nodes.push(Arc::new(NodeCounters {
-                read_transactions: self.transactions.with_label_values(&[&label, "read"]),
-                write_transactions: self.transactions.with_label_values(&[&label, "write"]),
-                read_queries: self.queries.with_label_values(&[&label, "read"]),
-                write_queries: self.queries.with_label_values(&[&label, "write"]),
-            }));
+    /// Brings the transaction and query counters up to the nodes' own counts. A node's
+    /// series appear once it (or a node after it) relayed a transaction.
+    fn sync_node_counts(&self, topology: &crate::cluster::Topology) {
+        let _sync = self.node_sync.lock().unwrap_or_else(|p| p.into_inner());
+        let counts: Vec<[u64; 4]> = topology.nodes.iter().map(|n| n.stats.relayed()).collect();
+        let Some(last) = counts.iter().rposition(|c| *c != [0; 4]) else {
+            return;
+        };
+        for (i, counts) in counts.iter().enumerate().take(last + 1) {
+            let label = i.to_string();
+            let counters = [
+                self.transactions.with_label_values(&[&label, "read"]),
+                self.transactions.with_label_values(&[&label, "write"]),
+                self.queries.with_label_values(&[&label, "read"]),
+                self.queries.with_label_values(&[&label, "write"]),
+            ];
+            for (counter, &count) in counters.iter().zip(counts) {
+                // A counter never goes back (a node replaced by a reload starts anew).
+                counter.inc_by(count.saturating_sub(counter.get()));
+            }
         }
-        nodes[node].clone()
     }
 
     /// Sets the state gauges from what is connected and how the nodes are.
@@ -279,6 +282,7 @@ impl Metrics {
                 .add((total - idle) as i64);
         }
         let topology = shared.cluster.snapshot();
+        self.sync_node_counts(&topology);
         for (i, n) in topology.nodes.iter().enumerate() {
             let label = i.to_string();
             let label = [label.as_str()];

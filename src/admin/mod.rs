@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::auth::ClientLogin;
 use crate::cluster::failover::Operation;
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::protocol::{backend, frontend, MAX_MESSAGE_LEN};
 use crate::registry::ClientHandle;
 use crate::stream::{Conn, Stream};
@@ -59,7 +59,7 @@ impl Command {
 }
 
 fn syntax(message: impl Into<String>) -> ClientError {
-    ClientError::error(ErrorKind::Admin, "42601", message)
+    ClientError::error(ErrorKind::Admin, sqlstate::SYNTAX_ERROR, message)
 }
 
 /// Parses one command (case-insensitive; a database name keeps its case; double
@@ -166,7 +166,7 @@ pub async fn serve(
             frontend::PARSE => {
                 let err = ClientError::error(
                     ErrorKind::Admin,
-                    "0A000",
+                    sqlstate::FEATURE_NOT_SUPPORTED,
                     "the admin console takes simple queries only",
                 );
                 err.encode(client.wbuf());
@@ -188,7 +188,7 @@ async fn run_query(shared: &Shared, text: &str, admin: bool, client: &mut Conn<S
         let result = match parse(command) {
             Ok(command) if !admin && !command.read_only() => Err(ClientError::error(
                 ErrorKind::Admin,
-                "42501",
+                sqlstate::INSUFFICIENT_PRIVILEGE,
                 "permission denied: stats_users may only run SHOW commands",
             )),
             Ok(command) => execute(shared, &command, client).await.map(|()| command),
@@ -217,7 +217,13 @@ async fn execute(
     command: &Command,
     client: &mut Conn<Stream>,
 ) -> Result<(), ClientError> {
-    let failed = |message: String| ClientError::error(ErrorKind::Admin, "55000", message);
+    let failed = |message: String| {
+        ClientError::error(
+            ErrorKind::Admin,
+            sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            message,
+        )
+    };
     match command {
         Command::Show(what) => {
             show::show(shared, *what).encode(client.wbuf());

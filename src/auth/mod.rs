@@ -15,7 +15,7 @@ use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{AuthType, Config, ScramSecret, Secret, UserConfig};
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::protocol::backend;
 use crate::protocol::frontend::{self, PASSWORD};
 use crate::protocol::startup::{parse_options, StartupPacket, StartupParams};
@@ -162,7 +162,7 @@ where
     if too_many_clients {
         return Err(ClientError::fatal(
             ErrorKind::ClientLimit,
-            "53300",
+            sqlstate::TOO_MANY_CONNECTIONS,
             "sorry, too many clients already",
         )
         .into());
@@ -177,13 +177,23 @@ where
                 "user \"{}\" may not use the admin console (admin_users, stats_users)",
                 login.user
             );
-            return Err(ClientError::fatal(ErrorKind::Auth, "28000", message).into());
+            return Err(ClientError::fatal(
+                ErrorKind::Auth,
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                message,
+            )
+            .into());
         }
         return Ok(Handshake::Login(login));
     }
     if !config.allows_any_database() && config.database(&login.database).is_none() {
         let message = format!("database \"{}\" does not exist", login.database);
-        return Err(ClientError::fatal(ErrorKind::UnknownDatabase, "3D000", message).into());
+        return Err(ClientError::fatal(
+            ErrorKind::UnknownDatabase,
+            sqlstate::INVALID_CATALOG_NAME,
+            message,
+        )
+        .into());
     }
     Ok(Handshake::Login(login))
 }
@@ -212,7 +222,7 @@ fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
         _ => {
             return Err(ClientError::fatal(
                 ErrorKind::Protocol,
-                "28000",
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "no PostgreSQL user name specified in startup packet",
             ))
         }
@@ -223,7 +233,7 @@ fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
     {
         return Err(ClientError::fatal(
             ErrorKind::Protocol,
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "replication connections are not supported by pgrelay",
         ));
     }
@@ -248,7 +258,7 @@ fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
         if !valid_guc_name(name) {
             return Err(ClientError::fatal(
                 ErrorKind::Protocol,
-                "42704",
+                sqlstate::UNDEFINED_OBJECT,
                 format!("unrecognized configuration parameter \"{name}\""),
             ));
         }
@@ -271,7 +281,7 @@ pub fn valid_guc_name(name: &str) -> bool {
 
 fn auth_failed(user: &str) -> AuthError {
     let message = format!("password authentication failed for user \"{user}\"");
-    ClientError::fatal(ErrorKind::Auth, "28P01", message).into()
+    ClientError::fatal(ErrorKind::Auth, sqlstate::INVALID_PASSWORD, message).into()
 }
 
 async fn authenticate<S>(
@@ -288,7 +298,12 @@ where
         (AuthType::Trust, Some(_)) => Ok(()),
         (AuthType::Trust, None) => {
             let message = format!("role \"{user}\" is not known to pgrelay");
-            Err(ClientError::fatal(ErrorKind::Auth, "28000", message).into())
+            Err(ClientError::fatal(
+                ErrorKind::Auth,
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                message,
+            )
+            .into())
         }
         (AuthType::Plain, secret) => cleartext(conn, credentials, user, secret).await,
         (AuthType::Md5, Some(Secret::Scram(secret))) => {

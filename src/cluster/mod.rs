@@ -104,6 +104,8 @@ impl Status {
 }
 
 /// Counters per node that outlive topology snapshots (each snapshot shares them).
+/// The one place per-node counts are kept: `SHOW POOL_NODES`, `SHOW
+/// POOL_BACKEND_STATS` and the Prometheus metrics all read them from here.
 #[derive(Debug, Default)]
 pub struct NodeStats {
     /// Read requests routed here (Pgpool-II's `select_cnt`).
@@ -122,6 +124,12 @@ pub struct NodeStats {
     pub server_errors: AtomicU64,
     pub fatals: AtomicU64,
     pub panics: AtomicU64,
+    /// Transactions relayed here, by route (`pgrelay_transactions_total`).
+    pub read_transactions: AtomicU64,
+    pub write_transactions: AtomicU64,
+    /// Query and Execute messages in them (`pgrelay_queries_total`).
+    pub read_queries: AtomicU64,
+    pub write_queries: AtomicU64,
     health: Mutex<HealthStats>,
 }
 
@@ -154,6 +162,29 @@ impl NodeStats {
         self.server_errors.fetch_add(errors, Ordering::Relaxed);
         self.fatals.fetch_add(fatals, Ordering::Relaxed);
         self.panics.fetch_add(panics, Ordering::Relaxed);
+    }
+
+    /// Adds one transaction relayed here and the queries it ran.
+    pub fn add_transaction(&self, write: bool, queries: u64) {
+        let (transactions, counted) = if write {
+            (&self.write_transactions, &self.write_queries)
+        } else {
+            (&self.read_transactions, &self.read_queries)
+        };
+        transactions.fetch_add(1, Ordering::Relaxed);
+        counted.fetch_add(queries, Ordering::Relaxed);
+    }
+
+    /// Transactions and queries relayed here: read transactions, write transactions,
+    /// read queries, write queries.
+    pub fn relayed(&self) -> [u64; 4] {
+        [
+            &self.read_transactions,
+            &self.write_transactions,
+            &self.read_queries,
+            &self.write_queries,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
     }
 
     pub fn health(&self) -> HealthStats {

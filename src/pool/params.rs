@@ -9,17 +9,6 @@
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-/// Reported parameters that describe the server and cannot be set.
-const NOT_SETTABLE: &[&str] = &[
-    "server_version",
-    "server_encoding",
-    "integer_datetimes",
-    "is_superuser",
-    "session_authorization",
-    "in_hot_standby",
-    "default_transaction_read_only",
-];
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Param {
     /// The name as the server spells it (`TimeZone`), for ParameterStatus messages.
@@ -37,8 +26,9 @@ pub struct ParamSet {
     fingerprint: u64,
 }
 
+/// Reported parameters that describe the server are not reconciled.
 fn settable(key: &str) -> bool {
-    !NOT_SETTABLE.contains(&key)
+    crate::protocol::backend::reported_parameter(key).is_none_or(|p| p.settable)
 }
 
 impl ParamSet {

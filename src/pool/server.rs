@@ -13,6 +13,7 @@ use postgres_protocol::message::frontend;
 use tokio::net::TcpStream;
 
 use crate::auth::{md5, scram, ServerCredentials};
+use crate::error::Side;
 use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::stream::{Conn, Stream, StreamError};
@@ -34,7 +35,7 @@ pub enum ServerError {
     #[error("server asked for an authentication method pgrelay cannot answer: {0}")]
     AuthMethod(&'static str),
     #[error("SCRAM with server failed: {0}")]
-    Scram(String),
+    Scram(#[source] ScramFailure),
     #[error("server error during an internal query: {} ({})", .0.message, .0.code)]
     Query(ErrorFields),
     #[error("unexpected message {tag:?} from server")]
@@ -43,7 +44,27 @@ pub enum ServerError {
     Stream(#[from] StreamError),
 }
 
+/// Why a SCRAM login to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScramFailure {
+    /// postgres-protocol's client, logging in with a password.
+    #[error(transparent)]
+    Password(std::io::Error),
+    /// pgrelay's own client, logging in with the keys a client proved.
+    #[error(transparent)]
+    Keys(#[from] scram::ScramError),
+}
+
 impl ServerError {
+    /// Who caused it: a server's refusal of pgrelay's own query (a client's setting
+    /// it rejects) leaves the server usable, everything else does not.
+    pub fn side(&self) -> Side {
+        match self {
+            ServerError::Query(_) if !self.unreachable() => Side::Client,
+            _ => Side::Server,
+        }
+    }
+
     /// The server could not be reached or is going away: refused, reset, timed out,
     /// closed, or an answer of 57P01-57P03 (shutting down, crashed, starting up) or
     /// class 08. The client's request never reached it, so waiting for the cluster to
@@ -364,7 +385,7 @@ impl ScramState {
             ScramState::Password(client) => {
                 client
                     .update(server_first)
-                    .map_err(|e| ServerError::Scram(e.to_string()))?;
+                    .map_err(|e| ServerError::Scram(ScramFailure::Password(e)))?;
                 Ok(client.message().to_vec())
             }
             ScramState::Keys {
@@ -373,7 +394,7 @@ impl ScramState {
             } => {
                 let (message, expected) = client
                     .respond(server_first)
-                    .map_err(|e| ServerError::Scram(e.to_string()))?;
+                    .map_err(|e| ServerError::Scram(e.into()))?;
                 *server_final = Some(expected);
                 Ok(message.into_bytes())
             }
@@ -384,13 +405,13 @@ impl ScramState {
         match self {
             ScramState::Password(mut client) => client
                 .finish(server_final)
-                .map_err(|e| ServerError::Scram(e.to_string())),
+                .map_err(|e| ServerError::Scram(ScramFailure::Password(e))),
             ScramState::Keys {
                 server_final: Some(expected),
                 ..
             } if expected.as_bytes() == server_final => Ok(()),
             ScramState::Keys { .. } => Err(ServerError::Scram(
-                scram::ScramError::ServerSignature.to_string(),
+                scram::ScramError::ServerSignature.into(),
             )),
         }
     }
@@ -444,5 +465,24 @@ mod tests {
             assert!(!ServerError::Rejected(fields(code)).unreachable(), "{code}");
         }
         assert!(!ServerError::AuthMethod("GSS").unreachable());
+    }
+
+    /// Only a refusal of pgrelay's own query leaves a server fit to keep.
+    #[test]
+    fn sides() {
+        assert_eq!(ServerError::Query(fields("22023")).side(), Side::Client);
+        assert_eq!(ServerError::Query(fields("57P01")).side(), Side::Server);
+        assert_eq!(ServerError::Rejected(fields("28P01")).side(), Side::Server);
+        let closed = ServerError::Stream(StreamError::Closed);
+        assert_eq!(closed.side(), Side::Server);
+    }
+
+    /// A SCRAM failure keeps its cause as a source, not as text.
+    #[test]
+    fn scram_failures_keep_their_source() {
+        use std::error::Error;
+        let err = ServerError::Scram(scram::ScramError::ServerSignature.into());
+        let source = err.source().expect("a source");
+        assert_eq!(source.to_string(), "server signature does not match");
     }
 }

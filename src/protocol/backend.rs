@@ -345,6 +345,44 @@ pub fn refuse_encryption(buf: &mut BytesMut) {
     buf.put_u8(b'N');
 }
 
+/// A parameter PostgreSQL reports with ParameterStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedParameter {
+    /// Lower-case.
+    pub name: &'static str,
+    /// A session can set it; the others describe the server (or pgrelay keeps them
+    /// as the server has them).
+    pub settable: bool,
+}
+
+/// The parameters PostgreSQL reports with ParameterStatus: the one list. Their changes
+/// are followed from the messages, not from SQL, and only the settable ones are
+/// reconciled between a client and a server.
+pub const REPORTED_PARAMETERS: &[ReportedParameter] = &[
+    reported("application_name", true),
+    reported("client_encoding", true),
+    reported("datestyle", true),
+    reported("intervalstyle", true),
+    reported("timezone", true),
+    reported("standard_conforming_strings", true),
+    reported("is_superuser", false),
+    reported("session_authorization", false),
+    reported("server_version", false),
+    reported("server_encoding", false),
+    reported("integer_datetimes", false),
+    reported("default_transaction_read_only", false),
+    reported("in_hot_standby", false),
+];
+
+const fn reported(name: &'static str, settable: bool) -> ReportedParameter {
+    ReportedParameter { name, settable }
+}
+
+/// The reported parameter called `name` (lower-case), if it is one.
+pub fn reported_parameter(name: &str) -> Option<&'static ReportedParameter> {
+    REPORTED_PARAMETERS.iter().find(|p| p.name == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,10 +14,9 @@
 //! A client between transactions holds no server, so it never notices.
 
 use super::state::Attachment;
-use super::Session;
+use super::{say_goodbye, Session};
 use crate::config::PoolMode;
-use crate::error::{ClientError, ErrorKind};
-use crate::protocol::backend;
+use crate::error::{sqlstate, ClientError, ErrorKind};
 
 /// What the client is told when its server closed without a FATAL of its own (a
 /// crash, an immediate shutdown): libpq's words for it.
@@ -41,7 +40,10 @@ impl Session {
         self.cancel.set(None).await;
         let (code, message) = match self.wire.take_server_fatal() {
             Some(fields) => (fields.code, fields.message),
-            None => ("08006".to_owned(), CLOSED_UNEXPECTEDLY.to_owned()),
+            None => (
+                sqlstate::CONNECTION_FAILURE.to_owned(),
+                CLOSED_UNEXPECTEDLY.to_owned(),
+            ),
         };
         let pinned = self.unpin();
         let in_block = self.wire.in_block();
@@ -54,28 +56,11 @@ impl Session {
         };
         let Some(loss) = loss else {
             let err = ClientError::fatal(ErrorKind::ServerLost, code, message);
-            err.encode(self.client.wbuf());
-            let _ = self.client.flush().await;
-            self.client.shutdown().await;
+            say_goodbye(&mut self.client, &err).await;
             return false;
         };
         let _ = self.wire.take_effects();
         let err = ClientError::error(ErrorKind::ServerLost, code, message);
-        for _ in 0..loss.owed {
-            err.encode(self.client.wbuf());
-            backend::ready_for_query(self.client.wbuf(), b'I');
-        }
-        if loss.sync_owed {
-            if loss.owed == 0 {
-                err.encode(self.client.wbuf());
-            }
-            if self.client.flush().await.is_err()
-                || self.wire.skip_until_sync(&mut self.client).await.is_err()
-            {
-                return false;
-            }
-            backend::ready_for_query(self.client.wbuf(), b'I');
-        }
-        self.client.flush().await.is_ok()
+        self.fail_request(&err, loss.owed, loss.sync_owed).await
     }
 }

@@ -6,6 +6,7 @@
 //! Errors a client may see are turned into ErrorResponses here; nothing else is.
 
 mod carry;
+mod fail;
 mod lost;
 mod pids;
 pub mod prepared;
@@ -21,16 +22,16 @@ use tokio::net::TcpStream;
 
 use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
+use crate::cluster::NodeStats;
 use crate::config::{Config, PoolMode};
-use crate::error::{ClientError, ErrorKind};
-use crate::metrics::NodeCounters;
+use crate::error::{ClientError, Side};
 use crate::pool::params::ParamSet;
-use crate::pool::server::ServerError;
-use crate::pool::{Pool, PoolError, ServerGuard, Waiter};
+use crate::pool::{Pool, ServerGuard, Waiter};
 use crate::protocol::backend;
 use crate::registry::{self, ClientHandle, DbStats};
 use crate::stream::{Conn, Stream};
 use crate::Shared;
+use fail::{pool_error, say_goodbye, server_error};
 use prepared::Prepared;
 use relay::{RelayEnd, Wire};
 use route::{RouteMode, Routing};
@@ -78,12 +79,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
             return None;
         }
         Err(_) => {
-            let err = ClientError::fatal(
-                ErrorKind::Protocol,
-                "08P01",
-                "client_login_timeout expired before the client logged in",
-            );
-            say_goodbye(&mut client, &err).await;
+            say_goodbye(&mut client, &ClientError::login_timeout()).await;
             return None;
         }
     };
@@ -128,12 +124,6 @@ pub async fn serve(shared: Arc<Shared>, logged_in: LoggedIn) {
     }
 }
 
-async fn say_goodbye(client: &mut Conn<Stream>, err: &ClientError) {
-    err.encode(client.wbuf());
-    let _ = client.flush().await;
-    client.shutdown().await;
-}
-
 /// A logged-in client.
 struct Session {
     shared: Arc<Shared>,
@@ -160,8 +150,8 @@ struct Session {
     handle: ClientHandle,
     /// Its database's counters (`SHOW STATS`).
     db_stats: Arc<DbStats>,
-    /// Per-node metric handles, resolved on first use.
-    node_counters: Vec<Option<Arc<NodeCounters>>>,
+    /// Per-node counters, resolved on first use.
+    node_stats: Vec<Option<Arc<NodeStats>>>,
     /// The request being served: when it was complete, how long it waited for a
     /// server, and whether it was routed as a write.
     request: Option<Request>,
@@ -237,7 +227,7 @@ impl Session {
             pin: None,
             db_stats,
             handle,
-            node_counters: Vec::new(),
+            node_stats: Vec::new(),
             request: None,
             shutting_down,
         };
@@ -293,7 +283,7 @@ impl Session {
         self.client
             .flush()
             .await
-            .map_err(|_| ClientError::fatal(ErrorKind::ClientLost, "08006", "client went away"))
+            .map_err(|_| ClientError::client_gone())
     }
 
     /// Session mode: the server is the client's for good, and so is its real key.
@@ -331,9 +321,9 @@ impl Session {
         };
         if let Err(err) = guard.server().reconcile(&self.params).await {
             tracing::warn!(pool = ?pool.key, %err, "could not settle a client's parameters on a server");
-            let server_clean = matches!(err, ServerError::Query(_)) && !err.unreachable();
+            let side = err.side();
             let client_error = server_error(err);
-            if server_clean {
+            if side == Side::Client {
                 guard.release();
             }
             return Err(client_error);
@@ -370,12 +360,7 @@ impl Session {
             };
             let end = self
                 .wire
-                .relay(
-                    &mut self.client,
-                    guard.server(),
-                    &mut self.params,
-                    &self.shared.pools,
-                )
+                .relay(&mut self.client, guard.server(), &mut self.params)
                 .await;
             match end {
                 RelayEnd::TransactionDone => self.detach().await,
@@ -425,7 +410,7 @@ impl Session {
                 .unwrap_or(false);
         }
         if aligned {
-            pids::terminated().encode(self.client.wbuf());
+            ClientError::terminated().encode(self.client.wbuf());
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.flush()).await;
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.shutdown()).await;
@@ -439,14 +424,15 @@ impl Session {
             biased;
             _ = self.shutting_down.wait_for(|&down| down) => {
                 // Between transactions: nothing is lost by leaving now.
-                return Err(shutting_down());
+                return Err(ClientError::shutting_down());
             }
-            read = self.wire.read_request(&mut self.client, &self.shared.pools) => read,
+            read = self.wire.read_request(&mut self.client) => read,
         };
         if let Err(err) = read {
             tracing::debug!(%err, "client read failed");
             return Ok(false);
         }
+        self.close_idle_for_database_command();
         if let Some(err) = self.wire.take_protocol_error() {
             return Err(ClientError::protocol(err.to_string()));
         }
@@ -491,24 +477,23 @@ impl Session {
                 self.handle.idle();
                 self.shared.metrics.error(err.kind);
                 err.fatal = false;
-                // The request never ran: answer it like a failed statement. A request
-                // that ended with Flush is not over: the error goes out now, and the
-                // ReadyForQuery after the client's Sync, as PostgreSQL would do it.
+                // The request never ran: answer it like a failed statement.
                 let sync_owed = self.wire.discard_request(&mut self.client);
-                err.encode(self.client.wbuf());
-                if self.client.flush().await.is_err() {
-                    return Ok(false);
-                }
-                if sync_owed && self.wire.skip_until_sync(&mut self.client).await.is_err() {
-                    return Ok(false);
-                }
-                backend::ready_for_query(self.client.wbuf(), b'I');
-                if self.client.flush().await.is_err() {
-                    return Ok(false);
-                }
+                let owed = usize::from(!sync_owed);
+                return Ok(self.fail_request(&err, owed, sync_owed).await);
             }
         }
         Ok(true)
+    }
+
+    /// `DROP DATABASE x` and friends fail while any session is connected to `x`,
+    /// pgrelay's own idle servers included: the request just read has those closed
+    /// before it goes out.
+    fn close_idle_for_database_command(&mut self) {
+        if let Some(db) = self.wire.take_database_command() {
+            let closed = self.shared.pools.close_idle_for_dbname(&db);
+            tracing::info!(database = %db, closed, "closed idle server connections before a database command");
+        }
     }
 
     /// The transaction is over: settles what it did to the session, then returns the
@@ -519,6 +504,12 @@ impl Session {
         else {
             return;
         };
+        if self.mode == PoolMode::Session && self.pin.is_some() {
+            // Pinned for good: the session goes on with this server as if it were not
+            // routed, and is accounted for when it ends.
+            self.attachment = Attachment::Attached(guard);
+            return;
+        }
         self.account();
         if self.mode == PoolMode::Transaction {
             let effects = self.wire.take_effects();
@@ -554,14 +545,13 @@ impl Session {
     /// Adds what the request just served did to the statistics and metrics.
     fn account(&mut self) {
         let counts = self.wire.take_counts();
-        let metrics = &self.shared.metrics;
-        metrics.bytes_received.inc_by(counts.received);
-        metrics.bytes_sent.inc_by(counts.sent);
+        self.shared.metrics.bytes_received.inc_by(counts.received);
+        self.shared.metrics.bytes_sent.inc_by(counts.sent);
         let request = self.request.take();
         if counts.errors != [0; 3] {
             let node = request.map_or(self.wire.node, |r| r.node);
-            if let Some(state) = self.shared.cluster.load().nodes.get(node) {
-                state.stats.add_errors(counts.errors);
+            if let Some(stats) = self.node_stats(node) {
+                stats.add_errors(counts.errors);
             }
         }
         let Some(request) = request else {
@@ -585,19 +575,11 @@ impl Session {
             wait: request.wait,
         };
         self.db_stats.add(&work, true);
+        let metrics = &self.shared.metrics;
         metrics.query_duration.observe(xact.as_secs_f64());
         metrics.pool_wait.observe(request.wait.as_secs_f64());
-        if self.node_counters.len() <= request.node {
-            self.node_counters.resize(request.node + 1, None);
-        }
-        let node =
-            self.node_counters[request.node].get_or_insert_with(|| metrics.node(request.node));
-        if request.write {
-            node.write_transactions.inc();
-            node.write_queries.inc_by(counts.queries);
-        } else {
-            node.read_transactions.inc();
-            node.read_queries.inc_by(counts.queries);
+        if let Some(stats) = self.node_stats(request.node) {
+            stats.add_transaction(request.write, counts.queries);
         }
         if let Some(prepared) = self.wire.prepared.as_deref() {
             self.handle
@@ -607,13 +589,26 @@ impl Session {
         }
     }
 
+    /// The counters of `node`, looked up in the topology on first use.
+    fn node_stats(&mut self, node: usize) -> Option<&NodeStats> {
+        if self.node_stats.len() <= node {
+            self.node_stats.resize(node + 1, None);
+        }
+        if self.node_stats[node].is_none() {
+            let stats = self.shared.cluster.load().nodes.get(node)?.stats.clone();
+            self.node_stats[node] = Some(stats);
+        }
+        self.node_stats[node].as_deref()
+    }
+
     /// The client is leaving: return or discard its servers.
     async fn finish(mut self) {
         self.account();
         self.cancel.set(None).await;
         self.count_prepared();
-        // A pinned server holds the client's locks, channels or temp tables: it goes.
-        let pinned = self.unpin();
+        // A pinned server holds the client's locks, channels or temp tables: it goes
+        // (in session mode, server_reset_query clears them).
+        let pinned = self.unpin() && self.mode == PoolMode::Transaction;
         if let Attachment::Attached(mut guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
         {
@@ -645,52 +640,5 @@ impl Session {
                 }
             }
         }
-    }
-
-    async fn fail(mut self, err: ClientError) {
-        self.shared.metrics.error(err.kind);
-        err.encode(self.client.wbuf());
-        let _ = self.client.flush().await;
-        self.client.shutdown().await;
-        self.finish().await;
-    }
-}
-
-/// What an idle client is told when pgrelay shuts down.
-fn shutting_down() -> ClientError {
-    ClientError::fatal(
-        ErrorKind::ClientLost,
-        "57P01",
-        "terminating connection because pgrelay is shutting down",
-    )
-}
-
-fn pool_error(err: PoolError) -> ClientError {
-    match err {
-        PoolError::Timeout(wait) => ClientError::error(
-            ErrorKind::PoolTimeout,
-            "53400",
-            format!("query_wait_timeout: no server connection became available within {wait:?}"),
-        ),
-        PoolError::Server(err) => server_error(err),
-    }
-}
-
-/// A server's own refusal of the login or of pgrelay's settings is passed on as it is.
-/// A server that could not be reached, or is going away, is 08006 with no detail: its
-/// address and the io error are for the log (the caller logs them), not the client.
-fn server_error(err: ServerError) -> ClientError {
-    if err.unreachable() {
-        return ClientError::fatal(
-            ErrorKind::ServerConnect,
-            "08006",
-            "the server is not available",
-        );
-    }
-    match err {
-        ServerError::Rejected(fields) | ServerError::Query(fields) => {
-            ClientError::fatal(ErrorKind::ServerAuth, fields.code, fields.message)
-        }
-        other => ClientError::fatal(ErrorKind::ServerAuth, "08006", other.to_string()),
     }
 }

@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use super::relay::Wire;
 use super::Session;
 use crate::config::PoolMode;
-use crate::error::{ClientError, ErrorKind};
+use crate::error::ClientError;
 use crate::protocol::{backend, frontend, header, read_cstr, HEADER_LEN, MAX_MESSAGE_LEN};
 use crate::registry::ClientEntry;
 use crate::stream::{Conn, Stream};
@@ -438,15 +438,6 @@ fn answer(call: &PidCall, request: &[u8], status: u8, out: &mut BytesMut) {
     }
 }
 
-/// What the client that calls `pg_terminate_backend` on itself is told.
-pub(super) fn terminated() -> ClientError {
-    ClientError::fatal(
-        ErrorKind::ClientLost,
-        "57P01",
-        "terminating connection due to administrator command",
-    )
-}
-
 impl Wire {
     /// Drops the buffered request pgrelay answered itself.
     fn consume_request(&mut self, client: &mut Conn<Stream>) {
@@ -537,14 +528,10 @@ impl Session {
     /// it whole and answers it, or has the relay send it on. `Ok(false)` when the
     /// client is gone.
     pub(super) async fn intercepted(&mut self) -> Result<bool, ClientError> {
-        if self
-            .wire
-            .read_request(&mut self.client, &self.shared.pools)
-            .await
-            .is_err()
-        {
+        if self.wire.read_request(&mut self.client).await.is_err() {
             return Ok(false);
         }
+        self.close_idle_for_database_command();
         if let Some(err) = self.wire.take_protocol_error() {
             return Err(ClientError::protocol(err.to_string()));
         }
@@ -565,7 +552,9 @@ impl Session {
 
     async fn signal(&self, call: PidCall, target: &Arc<ClientEntry>) -> Result<(), ClientError> {
         match call.signal {
-            Signal::Terminate if Arc::ptr_eq(target, &self.handle.entry) => Err(terminated()),
+            Signal::Terminate if Arc::ptr_eq(target, &self.handle.entry) => {
+                Err(ClientError::terminated())
+            }
             Signal::Terminate => {
                 tracing::info!(user = %target.user, database = %target.database, pid = call.pid, "pg_terminate_backend of a client");
                 target.kill();

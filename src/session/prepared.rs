@@ -31,6 +31,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashSet;
 
+use crate::error::sqlstate;
 use crate::pool::statements::ServerStatements;
 use crate::protocol::backend::ErrorFields;
 use crate::protocol::{backend, frontend, read_cstr};
@@ -52,7 +53,6 @@ const DUPLICATE: &[u8] = b"pgrelay_duplicate";
 /// replaced by PostgreSQL's own for a stale statement.
 const STALE: &[u8] = b"pgrelay_stale";
 const STALE_TEXT: &[u8] = b"pgrelay_stale\0\0\0";
-const SYNTAX_ERROR: &str = "42601";
 
 /// One statement a client prepared.
 #[derive(Debug)]
@@ -338,7 +338,7 @@ impl Prepared {
             backend::error_response(
                 out,
                 backend::Severity::Error,
-                "25P02",
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
                 "current transaction is aborted, commands ignored until end of transaction block",
             );
         } else {
@@ -647,7 +647,7 @@ impl Prepared {
                 }
             },
             backend::ERROR_RESPONSE => {
-                let replace = error.is_some_and(|e| e.code == SYNTAX_ERROR)
+                let replace = error.is_some_and(|e| e.code == sqlstate::SYNTAX_ERROR)
                     && self
                         .expect
                         .front()

@@ -1,7 +1,7 @@
 //! The hot path: moves bytes between a client and its server without copying them into
 //! new buffers or re-encoding them, watching only message headers, Query text (for the
-//! database commands that need idle connections closed), ParameterStatus and
-//! ReadyForQuery.
+//! database commands that need idle connections closed, which the session does),
+//! ParameterStatus and ReadyForQuery.
 //!
 //! [`Wire`] is the per-session relay state. [`Wire::relay`] is one hand-written poll
 //! loop over both sockets: it reads and writes in both directions at once, so a client
@@ -17,7 +17,6 @@ use bytes::{Buf, BufMut};
 
 use crate::pool::params::ParamSet;
 use crate::pool::server::Server;
-use crate::pool::Pools;
 use crate::protocol::frontend;
 use crate::protocol::{
     backend, ProtocolError, Scanned, Scanner, Step, HEADER_LEN, MAX_MESSAGE_LEN,
@@ -27,7 +26,7 @@ use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
 use crate::session::pids;
 use crate::session::prepared::{Answer, Prepared};
-use crate::session::scan::{note_effects, ClientScan};
+use crate::session::scan::{database_command, note_effects, ClientScan};
 use crate::stream::{Conn, Stream};
 
 /// Raw client bytes up to this size join messages pgrelay composed, so that they
@@ -50,8 +49,9 @@ pub enum RelayEnd {
     ServerGone(Option<io::Error>),
     /// The client's socket failed while writing to it.
     ClientIo(io::Error),
-    /// The client's next request may be a call on a pid pgrelay issued; everything
-    /// before it is answered. The session handles it, then relays on.
+    /// The client's next request may be a call on a pid pgrelay issued, or is a
+    /// database command that needs idle servers closed first; everything before it is
+    /// answered. The session handles it, then relays on.
     Intercepted,
 }
 
@@ -68,6 +68,9 @@ pub(super) enum Front {
     /// A request that may be a call on a pid pgrelay issued: once everything before it
     /// is answered, the session reads and handles it ([`RelayEnd::Intercepted`]).
     PidCall,
+    /// A Query with a database command (`DROP DATABASE` ...): the same, so that the
+    /// session closes idle servers of that database before it goes out.
+    DatabaseCommand,
 }
 
 /// A client's relay state, kept across servers.
@@ -156,6 +159,9 @@ pub struct Wire {
     /// The client parsed a call on a pid (maybe as a named statement): its Binds are
     /// looked at too.
     pub(super) pid_statements: bool,
+    /// A request read while detached is a database command on this database: the
+    /// session closes its idle servers before relaying it.
+    database_command: Option<String>,
 }
 
 /// What a relay moved, for statistics.
@@ -224,7 +230,13 @@ impl Wire {
             intercept_pids: false,
             resumed: false,
             pid_statements: false,
+            database_command: None,
         }
+    }
+
+    /// The database whose idle servers the request just read needs closed, if any.
+    pub fn take_database_command(&mut self) -> Option<String> {
+        self.database_command.take()
     }
 
     /// What was relayed since the last call.
@@ -362,17 +374,13 @@ impl Wire {
 
     /// Detached: reads until a complete request (up to Query, Sync, Flush or
     /// FunctionCall) is scanned, or the client leaves. Cancel safe.
-    pub async fn read_request(
-        &mut self,
-        client: &mut Conn<Stream>,
-        pools: &Pools,
-    ) -> Result<(), io::Error> {
+    pub async fn read_request(&mut self, client: &mut Conn<Stream>) -> Result<(), io::Error> {
         self.client_paused = false;
         // Whatever a scan stopped in front of last time is scanned again from here.
         self.front = Front::Relayed;
         self.rewrite_buffered = false;
         loop {
-            let stopped = self.scan_client(client, pools, false);
+            let stopped = self.scan_client(client, false);
             if stopped || self.client_done {
                 return Ok(());
             }
@@ -385,7 +393,7 @@ impl Wire {
 
     /// Scans newly read client bytes. Returns true if the scan stopped at a request
     /// boundary (detached), a Terminate, or a protocol error.
-    fn scan_client(&mut self, client: &mut Conn<Stream>, pools: &Pools, attached: bool) -> bool {
+    fn scan_client(&mut self, client: &mut Conn<Stream>, attached: bool) -> bool {
         if self.client_done || self.protocol_error.is_some() {
             return true;
         }
@@ -403,6 +411,7 @@ impl Wire {
         let track_effects = self.track_effects;
         let (mut front, mut rewrite_buffered) = (Front::Relayed, false);
         let (intercept, mut pid_statements) = (self.intercept_pids, self.pid_statements);
+        let mut database = None;
         let scanned = self.client_scan.scan(buf, |tag, body| {
             if let (true, Some(body)) = (intercept, body) {
                 let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
@@ -415,6 +424,13 @@ impl Wire {
                         return Step::StopBefore;
                     }
                 }
+            }
+            if let Some(db) = database_command(tag, body) {
+                if attached && !state.extended_open {
+                    front = Front::DatabaseCommand;
+                    return Step::StopBefore;
+                }
+                database = Some(db);
             }
             if track {
                 if let Some(body) =
@@ -434,7 +450,7 @@ impl Wire {
                     Carry::Rewrite => {
                         front = Front::Rewrite;
                         note_effects(track_effects, tag, Some(body), effects);
-                        state.on_message(tag, Some(body), pools, attached);
+                        state.on_message(tag, Some(body), attached);
                         return Step::StopBefore;
                     }
                     Carry::Later => rewrite_buffered = true,
@@ -453,7 +469,7 @@ impl Wire {
                     p.schema_changed();
                 }
             }
-            let step = state.on_message(tag, body, pools, attached);
+            let step = state.on_message(tag, body, attached);
             if attached && step != Step::StopBefore {
                 if let Some(p) = prepared.as_deref_mut() {
                     p.forwarded(tag);
@@ -466,6 +482,9 @@ impl Wire {
         }
         self.pid_statements = pid_statements;
         self.rewrite_buffered |= rewrite_buffered;
+        if database.is_some() {
+            self.database_command = database;
+        }
         self.absorb(&state, attached, scanned)
     }
 
@@ -652,7 +671,6 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Server,
         client_params: &mut ParamSet,
-        pools: &Pools,
     ) -> RelayEnd {
         self.release_point = false;
         self.server_eof = None;
@@ -669,8 +687,8 @@ impl Wire {
         }
         self.resumed = false;
         // Bytes already buffered (a request read while detached) are scanned first.
-        self.scan_client(client, pools, true);
-        poll_fn(|cx| self.poll_relay(cx, client, server, client_params, pools)).await
+        self.scan_client(client, true);
+        poll_fn(|cx| self.poll_relay(cx, client, server, client_params)).await
     }
 
     fn poll_relay(
@@ -679,7 +697,6 @@ impl Wire {
         client: &mut Conn<Stream>,
         server: &mut Server,
         client_params: &mut ParamSet,
-        pools: &Pools,
     ) -> Poll<RelayEnd> {
         loop {
             let mut progress = false;
@@ -717,10 +734,11 @@ impl Wire {
                 }
             }
             if self.front != Front::Relayed && self.handle_front(client, server, client_params) {
-                self.scan_client(client, pools, true);
+                self.scan_client(client, true);
                 progress = true;
             }
-            if self.front == Front::PidCall && self.all_answered(client, server) {
+            let intercept = matches!(self.front, Front::PidCall | Front::DatabaseCommand);
+            if intercept && self.all_answered(client, server) {
                 self.front = Front::Relayed;
                 return Poll::Ready(RelayEnd::Intercepted);
             }
@@ -748,7 +766,7 @@ impl Wire {
                 }
             }
             if std::mem::take(&mut self.resume_client) {
-                self.scan_client(client, pools, true);
+                self.scan_client(client, true);
                 progress = true;
             }
             if !self.client_done && self.protocol_error.is_none() && self.c2s < HIGH_WATER {
@@ -758,7 +776,7 @@ impl Wire {
                         progress = true;
                     }
                     Poll::Ready(Ok(_)) => {
-                        self.scan_client(client, pools, true);
+                        self.scan_client(client, true);
                         progress = true;
                     }
                     Poll::Pending => {}

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use super::settle::Pin;
 use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
 use crate::config::{Config, LoadBalance, PoolMode, ReadAfterWrite};
-use crate::error::{ClientError, ErrorKind};
+use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
 use crate::router::classify::{Reason, Target};
@@ -35,11 +36,9 @@ pub(super) struct Routing {
 pub(super) enum RouteMode {
     /// Routing is off, or there is only one backend: everything goes to the primary.
     Off,
-    /// Each request that starts a transaction is classified and routed.
+    /// Each request that starts a transaction is classified and routed (unless the
+    /// client is pinned: then it stays on the primary server it holds).
     PerRequest,
-    /// Session mode: something the client did cannot follow it to another server, so
-    /// it stays on the primary server it holds (notifications, temp tables, ...).
-    Pinned,
 }
 
 /// What routing reads of the config, copied out of one load when a request starts
@@ -92,17 +91,6 @@ impl Routing {
     }
 }
 
-/// The primary is unknown, or cannot be reached: a request (or a login) that needs
-/// it waits up to `failover.hold_timeout` for one before failing with this. It names
-/// no address and no io error; the log has those.
-fn no_primary(waited: std::time::Duration) -> ClientError {
-    ClientError::error(
-        ErrorKind::ServerConnect,
-        "08006",
-        format!("the primary server is not available (waited failover.hold_timeout, {waited:?})"),
-    )
-}
-
 impl Session {
     /// Routes the buffered request and returns a server on the chosen node.
     ///
@@ -146,7 +134,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
-                return Err(no_primary(started.elapsed()));
+                return Err(ClientError::no_primary(started.elapsed()));
             }
         }
     }
@@ -163,7 +151,7 @@ impl Session {
             Ok(guard) if !self.demoted(&guard, node, topology) => return Ok(Some(guard)),
             Ok(_) => ClientError::error(
                 ErrorKind::ServerConnect,
-                "08006",
+                sqlstate::CONNECTION_FAILURE,
                 "the primary is in recovery now",
             ),
             Err(err) if err.kind == ErrorKind::ServerConnect => err,
@@ -215,7 +203,7 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 return Err(err);
             }
@@ -281,7 +269,7 @@ impl Session {
                 *topology = self.shared.cluster.snapshot();
                 Ok(primary)
             }
-            None => Err(no_primary(started.elapsed())),
+            None => Err(ClientError::no_primary(started.elapsed())),
         }
     }
 
@@ -293,7 +281,7 @@ impl Session {
         topology: &mut Arc<Topology>,
         deadline: tokio::time::Instant,
     ) -> Result<usize, ClientError> {
-        if self.routing.mode != RouteMode::PerRequest {
+        if self.routing.mode != RouteMode::PerRequest || self.pin.is_some() {
             self.routing.last_write = true;
             return self.primary_by(topology, deadline).await;
         }
@@ -308,7 +296,7 @@ impl Session {
         );
         if plan.session_state && self.mode == PoolMode::Session {
             let primary = self.primary_by(topology, deadline).await?;
-            self.pin(primary, plan.reason).await;
+            self.pin_to_primary(primary, plan.reason).await;
         }
         let writes = plan.target == Target::Primary || {
             if plan.functions.is_empty() {
@@ -404,12 +392,12 @@ impl Session {
         ))
     }
 
-    /// Session mode: keeps the client on its primary server from now on, and lets the
-    /// servers it held elsewhere go.
-    async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
+    /// Session mode: something the client did cannot follow it to another server
+    /// (notifications, temp tables, ...), so it stays on its primary server from now
+    /// on, and the servers it held elsewhere go.
+    async fn pin_to_primary(&mut self, primary: usize, reason: Option<Reason>) {
         tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
-        self.routing.mode = RouteMode::Pinned;
-        self.wire.transaction_pooling = false;
+        self.pin_to_server(Pin::for_good("session state"));
         for node in 0..self.held.len() {
             if node != primary {
                 if let Some(guard) = self.held[node].take() {
@@ -477,7 +465,7 @@ impl Session {
             .ok_or_else(|| {
                 ClientError::error(
                     ErrorKind::ServerConnect,
-                    "08006",
+                    sqlstate::CONNECTION_FAILURE,
                     "could not read the primary's WAL position",
                 )
             })
@@ -539,7 +527,7 @@ pub(super) async fn greeting_pool(
         _ => {
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
                 // At login, an error ends the connection.
-                let mut err = no_primary(config.failover.hold_timeout);
+                let mut err = ClientError::no_primary(config.failover.hold_timeout);
                 err.fatal = true;
                 err
             })?

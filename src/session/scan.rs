@@ -3,7 +3,6 @@
 //! Query and Parse texts do to the session. No I/O: [`super::relay::Wire`] feeds it
 //! bytes and acts on what it learned.
 
-use crate::pool::Pools;
 use crate::protocol::frontend::{self, KNOWN};
 use crate::protocol::Step;
 use crate::router::classify;
@@ -47,13 +46,7 @@ impl ClientScan {
         }
     }
 
-    pub(super) fn on_message(
-        &mut self,
-        tag: u8,
-        body: Option<&[u8]>,
-        pools: &Pools,
-        attached: bool,
-    ) -> Step {
+    pub(super) fn on_message(&mut self, tag: u8, body: Option<&[u8]>, attached: bool) -> Step {
         if matches!(
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
@@ -83,9 +76,6 @@ impl ClientScan {
                 Step::StopBefore
             }
             frontend::QUERY => {
-                if let Some(sql) = body.and_then(|b| frontend::query_text(b).ok()) {
-                    close_idle_before_database_command(sql, pools);
-                }
                 self.wire_pending += 1;
                 self.copy_syncs = 0;
                 // A simple query destroys the unnamed statement.
@@ -145,13 +135,15 @@ pub(super) fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &
     }
 }
 
-/// `DROP DATABASE x` and friends fail while any session is connected to `x`,
-/// including pgrelay's own idle servers: close those first.
-fn close_idle_before_database_command(sql: &[u8], pools: &Pools) {
-    if let Some(db) = classify::database_needing_exclusive_use(sql) {
-        let closed = pools.close_idle_for_dbname(&db);
-        tracing::info!(database = %db, closed, "closed idle server connections before a database command");
+/// The database a Query needs free of other sessions (`DROP DATABASE x` and friends
+/// fail while any session is connected to `x`, pgrelay's own idle servers included):
+/// the session closes those before the Query goes out.
+pub(super) fn database_command(tag: u8, body: Option<&[u8]>) -> Option<String> {
+    if tag != frontend::QUERY {
+        return None;
     }
+    let sql = frontend::query_text(body?).ok()?;
+    classify::database_needing_exclusive_use(sql)
 }
 
 #[cfg(test)]
@@ -159,10 +151,9 @@ mod tests {
     use super::*;
 
     fn scan(tags: &[u8]) -> ClientScan {
-        let pools = Pools::default();
         let mut state = ClientScan::new(false);
         for &tag in tags {
-            state.on_message(tag, None, &pools, true);
+            state.on_message(tag, None, true);
         }
         state
     }

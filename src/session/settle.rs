@@ -6,6 +6,7 @@
 //! says it is gone.
 
 use super::Session;
+use crate::config::PoolMode;
 use crate::pool::params::literal;
 use crate::pool::server::ServerError;
 use crate::pool::ServerGuard;
@@ -30,12 +31,25 @@ const HELD: [&str; 5] = [
     "SQL prepared statement",
 ];
 
-/// Why a client stays on its server.
+/// Why a client stays on its server: the one notion of pinning, in both modes. In
+/// transaction mode the server is not returned at the transaction's end; in session
+/// mode with routing the client's requests all go to the primary server it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Pin {
     pub(super) reason: &'static str,
-    /// The server cannot be asked whether it is over (`LOAD`, `set_config`, ...).
+    /// The server cannot be asked whether it is over (`LOAD`, `set_config`, ...), or
+    /// the pin is a session-mode one: it lasts until the client leaves.
     for_good: bool,
+}
+
+impl Pin {
+    /// A pin that lasts until the client leaves.
+    pub(super) fn for_good(reason: &'static str) -> Pin {
+        Pin {
+            reason,
+            for_good: true,
+        }
+    }
 }
 
 impl Session {
@@ -93,10 +107,7 @@ impl Session {
             }
         }
         if let Some(reason) = effects.pin {
-            self.pin_to_server(Pin {
-                reason,
-                for_good: true,
-            });
+            self.pin_to_server(Pin::for_good(reason));
         } else if check_pins {
             let counts = server.query_row(HELD_SQL).await?;
             let held = counts
@@ -118,9 +129,11 @@ impl Session {
         Ok(())
     }
 
-    fn pin_to_server(&mut self, pin: Pin) {
+    /// Keeps the client on its server. The metrics count transaction-mode pins (a
+    /// session-mode client has its server anyway).
+    pub(super) fn pin_to_server(&mut self, pin: Pin) {
         let was = self.pin.replace(pin);
-        if was.is_none() {
+        if was.is_none() && self.mode == PoolMode::Transaction {
             self.shared.metrics.pinned_clients.inc();
             self.shared
                 .metrics
@@ -139,7 +152,7 @@ impl Session {
     /// Ends a pin; returns whether there was one.
     pub(super) fn unpin(&mut self) -> bool {
         let was = self.pin.take().is_some();
-        if was {
+        if was && self.mode == PoolMode::Transaction {
             self.shared.metrics.pinned_clients.dec();
         }
         was

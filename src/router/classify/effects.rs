@@ -7,33 +7,9 @@
 //! the text) looks at one token and does not allocate.
 
 use super::lexer::{identifier, is, Lexer, Token};
+use super::lists::{contains, ADVISORY_UNLOCKS, SESSION_ADVISORY_LOCKS};
 use super::scan::Statement;
-
-/// Settings the server reports with ParameterStatus: their changes are followed from
-/// the messages, not from SQL.
-const REPORTED: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "standard_conforming_strings",
-    "is_superuser",
-    "session_authorization",
-    "server_version",
-    "server_encoding",
-    "integer_datetimes",
-    "default_transaction_read_only",
-    "in_hot_standby",
-];
-
-/// Function calls that take session-level advisory locks.
-const LOCKING: &[&str] = &[
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
+use crate::protocol::backend::reported_parameter;
 
 /// What one statement string does to its session.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -288,7 +264,8 @@ fn dotted(stmt: &mut Statement<'_, '_>, mut name: String) -> String {
 
 fn setting(effects: &mut Effects, name: String) {
     let name = name.to_ascii_lowercase();
-    if !REPORTED.contains(&name.as_str()) && !effects.settings.iter().any(|n| **n == *name) {
+    // Reported settings' changes are followed from ParameterStatus, not from SQL.
+    if reported_parameter(&name).is_none() && !effects.settings.iter().any(|n| **n == *name) {
         effects.settings.push(name.into());
     }
 }
@@ -299,9 +276,9 @@ fn function_calls(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
     while let Some(token) = stmt.next() {
         if token == Token::Punct(b'(') {
             if let Some(name) = previous.and_then(identifier) {
-                if LOCKING.contains(&name.as_str()) {
+                if contains(SESSION_ADVISORY_LOCKS, name.as_bytes()) {
                     effects.may_pin = true;
-                } else if name.starts_with("pg_advisory_unlock") {
+                } else if contains(ADVISORY_UNLOCKS, name.as_bytes()) {
                     effects.may_release = true;
                 } else if name == "set_config" {
                     effects.pin = effects.pin.or(Some("set_config()"));

@@ -33,9 +33,6 @@ pub(super) const WRITE_FUNCTIONS: &[&str] = &[
     "loread",
     "lowrite",
     "nextval",
-    "pg_advisory_unlock",
-    "pg_advisory_unlock_all",
-    "pg_advisory_unlock_shared",
     "pg_advisory_xact_lock",
     "pg_advisory_xact_lock_shared",
     "pg_backend_pid",
@@ -67,16 +64,29 @@ pub(super) const WRITE_FUNCTIONS: &[&str] = &[
     "txid_current",
 ];
 
-/// Functions whose effect outlives the transaction in the session that called them
-/// (session advisory locks, `set_config(.., false)`, the random seed, dblink
-/// connections), so the client must stay on the server that ran them.
-pub(super) const SESSION_FUNCTIONS: &[&str] = &[
-    "dblink_connect",
-    "dblink_connect_u",
+/// Functions that release advisory locks: they write (a standby has no locks to
+/// release), and may end a client's pin to its server.
+pub(super) const ADVISORY_UNLOCKS: &[&str] = &[
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
+    "pg_advisory_unlock_shared",
+];
+
+/// Functions that take session-level advisory locks: they outlive the transaction, so
+/// the client must stay on the server that ran them (until it unlocks).
+pub(super) const SESSION_ADVISORY_LOCKS: &[&str] = &[
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
     "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared",
+];
+
+/// Other functions whose effect outlives the transaction in the session that called
+/// them (`set_config(.., false)`, the random seed, dblink connections), so the client
+/// must stay on the server that ran them.
+pub(super) const SESSION_FUNCTIONS: &[&str] = &[
+    "dblink_connect",
+    "dblink_connect_u",
     "set_config",
     "setseed",
 ];
@@ -389,9 +399,12 @@ impl Lists {
     /// The built-in lists are checked before the configured read-only list, so that
     /// configuration cannot make `nextval` or an advisory lock run on a standby.
     pub(super) fn kind(&self, name: &[u8]) -> FunctionKind {
-        if contains(SESSION_FUNCTIONS, name) {
+        if contains(SESSION_FUNCTIONS, name) || contains(SESSION_ADVISORY_LOCKS, name) {
             FunctionKind::Session
-        } else if contains(WRITE_FUNCTIONS, name) || self.write.contains(name) {
+        } else if contains(WRITE_FUNCTIONS, name)
+            || contains(ADVISORY_UNLOCKS, name)
+            || self.write.contains(name)
+        {
             FunctionKind::Write
         } else if contains(READ_FUNCTIONS, name) || self.read.contains(name) {
             FunctionKind::Read
@@ -430,6 +443,8 @@ mod tests {
     fn lists_are_sorted_and_disjoint() {
         for list in [
             WRITE_FUNCTIONS,
+            ADVISORY_UNLOCKS,
+            SESSION_ADVISORY_LOCKS,
             SESSION_FUNCTIONS,
             READ_FUNCTIONS,
             PAREN_KEYWORDS,
@@ -439,6 +454,8 @@ mod tests {
         for name in READ_FUNCTIONS {
             assert!(!contains(WRITE_FUNCTIONS, name.as_bytes()), "{name}");
             assert!(!contains(SESSION_FUNCTIONS, name.as_bytes()), "{name}");
+            assert!(!contains(SESSION_ADVISORY_LOCKS, name.as_bytes()), "{name}");
+            assert!(!contains(ADVISORY_UNLOCKS, name.as_bytes()), "{name}");
         }
     }
 
