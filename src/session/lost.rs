@@ -63,7 +63,7 @@ impl Session {
         let err = ClientError::error(ErrorKind::ServerLost, code, message);
         for _ in 0..loss.owed {
             err.encode(self.client.wbuf());
-            backend::ready_for_query(self.client.wbuf(), b'I');
+            backend::ready_for_query(self.client.wbuf(), backend::TxStatus::Idle);
         }
         if loss.sync_owed {
             if loss.owed == 0 {
@@ -74,7 +74,7 @@ impl Session {
             {
                 return false;
             }
-            backend::ready_for_query(self.client.wbuf(), b'I');
+            backend::ready_for_query(self.client.wbuf(), backend::TxStatus::Idle);
         }
         self.client.flush().await.is_ok()
     }

@@ -367,7 +367,7 @@ impl Session {
     async fn pin(&mut self, primary: usize, reason: Option<Reason>) {
         tracing::info!(user = %self.login.user, ?reason, "session pinned to the primary");
         self.routing.mode = RouteMode::Pinned;
-        self.wire.transaction_pooling = false;
+        self.wire.keep_server();
         for node in 0..self.held.len() {
             if node != primary {
                 if let Some(guard) = self.held[node].take() {

@@ -1,49 +1,159 @@
-//! The client side of the relay's scan: what each client message means for the wire
-//! state (answers owed, extended-protocol state, request boundaries, COPY), and what
-//! Query and Parse texts do to the session. No I/O: [`super::relay::Wire`] feeds it
-//! bytes and acts on what it learned.
+//! The client side of the relay: its state ([`ClientSide`]), what each client message
+//! means for it (answers owed, extended-protocol state, request boundaries, COPY), and
+//! what Query and Parse texts do to the session. No I/O: [`Wire::scan_client_bytes`]
+//! takes bytes and the relay acts on what it learned.
 
 use crate::pool::Pools;
 use crate::protocol::frontend::{self, KNOWN};
-use crate::protocol::Step;
+use crate::protocol::{ProtocolError, Scanned, Scanner, Step, MAX_MESSAGE_LEN};
 use crate::router::classify;
 use crate::router::classify::effects::{session_effects, Effects};
+use crate::session::carry::{carry, Carry};
+use crate::session::pids;
+use crate::session::relay::{Front, Wire};
 
-/// What one scan of client bytes learned.
-pub(super) struct ClientScan {
-    /// Stop after each request that the server answers with ReadyForQuery.
-    pub(super) hold: bool,
-    /// Stopped so: the rest waits for the answer.
-    pub(super) paused: bool,
-    /// The request-ending message seen last, if any.
-    pub(super) boundary: Option<u8>,
-    pub(super) wire_pending: usize,
-    /// Syncs counted in `pending` that the server ignored during COPY FROM STDIN.
-    pub(super) ignored_syncs: usize,
-    pub(super) copy_syncs: usize,
-    pub(super) extended_open: bool,
-    pub(super) unnamed_unexecuted: bool,
-    pub(super) terminate: bool,
-    pub(super) bad_tag: Option<u8>,
-    /// Query and Execute messages seen.
-    pub(super) queries: u64,
+/// What the relay knows of the client's side of the wire; kept across servers.
+#[derive(Debug)]
+pub(super) struct ClientSide {
+    pub(super) scanner: Scanner,
+    /// Scanned client bytes at the front of the client's read buffer, not yet written.
+    pub(super) c2s: usize,
+    /// The exchange with the current server (or the request read while detached).
+    pub(super) exchange: Exchange,
+    pub(super) end: ClientEnd,
+    /// The message that ended the last request read while detached (Query, Sync,
+    /// Flush or FunctionCall): a Flush means the client has not finished it yet.
+    pub(super) last_boundary: Option<u8>,
+    /// The client parsed a call on a pid (maybe as a named statement): its Binds are
+    /// looked at too.
+    pub(super) pid_statements: bool,
+    /// Bytes went to the client since its socket was last flushed.
+    pub(super) needs_flush: bool,
 }
 
-impl ClientScan {
-    /// A scan that starts between requests; the caller carries over the wire state.
-    pub(super) fn new(hold: bool) -> ClientScan {
+impl ClientSide {
+    pub(super) fn new(carried: bool) -> ClientSide {
+        let inspect = if carried {
+            &frontend::INSPECT_PREPARED
+        } else {
+            &frontend::INSPECT
+        };
+        ClientSide {
+            scanner: Scanner::new(inspect, MAX_MESSAGE_LEN),
+            c2s: 0,
+            exchange: Exchange::default(),
+            end: ClientEnd::Open,
+            last_boundary: None,
+            pid_statements: false,
+            needs_flush: false,
+        }
+    }
+
+    /// The client can send no more: it left, or broke the protocol.
+    pub(super) fn ended(&self) -> bool {
+        self.end != ClientEnd::Open
+    }
+}
+
+/// The client's exchange with its server: what it is owed and where its request
+/// stands. Replaced whole when the exchange is abandoned (the server was lost, or
+/// pgrelay answered the request itself).
+#[derive(Debug, Default)]
+pub(super) struct Exchange {
+    /// ReadyForQuery messages owed for forwarded Query, Sync and FunctionCall.
+    pub(super) pending: usize,
+    /// Extended-protocol messages were sent after the last Sync.
+    pub(super) extended_open: bool,
+    /// The client parsed the unnamed statement and has not executed anything since
+    /// (asyncpg with its cache off, `PQprepare` with an empty name): the statement
+    /// lives only on this server, so the server stays with the client until it runs.
+    pub(super) unnamed_unexecuted: bool,
+    /// Syncs sent since the last Execute or Query. If a CopyDone or CopyFail follows,
+    /// the server read them in COPY FROM STDIN mode, where it ignores Sync (libpq and
+    /// tokio-postgres send Sync right after Execute, before the copy data), so they are
+    /// owed no ReadyForQuery.
+    pub(super) copy_syncs: usize,
+    pub(super) flow: Flow,
+    /// What waits first in the client's buffer for pgrelay to handle it.
+    pub(super) front: Front,
+    /// A request read while detached names statements: rewrite it when attached.
+    pub(super) rewrite_buffered: bool,
+}
+
+impl Exchange {
+    /// The server may not go back to its pool: an extended request is open, or the
+    /// unnamed statement it parsed waits to run there.
+    pub(super) fn holds_server(&self) -> bool {
+        self.extended_open || self.unnamed_unexecuted
+    }
+}
+
+/// Whether client bytes are scanned as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Flow {
+    #[default]
+    Flowing,
+    /// Bytes past a request boundary wait until the server answers it.
+    Paused,
+    /// The server answered: scan and forward what the client sent meanwhile.
+    Resume,
+}
+
+/// Whether the client's stream goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ClientEnd {
+    Open,
+    /// A Terminate is first in the client buffer, or the client closed.
+    Done,
+    /// The client broke the protocol; the scan stopped in front of it.
+    Broken(ProtocolError),
+}
+
+impl ClientEnd {
+    /// The protocol error, if that is how the stream ended; the stream is then open
+    /// again as far as the relay is concerned (the session ends it).
+    pub(super) fn take_error(&mut self) -> Option<ProtocolError> {
+        match std::mem::replace(self, ClientEnd::Open) {
+            ClientEnd::Broken(err) => Some(err),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+/// What one scan of client bytes learned, over the exchange it updates in place.
+pub(super) struct ClientScan<'a> {
+    /// Stop after each request that the server answers with ReadyForQuery.
+    hold: bool,
+    exchange: &'a mut Exchange,
+    learned: Learned,
+}
+
+/// The counts a scan of client bytes leaves for [`Wire::absorb`].
+#[derive(Debug, Default)]
+struct Learned {
+    /// The request-ending message seen last, if any.
+    boundary: Option<u8>,
+    /// ReadyForQuery messages the messages scanned are owed.
+    owed: usize,
+    /// Syncs counted in `owed` (or earlier) that the server ignored during COPY FROM
+    /// STDIN.
+    ignored_syncs: usize,
+    terminate: bool,
+    bad_tag: Option<u8>,
+    /// Query and Execute messages seen.
+    queries: u64,
+}
+
+impl<'a> ClientScan<'a> {
+    /// A scan that starts between messages of `exchange`.
+    pub(super) fn new(hold: bool, exchange: &'a mut Exchange) -> ClientScan<'a> {
         ClientScan {
             hold,
-            paused: false,
-            boundary: None,
-            wire_pending: 0,
-            ignored_syncs: 0,
-            copy_syncs: 0,
-            extended_open: false,
-            unnamed_unexecuted: false,
-            terminate: false,
-            bad_tag: None,
-            queries: 0,
+            exchange,
+            learned: Learned::default(),
         }
     }
 
@@ -58,7 +168,7 @@ impl ClientScan {
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
         ) {
-            self.boundary = Some(tag);
+            self.learned.boundary = Some(tag);
         }
         let answered = matches!(
             tag,
@@ -67,60 +177,184 @@ impl ClientScan {
         let boundary = if !attached {
             Step::StopAfter
         } else if self.hold && answered {
-            self.paused = true;
+            self.exchange.flow = Flow::Paused;
             Step::StopAfter
         } else {
             Step::Forward
         };
-        self.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
+        self.learned.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
+        let exchange = &mut *self.exchange;
         match tag {
             _ if !KNOWN[tag as usize] => {
-                self.bad_tag = Some(tag);
+                self.learned.bad_tag = Some(tag);
                 Step::StopBefore
             }
             frontend::TERMINATE => {
-                self.terminate = true;
+                self.learned.terminate = true;
                 Step::StopBefore
             }
             frontend::QUERY => {
                 if let Some(sql) = body.and_then(|b| frontend::query_text(b).ok()) {
                     close_idle_before_database_command(sql, pools);
                 }
-                self.wire_pending += 1;
-                self.copy_syncs = 0;
+                self.learned.owed += 1;
+                exchange.copy_syncs = 0;
                 // A simple query destroys the unnamed statement.
-                self.unnamed_unexecuted = false;
+                exchange.unnamed_unexecuted = false;
                 boundary
             }
             frontend::SYNC | frontend::FUNCTION_CALL => {
-                self.wire_pending += 1;
-                self.copy_syncs += usize::from(tag == frontend::SYNC);
-                self.extended_open = false;
+                self.learned.owed += 1;
+                exchange.copy_syncs += usize::from(tag == frontend::SYNC);
+                exchange.extended_open = false;
                 boundary
             }
             frontend::FLUSH => boundary,
             frontend::COPY_DONE | frontend::COPY_FAIL => {
-                self.ignored_syncs += std::mem::take(&mut self.copy_syncs);
+                self.learned.ignored_syncs += std::mem::take(&mut exchange.copy_syncs);
                 Step::Forward
             }
             frontend::EXECUTE => {
-                self.copy_syncs = 0;
-                self.extended_open = true;
-                self.unnamed_unexecuted = false;
+                exchange.copy_syncs = 0;
+                exchange.extended_open = true;
+                exchange.unnamed_unexecuted = false;
                 Step::Forward
             }
             frontend::PARSE => {
-                self.extended_open = true;
-                if body.is_some_and(|b| b.first() == Some(&0)) {
-                    self.unnamed_unexecuted = true;
+                exchange.extended_open = true;
+                if body.is_some_and(|b| frontend::parse(b).is_ok_and(|p| p.name.is_empty())) {
+                    exchange.unnamed_unexecuted = true;
                 }
                 Step::Forward
             }
             frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
-                self.extended_open = true;
+                exchange.extended_open = true;
                 Step::Forward
             }
             _ => Step::Forward,
+        }
+    }
+}
+
+impl Wire {
+    /// Scans client bytes newly read into `buf` (the client's read buffer past what
+    /// was scanned before). Returns true if the scan stopped at a request boundary
+    /// (detached), a Terminate, or a protocol error.
+    pub(super) fn scan_client_bytes(&mut self, buf: &[u8], pools: &Pools, attached: bool) -> bool {
+        if self.client.ended() {
+            return true;
+        }
+        if attached && self.client.exchange.flow == Flow::Paused {
+            return false;
+        }
+        let ClientSide {
+            scanner,
+            exchange,
+            pid_statements,
+            ..
+        } = &mut self.client;
+        let mut state = ClientScan::new(attached && self.policy.hold_at_boundary, exchange);
+        let (statements, node) = (&mut self.statements, self.node);
+        let track = attached && self.policy.track_statements;
+        let (prepared, effects) = (&mut self.prepared, &mut self.effects);
+        let track_effects = self.policy.track_effects;
+        let intercept = self.policy.own_pid.is_some();
+        let scanned = scanner.scan(buf, |tag, body| {
+            if let (true, Some(body)) = (intercept, body) {
+                let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
+                if pids::may_be_call(tag, body, *pid_statements, carried) {
+                    // Its Binds are worth a look from now on.
+                    *pid_statements |= tag == frontend::PARSE;
+                    // Only at a request's start: what came before gets all its answers.
+                    if attached && !state.exchange.extended_open {
+                        state.exchange.front = Front::PidCall;
+                        return Step::StopBefore;
+                    }
+                }
+            }
+            if track {
+                if let Some(body) =
+                    body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
+                {
+                    statements.observe(tag, body, node);
+                }
+            }
+            if let (Some(p), Some(body)) = (prepared.as_deref(), body) {
+                match carry(p, tag, body, attached) {
+                    // Answered in its turn, once everything before it is.
+                    Carry::Answer => {
+                        state.exchange.front = Front::Answer;
+                        return Step::StopBefore;
+                    }
+                    // Accounted for now, rewritten once what precedes it is on its way.
+                    Carry::Rewrite => {
+                        state.exchange.front = Front::Rewrite;
+                        note_effects(track_effects, tag, Some(body), effects);
+                        state.on_message(tag, Some(body), pools, attached);
+                        return Step::StopBefore;
+                    }
+                    Carry::Later => state.exchange.rewrite_buffered = true,
+                    Carry::Relay => {}
+                }
+            }
+            let changed_schema = effects.schema_change;
+            note_effects(track_effects, tag, body, effects);
+            if let Some(p) = prepared.as_deref_mut() {
+                if effects.deallocate_all {
+                    p.distrust_server();
+                }
+                if effects.schema_change && !changed_schema {
+                    // Statements the client prepares later in this transaction see the
+                    // change; the end of the transaction bumps again for everyone else.
+                    p.schema_changed();
+                }
+            }
+            let step = state.on_message(tag, body, pools, attached);
+            if attached && step != Step::StopBefore {
+                if let Some(p) = prepared.as_deref_mut() {
+                    p.forwarded(tag);
+                }
+            }
+            step
+        });
+        let learned = state.learned;
+        self.absorb(learned, attached, scanned)
+    }
+
+    /// Takes what one scan of client bytes learned; returns whether it stopped.
+    fn absorb(
+        &mut self,
+        learned: Learned,
+        attached: bool,
+        scanned: Result<Scanned, ProtocolError>,
+    ) -> bool {
+        if attached && learned.ignored_syncs > 0 {
+            if let Some(p) = self.prepared.as_deref_mut() {
+                p.syncs_ignored(learned.ignored_syncs);
+            }
+        }
+        self.counts.queries += learned.queries;
+        let exchange = &mut self.client.exchange;
+        exchange.pending = (exchange.pending + learned.owed).saturating_sub(learned.ignored_syncs);
+        if learned.boundary.is_some() {
+            self.client.last_boundary = learned.boundary;
+        }
+        match scanned {
+            Ok(s) => {
+                self.client.c2s += s.forward;
+                if learned.terminate {
+                    self.client.end = ClientEnd::Done;
+                }
+                if let Some(tag) = learned.bad_tag {
+                    let err = ProtocolError::UnexpectedTag { tag: tag as char };
+                    self.client.end = ClientEnd::Broken(err);
+                }
+                s.stopped
+            }
+            Err(err) => {
+                self.client.end = ClientEnd::Broken(err);
+                true
+            }
         }
     }
 }
@@ -132,9 +366,7 @@ pub(super) fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &
     }
     let text = match (tag, body) {
         (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
-        (frontend::PARSE, Some(body)) => crate::protocol::read_cstr(body)
-            .and_then(|(_, rest)| crate::protocol::read_cstr(rest))
-            .map(|(text, _)| text),
+        (frontend::PARSE, Some(body)) => frontend::parse(body).and_then(|p| p.text()).ok(),
         _ => None,
     };
     if let Some(text) = text {
@@ -158,27 +390,35 @@ fn close_idle_before_database_command(sql: &[u8], pools: &Pools) {
 mod tests {
     use super::*;
 
-    fn scan(tags: &[u8]) -> ClientScan {
+    /// Owed ReadyForQuery messages after scanning `tags` from a fresh exchange.
+    fn owed(tags: &[u8]) -> usize {
         let pools = Pools::default();
-        let mut state = ClientScan::new(false);
+        let mut exchange = Exchange::default();
+        let mut state = ClientScan::new(false, &mut exchange);
         for &tag in tags {
             state.on_message(tag, None, &pools, true);
         }
-        state
+        state.learned.owed - state.learned.ignored_syncs
     }
 
     #[test]
     fn syncs_inside_copy_in_are_owed_nothing() {
         // tokio-postgres: Bind, Execute, Sync, CopyData.., CopyDone, Sync.
-        let state = scan(b"BESddcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
-        let state = scan(b"BESdfS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        assert_eq!(owed(b"BESddcS"), 1);
+        assert_eq!(owed(b"BESdfS"), 1);
         // Flush instead of Sync before the data: the one Sync is answered.
-        let state = scan(b"BEHdcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        assert_eq!(owed(b"BEHdcS"), 1);
         // A simple-protocol COPY after an extended query owes both ReadyForQuerys.
-        let state = scan(b"BESQdc");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 2);
+        assert_eq!(owed(b"BESQdc"), 2);
+    }
+
+    #[test]
+    fn a_protocol_error_is_taken_once() {
+        let mut end = ClientEnd::Broken(ProtocolError::UnexpectedTag { tag: 'z' });
+        assert!(end.take_error().is_some());
+        assert_eq!(end, ClientEnd::Open);
+        let mut end = ClientEnd::Done;
+        assert!(end.take_error().is_none());
+        assert_eq!(end, ClientEnd::Done);
     }
 }
