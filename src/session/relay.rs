@@ -664,3 +664,7 @@ fn forward(
     }
     Ok(written)
 }
+
+#[cfg(test)]
+#[path = "relay_tests.rs"]
+mod tests;

@@ -8,8 +8,10 @@ use crate::protocol::frontend::{self, KNOWN};
 use crate::protocol::{ProtocolError, Scanned, Scanner, Step, MAX_MESSAGE_LEN};
 use crate::router::classify;
 use crate::router::classify::effects::{session_effects, Effects};
+use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
 use crate::session::pids;
+use crate::session::prepared::Prepared;
 use crate::session::relay::{Front, Wire};
 
 /// What the relay knows of the client's side of the wire; kept across servers.
@@ -123,12 +125,23 @@ impl ClientEnd {
     }
 }
 
-/// What one scan of client bytes learned, over the exchange it updates in place.
-pub(super) struct ClientScan<'a> {
+/// One scan of client bytes: the state it updates in place, and what it learned.
+struct ClientScan<'a> {
+    /// Attached to a server (or reading a request while detached).
+    attached: bool,
     /// Stop after each request that the server answers with ReadyForQuery.
     hold: bool,
     exchange: &'a mut Exchange,
     learned: Learned,
+    pools: &'a Pools,
+    /// Where the client's statements live, and the node they go to now (when tracked).
+    statements: Option<(&'a mut StatementNodes, usize)>,
+    prepared: Option<&'a mut Prepared>,
+    /// What the requests do to the session (when tracked).
+    effects: Option<&'a mut Effects>,
+    /// Stop in front of requests that may be calls on pids pgrelay issued.
+    intercept_pids: bool,
+    pid_statements: &'a mut bool,
 }
 
 /// The counts a scan of client bytes leaves for [`Wire::absorb`].
@@ -147,41 +160,101 @@ struct Learned {
     queries: u64,
 }
 
-impl<'a> ClientScan<'a> {
-    /// A scan that starts between messages of `exchange`.
-    pub(super) fn new(hold: bool, exchange: &'a mut Exchange) -> ClientScan<'a> {
-        ClientScan {
-            hold,
-            exchange,
-            learned: Learned::default(),
+impl ClientScan<'_> {
+    fn on_message(&mut self, tag: u8, body: Option<&[u8]>) -> Step {
+        if let Some(body) = body {
+            if let Some(step) = self.intercept(tag, body) {
+                return step;
+            }
+            if let Some((statements, node)) = self.statements.as_mut() {
+                if matches!(tag, frontend::PARSE | frontend::CLOSE) {
+                    statements.observe(tag, body, *node);
+                }
+            }
+            if let Some(step) = self.carry(tag, body) {
+                return step;
+            }
+        }
+        self.note_effects(tag, body);
+        let step = self.on_wire(tag, body);
+        if self.attached && step != Step::StopBefore {
+            if let Some(p) = self.prepared.as_deref_mut() {
+                p.forwarded(tag);
+            }
+        }
+        step
+    }
+
+    /// Stops in front of a request that may be a call on a pid pgrelay issued.
+    fn intercept(&mut self, tag: u8, body: &[u8]) -> Option<Step> {
+        if !self.intercept_pids {
+            return None;
+        }
+        let prepared = self.prepared.as_deref();
+        let carried = |name: &[u8]| Some(prepared?.statement(name)?.text());
+        if !pids::may_be_call(tag, body, *self.pid_statements, carried) {
+            return None;
+        }
+        // Its Binds are worth a look from now on.
+        *self.pid_statements |= tag == frontend::PARSE;
+        // Only at a request's start: what came before gets all its answers.
+        if self.attached && !self.exchange.extended_open {
+            self.exchange.front = Front::PidCall;
+            return Some(Step::StopBefore);
+        }
+        None
+    }
+
+    /// Stops in front of a message that names a carried statement, or notes that the
+    /// request read while detached does.
+    fn carry(&mut self, tag: u8, body: &[u8]) -> Option<Step> {
+        match carry(self.prepared.as_deref()?, tag, body, self.attached) {
+            // Answered in its turn, once everything before it is.
+            Carry::Answer => {
+                self.exchange.front = Front::Answer;
+                Some(Step::StopBefore)
+            }
+            // Accounted for now, rewritten once what precedes it is on its way.
+            Carry::Rewrite => {
+                self.exchange.front = Front::Rewrite;
+                if let Some(effects) = self.effects.as_deref_mut() {
+                    note_effects(true, tag, Some(body), effects);
+                }
+                self.on_wire(tag, Some(body));
+                Some(Step::StopBefore)
+            }
+            Carry::Later => {
+                self.exchange.rewrite_buffered = true;
+                None
+            }
+            Carry::Relay => None,
         }
     }
 
-    pub(super) fn on_message(
-        &mut self,
-        tag: u8,
-        body: Option<&[u8]>,
-        pools: &Pools,
-        attached: bool,
-    ) -> Step {
-        if matches!(
-            tag,
-            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
-        ) {
-            self.learned.boundary = Some(tag);
-        }
-        let answered = matches!(
-            tag,
-            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
-        );
-        let boundary = if !attached {
-            Step::StopAfter
-        } else if self.hold && answered {
-            self.exchange.flow = Flow::Paused;
-            Step::StopAfter
-        } else {
-            Step::Forward
+    /// Notes what a Query or Parse does to the session, and tells the carried
+    /// statements when the server's may have gone or changed.
+    fn note_effects(&mut self, tag: u8, body: Option<&[u8]>) {
+        let Some(effects) = self.effects.as_deref_mut() else {
+            return;
         };
+        let changed_schema = effects.schema_change;
+        note_effects(true, tag, body, effects);
+        if let Some(p) = self.prepared.as_deref_mut() {
+            if effects.deallocate_all {
+                p.distrust_server();
+            }
+            if effects.schema_change && !changed_schema {
+                // Statements the client prepares later in this transaction see the
+                // change; the end of the transaction bumps again for everyone else.
+                p.schema_changed();
+            }
+        }
+    }
+
+    /// What the message means for the wire: answers owed, extended-protocol state,
+    /// request boundaries, COPY.
+    fn on_wire(&mut self, tag: u8, body: Option<&[u8]>) -> Step {
+        let boundary = self.boundary(tag);
         self.learned.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
         let exchange = &mut *self.exchange;
         match tag {
@@ -195,7 +268,7 @@ impl<'a> ClientScan<'a> {
             }
             frontend::QUERY => {
                 if let Some(sql) = body.and_then(|b| frontend::query_text(b).ok()) {
-                    close_idle_before_database_command(sql, pools);
+                    close_idle_before_database_command(sql, self.pools);
                 }
                 self.learned.owed += 1;
                 exchange.copy_syncs = 0;
@@ -234,6 +307,28 @@ impl<'a> ClientScan<'a> {
             _ => Step::Forward,
         }
     }
+
+    /// Where the scan goes after a request-ending message `tag` (if it is one).
+    fn boundary(&mut self, tag: u8) -> Step {
+        if matches!(
+            tag,
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
+        ) {
+            self.learned.boundary = Some(tag);
+        }
+        let answered = matches!(
+            tag,
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+        );
+        if !self.attached {
+            Step::StopAfter
+        } else if self.hold && answered {
+            self.exchange.flow = Flow::Paused;
+            Step::StopAfter
+        } else {
+            Step::Forward
+        }
+    }
 }
 
 impl Wire {
@@ -253,71 +348,22 @@ impl Wire {
             pid_statements,
             ..
         } = &mut self.client;
-        let mut state = ClientScan::new(attached && self.policy.hold_at_boundary, exchange);
-        let (statements, node) = (&mut self.statements, self.node);
-        let track = attached && self.policy.track_statements;
-        let (prepared, effects) = (&mut self.prepared, &mut self.effects);
-        let track_effects = self.policy.track_effects;
-        let intercept = self.policy.own_pid.is_some();
-        let scanned = scanner.scan(buf, |tag, body| {
-            if let (true, Some(body)) = (intercept, body) {
-                let carried = |name: &[u8]| Some(prepared.as_deref()?.statement(name)?.text());
-                if pids::may_be_call(tag, body, *pid_statements, carried) {
-                    // Its Binds are worth a look from now on.
-                    *pid_statements |= tag == frontend::PARSE;
-                    // Only at a request's start: what came before gets all its answers.
-                    if attached && !state.exchange.extended_open {
-                        state.exchange.front = Front::PidCall;
-                        return Step::StopBefore;
-                    }
-                }
-            }
-            if track {
-                if let Some(body) =
-                    body.filter(|_| matches!(tag, frontend::PARSE | frontend::CLOSE))
-                {
-                    statements.observe(tag, body, node);
-                }
-            }
-            if let (Some(p), Some(body)) = (prepared.as_deref(), body) {
-                match carry(p, tag, body, attached) {
-                    // Answered in its turn, once everything before it is.
-                    Carry::Answer => {
-                        state.exchange.front = Front::Answer;
-                        return Step::StopBefore;
-                    }
-                    // Accounted for now, rewritten once what precedes it is on its way.
-                    Carry::Rewrite => {
-                        state.exchange.front = Front::Rewrite;
-                        note_effects(track_effects, tag, Some(body), effects);
-                        state.on_message(tag, Some(body), pools, attached);
-                        return Step::StopBefore;
-                    }
-                    Carry::Later => state.exchange.rewrite_buffered = true,
-                    Carry::Relay => {}
-                }
-            }
-            let changed_schema = effects.schema_change;
-            note_effects(track_effects, tag, body, effects);
-            if let Some(p) = prepared.as_deref_mut() {
-                if effects.deallocate_all {
-                    p.distrust_server();
-                }
-                if effects.schema_change && !changed_schema {
-                    // Statements the client prepares later in this transaction see the
-                    // change; the end of the transaction bumps again for everyone else.
-                    p.schema_changed();
-                }
-            }
-            let step = state.on_message(tag, body, pools, attached);
-            if attached && step != Step::StopBefore {
-                if let Some(p) = prepared.as_deref_mut() {
-                    p.forwarded(tag);
-                }
-            }
-            step
-        });
-        let learned = state.learned;
+        let policy = &self.policy;
+        let mut scan = ClientScan {
+            attached,
+            hold: attached && policy.hold_at_boundary,
+            exchange,
+            learned: Learned::default(),
+            pools,
+            statements: (attached && policy.track_statements)
+                .then_some((&mut self.statements, self.node)),
+            prepared: self.prepared.as_deref_mut(),
+            effects: policy.track_effects.then_some(&mut self.effects),
+            intercept_pids: policy.own_pid.is_some(),
+            pid_statements,
+        };
+        let scanned = scanner.scan(buf, |tag, body| scan.on_message(tag, body));
+        let learned = scan.learned;
         self.absorb(learned, attached, scanned)
     }
 
@@ -390,15 +436,15 @@ fn close_idle_before_database_command(sql: &[u8], pools: &Pools) {
 mod tests {
     use super::*;
 
-    /// Owed ReadyForQuery messages after scanning `tags` from a fresh exchange.
+    /// Owed ReadyForQuery messages after scanning messages of `tags` (empty bodies).
     fn owed(tags: &[u8]) -> usize {
-        let pools = Pools::default();
-        let mut exchange = Exchange::default();
-        let mut state = ClientScan::new(false, &mut exchange);
+        let mut wire = Wire::new(crate::session::relay::Policy::default(), None);
+        let mut bytes = bytes::BytesMut::new();
         for &tag in tags {
-            state.on_message(tag, None, &pools, true);
+            frontend::put_message(&mut bytes, tag, b"");
         }
-        state.learned.owed - state.learned.ignored_syncs
+        wire.scan_client_bytes(&bytes, &Pools::default(), true);
+        wire.client.exchange.pending
     }
 
     #[test]
