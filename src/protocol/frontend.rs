@@ -429,4 +429,35 @@ mod tests {
         body.push(b'x');
         assert!(sasl_initial(&body).is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever names and bodies pgrelay writes, the views read them back, and the
+        /// walk finds each message whole.
+        #[test]
+        fn builders_and_views_agree(
+            name in proptest::collection::vec(1u8..=255, 0..20),
+            text in proptest::collection::vec(1u8..=255, 0..40),
+            rest in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+        ) {
+            let mut after_name = text.clone();
+            after_name.push(0);
+            after_name.extend(&rest);
+            let mut out = BytesMut::new();
+            put_parse(&mut out, &name, &after_name);
+            put_bind(&mut out, &name, &name, &rest);
+            put_describe_statement(&mut out, &name);
+            put_close_statement(&mut out, &name);
+            let walk: Vec<_> = messages(&out).collect::<Result<_, _>>().unwrap();
+            proptest::prop_assert_eq!(walk.len(), 4);
+            let p = parse(walk[0].body).unwrap();
+            proptest::prop_assert_eq!(p.name, &name[..]);
+            proptest::prop_assert_eq!(p.text().unwrap(), &text[..]);
+            proptest::prop_assert_eq!(p.param_types().unwrap(), &rest[..]);
+            let b = bind(walk[1].body).unwrap();
+            proptest::prop_assert_eq!((b.portal, b.statement), (&name[..], &name[..]));
+            proptest::prop_assert_eq!(b.after_statement, &rest[..]);
+            proptest::prop_assert_eq!(describe(walk[2].body).unwrap(), Target::Statement(&name));
+            proptest::prop_assert_eq!(close(walk[3].body).unwrap(), Target::Statement(&name));
+        }
+    }
 }

@@ -22,12 +22,12 @@ use bytes::{Buf, BufMut};
 use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::backend::{self, TxStatus};
-use crate::protocol::{frontend, ProtocolError, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::{frontend, ProtocolError, HEADER_LEN};
 use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::params::ParamSet;
 use crate::session::prepared::Prepared;
-use crate::session::scan::{ClientEnd, ClientSide, Exchange, Flow};
+use crate::session::scan::{ClientEnd, ClientSide, Flow};
 use crate::session::server_side::{ServerEnd, ServerFront, ServerParts, ServerSide};
 use crate::stream::{Conn, Stream};
 
@@ -236,102 +236,13 @@ impl Wire {
             && self.server.scanner.at_boundary()
     }
 
-    /// Bytes of a complete request are buffered and scanned (detached mode).
-    pub fn has_request(&self) -> bool {
-        self.client.c2s > 0
-    }
-
-    pub fn client_done(&self) -> bool {
-        self.client.end == ClientEnd::Done
-    }
-
-    pub fn take_protocol_error(&mut self) -> Option<ProtocolError> {
-        self.client.end.take_error()
-    }
-
-    /// The complete request buffered while detached, for routing.
-    pub fn request<'a>(&self, client: &'a mut Conn<Stream>) -> &'a [u8] {
-        &client.rbuf()[..self.client.c2s]
-    }
-
-    /// Records the statements a just-routed request parses or closes on `node`.
-    pub fn record_request(&mut self, client: &mut Conn<Stream>, node: usize) {
-        self.node = node;
-        if !self.policy.track_statements {
-            return;
-        }
-        let request = &client.rbuf()[..self.client.c2s];
-        for message in frontend::messages(request).map_while(Result::ok) {
-            self.statements.observe(message.tag, message.body, node);
-        }
-    }
-
-    /// Drops a buffered request the session answered itself, or will answer (e.g.
-    /// with an error): it never reaches a server, which owes nothing for it.
-    pub(super) fn consume_request(&mut self, client: &mut Conn<Stream>) {
-        client.rbuf().advance(self.client.c2s);
-        self.client.c2s = 0;
-        self.client.exchange = Exchange::default();
-    }
-
-    /// Drops a buffered request the session answered itself (e.g. with an error).
-    /// Returns true if the client still owes the Sync that ends it (the request ended
-    /// with a Flush): PostgreSQL would then skip everything up to that Sync.
-    pub fn discard_request(&mut self, client: &mut Conn<Stream>) -> bool {
-        self.consume_request(client);
-        self.client.last_boundary == Some(frontend::FLUSH)
-    }
-
-    /// After a failed extended request: drops client messages up to and including the
-    /// next Sync, as PostgreSQL does after an error. Cancel safe.
-    pub async fn skip_until_sync(
-        &mut self,
-        client: &mut Conn<Stream>,
-    ) -> Result<(), crate::stream::StreamError> {
-        loop {
-            let frame = client.read_frame(MAX_MESSAGE_LEN).await?;
-            match frame.tag() {
-                frontend::SYNC => return Ok(()),
-                frontend::TERMINATE => {
-                    // A protocol error found before is reported first.
-                    if self.client.end == ClientEnd::Open {
-                        self.client.end = ClientEnd::Done;
-                    }
-                    return Ok(());
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Detached: reads until a complete request (up to Query, Sync, Flush or
-    /// FunctionCall) is scanned, or the client leaves. Cancel safe.
-    pub async fn read_request(
+    /// Scans newly read client bytes (see [`Wire::scan_client_bytes`]).
+    pub(super) fn scan_client(
         &mut self,
         client: &mut Conn<Stream>,
         pools: &Pools,
-    ) -> Result<(), io::Error> {
-        let exchange = &mut self.client.exchange;
-        if exchange.flow == Flow::Paused {
-            exchange.flow = Flow::Flowing;
-        }
-        // Whatever a scan stopped in front of last time is scanned again from here.
-        exchange.front = Front::Relayed;
-        exchange.rewrite_buffered = false;
-        loop {
-            let stopped = self.scan_client(client, pools, false);
-            if stopped || self.client.end == ClientEnd::Done {
-                return Ok(());
-            }
-            if poll_fn(|cx| client.poll_read_more(cx)).await? == 0 {
-                self.client.end = ClientEnd::Done;
-                return Ok(());
-            }
-        }
-    }
-
-    /// Scans newly read client bytes (see [`Wire::scan_client_bytes`]).
-    fn scan_client(&mut self, client: &mut Conn<Stream>, pools: &Pools, attached: bool) -> bool {
+        attached: bool,
+    ) -> bool {
         let buf = &client.rbuf()[self.client.c2s..];
         self.scan_client_bytes(buf, pools, attached)
     }
