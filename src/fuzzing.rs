@@ -83,7 +83,9 @@ pub fn messages(data: &[u8]) {
             frontend::PARSE => frontend::parse(body)
                 .and_then(|p| p.param_types())
                 .map(<[u8]>::len),
-            frontend::BIND => frontend::bind(body).map(|b| b.statement.len()),
+            frontend::BIND => frontend::bind(body)
+                .and_then(|b| b.params())
+                .map(|p| p.values().count() + p.formats().count() + p.result_formats().count()),
             frontend::DESCRIBE => frontend::describe(body).map(|_| 0),
             frontend::CLOSE => frontend::close(body).map(|_| 0),
             frontend::EXECUTE => frontend::execute(body).map(|e| e.portal.len()),

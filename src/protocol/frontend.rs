@@ -203,6 +203,111 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     })
 }
 
+impl<'a> Bind<'a> {
+    /// Reads the parameter formats, the values and the result formats; the body must
+    /// end with them.
+    pub fn params(&self) -> Result<BindParams<'a>, ProtocolError> {
+        let bad = || ProtocolError::Malformed { what: "Bind" };
+        let mut rest = self.after_statement;
+        let formats = take_codes(&mut rest).ok_or_else(bad)?;
+        let count = take_count(&mut rest).ok_or_else(bad)?;
+        let start = rest;
+        for _ in 0..count {
+            let len = take_i32(&mut rest).ok_or_else(bad)?;
+            if len >= 0 {
+                rest = rest.get(len as usize..).ok_or_else(bad)?;
+            } else if len != -1 {
+                return Err(bad());
+            }
+        }
+        let values = &start[..start.len() - rest.len()];
+        let results = take_codes(&mut rest).ok_or_else(bad)?;
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        Ok(BindParams {
+            formats,
+            count,
+            values,
+            results,
+        })
+    }
+}
+
+/// The parameters of a Bind body (see [`Bind::params`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindParams<'a> {
+    /// Parameter format codes, two bytes each.
+    formats: &'a [u8],
+    count: usize,
+    /// For each value, a four-byte length (-1: NULL), then its bytes.
+    values: &'a [u8],
+    /// Result column format codes, two bytes each.
+    results: &'a [u8],
+}
+
+impl<'a> BindParams<'a> {
+    /// Parameter format codes (0 text, 1 binary): none, one for all, or one each.
+    pub fn formats(&self) -> impl Iterator<Item = i16> + 'a {
+        codes(self.formats)
+    }
+
+    /// How many parameter values there are.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The parameter values (`None`: NULL).
+    pub fn values(&self) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+        let mut rest = self.values;
+        std::iter::from_fn(move || {
+            let len = take_i32(&mut rest)?;
+            let Ok(len) = usize::try_from(len) else {
+                return Some(None);
+            };
+            let (value, tail) = rest.split_at_checked(len)?;
+            rest = tail;
+            Some(Some(value))
+        })
+    }
+
+    /// Result column format codes, as [`BindParams::formats`].
+    pub fn result_formats(&self) -> impl Iterator<Item = i16> + 'a {
+        codes(self.results)
+    }
+}
+
+fn take_i32(rest: &mut &[u8]) -> Option<i32> {
+    let (head, tail) = rest.split_first_chunk::<4>()?;
+    *rest = tail;
+    Some(i32::from_be_bytes(*head))
+}
+
+/// A two-byte count, not negative.
+fn take_count(rest: &mut &[u8]) -> Option<usize> {
+    let (head, tail) = rest.split_first_chunk::<2>()?;
+    *rest = tail;
+    usize::try_from(i16::from_be_bytes(*head)).ok()
+}
+
+/// A count of two-byte codes, then the codes: the codes' bytes.
+fn take_codes<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let count = take_count(rest)?;
+    let (codes, tail) = rest.split_at_checked(count * 2)?;
+    *rest = tail;
+    Some(codes)
+}
+
+fn codes(bytes: &[u8]) -> impl Iterator<Item = i16> + '_ {
+    bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_be_bytes([c[0], c[1]]))
+}
+
 /// What a Describe or Close names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target<'a> {
@@ -385,6 +490,21 @@ mod tests {
         assert_eq!((b.portal, b.statement), (&b"p"[..], &b"s1"[..]));
         assert_eq!(b.after_statement, b"\0\0\0\0\0\0");
         assert!(bind(b"p\0s1").is_err());
+        // One text parameter `42`, one NULL; binary results.
+        let b = bind(b"\0s1\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\x01\0\x01").unwrap();
+        let params = b.params().unwrap();
+        assert_eq!(params.formats().collect::<Vec<_>>(), [0]);
+        assert_eq!(params.len(), 2);
+        assert_eq!(
+            params.values().collect::<Vec<_>>(),
+            [Some(&b"42"[..]), None]
+        );
+        assert_eq!(params.result_formats().collect::<Vec<_>>(), [1]);
+        assert!(bind(b"\0s1\0\0\0\0\x01\0\0\0\x05ab\0\0")
+            .unwrap()
+            .params()
+            .is_err());
+        assert!(bind(b"\0s1\0\0\0\0\0\0\0x").unwrap().params().is_err());
         assert_eq!(describe(b"Ss1\0").unwrap(), Target::Statement(b"s1"));
         assert_eq!(close(b"Pp\0").unwrap(), Target::Portal(b"p"));
         assert_eq!(close(b"Pp\0").unwrap().statement(), None);

@@ -321,37 +321,23 @@ impl<'a> Extended<'a> {
 
     /// A Bind of the unnamed statement just parsed, or of the carried one.
     fn bind(&mut self, body: &'a [u8]) -> Option<Stage> {
-        let frontend::Bind {
-            portal,
-            statement,
-            after_statement: mut rest,
-        } = frontend::bind(body).ok()?;
-        if self.stage == Stage::Parsed && !statement.is_empty() {
+        let bind = frontend::bind(body).ok()?;
+        if self.stage == Stage::Parsed && !bind.statement.is_empty() {
             return None;
         }
         let (signal, arg) = self.call?;
-        let formats = take_formats(&mut rest)?;
-        let params = take_i16(&mut rest)?;
-        let pid = match (arg, params) {
+        let params = bind.params().ok()?;
+        let binary = one_format(params.formats())? == 1;
+        let pid = match (arg, params.len()) {
             (Arg::Literal(pid), 0) => pid,
-            (Arg::Param, 1) => {
-                let len = usize::try_from(take_i32(&mut rest)?).ok()?;
-                let value = rest.get(..len)?;
-                rest = &rest[len..];
-                let binary = formats.first() == Some(&1);
-                self.param(value, binary)?
-            }
+            (Arg::Param, 1) => self.param(params.values().next()??, binary)?,
             _ => return None,
         };
-        let results = take_formats(&mut rest)?;
-        if !rest.is_empty() || formats.len() > 1 || results.len() > 1 {
-            return None;
-        }
-        self.portal = portal;
+        self.portal = bind.portal;
         self.found = Some(PidCall {
             signal,
             pid,
-            format: results.first().copied().unwrap_or(0),
+            format: one_format(params.result_formats())?,
             param_type: self.param_type(arg),
             limited: false,
         });
@@ -372,30 +358,11 @@ impl<'a> Extended<'a> {
     }
 }
 
-fn take_i16(rest: &mut &[u8]) -> Option<i16> {
-    let (head, tail) = rest.split_first_chunk::<2>()?;
-    *rest = tail;
-    Some(i16::from_be_bytes(*head))
-}
-
-fn take_i32(rest: &mut &[u8]) -> Option<i32> {
-    let (head, tail) = rest.split_first_chunk::<4>()?;
-    *rest = tail;
-    Some(i32::from_be_bytes(*head))
-}
-
-/// A count of format codes and the codes (each 0 or 1); at most one is kept.
-fn take_formats(rest: &mut &[u8]) -> Option<Vec<i16>> {
-    let count = take_i16(rest)?;
-    let mut codes = Vec::new();
-    for _ in 0..count {
-        let code = take_i16(rest)?;
-        if !(0..=1).contains(&code) {
-            return None;
-        }
-        codes.push(code);
-    }
-    Some(codes)
+/// The one format code of a list of at most one (none: text), if it is text (0) or
+/// binary (1).
+fn one_format(mut codes: impl Iterator<Item = i16>) -> Option<i16> {
+    let code = codes.next().unwrap_or(0);
+    (codes.next().is_none() && (0..=1).contains(&code)).then_some(code)
 }
 
 /// Answers the recognised `request` as PostgreSQL would have, the call's result being
