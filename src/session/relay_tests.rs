@@ -464,3 +464,66 @@ fn parameter_status_is_noted_for_both_sides() {
     assert_eq!(relay.client_params.get("application_name"), Some("x"));
     assert_eq!(relay.server_params.get("application_name"), Some("x"));
 }
+
+#[test]
+fn holding_at_boundaries_sends_one_request_at_a_time() {
+    let mut relay = Relay::new(Policy {
+        transaction_pooling: true,
+        hold_at_boundary: true,
+        ..Policy::default()
+    });
+    let (begin, select, commit) = (query("begin"), query("select 1"), query("commit"));
+    let sent = relay.client(&cat(&[begin.clone(), select.clone()]));
+    assert_eq!(sent, begin);
+    // Not answered yet: more client bytes wait too.
+    assert_eq!(relay.client(&commit), b"");
+    relay.server(&cat(&[complete("BEGIN"), ready(b'T')]));
+    assert!(!relay.wire.server.release_point);
+    assert_eq!(relay.resume(), select, "one request, then a pause again");
+    relay.server(&cat(&[complete("SELECT 1"), ready(b'T')]));
+    assert_eq!(relay.resume(), commit);
+    relay.server(&cat(&[complete("COMMIT"), ready(b'I')]));
+    assert!(relay.released());
+}
+
+#[test]
+fn a_finished_transaction_leaves_the_next_request_to_be_routed() {
+    let mut relay = Relay::new(Policy {
+        transaction_pooling: true,
+        hold_at_boundary: true,
+        ..Policy::default()
+    });
+    let (first, second) = (query("select 1"), query("select 2"));
+    assert_eq!(relay.client(&cat(&[first.clone(), second.clone()])), first);
+    relay.server(&cat(&[complete("SELECT 1"), ready(b'I')]));
+    // The server goes back; the second request is read and routed on its own.
+    assert!(relay.released());
+    assert_eq!(relay.wire.client.exchange.flow, Flow::Paused);
+    assert_eq!(relay.from_client, second);
+}
+
+#[test]
+fn the_clients_own_notifications_stop_the_scan_at_the_sender_pid() {
+    let mut relay = Relay::new(Policy {
+        transaction_pooling: true,
+        own_pid: Some(1234),
+        ..Policy::default()
+    });
+    relay.client(&query("listen x"));
+    let mut body = 7i32.to_be_bytes().to_vec();
+    body.extend(b"x\0\0");
+    let notification = msg(b'A', &body);
+    let answer = cat(&[complete("LISTEN"), notification.clone(), ready(b'I')]);
+    relay.from_server.extend_from_slice(&answer);
+    let parts = ServerParts {
+        pid: 7,
+        params: &mut relay.server_params,
+        statements: &mut relay.statements,
+    };
+    let at = relay
+        .wire
+        .scan_server_bytes(&answer, parts, &mut relay.client_params);
+    // The pid sits after the notification's header.
+    assert_eq!(at, Some(complete("LISTEN").len() + HEADER_LEN));
+    assert_eq!(relay.wire.server.s2c, answer.len() - ready(b'I').len());
+}
