@@ -139,15 +139,6 @@ impl<'a> Iterator for Messages<'a> {
     }
 }
 
-/// The length of the message at the start of `buf`, header included, if its header
-/// is there and valid.
-pub fn message_len(buf: &[u8]) -> Option<usize> {
-    header(buf, MAX_MESSAGE_LEN)
-        .ok()
-        .flatten()
-        .map(|(_, total)| total)
-}
-
 /// A Parse body. Only the name is read up front: the SQL text may be long, and most
 /// readers stop at the name or at the text's first words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,8 +452,8 @@ mod tests {
         // The Query is cut short: the walk ends in front of it.
         assert!(walk.next().is_none());
         assert_eq!(walk.rest(), &buf[whole..]);
-        assert_eq!(message_len(&buf), Some(first.bytes.len()));
-        assert_eq!(message_len(&buf[..4]), None);
+        assert_eq!(crate::protocol::message_len(&buf), Some(first.bytes.len()));
+        assert_eq!(crate::protocol::message_len(&buf[..4]), None);
     }
 
     #[test]
@@ -473,7 +464,7 @@ mod tests {
         assert_eq!(walk.len(), 2);
         assert!(walk[0].is_ok());
         assert_eq!(walk[1], Err(ProtocolError::BadLength { tag: 'Q', len: 3 }));
-        assert_eq!(message_len(&buf[5..]), None);
+        assert_eq!(crate::protocol::message_len(&buf[5..]), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use bytes::{Buf, BufMut};
 
-use super::relay::{Front, Wire};
+use super::relay::Wire;
+use super::scan::Front;
 use crate::pool::server::Server;
 use crate::protocol::backend::TxStatus;
 use crate::protocol::frontend;

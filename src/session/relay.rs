@@ -22,12 +22,12 @@ use bytes::{Buf, BufMut};
 use crate::pool::server::Server;
 use crate::pool::Pools;
 use crate::protocol::backend::{self, TxStatus};
-use crate::protocol::{frontend, ProtocolError, HEADER_LEN};
+use crate::protocol::{self, frontend, ProtocolError, HEADER_LEN};
 use crate::router::classify::effects::Effects;
 use crate::router::StatementNodes;
 use crate::session::params::ParamSet;
 use crate::session::prepared::Prepared;
-use crate::session::scan::{ClientEnd, ClientSide, Flow};
+use crate::session::scan::{ClientEnd, ClientSide, Flow, Front};
 use crate::session::server_side::{ServerEnd, ServerFront, ServerParts, ServerSide};
 use crate::stream::{Conn, Stream};
 
@@ -54,22 +54,6 @@ pub enum RelayEnd {
     /// The client's next request may be a call on a pid pgrelay issued; everything
     /// before it is answered. The session handles it, then relays on.
     Intercepted,
-}
-
-/// The client message the scan stopped in front of, with prepared statements carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) enum Front {
-    /// Nothing: client bytes are relayed as they come.
-    #[default]
-    Relayed,
-    /// It names a statement: rewrite it once everything before it is on its way.
-    Rewrite,
-    /// A `DEALLOCATE` of the client's own statement: answer it once everything before
-    /// it is answered.
-    Answer,
-    /// A request that may be a call on a pid pgrelay issued: once everything before it
-    /// is answered, the session reads and handles it ([`RelayEnd::Intercepted`]).
-    PidCall,
 }
 
 /// What the relay does for one client, decided when the session starts (only
@@ -372,7 +356,7 @@ impl Wire {
         server: &mut Server,
         client_params: &mut ParamSet,
     ) {
-        let len = frontend::message_len(server.conn.rbuf()).unwrap_or(HEADER_LEN);
+        let len = protocol::message_len(server.conn.rbuf()).unwrap_or(HEADER_LEN);
         server.conn.rbuf().advance(len);
         if self.server.front == ServerFront::Replace {
             backend::stale_plan_error(client.wbuf());

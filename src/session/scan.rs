@@ -18,8 +18,24 @@ use crate::router::StatementNodes;
 use crate::session::carry::{carry, Carry};
 use crate::session::pids;
 use crate::session::prepared::Prepared;
-use crate::session::relay::{Front, Wire};
+use crate::session::relay::Wire;
 use crate::stream::{Conn, Stream};
+
+/// The client message the scan stopped in front of, with prepared statements carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Front {
+    /// Nothing: client bytes are relayed as they come.
+    #[default]
+    Relayed,
+    /// It names a statement: rewrite it once everything before it is on its way.
+    Rewrite,
+    /// A `DEALLOCATE` of the client's own statement: answer it once everything before
+    /// it is answered.
+    Answer,
+    /// A request that may be a call on a pid pgrelay issued: once everything before it
+    /// is answered, the session reads and handles it ([`super::relay::RelayEnd::Intercepted`]).
+    PidCall,
+}
 
 /// What the relay knows of the client's side of the wire; kept across servers.
 #[derive(Debug)]
