@@ -67,6 +67,39 @@ pub fn scanner(data: &[u8]) {
     }
 }
 
+/// Walks arbitrary bytes as a buffered client request and reads every message through
+/// the view of its type, checking that the walk covers the bytes exactly.
+pub fn messages(data: &[u8]) {
+    use crate::protocol::frontend;
+    let mut walk = frontend::messages(data);
+    let mut covered = 0;
+    for message in walk.by_ref() {
+        let Ok(message) = message else {
+            return;
+        };
+        covered += message.bytes.len();
+        let body = message.body;
+        let _ = match message.tag {
+            frontend::PARSE => frontend::parse(body)
+                .and_then(|p| p.param_types())
+                .map(<[u8]>::len),
+            frontend::BIND => frontend::bind(body)
+                .and_then(|b| b.params())
+                .map(|p| p.values().count() + p.formats().count() + p.result_formats().count()),
+            frontend::DESCRIBE => frontend::describe(body).map(|_| 0),
+            frontend::CLOSE => frontend::close(body).map(|_| 0),
+            frontend::EXECUTE => frontend::execute(body).map(|e| e.portal.len()),
+            frontend::SYNC => frontend::sync(body).map(|()| 0),
+            _ => frontend::query_text(body).map(<[u8]>::len),
+        };
+    }
+    assert_eq!(
+        covered + walk.rest().len(),
+        data.len(),
+        "the walk lost bytes"
+    );
+}
+
 /// Runs the SQL classifiers on arbitrary bytes and, for text sqlparser can parse,
 /// checks that the statement classifier is never less conservative than the oracle.
 pub fn classify(data: &[u8]) {

@@ -34,6 +34,7 @@ fn corpora_replay_without_panics() {
         ("startup", fuzzing::startup),
         ("scanner", fuzzing::scanner),
         ("classify", fuzzing::classify),
+        ("messages", fuzzing::messages),
     ] {
         assert!(replay(target, run) > 0, "corpus for {target} is empty");
     }
@@ -47,5 +48,6 @@ proptest! {
         fuzzing::startup(&data);
         fuzzing::scanner(&data);
         fuzzing::classify(&data);
+        fuzzing::messages(&data);
     }
 }

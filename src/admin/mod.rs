@@ -132,7 +132,7 @@ pub async fn serve(
         backend::parameter_status_msg(buf, name, value);
     }
     backend::backend_key_data(buf, 0, 0);
-    backend::ready_for_query(buf, b'I');
+    backend::ready_for_query(buf, backend::TxStatus::Idle);
     if client.flush().await.is_err() {
         return;
     }
@@ -151,14 +151,14 @@ pub async fn serve(
                     .map(|t| String::from_utf8_lossy(t).into_owned())
                     .unwrap_or_default();
                 let shut_down = run_query(&shared, &text, admin, &mut client).await;
-                backend::ready_for_query(client.wbuf(), b'I');
+                backend::ready_for_query(client.wbuf(), backend::TxStatus::Idle);
                 if client.flush().await.is_err() || shut_down {
                     return;
                 }
             }
             frontend::TERMINATE => return,
             frontend::SYNC => {
-                backend::ready_for_query(client.wbuf(), b'I');
+                backend::ready_for_query(client.wbuf(), backend::TxStatus::Idle);
                 if client.flush().await.is_err() {
                     return;
                 }

@@ -55,10 +55,35 @@ pub fn is_fatal(body: &[u8]) -> bool {
     matches!(error_fields(body).severity.as_str(), "FATAL" | "PANIC")
 }
 
+/// The transaction status a ReadyForQuery reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    #[default]
+    Idle,
+    /// `T`: in a transaction block.
+    InBlock,
+    /// `E`: in a failed transaction block; statements are refused until it ends.
+    Failed,
+}
+
+impl TxStatus {
+    /// The status byte on the wire.
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
 /// Transaction status of a ReadyForQuery body (`I`, `T` or `E`).
-pub fn ready_status(body: &[u8]) -> Result<u8, ProtocolError> {
+pub fn ready_status(body: &[u8]) -> Result<TxStatus, ProtocolError> {
     match body {
-        [s @ (b'I' | b'T' | b'E')] => Ok(*s),
+        b"I" => Ok(TxStatus::Idle),
+        b"T" => Ok(TxStatus::InBlock),
+        b"E" => Ok(TxStatus::Failed),
         _ => Err(ProtocolError::Malformed {
             what: "ReadyForQuery",
         }),
@@ -237,11 +262,11 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     put(buf, &CommandComplete::new(tag.to_owned()));
 }
 
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     let status = match status {
-        b'T' => TransactionStatus::Transaction,
-        b'E' => TransactionStatus::Error,
-        _ => TransactionStatus::Idle,
+        TxStatus::InBlock => TransactionStatus::Transaction,
+        TxStatus::Failed => TransactionStatus::Error,
+        TxStatus::Idle => TransactionStatus::Idle,
     };
     put(buf, &ReadyForQuery::new(status));
 }
@@ -298,6 +323,11 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, newest: i32, unsupported: 
 /// ParseComplete.
 pub fn parse_complete(buf: &mut BytesMut) {
     buf.put_slice(&[PARSE_COMPLETE, 0, 0, 0, 4]);
+}
+
+/// CloseComplete.
+pub fn close_complete(buf: &mut BytesMut) {
+    buf.put_slice(&[CLOSE_COMPLETE, 0, 0, 0, 4]);
 }
 
 /// BindComplete.
@@ -392,7 +422,7 @@ mod tests {
     fn builders_round_trip_through_views() {
         let mut buf = BytesMut::new();
         error_response(&mut buf, Severity::Fatal, "28P01", "nope");
-        ready_for_query(&mut buf, b'T');
+        ready_for_query(&mut buf, TxStatus::InBlock);
         parameter_status_msg(&mut buf, "TimeZone", "UTC");
         backend_key_data(&mut buf, 7, -9);
         let e = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
@@ -402,7 +432,9 @@ mod tests {
             ("FATAL", "28P01", "nope")
         );
         let z = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
-        assert_eq!(ready_status(z.body()).unwrap(), b'T');
+        assert_eq!(ready_status(z.body()).unwrap(), TxStatus::InBlock);
+        assert_eq!(TxStatus::InBlock.byte(), b'T');
+        assert!(ready_status(b"X").is_err());
         let s = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         assert_eq!(parameter_status(s.body()).unwrap(), ("TimeZone", "UTC"));
         let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();

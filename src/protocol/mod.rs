@@ -68,6 +68,15 @@ pub fn header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, Protoco
     Ok(Some((buf[0], len + 1)))
 }
 
+/// The length of the message at the start of `buf`, header included, if its header
+/// is there and valid.
+pub fn message_len(buf: &[u8]) -> Option<usize> {
+    header(buf, MAX_MESSAGE_LEN)
+        .ok()
+        .flatten()
+        .map(|(_, total)| total)
+}
+
 /// Splits one complete message off the front of `buf` without copying it.
 pub fn split_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
     match header(buf, max_len)? {

@@ -17,7 +17,7 @@ use dashmap::DashMap;
 
 use crate::cluster::Topology;
 use crate::config::{Config, LoadBalance};
-use crate::protocol::{frontend, header, read_cstr, MAX_MESSAGE_LEN};
+use crate::protocol::frontend;
 use classify::{Classifier, Reason, Target};
 
 /// Shared routing state: the classifier and what has been learned about functions.
@@ -144,15 +144,13 @@ impl StatementNodes {
     pub fn observe(&mut self, tag: u8, body: &[u8], node: usize) {
         match tag {
             frontend::PARSE => {
-                if let Some((name, _)) = read_cstr(body) {
-                    self.parsed(name, node);
+                if let Ok(parse) = frontend::parse(body) {
+                    self.parsed(parse.name, node);
                 }
             }
             frontend::CLOSE => {
-                if let [b'S', rest @ ..] = body {
-                    if let Some((name, _)) = read_cstr(rest) {
-                        self.closed(name);
-                    }
+                if let Some(name) = frontend::close(body).ok().and_then(|c| c.statement()) {
+                    self.closed(name);
                 }
             }
             _ => {}
@@ -259,30 +257,31 @@ pub fn plan_request(
     // Statements parsed earlier in this same request run wherever it goes.
     let mut parsed_here: Vec<&[u8]> = Vec::new();
     let (mut parse_kind, mut executes) = (None, false);
-    let mut pos = 0;
-    while let Ok(Some((tag, total))) = header(&request[pos..], MAX_MESSAGE_LEN) {
-        let Some(body) = request.get(pos + 5..pos + total) else {
-            break;
-        };
-        pos += total;
+    for message in frontend::messages(request).map_while(Result::ok) {
+        let (tag, body) = (message.tag, message.body);
         let text = match tag {
             frontend::QUERY => frontend::query_text(body).ok(),
-            frontend::PARSE => read_cstr(body).and_then(|(name, rest)| {
-                parsed_here.push(name);
-                read_cstr(rest).map(|(text, _)| text)
+            frontend::PARSE => frontend::parse(body).ok().and_then(|parse| {
+                parsed_here.push(parse.name);
+                parse.text().ok()
             }),
-            frontend::BIND => read_cstr(body)
-                .and_then(|(_, rest)| read_cstr(rest))
-                .and_then(|(statement, _)| {
-                    use_statement(&mut plan, statement, &parsed_here, statements)
-                }),
+            frontend::BIND => frontend::bind(body).ok().and_then(|bind| {
+                use_statement(&mut plan, bind.statement, &parsed_here, statements)
+            }),
             // Closing a statement belongs where the statement lives, too.
-            frontend::DESCRIBE | frontend::CLOSE => match body {
-                [b'S', rest @ ..] => read_cstr(rest).and_then(|(statement, _)| {
-                    use_statement(&mut plan, statement, &parsed_here, statements)
-                }),
-                _ => None,
-            },
+            frontend::DESCRIBE | frontend::CLOSE => {
+                let target = if tag == frontend::DESCRIBE {
+                    frontend::describe(body)
+                } else {
+                    frontend::close(body)
+                };
+                target
+                    .ok()
+                    .and_then(|t| t.statement())
+                    .and_then(|statement| {
+                        use_statement(&mut plan, statement, &parsed_here, statements)
+                    })
+            }
             frontend::FUNCTION_CALL => {
                 plan.primary(Reason::Function);
                 None

@@ -5,10 +5,12 @@
 
 use bytes::{Buf, BufMut};
 
-use super::relay::{Front, Wire};
+use super::relay::Wire;
+use super::scan::Front;
 use crate::pool::params::ParamSet;
 use crate::pool::server::Server;
-use crate::protocol::{frontend, header, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::backend::TxStatus;
+use crate::protocol::frontend;
 use crate::router::classify::effects::Effects;
 use crate::session::prepared::Prepared;
 use crate::stream::{Conn, Stream};
@@ -48,30 +50,27 @@ impl Wire {
         let Some(prepared) = self.prepared.as_deref_mut() else {
             return false;
         };
-        let Ok(Some((tag, total))) = header(&client.rbuf()[..self.c2s], MAX_MESSAGE_LEN) else {
+        let (rbuf, wbuf) = client.buffers();
+        let request = &rbuf[..self.client.c2s];
+        let Some(Ok(first)) = frontend::messages(request).next() else {
             return false;
         };
-        let (rbuf, wbuf) = client.buffers();
-        let named = rbuf.get(5).is_some_and(|&b| b != 0);
-        let answered = match tag {
+        let answered = match first.tag {
             frontend::QUERY => {
-                let body = &rbuf[5..total];
-                if total != self.c2s || !prepared.is_own_deallocate(body) {
+                if first.bytes.len() != request.len() || !prepared.is_own_deallocate(first.body) {
                     return false;
                 }
-                prepared.deallocate(body, b'I', wbuf);
+                prepared.deallocate(first.body, TxStatus::Idle, wbuf);
                 true
             }
-            frontend::PARSE if named => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
-            frontend::CLOSE => prepared.answer(&rbuf[..self.c2s], search_path, wbuf),
+            frontend::PARSE if frontend::parse(first.body).is_ok_and(|p| !p.name.is_empty()) => {
+                prepared.answer(request, search_path, wbuf)
+            }
+            frontend::CLOSE => prepared.answer(request, search_path, wbuf),
             _ => false,
         };
         if answered {
-            client.rbuf().advance(self.c2s);
-            self.c2s = 0;
-            self.pending = 0;
-            self.extended_open = false;
-            self.rewrite_buffered = false;
+            self.consume_request(client);
         }
         answered
     }
@@ -91,27 +90,23 @@ impl Wire {
         if !self.resumed {
             prepared.attached();
         }
-        let rewrite = std::mem::take(&mut self.rewrite_buffered);
-        let mut pos = 0;
-        while let Ok(Some((tag, total))) = header(&client.rbuf()[pos..self.c2s], MAX_MESSAGE_LEN) {
-            let Some(message) = client.rbuf().get(pos..pos + total) else {
-                break;
-            };
-            let body = &message[5..];
+        let rewrite = std::mem::take(&mut self.client.exchange.rewrite_buffered);
+        let request = &client.rbuf()[..self.client.c2s];
+        for message in frontend::messages(request).map_while(Result::ok) {
+            let (tag, body) = (message.tag, message.body);
             if !rewrite {
                 prepared.forwarded(tag);
             } else if prepared.needs_rewrite(tag, body) {
-                let effects = self.track_effects.then_some(&mut self.effects);
+                let effects = self.policy.track_effects.then_some(&mut self.effects);
                 rewrite_message(prepared, message, server, client_params, effects);
             } else {
-                server.conn.wbuf().put_slice(message);
+                server.conn.wbuf().put_slice(message.bytes);
                 prepared.forwarded(tag);
             }
-            pos += total;
         }
         if rewrite {
-            client.rbuf().advance(self.c2s);
-            self.c2s = 0;
+            client.rbuf().advance(self.client.c2s);
+            self.client.c2s = 0;
         }
     }
 
@@ -123,40 +118,38 @@ impl Wire {
         server: &mut Server,
         client_params: &ParamSet,
     ) -> bool {
-        if self.c2s > 0 {
+        if self.client.c2s > 0 {
             return false;
         }
         let Some(prepared) = self.prepared.as_deref_mut() else {
             return false;
         };
-        let Ok(Some((_, total))) = header(client.rbuf(), MAX_MESSAGE_LEN) else {
+        let exchange = &mut self.client.exchange;
+        let (rbuf, wbuf) = client.buffers();
+        let Some(Ok(message)) = frontend::messages(rbuf).next() else {
             return false;
         };
-        if self.front == Front::Rewrite {
-            let Some(message) = client.rbuf().get(..total) else {
-                return false;
-            };
-            let effects = self.track_effects.then_some(&mut self.effects);
+        let total = message.bytes.len();
+        if exchange.front == Front::Rewrite {
+            let effects = self.policy.track_effects.then_some(&mut self.effects);
             rewrite_message(prepared, message, server, client_params, effects);
-            client.rbuf().advance(total);
-            self.front = Front::Relayed;
+            rbuf.advance(total);
+            exchange.front = Front::Relayed;
             return true;
         }
         // An own DEALLOCATE is answered after everything sent before it.
-        let answered = self.s2c == 0 && self.pending == 0 && server.conn.wbuf().is_empty();
-        if self.front != Front::Answer || !answered {
+        let answered =
+            self.server.s2c == 0 && exchange.pending == 0 && server.conn.wbuf().is_empty();
+        if exchange.front != Front::Answer || !answered {
             return false;
         }
-        let (rbuf, wbuf) = client.buffers();
-        let Some(body) = rbuf.get(HEADER_LEN..total) else {
-            return false;
-        };
-        prepared.deallocate(body, self.status, wbuf);
+        let status = self.server.status;
+        prepared.deallocate(message.body, status, wbuf);
         rbuf.advance(total);
-        self.front = Front::Relayed;
-        self.client_needs_flush = true;
-        if self.transaction_pooling && self.status == b'I' && !self.extended_open {
-            self.release_point = true;
+        exchange.front = Front::Relayed;
+        self.client.needs_flush = true;
+        if self.policy.transaction_pooling && status == TxStatus::Idle && !exchange.extended_open {
+            self.server.release_point = true;
         }
         true
     }
@@ -166,14 +159,14 @@ impl Wire {
 /// a Bind runs does to the session to `effects`, if given.
 fn rewrite_message(
     prepared: &mut Prepared,
-    message: &[u8],
+    message: frontend::Message<'_>,
     server: &mut Server,
     client_params: &ParamSet,
     effects: Option<&mut Effects>,
 ) {
     let found = prepared.rewrite(
-        message[0],
-        &message[HEADER_LEN..],
+        message.tag,
+        message.body,
         &mut server.statements,
         client_params.get("search_path"),
         server.conn.wbuf(),

@@ -38,7 +38,7 @@ impl Session {
     ) -> bool {
         for _ in 0..owed {
             err.encode(self.client.wbuf());
-            backend::ready_for_query(self.client.wbuf(), b'I');
+            backend::ready_for_query(self.client.wbuf(), backend::TxStatus::Idle);
         }
         if sync_owed {
             if owed == 0 {
@@ -49,7 +49,7 @@ impl Session {
             {
                 return false;
             }
-            backend::ready_for_query(self.client.wbuf(), b'I');
+            backend::ready_for_query(self.client.wbuf(), backend::TxStatus::Idle);
         }
         self.client.flush().await.is_ok()
     }

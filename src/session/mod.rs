@@ -13,6 +13,7 @@ pub mod prepared;
 pub mod relay;
 mod route;
 mod scan;
+mod server_side;
 mod settle;
 pub mod state;
 
@@ -33,7 +34,7 @@ use crate::stream::{Conn, Stream};
 use crate::Shared;
 use fail::{pool_error, say_goodbye, server_error};
 use prepared::Prepared;
-use relay::{RelayEnd, Wire};
+use relay::{Policy, RelayEnd, Wire};
 use route::{RouteMode, Routing};
 use settle::Pin;
 use state::{Attachment, Farewell};
@@ -209,6 +210,15 @@ impl Session {
         let carries_statements = prepared.is_some();
         let db_stats = shared.registry.db_stats(&login.database);
         let shutting_down = shared.shutting_down.subscribe();
+        let policy = Policy {
+            // Session mode with routing stops at each transaction's end to route the next.
+            transaction_pooling: transaction_mode || routes,
+            // Carried statements run on any node; otherwise they are followed to theirs.
+            track_statements: routes && !carries_statements,
+            track_effects: transaction_mode,
+            own_pid: transaction_mode.then(|| cancel.key().0),
+            hold_at_boundary: false,
+        };
         let mut session = Session {
             shared,
             client,
@@ -217,8 +227,7 @@ impl Session {
             pool,
             pools: vec![None; nodes],
             held: std::iter::repeat_with(|| None).take(nodes).collect(),
-            // Session mode with routing stops at each transaction's end to route the next.
-            wire: Wire::new(transaction_mode || routes, prepared),
+            wire: Wire::new(policy, prepared),
             routing: Routing::new(routes),
             params,
             cancel,
@@ -231,13 +240,7 @@ impl Session {
             request: None,
             shutting_down,
         };
-        // Carried statements run on any node; otherwise they are followed to theirs.
-        session.wire.track_statements = routes && !carries_statements;
-        session.wire.track_effects = transaction_mode;
-        if transaction_mode {
-            let pid = session.cancel.key().0;
-            session.wire.own_pid = Some(pid);
-            session.wire.intercept_pids = true;
+        if let Some(pid) = policy.own_pid {
             session.handle.entry.set_issued_pid(pid);
         }
         match session.greet(deadline).await {
@@ -279,7 +282,7 @@ impl Session {
             backend::parameter_status_msg(buf, name, value);
         }
         backend::backend_key_data(buf, key.0, key.1);
-        backend::ready_for_query(buf, b'I');
+        backend::ready_for_query(buf, backend::TxStatus::Idle);
         self.client
             .flush()
             .await
@@ -469,8 +472,10 @@ impl Session {
                     write: self.routing.last_write,
                 });
                 self.wire.record_request(&mut self.client, node);
-                self.wire.hold_at_boundary = self.routing.mode == RouteMode::PerRequest
-                    && self.routing.primary != Some(node);
+                self.wire.hold_at_boundary(
+                    self.routing.mode == RouteMode::PerRequest
+                        && self.routing.primary != Some(node),
+                );
                 self.attachment = Attachment::Attached(guard);
             }
             Err(mut err) => {

@@ -32,13 +32,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::relay::Wire;
 use super::Session;
 use crate::config::PoolMode;
 use crate::error::ClientError;
-use crate::protocol::{backend, frontend, header, read_cstr, HEADER_LEN, MAX_MESSAGE_LEN};
+use crate::protocol::backend::{self, TxStatus};
+use crate::protocol::frontend;
 use crate::registry::ClientEntry;
-use crate::stream::{Conn, Stream};
 
 /// What a call asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,10 +131,10 @@ pub(super) fn may_be_call<'a>(
 ) -> bool {
     match tag {
         frontend::QUERY => parse_call(body).is_some(),
-        frontend::PARSE => read_cstr(body).is_some_and(|(_, rest)| parse_call(rest).is_some()),
-        frontend::BIND if pid_statements => read_cstr(body)
-            .and_then(|(_, rest)| read_cstr(rest))
-            .and_then(|(name, _)| carried(name))
+        frontend::PARSE => frontend::parse(body).is_ok_and(|p| parse_call(p.after_name).is_some()),
+        frontend::BIND if pid_statements => frontend::bind(body)
+            .ok()
+            .and_then(|b| carried(b.statement))
             .is_some_and(|text| parse_call(text).is_some()),
         _ => false,
     }
@@ -165,13 +164,9 @@ fn number(digits: &[u8]) -> Option<i32> {
 
 /// The messages of a buffered request: `(tag, body)`.
 fn messages(request: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
-    let mut rest = request;
-    std::iter::from_fn(move || {
-        let (tag, total) = header(rest, MAX_MESSAGE_LEN).ok()??;
-        let body = rest.get(HEADER_LEN..total)?;
-        rest = &rest[total..];
-        Some((tag, body))
-    })
+    frontend::messages(request)
+        .map_while(Result::ok)
+        .map(|m| (m.tag, m.body))
 }
 
 /// Recognises a buffered request (complete, nothing after it) that is one call, or
@@ -182,10 +177,10 @@ pub(super) fn recognise<'a>(
     carry: bool,
     carried: impl FnOnce(&[u8]) -> Option<&'a [u8]>,
 ) -> Option<Recognised> {
-    let (tag, total) = header(request, MAX_MESSAGE_LEN).ok()??;
-    match tag {
-        frontend::QUERY if total == request.len() => {
-            let (signal, Arg::Literal(pid)) = parse_call(&request[HEADER_LEN..])? else {
+    let first = frontend::messages(request).next()?.ok()?;
+    match first.tag {
+        frontend::QUERY if first.bytes.len() == request.len() => {
+            let (signal, Arg::Literal(pid)) = parse_call(first.body)? else {
                 return None;
             };
             Some(Recognised::Call(PidCall {
@@ -244,13 +239,12 @@ fn extended<'a>(
         seen.stage = match (tag, seen.stage) {
             (frontend::PARSE, Stage::Start) => seen.parse(body, carry)?,
             (frontend::DESCRIBE, Stage::NamedParsed) => {
-                let (name, _) = read_cstr(body.strip_prefix(b"S")?)?;
+                let name = frontend::describe(body).ok()?.statement()?;
                 (name == seen.name).then_some(Stage::NamedParsed)?
             }
             (frontend::FLUSH | frontend::SYNC, Stage::NamedParsed) => Stage::Prepared,
             (frontend::BIND, Stage::Start) => {
-                let (_, rest) = read_cstr(body)?;
-                let (name, _) = read_cstr(rest)?;
+                let name = frontend::bind(body).ok()?.statement;
                 let text = carried.take().and_then(|c| c(name))?;
                 seen.call = Some(parse_call(text)?);
                 seen.bind(body)?
@@ -259,11 +253,10 @@ fn extended<'a>(
             (frontend::DESCRIBE, Stage::Parsed) if body.first() == Some(&b'S') => Stage::Parsed,
             (frontend::DESCRIBE, Stage::Bound) => Stage::Bound,
             (frontend::EXECUTE, Stage::Bound) => {
-                let (portal, mut rest) = read_cstr(body)?;
-                let max_rows = take_i32(&mut rest)?;
+                let execute = frontend::execute(body).ok()?;
                 let found = seen.found.as_mut()?;
-                found.limited = max_rows > 0;
-                (portal == seen.portal && rest.is_empty()).then_some(Stage::Executed)?
+                found.limited = execute.max_rows > 0;
+                (execute.portal == seen.portal).then_some(Stage::Executed)?
             }
             (frontend::SYNC, Stage::Executed) => Stage::Synced,
             _ => return None,
@@ -289,12 +282,13 @@ impl<'a> Extended<'a> {
     /// A Parse of a call: unnamed, or named when statements are carried (pgrelay
     /// keeps it then; without that, it would exist on no server).
     fn parse(&mut self, body: &'a [u8], carry: bool) -> Option<Stage> {
-        let (name, rest) = read_cstr(body)?;
+        let parse = frontend::parse(body).ok()?;
+        let name = parse.name;
         if !name.is_empty() && !carry {
             return None;
         }
-        let call = parse_call(rest)?;
-        let (_, types) = read_cstr(rest)?;
+        let call = parse_call(parse.after_name)?;
+        let types = parse.param_types().ok()?;
         self.name = name;
         self.declared = match (call.1, types) {
             (Arg::Literal(_), [0, 0]) => None,
@@ -327,34 +321,23 @@ impl<'a> Extended<'a> {
 
     /// A Bind of the unnamed statement just parsed, or of the carried one.
     fn bind(&mut self, body: &'a [u8]) -> Option<Stage> {
-        let (portal, rest) = read_cstr(body)?;
-        let (statement, mut rest) = read_cstr(rest)?;
-        if self.stage == Stage::Parsed && !statement.is_empty() {
+        let bind = frontend::bind(body).ok()?;
+        if self.stage == Stage::Parsed && !bind.statement.is_empty() {
             return None;
         }
         let (signal, arg) = self.call?;
-        let formats = take_formats(&mut rest)?;
-        let params = take_i16(&mut rest)?;
-        let pid = match (arg, params) {
+        let params = bind.params().ok()?;
+        let binary = one_format(params.formats())? == 1;
+        let pid = match (arg, params.len()) {
             (Arg::Literal(pid), 0) => pid,
-            (Arg::Param, 1) => {
-                let len = usize::try_from(take_i32(&mut rest)?).ok()?;
-                let value = rest.get(..len)?;
-                rest = &rest[len..];
-                let binary = formats.first() == Some(&1);
-                self.param(value, binary)?
-            }
+            (Arg::Param, 1) => self.param(params.values().next()??, binary)?,
             _ => return None,
         };
-        let results = take_formats(&mut rest)?;
-        if !rest.is_empty() || formats.len() > 1 || results.len() > 1 {
-            return None;
-        }
-        self.portal = portal;
+        self.portal = bind.portal;
         self.found = Some(PidCall {
             signal,
             pid,
-            format: results.first().copied().unwrap_or(0),
+            format: one_format(params.result_formats())?,
             param_type: self.param_type(arg),
             limited: false,
         });
@@ -375,35 +358,16 @@ impl<'a> Extended<'a> {
     }
 }
 
-fn take_i16(rest: &mut &[u8]) -> Option<i16> {
-    let (head, tail) = rest.split_first_chunk::<2>()?;
-    *rest = tail;
-    Some(i16::from_be_bytes(*head))
-}
-
-fn take_i32(rest: &mut &[u8]) -> Option<i32> {
-    let (head, tail) = rest.split_first_chunk::<4>()?;
-    *rest = tail;
-    Some(i32::from_be_bytes(*head))
-}
-
-/// A count of format codes and the codes (each 0 or 1); at most one is kept.
-fn take_formats(rest: &mut &[u8]) -> Option<Vec<i16>> {
-    let count = take_i16(rest)?;
-    let mut codes = Vec::new();
-    for _ in 0..count {
-        let code = take_i16(rest)?;
-        if !(0..=1).contains(&code) {
-            return None;
-        }
-        codes.push(code);
-    }
-    Some(codes)
+/// The one format code of a list of at most one (none: text), if it is text (0) or
+/// binary (1).
+fn one_format(mut codes: impl Iterator<Item = i16>) -> Option<i16> {
+    let code = codes.next().unwrap_or(0);
+    (codes.next().is_none() && (0..=1).contains(&code)).then_some(code)
 }
 
 /// Answers the recognised `request` as PostgreSQL would have, the call's result being
 /// `true`, in transaction `status` (`I` or `T`).
-fn answer(call: &PidCall, request: &[u8], status: u8, out: &mut BytesMut) {
+fn answer(call: &PidCall, request: &[u8], status: TxStatus, out: &mut BytesMut) {
     let name = call.signal.function();
     for (tag, body) in messages(request) {
         match tag {
@@ -438,17 +402,6 @@ fn answer(call: &PidCall, request: &[u8], status: u8, out: &mut BytesMut) {
     }
 }
 
-impl Wire {
-    /// Drops the buffered request pgrelay answered itself.
-    fn consume_request(&mut self, client: &mut Conn<Stream>) {
-        bytes::Buf::advance(client.rbuf(), self.c2s);
-        self.c2s = 0;
-        self.pending = 0;
-        self.extended_open = false;
-        self.rewrite_buffered = false;
-    }
-}
-
 /// What pgrelay does with a request about the pids it issued.
 pub(super) enum PidRequest {
     /// Carries out this call on that client, and answers it.
@@ -460,7 +413,7 @@ pub(super) enum PidRequest {
 /// The name and the rest (text, parameter types) of the Parse a request opens with.
 fn parsed_statement(request: &[u8]) -> Option<(&[u8], &[u8])> {
     match messages(request).next()? {
-        (frontend::PARSE, body) => read_cstr(body),
+        (frontend::PARSE, body) => frontend::parse(body).ok().map(|p| (p.name, p.after_name)),
         _ => None,
     }
 }
@@ -471,13 +424,13 @@ impl Session {
     /// of such a call.
     pub(super) fn pid_request(&mut self) -> Option<PidRequest> {
         // In a failed transaction the server refuses everything; so be it.
-        if self.mode != PoolMode::Transaction || self.wire.status == b'E' {
+        if self.mode != PoolMode::Transaction || self.wire.status() == TxStatus::Failed {
             return None;
         }
         let request = self.wire.request(&mut self.client);
         let prepared = self.wire.prepared.as_deref();
         // Only a client that parsed a call has a statement of one.
-        let lookup = prepared.filter(|_| self.wire.pid_statements);
+        let lookup = prepared.filter(|_| self.wire.client.pid_statements);
         let carried = |name: &[u8]| Some(lookup?.statement(name)?.text());
         let call = match recognise(request, prepared.is_some(), carried)? {
             Recognised::Prepare(call) => {
@@ -504,7 +457,7 @@ impl Session {
         let call = match request {
             PidRequest::Prepare(call) => {
                 let (rbuf, _) = self.client.buffers();
-                let statement = parsed_statement(&rbuf[..self.wire.c2s]);
+                let statement = parsed_statement(&rbuf[..self.wire.client.c2s]);
                 if let (Some(prepared), Some((name, rest))) =
                     (self.wire.prepared.as_deref_mut(), statement)
                 {
@@ -518,7 +471,12 @@ impl Session {
             }
         };
         let (rbuf, wbuf) = self.client.buffers();
-        answer(&call, &rbuf[..self.wire.c2s], self.wire.status, wbuf);
+        answer(
+            &call,
+            &rbuf[..self.wire.client.c2s],
+            self.wire.status(),
+            wbuf,
+        );
         self.wire.consume_request(&mut self.client);
         Ok(self.client.flush().await.is_ok())
     }
@@ -721,7 +679,7 @@ mod tests {
         .concat();
         let found = call(&limited, |_| None).expect("a call");
         let mut out = BytesMut::new();
-        answer(&found, &limited, b'I', &mut out);
+        answer(&found, &limited, TxStatus::Idle, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "12DsZ");
     }
@@ -737,7 +695,7 @@ mod tests {
         .concat();
         let found = call(&request, |_| None).expect("a call");
         let mut out = BytesMut::new();
-        answer(&found, &request, b'I', &mut out);
+        answer(&found, &request, TxStatus::Idle, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "1tT2TDCZ");
         let row = messages(&out)
@@ -747,7 +705,7 @@ mod tests {
         out.clear();
         let request = query("SELECT pg_cancel_backend(9)");
         let found = call(&request, |_| None).expect("a call");
-        answer(&found, &request, b'I', &mut out);
+        answer(&found, &request, TxStatus::Idle, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "TDCZ");
     }
@@ -766,7 +724,7 @@ mod tests {
         assert_eq!(found.param_type, Some(backend::oid::INT4));
         assert_eq!(recognise(&prepare, false, |_| None), None);
         let mut out = BytesMut::new();
-        answer(&found, &prepare, b'I', &mut out);
+        answer(&found, &prepare, TxStatus::Idle, &mut out);
         let tags: String = messages(&out).map(|(tag, _)| tag as char).collect();
         assert_eq!(tags, "1tT", "no ReadyForQuery before the Sync");
         let other_name = [

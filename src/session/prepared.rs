@@ -28,13 +28,13 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use dashmap::DashSet;
 
 use crate::error::sqlstate;
 use crate::pool::statements::ServerStatements;
-use crate::protocol::backend::ErrorFields;
-use crate::protocol::{backend, frontend, read_cstr};
+use crate::protocol::backend::{ErrorFields, TxStatus};
+use crate::protocol::{backend, frontend, read_cstr, ProtocolError};
 use crate::router::classify::effects::{session_effects, Effects};
 
 /// Server-side names start so; client names never reach a server with it.
@@ -277,12 +277,9 @@ impl Prepared {
                 Some(_) => true,
                 None => false,
             },
-            frontend::BIND => read_cstr(body)
-                .and_then(|(_, rest)| rest.first())
-                .is_some_and(|&b| b != 0),
-            frontend::DESCRIBE | frontend::CLOSE => {
-                body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0)
-            }
+            frontend::BIND => frontend::bind(body).is_ok_and(|b| !b.statement.is_empty()),
+            frontend::DESCRIBE => named_statement(frontend::describe(body)).is_some(),
+            frontend::CLOSE => named_statement(frontend::close(body)).is_some(),
             _ => false,
         }
     }
@@ -293,9 +290,7 @@ impl Prepared {
         if self.statements.is_empty() {
             return None;
         }
-        let (_, rest) = read_cstr(body)?;
-        let (text, _) = read_cstr(rest)?;
-        self.own_deallocate(text)
+        self.own_deallocate(frontend::parse(body).and_then(|p| p.text()).ok()?)
     }
 
     /// If `text` is `DEALLOCATE name` of one of the client's statements: the name. Other
@@ -333,8 +328,8 @@ impl Prepared {
     /// Answers an own `DEALLOCATE` (see [`Prepared::is_own_deallocate`]) into `out`:
     /// CommandComplete, then ReadyForQuery with `status`. In a failed transaction the
     /// server would have refused it, and so does pgrelay.
-    pub fn deallocate(&mut self, body: &[u8], status: u8, out: &mut BytesMut) {
-        if status == b'E' {
+    pub fn deallocate(&mut self, body: &[u8], status: TxStatus, out: &mut BytesMut) {
+        if status == TxStatus::Failed {
             backend::error_response(
                 out,
                 backend::Severity::Error,
@@ -364,17 +359,11 @@ impl Prepared {
         out: &mut BytesMut,
     ) -> bool {
         let mut plan: Vec<(u8, &[u8], Option<Statement>)> = Vec::new();
-        let mut rest = request;
-        while let Ok(Some((tag, total))) =
-            crate::protocol::header(rest, crate::protocol::MAX_MESSAGE_LEN)
-        {
-            let Some(body) = rest.get(5..total) else {
-                return false;
-            };
-            rest = &rest[total..];
+        let mut walk = frontend::messages(request);
+        while let Some(Ok(frontend::Message { tag, body, .. })) = walk.next() {
             match tag {
                 frontend::PARSE => {
-                    let Some((name, text)) = read_cstr(body) else {
+                    let Ok(frontend::Parse { name, after_name }) = frontend::parse(body) else {
                         return false;
                     };
                     let known_name = self.statements.contains_key(name)
@@ -384,34 +373,34 @@ impl Prepared {
                     if name.is_empty() || known_name {
                         return false;
                     }
-                    let statement = Statement::new(text, search_path, self.parsed.generation());
+                    let generation = self.parsed.generation();
+                    let statement = Statement::new(after_name, search_path, generation);
                     if !self.parsed.knows(statement.id) {
                         return false;
                     }
                     plan.push((tag, name, Some(statement)));
                 }
-                frontend::CLOSE if body.first() == Some(&b'S') => {
-                    let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
-                    if name.is_empty() {
+                frontend::CLOSE => {
+                    let Some(name) = named_statement(frontend::close(body)) else {
                         return false;
-                    }
+                    };
                     plan.push((tag, name, None));
                 }
-                frontend::SYNC if rest.is_empty() && !plan.is_empty() => {
+                frontend::SYNC if walk.rest().is_empty() && !plan.is_empty() => {
                     for (tag, name, statement) in plan {
                         match statement {
                             Some(statement) => {
                                 self.statements.insert(name.into(), Arc::new(statement));
-                                out.put_slice(&[backend::PARSE_COMPLETE, 0, 0, 0, 4]);
+                                backend::parse_complete(out);
                             }
                             None => {
                                 debug_assert_eq!(tag, frontend::CLOSE);
                                 self.statements.remove(name);
-                                out.put_slice(&[backend::CLOSE_COMPLETE, 0, 0, 0, 4]);
+                                backend::close_complete(out);
                             }
                         }
                     }
-                    backend::ready_for_query(out, b'I');
+                    backend::ready_for_query(out, TxStatus::Idle);
                     return true;
                 }
                 _ => return false,
@@ -466,43 +455,45 @@ impl Prepared {
         match tag {
             frontend::PARSE => self.rewrite_parse(body, server, search_path, out),
             frontend::BIND => {
-                let parsed = read_cstr(body).and_then(|(portal, rest)| {
-                    read_cstr(rest).map(|(name, rest)| (portal, name, rest))
-                });
-                let Some((portal, name, rest)) = parsed else {
+                let Ok(frontend::Bind {
+                    portal,
+                    statement: name,
+                    after_statement: rest,
+                }) = frontend::bind(body)
+                else {
                     return self.pass(tag, body, out);
                 };
                 let Some(statement) = self.statements.get(name).cloned() else {
                     // The server says it does not exist, naming it as the client did,
                     // unless the name could be one of pgrelay's own.
                     if name.starts_with(PREFIX) {
-                        bind(out, portal, NONE, rest);
+                        frontend::put_bind(out, portal, NONE, rest);
                         return None;
                     }
                     return self.pass(tag, body, out);
                 };
                 self.ensure(&statement, server, out);
-                bind(out, portal, &statement.name, rest);
+                frontend::put_bind(out, portal, &statement.name, rest);
                 self.statements.get(name).and_then(|s| s.effects.as_deref())
             }
             frontend::DESCRIBE => {
-                let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
+                let name = named_statement(frontend::describe(body)).unwrap_or_default();
                 let Some(statement) = self.statements.get(name).cloned() else {
                     if name.starts_with(PREFIX) {
-                        describe(out, NONE);
+                        frontend::put_describe_statement(out, NONE);
                         return None;
                     }
                     return self.pass(tag, body, out);
                 };
                 self.ensure(&statement, server, out);
-                describe(out, &statement.name);
+                frontend::put_describe_statement(out, &statement.name);
                 None
             }
             frontend::CLOSE => {
-                let name = read_cstr(&body[1..]).map_or(&[][..], |(name, _)| name);
+                let name = named_statement(frontend::close(body)).unwrap_or_default();
                 // Closing a statement that does not exist is no error in PostgreSQL.
                 self.statements.remove(name);
-                close(out, NONE);
+                frontend::put_close_statement(out, NONE);
                 self.expect(b'3', false, None, None);
                 None
             }
@@ -518,21 +509,21 @@ impl Prepared {
         search_path: Option<&str>,
         out: &mut BytesMut,
     ) -> Option<&Effects> {
-        let Some((name, rest)) = read_cstr(body) else {
+        let Ok(parse) = frontend::parse(body) else {
             return self.pass(frontend::PARSE, body, out);
         };
+        let (name, rest) = (parse.name, parse.after_name);
         if name.is_empty() {
             // DEALLOCATE of the client's statement: the server-side one is
             // shared, so pgrelay's echo statement is deallocated instead.
             if let Some(own) = self.own_deallocate_parse(body) {
                 self.statements.remove(own.as_bytes());
             }
-            let after_text = read_cstr(rest).map_or(&[][..], |(_, types)| types);
             self.close_then_parse(out, ECHO, b"\0\0\0");
             self.expect(b'1', true, None, None);
             let mut text = b"DEALLOCATE pgrelay_echo\0".to_vec();
-            text.extend_from_slice(after_text);
-            parse(out, b"", &text);
+            text.extend_from_slice(parse.param_types().unwrap_or_default());
+            frontend::put_parse(out, b"", &text);
             self.expect(b'1', false, None, None);
             return None;
         }
@@ -540,7 +531,7 @@ impl Prepared {
             // PostgreSQL refuses a second Parse of one name; so will it here.
             self.close_then_parse(out, DUPLICATE, b"\0\0\0");
             self.expect(b'1', true, None, None);
-            parse(out, DUPLICATE, rest);
+            frontend::put_parse(out, DUPLICATE, rest);
             self.expect(b'1', false, None, None);
             return None;
         }
@@ -562,16 +553,14 @@ impl Prepared {
     /// Close, then Parse `name` (so the Parse cannot meet an old statement of that
     /// name). The Close's answer is swallowed; the caller says what the Parse's is.
     fn close_then_parse(&mut self, out: &mut BytesMut, name: &[u8], rest: &[u8]) {
-        close(out, name);
+        frontend::put_close_statement(out, name);
         self.expect(b'3', true, None, None);
-        parse(out, name, rest);
+        frontend::put_parse(out, name, rest);
     }
 
     /// Sends a message unchanged.
     fn pass(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) -> Option<&Effects> {
-        out.put_u8(tag);
-        out.put_u32(body.len() as u32 + 4);
-        out.put_slice(body);
+        frontend::put_message(out, tag, body);
         self.forwarded(tag);
         None
     }
@@ -588,7 +577,7 @@ impl Prepared {
         }
         self.stats.misses += 1;
         if self.parsed.is_stale(statement.id) {
-            parse(out, STALE, STALE_TEXT);
+            frontend::put_parse(out, STALE, STALE_TEXT);
             self.expect(b'1', true, None, None);
             if let Some(e) = self.expect.back_mut() {
                 e.replaces_error = true;
@@ -604,7 +593,7 @@ impl Prepared {
     /// Records `id` on the server, closing the statement it pushes out.
     fn make_room(&mut self, id: u128, server: &mut ServerStatements, out: &mut BytesMut) {
         if let Some(evicted) = server.insert(id, self.capacity) {
-            close(out, &server_name(evicted));
+            frontend::put_close_statement(out, &server_name(evicted));
             self.expect(b'3', true, None, None);
         }
     }
@@ -742,54 +731,12 @@ fn server_name(id: u128) -> [u8; NAME_LEN] {
     name
 }
 
-/// Parse `name` with `rest` (text, NUL, parameter count and types).
-fn parse(out: &mut BytesMut, name: &[u8], rest: &[u8]) {
-    let start = out.len();
-    out.put_u8(frontend::PARSE);
-    out.put_u32(0);
-    out.put_slice(name);
-    out.put_u8(0);
-    out.put_slice(rest);
-    patch_len(out, start);
-}
-
-/// Bind `portal` to statement `name`; `rest` is the rest of the client's Bind body.
-fn bind(out: &mut BytesMut, portal: &[u8], name: &[u8], rest: &[u8]) {
-    let start = out.len();
-    out.put_u8(frontend::BIND);
-    out.put_u32(0);
-    out.put_slice(portal);
-    out.put_u8(0);
-    out.put_slice(name);
-    out.put_u8(0);
-    out.put_slice(rest);
-    patch_len(out, start);
-}
-
-/// Describe statement `name`.
-fn describe(out: &mut BytesMut, name: &[u8]) {
-    statement_message(out, frontend::DESCRIBE, name);
-}
-
-/// Close statement `name`.
-fn close(out: &mut BytesMut, name: &[u8]) {
-    statement_message(out, frontend::CLOSE, name);
-}
-
-/// A Describe or Close of statement (`S`) `name`.
-fn statement_message(out: &mut BytesMut, tag: u8, name: &[u8]) {
-    let start = out.len();
-    out.put_u8(tag);
-    out.put_u32(0);
-    out.put_u8(b'S');
-    out.put_slice(name);
-    out.put_u8(0);
-    patch_len(out, start);
-}
-
-fn patch_len(out: &mut BytesMut, start: usize) {
-    let len = (out.len() - start - 1) as u32;
-    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+/// The statement a Describe or Close names, if it names one (not the unnamed one).
+fn named_statement(target: Result<frontend::Target<'_>, ProtocolError>) -> Option<&[u8]> {
+    target
+        .ok()
+        .and_then(frontend::Target::statement)
+        .filter(|name| !name.is_empty())
 }
 
 #[cfg(test)]
@@ -814,23 +761,18 @@ mod tests {
 
     /// The (tag, name) of each message in `out`.
     fn messages(out: &[u8]) -> Vec<(char, String)> {
-        let mut rest = out;
         let mut seen = Vec::new();
-        while rest.len() >= 5 {
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            let body = &rest[5..len + 1];
-            let name = match rest[0] {
+        for message in frontend::messages(out) {
+            let frontend::Message { tag, body, .. } = message.unwrap();
+            let name = match tag {
                 b'C' | b'D' => read_cstr(&body[1..]).map(|(n, _)| n),
-                b'B' => read_cstr(body)
-                    .and_then(|(_, r)| read_cstr(r))
-                    .map(|(n, _)| n),
+                b'B' => frontend::bind(body).ok().map(|b| b.statement),
                 _ => read_cstr(body).map(|(n, _)| n),
             };
             seen.push((
-                rest[0] as char,
+                tag as char,
                 String::from_utf8_lossy(name.unwrap_or_default()).into_owned(),
             ));
-            rest = &rest[len + 1..];
         }
         seen
     }

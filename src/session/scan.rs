@@ -1,116 +1,539 @@
-//! The client side of the relay's scan: what each client message means for the wire
-//! state (answers owed, extended-protocol state, request boundaries, COPY), and what
-//! Query and Parse texts do to the session. No I/O: [`super::relay::Wire`] feeds it
-//! bytes and acts on what it learned.
+//! The client side of the relay: its state ([`ClientSide`]), what each client message
+//! means for it (answers owed, extended-protocol state, request boundaries, COPY), and
+//! what Query and Parse texts do to the session. [`Wire::scan_client_bytes`] takes
+//! bytes, without I/O, and the relay acts on what it learned. Between servers, the
+//! request read while detached is read, routed and settled here too.
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::Buf;
 
 use crate::protocol::frontend::{self, KNOWN};
-use crate::protocol::Step;
+use crate::protocol::{ProtocolError, Scanned, Scanner, Step, MAX_MESSAGE_LEN};
 use crate::router::classify;
 use crate::router::classify::effects::{session_effects, Effects};
+use crate::router::StatementNodes;
+use crate::session::carry::{carry, Carry};
+use crate::session::pids;
+use crate::session::prepared::Prepared;
+use crate::session::relay::Wire;
+use crate::stream::{Conn, Stream};
 
-/// What one scan of client bytes learned.
-pub(super) struct ClientScan {
-    /// Stop after each request that the server answers with ReadyForQuery.
-    pub(super) hold: bool,
-    /// Stopped so: the rest waits for the answer.
-    pub(super) paused: bool,
-    /// The request-ending message seen last, if any.
-    pub(super) boundary: Option<u8>,
-    pub(super) wire_pending: usize,
-    /// Syncs counted in `pending` that the server ignored during COPY FROM STDIN.
-    pub(super) ignored_syncs: usize,
-    pub(super) copy_syncs: usize,
-    pub(super) extended_open: bool,
-    pub(super) unnamed_unexecuted: bool,
-    pub(super) terminate: bool,
-    pub(super) bad_tag: Option<u8>,
-    /// Query and Execute messages seen.
-    pub(super) queries: u64,
+/// The client message the scan stopped in front of, with prepared statements carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Front {
+    /// Nothing: client bytes are relayed as they come.
+    #[default]
+    Relayed,
+    /// It names a statement: rewrite it once everything before it is on its way.
+    Rewrite,
+    /// A `DEALLOCATE` of the client's own statement: answer it once everything before
+    /// it is answered.
+    Answer,
+    /// A request that may be a call on a pid pgrelay issued: once everything before it
+    /// is answered, the session reads and handles it ([`super::relay::RelayEnd::Intercepted`]).
+    PidCall,
+    /// A Query with a database command (`DROP DATABASE` ...): the same, so that the
+    /// session closes idle servers of that database before it goes out.
+    DatabaseCommand,
 }
 
-impl ClientScan {
-    /// A scan that starts between requests; the caller carries over the wire state.
-    pub(super) fn new(hold: bool) -> ClientScan {
-        ClientScan {
-            hold,
-            paused: false,
-            boundary: None,
-            wire_pending: 0,
-            ignored_syncs: 0,
-            copy_syncs: 0,
-            extended_open: false,
-            unnamed_unexecuted: false,
-            terminate: false,
-            bad_tag: None,
-            queries: 0,
+/// What the relay knows of the client's side of the wire; kept across servers.
+#[derive(Debug)]
+pub(super) struct ClientSide {
+    pub(super) scanner: Scanner,
+    /// Scanned client bytes at the front of the client's read buffer, not yet written.
+    pub(super) c2s: usize,
+    /// The exchange with the current server (or the request read while detached).
+    pub(super) exchange: Exchange,
+    pub(super) end: ClientEnd,
+    /// The message that ended the last request read while detached (Query, Sync,
+    /// Flush or FunctionCall): a Flush means the client has not finished it yet.
+    pub(super) last_boundary: Option<u8>,
+    /// The client parsed a call on a pid (maybe as a named statement): its Binds are
+    /// looked at too.
+    pub(super) pid_statements: bool,
+    /// Bytes went to the client since its socket was last flushed.
+    pub(super) needs_flush: bool,
+}
+
+impl ClientSide {
+    pub(super) fn new(carried: bool) -> ClientSide {
+        let inspect = if carried {
+            &frontend::INSPECT_PREPARED
+        } else {
+            &frontend::INSPECT
+        };
+        ClientSide {
+            scanner: Scanner::new(inspect, MAX_MESSAGE_LEN),
+            c2s: 0,
+            exchange: Exchange::default(),
+            end: ClientEnd::Open,
+            last_boundary: None,
+            pid_statements: false,
+            needs_flush: false,
         }
     }
 
-    pub(super) fn on_message(&mut self, tag: u8, body: Option<&[u8]>, attached: bool) -> Step {
+    /// The client can send no more: it left, or broke the protocol.
+    pub(super) fn ended(&self) -> bool {
+        self.end != ClientEnd::Open
+    }
+}
+
+/// The client's exchange with its server: what it is owed and where its request
+/// stands. Replaced whole when the exchange is abandoned (the server was lost, or
+/// pgrelay answered the request itself).
+#[derive(Debug, Default)]
+pub(super) struct Exchange {
+    /// ReadyForQuery messages owed for forwarded Query, Sync and FunctionCall.
+    pub(super) pending: usize,
+    /// Extended-protocol messages were sent after the last Sync.
+    pub(super) extended_open: bool,
+    /// The client parsed the unnamed statement and has not executed anything since
+    /// (asyncpg with its cache off, `PQprepare` with an empty name): the statement
+    /// lives only on this server, so the server stays with the client until it runs.
+    pub(super) unnamed_unexecuted: bool,
+    /// Syncs sent since the last Execute or Query. If a CopyDone or CopyFail follows,
+    /// the server read them in COPY FROM STDIN mode, where it ignores Sync (libpq and
+    /// tokio-postgres send Sync right after Execute, before the copy data), so they are
+    /// owed no ReadyForQuery.
+    pub(super) copy_syncs: usize,
+    pub(super) flow: Flow,
+    /// What waits first in the client's buffer for pgrelay to handle it.
+    pub(super) front: Front,
+    /// A request read while detached names statements: rewrite it when attached.
+    pub(super) rewrite_buffered: bool,
+}
+
+impl Exchange {
+    /// The server may not go back to its pool: an extended request is open, or the
+    /// unnamed statement it parsed waits to run there.
+    pub(super) fn holds_server(&self) -> bool {
+        self.extended_open || self.unnamed_unexecuted
+    }
+}
+
+/// Whether client bytes are scanned as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Flow {
+    #[default]
+    Flowing,
+    /// Bytes past a request boundary wait until the server answers it.
+    Paused,
+    /// The server answered: scan and forward what the client sent meanwhile.
+    Resume,
+}
+
+/// Whether the client's stream goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ClientEnd {
+    Open,
+    /// A Terminate is first in the client buffer, or the client closed.
+    Done,
+    /// The client broke the protocol; the scan stopped in front of it.
+    Broken(ProtocolError),
+}
+
+impl ClientEnd {
+    /// The protocol error, if that is how the stream ended; the stream is then open
+    /// again as far as the relay is concerned (the session ends it).
+    pub(super) fn take_error(&mut self) -> Option<ProtocolError> {
+        match std::mem::replace(self, ClientEnd::Open) {
+            ClientEnd::Broken(err) => Some(err),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+/// One scan of client bytes: the state it updates in place, and what it learned.
+struct ClientScan<'a> {
+    /// Attached to a server (or reading a request while detached).
+    attached: bool,
+    /// Stop after each request that the server answers with ReadyForQuery.
+    hold: bool,
+    exchange: &'a mut Exchange,
+    learned: Learned,
+    /// Where the client's statements live, and the node they go to now (when tracked).
+    statements: Option<(&'a mut StatementNodes, usize)>,
+    prepared: Option<&'a mut Prepared>,
+    /// What the requests do to the session (when tracked).
+    effects: Option<&'a mut Effects>,
+    /// Stop in front of requests that may be calls on pids pgrelay issued.
+    intercept_pids: bool,
+    pid_statements: &'a mut bool,
+}
+
+/// The counts a scan of client bytes leaves for [`Wire::absorb`].
+#[derive(Debug, Default)]
+struct Learned {
+    /// The request-ending message seen last, if any.
+    boundary: Option<u8>,
+    /// ReadyForQuery messages the messages scanned are owed.
+    owed: usize,
+    /// Syncs counted in `owed` (or earlier) that the server ignored during COPY FROM
+    /// STDIN.
+    ignored_syncs: usize,
+    terminate: bool,
+    bad_tag: Option<u8>,
+    /// Query and Execute messages seen.
+    queries: u64,
+    /// A request read while detached is a database command on this database.
+    database_command: Option<String>,
+}
+
+impl ClientScan<'_> {
+    fn on_message(&mut self, tag: u8, body: Option<&[u8]>) -> Step {
+        if let Some(body) = body {
+            if let Some(step) = self.intercept(tag, body) {
+                return step;
+            }
+            if let Some(step) = self.database_command(tag, body) {
+                return step;
+            }
+            if let Some((statements, node)) = self.statements.as_mut() {
+                if matches!(tag, frontend::PARSE | frontend::CLOSE) {
+                    statements.observe(tag, body, *node);
+                }
+            }
+            if let Some(step) = self.carry(tag, body) {
+                return step;
+            }
+        }
+        self.note_effects(tag, body);
+        let step = self.on_wire(tag, body);
+        if self.attached && step != Step::StopBefore {
+            if let Some(p) = self.prepared.as_deref_mut() {
+                p.forwarded(tag);
+            }
+        }
+        step
+    }
+
+    /// Stops in front of a request that may be a call on a pid pgrelay issued.
+    fn intercept(&mut self, tag: u8, body: &[u8]) -> Option<Step> {
+        if !self.intercept_pids {
+            return None;
+        }
+        let prepared = self.prepared.as_deref();
+        let carried = |name: &[u8]| Some(prepared?.statement(name)?.text());
+        if !pids::may_be_call(tag, body, *self.pid_statements, carried) {
+            return None;
+        }
+        // Its Binds are worth a look from now on.
+        *self.pid_statements |= tag == frontend::PARSE;
+        // Only at a request's start: what came before gets all its answers.
+        if self.attached && !self.exchange.extended_open {
+            self.exchange.front = Front::PidCall;
+            return Some(Step::StopBefore);
+        }
+        None
+    }
+
+    /// Stops in front of a database command while attached (the session closes idle
+    /// servers of its database first), or notes it in a request read while detached.
+    fn database_command(&mut self, tag: u8, body: &[u8]) -> Option<Step> {
+        let db = database_command(tag, body)?;
+        if self.attached && !self.exchange.extended_open {
+            self.exchange.front = Front::DatabaseCommand;
+            return Some(Step::StopBefore);
+        }
+        self.learned.database_command = Some(db);
+        None
+    }
+
+    /// Stops in front of a message that names a carried statement, or notes that the
+    /// request read while detached does.
+    fn carry(&mut self, tag: u8, body: &[u8]) -> Option<Step> {
+        match carry(self.prepared.as_deref()?, tag, body, self.attached) {
+            // Answered in its turn, once everything before it is.
+            Carry::Answer => {
+                self.exchange.front = Front::Answer;
+                Some(Step::StopBefore)
+            }
+            // Accounted for now, rewritten once what precedes it is on its way.
+            Carry::Rewrite => {
+                self.exchange.front = Front::Rewrite;
+                if let Some(effects) = self.effects.as_deref_mut() {
+                    note_effects(true, tag, Some(body), effects);
+                }
+                self.on_wire(tag, Some(body));
+                Some(Step::StopBefore)
+            }
+            Carry::Later => {
+                self.exchange.rewrite_buffered = true;
+                None
+            }
+            Carry::Relay => None,
+        }
+    }
+
+    /// Notes what a Query or Parse does to the session, and tells the carried
+    /// statements when the server's may have gone or changed.
+    fn note_effects(&mut self, tag: u8, body: Option<&[u8]>) {
+        let Some(effects) = self.effects.as_deref_mut() else {
+            return;
+        };
+        let changed_schema = effects.schema_change;
+        note_effects(true, tag, body, effects);
+        if let Some(p) = self.prepared.as_deref_mut() {
+            if effects.deallocate_all {
+                p.distrust_server();
+            }
+            if effects.schema_change && !changed_schema {
+                // Statements the client prepares later in this transaction see the
+                // change; the end of the transaction bumps again for everyone else.
+                p.schema_changed();
+            }
+        }
+    }
+
+    /// What the message means for the wire: answers owed, extended-protocol state,
+    /// request boundaries, COPY.
+    fn on_wire(&mut self, tag: u8, body: Option<&[u8]>) -> Step {
+        let boundary = self.boundary(tag);
+        self.learned.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
+        let exchange = &mut *self.exchange;
+        match tag {
+            _ if !KNOWN[tag as usize] => {
+                self.learned.bad_tag = Some(tag);
+                Step::StopBefore
+            }
+            frontend::TERMINATE => {
+                self.learned.terminate = true;
+                Step::StopBefore
+            }
+            frontend::QUERY => {
+                self.learned.owed += 1;
+                exchange.copy_syncs = 0;
+                // A simple query destroys the unnamed statement.
+                exchange.unnamed_unexecuted = false;
+                boundary
+            }
+            frontend::SYNC | frontend::FUNCTION_CALL => {
+                self.learned.owed += 1;
+                exchange.copy_syncs += usize::from(tag == frontend::SYNC);
+                exchange.extended_open = false;
+                boundary
+            }
+            frontend::FLUSH => boundary,
+            frontend::COPY_DONE | frontend::COPY_FAIL => {
+                self.learned.ignored_syncs += std::mem::take(&mut exchange.copy_syncs);
+                Step::Forward
+            }
+            frontend::EXECUTE => {
+                exchange.copy_syncs = 0;
+                exchange.extended_open = true;
+                exchange.unnamed_unexecuted = false;
+                Step::Forward
+            }
+            frontend::PARSE => {
+                exchange.extended_open = true;
+                if body.is_some_and(|b| frontend::parse(b).is_ok_and(|p| p.name.is_empty())) {
+                    exchange.unnamed_unexecuted = true;
+                }
+                Step::Forward
+            }
+            frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
+                exchange.extended_open = true;
+                Step::Forward
+            }
+            _ => Step::Forward,
+        }
+    }
+
+    /// Where the scan goes after a request-ending message `tag` (if it is one).
+    fn boundary(&mut self, tag: u8) -> Step {
         if matches!(
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL | frontend::FLUSH
         ) {
-            self.boundary = Some(tag);
+            self.learned.boundary = Some(tag);
         }
         let answered = matches!(
             tag,
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
         );
-        let boundary = if !attached {
+        if !self.attached {
             Step::StopAfter
         } else if self.hold && answered {
-            self.paused = true;
+            self.exchange.flow = Flow::Paused;
             Step::StopAfter
         } else {
             Step::Forward
+        }
+    }
+}
+
+impl Wire {
+    /// Scans client bytes newly read into `buf` (the client's read buffer past what
+    /// was scanned before). Returns true if the scan stopped at a request boundary
+    /// (detached), a Terminate, or a protocol error.
+    pub(super) fn scan_client_bytes(&mut self, buf: &[u8], attached: bool) -> bool {
+        if self.client.ended() {
+            return true;
+        }
+        if attached && self.client.exchange.flow == Flow::Paused {
+            return false;
+        }
+        let ClientSide {
+            scanner,
+            exchange,
+            pid_statements,
+            ..
+        } = &mut self.client;
+        let policy = &self.policy;
+        let mut scan = ClientScan {
+            attached,
+            hold: attached && policy.hold_at_boundary,
+            exchange,
+            learned: Learned::default(),
+            statements: (attached && policy.track_statements)
+                .then_some((&mut self.statements, self.node)),
+            prepared: self.prepared.as_deref_mut(),
+            effects: policy.track_effects.then_some(&mut self.effects),
+            intercept_pids: policy.own_pid.is_some(),
+            pid_statements,
         };
-        self.queries += u64::from(matches!(tag, frontend::QUERY | frontend::EXECUTE));
-        match tag {
-            _ if !KNOWN[tag as usize] => {
-                self.bad_tag = Some(tag);
-                Step::StopBefore
+        let scanned = scanner.scan(buf, |tag, body| scan.on_message(tag, body));
+        let learned = scan.learned;
+        self.absorb(learned, attached, scanned)
+    }
+
+    /// Takes what one scan of client bytes learned; returns whether it stopped.
+    fn absorb(
+        &mut self,
+        learned: Learned,
+        attached: bool,
+        scanned: Result<Scanned, ProtocolError>,
+    ) -> bool {
+        if attached && learned.ignored_syncs > 0 {
+            if let Some(p) = self.prepared.as_deref_mut() {
+                p.syncs_ignored(learned.ignored_syncs);
             }
-            frontend::TERMINATE => {
-                self.terminate = true;
-                Step::StopBefore
-            }
-            frontend::QUERY => {
-                self.wire_pending += 1;
-                self.copy_syncs = 0;
-                // A simple query destroys the unnamed statement.
-                self.unnamed_unexecuted = false;
-                boundary
-            }
-            frontend::SYNC | frontend::FUNCTION_CALL => {
-                self.wire_pending += 1;
-                self.copy_syncs += usize::from(tag == frontend::SYNC);
-                self.extended_open = false;
-                boundary
-            }
-            frontend::FLUSH => boundary,
-            frontend::COPY_DONE | frontend::COPY_FAIL => {
-                self.ignored_syncs += std::mem::take(&mut self.copy_syncs);
-                Step::Forward
-            }
-            frontend::EXECUTE => {
-                self.copy_syncs = 0;
-                self.extended_open = true;
-                self.unnamed_unexecuted = false;
-                Step::Forward
-            }
-            frontend::PARSE => {
-                self.extended_open = true;
-                if body.is_some_and(|b| b.first() == Some(&0)) {
-                    self.unnamed_unexecuted = true;
+        }
+        self.counts.queries += learned.queries;
+        if learned.database_command.is_some() {
+            self.database_command = learned.database_command;
+        }
+        let exchange = &mut self.client.exchange;
+        exchange.pending = (exchange.pending + learned.owed).saturating_sub(learned.ignored_syncs);
+        if learned.boundary.is_some() {
+            self.client.last_boundary = learned.boundary;
+        }
+        match scanned {
+            Ok(s) => {
+                self.client.c2s += s.forward;
+                if learned.terminate {
+                    self.client.end = ClientEnd::Done;
                 }
-                Step::Forward
+                if let Some(tag) = learned.bad_tag {
+                    let err = ProtocolError::UnexpectedTag { tag: tag as char };
+                    self.client.end = ClientEnd::Broken(err);
+                }
+                s.stopped
             }
-            frontend::BIND | frontend::DESCRIBE | frontend::CLOSE => {
-                self.extended_open = true;
-                Step::Forward
+            Err(err) => {
+                self.client.end = ClientEnd::Broken(err);
+                true
             }
-            _ => Step::Forward,
+        }
+    }
+}
+
+/// Between servers: the request the client sent while detached.
+impl Wire {
+    /// Bytes of a complete request are buffered and scanned (detached mode).
+    pub fn has_request(&self) -> bool {
+        self.client.c2s > 0
+    }
+
+    pub fn client_done(&self) -> bool {
+        self.client.end == ClientEnd::Done
+    }
+
+    pub fn take_protocol_error(&mut self) -> Option<ProtocolError> {
+        self.client.end.take_error()
+    }
+
+    /// The complete request buffered while detached, for routing.
+    pub fn request<'a>(&self, client: &'a mut Conn<Stream>) -> &'a [u8] {
+        &client.rbuf()[..self.client.c2s]
+    }
+
+    /// Records the statements a just-routed request parses or closes on `node`.
+    pub fn record_request(&mut self, client: &mut Conn<Stream>, node: usize) {
+        self.node = node;
+        if !self.policy.track_statements {
+            return;
+        }
+        let request = &client.rbuf()[..self.client.c2s];
+        for message in frontend::messages(request).map_while(Result::ok) {
+            self.statements.observe(message.tag, message.body, node);
+        }
+    }
+
+    /// Drops a buffered request the session answered itself, or will answer (e.g.
+    /// with an error): it never reaches a server, which owes nothing for it.
+    pub(super) fn consume_request(&mut self, client: &mut Conn<Stream>) {
+        client.rbuf().advance(self.client.c2s);
+        self.client.c2s = 0;
+        self.client.exchange = Exchange::default();
+    }
+
+    /// Drops a buffered request the session answered itself (e.g. with an error).
+    /// Returns true if the client still owes the Sync that ends it (the request ended
+    /// with a Flush): PostgreSQL would then skip everything up to that Sync.
+    pub fn discard_request(&mut self, client: &mut Conn<Stream>) -> bool {
+        self.consume_request(client);
+        self.client.last_boundary == Some(frontend::FLUSH)
+    }
+
+    /// After a failed extended request: drops client messages up to and including the
+    /// next Sync, as PostgreSQL does after an error. Cancel safe.
+    pub async fn skip_until_sync(
+        &mut self,
+        client: &mut Conn<Stream>,
+    ) -> Result<(), crate::stream::StreamError> {
+        loop {
+            let frame = client.read_frame(MAX_MESSAGE_LEN).await?;
+            match frame.tag() {
+                frontend::SYNC => return Ok(()),
+                frontend::TERMINATE => {
+                    // A protocol error found before is reported first.
+                    if self.client.end == ClientEnd::Open {
+                        self.client.end = ClientEnd::Done;
+                    }
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Detached: reads until a complete request (up to Query, Sync, Flush or
+    /// FunctionCall) is scanned, or the client leaves. Cancel safe.
+    pub async fn read_request(&mut self, client: &mut Conn<Stream>) -> Result<(), io::Error> {
+        let exchange = &mut self.client.exchange;
+        if exchange.flow == Flow::Paused {
+            exchange.flow = Flow::Flowing;
+        }
+        // Whatever a scan stopped in front of last time is scanned again from here.
+        exchange.front = Front::Relayed;
+        exchange.rewrite_buffered = false;
+        loop {
+            let stopped = self.scan_client(client, false);
+            if stopped || self.client.end == ClientEnd::Done {
+                return Ok(());
+            }
+            if poll_fn(|cx| client.poll_read_more(cx)).await? == 0 {
+                self.client.end = ClientEnd::Done;
+                return Ok(());
+            }
         }
     }
 }
@@ -122,9 +545,7 @@ pub(super) fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &
     }
     let text = match (tag, body) {
         (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
-        (frontend::PARSE, Some(body)) => crate::protocol::read_cstr(body)
-            .and_then(|(_, rest)| crate::protocol::read_cstr(rest))
-            .map(|(text, _)| text),
+        (frontend::PARSE, Some(body)) => frontend::parse(body).and_then(|p| p.text()).ok(),
         _ => None,
     };
     if let Some(text) = text {
@@ -138,11 +559,11 @@ pub(super) fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &
 /// The database a Query needs free of other sessions (`DROP DATABASE x` and friends
 /// fail while any session is connected to `x`, pgrelay's own idle servers included):
 /// the session closes those before the Query goes out.
-pub(super) fn database_command(tag: u8, body: Option<&[u8]>) -> Option<String> {
+pub(super) fn database_command(tag: u8, body: &[u8]) -> Option<String> {
     if tag != frontend::QUERY {
         return None;
     }
-    let sql = frontend::query_text(body?).ok()?;
+    let sql = frontend::query_text(body).ok()?;
     classify::database_needing_exclusive_use(sql)
 }
 
@@ -150,26 +571,35 @@ pub(super) fn database_command(tag: u8, body: Option<&[u8]>) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn scan(tags: &[u8]) -> ClientScan {
-        let mut state = ClientScan::new(false);
+    /// Owed ReadyForQuery messages after scanning messages of `tags` (empty bodies).
+    fn owed(tags: &[u8]) -> usize {
+        let mut wire = Wire::new(crate::session::relay::Policy::default(), None);
+        let mut bytes = bytes::BytesMut::new();
         for &tag in tags {
-            state.on_message(tag, None, true);
+            frontend::put_message(&mut bytes, tag, b"");
         }
-        state
+        wire.scan_client_bytes(&bytes, true);
+        wire.client.exchange.pending
     }
 
     #[test]
     fn syncs_inside_copy_in_are_owed_nothing() {
         // tokio-postgres: Bind, Execute, Sync, CopyData.., CopyDone, Sync.
-        let state = scan(b"BESddcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
-        let state = scan(b"BESdfS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        assert_eq!(owed(b"BESddcS"), 1);
+        assert_eq!(owed(b"BESdfS"), 1);
         // Flush instead of Sync before the data: the one Sync is answered.
-        let state = scan(b"BEHdcS");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 1);
+        assert_eq!(owed(b"BEHdcS"), 1);
         // A simple-protocol COPY after an extended query owes both ReadyForQuerys.
-        let state = scan(b"BESQdc");
-        assert_eq!(state.wire_pending - state.ignored_syncs, 2);
+        assert_eq!(owed(b"BESQdc"), 2);
+    }
+
+    #[test]
+    fn a_protocol_error_is_taken_once() {
+        let mut end = ClientEnd::Broken(ProtocolError::UnexpectedTag { tag: 'z' });
+        assert!(end.take_error().is_some());
+        assert_eq!(end, ClientEnd::Open);
+        let mut end = ClientEnd::Done;
+        assert!(end.take_error().is_none());
+        assert_eq!(end, ClientEnd::Done);
     }
 }
