@@ -223,16 +223,6 @@ async fn outside_a_transaction_the_session_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_sees_a_broken_connection_inside_a_transaction() {
     let env = start(EnvOptions::default()).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/lost_server.py");
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|python| {
-            std::process::Command::new(python)
-                .args(["-c", "import psycopg"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        })
-        .expect("a python3 with psycopg (apt-get install python3-psycopg)");
     let relayed = format!(
         "postgresql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DB}",
         env.port()
@@ -241,17 +231,6 @@ async fn psycopg_sees_a_broken_connection_inside_a_transaction() {
         "postgresql://postgres@127.0.0.1:{}/{APP_DB}",
         env.cluster.primary_port()
     );
-    let out = tokio::task::block_in_place(|| {
-        std::process::Command::new(python)
-            .args([script, &relayed, &direct])
-            .output()
-            .expect("run python3")
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let text = support::needs::run_driver("lost_server.py", &[&relayed, &direct]);
     assert!(text.contains("psycopg lost server ok"), "{text}");
 }

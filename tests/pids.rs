@@ -349,37 +349,12 @@ async fn real_server_pids_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_drivers() {
     let env = start(several_servers()).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/pids.py");
-    // Debian's python3-psycopg and python3-asyncpg (.ci/run installs them) live with
-    // the system interpreter, which another python3 on PATH may shadow.
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|python| {
-            std::process::Command::new(python)
-                .args(["-c", "import psycopg, asyncpg"])
-                .output()
-                .is_ok_and(|out| out.status.success())
-        })
-        .expect(
-            "a python3 with psycopg and asyncpg (apt-get install python3-psycopg python3-asyncpg)",
-        );
-    let out = tokio::task::block_in_place(|| {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(format!(
-                "postgresql://{APP_USER}:{}@127.0.0.1:{}/{APP_DB}",
-                support::APP_PASSWORD,
-                env.port()
-            ))
-            .output()
-            .expect("run python3")
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let url = format!(
+        "postgresql://{APP_USER}:{}@127.0.0.1:{}/{APP_DB}",
+        support::APP_PASSWORD,
+        env.port()
     );
-    assert!(out.status.success(), "{text}");
+    let text = support::needs::run_driver("pids.py", &[&url]);
     assert!(
         text.contains("psycopg ok") && text.contains("asyncpg ok"),
         "{text}"

@@ -665,37 +665,16 @@ async fn pgbench_prepared_mode() {
     });
 }
 
-/// The system interpreter with Debian's psycopg and asyncpg (another python3 on PATH
-/// may shadow it).
-fn python_with_drivers() -> &'static str {
-    support::needs::python(&[
-        ("psycopg", "python3-psycopg"),
-        ("asyncpg", "python3-asyncpg"),
-    ])
-}
-
 /// The Python drivers people use, in their prepared modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_drivers() {
     let env = start(transaction_pool(3)).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/prepared.py");
-    let out = tokio::task::block_in_place(|| {
-        std::process::Command::new(python_with_drivers())
-            .arg(script)
-            .arg(format!(
-                "postgresql://{APP_USER}:{}@127.0.0.1:{}/{APP_DB}",
-                support::APP_PASSWORD,
-                env.port()
-            ))
-            .output()
-            .expect("run python3")
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let url = format!(
+        "postgresql://{APP_USER}:{}@127.0.0.1:{}/{APP_DB}",
+        support::APP_PASSWORD,
+        env.port()
     );
-    assert!(out.status.success(), "{text}");
+    let text = support::needs::run_driver("prepared.py", &[&url]);
     assert!(
         text.contains("psycopg ok") && text.contains("asyncpg ok"),
         "{text}"
@@ -837,27 +816,15 @@ async fn named_statements_across_schema_changes_answer_as_postgresql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg_reads_through_schema_changes_as_from_postgresql() {
     let env = start(transaction_pool(3)).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/drivers/schema_change.py"
-    );
-    let url = |port: u16| {
-        format!(
+    let run = |port: u16, suffix: &str| {
+        let url = format!(
             "postgresql://{APP_USER}:{}@127.0.0.1:{port}/{APP_DB}",
             support::APP_PASSWORD
-        )
+        );
+        support::needs::run_driver("schema_change.py", &[&url, suffix])
     };
-    let run = |port: u16, suffix: &str| {
-        let out = std::process::Command::new(python_with_drivers())
-            .args([script, &url(port), suffix])
-            .output()
-            .expect("run python3");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let direct = tokio::task::block_in_place(|| run(env.cluster.primary_port(), "direct"));
-    let relayed = tokio::task::block_in_place(|| run(env.port(), "relayed"));
+    let direct = run(env.cluster.primary_port(), "direct");
+    let relayed = run(env.port(), "relayed");
     let direct = direct
         .replace("sc_t_direct", "T")
         .replace("sc_u_direct", "U");

@@ -431,15 +431,7 @@ impl Session {
             }
             read = self.wire.read_request(&mut self.client) => read,
         };
-        if let Err(err) = read {
-            tracing::debug!(%err, "client read failed");
-            return Ok(false);
-        }
-        self.close_idle_for_database_command();
-        if let Some(err) = self.wire.take_protocol_error() {
-            return Err(ClientError::protocol(err.to_string()));
-        }
-        if !self.wire.has_request() {
+        if !self.request_read(read)? {
             return Ok(false);
         }
         if self
@@ -494,6 +486,21 @@ impl Session {
     /// `DROP DATABASE x` and friends fail while any session is connected to `x`,
     /// pgrelay's own idle servers included: the request just read has those closed
     /// before it goes out.
+    /// What a read of a whole request came to: `Ok(true)` when a request is buffered,
+    /// `Ok(false)` when the client is gone. A database command's idle servers are closed
+    /// before it goes out.
+    fn request_read(&mut self, read: std::io::Result<()>) -> Result<bool, ClientError> {
+        if let Err(err) = read {
+            tracing::debug!(%err, "client read failed");
+            return Ok(false);
+        }
+        self.close_idle_for_database_command();
+        if let Some(err) = self.wire.take_protocol_error() {
+            return Err(ClientError::protocol(err.to_string()));
+        }
+        Ok(self.wire.has_request())
+    }
+
     fn close_idle_for_database_command(&mut self) {
         if let Some(db) = self.wire.take_database_command() {
             let closed = self.shared.pools.close_idle_for_dbname(&db);

@@ -486,14 +486,8 @@ impl Session {
     /// it whole and answers it, or has the relay send it on. `Ok(false)` when the
     /// client is gone.
     pub(super) async fn intercepted(&mut self) -> Result<bool, ClientError> {
-        if self.wire.read_request(&mut self.client).await.is_err() {
-            return Ok(false);
-        }
-        self.close_idle_for_database_command();
-        if let Some(err) = self.wire.take_protocol_error() {
-            return Err(ClientError::protocol(err.to_string()));
-        }
-        if !self.wire.has_request() {
+        let read = self.wire.read_request(&mut self.client).await;
+        if !self.request_read(read)? {
             return Ok(false);
         }
         self.wire.resumed = true;

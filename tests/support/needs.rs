@@ -70,3 +70,26 @@ pub fn python(modules: &[(&str, &str)]) -> &'static str {
             )
         })
 }
+
+/// Runs `tests/drivers/<script>` with the system interpreter that has psycopg and
+/// asyncpg (Debian's packages live with it; another python3 on PATH may shadow it),
+/// from inside a multi-thread Tokio test. Returns what it printed on stdout; a script
+/// that fails fails the test with all it printed.
+pub fn run_driver(script: &str, args: &[&str]) -> String {
+    let python = python(&[
+        ("psycopg", "python3-psycopg"),
+        ("asyncpg", "python3-asyncpg"),
+    ]);
+    let path = format!("{}/tests/drivers/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::block_in_place(|| {
+        Command::new(python)
+            .arg(&path)
+            .args(args)
+            .output()
+            .expect("run python3")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script}: {stdout}{stderr}");
+    stdout
+}
