@@ -79,7 +79,7 @@ pub struct Shared {
     pub clients: AtomicUsize,
     pub metrics: metrics::Metrics,
     /// Prepared statements known to parse, by content (transaction mode).
-    pub parsed: Arc<session::prepared::Parsed>,
+    pub parsed: Arc<session::statement::Parsed>,
     /// Failover hooks: the queue and what ran.
     pub hooks: cluster::hooks::Hooks,
     /// Who is connected, per-database counters, paused databases.

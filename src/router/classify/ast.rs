@@ -446,6 +446,14 @@ impl Walk<'_> {
             Expr::Between {
                 expr, low, high, ..
             } => self.exprs([&**expr, &**low, &**high]),
+            _ => self.composite_expr(expr),
+        }
+    }
+
+    /// The expressions [`Self::expr`] leaves to this: string functions, calls, CASE,
+    /// subqueries, and containers. Anything unknown makes the statement opaque.
+    fn composite_expr(&mut self, expr: &Expr) {
+        match expr {
             Expr::Substring {
                 expr,
                 substring_from,
