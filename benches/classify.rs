@@ -4,7 +4,7 @@
 //! transaction mode runs on every Query and Parse text.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use pgrelay::router::classify::effects::session_effects;
+use pgrelay::router::classify::session_effects;
 use pgrelay::router::classify::{oracle, Classifier};
 
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;";

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::failover::{Operation, OperationError, Transition};
+use crate::cluster::events::{Operation, OperationError, Transition};
 use crate::cluster::hooks::{expand, HookKind, HookRun, Subjects};
 use crate::cluster::{Findings, Monitor, Topology};
 use crate::config::{self, Config};
@@ -220,7 +220,7 @@ fn followers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::failover::DownReason;
+    use crate::cluster::events::DownReason;
     use crate::cluster::Status;
 
     fn config(backends: u16) -> Config {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay::cluster::failover::Operation;
+use pgrelay::cluster::events::Operation;
 use pgrelay::cluster::hooks::{HookKind, HookOutcome};
 use pgrelay::cluster::Status;
 use support::*;

@@ -15,7 +15,7 @@ pub mod show;
 use std::sync::Arc;
 
 use crate::auth::ClientLogin;
-use crate::cluster::failover::Operation;
+use crate::cluster::events::Operation;
 use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::protocol::{backend, frontend, MAX_MESSAGE_LEN};
 use crate::registry::ClientHandle;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::failover::{Outcome, Probe, ProbeError, Transition};
+use super::events::{Outcome, Probe, ProbeError, Transition};
 use super::{Cluster, Monitor};
 use crate::auth::ServerCredentials;
 use crate::config::Config;

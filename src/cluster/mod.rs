@@ -10,6 +10,7 @@
 //! replica is in the read set while it is up, its lag has been measured, and the lag
 //! is within `routing.max_lag_bytes` / `max_lag_seconds`.
 
+pub mod events;
 pub mod failover;
 pub mod health;
 pub mod hooks;
@@ -25,7 +26,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::auth::Credentials;
 use crate::config::Config;
-use failover::{Outcome, Tracker, Transition};
+use events::{Outcome, Transition};
+use failover::Tracker;
 
 /// What the health, lag and Patroni loops are given: the cluster they watch, the
 /// config they read each round, the credentials they log in with, and where they hand
@@ -444,9 +446,9 @@ impl Cluster {
     /// Runs an operator's command (detach, attach, promote) on the state machine.
     pub fn operate(
         &self,
-        op: failover::Operation,
+        op: events::Operation,
         config: &Config,
-    ) -> Result<Vec<Transition>, failover::OperationError> {
+    ) -> Result<Vec<Transition>, events::OperationError> {
         self.edit(|topology, tracker| tracker.operate(topology, config, op))
     }
 
@@ -458,7 +460,7 @@ impl Cluster {
     /// Takes a reloaded config's `[[backends]]` (static topology): new ones become
     /// nodes, those no longer listed take nothing (their ids stay), weights and data
     /// directories follow the file.
-    pub fn reconfigure(&self, config: &Config) -> failover::BackendChanges {
+    pub fn reconfigure(&self, config: &Config) -> events::BackendChanges {
         self.edit(|topology, tracker| tracker.reconfigure(topology, config))
     }
 
@@ -572,7 +574,7 @@ mod tests {
         let waiting = cluster.wait_primary(deadline);
         let promote = async {
             tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-            let promoted = Ok(failover::Probe {
+            let promoted = Ok(events::Probe {
                 in_recovery: false,
                 timeline: Some(2),
                 upstream: None,

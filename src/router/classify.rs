@@ -1,6 +1,12 @@
 //! SQL statement classification for read/write routing, from the raw bytes of a simple
 //! Query or a Parse message (any encoding, possibly several `;`-separated statements).
 //!
+//! One lexical pass over a text yields everything pgrelay needs to know of it
+//! ([`Classifier::understand`], a [`Meaning`]): where it may run, what it does to the
+//! session ([`effects`]), and what command it is. When only the effects are wanted
+//! (transaction pooling without routing, or inside a transaction), [`session_effects`]
+//! runs the same pass reading no further than the effects need.
+//!
 //! [`Classifier::classify`] decides whether a text may run on a streaming replica. It is
 //! conservative: whatever may write, leaves session state behind, or cannot be judged
 //! goes to the primary. It runs on the hot path, so the common case is one lexical pass
@@ -27,8 +33,9 @@ use dashmap::DashMap;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use lexer::{identifier, Lexer, Token};
-use scan::{Kind, Statement};
+use effects::Effects;
+use lexer::{identifier, Lexer, Statement, Token};
+use scan::{Kind, Pass};
 
 /// Where a statement string may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,15 +85,41 @@ pub struct Verdict {
     pub functions: Vec<Box<str>>,
 }
 
-impl Verdict {
-    fn primary(reason: Reason, session_state: bool) -> Verdict {
-        Verdict {
-            target: Target::Primary,
-            reason: Some(reason),
-            session_state,
-            functions: Vec::new(),
+/// What a statement string is, by its first statement's first keyword, as
+/// `SHOW POOL_BACKEND_STATS` counts the writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Ddl,
+    Other,
+}
+
+impl Command {
+    /// The command a lower-case first keyword starts.
+    fn of(keyword: &[u8]) -> Command {
+        match keyword {
+            b"select" | b"values" | b"table" => Command::Select,
+            b"insert" => Command::Insert,
+            b"update" => Command::Update,
+            b"delete" => Command::Delete,
+            b"create" | b"alter" | b"drop" | b"truncate" | b"comment" | b"grant" | b"revoke"
+            | b"reindex" => Command::Ddl,
+            _ => Command::Other,
         }
     }
+}
+
+/// Everything one lexical pass learns of a statement string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meaning {
+    /// Where it may run.
+    pub verdict: Verdict,
+    /// What it does to the session it runs in.
+    pub effects: Effects,
+    pub command: Command,
 }
 
 /// Texts at least this long are cached: lexing them costs more than hashing them.
@@ -99,9 +132,9 @@ const CACHE_MAX_ENTRIES: usize = 10_000;
 /// Shared by all sessions behind an `Arc`.
 pub struct Classifier {
     lists: lists::Lists,
-    /// Verdicts for texts that needed sqlparser, are long, or came in a Parse message,
+    /// Meanings of texts that needed sqlparser, are long, or came in a Parse message,
     /// by text. Sharded, so sessions on several worker threads rarely meet on a lock.
-    cache: DashMap<Box<[u8]>, Verdict>,
+    cache: DashMap<Box<[u8]>, Meaning>,
 }
 
 impl Classifier {
@@ -118,96 +151,81 @@ impl Classifier {
 
     /// Classifies a statement string.
     pub fn classify(&self, sql: &[u8]) -> Verdict {
+        self.understand(sql).verdict
+    }
+
+    /// Classifies the text of a Parse message.
+    pub fn classify_prepared(&self, sql: &[u8]) -> Verdict {
+        self.understand_prepared(sql).verdict
+    }
+
+    /// Everything pgrelay needs to know of a statement string, in one pass.
+    pub fn understand(&self, sql: &[u8]) -> Meaning {
         if sql.len() >= CACHE_MIN_LEN {
-            if let Some(verdict) = self.cached(sql) {
-                return verdict;
+            if let Some(meaning) = self.cached(sql) {
+                return meaning;
             }
         }
-        let (verdict, parsed) = self.classify_uncached(sql);
+        let (meaning, parsed) = self.understand_uncached(sql);
         if parsed || sql.len() >= CACHE_MIN_LEN {
-            self.remember(sql, &verdict);
+            self.remember(sql, &meaning);
         }
-        verdict
+        meaning
     }
 
-    /// Classifies the text of a Parse message. Drivers send the same few texts over
-    /// and over (with `$n` parameters, not literals), so every one is cached.
-    pub fn classify_prepared(&self, sql: &[u8]) -> Verdict {
-        if let Some(verdict) = self.cached(sql) {
-            return verdict;
+    /// The meaning of a Parse message's text. Drivers send the same few texts over and
+    /// over (with `$n` parameters, not literals), so every one is cached.
+    pub fn understand_prepared(&self, sql: &[u8]) -> Meaning {
+        if let Some(meaning) = self.cached(sql) {
+            return meaning;
         }
-        let (verdict, _) = self.classify_uncached(sql);
-        self.remember(sql, &verdict);
-        verdict
+        let (meaning, _) = self.understand_uncached(sql);
+        self.remember(sql, &meaning);
+        meaning
     }
 
-    fn cached(&self, sql: &[u8]) -> Option<Verdict> {
-        self.cache.get(sql).map(|v| v.clone())
+    fn cached(&self, sql: &[u8]) -> Option<Meaning> {
+        self.cache.get(sql).map(|m| m.clone())
     }
 
-    fn remember(&self, sql: &[u8], verdict: &Verdict) {
+    fn remember(&self, sql: &[u8], meaning: &Meaning) {
         if self.cache.len() >= CACHE_MAX_ENTRIES {
             self.cache.clear();
         }
-        self.cache.insert(sql.into(), verdict.clone());
+        self.cache.insert(sql.into(), meaning.clone());
     }
 
-    /// The verdict, and whether sqlparser was needed.
-    fn classify_uncached(&self, sql: &[u8]) -> (Verdict, bool) {
-        let mut lexical = self.lexical(sql, false);
+    /// The meaning, and whether sqlparser was needed.
+    fn understand_uncached(&self, sql: &[u8]) -> (Meaning, bool) {
+        let mut lexical = lexical_pass(sql, &self.lists, false, true);
         if lexical.backslash_in_string {
             // The server's standard_conforming_strings decides where a string with a
             // backslash ends; take the more conservative of the two readings.
-            lexical.merge(self.lexical(sql, true));
+            lexical.merge(lexical_pass(sql, &self.lists, true, true));
         }
         if lexical.unterminated {
-            return (
-                Verdict::primary(Reason::Unsure, lexical.session_state),
-                false,
-            );
+            lexical.primary = Some(Reason::Unsure);
+            return (lexical.meaning(), false);
         }
         if !lexical.unsure || lexical.primary.is_some() {
-            return (lexical.verdict(), false);
+            return (lexical.meaning(), false);
         }
         if sql.len() < CACHE_MIN_LEN {
-            if let Some(verdict) = self.cached(sql) {
-                return (verdict, false);
+            if let Some(meaning) = self.cached(sql) {
+                return (meaning, false);
             }
         }
         (self.parsed(sql, lexical), true)
     }
 
-    /// The lexical pass over every statement of the text.
-    fn lexical(&self, sql: &[u8], backslash_escapes: bool) -> Lexical {
-        let mut lexer = Lexer::new(sql, backslash_escapes);
-        let mut hint = false;
-        lexer.skip_space_and_comments(|comment| hint |= is_hint(comment));
-        let mut lexical = Lexical::default();
-        if hint {
-            lexical.primary = Some(Reason::Hint);
-        }
-        loop {
-            let mut statement = Statement::new(&mut lexer);
-            let kind = scan::statement(&mut statement, &self.lists, &mut lexical.functions);
-            statement.drain();
-            lexical.add(kind);
-            if statement.last {
-                break;
-            }
-        }
-        lexical.close_transaction();
-        lexical.unterminated = lexer.unterminated;
-        lexical.backslash_in_string = lexer.backslash_in_string;
-        lexical
-    }
-
     /// Asks sqlparser about a text the lexical pass was unsure of.
-    fn parsed(&self, sql: &[u8], mut lexical: Lexical) -> Verdict {
-        let Ok(text) = std::str::from_utf8(sql) else {
-            return Verdict::primary(Reason::Unsure, lexical.session_state);
-        };
-        let Ok(statements) = Parser::parse_sql(&PostgreSqlDialect {}, text) else {
-            return Verdict::primary(Reason::Unsure, lexical.session_state);
+    fn parsed(&self, sql: &[u8], mut lexical: Lexical) -> Meaning {
+        let parsed = std::str::from_utf8(sql)
+            .ok()
+            .and_then(|text| Parser::parse_sql(&PostgreSqlDialect {}, text).ok());
+        let Some(statements) = parsed else {
+            lexical.primary = Some(Reason::Unsure);
+            return lexical.meaning();
         };
         let judgement = ast::judge(&statements, &self.lists);
         lexical.session_state |= judgement.session_state;
@@ -220,8 +238,61 @@ impl Classifier {
                 lexical.functions.push(name);
             }
         }
-        lexical.verdict()
+        lexical.meaning()
     }
+}
+
+/// What a statement string does to the session it runs in: the one lexical pass,
+/// reading each statement no further than its effects need.
+pub fn session_effects(sql: &[u8]) -> Effects {
+    static BUILT_IN: std::sync::LazyLock<lists::Lists> =
+        std::sync::LazyLock::new(lists::Lists::default);
+    lexical_pass(sql, &BUILT_IN, false, false).effects
+}
+
+/// The lexical pass over every statement of a text. Without `route` it reads only what
+/// the effects need: a statement's first keywords, and its calls if the text may call
+/// a function that leaves session state.
+fn lexical_pass(sql: &[u8], lists: &lists::Lists, backslash_escapes: bool, route: bool) -> Lexical {
+    let mut lexer = Lexer::new(sql, backslash_escapes);
+    let mut hint = false;
+    lexer.skip_space_and_comments(|comment| hint |= is_hint(comment));
+    let mut lexical = Lexical::default();
+    if hint {
+        lexical.primary = Some(Reason::Hint);
+    }
+    let calls = lists::may_call_session_function(sql);
+    // One statement, perhaps with a `;` at the end: its effects are all read.
+    let single = !route
+        && match sql.iter().position(|&b| b == b';') {
+            None => true,
+            Some(i) => sql[i + 1..].iter().all(u8::is_ascii_whitespace),
+        };
+    loop {
+        let mut statement = Statement::new(&mut lexer);
+        let mut pass = Pass {
+            lists,
+            functions: &mut lexical.functions,
+            effects: &mut lexical.effects,
+            command: lexical.command,
+            route,
+            calls,
+        };
+        let kind = scan::statement(&mut statement, &mut pass);
+        lexical.command = pass.command;
+        lexical.add(kind);
+        if single {
+            break;
+        }
+        statement.drain();
+        if statement.last {
+            break;
+        }
+    }
+    lexical.close_transaction();
+    lexical.unterminated = lexer.unterminated;
+    lexical.backslash_in_string = lexer.backslash_in_string;
+    lexical
 }
 
 /// The lexical pass's findings over a whole text.
@@ -236,6 +307,8 @@ struct Lexical {
     open_transaction: Option<bool>,
     unterminated: bool,
     backslash_in_string: bool,
+    effects: Effects,
+    command: Option<Command>,
 }
 
 impl Lexical {
@@ -282,16 +355,20 @@ impl Lexical {
         }
     }
 
-    fn verdict(self) -> Verdict {
-        Verdict {
-            target: if self.primary.is_some() {
-                Target::Primary
-            } else {
-                Target::Replica
+    fn meaning(self) -> Meaning {
+        Meaning {
+            verdict: Verdict {
+                target: if self.primary.is_some() {
+                    Target::Primary
+                } else {
+                    Target::Replica
+                },
+                reason: self.primary,
+                session_state: self.session_state,
+                functions: self.functions,
             },
-            reason: self.primary,
-            session_state: self.session_state,
-            functions: self.functions,
+            effects: self.effects,
+            command: self.command.unwrap_or(Command::Other),
         }
     }
 }

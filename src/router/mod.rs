@@ -1,8 +1,10 @@
 //! Where a request goes.
 //!
 //! A client's request (everything up to its Sync or Query, read while the client holds
-//! no server) is planned once, at the start of each transaction: [`plan_request`] walks
-//! its messages and classifies every statement text ([`classify`]); the session then
+//! no server) is planned once, at the start of each transaction. The scan that reads it
+//! understands each Query and Parse text in one pass ([`classify::Classifier::understand`])
+//! and adds it to the request's [`Plan`] ([`Plan::text`]); [`plan_request`] then adds
+//! the statements the request uses but does not parse, wherever they live; the session then
 //! applies its read-after-write policy and [`pick`] chooses among the nodes that may
 //! take the read. Inside a transaction nothing is classified: the whole transaction
 //! runs where it started, and its state comes from ReadyForQuery, not from SQL.
@@ -18,7 +20,7 @@ use dashmap::DashMap;
 use crate::cluster::Topology;
 use crate::config::{Config, LoadBalance};
 use crate::protocol::frontend;
-use classify::{Classifier, Reason, Target};
+use classify::{Classifier, Command, Meaning, Reason, Target};
 
 /// Shared routing state: the classifier and what has been learned about functions.
 pub struct Router {
@@ -51,6 +53,11 @@ impl Router {
         self.classifier
             .store(std::sync::Arc::new(Self::classifier_for(config)));
         self.volatile.clear();
+    }
+
+    /// The classifier, to keep across awaits.
+    pub fn classifier_full(&self) -> std::sync::Arc<Classifier> {
+        self.classifier.load_full()
     }
 
     pub fn classifier(&self) -> arc_swap::Guard<std::sync::Arc<Classifier>> {
@@ -169,65 +176,25 @@ pub struct Plan {
     pub functions: Vec<Box<str>>,
     /// The node holding a statement the request uses but does not parse itself.
     pub node: Option<usize>,
-    /// What its first statement is (Pgpool-II's per-node counters).
-    pub kind: Option<Kind>,
+    /// What runs first: a Query, a Bind's statement, or a Parse that the request also
+    /// executes (not a bare prepare). Pgpool-II's per-node counters.
+    pub command: Option<Command>,
+    /// The command of the request's first Parse, which counts if the request executes.
+    parse_command: Option<Command>,
 }
 
-/// A statement's kind by its first keyword, as `SHOW POOL_BACKEND_STATS` counts them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Select,
-    Insert,
-    Update,
-    Delete,
-    Ddl,
-    Other,
-}
-
-/// The kind of `text` by its first keyword (after blanks, comments and parentheses).
-pub fn statement_kind(text: &[u8]) -> Kind {
-    let mut rest = text;
-    loop {
-        match rest {
-            [b, tail @ ..] if b.is_ascii_whitespace() || *b == b'(' => rest = tail,
-            [b'-', b'-', tail @ ..] => {
-                rest = tail
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(&[][..], |i| &tail[i + 1..]);
-            }
-            [b'/', b'*', tail @ ..] => {
-                rest = tail
-                    .windows(2)
-                    .position(|w| w == b"*/")
-                    .map_or(&[][..], |i| &tail[i + 2..]);
-            }
-            _ => break,
+impl Default for Plan {
+    /// A request that may read on a replica until its statements say otherwise.
+    fn default() -> Plan {
+        Plan {
+            target: Target::Replica,
+            reason: None,
+            session_state: false,
+            functions: Vec::new(),
+            node: None,
+            command: None,
+            parse_command: None,
         }
-    }
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(rest.len());
-    let word = &rest[..end];
-    let is = |w: &str| word.eq_ignore_ascii_case(w.as_bytes());
-    if is("select") || is("values") || is("table") {
-        Kind::Select
-    } else if is("insert") {
-        Kind::Insert
-    } else if is("update") {
-        Kind::Update
-    } else if is("delete") {
-        Kind::Delete
-    } else if [
-        "create", "alter", "drop", "truncate", "comment", "grant", "revoke", "reindex",
-    ]
-    .iter()
-    .any(|w| is(w))
-    {
-        Kind::Ddl
-    } else {
-        Kind::Other
     }
 }
 
@@ -238,50 +205,54 @@ impl Plan {
             self.reason = Some(reason);
         }
     }
+
+    /// Adds the meaning of a statement text the request runs: a Query's, a Bind's
+    /// statement's, or (with `parse`) a Parse's.
+    pub fn text(&mut self, parse: bool, meaning: &Meaning) {
+        let command = if parse {
+            &mut self.parse_command
+        } else {
+            &mut self.command
+        };
+        command.get_or_insert(meaning.command);
+        let verdict = &meaning.verdict;
+        self.session_state |= verdict.session_state;
+        if verdict.target == Target::Primary {
+            self.primary(verdict.reason.unwrap_or(Reason::Unsure));
+        }
+        for f in &verdict.functions {
+            if !self.functions.contains(f) {
+                self.functions.push(f.clone());
+            }
+        }
+    }
 }
 
-/// Plans the complete request at the front of `request` (whole messages only).
+/// Completes the plan of the request at the front of `request` (whole messages only),
+/// whose Query and Parse texts are already in `plan`: the statements it binds,
+/// describes or closes but does not parse decide too, by their text or their node.
 pub fn plan_request(
     request: &[u8],
+    mut plan: Plan,
     classifier: &Classifier,
     statements: &dyn StatementSource,
 ) -> Plan {
-    let mut plan = Plan {
-        target: Target::Replica,
-        reason: None,
-        session_state: false,
-        functions: Vec::new(),
-        node: None,
-        kind: None,
-    };
     // Statements parsed earlier in this same request run wherever it goes.
     let mut parsed_here: Vec<&[u8]> = Vec::new();
-    let (mut parse_kind, mut executes) = (None, false);
+    let mut executes = false;
     for message in frontend::messages(request).map_while(Result::ok) {
         let (tag, body) = (message.tag, message.body);
-        let text = match tag {
-            frontend::QUERY => frontend::query_text(body).ok(),
-            frontend::PARSE => frontend::parse(body).ok().and_then(|parse| {
-                parsed_here.push(parse.name);
-                parse.text().ok()
-            }),
-            frontend::BIND => frontend::bind(body).ok().and_then(|bind| {
-                use_statement(&mut plan, bind.statement, &parsed_here, statements)
-            }),
-            // Closing a statement belongs where the statement lives, too.
-            frontend::DESCRIBE | frontend::CLOSE => {
-                let target = if tag == frontend::DESCRIBE {
-                    frontend::describe(body)
-                } else {
-                    frontend::close(body)
-                };
-                target
-                    .ok()
-                    .and_then(|t| t.statement())
-                    .and_then(|statement| {
-                        use_statement(&mut plan, statement, &parsed_here, statements)
-                    })
+        let used = match tag {
+            frontend::PARSE => {
+                if let Ok(parse) = frontend::parse(body) {
+                    parsed_here.push(parse.name);
+                }
+                None
             }
+            frontend::BIND => frontend::bind(body).ok().map(|bind| bind.statement),
+            // Closing a statement belongs where the statement lives, too.
+            frontend::DESCRIBE => frontend::describe(body).ok().and_then(|t| t.statement()),
+            frontend::CLOSE => frontend::close(body).ok().and_then(|t| t.statement()),
             frontend::FUNCTION_CALL => {
                 plan.primary(Reason::Function);
                 None
@@ -289,35 +260,13 @@ pub fn plan_request(
             _ => None,
         };
         executes |= tag == frontend::EXECUTE;
+        let text = used.and_then(|name| use_statement(&mut plan, name, &parsed_here, statements));
         if let Some(text) = text.filter(|t| !t.is_empty()) {
-            // Counted as what runs: a Query, a Bind's statement, or a Parse that
-            // this request also executes (not a bare prepare).
-            let kind = if tag == frontend::PARSE {
-                &mut parse_kind
-            } else {
-                &mut plan.kind
-            };
-            if kind.is_none() {
-                *kind = Some(statement_kind(text));
-            }
-            let verdict = if tag != frontend::QUERY {
-                classifier.classify_prepared(text)
-            } else {
-                classifier.classify(text)
-            };
-            plan.session_state |= verdict.session_state;
-            if verdict.target == Target::Primary {
-                plan.primary(verdict.reason.unwrap_or(Reason::Unsure));
-            }
-            for f in verdict.functions {
-                if !plan.functions.contains(&f) {
-                    plan.functions.push(f);
-                }
-            }
+            plan.text(false, &classifier.understand_prepared(text));
         }
     }
-    if plan.kind.is_none() && executes {
-        plan.kind = parse_kind;
+    if plan.command.is_none() && executes {
+        plan.command = plan.parse_command;
     }
     plan
 }
@@ -635,8 +584,8 @@ mod tests {
             msg(b, b'E', b"\0\0\0\0\0");
             msg(b, b'S', b"");
         });
-        let plan = plan_request(&read, &classifier, &statements);
-        assert_eq!((plan.target, plan.node), (Target::Replica, None));
+        let planned = plan(&read, &classifier, &statements);
+        assert_eq!((planned.target, planned.node), (Target::Replica, None));
 
         let mixed = request(|b| {
             parse(b, "", "SELECT 1");
@@ -644,7 +593,7 @@ mod tests {
             msg(b, b'S', b"");
         });
         assert_eq!(
-            plan_request(&mixed, &classifier, &statements).target,
+            plan(&mixed, &classifier, &statements).target,
             Target::Primary
         );
 
@@ -655,40 +604,87 @@ mod tests {
             msg(b, b'E', b"\0\0\0\0\0");
             msg(b, b'S', b"");
         });
-        let plan = plan_request(&later, &classifier, &statements);
-        assert_eq!((plan.target, plan.node), (Target::Replica, Some(2)));
+        let planned = plan(&later, &classifier, &statements);
+        assert_eq!((planned.target, planned.node), (Target::Replica, Some(2)));
         let close = request(|b| {
             msg(b, b'C', b"Ss1\0");
             msg(b, b'S', b"");
         });
-        let plan = plan_request(&close, &classifier, &statements);
-        assert_eq!((plan.target, plan.node), (Target::Replica, Some(2)));
+        let planned = plan(&close, &classifier, &statements);
+        assert_eq!((planned.target, planned.node), (Target::Replica, Some(2)));
         statements.observe(b'C', b"Ss1\0", 2);
-        let plan = plan_request(&later, &classifier, &statements);
+        let planned = plan(&later, &classifier, &statements);
         assert_eq!(
-            (plan.target, plan.reason),
+            (planned.target, planned.reason),
             (Target::Primary, Some(Reason::Unsure))
         );
 
         let call = request(|b| msg(b, b'F', b"\0\0\0\x01"));
         assert_eq!(
-            plan_request(&call, &classifier, &statements).target,
+            plan(&call, &classifier, &statements).target,
             Target::Primary
         );
     }
 
+    /// The request's texts understood as the scan that reads a request understands
+    /// them, then the plan completed.
+    fn plan(request: &[u8], classifier: &Classifier, statements: &StatementNodes) -> Plan {
+        let mut texts = Plan::default();
+        for message in frontend::messages(request).map_while(Result::ok) {
+            match message.tag {
+                frontend::QUERY => {
+                    let text = frontend::query_text(message.body).unwrap();
+                    texts.text(false, &classifier.understand(text));
+                }
+                frontend::PARSE => {
+                    let text = frontend::parse(message.body)
+                        .and_then(|p| p.text())
+                        .unwrap();
+                    texts.text(true, &classifier.understand_prepared(text));
+                }
+                _ => {}
+            }
+        }
+        plan_request(request, texts, classifier, statements)
+    }
+
     #[test]
-    fn statement_kinds_by_first_keyword() {
-        assert_eq!(statement_kind(b"SELECT 1"), Kind::Select);
-        assert_eq!(statement_kind(b"  /* x */ -- y\n (select 1)"), Kind::Select);
-        assert_eq!(statement_kind(b"insert into t values (1)"), Kind::Insert);
-        assert_eq!(statement_kind(b"UPDATE t SET a = 1"), Kind::Update);
-        assert_eq!(statement_kind(b"Delete from t"), Kind::Delete);
-        assert_eq!(statement_kind(b"CREATE TABLE t (a int)"), Kind::Ddl);
-        assert_eq!(statement_kind(b"TRUNCATE t"), Kind::Ddl);
-        assert_eq!(statement_kind(b"BEGIN"), Kind::Other);
-        assert_eq!(statement_kind(b"selective"), Kind::Other);
-        assert_eq!(statement_kind(b""), Kind::Other);
+    fn commands_by_first_keyword() {
+        let classifier = Classifier::new(&[], &[]);
+        let command = |sql: &str| classifier.understand(sql.as_bytes()).command;
+        assert_eq!(command("SELECT 1"), Command::Select);
+        assert_eq!(command("  /* x */ -- y\n (select 1)"), Command::Select);
+        assert_eq!(command("insert into t values (1)"), Command::Insert);
+        assert_eq!(command("UPDATE t SET a = 1"), Command::Update);
+        assert_eq!(command("Delete from t"), Command::Delete);
+        assert_eq!(command("CREATE TABLE t (a int)"), Command::Ddl);
+        assert_eq!(command("TRUNCATE t"), Command::Ddl);
+        assert_eq!(command("BEGIN"), Command::Other);
+        assert_eq!(command("selective"), Command::Other);
+        assert_eq!(command(""), Command::Other);
+        // The first statement's command counts.
+        assert_eq!(command("DELETE FROM t; SELECT 1"), Command::Delete);
+    }
+
+    /// A request executing a Parse it carries counts the Parse's command; a bare
+    /// prepare counts none.
+    #[test]
+    fn commands_of_extended_requests() {
+        let classifier = Classifier::new(&[], &[]);
+        let statements = StatementNodes::default();
+        let run = request(|b| {
+            parse(b, "", "INSERT INTO t VALUES (1)");
+            bind(b, "");
+            msg(b, b'E', b"\0\0\0\0\0");
+            msg(b, b'S', b"");
+        });
+        let planned = plan(&run, &classifier, &statements);
+        assert_eq!(planned.command, Some(Command::Insert));
+        let prepare = request(|b| {
+            parse(b, "p", "INSERT INTO t VALUES (1)");
+            msg(b, b'S', b"");
+        });
+        assert_eq!(plan(&prepare, &classifier, &statements).command, None);
     }
 
     #[test]

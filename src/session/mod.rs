@@ -7,6 +7,7 @@
 
 mod account;
 mod carry;
+mod detached;
 mod fail;
 mod lost;
 mod pids;
@@ -425,13 +426,17 @@ impl Session {
     /// Transaction mode: waits for a complete request and attaches a server for it.
     /// `Ok(false)` when the client is done.
     async fn next_request(&mut self) -> Result<bool, ClientError> {
+        // A request that will be routed is understood as it is read.
+        let classifier = self
+            .routes_request()
+            .then(|| self.shared.router.classifier_full());
         let read = tokio::select! {
             biased;
             _ = self.shutting_down.wait_for(|&down| down) => {
                 // Between transactions: nothing is lost by leaving now.
                 return Err(ClientError::shutting_down());
             }
-            read = self.wire.read_request(&mut self.client) => read,
+            read = self.wire.read_request(&mut self.client, classifier.as_deref()) => read,
         };
         if !self.request_read(read)? {
             return Ok(false);

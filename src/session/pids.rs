@@ -486,7 +486,7 @@ impl Session {
     /// it whole and answers it, or has the relay send it on. `Ok(false)` when the
     /// client is gone.
     pub(super) async fn intercepted(&mut self) -> Result<bool, ClientError> {
-        let read = self.wire.read_request(&mut self.client).await;
+        let read = self.wire.read_request(&mut self.client, None).await;
         if !self.request_read(read)? {
             return Ok(false);
         }

@@ -24,6 +24,7 @@ use crate::pool::server::Server;
 use crate::protocol::backend::{self, TxStatus};
 use crate::protocol::{self, frontend, ProtocolError, HEADER_LEN};
 use crate::router::classify::effects::Effects;
+use crate::router::Plan;
 use crate::router::StatementNodes;
 use crate::session::prepared::Prepared;
 use crate::session::scan::{ClientEnd, ClientSide, Flow, Front};
@@ -100,6 +101,10 @@ pub struct Wire {
     /// A request read while detached is a database command on this database: the
     /// session closes its idle servers before relaying it.
     pub(super) database_command: Option<String>,
+    /// What the texts of the request read while detached mean for routing, when it was
+    /// read for routing: the scan that read it understood each text once, effects and
+    /// route class together.
+    pub(super) texts: Plan,
 }
 
 /// What a relay moved, for statistics.
@@ -137,6 +142,7 @@ impl Wire {
             counts: Counts::default(),
             resumed: false,
             database_command: None,
+            texts: Plan::default(),
         }
     }
 

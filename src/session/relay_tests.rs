@@ -525,3 +525,48 @@ fn the_clients_own_notifications_stop_the_scan_at_the_sender_pid() {
     assert_eq!(at, Some(complete("LISTEN").len() + HEADER_LEN));
     assert_eq!(relay.wire.server.s2c, answer.len() - ready(b'I').len());
 }
+
+/// A request read for routing is understood once as it is read: the route class of
+/// its texts and what they do to the session come from the same pass.
+#[test]
+fn a_request_read_for_routing_is_understood_once() {
+    use crate::router::classify::{Classifier, Command, Reason, Target};
+    let classifier = Classifier::new(&[], &[]);
+    let tracking = || {
+        Relay::new(Policy {
+            transaction_pooling: true,
+            track_effects: true,
+            ..Policy::default()
+        })
+    };
+    let mut relay = tracking();
+    let request = cat(&[
+        parse("", "SET statement_timeout = 5"),
+        bind(""),
+        execute(),
+        sync(),
+    ]);
+    assert!(relay
+        .wire
+        .scan_client_routed(&request, false, Some(&classifier)));
+    let texts = &relay.wire.texts;
+    assert_eq!(texts.target, Target::Primary);
+    assert_eq!(texts.reason, Some(Reason::SessionState));
+    assert!(texts.session_state);
+    assert_eq!(
+        &*relay.wire.effects.settings,
+        [Box::from("statement_timeout")]
+    );
+    let planned =
+        crate::router::plan_request(&request, texts.clone(), &classifier, &relay.wire.statements);
+    assert_eq!(planned.command, Some(Command::Other));
+
+    // A read that is not routed leaves the plan alone, and still notes effects.
+    let mut relay = tracking();
+    assert!(relay
+        .wire
+        .scan_client_bytes(&query("INSERT INTO t VALUES (1)"), false));
+    assert_eq!(relay.wire.texts.target, Target::Replica);
+    assert!(relay.wire.scan_client_bytes(&query("LISTEN x"), false));
+    assert!(relay.wire.effects.may_pin);
+}

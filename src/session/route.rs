@@ -12,7 +12,7 @@ use crate::config::{Config, LoadBalance, PoolMode, ReadAfterWrite};
 use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
-use crate::router::classify::{Reason, Target};
+use crate::router::classify::{Command, Reason, Target};
 use crate::router::{self, Choice, Dice, Router};
 use crate::Shared;
 
@@ -92,6 +92,12 @@ impl Routing {
 }
 
 impl Session {
+    /// Whether the next request is routed: routing is on and the client is not pinned
+    /// (a pinned client stays on its primary server).
+    pub(super) fn routes_request(&self) -> bool {
+        self.routing.mode == RouteMode::PerRequest && self.pin.is_none()
+    }
+
     /// Routes the buffered request and returns a server on the chosen node.
     ///
     /// A request that needs the primary while there is none waits for one (up to
@@ -281,7 +287,7 @@ impl Session {
         topology: &mut Arc<Topology>,
         deadline: tokio::time::Instant,
     ) -> Result<usize, ClientError> {
-        if self.routing.mode != RouteMode::PerRequest || self.pin.is_some() {
+        if !self.routes_request() {
             self.routing.last_write = true;
             return self.primary_by(topology, deadline).await;
         }
@@ -291,6 +297,7 @@ impl Session {
         };
         let plan = router::plan_request(
             self.wire.request(&mut self.client),
+            self.wire.texts.clone(),
             &self.shared.router.classifier(),
             statements,
         );
@@ -307,18 +314,18 @@ impl Session {
             }
         };
         self.routing.last_write = writes;
-        let kind = plan.kind;
+        let command = plan.command;
         if writes {
             self.routing.writes = Writes::Unfenced;
             let primary = self.primary_by(topology, deadline).await?;
             if let Some(state) = topology.nodes.get(primary) {
                 NodeStats::count(&state.stats.writes);
                 let stats = &state.stats;
-                let counter = match kind {
-                    Some(router::Kind::Insert) => &stats.inserts,
-                    Some(router::Kind::Update) => &stats.updates,
-                    Some(router::Kind::Delete) => &stats.deletes,
-                    Some(router::Kind::Ddl) => &stats.ddl,
+                let counter = match command {
+                    Some(Command::Insert) => &stats.inserts,
+                    Some(Command::Update) => &stats.updates,
+                    Some(Command::Delete) => &stats.deletes,
+                    Some(Command::Ddl) => &stats.ddl,
                     _ => &stats.other,
                 };
                 NodeStats::count(counter);

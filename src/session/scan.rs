@@ -1,24 +1,18 @@
 //! The client side of the relay: its state ([`ClientSide`]), what each client message
 //! means for it (answers owed, extended-protocol state, request boundaries, COPY), and
 //! what Query and Parse texts do to the session. [`Wire::scan_client_bytes`] takes
-//! bytes, without I/O, and the relay acts on what it learned. Between servers, the
-//! request read while detached is read, routed and settled here too.
-
-use std::future::poll_fn;
-use std::io;
-
-use bytes::Buf;
+//! bytes, without I/O, and the relay acts on what it learned. Between servers, a
+//! request is read whole through the same scan ([`super::detached`]).
 
 use crate::protocol::frontend::{self, KNOWN};
 use crate::protocol::{ProtocolError, Scanned, Scanner, Step, MAX_MESSAGE_LEN};
-use crate::router::classify;
-use crate::router::classify::effects::{session_effects, Effects};
-use crate::router::StatementNodes;
+use crate::router::classify::effects::Effects;
+use crate::router::classify::{self, session_effects, Classifier};
+use crate::router::{Plan, StatementNodes};
 use crate::session::carry::{carry, Carry};
 use crate::session::pids;
 use crate::session::prepared::Prepared;
 use crate::session::relay::Wire;
-use crate::stream::{Conn, Stream};
 
 /// The client message the scan stopped in front of, with prepared statements carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -163,6 +157,9 @@ struct ClientScan<'a> {
     prepared: Option<&'a mut Prepared>,
     /// What the requests do to the session (when tracked).
     effects: Option<&'a mut Effects>,
+    /// A request read for routing: its texts are understood with this classifier, and
+    /// their route classes added to the request's plan.
+    route: Option<(&'a Classifier, &'a mut Plan)>,
     /// Stop in front of requests that may be calls on pids pgrelay issued.
     intercept_pids: bool,
     pid_statements: &'a mut bool,
@@ -272,14 +269,42 @@ impl ClientScan<'_> {
         }
     }
 
-    /// Notes what a Query or Parse does to the session, and tells the carried
-    /// statements when the server's may have gone or changed.
+    /// Notes what a Query or Parse does to the session (and, read for routing, where
+    /// it may run), and tells the carried statements when the server's may have gone or
+    /// changed.
     fn note_effects(&mut self, tag: u8, body: Option<&[u8]>) {
+        if let Some((classifier, plan)) = self.route.as_mut() {
+            let Some(text) = text_of(tag, body) else {
+                return;
+            };
+            let meaning = if tag == frontend::QUERY {
+                classifier.understand(text)
+            } else {
+                classifier.understand_prepared(text)
+            };
+            plan.text(tag == frontend::PARSE, &meaning);
+            if let Some(effects) = self.effects.as_deref_mut() {
+                let changed_schema = effects.schema_change;
+                if !meaning.effects.is_empty() {
+                    effects.merge(meaning.effects);
+                }
+                self.effects_noted(changed_schema);
+            }
+            return;
+        }
         let Some(effects) = self.effects.as_deref_mut() else {
             return;
         };
         let changed_schema = effects.schema_change;
         note_effects(true, tag, body, effects);
+        self.effects_noted(changed_schema);
+    }
+
+    /// Tells the carried statements when the server's may have gone or changed.
+    fn effects_noted(&mut self, changed_schema: bool) {
+        let Some(effects) = self.effects.as_deref() else {
+            return;
+        };
         if let Some(p) = self.prepared.as_deref_mut() {
             if effects.deallocate_all {
                 p.distrust_server();
@@ -374,6 +399,17 @@ impl Wire {
     /// was scanned before). Returns true if the scan stopped at a request boundary
     /// (detached), a Terminate, or a protocol error.
     pub(super) fn scan_client_bytes(&mut self, buf: &[u8], attached: bool) -> bool {
+        self.scan_client_routed(buf, attached, None)
+    }
+
+    /// [`Wire::scan_client_bytes`], understanding the texts of a request read for
+    /// routing with `classifier`.
+    pub(super) fn scan_client_routed(
+        &mut self,
+        buf: &[u8],
+        attached: bool,
+        classifier: Option<&Classifier>,
+    ) -> bool {
         if self.client.ended() {
             return true;
         }
@@ -396,6 +432,7 @@ impl Wire {
                 .then_some((&mut self.statements, self.node)),
             prepared: self.prepared.as_deref_mut(),
             effects: policy.track_effects.then_some(&mut self.effects),
+            route: classifier.map(|c| (c, &mut self.texts)),
             intercept_pids: policy.own_pid.is_some(),
             pid_statements,
         };
@@ -445,96 +482,12 @@ impl Wire {
     }
 }
 
-/// Between servers: the request the client sent while detached.
-impl Wire {
-    /// Bytes of a complete request are buffered and scanned (detached mode).
-    pub fn has_request(&self) -> bool {
-        self.client.c2s > 0
-    }
-
-    pub fn client_done(&self) -> bool {
-        self.client.end == ClientEnd::Done
-    }
-
-    pub fn take_protocol_error(&mut self) -> Option<ProtocolError> {
-        self.client.end.take_error()
-    }
-
-    /// The complete request buffered while detached, for routing.
-    pub fn request<'a>(&self, client: &'a mut Conn<Stream>) -> &'a [u8] {
-        &client.rbuf()[..self.client.c2s]
-    }
-
-    /// Records the statements a just-routed request parses or closes on `node`.
-    pub fn record_request(&mut self, client: &mut Conn<Stream>, node: usize) {
-        self.node = node;
-        if !self.policy.track_statements {
-            return;
-        }
-        let request = &client.rbuf()[..self.client.c2s];
-        for message in frontend::messages(request).map_while(Result::ok) {
-            self.statements.observe(message.tag, message.body, node);
-        }
-    }
-
-    /// Drops a buffered request the session answered itself, or will answer (e.g.
-    /// with an error): it never reaches a server, which owes nothing for it.
-    pub(super) fn consume_request(&mut self, client: &mut Conn<Stream>) {
-        client.rbuf().advance(self.client.c2s);
-        self.client.c2s = 0;
-        self.client.exchange = Exchange::default();
-    }
-
-    /// Drops a buffered request the session answered itself (e.g. with an error).
-    /// Returns true if the client still owes the Sync that ends it (the request ended
-    /// with a Flush): PostgreSQL would then skip everything up to that Sync.
-    pub fn discard_request(&mut self, client: &mut Conn<Stream>) -> bool {
-        self.consume_request(client);
-        self.client.last_boundary == Some(frontend::FLUSH)
-    }
-
-    /// After a failed extended request: drops client messages up to and including the
-    /// next Sync, as PostgreSQL does after an error. Cancel safe.
-    pub async fn skip_until_sync(
-        &mut self,
-        client: &mut Conn<Stream>,
-    ) -> Result<(), crate::stream::StreamError> {
-        loop {
-            let frame = client.read_frame(MAX_MESSAGE_LEN).await?;
-            match frame.tag() {
-                frontend::SYNC => return Ok(()),
-                frontend::TERMINATE => {
-                    // A protocol error found before is reported first.
-                    if self.client.end == ClientEnd::Open {
-                        self.client.end = ClientEnd::Done;
-                    }
-                    return Ok(());
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Detached: reads until a complete request (up to Query, Sync, Flush or
-    /// FunctionCall) is scanned, or the client leaves. Cancel safe.
-    pub async fn read_request(&mut self, client: &mut Conn<Stream>) -> Result<(), io::Error> {
-        let exchange = &mut self.client.exchange;
-        if exchange.flow == Flow::Paused {
-            exchange.flow = Flow::Flowing;
-        }
-        // Whatever a scan stopped in front of last time is scanned again from here.
-        exchange.front = Front::Relayed;
-        exchange.rewrite_buffered = false;
-        loop {
-            let stopped = self.scan_client(client, false);
-            if stopped || self.client.end == ClientEnd::Done {
-                return Ok(());
-            }
-            if poll_fn(|cx| client.poll_read_more(cx)).await? == 0 {
-                self.client.end = ClientEnd::Done;
-                return Ok(());
-            }
-        }
+/// The text of a Query or a Parse.
+fn text_of(tag: u8, body: Option<&[u8]>) -> Option<&[u8]> {
+    match (tag, body) {
+        (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
+        (frontend::PARSE, Some(body)) => frontend::parse(body).and_then(|p| p.text()).ok(),
+        _ => None,
     }
 }
 
@@ -543,12 +496,7 @@ pub(super) fn note_effects(track: bool, tag: u8, body: Option<&[u8]>, effects: &
     if !track {
         return;
     }
-    let text = match (tag, body) {
-        (frontend::QUERY, Some(body)) => frontend::query_text(body).ok(),
-        (frontend::PARSE, Some(body)) => frontend::parse(body).and_then(|p| p.text()).ok(),
-        _ => None,
-    };
-    if let Some(text) = text {
+    if let Some(text) = text_of(tag, body) {
         let found = session_effects(text);
         if !found.is_empty() {
             effects.merge(found);

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use dashmap::DashSet;
 
 use crate::protocol::read_cstr;
-use crate::router::classify::effects::{session_effects, Effects};
+use crate::router::classify::effects::Effects;
+use crate::router::classify::session_effects;
 
 /// Server-side names start so; client names never reach a server with it.
 pub(super) const PREFIX: &[u8] = b"pgrelay_";

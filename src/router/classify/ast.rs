@@ -333,8 +333,8 @@ impl Walk<'_> {
             return;
         }
         match self.lists.kind(folded.as_bytes()) {
-            FunctionKind::Session => self.session(true),
-            FunctionKind::Write => self.primary(Reason::Function),
+            FunctionKind::SessionLock | FunctionKind::SessionState(_) => self.session(true),
+            FunctionKind::Unlock | FunctionKind::Write => self.primary(Reason::Function),
             FunctionKind::Read => {}
             FunctionKind::Unknown => {
                 if !self.out.functions.iter().any(|f| **f == *folded) {

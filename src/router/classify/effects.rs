@@ -2,13 +2,13 @@
 //! which settings it changes, what it may leave behind that cannot move to another
 //! server (and so pins the client), and what may release such state.
 //!
-//! Like the classifier, it is a lexical pass over borrowed tokens. The common case (one
-//! statement whose first keyword is none of these commands, no function of interest in
-//! the text) looks at one token and does not allocate.
+//! These are the recorders the one lexical pass ([`super::scan`]) calls as it reads a
+//! statement's keywords and calls; the pass itself is [`super::session_effects`] when
+//! only the effects are wanted, and [`super::Classifier::understand`] when routing
+//! wants the route class too.
 
-use super::lexer::{identifier, is, Lexer, Token};
-use super::lists::{contains, ADVISORY_UNLOCKS, SESSION_ADVISORY_LOCKS};
-use super::scan::Statement;
+use super::lexer::{identifier, is, Lexer, Statement, Token};
+use super::lists::FunctionKind;
 use crate::protocol::backend::reported_parameter;
 
 /// What one statement string does to its session.
@@ -58,37 +58,6 @@ impl Effects {
     }
 }
 
-/// The effects of a statement string (a Query or a Parse text).
-pub fn session_effects(sql: &[u8]) -> Effects {
-    let mut effects = Effects::default();
-    let calls = mentions_session_function(sql);
-    // One statement, perhaps with a `;` at the end: its first keywords say it all.
-    let single = match sql.iter().position(|&b| b == b';') {
-        None => true,
-        Some(i) => sql[i + 1..].iter().all(u8::is_ascii_whitespace),
-    };
-    // standard_conforming_strings only moves string ends; both readings agree on the
-    // keywords of ordinary text, and the cautious reading is taken by the classifier.
-    let mut lexer = Lexer::new(sql, false);
-    lexer.skip_space_and_comments(|_| {});
-    loop {
-        let mut stmt = Statement::new(&mut lexer);
-        statement(&mut stmt, &mut effects);
-        if calls {
-            function_calls(&mut stmt, &mut effects);
-        }
-        if single {
-            // The rest of its tokens change nothing.
-            break;
-        }
-        stmt.drain();
-        if stmt.last {
-            break;
-        }
-    }
-    effects
-}
-
 /// If `sql` is exactly one `DEALLOCATE [PREPARE] name` (not ALL), the name as
 /// PostgreSQL folds it.
 pub fn deallocate_name(sql: &[u8]) -> Option<String> {
@@ -116,19 +85,6 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
     Some(name)
 }
 
-fn mentions_session_function(sql: &[u8]) -> bool {
-    sql.contains(&b'(')
-        && (contains_ci(sql, b"advisory")
-            || contains_ci(sql, b"set_config")
-            || contains_ci(sql, b"dblink_connect"))
-}
-
-fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
 fn word<'a>(token: Option<Token<'a>>) -> Option<&'a [u8]> {
     match token {
         Some(Token::Word(w)) => Some(w),
@@ -136,70 +92,47 @@ fn word<'a>(token: Option<Token<'a>>) -> Option<&'a [u8]> {
     }
 }
 
-fn statement(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
-    let Some(first) = word(stmt.next()) else {
-        return;
-    };
-    let kw = |k: &str| is(first, k);
-    if kw("set") {
-        set(stmt, effects);
-    } else if kw("reset") {
-        reset(stmt, effects);
-    } else if kw("discard") {
-        effects.may_release = true;
-        let what = word(stmt.next());
-        if what.is_some_and(|w| is(w, "all")) {
-            effects.reset_all = true;
-            effects.deallocate_all = true;
-        }
-        effects.schema_change = what.is_some_and(|w| is(w, "all") || is(w, "plans"));
-    } else if kw("deallocate") {
-        effects.may_release = true;
-        let mut next = word(stmt.next());
-        if next.is_some_and(|w| is(w, "prepare")) {
-            next = word(stmt.next());
-        }
-        if next.is_some_and(|w| is(w, "all")) {
-            effects.deallocate_all = true;
-        }
-    } else if kw("listen") || kw("declare") || kw("prepare") {
-        // DECLARE without HOLD and PREPARE TRANSACTION leave nothing; the server check
-        // afterwards finds that out.
-        effects.may_pin = true;
-    } else if kw("create") {
-        while let Some(w) = word(stmt.next()) {
-            if is(w, "temp") || is(w, "temporary") {
-                effects.may_pin = true;
-                break;
-            }
-            if !(is(w, "or") || is(w, "replace") || is(w, "global") || is(w, "local")) {
-                effects.schema_change = true;
-                break;
-            }
-        }
-    } else if kw("alter") {
-        effects.schema_change = true;
-    } else if kw("drop") {
-        effects.may_release = true;
-        effects.schema_change = true;
-    } else if kw("unlisten")
-        || kw("close")
-        || kw("commit")
-        || kw("end")
-        || kw("rollback")
-        || kw("abort")
-    {
-        effects.may_release = true;
-    } else if kw("load") {
-        effects.pin = effects.pin.or(Some("LOAD"));
+/// `DISCARD ...`: releases what it discards; `ALL` and `PLANS` may change what prepared
+/// statements return.
+pub(super) fn discard(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    effects.may_release = true;
+    let what = word(stmt.next());
+    if what.is_some_and(|w| is(w, "all")) {
+        effects.reset_all = true;
+        effects.deallocate_all = true;
+    }
+    effects.schema_change |= what.is_some_and(|w| is(w, "all") || is(w, "plans"));
+}
+
+/// `DEALLOCATE [PREPARE] name | ALL`.
+pub(super) fn deallocate(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    effects.may_release = true;
+    let mut next = word(stmt.next());
+    if next.is_some_and(|w| is(w, "prepare")) {
+        next = word(stmt.next());
+    }
+    if next.is_some_and(|w| is(w, "all")) {
+        effects.deallocate_all = true;
     }
 }
 
-fn set(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
-    let mut token = stmt.next();
-    if word(token).is_some_and(|w| is(w, "local") || is(w, "transaction") || is(w, "constraints")) {
-        return; // lasts until the transaction ends
+/// What a call of a function of `kind` does to the session.
+pub(super) fn call(effects: &mut Effects, kind: FunctionKind) {
+    match kind {
+        FunctionKind::SessionLock => effects.may_pin = true,
+        FunctionKind::Unlock => effects.may_release = true,
+        FunctionKind::SessionState(name) => effects.pin = effects.pin.or(Some(name)),
+        FunctionKind::Write | FunctionKind::Read | FunctionKind::Unknown => {}
     }
+}
+
+/// A session-level `SET`, from the token after `SET` (`LOCAL`, `TRANSACTION` and
+/// `CONSTRAINTS` are not: they last until the transaction ends).
+pub(super) fn set<'a>(
+    stmt: &mut Statement<'_, 'a>,
+    mut token: Option<Token<'a>>,
+    effects: &mut Effects,
+) {
     if word(token).is_some_and(|w| is(w, "session")) {
         token = stmt.next();
         match word(token) {
@@ -231,7 +164,8 @@ fn set(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
     setting(effects, name);
 }
 
-fn reset(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+/// `RESET name | ALL`.
+pub(super) fn reset(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
     let token = stmt.next();
     let name = match word(token) {
         Some(w) if is(w, "all") => {
@@ -270,29 +204,9 @@ fn setting(effects: &mut Effects, name: String) {
     }
 }
 
-/// Looks at every call in the rest of the statement.
-fn function_calls(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
-    let mut previous: Option<Token<'_>> = None;
-    while let Some(token) = stmt.next() {
-        if token == Token::Punct(b'(') {
-            if let Some(name) = previous.and_then(identifier) {
-                if contains(SESSION_ADVISORY_LOCKS, name.as_bytes()) {
-                    effects.may_pin = true;
-                } else if contains(ADVISORY_UNLOCKS, name.as_bytes()) {
-                    effects.may_release = true;
-                } else if name == "set_config" {
-                    effects.pin = effects.pin.or(Some("set_config()"));
-                } else if name == "dblink_connect" {
-                    effects.pin = effects.pin.or(Some("dblink_connect()"));
-                }
-            }
-        }
-        previous = Some(token);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::session_effects;
     use super::*;
 
     fn settings(sql: &str) -> Vec<String> {
@@ -372,7 +286,8 @@ mod tests {
             assert!(e.may_release && !e.may_pin, "{sql}: {e:?}");
         }
         let e = session_effects(b"SELECT set_config('a.b', 'c', false)");
-        assert_eq!(e.pin, Some("set_config()"));
+        assert_eq!(e.pin, Some("set_config"));
+        assert_eq!(session_effects(b"select setseed(0.5)").pin, Some("setseed"));
         assert_eq!(
             session_effects(b"SET SESSION AUTHORIZATION bob").pin,
             Some("SET SESSION AUTHORIZATION")

@@ -237,6 +237,46 @@ impl<'a> Lexer<'a> {
     }
 }
 
+/// The tokens of one statement: ends at `;` or at the end of the text.
+pub(super) struct Statement<'l, 'a> {
+    lexer: &'l mut Lexer<'a>,
+    done: bool,
+    /// Whether the statement ended with the text rather than at a `;`.
+    pub(super) last: bool,
+}
+
+impl<'l, 'a> Statement<'l, 'a> {
+    pub(super) fn new(lexer: &'l mut Lexer<'a>) -> Self {
+        Statement {
+            lexer,
+            done: false,
+            last: false,
+        }
+    }
+
+    pub(super) fn next(&mut self) -> Option<Token<'a>> {
+        if self.done {
+            return None;
+        }
+        match self.lexer.next_token() {
+            Some(Token::Punct(b';')) => {
+                self.done = true;
+                None
+            }
+            None => {
+                self.done = true;
+                self.last = true;
+                None
+            }
+            token => token,
+        }
+    }
+
+    pub(super) fn drain(&mut self) {
+        while self.next().is_some() {}
+    }
+}
+
 fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }

@@ -91,6 +91,20 @@ pub(super) const SESSION_FUNCTIONS: &[&str] = &[
     "setseed",
 ];
 
+/// Every function of [`SESSION_ADVISORY_LOCKS`], [`ADVISORY_UNLOCKS`] and
+/// [`SESSION_FUNCTIONS`] has one of these in its name (a test checks): a text without
+/// any of them calls none of those functions, so its calls need no look.
+const SESSION_CALL_MARKERS: &[&str] = &["advisory", "dblink_connect", "set_config", "setseed"];
+
+/// Whether `sql` may call a function that leaves session state or releases it.
+pub(super) fn may_call_session_function(sql: &[u8]) -> bool {
+    sql.contains(&b'(')
+        && SESSION_CALL_MARKERS.iter().any(|marker| {
+            sql.windows(marker.len())
+                .any(|w| w.eq_ignore_ascii_case(marker.as_bytes()))
+        })
+}
+
 /// Functions that are safe on a standby, so ordinary queries need no catalog lookup.
 /// Some are volatile (`random`, `clock_timestamp`) but only read.
 pub(super) const READ_FUNCTIONS: &[&str] = &[
@@ -370,15 +384,38 @@ pub(super) const PAREN_KEYWORDS: &[&str] = &[
     "xmltable",
 ];
 
-/// What calling a function means for routing.
+/// What calling a function means, for routing and for the session it runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FunctionKind {
-    /// Leaves state in the session: primary, and the client stays there.
-    Session,
+    /// Takes a session-level advisory lock: primary, and the client stays on the
+    /// server that holds it until it unlocks.
+    SessionLock,
+    /// Leaves other state in the session that the server cannot be asked about
+    /// (`set_config`, `setseed`, dblink connections): primary, and the client stays on
+    /// that server for good. The function's name, as listed.
+    SessionState(&'static str),
+    /// Releases advisory locks: writes (a standby has none), and may end a pin.
+    Unlock,
     Write,
     Read,
     /// Neither built in nor configured: the router asks `pg_proc`.
     Unknown,
+}
+
+/// What the built-in lists of functions that write or leave session state say of a
+/// folded function name, if they list it. No configuration overrides them.
+pub(super) fn builtin_kind(name: &[u8]) -> Option<FunctionKind> {
+    if let Ok(i) = SESSION_FUNCTIONS.binary_search_by(|probe| probe.as_bytes().cmp(name)) {
+        Some(FunctionKind::SessionState(SESSION_FUNCTIONS[i]))
+    } else if contains(SESSION_ADVISORY_LOCKS, name) {
+        Some(FunctionKind::SessionLock)
+    } else if contains(ADVISORY_UNLOCKS, name) {
+        Some(FunctionKind::Unlock)
+    } else if contains(WRITE_FUNCTIONS, name) {
+        Some(FunctionKind::Write)
+    } else {
+        None
+    }
 }
 
 /// The built-in lists plus the configured ones, as folded names.
@@ -399,17 +436,13 @@ impl Lists {
     /// The built-in lists are checked before the configured read-only list, so that
     /// configuration cannot make `nextval` or an advisory lock run on a standby.
     pub(super) fn kind(&self, name: &[u8]) -> FunctionKind {
-        if contains(SESSION_FUNCTIONS, name) || contains(SESSION_ADVISORY_LOCKS, name) {
-            FunctionKind::Session
-        } else if contains(WRITE_FUNCTIONS, name)
-            || contains(ADVISORY_UNLOCKS, name)
-            || self.write.contains(name)
-        {
-            FunctionKind::Write
-        } else if contains(READ_FUNCTIONS, name) || self.read.contains(name) {
-            FunctionKind::Read
-        } else {
-            FunctionKind::Unknown
+        match builtin_kind(name) {
+            Some(kind) => kind,
+            None if self.write.contains(name) => FunctionKind::Write,
+            None if contains(READ_FUNCTIONS, name) || self.read.contains(name) => {
+                FunctionKind::Read
+            }
+            None => FunctionKind::Unknown,
         }
     }
 }
@@ -460,6 +493,19 @@ mod tests {
     }
 
     #[test]
+    fn session_functions_carry_a_marker() {
+        for list in [SESSION_ADVISORY_LOCKS, ADVISORY_UNLOCKS, SESSION_FUNCTIONS] {
+            for name in list {
+                assert!(may_call_session_function(
+                    format!("select {name}(1)").as_bytes()
+                ));
+            }
+        }
+        assert!(!may_call_session_function(b"select advisory"));
+        assert!(!may_call_session_function(b"select f(1)"));
+    }
+
+    #[test]
     fn configured_names_fold_like_postgres() {
         let lists = Lists::new(
             &["My_Fn".into(), "s.Other".into(), "\"Quoted\"".into()],
@@ -471,6 +517,11 @@ mod tests {
         assert_eq!(lists.kind(b"quoted"), FunctionKind::Unknown);
         assert_eq!(lists.kind(b"nextval"), FunctionKind::Write);
         assert_eq!(lists.kind(b"safe"), FunctionKind::Read);
-        assert_eq!(lists.kind(b"pg_advisory_lock"), FunctionKind::Session);
+        assert_eq!(lists.kind(b"pg_advisory_lock"), FunctionKind::SessionLock);
+        assert_eq!(
+            lists.kind(b"set_config"),
+            FunctionKind::SessionState("set_config")
+        );
+        assert_eq!(lists.kind(b"pg_advisory_unlock"), FunctionKind::Unlock);
     }
 }

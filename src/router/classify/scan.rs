@@ -1,11 +1,13 @@
-//! The lexical pass over one statement: what its first keyword makes it, and for
-//! queries, a single walk over every token looking for row locks, `SELECT INTO`,
-//! writable CTEs and function calls. It reports `Unsure` rather than guess, and
-//! allocates only to record a function it does not know.
+//! The lexical pass over one statement: what its first keyword makes it, for routing
+//! and for the session it runs in, and for queries a single walk over every token
+//! looking for row locks, `SELECT INTO`, writable CTEs and function calls. It reports
+//! `Unsure` rather than guess, and allocates only to record a function it does not
+//! know or a setting the statement changes.
 
-use super::lexer::{is, Lexer, Token};
+use super::effects::{self, Effects};
+use super::lexer::{is, Statement, Token};
 use super::lists::{self, FunctionKind, Lists};
-use super::Reason;
+use super::{Command, Reason};
 
 /// What one statement means for routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,46 +44,6 @@ const fn session(session_state: bool) -> Kind {
     }
 }
 
-/// The tokens of one statement: ends at `;` or at the end of the text.
-pub(super) struct Statement<'l, 'a> {
-    lexer: &'l mut Lexer<'a>,
-    done: bool,
-    /// Whether the statement ended with the text rather than at a `;`.
-    pub(super) last: bool,
-}
-
-impl<'l, 'a> Statement<'l, 'a> {
-    pub(super) fn new(lexer: &'l mut Lexer<'a>) -> Self {
-        Statement {
-            lexer,
-            done: false,
-            last: false,
-        }
-    }
-
-    pub(super) fn next(&mut self) -> Option<Token<'a>> {
-        if self.done {
-            return None;
-        }
-        match self.lexer.next_token() {
-            Some(Token::Punct(b';')) => {
-                self.done = true;
-                None
-            }
-            None => {
-                self.done = true;
-                self.last = true;
-                None
-            }
-            token => token,
-        }
-    }
-
-    pub(super) fn drain(&mut self) {
-        while self.next().is_some() {}
-    }
-}
-
 /// A keyword lower-cased into `buf`; words longer than any keyword come back empty.
 fn keyword<'b>(word: &[u8], buf: &'b mut [u8; 16]) -> &'b [u8] {
     let Some(out) = buf.get_mut(..word.len()) else {
@@ -97,25 +59,52 @@ fn is_word(token: Option<Token<'_>>, kw: &str) -> bool {
     matches!(token, Some(Token::Word(w)) if is(w, kw))
 }
 
-/// Classifies one statement, adding unknown functions it calls to `functions`.
-pub(super) fn statement(
-    stmt: &mut Statement<'_, '_>,
-    lists: &Lists,
-    functions: &mut Vec<Box<str>>,
-) -> Kind {
+/// What one pass over a text collects besides each statement's [`Kind`].
+pub(super) struct Pass<'p> {
+    pub(super) lists: &'p Lists,
+    /// Functions called whose volatility is unknown (routing).
+    pub(super) functions: &'p mut Vec<Box<str>>,
+    /// What the statements do to the session.
+    pub(super) effects: &'p mut Effects,
+    /// The first statement's command, by its first keyword.
+    pub(super) command: Option<Command>,
+    /// Routing wants the answer. Without it a statement is read only as far as its
+    /// effects need: its first keywords, and its calls if `calls`.
+    pub(super) route: bool,
+    /// The text may call a function that leaves session state or releases it: every
+    /// call is looked at.
+    pub(super) calls: bool,
+}
+
+/// Reads one statement: returns what it means for routing, and adds what it does to
+/// the session (and the unknown functions it calls) to `pass`.
+pub(super) fn statement(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Kind {
+    let kind = dispatch(stmt, pass);
+    if pass.calls {
+        // The calls in what the first keywords left unread.
+        calls(stmt, pass.effects);
+    }
+    kind
+}
+
+fn dispatch(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Kind {
     let mut first = stmt.next();
     loop {
         let word = match first {
             None => return Kind::Neutral,
-            Some(Token::Punct(b'(')) => return query(stmt, first, lists, functions, false),
+            Some(Token::Punct(b'(')) => {
+                pass.command.get_or_insert(Command::Select);
+                return query(stmt, first, pass, false);
+            }
             Some(Token::Word(w)) => w,
             Some(_) => return WRITE,
         };
         let mut buf = [0; 16];
-        return match keyword(word, &mut buf) {
-            b"select" | b"values" | b"table" | b"with" => {
-                query(stmt, first, lists, functions, false)
-            }
+        let kw = keyword(word, &mut buf);
+        pass.command.get_or_insert(Command::of(kw));
+        let effects = &mut *pass.effects;
+        return match kw {
+            b"select" | b"values" | b"table" | b"with" => query(stmt, first, pass, false),
             b"show" => Kind::Read,
             b"explain" => match explain(stmt) {
                 Some(analyzed) => {
@@ -130,20 +119,82 @@ pub(super) fn statement(
             b"start" if is_word(stmt.next(), "transaction") => Kind::Begin {
                 read_only: transaction_modes(stmt) == Some(true),
             },
-            b"commit" | b"end" | b"rollback" | b"abort" => end(stmt),
+            b"commit" | b"end" | b"rollback" | b"abort" => {
+                // `ON COMMIT DROP` temporary tables go with the transaction.
+                effects.may_release = true;
+                end(stmt)
+            }
             b"savepoint" | b"release" => Kind::Neutral,
-            b"set" => set(stmt),
+            b"set" => set(stmt, effects),
             // These undo session state. They must run where that state lives, but
             // leave nothing new behind, so they do not pin the client.
-            b"reset" | b"discard" | b"deallocate" | b"unlisten" => session(false),
-            b"listen" | b"load" => session(true),
+            b"reset" => {
+                effects::reset(stmt, effects);
+                session(false)
+            }
+            b"discard" => {
+                effects::discard(stmt, effects);
+                session(false)
+            }
+            b"deallocate" => {
+                effects::deallocate(stmt, effects);
+                session(false)
+            }
+            b"unlisten" => {
+                effects.may_release = true;
+                session(false)
+            }
+            b"listen" => {
+                effects.may_pin = true;
+                session(true)
+            }
+            b"load" => {
+                effects.pin = effects.pin.or(Some("LOAD"));
+                session(true)
+            }
             b"prepare" if is_word(stmt.next(), "transaction") => WRITE,
-            b"prepare" => session(true),
-            b"create" => create(stmt),
-            b"declare" => declare(stmt),
-            b"copy" => copy(stmt, lists, functions),
+            b"prepare" => {
+                effects.may_pin = true;
+                session(true)
+            }
+            b"create" => create(stmt, effects),
+            b"declare" => {
+                // Without HOLD it leaves nothing: the server check afterwards says so.
+                effects.may_pin = true;
+                declare(stmt)
+            }
+            b"alter" => {
+                effects.schema_change = true;
+                WRITE
+            }
+            b"drop" => {
+                effects.may_release = true;
+                effects.schema_change = true;
+                WRITE
+            }
+            b"close" => {
+                effects.may_release = true;
+                WRITE
+            }
+            b"copy" => copy(stmt, pass),
             _ => WRITE,
         };
+    }
+}
+
+/// Looks at every call in the rest of the statement, for its effects on the session.
+fn calls(stmt: &mut Statement<'_, '_>, effects: &mut Effects) {
+    let mut previous: Option<Token<'_>> = None;
+    while let Some(token) = stmt.next() {
+        if token == Token::Punct(b'(') {
+            if let Some(name @ (Token::Word(_) | Token::Quoted(_))) = previous {
+                let mut buf = [0; 64];
+                if let Some(kind) = lists::builtin_kind(fold_name(name, &mut buf)) {
+                    effects::call(effects, kind);
+                }
+            }
+        }
+        previous = Some(token);
     }
 }
 
@@ -211,7 +262,7 @@ fn end(stmt: &mut Statement<'_, '_>) -> Kind {
     Kind::End
 }
 
-fn set(stmt: &mut Statement<'_, '_>) -> Kind {
+fn set(stmt: &mut Statement<'_, '_>, effects: &mut Effects) -> Kind {
     let next = stmt.next();
     if is_word(next, "transaction") {
         Kind::SetTransaction {
@@ -221,20 +272,24 @@ fn set(stmt: &mut Statement<'_, '_>) -> Kind {
         // Both last only until the transaction ends.
         Kind::Neutral
     } else {
+        effects::set(stmt, next, effects);
         session(true)
     }
 }
 
 /// CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ... lives as long as the session.
-fn create(stmt: &mut Statement<'_, '_>) -> Kind {
+/// Anything else it creates may change what prepared statements return.
+fn create(stmt: &mut Statement<'_, '_>, effects: &mut Effects) -> Kind {
     while let Some(Token::Word(w)) = stmt.next() {
         if is(w, "temp") || is(w, "temporary") {
+            effects.may_pin = true;
             return session(true);
         }
         if !(is(w, "or") || is(w, "replace") || is(w, "global") || is(w, "local")) {
             break;
         }
     }
+    effects.schema_change = true;
     WRITE
 }
 
@@ -255,7 +310,7 @@ fn declare(stmt: &mut Statement<'_, '_>) -> Kind {
 
 /// `COPY table TO STDOUT` and `COPY (query) TO STDOUT` read; anything else writes
 /// rows or server files.
-fn copy(stmt: &mut Statement<'_, '_>, lists: &Lists, functions: &mut Vec<Box<str>>) -> Kind {
+fn copy(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Kind {
     let token = stmt.next();
     let source = if token == Some(Token::Punct(b'(')) {
         let first = stmt.next();
@@ -266,7 +321,7 @@ fn copy(stmt: &mut Statement<'_, '_>, lists: &Lists, functions: &mut Vec<Box<str
         if !reads {
             return WRITE;
         }
-        query(stmt, first, lists, functions, true)
+        query(stmt, first, pass, true)
     } else {
         // A table name, maybe qualified, maybe with a column list.
         let mut after = stmt.next();
@@ -299,13 +354,17 @@ fn copy(stmt: &mut Statement<'_, '_>, lists: &Lists, functions: &mut Vec<Box<str
 fn query<'a>(
     stmt: &mut Statement<'_, 'a>,
     first: Option<Token<'a>>,
-    lists: &Lists,
-    functions: &mut Vec<Box<str>>,
+    pass: &mut Pass<'_>,
     until_close: bool,
 ) -> Kind {
+    if !pass.route {
+        // Only calls can matter to the session: `calls` looks at them.
+        return Kind::Read;
+    }
     let mut scan = QueryScan {
-        lists,
-        functions,
+        lists: pass.lists,
+        functions: &mut *pass.functions,
+        effects: &mut *pass.effects,
         history: [None; 3],
         depth: 0,
         starts_with_with: is_word(first, "with"),
@@ -336,6 +395,7 @@ fn query<'a>(
 struct QueryScan<'s, 'a> {
     lists: &'s Lists,
     functions: &'s mut Vec<Box<str>>,
+    effects: &'s mut Effects,
     /// The last three tokens, most recent first: enough to recognize `FOR NO KEY
     /// UPDATE`, `AS MATERIALIZED (DELETE` and `schema.f(` without lookahead.
     history: [Option<Token<'a>>; 3],
@@ -461,9 +521,13 @@ impl<'a> QueryScan<'_, 'a> {
         {
             return;
         }
-        match self.lists.kind(folded) {
-            FunctionKind::Session => self.write(Reason::SessionState, true),
-            FunctionKind::Write => self.write(Reason::Function, false),
+        let kind = self.lists.kind(folded);
+        effects::call(self.effects, kind);
+        match kind {
+            FunctionKind::SessionLock | FunctionKind::SessionState(_) => {
+                self.write(Reason::SessionState, true)
+            }
+            FunctionKind::Unlock | FunctionKind::Write => self.write(Reason::Function, false),
             FunctionKind::Read => {}
             FunctionKind::Unknown => {
                 let name = String::from_utf8_lossy(folded);

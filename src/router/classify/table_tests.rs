@@ -271,7 +271,7 @@ fn postgres_syntax_sqlparser_cannot_parse() {
         "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
     ] {
         assert_eq!(oracle(sql), None, "sqlparser parses {sql}");
-        let (_, parsed) = classifier().classify_uncached(sql.as_bytes());
+        let (_, parsed) = classifier().understand_uncached(sql.as_bytes());
         assert!(!parsed, "{sql} needed sqlparser");
     }
 }
@@ -286,9 +286,10 @@ fn pgbench_needs_neither_sqlparser_nor_allocation() {
         "BEGIN;",
         "END;",
     ] {
-        let (verdict, parsed) = classifier.classify_uncached(sql.as_bytes());
+        let (meaning, parsed) = classifier.understand_uncached(sql.as_bytes());
         assert!(!parsed, "{sql}");
-        assert_eq!(verdict.functions.capacity(), 0, "{sql}");
+        assert_eq!(meaning.verdict.functions.capacity(), 0, "{sql}");
+        assert_eq!(meaning.effects.settings.capacity(), 0, "{sql}");
     }
 }
 
@@ -431,4 +432,52 @@ fn deep_nesting_reaching_sqlparser_is_refused_not_overflowed() {
     let verdict = classifier().classify(sql.as_bytes());
     assert_eq!(verdict.target, P);
     assert_eq!(oracle(&sql), None);
+}
+
+/// One pass yields the route class and the session effects, and reading a text for the
+/// effects alone finds the same effects as reading it for routing.
+#[test]
+fn one_pass_yields_route_and_effects() {
+    let classifier = classifier();
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        "SET statement_timeout = '5s'",
+        "set session Search_Path to a, b",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "RESET ALL",
+        "LISTEN jobs",
+        "CREATE TEMP TABLE t (x int)",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "PREPARE p AS SELECT 1",
+        "SELECT pg_advisory_lock(42)",
+        "select 1; select PG_TRY_ADVISORY_LOCK(1, 2)",
+        "UNLISTEN *",
+        "SELECT pg_advisory_unlock_all()",
+        "DROP TABLE t",
+        "DISCARD ALL",
+        "deallocate prepare all",
+        "SELECT set_config('a.b', 'c', false)",
+        "SET SESSION AUTHORIZATION bob",
+        "LOAD 'auto_explain'",
+        "ALTER TABLE t ADD COLUMN b int",
+        "SELECT 1; ALTER TYPE c ADD ATTRIBUTE z int",
+        "INSERT INTO t SELECT pg_advisory_lock(1)",
+        "EXPLAIN ANALYZE SELECT pg_advisory_lock(1)",
+        "SELECT 'pg_advisory_lock(1)' -- listen x",
+        "BEGIN; SET LOCAL work_mem = '1MB'; COMMIT",
+    ] {
+        let meaning = classifier.understand(sql.as_bytes());
+        assert_eq!(meaning.effects, session_effects(sql.as_bytes()), "{sql}");
+    }
+    let meaning = classifier.understand(b"SET statement_timeout = 5; SELECT pg_advisory_lock(1)");
+    assert_eq!(meaning.verdict.target, Target::Primary);
+    assert_eq!(meaning.verdict.reason, Some(Reason::SessionState));
+    assert!(meaning.verdict.session_state);
+    assert!(meaning.effects.may_pin);
+    assert_eq!(&*meaning.effects.settings, [Box::from("statement_timeout")]);
+    assert_eq!(meaning.command, Command::Other);
+    let meaning = classifier.understand(b"SELECT * FROM t WHERE a = 1");
+    assert_eq!(meaning.verdict.target, Target::Replica);
+    assert!(meaning.effects.is_empty());
+    assert_eq!(meaning.command, Command::Select);
 }
