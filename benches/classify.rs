@@ -56,6 +56,7 @@ fn bench(c: &mut Criterion) {
     for (name, sql) in [
         ("pgbench SELECT", SELECT),
         ("pgbench UPDATE", UPDATE),
+        ("pgbench INSERT", INSERT),
         ("SET statement_timeout", "SET statement_timeout = '5s'"),
         ("advisory lock", "SELECT pg_advisory_lock(42)"),
     ] {

@@ -96,13 +96,32 @@ pub(super) const SESSION_FUNCTIONS: &[&str] = &[
 /// any of them calls none of those functions, so its calls need no look.
 const SESSION_CALL_MARKERS: &[&str] = &["advisory", "dblink_connect", "set_config", "setseed"];
 
-/// Whether `sql` may call a function that leaves session state or releases it.
+/// The bytes a marker starts with, in either case.
+const MARKER_FIRSTS: [bool; 256] = {
+    let mut firsts = [false; 256];
+    let mut i = 0;
+    while i < SESSION_CALL_MARKERS.len() {
+        let first = SESSION_CALL_MARKERS[i].as_bytes()[0];
+        firsts[first as usize] = true;
+        firsts[first.to_ascii_uppercase() as usize] = true;
+        i += 1;
+    }
+    firsts
+};
+
+/// Whether `sql` may call a function that leaves session state or releases it. One
+/// pass over the bytes: only a marker's first letter (in either case) costs a compare.
 pub(super) fn may_call_session_function(sql: &[u8]) -> bool {
-    sql.contains(&b'(')
-        && SESSION_CALL_MARKERS.iter().any(|marker| {
-            sql.windows(marker.len())
-                .any(|w| w.eq_ignore_ascii_case(marker.as_bytes()))
-        })
+    if !sql.contains(&b'(') {
+        return false;
+    }
+    sql.iter().enumerate().any(|(i, &b)| {
+        MARKER_FIRSTS[usize::from(b)]
+            && SESSION_CALL_MARKERS.iter().any(|marker| {
+                sql.get(i..i + marker.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(marker.as_bytes()))
+            })
+    })
 }
 
 /// Functions that are safe on a standby, so ordinary queries need no catalog lookup.
@@ -503,6 +522,9 @@ mod tests {
         }
         assert!(!may_call_session_function(b"select advisory"));
         assert!(!may_call_session_function(b"select f(1)"));
+        assert!(may_call_session_function(b"SELECT PG_ADVISORY_LOCK(1)"));
+        assert!(may_call_session_function(b"select x(1), SetSeed(0.5)"));
+        assert!(may_call_session_function(b"select dblink_connect('x')"));
     }
 
     #[test]
