@@ -87,6 +87,7 @@ pub(super) fn statement(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Ki
     kind
 }
 
+/// The statement by its first keyword (after EXPLAIN ANALYZE, the statement it runs).
 fn dispatch(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Kind {
     let mut first = stmt.next();
     loop {
@@ -126,59 +127,67 @@ fn dispatch(stmt: &mut Statement<'_, '_>, pass: &mut Pass<'_>) -> Kind {
             }
             b"savepoint" | b"release" => Kind::Neutral,
             b"set" => set(stmt, effects),
-            // These undo session state. They must run where that state lives, but
-            // leave nothing new behind, so they do not pin the client.
-            b"reset" => {
-                effects::reset(stmt, effects);
-                session(false)
-            }
-            b"discard" => {
-                effects::discard(stmt, effects);
-                session(false)
-            }
-            b"deallocate" => {
-                effects::deallocate(stmt, effects);
-                session(false)
-            }
-            b"unlisten" => {
-                effects.may_release = true;
-                session(false)
-            }
-            b"listen" => {
-                effects.may_pin = true;
-                session(true)
-            }
-            b"load" => {
-                effects.pin = effects.pin.or(Some("LOAD"));
-                session(true)
-            }
-            b"prepare" if is_word(stmt.next(), "transaction") => WRITE,
-            b"prepare" => {
-                effects.may_pin = true;
-                session(true)
-            }
-            b"create" => create(stmt, effects),
-            b"declare" => {
-                // Without HOLD it leaves nothing: the server check afterwards says so.
-                effects.may_pin = true;
-                declare(stmt)
-            }
-            b"alter" => {
-                effects.schema_change = true;
-                WRITE
-            }
-            b"drop" => {
-                effects.may_release = true;
-                effects.schema_change = true;
-                WRITE
-            }
-            b"close" => {
-                effects.may_release = true;
-                WRITE
-            }
             b"copy" => copy(stmt, pass),
-            _ => WRITE,
+            _ => held_state(kw, stmt, effects),
         };
+    }
+}
+
+/// Commands that keep, undo or change what a session holds (and any other command):
+/// their route class, with their effects added to `effects`.
+fn held_state(kw: &[u8], stmt: &mut Statement<'_, '_>, effects: &mut Effects) -> Kind {
+    match kw {
+        // These undo session state. They must run where that state lives, but leave
+        // nothing new behind, so they do not pin the client.
+        b"reset" => {
+            effects::reset(stmt, effects);
+            session(false)
+        }
+        b"discard" => {
+            effects::discard(stmt, effects);
+            session(false)
+        }
+        b"deallocate" => {
+            effects::deallocate(stmt, effects);
+            session(false)
+        }
+        b"unlisten" => {
+            effects.may_release = true;
+            session(false)
+        }
+        b"listen" => {
+            effects.may_pin = true;
+            session(true)
+        }
+        b"load" => {
+            effects.pin = effects.pin.or(Some("LOAD"));
+            session(true)
+        }
+        b"prepare" if is_word(stmt.next(), "transaction") => WRITE,
+        b"prepare" => {
+            effects.may_pin = true;
+            session(true)
+        }
+        b"create" => create(stmt, effects),
+        b"declare" => {
+            // Without HOLD it leaves nothing: the server check afterwards says so.
+            effects.may_pin = true;
+            declare(stmt)
+        }
+        b"alter" => {
+            effects.schema_change = true;
+            WRITE
+        }
+        b"drop" => {
+            effects.may_release = true;
+            effects.schema_change = true;
+            WRITE
+        }
+        b"close" => {
+            effects.may_release = true;
+            WRITE
+        }
+        _ => WRITE,
     }
 }
 
