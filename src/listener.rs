@@ -172,7 +172,8 @@ async fn serve(tcp: tokio::net::TcpStream, shared: Arc<Shared>, too_many: bool) 
         return;
     };
     if client.admin {
-        admin::serve(shared, client.client, client.login, client.handle).await
+        // Boxed: the console's future would otherwise size every client's task.
+        Box::pin(admin::serve(shared, client.client, client.login, client.handle)).await
     } else {
         session::serve(shared, client).await
     }

@@ -118,11 +118,18 @@ pub async fn serve(shared: Arc<Shared>, logged_in: LoggedIn) {
         config,
         ..
     } = logged_in;
-    match Session::start(shared.clone(), client, login, &config, handle).await {
-        Ok(session) => session.run().await,
+    // Each client's task is as large as its largest future, idle or not: what runs
+    // once (the greeting, the goodbyes) is boxed, so that the task holds only the
+    // session and its request loop.
+    let started = Box::pin(Session::start(shared.clone(), client, login, &config, handle)).await;
+    match started {
+        Ok(mut session) => {
+            let exit = session.run().await;
+            Box::pin(session.end(exit)).await
+        }
         Err((mut client, err)) => {
             shared.metrics.error(err.kind);
-            say_goodbye(&mut client, &err).await
+            Box::pin(say_goodbye(&mut client, &err)).await
         }
     }
 }
@@ -288,7 +295,10 @@ impl Session {
         self.client
             .flush()
             .await
-            .map_err(|_| ClientError::client_gone())
+            .map_err(|_| ClientError::client_gone())?;
+        // Most clients are never sent another message pgrelay composes.
+        self.client.free_wbuf();
+        Ok(())
     }
 
     /// Session mode: the server is the client's for good, and so is its real key.
@@ -336,13 +346,18 @@ impl Session {
         Ok(guard)
     }
 
-    async fn run(mut self) {
+    /// Serves requests until the session must end, or is killed.
+    async fn run(&mut self) -> Exit {
         let entry = self.handle.entry.clone();
-        let exit = tokio::select! {
+        tokio::select! {
             biased;
             () = entry.killed.notified() => Exit::Killed,
             exit = self.serve_requests() => exit,
-        };
+        }
+    }
+
+    /// Ends the session the way its request loop ended.
+    async fn end(self, exit: Exit) {
         match exit {
             Exit::Done => self.finish().await,
             Exit::Failed(err) => self.fail(err).await,
@@ -425,6 +440,8 @@ impl Session {
     /// Transaction mode: waits for a complete request and attaches a server for it.
     /// `Ok(false)` when the client is done.
     async fn next_request(&mut self) -> Result<bool, ClientError> {
+        // The client may stay idle from here for long: it keeps no large buffer.
+        self.client.shrink_idle();
         let read = tokio::select! {
             biased;
             _ = self.shutting_down.wait_for(|&down| down) => {
