@@ -121,17 +121,19 @@ pub async fn serve(shared: Arc<Shared>, logged_in: LoggedIn) {
     // Each client's task is as large as its largest future, idle or not: what runs
     // once (the greeting, the goodbyes) is boxed, so that the task holds only the
     // session and its request loop.
-    let started = Box::pin(Session::start(shared.clone(), client, login, &config, handle)).await;
-    match started {
-        Ok(mut session) => {
-            let exit = session.run().await;
-            Box::pin(session.end(exit)).await
+    let mut session = {
+        // In a block of its own, so that the task keeps no room for the result.
+        let started = Box::pin(Session::start(shared.clone(), client, login, &config, handle));
+        match started.await {
+            Ok(session) => session,
+            Err((mut client, err)) => {
+                shared.metrics.error(err.kind);
+                return Box::pin(say_goodbye(&mut client, &err)).await;
+            }
         }
-        Err((mut client, err)) => {
-            shared.metrics.error(err.kind);
-            Box::pin(say_goodbye(&mut client, &err)).await
-        }
-    }
+    };
+    let exit = session.run().await;
+    Box::pin(session.end(exit)).await
 }
 
 /// A logged-in client.
