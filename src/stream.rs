@@ -18,7 +18,7 @@ use crate::protocol::{split_frame, Frame, ProtocolError};
 
 /// A connection's read buffer starts this small, and so does what its reads ask for:
 /// an idle client holds no more than this.
-const SMALL_READ: usize = 1024;
+const SMALL_READ: usize = 256;
 
 /// What reads ask for grows up to this much free buffer space while reads keep filling
 /// what they were given, so a large result still moves in large reads.
