@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Runs pgbench through pgrelay and through PgBouncer side by side, against one local
 # PostgreSQL, and prints throughput, latency, proxy CPU per 1,000 transactions and
-# large-result throughput, with pgrelay/PgBouncer ratios.
+# large-result throughput, with pgrelay/PgBouncer ratios; for each proxy, user and
+# system CPU µs per transaction (/proc/PID/stat) and voluntary and involuntary context
+# switches per transaction (/proc/PID/task/*/status, all threads); then KiB of RSS per
+# idle logged-in client (IDLE_CLIENTS of them) and whether MANY_CLIENTS clients are
+# all accepted and each answered `SELECT 1` (benches/idle_clients.py).
 #
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
 #   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
 #   ROUTING_ONLY=1 benches/pgbench_compare.sh  # only the routing on/off comparison
 #   PREPARED_ONLY=1 benches/pgbench_compare.sh # only -M prepared against -M extended
+#   IDLE_ONLY=1 benches/pgbench_compare.sh     # only the idle and many-client runs
+#   IDLE_CLIENTS=2000 MANY_CLIENTS=10000 benches/pgbench_compare.sh  # 0 skips either
 #   BASELINE_BIN=/path/to/old/pgrelay benches/pgbench_compare.sh
 #                                         # also an older pgrelay build, in the same rounds
 #
@@ -24,11 +30,20 @@ ROUNDS=${ROUNDS:-3}
 RELAY_WORKERS=${RELAY_WORKERS:-1}   # pgrelay worker_threads
 CLIENTS=${CLIENTS:-32}
 POOL=${POOL:-20}
+IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
+MANY_CLIENTS=${MANY_CLIENTS:-10000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BINDIR=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 [ -x "$BINDIR/initdb" ] || { echo "PostgreSQL binaries not found (set PG_BINDIR)"; exit 1; }
 [ -x "$PGBOUNCER" ] || { echo "pgbouncer not found (apt-get install pgbouncer)"; exit 1; }
+
+# Every idle client is a socket in the client script and one in the proxy.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$MANY_CLIENTS" -gt 0 ] && [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MANY_CLIENTS + 500)) ]; then
+  echo "open-files limit $(ulimit -n) is too low for MANY_CLIENTS=$MANY_CLIENTS; raise it (ulimit -Hn)"; exit 1
+fi
+MAX_CLIENT_CONN=$(( (MANY_CLIENTS > IDLE_CLIENTS ? MANY_CLIENTS : IDLE_CLIENTS) + 100 ))
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -64,6 +79,14 @@ synchronous_commit = off
 CONF
 as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
 
+# PgBouncer tracks named prepared statements in transaction mode from 1.21 on; before
+# that, -M prepared runs through pgrelay only.
+BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
+BOUNCER_PREPARED=""
+if [ "$(printf '1.21\n%s\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21 ]; then
+  BOUNCER_PREPARED="max_prepared_statements = 200"
+fi
+
 cat > "$WORK/userlist.txt" <<USERS
 "postgres" ""
 USERS
@@ -78,13 +101,16 @@ auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL
-max_client_conn = 1000
+max_client_conn = $MAX_CLIENT_CONN
+$BOUNCER_PREPARED
 ignore_startup_parameters = extra_float_digits
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
 INI
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"/*
-as_pg "$PGBOUNCER" -d "$WORK/pgbouncer.ini" >/dev/null 2>&1
+# runuser's PAM session resets the open-files limit: raise it again inside.
+# shellcheck disable=SC2016
+as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"' "$PGBOUNCER" -d "$WORK/pgbouncer.ini" >/dev/null 2>&1
 for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
 
@@ -98,6 +124,7 @@ auth_type = "trust"
 [pool]
 mode = "transaction"
 default_pool_size = $POOL
+max_client_conn = $MAX_CLIENT_CONN
 [routing]
 enabled = $2
 [[backends]]
@@ -128,54 +155,86 @@ for port in $BOUNCER_PORT $RELAY_PORT $BASE_PORT; do
 done
 pgbench -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
-# run NAME PORT PID pgbench-args... -> prints "tps txns cpu_s"
+# proc_sample PID -> "user_ticks system_ticks voluntary involuntary": CPU time of the
+# whole process, context switches summed over its threads (a thread's own counts are
+# in its task status; the process's status has only the main thread's).
+proc_sample() {
+  if [ -z "$1" ]; then echo "0 0 0 0"; return; fi
+  local user system
+  read -r user system < <(awk '{print $14, $15}' "/proc/$1/stat")
+  cat "/proc/$1"/task/*/status 2>/dev/null | awk -v u="$user" -v s="$system" '
+    /^voluntary_ctxt_switches/ {v += $2} /^nonvoluntary_ctxt_switches/ {n += $2}
+    END {print u, s, v + 0, n + 0}'
+}
+
+# run_pgbench PORT PID pgbench-args... -> "tps txns latency_ms cpu user system vol invol",
+# the last five per transaction: CPU, user and system µs, voluntary and involuntary
+# context switches of the proxy (zeros without a PID).
 run_pgbench() {
   local port=$1 pid=$2; shift 2
   local before after out
-  before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  before=$(proc_sample "$pid")
   out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -T "$DURATION" "$@" postgres 2>&1)
-  after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo 0)
+  after=$(proc_sample "$pid")
   local tps txns lat
   tps=$(echo "$out" | awk '/^tps/ {print $3; exit}')
   txns=$(echo "$out" | awk '/number of transactions actually processed/ {split($NF,a,"/"); print a[1]; exit}')
   lat=$(echo "$out" | awk '/latency average/ {print $4; exit}')
   if echo "$out" | grep -q "number of failed transactions: [1-9]"; then echo "FAILED transactions: $out" >&2; fi
-  echo "$tps $txns $(( after - before )) $lat"
+  [ -n "$tps" ] || { echo "pgbench failed: $out" >&2; tps=0 txns=0 lat=0; }
+  awk -v tps="$tps" -v n="$txns" -v lat="$lat" -v hz="$HZ" -v b="$before" -v a="$after" 'BEGIN {
+    split(b, x, " "); split(a, y, " ")
+    if (n <= 0) n = 1
+    us = 1e6 / hz / n
+    printf "%s %s %s %.1f %.1f %.1f %.3f %.3f\n", tps, n, lat, (y[1] - x[1] + y[2] - x[2]) * us,
+      (y[1] - x[1]) * us, (y[2] - x[2]) * us, (y[3] - x[3]) / n, (y[4] - x[4]) / n }'
 }
 
-printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s x$ROUNDS)" direct pgbouncer pgrelay ratio "cpu ms/1k tx b / r"
 median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-ms_per_1k() { awk -v c="$1" -v n="$2" -v hz="$HZ" 'BEGIN{printf "%.1f", (n>0)?c*1000/hz/n*1000:0}'; }
+# column N of run_pgbench lines, the median over rounds
+col() { awk -v c="$1" 'NF {print $c}' | median; }
 
+
+# cost_line NAME RUNS: the proxy's median CPU split and context switches per transaction.
+cost_line() {
+  [ -n "$2" ] || return 0
+  printf '  %-32s user %6.1f µs  system %6.1f µs  context switches %.3f voluntary %.3f involuntary\n' \
+    "$1 per transaction" "$(col 5 <<<"$2")" "$(col 6 <<<"$2")" "$(col 7 <<<"$2")" "$(col 8 <<<"$2")"
+}
+
+# compare LABEL [--no-bouncer] pgbench-args...: direct once, then each proxy ROUNDS
+# times, interleaved; medians.
 compare() {
   local label=$1; shift
-  local d_tps d_lat b_tps=() r_tps=() b_ms=() r_ms=() b_lat=() r_lat=() o_tps=() o_ms=()
-  read -r d_tps _ _ d_lat <<<"$(run_pgbench "$PG_PORT" "" "$@")"
+  local with_bouncer=1
+  if [ "$1" = --no-bouncer ]; then with_bouncer=""; shift; fi
+  local d_tps d_lat b="" r="" o=""
+  read -r d_tps _ d_lat _ <<<"$(run_pgbench "$PG_PORT" "" "$@")"
   for _ in $(seq "$ROUNDS"); do
-    if [ -n "$BASE_PID" ]; then
-      read -r tps tx cpu _ <<<"$(run_pgbench "$BASE_PORT" "$BASE_PID" "$@")"
-      o_tps+=("$tps"); o_ms+=("$(ms_per_1k "$cpu" "$tx")")
-    fi
-    read -r tps tx cpu lat <<<"$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "$@")"
-    b_tps+=("$tps"); b_ms+=("$(ms_per_1k "$cpu" "$tx")"); b_lat+=("$lat")
-    read -r tps tx cpu lat <<<"$(run_pgbench "$RELAY_PORT" "$RELAY_PID" "$@")"
-    r_tps+=("$tps"); r_ms+=("$(ms_per_1k "$cpu" "$tx")"); r_lat+=("$lat")
+    if [ -n "$BASE_PID" ]; then o+="$(run_pgbench "$BASE_PORT" "$BASE_PID" "$@")"$'\n'; fi
+    if [ -n "$with_bouncer" ]; then b+="$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "$@")"$'\n'; fi
+    r+="$(run_pgbench "$RELAY_PORT" "$RELAY_PID" "$@")"$'\n'
   done
-  local bt rt bm rm bl rl
-  bt=$(printf '%s\n' "${b_tps[@]}" | median); rt=$(printf '%s\n' "${r_tps[@]}" | median)
-  bm=$(printf '%s\n' "${b_ms[@]}" | median); rm=$(printf '%s\n' "${r_ms[@]}" | median)
-  bl=$(printf '%s\n' "${b_lat[@]}" | median); rl=$(printf '%s\n' "${r_lat[@]}" | median)
-  printf '%-34s %12.0f %12.0f %12.0f %9.2f %10s / %-10s cpu ratio %.2f\n' "$label" "$d_tps" "$bt" "$rt" \
-    "$(awk -v a="$rt" -v b="$bt" 'BEGIN{print a/b}')" "$bm" "$rm" \
-    "$(awk -v a="$rm" -v b="$bm" 'BEGIN{print (b>0)?a/b:0}')"
-  if [ -n "$BASE_PID" ]; then
-    printf '%-34s %12s %12s %12.0f %9s %10s / %-10s (baseline build)\n' "  baseline pgrelay" "" "" \
-      "$(printf '%s\n' "${o_tps[@]}" | median)" "" "" "$(printf '%s\n' "${o_ms[@]}" | median)"
+  local rt rm bt=n/a bm=n/a ratio=n/a cpu_ratio=n/a
+  rt=$(col 1 <<<"$r"); rm=$(col 4 <<<"$r")
+  if [ -n "$b" ]; then
+    bt=$(col 1 <<<"$b" | awk '{printf "%.0f", $1}'); bm=$(col 4 <<<"$b")
+    ratio=$(awk -v a="$rt" -v b="$bt" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')
+    cpu_ratio=$(awk -v a="$rm" -v b="$bm" 'BEGIN{printf "%.2f", (b>0)?a/b:0}')
   fi
-  case "$label" in latency*) printf '%-34s %11sms %11sms %11sms\n' "  average latency (median)" "$d_lat" "$bl" "$rl";; esac
+  printf '%-34s %12.0f %12s %12.0f %9s %10s / %-10s cpu ratio %s\n' "$label" "$d_tps" \
+    "$bt" "$rt" "$ratio" "$bm" "$rm" "$cpu_ratio"
+  if [ -n "$o" ]; then
+    printf '%-34s %12s %12s %12.0f %9s %10s / %-10s (baseline build)\n' "  baseline pgrelay" "" "" \
+      "$(col 1 <<<"$o")" "" "" "$(col 4 <<<"$o")"
+  fi
+  cost_line pgbouncer "$b"
+  cost_line pgrelay "$r"
+  cost_line "baseline pgrelay" "$o"
+  case "$label" in latency*) printf '%-34s %11sms %11sms %11sms\n' "  average latency (median)" "$d_lat" \
+    "$( [ -n "$b" ] && col 3 <<<"$b" || echo n/a)" "$(col 3 <<<"$r")";; esac
   return 0
 }
 
@@ -200,9 +259,16 @@ if [ -n "${PREPARED_ONLY:-}" ]; then
   exit 0
 fi
 
-if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}" ]; then
+if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}${IDLE_ONLY:-}" ]; then
+  printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s x$ROUNDS)" direct pgbouncer pgrelay ratio "cpu µs/tx b / r"
   compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
+  if [ -n "$BOUNCER_PREPARED" ]; then
+    compare "pgbench -S prepared" -S -M prepared -c "$CLIENTS" -j 2
+  else
+    echo "  (PgBouncer $BOUNCER_VERSION cannot run -M prepared in transaction mode: pgrelay only)"
+    compare "pgbench -S prepared" --no-bouncer -S -M prepared -c "$CLIENTS" -j 2
+  fi
   compare "pgbench -N simple" -N -M simple -c "$CLIENTS" -j 2
   compare "latency -S simple (c=1)" -S -M simple -c 1 -j 1
 fi
@@ -216,7 +282,7 @@ stream() {
   end=$(date +%s.%N)
   awk -v s="$start" -v e="$end" 'BEGIN{printf "%.1f", 200/(e-s)}'
 }
-if [ -z "${ROUTING_ONLY:-}" ]; then
+if [ -z "${ROUTING_ONLY:-}${IDLE_ONLY:-}" ]; then
 d_all=(); b_all=(); r_all=()
 for _ in $(seq "$ROUNDS"); do
   d_all+=("$(stream "$PG_PORT")"); b_all+=("$(stream "$BOUNCER_PORT")"); r_all+=("$(stream "$RELAY_PORT")")
@@ -227,10 +293,40 @@ printf '%-34s %10s MB/s %7s MB/s %7s MB/s  pgrelay/direct %.2f (medians)\n' "200
   "$(awk -v a="$r_mb" -v b="$d_mb" 'BEGIN{print a/b}')"
 fi
 
+# Idle logged-in clients: each proxy's RSS before and after IDLE_CLIENTS log in, per
+# client; then MANY_CLIENTS at once, each running `SELECT 1` once all are in.
+idle_run() { # NAME PORT PID CLIENTS [--select]
+  local name=$1 port=$2 pid=$3 n=$4 line
+  shift 4
+  line=$(python3 "$ROOT/benches/idle_clients.py" --port "$port" --pid "$pid" --clients "$n" "$@") \
+    || echo "$name: not every client logged in or answered (see above)" >&2
+  echo "$name $line"
+}
+if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}" ]; then
+  if [ "$IDLE_CLIENTS" -gt 0 ]; then
+    printf '\n%-34s %12s %12s %12s %12s\n' "$IDLE_CLIENTS idle clients" "KiB/client" "RSS before" "RSS after" "login s"
+    for proxy in "pgbouncer $BOUNCER_PORT $BOUNCER_PID" "pgrelay $RELAY_PORT $RELAY_PID" \
+      ${BASE_PID:+"baseline-pgrelay $BASE_PORT $BASE_PID"}; do
+      # shellcheck disable=SC2086
+      idle_run $proxy "$IDLE_CLIENTS" | awk '{for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
+        printf "%-34s %12s %10s KiB %8s KiB %12s\n", $1, v["kib_per_client"], v["rss_before"], v["rss_after"], v["login_s"]}'
+    done
+  fi
+  if [ "$MANY_CLIENTS" -gt 0 ]; then
+    printf '\n%-34s %12s %12s %12s %12s\n' "$MANY_CLIENTS clients, then SELECT 1 each" "logged in" "answered" "login s" "KiB/client"
+    for proxy in "pgbouncer $BOUNCER_PORT $BOUNCER_PID" "pgrelay $RELAY_PORT $RELAY_PID" \
+      ${BASE_PID:+"baseline-pgrelay $BASE_PORT $BASE_PID"}; do
+      # shellcheck disable=SC2086
+      idle_run $proxy "$MANY_CLIENTS" --select | awk '{for (i = 2; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
+        printf "%-34s %12s %12s %12s %12s\n", $1, v["clients"], v["answered"], v["login_s"], v["kib_per_client"]}'
+    done
+  fi
+fi
+
 # Routing on against routing off: the same pgrelay build in front of the primary and a
 # streaming replica. With the replica's weight at 0 every read still lands on the
 # primary, so the difference is what classifying and routing each transaction costs.
-if [ -z "${STREAM_ONLY:-}" ]; then
+if [ -z "${STREAM_ONLY:-}${IDLE_ONLY:-}" ]; then
   cat >> "$WORK/data/pg_hba.conf" <<HBA
 host replication all 127.0.0.1/32 trust
 HBA
@@ -250,21 +346,18 @@ CONF
     for _ in $(seq 50); do psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
   done
   sleep 2 # the first lag measurement puts the replica in the read set
-  printf '\n%-34s %12s %12s %9s %22s\n' "routing (c=$CLIENTS, ${DURATION}s x$ROUNDS)" "routing off" "routing on" ratio "cpu ms/1k tx off / on"
+  printf '\n%-34s %12s %12s %9s %22s\n' "routing (c=$CLIENTS, ${DURATION}s x$ROUNDS)" "routing off" "routing on" ratio "cpu µs/tx off / on"
   route_compare() {
     local label=$1; shift
-    local off_tps=() on_tps=() off_ms=() on_ms=()
+    local off="" on=""
     for _ in $(seq "$ROUNDS"); do
-      read -r tps tx cpu _ <<<"$(run_pgbench "$OFF_PORT" "$OFF_PID" "$@")"
-      off_tps+=("$tps"); off_ms+=("$(ms_per_1k "$cpu" "$tx")")
-      read -r tps tx cpu _ <<<"$(run_pgbench "$ON_PORT" "$ON_PID" "$@")"
-      on_tps+=("$tps"); on_ms+=("$(ms_per_1k "$cpu" "$tx")")
+      off+="$(run_pgbench "$OFF_PORT" "$OFF_PID" "$@")"$'\n'
+      on+="$(run_pgbench "$ON_PORT" "$ON_PID" "$@")"$'\n'
     done
-    local a b am bm
-    a=$(printf '%s\n' "${off_tps[@]}" | median); b=$(printf '%s\n' "${on_tps[@]}" | median)
-    am=$(printf '%s\n' "${off_ms[@]}" | median); bm=$(printf '%s\n' "${on_ms[@]}" | median)
+    local a b
+    a=$(col 1 <<<"$off"); b=$(col 1 <<<"$on")
     printf '%-34s %12.0f %12.0f %9.2f %10s / %-10s\n' "$label" "$a" "$b" \
-      "$(awk -v a="$b" -v b="$a" 'BEGIN{print a/b}')" "$am" "$bm"
+      "$(awk -v a="$b" -v b="$a" 'BEGIN{print a/b}')" "$(col 4 <<<"$off")" "$(col 4 <<<"$on")"
   }
   route_compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   route_compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2

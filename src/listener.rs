@@ -168,13 +168,21 @@ async fn accept_loop(
 
 /// One client connection to its end: the login, then a session or the admin console.
 async fn serve(tcp: tokio::net::TcpStream, shared: Arc<Shared>, too_many: bool) {
-    let Some(client) = session::log_in(tcp, &shared, too_many).await else {
+    // Boxed: the login's future is large and done with once the client is in.
+    let Some(client) = Box::pin(session::log_in(tcp, &shared, too_many)).await else {
         return;
     };
     if client.admin {
-        admin::serve(shared, client.client, client.login, client.handle).await
+        // Boxed: the console's future would otherwise size every client's task.
+        Box::pin(admin::serve(
+            shared,
+            client.client,
+            client.login,
+            client.handle,
+        ))
+        .await
     } else {
-        session::serve(shared, client).await
+        session::serve(shared, Box::new(client)).await
     }
 }
 

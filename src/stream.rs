@@ -16,9 +16,18 @@ use tokio::net::TcpStream;
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{split_frame, Frame, ProtocolError};
 
-/// Reads ask for at least this much free buffer space, so a large result moves in
-/// large reads.
+/// A connection's read buffer starts this small, and so does what its reads ask for:
+/// an idle client holds no more than this.
+const SMALL_READ: usize = 256;
+
+/// What reads ask for grows up to this much free buffer space while reads keep filling
+/// what they were given, so a large result still moves in large reads.
 const READ_CHUNK: usize = 32 * 1024;
+
+/// [`Conn::shrink_idle`] gives back buffers whose allocation grew beyond this. Above
+/// the sizes ordinary requests reach, so that a workload of ordinary messages never
+/// shrinks and regrows them.
+const SHRINK_ABOVE: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -93,14 +102,19 @@ pub struct Conn<S = Stream> {
     rbuf: BytesMut,
     /// Messages pgrelay built, written out by [`Conn::flush`].
     wbuf: BytesMut,
+    /// The free space a read asks for: it starts at [`SMALL_READ`] and doubles, up to
+    /// [`READ_CHUNK`], whenever a read fills all it was given (more was waiting).
+    read_chunk: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(io: S) -> Self {
         Conn {
             io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(1024),
+            rbuf: BytesMut::with_capacity(SMALL_READ),
+            // Allocated by the first message pgrelay composes for this peer.
+            wbuf: BytesMut::new(),
+            read_chunk: SMALL_READ,
         }
     }
 
@@ -127,10 +141,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Polls one read into the read buffer. `Ready(Ok(0))` is end of stream.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 4 {
+            // Moves what is left to the front when it can, allocating only when the
+            // buffer holds more than its allocation leaves room for.
+            self.rbuf.reserve(self.read_chunk);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        let free = self.rbuf.capacity() - self.rbuf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        if n == free && self.read_chunk < READ_CHUNK {
+            self.read_chunk *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// Reads more bytes into the read buffer. Cancel safe: bytes read stay buffered.
@@ -195,6 +220,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         self.io.flush().await?;
         Ok(())
+    }
+
+    /// Between requests: a buffer that grew beyond [`SHRINK_ABOVE`] for a large message
+    /// and is empty now goes back to its small start, so an idle connection holds
+    /// little. A buffer that still holds bytes, or whose bytes are still shared, stays.
+    pub fn shrink_idle(&mut self) {
+        // try_reclaim moves an empty buffer's start back to its allocation's (never
+        // allocating): true when that allocation is larger than SHRINK_ABOVE.
+        if self.rbuf.is_empty() && self.rbuf.try_reclaim(SHRINK_ABOVE + 1) {
+            self.rbuf = BytesMut::with_capacity(SMALL_READ);
+            self.read_chunk = SMALL_READ;
+        }
+        if self.wbuf.is_empty() && self.wbuf.try_reclaim(SHRINK_ABOVE + 1) {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Frees an empty write buffer: for a client after its greeting, when most clients
+    /// never get another message composed by pgrelay.
+    pub fn free_wbuf(&mut self) {
+        if self.wbuf.is_empty() {
+            self.wbuf = BytesMut::new();
+        }
     }
 
     /// For a connection that should be silent (an idle pooled server): true when it

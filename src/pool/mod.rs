@@ -233,7 +233,9 @@ impl Pool {
                 }
                 Next::Connect => {
                     let reservation = Reservation(self.clone());
-                    let server = self.connect().await?;
+                    // Boxed: a connection attempt is rare and its future large, and
+                    // every client's task would otherwise carry room for it.
+                    let server = Box::pin(self.connect()).await?;
                     std::mem::forget(reservation);
                     return Ok(ServerGuard::new(server, self.clone()));
                 }

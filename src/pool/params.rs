@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Param {
@@ -21,7 +22,9 @@ struct Param {
 /// Parameters keyed by lower-case name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParamSet {
-    entries: BTreeMap<String, Param>,
+    /// Shared until written: most clients' sets are their pool's defaults, and a set of
+    /// a dozen parameters costs a few KiB per idle client when copied.
+    entries: Arc<BTreeMap<String, Param>>,
     /// Hash of every settable `(name, value)`; equal sets have equal fingerprints.
     fingerprint: u64,
 }
@@ -68,20 +71,22 @@ impl ParamSet {
             reported,
         };
         if self.entries.get(&key) != Some(&param) {
-            self.entries.insert(key, param);
+            Arc::make_mut(&mut self.entries).insert(key, param);
             self.rehash();
         }
     }
 
     pub fn remove(&mut self, name: &str) {
-        if self.entries.remove(&name.to_ascii_lowercase()).is_some() {
+        let key = name.to_ascii_lowercase();
+        if self.entries.contains_key(&key) {
+            Arc::make_mut(&mut self.entries).remove(&key);
             self.rehash();
         }
     }
 
     fn rehash(&mut self) {
         let mut hasher = DefaultHasher::new();
-        for (key, param) in &self.entries {
+        for (key, param) in self.entries.iter() {
             if settable(key) {
                 key.hash(&mut hasher);
                 param.value.hash(&mut hasher);
@@ -93,6 +98,20 @@ impl ParamSet {
     /// Takes every reported value of `server` (after the client's settings were applied
     /// there, these are the normalized forms the client must be told).
     pub fn adopt_reported(&mut self, server: &ParamSet) {
+        // The common case at login: the server's set is all reported values (a pool's
+        // defaults) and has every value the client asked for, so the result is that
+        // set: shared rather than copied.
+        let all_reported = server.entries.values().all(|p| p.reported);
+        let covered = self.entries.iter().all(|(key, param)| {
+            server
+                .entries
+                .get(key)
+                .is_some_and(|p| p.value == param.value)
+        });
+        if all_reported && covered {
+            *self = server.clone();
+            return;
+        }
         for param in server.entries.values().filter(|p| p.reported) {
             self.insert(&param.name, &param.value, true);
         }
@@ -164,7 +183,7 @@ impl ParamSet {
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
-            self.entries.remove(&key);
+            Arc::make_mut(&mut self.entries).remove(&key);
         }
         for (key, param) in desired.entries.iter().filter(|(_, p)| !p.reported) {
             if !self.entries.get(key).is_some_and(|p| p.reported) {
@@ -176,8 +195,10 @@ impl ParamSet {
 
     /// Forgets unreported settings (after `DISCARD ALL` / `RESET ALL`).
     pub fn clear_unreported(&mut self) {
-        self.entries.retain(|_, p| p.reported);
-        self.rehash();
+        if self.entries.values().any(|p| !p.reported) {
+            Arc::make_mut(&mut self.entries).retain(|_, p| p.reported);
+            self.rehash();
+        }
     }
 }
 
@@ -262,5 +283,29 @@ mod tests {
             client.reported().collect::<Vec<_>>(),
             vec![("client_encoding", "UTF8")]
         );
+    }
+
+    #[test]
+    fn adopting_a_pools_defaults_shares_them_until_written() {
+        let mut defaults = ParamSet::default();
+        defaults.set_reported("TimeZone", "UTC");
+        defaults.set_reported("client_encoding", "UTF8");
+        let mut client = ParamSet::default();
+        client.set_unreported("TimeZone", "UTC");
+        client.adopt_reported(&defaults);
+        assert!(Arc::ptr_eq(&client.entries, &defaults.entries));
+        assert_eq!(client, defaults);
+        client.set_reported("TimeZone", "Europe/Paris");
+        assert_eq!(defaults.get("TimeZone"), Some("UTC"));
+        assert_eq!(client.get("timezone"), Some("Europe/Paris"));
+        assert_ne!(client.fingerprint(), defaults.fingerprint());
+
+        // A value of the client's own that the server lacks: copied, as before.
+        let mut other = ParamSet::default();
+        other.set_unreported("statement_timeout", "5s");
+        other.adopt_reported(&defaults);
+        assert!(!Arc::ptr_eq(&other.entries, &defaults.entries));
+        assert_eq!(other.get("statement_timeout"), Some("5s"));
+        assert_eq!(other.get("TimeZone"), Some("UTC"));
     }
 }

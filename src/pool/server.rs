@@ -299,7 +299,8 @@ impl Server {
         }
         if let Some(sql) = self.params.reconcile_sql(desired) {
             tracing::debug!(pid = self.pid, %sql, "reconciling server parameters");
-            self.run(&sql).await?;
+            // Boxed: rare (the sets differ), and kept out of every client's task.
+            Box::pin(self.run(&sql)).await?;
             self.params.record_reconciled(desired);
         }
         Ok(())

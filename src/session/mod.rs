@@ -110,22 +110,38 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
     })
 }
 
-/// Serves a logged-in client's session to its end.
-pub async fn serve(shared: Arc<Shared>, logged_in: LoggedIn) {
+/// Serves a logged-in client's session to its end. The client comes boxed: an async
+/// fn's arguments stay in its future for as long as it runs.
+pub async fn serve(shared: Arc<Shared>, logged_in: Box<LoggedIn>) {
     let LoggedIn {
         client,
         login,
         handle,
         config,
         ..
-    } = logged_in;
-    match Session::start(shared.clone(), client, login, &config, handle).await {
-        Ok(session) => session.run().await,
-        Err((mut client, err)) => {
-            shared.metrics.error(err.kind);
-            say_goodbye(&mut client, &err).await
+    } = *logged_in;
+    // Each client's task is as large as its largest future, idle or not: what runs
+    // once (the greeting, the goodbyes) is boxed, so that the task holds only the
+    // session and its request loop.
+    let mut session = {
+        // In a block of its own, so that the task keeps no room for the result.
+        let started = Box::pin(Session::start(
+            shared.clone(),
+            client,
+            login,
+            &config,
+            handle,
+        ));
+        match started.await {
+            Ok(session) => session,
+            Err((mut client, err)) => {
+                shared.metrics.error(err.kind);
+                return Box::pin(say_goodbye(&mut client, &err)).await;
+            }
         }
-    }
+    };
+    let exit = session.run().await;
+    Box::pin(session.end(exit)).await
 }
 
 /// A logged-in client.
@@ -146,8 +162,9 @@ struct Session {
     params: ParamSet,
     cancel: CancelHandle,
     attachment: Attachment,
-    /// This client's place in its pool's queue, reused for every wait.
-    waiter: Arc<Waiter>,
+    /// This client's place in its pool's queue, reused for every wait; made at its
+    /// first checkout (a client that never sends a request needs none).
+    waiter: Option<Arc<Waiter>>,
     /// Transaction mode: session state keeps the client on its server.
     pin: Option<Pin>,
     /// Its entry in the registry (`SHOW CLIENTS`, `KILL`, `PAUSE`).
@@ -192,7 +209,7 @@ impl Session {
         login: ClientLogin,
         config: &Config,
         handle: ClientHandle,
-    ) -> Result<Session, (Conn<Stream>, ClientError)> {
+    ) -> Result<Box<Session>, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
         let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
         let pool = match route::greeting_pool(&shared, config, &login, mode, deadline).await {
@@ -235,7 +252,7 @@ impl Session {
             params,
             cancel,
             attachment: Attachment::Detached,
-            waiter: Arc::default(),
+            waiter: None,
             pin: None,
             db_stats,
             handle,
@@ -247,7 +264,9 @@ impl Session {
             session.handle.entry.set_issued_pid(pid);
         }
         match session.greet(deadline).await {
-            Ok(()) => Ok(session),
+            // On the heap: the task's future then holds a pointer to it, not a
+            // second copy beside the room its start needed.
+            Ok(()) => Ok(Box::new(session)),
             Err(err) => Err((session.client, err)),
         }
     }
@@ -289,7 +308,10 @@ impl Session {
         self.client
             .flush()
             .await
-            .map_err(|_| ClientError::client_gone())
+            .map_err(|_| ClientError::client_gone())?;
+        // Most clients are never sent another message pgrelay composes.
+        self.client.free_wbuf();
+        Ok(())
     }
 
     /// Session mode: the server is the client's for good, and so is its real key.
@@ -317,7 +339,8 @@ impl Session {
     }
 
     async fn checkout_reconciled(&mut self, pool: &Arc<Pool>) -> Result<ServerGuard, ClientError> {
-        let mut guard = match pool.checkout(&self.waiter).await {
+        let waiter = self.waiter.get_or_insert_with(Arc::default);
+        let mut guard = match pool.checkout(waiter).await {
             Ok(guard) => guard,
             Err(err) => {
                 // The client sees its own error; operators need to see the server side.
@@ -337,17 +360,23 @@ impl Session {
         Ok(guard)
     }
 
-    async fn run(mut self) {
+    /// Serves requests until the session must end, or is killed.
+    async fn run(&mut self) -> Exit {
         let entry = self.handle.entry.clone();
-        let exit = tokio::select! {
+        tokio::select! {
             biased;
             () = entry.killed.notified() => Exit::Killed,
             exit = self.serve_requests() => exit,
-        };
+        }
+    }
+
+    /// Ends the session the way its request loop ended.
+    async fn end(self: Box<Self>, exit: Exit) {
+        let session = *self;
         match exit {
-            Exit::Done => self.finish().await,
-            Exit::Failed(err) => self.fail(err).await,
-            Exit::Killed => self.killed().await,
+            Exit::Done => session.finish().await,
+            Exit::Failed(err) => session.fail(err).await,
+            Exit::Killed => session.killed().await,
         }
     }
 
@@ -426,6 +455,8 @@ impl Session {
     /// Transaction mode: waits for a complete request and attaches a server for it.
     /// `Ok(false)` when the client is done.
     async fn next_request(&mut self) -> Result<bool, ClientError> {
+        // The client may stay idle from here for long: it keeps no large buffer.
+        self.client.shrink_idle();
         // A request that will be routed is understood as it is read.
         let classifier = self
             .routes_request()
