@@ -116,6 +116,10 @@ impl Pgrelay {
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.shutdown.send(true);
         self.shared.shutting_down.send_replace(true);
+        // Sessions registered from here on see the flag above when they start.
+        for client in self.shared.registry.clients() {
+            client.shut_down();
+        }
         self.sessions.close();
         if tokio::time::timeout(drain, self.sessions.wait())
             .await

@@ -5,13 +5,16 @@
 //! enough picture when asked.
 
 use std::collections::HashMap;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::{watch, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::watch;
 
 /// What a client is doing, as PgBouncer's `SHOW CLIENTS` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +70,17 @@ pub struct ClientEntry {
     /// The pid pgrelay issued it (transaction mode; 0: none), so that
     /// `pg_terminate_backend` of that pid finds it.
     issued_pid: AtomicI32,
-    /// Notified by `KILL` and `pg_terminate_backend`: the session ends at once.
-    pub killed: Notify,
+    /// What the session is told to do: [`KILLED`] by `KILL` and `pg_terminate_backend`
+    /// (it ends at once), [`SHUTTING_DOWN`] by a shutdown (it ends between
+    /// transactions). Sticky: a session not waiting yet sees it at its next wait.
+    signals: AtomicU8,
+    /// The session's task, woken when a signal is raised. One task waits per entry, so
+    /// waiting costs two atomic operations per poll rather than a lock and a list.
+    signal_waker: AtomicWaker,
 }
+
+const KILLED: u8 = 1;
+const SHUTTING_DOWN: u8 = 2;
 
 impl ClientEntry {
     pub fn state(&self) -> ClientState {
@@ -83,7 +94,40 @@ impl ClientEntry {
 
     /// Ends the session (`KILL`); a session not waiting yet ends at its next wait.
     pub fn kill(&self) {
-        self.killed.notify_one();
+        self.raise(KILLED);
+    }
+
+    /// Tells the session pgrelay is shutting down: it ends between transactions.
+    pub fn shut_down(&self) {
+        self.raise(SHUTTING_DOWN);
+    }
+
+    /// Resolves once the session is killed.
+    pub fn killed(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| self.poll_signal(cx, KILLED))
+    }
+
+    /// Resolves once pgrelay is shutting down.
+    pub fn shutting_down(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| self.poll_signal(cx, SHUTTING_DOWN))
+    }
+
+    fn raise(&self, signal: u8) {
+        self.signals.fetch_or(signal, Ordering::Release);
+        self.signal_waker.wake();
+    }
+
+    fn poll_signal(&self, cx: &mut Context<'_>, signal: u8) -> Poll<()> {
+        if self.signals.load(Ordering::Acquire) & signal != 0 {
+            return Poll::Ready(());
+        }
+        self.signal_waker.register(cx.waker());
+        // Raised between the check and the registration: its wake may have missed.
+        if self.signals.load(Ordering::Acquire) & signal != 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Records the pid pgrelay issued the client.
@@ -276,7 +320,8 @@ impl Registry {
             link_pid: AtomicI32::new(0),
             prepared: AtomicU32::new(0),
             issued_pid: AtomicI32::new(0),
-            killed: Notify::new(),
+            signals: AtomicU8::new(0),
+            signal_waker: AtomicWaker::new(),
         });
         self.clients.insert(id, entry.clone());
         ClientHandle {

@@ -140,7 +140,7 @@ pub async fn serve(
     loop {
         let frame = tokio::select! {
             frame = client.read_frame(MAX_MESSAGE_LEN) => frame,
-            _ = handle.entry.killed.notified() => return,
+            () = handle.entry.killed() => return,
         };
         let Ok(frame) = frame else {
             return;

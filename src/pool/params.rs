@@ -27,6 +27,8 @@ pub struct ParamSet {
     entries: Arc<BTreeMap<String, Param>>,
     /// Hash of every settable `(name, value)`; equal sets have equal fingerprints.
     fingerprint: u64,
+    /// `in_hot_standby` is `on`: read on every checkout, so kept at hand.
+    hot_standby: bool,
 }
 
 /// Reported parameters that describe the server are not reconciled.
@@ -37,6 +39,11 @@ fn settable(key: &str) -> bool {
 impl ParamSet {
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
+    }
+
+    /// The server says it is a hot standby (`in_hot_standby`, PostgreSQL 14 and later).
+    pub fn hot_standby(&self) -> bool {
+        self.hot_standby
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -93,6 +100,7 @@ impl ParamSet {
             }
         }
         self.fingerprint = hasher.finish();
+        self.hot_standby = self.get("in_hot_standby") == Some("on");
     }
 
     /// Takes every reported value of `server` (after the client's settings were applied
@@ -222,6 +230,16 @@ pub(crate) fn literal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hot_standby_follows_its_parameter() {
+        let mut params = ParamSet::default();
+        assert!(!params.hot_standby());
+        params.set_reported("in_hot_standby", "on");
+        assert!(params.hot_standby());
+        params.set_reported("in_hot_standby", "off");
+        assert!(!params.hot_standby());
+    }
 
     #[test]
     fn equal_sets_need_nothing() {

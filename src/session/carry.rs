@@ -46,7 +46,8 @@ impl Wire {
     /// Detached: answers the buffered request without a server if it is a lone
     /// `DEALLOCATE` of the client's own protocol statement, or only prepares statements
     /// already known to parse (and closes some). Returns whether it did.
-    pub fn answer_locally(&mut self, client: &mut Conn<Stream>, search_path: Option<&str>) -> bool {
+    /// The client's `params` are looked at only for a request it answers.
+    pub fn answer_locally(&mut self, client: &mut Conn<Stream>, params: &ParamSet) -> bool {
         let Some(prepared) = self.prepared.as_deref_mut() else {
             return false;
         };
@@ -64,9 +65,9 @@ impl Wire {
                 true
             }
             frontend::PARSE if frontend::parse(first.body).is_ok_and(|p| !p.name.is_empty()) => {
-                prepared.answer(request, search_path, wbuf)
+                prepared.answer(request, params.get("search_path"), wbuf)
             }
-            frontend::CLOSE => prepared.answer(request, search_path, wbuf),
+            frontend::CLOSE => prepared.answer(request, params.get("search_path"), wbuf),
             _ => false,
         };
         if answered {

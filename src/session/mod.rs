@@ -176,8 +176,6 @@ struct Session {
     /// The request being served: when it was complete, how long it waited for a
     /// server, and whether it was routed as a write.
     request: Option<Request>,
-    /// Becomes true when pgrelay shuts down: idle clients are told and closed.
-    shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a session's request loop ended.
@@ -229,7 +227,10 @@ impl Session {
             .then(|| Box::new(Prepared::new(capacity, shared.parsed.clone())));
         let carries_statements = prepared.is_some();
         let db_stats = shared.registry.db_stats(&login.database);
-        let shutting_down = shared.shutting_down.subscribe();
+        if *shared.shutting_down.borrow() {
+            // Shutdown began before the client was registered: it told only the others.
+            handle.entry.shut_down();
+        }
         let policy = Policy {
             // Session mode with routing stops at each transaction's end to route the next.
             transaction_pooling: transaction_mode || routes,
@@ -258,7 +259,6 @@ impl Session {
             handle,
             node_stats: Vec::new(),
             request: None,
-            shutting_down,
         };
         if let Some(pid) = policy.own_pid {
             session.handle.entry.set_issued_pid(pid);
@@ -365,7 +365,7 @@ impl Session {
         let entry = self.handle.entry.clone();
         tokio::select! {
             biased;
-            () = entry.killed.notified() => Exit::Killed,
+            () = entry.killed() => Exit::Killed,
             exit = self.serve_requests() => exit,
         }
     }
@@ -463,7 +463,7 @@ impl Session {
             .then(|| self.shared.router.classifier_full());
         let read = tokio::select! {
             biased;
-            _ = self.shutting_down.wait_for(|&down| down) => {
+            () = self.handle.entry.shutting_down() => {
                 // Between transactions: nothing is lost by leaving now.
                 return Err(ClientError::shutting_down());
             }
@@ -472,10 +472,7 @@ impl Session {
         if !self.request_read(read)? {
             return Ok(false);
         }
-        if self
-            .wire
-            .answer_locally(&mut self.client, self.params.get("search_path"))
-        {
+        if self.wire.answer_locally(&mut self.client, &self.params) {
             return Ok(self.client.flush().await.is_ok());
         }
         if let Some(request) = self.pid_request() {

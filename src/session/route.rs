@@ -222,7 +222,7 @@ impl Session {
     /// demoted and came back before its probe told): not for this request. The
     /// server goes, and the node is checked at once.
     fn demoted(&self, guard: &ServerGuard, node: usize, topology: &Topology) -> bool {
-        let standby = guard.server_ref().params.get("in_hot_standby") == Some("on") && {
+        let standby = guard.server_ref().params.hot_standby() && {
             // Its last probe said primary (an operator's PROMOTE NODE of a replica,
             // without a switchover, is taken at its word).
             topology.primary == Some(node)
