@@ -487,7 +487,7 @@ impl Session {
                 .wait_resumed(&self.login.database)
                 .await;
         }
-        match self.attach_routed().await {
+        match self.attach_routed(at.into()).await {
             Ok(mut guard) => {
                 self.cancel.set(Some(guard.server().cancel_target())).await;
                 let node = guard.pool().key.node;

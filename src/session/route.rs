@@ -110,9 +110,13 @@ impl Session {
     ///
     /// The config is read once per request, the topology once per attempt (and again
     /// only after waiting for it to change); both are passed down.
-    pub(super) async fn attach_routed(&mut self) -> Result<ServerGuard, ClientError> {
+    ///
+    /// `started` is when the request was complete: the hold counts from there.
+    pub(super) async fn attach_routed(
+        &mut self,
+        started: tokio::time::Instant,
+    ) -> Result<ServerGuard, ClientError> {
         let policy = RoutePolicy::of(&self.shared.config.load());
-        let started = tokio::time::Instant::now();
         let deadline = started + policy.hold_timeout;
         loop {
             let mut topology = self.shared.cluster.snapshot();
