@@ -574,16 +574,21 @@ mod tests {
         msg(buf, b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes());
     }
 
+    /// Parse, Bind, Execute and Sync of one unnamed statement.
+    fn run_once(sql: &str) -> BytesMut {
+        request(|b| {
+            parse(b, "", sql);
+            bind(b, "");
+            msg(b, b'E', b"\0\0\0\0\0");
+            msg(b, b'S', b"");
+        })
+    }
+
     #[test]
     fn plans_extended_requests() {
         let classifier = Classifier::new(&[], &[]);
         let mut statements = StatementNodes::default();
-        let read = request(|b| {
-            parse(b, "", "SELECT 1");
-            bind(b, "");
-            msg(b, b'E', b"\0\0\0\0\0");
-            msg(b, b'S', b"");
-        });
+        let read = run_once("SELECT 1");
         let planned = plan(&read, &classifier, &statements);
         assert_eq!((planned.target, planned.node), (Target::Replica, None));
 
@@ -672,12 +677,7 @@ mod tests {
     fn commands_of_extended_requests() {
         let classifier = Classifier::new(&[], &[]);
         let statements = StatementNodes::default();
-        let run = request(|b| {
-            parse(b, "", "INSERT INTO t VALUES (1)");
-            bind(b, "");
-            msg(b, b'E', b"\0\0\0\0\0");
-            msg(b, b'S', b"");
-        });
+        let run = run_once("INSERT INTO t VALUES (1)");
         let planned = plan(&run, &classifier, &statements);
         assert_eq!(planned.command, Some(Command::Insert));
         let prepare = request(|b| {
