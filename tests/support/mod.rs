@@ -13,6 +13,7 @@ use pgrelay::config::Config;
 use pgrelay::demo::{ClusterOptions, LocalCluster};
 use pgrelay::listener::Pgrelay;
 
+pub mod certs;
 pub mod needs;
 pub mod raw;
 

@@ -2,7 +2,7 @@
 //! from Debian packages. A missing one fails the test with a message naming the package
 //! and the README's test command, which installs everything the tests need.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The README's test command; it installs what is missing, then runs the tests.
@@ -80,6 +80,35 @@ pub fn run_driver(script: &str, args: &[&str]) -> String {
         ("psycopg", "python3-psycopg"),
         ("asyncpg", "python3-asyncpg"),
     ]);
+    run_script(Path::new(python), script, args)
+}
+
+/// The virtual environment's python3 whose psycopg bundles libpq 18 (direct TLS,
+/// channel binding, protocol 3.2); the README's test command creates it.
+pub fn libpq18_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/libpq18-venv/bin/python");
+    let libpq18 = Command::new(&python)
+        .args([
+            "-c",
+            "import psycopg, sys; sys.exit(psycopg.pq.version() < 180000)",
+        ])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    assert!(
+        libpq18,
+        "{} has no psycopg with libpq 18; the README's test command, `{TEST_COMMAND}`, \
+         creates that virtual environment",
+        python.display()
+    );
+    python
+}
+
+/// [`run_driver`] with [`libpq18_python`]: psycopg on libpq 18.
+pub fn run_libpq18_driver(script: &str, args: &[&str]) -> String {
+    run_script(&libpq18_python(), script, args)
+}
+
+fn run_script(python: &Path, script: &str, args: &[&str]) -> String {
     let path = format!("{}/tests/drivers/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::task::block_in_place(|| {
         Command::new(python)
