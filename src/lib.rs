@@ -54,6 +54,7 @@ pub mod router;
 pub mod session;
 pub mod shutdown;
 pub mod stream;
+pub mod tls;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

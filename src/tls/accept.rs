@@ -1,0 +1,1 @@
+//! Client-facing TLS: pgrelay as the TLS server.

@@ -1,0 +1,1 @@
+//! Server-facing TLS: pgrelay as the TLS client of PostgreSQL servers.
