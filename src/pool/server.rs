@@ -504,9 +504,9 @@ mod tests {
         assert_eq!(closed.side(), Side::Server);
     }
 
-    /// A server's login as pre-encoded bytes, through the login's message handling:
-    /// BackendKeyData is optional (some servers and poolers send none), and a server
-    /// without one gives no cancel target, never a zero key.
+    /// A server's login messages as pre-encoded bytes, their BackendKeyData read as the
+    /// login reads it: the key is optional (some servers and poolers send none), and a
+    /// server without a usable one keeps pid 0, which gives no cancel target.
     #[test]
     fn servers_without_a_cancel_key() {
         use crate::protocol::{split_frame, MAX_MESSAGE_LEN};

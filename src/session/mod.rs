@@ -325,9 +325,10 @@ impl Session {
         let server = guard.server();
         self.params.adopt_reported(&server.params);
         if let Some(target) = server.cancel_target() {
-            let secret = match backend::secret_len(self.login.minor) {
-                4 => Box::new(target.secret.to_be_bytes()),
-                len => crate::cancel::random_secret(len),
+            let secret: Box<[u8]> = if self.login.minor < 2 {
+                Box::new(target.secret.to_be_bytes())
+            } else {
+                crate::cancel::random_secret(backend::secret_len(self.login.minor))
             };
             if let Some(handle) = self.shared.cancel.register(target.pid, secret) {
                 self.cancel = handle;
