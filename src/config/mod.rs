@@ -328,12 +328,6 @@ impl Config {
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut lines = Vec::new();
-        if self.tls.client_mode != TlsMode::Disable {
-            lines.push(
-                "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
-                    .to_owned(),
-            );
-        }
         if self.tls.server_mode.is_required() {
             lines.push(format!(
                 "tls.server_mode: {:?} is not enforced: server TLS is not implemented yet, \
@@ -401,6 +395,7 @@ mod tests {
             password: Secret::Plain("pw".to_owned()),
             pool_mode: None,
             pool_size: None,
+            auth_type: None,
         }
     }
 
@@ -1025,8 +1020,7 @@ mod tests {
             .iter()
             .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
             .collect();
-        assert_eq!(keys, ["tls.client_mode", "tls.server_mode"]);
-        assert!(config.warnings()[0].contains("SSLRequest is answered 'N'"));
+        assert_eq!(keys, ["tls.server_mode"]);
     }
 
     #[test]
