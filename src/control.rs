@@ -49,12 +49,11 @@ impl Shared {
         let loaded = Config::load(&path).and_then(|config| {
             // Certificate files are read anew even when their paths are unchanged: a
             // reload is how a renewed certificate is taken into use.
-            let client_tls = ClientTls::load(&config.tls).map_err(|err| {
-                config::ConfigError::Invalid {
+            let client_tls =
+                ClientTls::load(&config.tls).map_err(|err| config::ConfigError::Invalid {
                     key: err.key().to_owned(),
                     message: err.to_string(),
-                }
-            })?;
+                })?;
             Ok((config, client_tls))
         });
         let (config, client_tls) = match loaded {

@@ -176,9 +176,15 @@ async fn prefer_serves_both() {
     .await;
     let plain = env.client().await;
     assert_eq!(support::simple_value(&plain, "SELECT 42").await, "42");
-    let tls = connect_rustls(&env, rustls_config(&pki.ca, None), APP_USER, APP_PASSWORD, "")
-        .await
-        .expect("TLS client");
+    let tls = connect_rustls(
+        &env,
+        rustls_config(&pki.ca, None),
+        APP_USER,
+        APP_PASSWORD,
+        "",
+    )
+    .await
+    .expect("TLS client");
     assert_eq!(support::simple_value(&tls, "SELECT 42").await, "42");
 }
 
@@ -270,7 +276,10 @@ async fn cert_authentication_needs_no_password() {
         None,
         "SELECT 1",
     );
-    assert!(!ok && err.contains("certificate authentication failed"), "{err}");
+    assert!(
+        !ok && err.contains("certificate authentication failed"),
+        "{err}"
+    );
     let none = connect_rustls(&env, rustls_config(&pki.ca, None), APP_USER, "", "").await;
     assert_refused_with(
         &none.expect_err("no certificate"),
@@ -339,14 +348,17 @@ async fn tokio_postgres_rustls_in_both_pool_modes() {
         )
         .await;
         let config = rustls_config(&pki.ca, None);
-        let client = connect_rustls(&env, config, APP_USER, APP_PASSWORD, "channel_binding=require")
-            .await
-            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let client = connect_rustls(
+            &env,
+            config,
+            APP_USER,
+            APP_PASSWORD,
+            "channel_binding=require",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert_eq!(support::simple_value(&client, "SELECT 40 + 2").await, "42");
-        let statement = client
-            .prepare("SELECT $1::int + 1")
-            .await
-            .expect("prepare");
+        let statement = client.prepare("SELECT $1::int + 1").await.expect("prepare");
         for i in 0..5 {
             let row = client.query_one(&statement, &[&i]).await.expect("execute");
             assert_eq!(row.get::<_, i32>(0), i + 1);
@@ -385,7 +397,10 @@ async fn direct_tls_needs_alpn_postgresql() {
         }
     };
     assert!(direct(Vec::new()).await.is_err(), "no ALPN: refused");
-    assert!(direct(vec![b"h2".to_vec()]).await.is_err(), "ALPN h2: refused");
+    assert!(
+        direct(vec![b"h2".to_vec()]).await.is_err(),
+        "ALPN h2: refused"
+    );
     let mut tls = direct(vec![b"postgresql".to_vec()])
         .await
         .expect("ALPN postgresql: accepted");
@@ -396,7 +411,10 @@ async fn direct_tls_needs_alpn_postgresql() {
     tls.read_exact(&mut header).await.expect("auth request");
     assert_eq!(header[0], b'R');
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    assert_eq!(i32::from_be_bytes([header[5], header[6], header[7], header[8]]), 10);
+    assert_eq!(
+        i32::from_be_bytes([header[5], header[6], header[7], header[8]]),
+        10
+    );
     let mut mechanisms = vec![0u8; len - 8];
     tls.read_exact(&mut mechanisms).await.expect("mechanisms");
     assert!(
@@ -439,9 +457,15 @@ async fn bad_openings_end_only_themselves() {
         ..EnvOptions::default()
     };
     let env = start_tls(options, tls_section("require", &pki.server, None)).await;
-    let bystander = connect_rustls(&env, rustls_config(&pki.ca, None), APP_USER, APP_PASSWORD, "")
-        .await
-        .expect("bystander");
+    let bystander = connect_rustls(
+        &env,
+        rustls_config(&pki.ca, None),
+        APP_USER,
+        APP_PASSWORD,
+        "",
+    )
+    .await
+    .expect("bystander");
 
     let mut garbage = TcpStream::connect(env.addr).await.expect("connect");
     let mut packet = ssl_request();
@@ -451,7 +475,10 @@ async fn bad_openings_end_only_themselves() {
         .await
         .expect("closed");
     let messages = raw::split_messages(&seen);
-    assert_eq!(messages.first().and_then(|m| m.sqlstate()).as_deref(), Some("08P01"));
+    assert_eq!(
+        messages.first().and_then(|m| m.sqlstate()).as_deref(),
+        Some("08P01")
+    );
 
     let mut old = TcpStream::connect(env.addr).await.expect("connect");
     old.write_all(&tls10_client_hello()).await.expect("send");
@@ -471,7 +498,10 @@ async fn bad_openings_end_only_themselves() {
     let started = Instant::now();
     for (what, stream) in [("after S", &mut stalled), ("one byte", &mut half)] {
         let closed = raw::read_to_close(stream, Duration::from_secs(4)).await;
-        assert!(closed.is_ok(), "{what}: still open 4s into a 1s login timeout");
+        assert!(
+            closed.is_ok(),
+            "{what}: still open 4s into a 1s login timeout"
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(4));
 
@@ -523,7 +553,10 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_failure() {
 
     assert_eq!(support::simple_value(&old, "SELECT 42").await, "42");
     let trusting_a = connect_rustls(&env, rustls_config(&a.ca, None), APP_USER, APP_PASSWORD, "");
-    assert!(trusting_a.await.is_err(), "a new connection sees certificate B");
+    assert!(
+        trusting_a.await.is_err(),
+        "a new connection sees certificate B"
+    );
     let new = connect_rustls(&env, rustls_config(&b.ca, None), APP_USER, APP_PASSWORD, "")
         .await
         .expect("on certificate B");
@@ -538,7 +571,10 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_failure() {
     assert!(err.to_string().starts_with("tls.client_cert"), "{err}");
     let err = admin.simple_query("RELOAD").await.expect_err("RELOAD too");
     let message = err.as_db_error().map(|db| db.message().to_owned());
-    assert!(message.is_some_and(|m| m.contains("missing.pem")), "{err:?}");
+    assert!(
+        message.is_some_and(|m| m.contains("missing.pem")),
+        "{err:?}"
+    );
     let still_b = connect_rustls(&env, rustls_config(&b.ca, None), APP_USER, APP_PASSWORD, "")
         .await
         .expect("certificate B stays");

@@ -238,12 +238,7 @@ impl ServerExchange {
 /// Splits `n,,n=user,r=...` (or `p=tls-server-end-point,,...`) into the GS2 header
 /// (`n,,`) and the bare message.
 fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
-    let flag_ok = match text.as_bytes() {
-        [b'n' | b'y', b',', ..] => true,
-        [b'p', b'=', ..] => true,
-        _ => false,
-    };
-    if !flag_ok {
+    if !matches!(text.as_bytes(), [b'n' | b'y', b',', ..] | [b'p', b'=', ..]) {
         return Err(ScramError::Malformed);
     }
     let first = text.find(',').ok_or(ScramError::Malformed)?;
@@ -402,7 +397,10 @@ mod tests {
                 .map(|(exchange, _)| exchange.binding_input)
         };
         // Plaintext: `p=` is refused, `n` and `y` go ahead.
-        assert!(matches!(start(BOUND, plain), Err(ScramError::BindingFlag(_))));
+        assert!(matches!(
+            start(BOUND, plain),
+            Err(ScramError::BindingFlag(_))
+        ));
         assert_eq!(start(b"n,,n=,r=abc", plain).unwrap(), b"n,,");
         assert_eq!(start(b"y,,n=,r=abc", plain).unwrap(), b"y,,");
         // TLS, -PLUS chosen: only `p=tls-server-end-point` will do.
@@ -411,11 +409,20 @@ mod tests {
         assert_eq!(start(BOUND, tls(true)).unwrap(), expected);
         let unique = b"p=tls-unique,,n=,r=abc";
         assert_eq!(start(unique, tls(true)), Err(ScramError::BindingType));
-        assert!(matches!(start(b"n,,n=,r=abc", tls(true)), Err(ScramError::BindingFlag(_))));
+        assert!(matches!(
+            start(b"n,,n=,r=abc", tls(true)),
+            Err(ScramError::BindingFlag(_))
+        ));
         // TLS, plain SCRAM chosen: `n` is honest, `y` a downgrade, `p=` a contradiction.
         assert_eq!(start(b"n,,n=,r=abc", tls(false)).unwrap(), b"n,,");
-        assert_eq!(start(b"y,,n=,r=abc", tls(false)), Err(ScramError::BindingDowngrade));
-        assert!(matches!(start(BOUND, tls(false)), Err(ScramError::BindingFlag(_))));
+        assert_eq!(
+            start(b"y,,n=,r=abc", tls(false)),
+            Err(ScramError::BindingDowngrade)
+        );
+        assert!(matches!(
+            start(BOUND, tls(false)),
+            Err(ScramError::BindingFlag(_))
+        ));
         assert_eq!(tls(false).mechanisms(), [MECHANISM_PLUS, MECHANISM]);
         assert_eq!(plain.mechanisms(), [MECHANISM]);
     }
@@ -445,7 +452,10 @@ mod tests {
             server.finish(format!("{without_proof},p={proof}").as_bytes())
         };
         assert_eq!(run(ours).unwrap().0, client_key);
-        assert_eq!(run(b"another certificate").unwrap_err(), ScramError::BindingCheck);
+        assert_eq!(
+            run(b"another certificate").unwrap_err(),
+            ScramError::BindingCheck
+        );
     }
 
     #[test]

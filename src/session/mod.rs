@@ -71,7 +71,10 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
             return None;
         }
         Err(_) => {
-            tracing::info!(?peer, "client_login_timeout expired during the TLS negotiation");
+            tracing::info!(
+                ?peer,
+                "client_login_timeout expired during the TLS negotiation"
+            );
             shared.metrics.error(ErrorKind::Protocol);
             return None;
         }
@@ -147,7 +150,9 @@ fn refused_opening(shared: &Shared, peer: Option<std::net::SocketAddr>, err: Aut
             tracing::info!(?peer, %err, "client TLS handshake refused");
             shared.metrics.error(ErrorKind::Protocol);
         }
-        AuthError::Stream(err) => tracing::debug!(?peer, %err, "client left during TLS negotiation"),
+        AuthError::Stream(err) => {
+            tracing::debug!(?peer, %err, "client left during TLS negotiation")
+        }
     }
 }
 

@@ -197,14 +197,16 @@ pub async fn starts_with_handshake(tcp: &TcpStream) -> io::Result<bool> {
 impl Acceptor {
     fn load(config: &TlsConfig, mode: TlsMode) -> Result<Acceptor, CertError> {
         let chain = read_certs("tls.client_cert", &config.client_cert)?;
-        let key = PrivateKeyDer::from_pem_file(&config.client_key).map_err(|source| {
-            CertError::Read {
+        let key =
+            PrivateKeyDer::from_pem_file(&config.client_key).map_err(|source| CertError::Read {
                 key: "tls.client_key",
                 path: config.client_key.clone(),
                 source,
-            }
-        })?;
-        let end_point = chain.first().and_then(|cert| end_point(cert)).map(Arc::from);
+            })?;
+        let end_point = chain
+            .first()
+            .and_then(|cert| end_point(cert))
+            .map(Arc::from);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
