@@ -523,3 +523,7 @@ fn scram_error(user: &str, error: scram::ScramError) -> AuthError {
 pub fn auth_ok(buf: &mut BytesMut) {
     backend::auth_ok(buf);
 }
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

@@ -957,6 +957,31 @@ mod tests {
     }
 
     #[test]
+    fn validate_cert_auth_needs_client_tls_and_a_ca() {
+        assert_eq!(invalid_key(|c| c.auth_type = AuthType::Cert), "auth_type");
+        let per_user = |c: &mut Config| {
+            c.tls.client_mode = TlsMode::Prefer;
+            c.users.push(user("u"));
+            c.users.push(UserConfig {
+                auth_type: Some(AuthType::Cert),
+                ..user("v")
+            });
+        };
+        assert_eq!(invalid_key(per_user), "users[1].auth_type");
+        let text = format!(
+            "auth_type = \"cert\"\n[tls]\nclient_mode = \"prefer\"\nclient_cert = \"c.pem\"\n\
+             client_key = \"k.pem\"\nclient_ca = \"ca.pem\"\n{MINIMAL}\
+             [[users]]\nname = \"a\"\npassword = \"p\"\nauth_type = \"scram-sha-256\"\n"
+        );
+        let config = parse(&text).expect("cert globally, SCRAM for one user");
+        assert_eq!(config.auth_type, AuthType::Cert);
+        assert_eq!(
+            config.users[0].auth_type_or(config.auth_type),
+            AuthType::ScramSha256
+        );
+    }
+
+    #[test]
     fn invalid_errors_display_key_first() {
         let mut config = parse(MINIMAL).expect("minimal");
         config.backends[0].port = 0;
