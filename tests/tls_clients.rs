@@ -165,15 +165,16 @@ async fn require_serves_verified_tls_and_refuses_plaintext() {
     assert!(!ok);
 }
 
-/// `prefer`: TLS for clients that ask, plaintext for those that do not.
+/// `prefer`: TLS for clients that ask, plaintext for those that do not; the console's
+/// `SHOW CLIENTS` tells them apart in its `tls` column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_serves_both() {
     let pki = Pki::new("prefer");
-    let env = start_tls(
-        EnvOptions::default(),
-        tls_section("prefer", &pki.server, None),
-    )
-    .await;
+    let options = EnvOptions {
+        top_extra: vec![format!("admin_users = [\"{APP_USER}\"]")],
+        ..EnvOptions::default()
+    };
+    let env = start_tls(options, tls_section("prefer", &pki.server, None)).await;
     let plain = env.client().await;
     assert_eq!(support::simple_value(&plain, "SELECT 42").await, "42");
     let tls = connect_rustls(
@@ -186,6 +187,21 @@ async fn prefer_serves_both() {
     .await
     .expect("TLS client");
     assert_eq!(support::simple_value(&tls, "SELECT 42").await, "42");
+    let admin = env
+        .connect(APP_USER, APP_PASSWORD, "pgrelay")
+        .await
+        .expect("console");
+    let rows = support::simple_rows(&admin, "SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS");
+    let tls_column: Vec<String> = rows
+        .into_iter()
+        .map(|row| row[16].clone().unwrap_or_default())
+        .collect();
+    assert_eq!(tls_column.len(), 3, "{tls_column:?}");
+    let on_tls: Vec<&String> = tls_column.iter().filter(|t| !t.is_empty()).collect();
+    assert_eq!(on_tls.len(), 1, "{tls_column:?}");
+    assert!(on_tls[0].starts_with("TLSv1.3/TLS13_"), "{tls_column:?}");
 }
 
 /// verify-ca and verify-full: a certificate from the CA gets in; none, another CA's,

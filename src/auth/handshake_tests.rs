@@ -26,6 +26,7 @@ fn tls(common_name: Option<&str>) -> Option<TlsSession> {
         common_name: common_name.map(str::to_owned),
         end_point: Some(Arc::from(&b"end point"[..])),
         version: "TLSv1.3",
+        cipher: "TLS13_AES_128_GCM_SHA256",
     })
 }
 

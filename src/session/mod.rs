@@ -34,6 +34,7 @@ use crate::pool::{Pool, ServerGuard, Waiter};
 use crate::protocol::backend;
 use crate::registry::{self, ClientHandle, DbStats};
 use crate::stream::{Conn, Stream};
+use crate::tls::accept::TlsSession;
 use crate::Shared;
 use fail::{pool_error, say_goodbye, server_error};
 use prepared::Prepared;
@@ -79,6 +80,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
             return None;
         }
     };
+    let tls_label = opening.tls.as_ref().map(TlsSession::label);
     let handshake = tokio::time::timeout_at(
         deadline,
         auth::handshake(
@@ -128,6 +130,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
         addr: peer,
         local,
         admin,
+        tls: tls_label.as_deref().unwrap_or_default(),
     });
     Some(LoggedIn {
         client,

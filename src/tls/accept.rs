@@ -95,6 +95,15 @@ pub struct TlsSession {
     pub end_point: Option<Arc<[u8]>>,
     /// `TLSv1.3` or `TLSv1.2`, for logs and the console.
     pub version: &'static str,
+    /// The cipher suite's IANA-style name, for logs and the console.
+    pub cipher: &'static str,
+}
+
+impl TlsSession {
+    /// `SHOW CLIENTS`' `tls` column, in PgBouncer's `version/cipher` form.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.version, self.cipher)
+    }
 }
 
 /// The client side of one `[tls]` section: the mode and its acceptor.
@@ -181,6 +190,10 @@ impl ClientTls {
                 Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
                 _ => "TLSv1.3",
             },
+            cipher: connection
+                .negotiated_cipher_suite()
+                .and_then(|suite| suite.suite().as_str())
+                .unwrap_or_default(),
         };
         Ok((Stream::Tls(Box::new(tls.into())), session))
     }
