@@ -82,13 +82,22 @@ fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
 
 /// A rustls client trusting `ca`, showing `client` when given.
 fn rustls_config(ca: &Path, client: Option<&Pem>) -> rustls::ClientConfig {
+    rustls_config_for(ca, client, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`rustls_config`] speaking only `versions`.
+fn rustls_config_for(
+    ca: &Path,
+    client: Option<&Pem>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(ca) {
         roots.add(cert).expect("CA certificate");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .expect("protocol versions")
         .with_root_certificates(roots);
     match client {
@@ -187,6 +196,11 @@ async fn prefer_serves_both() {
     .await
     .expect("TLS client");
     assert_eq!(support::simple_value(&tls, "SELECT 42").await, "42");
+    let tls12_only = rustls_config_for(&pki.ca, None, &[&rustls::version::TLS12]);
+    let tls12 = connect_rustls(&env, tls12_only, APP_USER, APP_PASSWORD, "")
+        .await
+        .expect("TLS 1.2 client");
+    assert_eq!(support::simple_value(&tls12, "SELECT 42").await, "42");
     let admin = env
         .connect(APP_USER, APP_PASSWORD, "pgrelay")
         .await
@@ -198,10 +212,15 @@ async fn prefer_serves_both() {
         .into_iter()
         .map(|row| row[16].clone().unwrap_or_default())
         .collect();
-    assert_eq!(tls_column.len(), 3, "{tls_column:?}");
-    let on_tls: Vec<&String> = tls_column.iter().filter(|t| !t.is_empty()).collect();
-    assert_eq!(on_tls.len(), 1, "{tls_column:?}");
-    assert!(on_tls[0].starts_with("TLSv1.3/TLS13_"), "{tls_column:?}");
+    assert_eq!(tls_column.len(), 4, "{tls_column:?}");
+    let mut on_tls: Vec<&String> = tls_column.iter().filter(|t| !t.is_empty()).collect();
+    on_tls.sort();
+    assert_eq!(on_tls.len(), 2, "{tls_column:?}");
+    assert!(
+        on_tls[0].starts_with("TLSv1.2/TLS_ECDHE_"),
+        "{tls_column:?}"
+    );
+    assert!(on_tls[1].starts_with("TLSv1.3/TLS13_"), "{tls_column:?}");
 }
 
 /// verify-ca and verify-full: a certificate from the CA gets in; none, another CA's,
@@ -374,6 +393,19 @@ async fn tokio_postgres_rustls_in_both_pool_modes() {
         .await
         .unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert_eq!(support::simple_value(&client, "SELECT 40 + 2").await, "42");
+        // Some megabytes, so that TLS records queue up behind a full socket.
+        let big = "SELECT length(string_agg(repeat('x', 1000), '')) FROM generate_series(1, 4000)";
+        assert_eq!(support::simple_value(&client, big).await, "4000000");
+        let rows = client
+            .query(
+                "SELECT repeat('y', 1000) FROM generate_series(1, 5000)",
+                &[],
+            )
+            .await
+            .expect("a large result");
+        assert_eq!(rows.len(), 5000);
+        let long = format!("SELECT length('{}')", "z".repeat(2_000_000));
+        assert_eq!(support::simple_value(&client, &long).await, "2000000");
         let statement = client.prepare("SELECT $1::int + 1").await.expect("prepare");
         for i in 0..5 {
             let row = client.query_one(&statement, &[&i]).await.expect("execute");
