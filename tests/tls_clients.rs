@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use support::certs::{Pem, Pki};
@@ -628,4 +629,104 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_failure() {
         .expect("certificate B stays");
     assert_eq!(support::simple_value(&still_b, "SELECT 42").await, "42");
     assert_eq!(support::simple_value(&old, "SELECT 42").await, "42");
+}
+
+/// A SASLInitialResponse naming `mechanism`, with `data` as the client-first-message.
+fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    raw::message(b'p', &body)
+}
+
+/// Reads one backend message from any stream.
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> raw::Message {
+    let mut header = [0u8; 5];
+    stream
+        .read_exact(&mut header)
+        .await
+        .expect("message header");
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await.expect("message body");
+    raw::Message {
+        tag: header[0],
+        body,
+    }
+}
+
+/// Sends the startup packet and the client-first-message with `mechanism` and
+/// `client_first`; returns pgrelay's answer to it.
+async fn first_scram_answer<S>(stream: &mut S, mechanism: &str, client_first: &[u8]) -> raw::Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let startup = raw::startup_message(&[("user", APP_USER), ("database", APP_DB)]);
+    stream.write_all(&startup).await.expect("startup");
+    assert_eq!(read_message(stream).await.auth_code(), Some(10));
+    stream
+        .write_all(&sasl_initial(mechanism, client_first))
+        .await
+        .expect("client-first");
+    read_message(stream).await
+}
+
+/// Channel binding misused, answered as PostgreSQL answers it: `p=` on plaintext and
+/// -PLUS without TLS are 08P01; `y` (a downgrade) on TLS is 28000; binding data for
+/// another certificate fails the check (08P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_misuse_is_refused() {
+    let pki = Pki::new("binding");
+    let env = start_tls(
+        EnvOptions::default(),
+        tls_section("prefer", &pki.server, None),
+    )
+    .await;
+    let bound: &[u8] = b"p=tls-server-end-point,,n=,r=clientnonce";
+    let plaintext = [("SCRAM-SHA-256", bound), ("SCRAM-SHA-256-PLUS", bound)];
+    for (mechanism, first) in plaintext {
+        let mut tcp = TcpStream::connect(env.addr).await.expect("connect");
+        let answer = first_scram_answer(&mut tcp, mechanism, first).await;
+        assert_eq!(
+            answer.sqlstate().as_deref(),
+            Some("08P01"),
+            "{mechanism}: {answer:?}"
+        );
+    }
+    let tls_client = || {
+        let mut config = rustls_config(&pki.ca, None);
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = env.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = ServerName::try_from("localhost").expect("name");
+            connector.connect(name, tcp).await.expect("direct TLS")
+        }
+    };
+    let mut tls = tls_client().await;
+    let answer = first_scram_answer(&mut tls, "SCRAM-SHA-256", b"y,,n=,r=clientnonce").await;
+    assert_eq!(answer.sqlstate().as_deref(), Some("28000"), "{answer:?}");
+    let mut tls = tls_client().await;
+    let answer = first_scram_answer(&mut tls, "SCRAM-SHA-256-PLUS", b"n,,n=,r=clientnonce").await;
+    assert_eq!(answer.sqlstate().as_deref(), Some("08P01"), "{answer:?}");
+
+    let mut tls = tls_client().await;
+    let server_first = first_scram_answer(&mut tls, "SCRAM-SHA-256-PLUS", bound).await;
+    assert_eq!(server_first.auth_code(), Some(11), "{server_first:?}");
+    let text = String::from_utf8_lossy(&server_first.body[4..]).into_owned();
+    let nonce = text
+        .split(',')
+        .find_map(|part| part.strip_prefix("r="))
+        .expect("nonce");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let wrong = b64.encode(b"p=tls-server-end-point,,hash of another certificate");
+    let client_final = format!("c={wrong},r={nonce},p={}", b64.encode([0u8; 32]));
+    tls.write_all(&raw::message(b'p', client_final.as_bytes()))
+        .await
+        .expect("client-final");
+    let answer = read_message(&mut tls).await;
+    assert_eq!(answer.sqlstate().as_deref(), Some("08P01"), "{answer:?}");
+    assert!(answer.fields()[&b'M'].contains("channel binding check failed"));
 }
