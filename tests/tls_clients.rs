@@ -471,6 +471,24 @@ async fn direct_tls_needs_alpn_postgresql() {
         "{:?}",
         String::from_utf8_lossy(&mechanisms)
     );
+
+    // After an SSLRequest, ALPN is optional, and `postgresql` is selected when offered.
+    for alpn in [Vec::new(), vec![b"postgresql".to_vec()]] {
+        let mut config = rustls_config(&pki.ca, None);
+        config.alpn_protocols = alpn.clone();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let mut tcp = TcpStream::connect(env.addr).await.expect("connect");
+        tcp.write_all(&ssl_request()).await.expect("SSLRequest");
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.expect("answer");
+        assert_eq!(&answer, b"S");
+        let name = ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("TLS after S");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            alpn.first().map(Vec::as_slice)
+        );
+    }
 }
 
 fn ssl_request() -> Vec<u8> {

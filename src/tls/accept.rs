@@ -155,7 +155,9 @@ impl ClientTls {
     }
 
     /// Runs the handshake on `tcp`. A client whose certificate the mode requires and
-    /// that shows none, or one the CA did not sign or that expired, fails here.
+    /// that shows none, or one the CA did not sign or that expired, fails here. Not
+    /// cancel safe (a handshake cut short leaves the socket useless); the login's
+    /// timeout drops the connection with it.
     pub async fn accept(
         &self,
         tcp: TcpStream,
@@ -200,7 +202,8 @@ impl ClientTls {
 }
 
 /// Whether the client's first byte opens a TLS handshake (direct TLS) rather than a
-/// startup packet. Reads nothing: the byte stays for whoever reads next.
+/// startup packet. Reads nothing: the byte stays for whoever reads next (so it is
+/// cancel safe).
 pub async fn starts_with_handshake(tcp: &TcpStream) -> io::Result<bool> {
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await?;
