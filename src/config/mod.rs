@@ -950,8 +950,14 @@ mod tests {
             invalid_key(|c| c.tls.server_mode = TlsMode::VerifyCa),
             "tls.server_ca"
         );
+        assert_eq!(
+            invalid_key(|c| c.tls.client_mode = TlsMode::Prefer),
+            "tls.client_cert"
+        );
         let mut config = parse(MINIMAL).expect("minimal");
         config.tls.client_mode = TlsMode::Prefer;
+        config.tls.client_cert = "cert.pem".into();
+        config.tls.client_key = "key.pem".into();
         config.tls.server_mode = TlsMode::Require;
         assert!(config.validate().is_ok());
     }
@@ -961,6 +967,8 @@ mod tests {
         assert_eq!(invalid_key(|c| c.auth_type = AuthType::Cert), "auth_type");
         let per_user = |c: &mut Config| {
             c.tls.client_mode = TlsMode::Prefer;
+            c.tls.client_cert = "cert.pem".into();
+            c.tls.client_key = "key.pem".into();
             c.users.push(user("u"));
             c.users.push(UserConfig {
                 auth_type: Some(AuthType::Cert),

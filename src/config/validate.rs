@@ -279,9 +279,11 @@ impl FailoverConfig {
 impl TlsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let mode = self.client_mode;
+        // allow and prefer offer TLS too: they need a certificate as much as require.
+        let offers_tls = mode != TlsMode::Disable;
         let needed = [
-            ("tls.client_cert", &self.client_cert, mode.is_required()),
-            ("tls.client_key", &self.client_key, mode.is_required()),
+            ("tls.client_cert", &self.client_cert, offers_tls),
+            ("tls.client_key", &self.client_key, offers_tls),
             ("tls.client_ca", &self.client_ca, mode.verifies_peer()),
         ];
         for (key, value, required) in needed {

@@ -119,11 +119,6 @@ struct Acceptor {
 }
 
 impl ClientTls {
-    /// No TLS: every SSLRequest is answered `N`.
-    pub fn disabled() -> ClientTls {
-        ClientTls::unavailable(TlsMode::Disable)
-    }
-
     /// `mode` without an acceptor, until one is loaded: SSLRequest is answered `N`,
     /// so with a mode that requires TLS no client gets in (it fails closed).
     pub fn unavailable(mode: TlsMode) -> ClientTls {
