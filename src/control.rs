@@ -14,6 +14,7 @@ use crate::cluster::events::{Operation, OperationError, Transition};
 use crate::cluster::hooks::{expand, HookKind, HookRun, Subjects};
 use crate::cluster::{Findings, Monitor, Topology};
 use crate::config::{self, Config};
+use crate::tls::accept::ClientTls;
 use crate::{pool_settings, Shared};
 
 /// What the health, lag and Patroni loops get: the pieces they read, and findings that
@@ -45,14 +46,26 @@ impl Shared {
                 key: "(file)".to_owned(),
                 message: "pgrelay was not started from a config file; nothing to reload".to_owned(),
             })?;
-        let config = match Config::load(&path) {
-            Ok(config) => config,
+        let loaded = Config::load(&path).and_then(|config| {
+            // Certificate files are read anew even when their paths are unchanged: a
+            // reload is how a renewed certificate is taken into use.
+            let client_tls =
+                ClientTls::load(&config.tls).map_err(|err| config::ConfigError::Invalid {
+                    key: err.key().to_owned(),
+                    message: err.to_string(),
+                })?;
+            Ok((config, client_tls))
+        });
+        let (config, client_tls) = match loaded {
+            Ok(loaded) => loaded,
             Err(err) => {
                 tracing::error!(err = %err.with_reason(), path = %path.display(), "reload rejected; keeping the running configuration");
                 return Err(err);
             }
         };
         self.apply(config);
+        // New logins use it; sessions on the old one keep their TLS connection.
+        self.client_tls.store(Arc::new(client_tls));
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }

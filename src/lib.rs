@@ -91,12 +91,16 @@ pub struct Shared {
     pub shutdown_requested: tokio::sync::Notify,
     /// Set once shutdown began: idle clients are told and closed.
     pub shutting_down: tokio::sync::watch::Sender<bool>,
+    /// The client-facing TLS policy and acceptor, loaded from `[tls]` by
+    /// [`listener::Pgrelay::start`] and swapped by a reload; read once per login.
+    pub client_tls: ArcSwap<tls::accept::ClientTls>,
 }
 
 impl Shared {
     /// Builds the shared state; starts the hook runner, so it needs a Tokio runtime.
     pub fn new(config: Config) -> Shared {
         let topology = cluster::Topology::from_config(&config);
+        let client_tls = tls::accept::ClientTls::unavailable(config.tls.client_mode);
         Shared {
             router: router::Router::new(&config),
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -112,6 +116,7 @@ impl Shared {
             config_path: std::sync::Mutex::new(None),
             shutdown_requested: tokio::sync::Notify::new(),
             shutting_down: tokio::sync::watch::channel(false).0,
+            client_tls: ArcSwap::from_pointee(client_tls),
         }
     }
 

@@ -25,6 +25,11 @@ pub enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{}: {source}", source.key())]
+    Tls {
+        #[from]
+        source: crate::tls::accept::CertError,
+    },
 }
 
 /// A running pgrelay.
@@ -41,7 +46,9 @@ pub struct Pgrelay {
 
 impl Pgrelay {
     pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
+        let client_tls = crate::tls::accept::ClientTls::load(&config.tls)?;
         let shared = Arc::new(Shared::new(config.clone()));
+        shared.client_tls.store(Arc::new(client_tls));
         let monitor = control::monitor(&shared);
         if config.failover.topology == crate::config::TopologySource::Patroni {
             if let Err(err) = patroni::poll_once(&monitor).await {

@@ -112,6 +112,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
     for warning in config.warnings() {
         println!("warning: {warning}");
     }
+    // What `run` would fail on: certificate files that cannot be loaded.
+    pgrelay::tls::accept::ClientTls::load(&config.tls)
+        .map_err(|err| anyhow::anyhow!("{}: {}: {err}", path.display(), err.key()))?;
     println!("{}: ok", path.display());
     Ok(())
 }

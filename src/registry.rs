@@ -58,6 +58,8 @@ pub struct ClientEntry {
     pub connected: SystemTime,
     /// A session of the admin console.
     pub admin: bool,
+    /// `SHOW CLIENTS`' `tls` column; empty (no allocation) for a plaintext client.
+    pub tls: Box<str>,
     state: AtomicU8,
     /// When the client last sent a request / began waiting: ms since the registry began.
     request_ms: AtomicU64,
@@ -290,6 +292,9 @@ pub struct NewClient<'a> {
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub admin: bool,
+    /// The TLS version and cipher suite (`TLSv1.3/TLS13_AES_256_GCM_SHA384`); `""`
+    /// for a plaintext client.
+    pub tls: &'a str,
 }
 
 impl Registry {
@@ -313,6 +318,7 @@ impl Registry {
             local: client.local,
             connected: SystemTime::now(),
             admin: client.admin,
+            tls: client.tls.into(),
             state: AtomicU8::new(ClientState::Idle as u8),
             request_ms: AtomicU64::new(self.now_ms()),
             wait_since_ms: AtomicU64::new(0),
@@ -506,6 +512,7 @@ mod tests {
             addr: None,
             local: None,
             admin: false,
+            tls: "",
         };
         let a = registry.register(new("app"));
         let b = registry.register(new("other"));

@@ -122,6 +122,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         &self.io
     }
 
+    /// The same connection over `wrap(io)`, its buffered bytes kept: a client's plain
+    /// socket, read during the TLS negotiation, becoming its [`Stream`].
+    pub fn map_io<T>(self, wrap: impl FnOnce(S) -> T) -> Conn<T> {
+        Conn {
+            io: wrap(self.io),
+            rbuf: self.rbuf,
+            wbuf: self.wbuf,
+            read_chunk: self.read_chunk,
+        }
+    }
+
+    /// The transport, for a TLS handshake on it. Whatever was read but not consumed is
+    /// dropped: the caller checks there is none.
+    pub fn into_io(self) -> S {
+        self.io
+    }
+
     pub fn rbuf(&mut self) -> &mut BytesMut {
         &mut self.rbuf
     }

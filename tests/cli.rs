@@ -362,7 +362,7 @@ fn missing_config_file_is_one_line_with_the_os_reason() {
 }
 
 /// Text logs carry no ANSI colour codes when stderr is a pipe, and `run` warns, as
-/// `check` does, that `[tls]` is not implemented yet.
+/// `check` does, that server TLS is not implemented yet.
 #[test]
 fn logs_to_a_pipe_have_no_colour_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -374,7 +374,7 @@ fn logs_to_a_pipe_have_no_colour_codes() {
             "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\nlog_format = \"text\"\n\
              [[backends]]\nhost = \"127.0.0.1\"\nport = {}\n\
              [[users]]\nname = \"a\"\npassword = \"b\"\n\
-             [tls]\nclient_mode = \"prefer\"\n",
+             [tls]\nserver_mode = \"require\"\n",
             free_port()
         ),
     )

@@ -331,7 +331,7 @@ fn clients(shared: &Shared) -> Table {
             v(format!("{:x}", c.id)),
             c.link().map(|(_, pid)| format!("{pid:x}")),
             v(0),
-            v(""),
+            v(&*c.tls),
             v(&c.application_name),
             v(c.prepared.load(Ordering::Relaxed)),
         ]);

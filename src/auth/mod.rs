@@ -1,12 +1,14 @@
-//! Client-facing authentication and the startup handshake: SSL/GSS refusal (TLS comes
-//! later), the StartupMessage, protocol negotiation, and the password exchange for the
-//! configured `auth_type` (trust, cleartext, md5, SCRAM-SHA-256).
+//! Client-facing authentication and the startup handshake: the TLS negotiation
+//! ([`opening`]), the StartupMessage, protocol negotiation, what `tls.client_mode`
+//! demands of a client (TLS, a certificate whose CN is the user), and the exchange for
+//! the user's `auth_type` (trust, cleartext, md5, SCRAM-SHA-256 and -PLUS, cert).
 //!
 //! It also keeps the server-side [`Credentials`]: what pgrelay can log in to servers
 //! with, including the SCRAM ClientKey a client proved when the configured password is a
 //! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
 
 pub mod md5;
+pub mod opening;
 pub mod scram;
 
 use bytes::BytesMut;
@@ -14,12 +16,14 @@ use dashmap::DashMap;
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::{AuthType, Config, ScramSecret, Secret, UserConfig};
+use crate::config::{AuthType, Config, ScramSecret, Secret, TlsMode, UserConfig};
 use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::protocol::backend;
 use crate::protocol::frontend::{self, PASSWORD};
 use crate::protocol::startup::{parse_options, StartupPacket, StartupParams};
 use crate::stream::{Conn, StreamError};
+use crate::tls::accept::{AcceptError, TlsSession};
+use opening::Opening;
 
 /// Password messages are small; anything longer is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
@@ -28,6 +32,8 @@ const MAX_AUTH_MESSAGE: usize = 16 * 1024;
 pub enum AuthError {
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error(transparent)]
+    Tls(#[from] AcceptError),
     /// The client is told this, then the connection closes.
     #[error("{}", .0.message)]
     Client(ClientError),
@@ -143,18 +149,24 @@ pub struct ClientLogin {
     pub minor: u16,
 }
 
-/// Runs the startup phase up to (not including) AuthenticationOk.
+/// Runs the startup phase, after the [`opening`], up to (not including) AuthenticationOk.
 pub async fn handshake<S>(
     conn: &mut Conn<S>,
     config: &Config,
     credentials: &Credentials,
     too_many_clients: bool,
+    opening: Opening,
 ) -> Result<Handshake, AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut first = opening.first;
     let params = loop {
-        match conn.read_startup().await? {
+        let packet = match first.take() {
+            Some(packet) => packet,
+            None => conn.read_startup().await?,
+        };
+        match packet {
             StartupPacket::Ssl | StartupPacket::GssEnc => {
                 backend::refuse_encryption(conn.wbuf());
                 conn.flush().await?;
@@ -164,6 +176,10 @@ where
         }
     };
     negotiate(conn, &params).await?;
+    let tls = opening.tls.as_ref();
+    if tls.is_none() && opening.mode.is_required() {
+        return Err(tls_required().into());
+    }
     if too_many_clients {
         return Err(ClientError::fatal(
             ErrorKind::ClientLimit,
@@ -173,7 +189,10 @@ where
         .into());
     }
     let login = read_login(&params)?;
-    authenticate(conn, config, credentials, &login.user).await?;
+    if opening.mode == TlsMode::VerifyFull {
+        check_common_name(tls, &login.user)?;
+    }
+    authenticate(conn, config, credentials, &login.user, tls).await?;
     if crate::config::is_admin_database(&login.database) {
         let allowed =
             config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);
@@ -217,6 +236,36 @@ where
         conn.flush().await?;
     }
     Ok(())
+}
+
+/// What a plaintext client is told when `tls.client_mode` requires TLS.
+fn tls_required() -> ClientError {
+    ClientError::fatal(
+        ErrorKind::Auth,
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+        "TLS is required to connect to pgrelay: connect with sslmode=require or stronger",
+    )
+}
+
+/// `verify-full` and `cert` authentication: the verified certificate's CN must be the
+/// user name, as PostgreSQL's `clientcert=verify-full` and `cert` require.
+fn check_common_name(tls: Option<&TlsSession>, user: &str) -> Result<(), ClientError> {
+    match tls.and_then(|tls| tls.common_name.as_deref()) {
+        Some(common_name) if common_name == user => Ok(()),
+        common_name => {
+            tracing::info!(%user, ?common_name, "client certificate's CN is not the user name");
+            Err(cert_failed(user))
+        }
+    }
+}
+
+fn cert_failed(user: &str) -> ClientError {
+    let message = format!("certificate authentication failed for user \"{user}\"");
+    ClientError::fatal(
+        ErrorKind::Auth,
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+        message,
+    )
 }
 
 fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
@@ -293,12 +342,18 @@ async fn authenticate<S>(
     config: &Config,
     credentials: &Credentials,
     user: &str,
+    tls: Option<&TlsSession>,
 ) -> Result<(), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let entry = config.user(user);
-    match (config.auth_type, entry.map(|u| &u.password)) {
+    let auth_type = entry.map_or(config.auth_type, |u| u.auth_type_or(config.auth_type));
+    let binding = scram::Binding {
+        offered: tls.and_then(|tls| tls.end_point.as_deref()),
+        selected: false,
+    };
+    match (auth_type, entry.map(|u| &u.password)) {
         (AuthType::Trust, Some(_)) => Ok(()),
         (AuthType::Trust, None) => {
             let message = format!("role \"{user}\" is not known to pgrelay");
@@ -309,24 +364,27 @@ where
             )
             .into())
         }
+        (AuthType::Cert, Some(_)) => Ok(check_common_name(tls, user)?),
+        // Refused as a user with the wrong certificate is, telling nothing more.
+        (AuthType::Cert, None) => Err(cert_failed(user).into()),
         (AuthType::Plain, secret) => cleartext(conn, credentials, user, secret).await,
         (AuthType::Md5, Some(Secret::Scram(secret))) => {
             let secret = secret.clone();
-            scram_exchange(conn, credentials, user, Some(secret), true).await
+            scram_exchange(conn, credentials, user, Some(secret), true, binding).await
         }
         (AuthType::Md5, secret) => md5_exchange(conn, user, secret).await,
         (AuthType::ScramSha256, Some(Secret::Scram(secret))) => {
             let secret = secret.clone();
-            scram_exchange(conn, credentials, user, Some(secret), true).await
+            scram_exchange(conn, credentials, user, Some(secret), true, binding).await
         }
         (AuthType::ScramSha256, Some(Secret::Plain(password))) => {
             let secret = credentials.derived_secret(user, password);
-            scram_exchange(conn, credentials, user, Some(secret), false).await
+            scram_exchange(conn, credentials, user, Some(secret), false, binding).await
         }
         // PostgreSQL cannot run SCRAM against an md5 hash either; the exchange runs
         // against a fake secret so the failure looks like any other.
         (AuthType::ScramSha256, Some(Secret::Md5(_)) | None) => {
-            scram_exchange(conn, credentials, user, None, false).await
+            scram_exchange(conn, credentials, user, None, false, binding).await
         }
     }
 }
@@ -409,6 +467,7 @@ async fn scram_exchange<S>(
     user: &str,
     secret: Option<ScramSecret>,
     learn_key: bool,
+    mut binding: scram::Binding<'_>,
 ) -> Result<(), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -416,19 +475,21 @@ where
     let known = secret.is_some();
     let secret = secret.unwrap_or_else(|| scram::mock_secret(user, &credentials.process_key));
     let server_key = secret.server_key;
-    backend::auth_sasl(conn.wbuf(), &[scram::MECHANISM]);
+    let offered = binding.mechanisms();
+    backend::auth_sasl(conn.wbuf(), offered);
     conn.flush().await?;
     let body = read_password(conn).await?;
     let (mechanism, client_first) =
         frontend::sasl_initial(&body).map_err(|e| ClientError::protocol(e.to_string()))?;
-    if mechanism != scram::MECHANISM.as_bytes() {
+    if !offered.iter().any(|m| m.as_bytes() == mechanism) {
         return Err(ClientError::protocol(
             "client selected an invalid SASL authentication mechanism",
         )
         .into());
     }
-    let (exchange, server_first) =
-        scram::ServerExchange::start(secret, client_first).map_err(|e| scram_error(user, e))?;
+    binding.selected = mechanism == scram::MECHANISM_PLUS.as_bytes();
+    let (exchange, server_first) = scram::ServerExchange::start(secret, client_first, binding)
+        .map_err(|e| scram_error(user, e))?;
     backend::auth_sasl_continue(conn.wbuf(), server_first.as_bytes());
     conn.flush().await?;
     let body = read_password(conn).await?;
@@ -452,6 +513,12 @@ where
 fn scram_error(user: &str, error: scram::ScramError) -> AuthError {
     match error {
         scram::ScramError::Proof => auth_failed(user),
+        scram::ScramError::BindingDowngrade => ClientError::fatal(
+            ErrorKind::Auth,
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            error.to_string(),
+        )
+        .into(),
         other => ClientError::protocol(other.to_string()).into(),
     }
 }
@@ -460,3 +527,7 @@ fn scram_error(user: &str, error: scram::ScramError) -> AuthError {
 pub fn auth_ok(buf: &mut BytesMut) {
     backend::auth_ok(buf);
 }
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

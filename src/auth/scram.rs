@@ -1,7 +1,8 @@
-//! SCRAM-SHA-256 (RFC 5802/7677 as PostgreSQL uses it, without channel binding) on both
-//! sides: [`ServerExchange`] verifies a client against a stored secret and recovers the
-//! ClientKey it proved; [`client_final_with_keys`] logs in to a server with such a key
-//! when pgrelay holds a SCRAM secret rather than a password.
+//! SCRAM-SHA-256 (RFC 5802/7677 as PostgreSQL uses it) on both sides: [`ServerExchange`]
+//! verifies a client against a stored secret and recovers the ClientKey it proved,
+//! with `tls-server-end-point` channel binding (SCRAM-SHA-256-PLUS, RFC 5929) when the
+//! client is on TLS; [`KeyClient`] logs in to a server with such a key when pgrelay
+//! holds a SCRAM secret rather than a password.
 //!
 //! Sans-IO: the handshake code in `auth/mod.rs` moves the messages.
 
@@ -14,6 +15,10 @@ use sha2::{Digest, Sha256};
 use crate::config::ScramSecret;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The mechanism with channel binding, offered to TLS clients before [`MECHANISM`].
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The one channel-binding type PostgreSQL (and so libpq) uses.
+const END_POINT: &str = "tls-server-end-point";
 /// PostgreSQL's default `scram_iterations`.
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 
@@ -21,8 +26,18 @@ pub const DEFAULT_ITERATIONS: u32 = 4096;
 pub enum ScramError {
     #[error("malformed SCRAM message")]
     Malformed,
-    #[error("channel binding is not supported")]
-    ChannelBinding,
+    /// The GS2 header contradicts the mechanism the client chose (PostgreSQL's
+    /// "malformed SCRAM message" with its detail).
+    #[error("malformed SCRAM message: {0}")]
+    BindingFlag(&'static str),
+    #[error("unsupported SCRAM channel-binding type")]
+    BindingType,
+    /// `y`: the client can bind but thinks pgrelay cannot, while -PLUS was offered: a
+    /// downgrade, refused as RFC 5802 §6 and PostgreSQL do.
+    #[error("SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, and this server does")]
+    BindingDowngrade,
+    #[error("SCRAM channel binding check failed")]
+    BindingCheck,
     #[error("SCRAM nonce mismatch")]
     Nonce,
     #[error("SCRAM proof does not match")]
@@ -95,20 +110,75 @@ fn random_nonce() -> String {
     B64.encode(raw)
 }
 
+/// Channel binding in one exchange: what pgrelay offered and what the client chose.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Binding<'a> {
+    /// `tls-server-end-point` data when SCRAM-SHA-256-PLUS was offered (TLS clients,
+    /// unless pgrelay's certificate has no defined hash).
+    pub offered: Option<&'a [u8]>,
+    /// The client chose SCRAM-SHA-256-PLUS.
+    pub selected: bool,
+}
+
+impl Binding<'_> {
+    /// The mechanisms to offer, -PLUS first as PostgreSQL lists them.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.offered.is_some() {
+            &[MECHANISM_PLUS, MECHANISM]
+        } else {
+            &[MECHANISM]
+        }
+    }
+
+    /// What the client-final-message's `c=` must carry, before base64: the GS2 header,
+    /// and the binding data when the client bound.
+    fn expected_input(&self, gs2_header: &str) -> Result<Vec<u8>, ScramError> {
+        let mut input = gs2_header.as_bytes().to_vec();
+        match (gs2_header.as_bytes()[0], self.selected, self.offered) {
+            (b'p', false, _) => Err(ScramError::BindingFlag(
+                "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM \
+                 message includes channel binding data.",
+            )),
+            (b'p', true, Some(data)) => {
+                let kind = gs2_header[2..].split(',').next().unwrap_or_default();
+                if kind != END_POINT {
+                    return Err(ScramError::BindingType);
+                }
+                input.extend_from_slice(data);
+                Ok(input)
+            }
+            // The mechanism check before the exchange refuses -PLUS when not offered.
+            (b'p', true, None) => Err(ScramError::BindingType),
+            (_, true, _) => Err(ScramError::BindingFlag(
+                "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not \
+                 include channel binding data.",
+            )),
+            (b'y', false, Some(_)) => Err(ScramError::BindingDowngrade),
+            _ => Ok(input),
+        }
+    }
+}
+
 /// The server side of one SCRAM exchange.
 pub struct ServerExchange {
     secret: ScramSecret,
     nonce: String,
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// What `c=` must decode to: the GS2 header, plus the binding data for `p=`.
+    binding_input: Vec<u8>,
 }
 
 impl ServerExchange {
     /// Takes the client-first-message; returns the exchange and the server-first-message.
-    pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(Self, String), ScramError> {
+    pub fn start(
+        secret: ScramSecret,
+        client_first: &[u8],
+        binding: Binding<'_>,
+    ) -> Result<(Self, String), ScramError> {
         let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
         let (gs2_header, bare) = split_gs2(text)?;
+        let binding_input = binding.expected_input(gs2_header)?;
         let client_nonce = attribute(bare, 'r').ok_or(ScramError::Malformed)?;
         if client_nonce.is_empty()
             || !client_nonce
@@ -128,7 +198,7 @@ impl ServerExchange {
             nonce,
             client_first_bare: bare.to_owned(),
             server_first: server_first.clone(),
-            gs2_header: gs2_header.to_owned(),
+            binding_input,
         };
         Ok((exchange, server_first))
     }
@@ -139,8 +209,9 @@ impl ServerExchange {
         let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof) = text.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let binding = attribute(without_proof, 'c').ok_or(ScramError::Malformed)?;
-        if binding != B64.encode(&self.gs2_header) {
-            return Err(ScramError::ChannelBinding);
+        let binding = B64.decode(binding).map_err(|_| ScramError::Malformed)?;
+        if !constant_time_eq(&binding, &self.binding_input) {
+            return Err(ScramError::BindingCheck);
         }
         if attribute(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::Nonce);
@@ -164,18 +235,15 @@ impl ServerExchange {
     }
 }
 
-/// Splits `n,,n=user,r=...` into the GS2 header (`n,,`) and the bare message.
+/// Splits `n,,n=user,r=...` (or `p=tls-server-end-point,,...`) into the GS2 header
+/// (`n,,`) and the bare message.
 fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
-    let header_len = match text.as_bytes().first() {
-        Some(b'n' | b'y') => {
-            let first = text.find(',').ok_or(ScramError::Malformed)?;
-            let second = text[first + 1..].find(',').ok_or(ScramError::Malformed)?;
-            first + second + 2
-        }
-        Some(b'p') => return Err(ScramError::ChannelBinding),
-        _ => return Err(ScramError::Malformed),
-    };
-    Ok(text.split_at(header_len))
+    if !matches!(text.as_bytes(), [b'n' | b'y', b',', ..] | [b'p', b'=', ..]) {
+        return Err(ScramError::Malformed);
+    }
+    let first = text.find(',').ok_or(ScramError::Malformed)?;
+    let second = text[first + 1..].find(',').ok_or(ScramError::Malformed)?;
+    Ok(text.split_at(first + second + 2))
 }
 
 /// The value of `k=value` in a comma-separated SCRAM message.
@@ -260,7 +328,7 @@ mod tests {
         let expected_key = hmac(&salted, &[b"Client Key"]);
         let (client, first) = KeyClient::new(expected_key, secret.server_key);
         let (server, server_first) =
-            ServerExchange::start(secret.clone(), first.as_bytes()).unwrap();
+            ServerExchange::start(secret.clone(), first.as_bytes(), Binding::default()).unwrap();
         let (client_final, expected_server_final) =
             client.respond(server_first.as_bytes()).unwrap();
         let (key, server_final) = server.finish(client_final.as_bytes()).unwrap();
@@ -272,7 +340,8 @@ mod tests {
     fn wrong_key_is_rejected() {
         let secret = derive_secret(b"pencil", b"salt".to_vec(), 16);
         let (client, first) = KeyClient::new([1; 32], secret.server_key);
-        let (server, server_first) = ServerExchange::start(secret, first.as_bytes()).unwrap();
+        let (server, server_first) =
+            ServerExchange::start(secret, first.as_bytes(), Binding::default()).unwrap();
         let (client_final, _) = client.respond(server_first.as_bytes()).unwrap();
         assert_eq!(
             server.finish(client_final.as_bytes()).unwrap_err(),
@@ -290,7 +359,7 @@ mod tests {
             nonce: "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into(),
             client_first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
             server_first: "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".into(),
-            gs2_header: "n,,".into(),
+            binding_input: b"n,,".to_vec(),
         };
         let (_, server_final) = exchange
             .finish(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
@@ -302,14 +371,91 @@ mod tests {
     }
 
     #[test]
-    fn channel_binding_and_garbage() {
+    fn garbage_is_malformed() {
         let secret = derive_secret(b"x", b"s".to_vec(), 2);
+        let none = Binding::default();
+        assert!(ServerExchange::start(secret.clone(), b"garbage", none).is_err());
+        assert!(ServerExchange::start(secret.clone(), b"n,,n=,r=", none).is_err());
+        assert!(ServerExchange::start(secret, b"p", none).is_err());
+    }
+
+    const BOUND: &[u8] = b"p=tls-server-end-point,,n=,r=abc";
+
+    /// Every combination of what was offered, what the client chose and its GS2 flag,
+    /// decided as PostgreSQL decides it.
+    #[test]
+    fn binding_decisions() {
+        let secret = derive_secret(b"x", b"s".to_vec(), 2);
+        let data: &[u8] = b"certificate hash";
+        let plain = Binding::default();
+        let tls = |selected| Binding {
+            offered: Some(data),
+            selected,
+        };
+        let start = |first: &[u8], binding| {
+            ServerExchange::start(secret.clone(), first, binding)
+                .map(|(exchange, _)| exchange.binding_input)
+        };
+        // Plaintext: `p=` is refused, `n` and `y` go ahead.
+        assert!(matches!(
+            start(BOUND, plain),
+            Err(ScramError::BindingFlag(_))
+        ));
+        assert_eq!(start(b"n,,n=,r=abc", plain).unwrap(), b"n,,");
+        assert_eq!(start(b"y,,n=,r=abc", plain).unwrap(), b"y,,");
+        // TLS, -PLUS chosen: only `p=tls-server-end-point` will do.
+        let mut expected = b"p=tls-server-end-point,,".to_vec();
+        expected.extend_from_slice(data);
+        assert_eq!(start(BOUND, tls(true)).unwrap(), expected);
+        let unique = b"p=tls-unique,,n=,r=abc";
+        assert_eq!(start(unique, tls(true)), Err(ScramError::BindingType));
+        assert!(matches!(
+            start(b"n,,n=,r=abc", tls(true)),
+            Err(ScramError::BindingFlag(_))
+        ));
+        // TLS, plain SCRAM chosen: `n` is honest, `y` a downgrade, `p=` a contradiction.
+        assert_eq!(start(b"n,,n=,r=abc", tls(false)).unwrap(), b"n,,");
         assert_eq!(
-            ServerExchange::start(secret.clone(), b"p=tls-server-end-point,,n=,r=abc").err(),
-            Some(ScramError::ChannelBinding)
+            start(b"y,,n=,r=abc", tls(false)),
+            Err(ScramError::BindingDowngrade)
         );
-        assert!(ServerExchange::start(secret.clone(), b"garbage").is_err());
-        assert!(ServerExchange::start(secret, b"n,,n=,r=").is_err());
+        assert!(matches!(
+            start(BOUND, tls(false)),
+            Err(ScramError::BindingFlag(_))
+        ));
+        assert_eq!(tls(false).mechanisms(), [MECHANISM_PLUS, MECHANISM]);
+        assert_eq!(plain.mechanisms(), [MECHANISM]);
+    }
+
+    /// A bound exchange end to end: the right `c=` passes, a client bound to another
+    /// certificate fails the check.
+    #[test]
+    fn bound_exchange_checks_the_data() {
+        let secret = derive_secret(b"pencil", b"salt".to_vec(), 16);
+        let salted = salted_password(b"pencil", b"salt", 16);
+        let client_key = hmac(&salted, &[b"Client Key"]);
+        let ours: &[u8] = b"hash of pgrelay's certificate";
+        let binding = Binding {
+            offered: Some(ours),
+            selected: true,
+        };
+        let run = |theirs: &[u8]| {
+            let (server, server_first) =
+                ServerExchange::start(secret.clone(), BOUND, binding).unwrap();
+            let nonce = attribute(&server_first, 'r').unwrap().to_owned();
+            let mut c = b"p=tls-server-end-point,,".to_vec();
+            c.extend_from_slice(theirs);
+            let without_proof = format!("c={},r={nonce}", B64.encode(&c));
+            let auth_message = format!("n=,r=abc,{server_first},{without_proof}");
+            let signature = hmac(&sha256(&client_key), &[auth_message.as_bytes()]);
+            let proof = B64.encode(xor(&client_key, &signature));
+            server.finish(format!("{without_proof},p={proof}").as_bytes())
+        };
+        assert_eq!(run(ours).unwrap().0, client_key);
+        assert_eq!(
+            run(b"another certificate").unwrap_err(),
+            ScramError::BindingCheck
+        );
     }
 
     #[test]

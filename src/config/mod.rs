@@ -328,12 +328,6 @@ impl Config {
     /// first. Meant to be logged at startup and by `pgrelay check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut lines = Vec::new();
-        if self.tls.client_mode != TlsMode::Disable {
-            lines.push(
-                "tls.client_mode: client TLS is not implemented yet; SSLRequest is answered 'N'"
-                    .to_owned(),
-            );
-        }
         if self.tls.server_mode.is_required() {
             lines.push(format!(
                 "tls.server_mode: {:?} is not enforced: server TLS is not implemented yet, \
@@ -401,6 +395,7 @@ mod tests {
             password: Secret::Plain("pw".to_owned()),
             pool_mode: None,
             pool_size: None,
+            auth_type: None,
         }
     }
 
@@ -955,10 +950,43 @@ mod tests {
             invalid_key(|c| c.tls.server_mode = TlsMode::VerifyCa),
             "tls.server_ca"
         );
+        assert_eq!(
+            invalid_key(|c| c.tls.client_mode = TlsMode::Prefer),
+            "tls.client_cert"
+        );
         let mut config = parse(MINIMAL).expect("minimal");
         config.tls.client_mode = TlsMode::Prefer;
+        config.tls.client_cert = "cert.pem".into();
+        config.tls.client_key = "key.pem".into();
         config.tls.server_mode = TlsMode::Require;
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_cert_auth_needs_client_tls_and_a_ca() {
+        assert_eq!(invalid_key(|c| c.auth_type = AuthType::Cert), "auth_type");
+        let per_user = |c: &mut Config| {
+            c.tls.client_mode = TlsMode::Prefer;
+            c.tls.client_cert = "cert.pem".into();
+            c.tls.client_key = "key.pem".into();
+            c.users.push(user("u"));
+            c.users.push(UserConfig {
+                auth_type: Some(AuthType::Cert),
+                ..user("v")
+            });
+        };
+        assert_eq!(invalid_key(per_user), "users[1].auth_type");
+        let text = format!(
+            "auth_type = \"cert\"\n[tls]\nclient_mode = \"prefer\"\nclient_cert = \"c.pem\"\n\
+             client_key = \"k.pem\"\nclient_ca = \"ca.pem\"\n{MINIMAL}\
+             [[users]]\nname = \"a\"\npassword = \"p\"\nauth_type = \"scram-sha-256\"\n"
+        );
+        let config = parse(&text).expect("cert globally, SCRAM for one user");
+        assert_eq!(config.auth_type, AuthType::Cert);
+        assert_eq!(
+            config.users[0].auth_type_or(config.auth_type),
+            AuthType::ScramSha256
+        );
     }
 
     #[test]
@@ -1025,8 +1053,7 @@ mod tests {
             .iter()
             .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
             .collect();
-        assert_eq!(keys, ["tls.client_mode", "tls.server_mode"]);
-        assert!(config.warnings()[0].contains("SSLRequest is answered 'N'"));
+        assert_eq!(keys, ["tls.server_mode"]);
     }
 
     #[test]

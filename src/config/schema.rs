@@ -100,10 +100,14 @@ pub enum AuthType {
     /// MD5 challenge; users stored with a SCRAM secret get SCRAM instead.
     #[serde(rename = "md5")]
     Md5,
-    /// SCRAM-SHA-256 (default).
+    /// SCRAM-SHA-256 (default); SCRAM-SHA-256-PLUS too for TLS clients.
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// A TLS client certificate the `tls.client_ca` verified, whose CN is the user
+    /// name; no password is asked (PostgreSQL's and PgBouncer's `cert`).
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 /// `pool.mode` and the per-database / per-user `pool_mode` overrides.
@@ -520,4 +524,15 @@ pub struct UserConfig {
     /// Overrides the database's and the global pool size. Default none.
     #[serde(default)]
     pub pool_size: Option<u32>,
+    /// Overrides the global `auth_type` for this user: e.g. `"cert"` for one that logs
+    /// in with a client certificate while the others give passwords. Default none.
+    #[serde(default)]
+    pub auth_type: Option<AuthType>,
+}
+
+impl UserConfig {
+    /// How this user proves itself under the global `auth_type`.
+    pub fn auth_type_or(&self, global: AuthType) -> AuthType {
+        self.auth_type.unwrap_or(global)
+    }
 }

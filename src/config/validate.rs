@@ -15,6 +15,7 @@ impl Config {
         self.validate_backends()?;
         self.validate_databases()?;
         self.validate_users()?;
+        self.validate_cert_auth()?;
         self.validate_console_users("admin_users", &self.admin_users)?;
         self.validate_console_users("stats_users", &self.stats_users)
     }
@@ -98,7 +99,8 @@ impl Config {
         for (i, user) in self.users.iter().enumerate() {
             let key = format!("users[{i}]");
             require_name(&key, &user.name)?;
-            if self.auth_type == AuthType::ScramSha256 && matches!(user.password, Secret::Md5(_)) {
+            let auth_type = user.auth_type_or(self.auth_type);
+            if auth_type == AuthType::ScramSha256 && matches!(user.password, Secret::Md5(_)) {
                 return Err(invalid(
                     format!("{key}.password"),
                     "an md5 hash cannot serve auth_type = \"scram-sha-256\": give the \
@@ -117,6 +119,30 @@ impl Config {
             )),
             None => Ok(()),
         }
+    }
+
+    /// `cert` needs TLS towards clients and a CA to verify their certificates with.
+    fn validate_cert_auth(&self) -> Result<(), ConfigError> {
+        let key = if self.auth_type == AuthType::Cert {
+            "auth_type".to_owned()
+        } else {
+            match self
+                .users
+                .iter()
+                .position(|user| user.auth_type == Some(AuthType::Cert))
+            {
+                Some(i) => format!("users[{i}].auth_type"),
+                None => return Ok(()),
+            }
+        };
+        if self.tls.client_mode == TlsMode::Disable || self.tls.client_ca.is_empty() {
+            return Err(invalid(
+                key,
+                "\"cert\" needs tls.client_mode other than \"disable\" and a tls.client_ca \
+                 to verify client certificates with",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_console_users(&self, list: &str, names: &[String]) -> Result<(), ConfigError> {
@@ -253,9 +279,11 @@ impl FailoverConfig {
 impl TlsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let mode = self.client_mode;
+        // allow and prefer offer TLS too: they need a certificate as much as require.
+        let offers_tls = mode != TlsMode::Disable;
         let needed = [
-            ("tls.client_cert", &self.client_cert, mode.is_required()),
-            ("tls.client_key", &self.client_key, mode.is_required()),
+            ("tls.client_cert", &self.client_cert, offers_tls),
+            ("tls.client_key", &self.client_key, offers_tls),
             ("tls.client_ca", &self.client_ca, mode.verifies_peer()),
         ];
         for (key, value, required) in needed {

@@ -566,6 +566,7 @@ mod tests {
             password: Secret::Plain("p".into()),
             pool_mode: None,
             pool_size: None,
+            auth_type: None,
         };
         Arc::new(Pool::new(key, target, settings, user, Arc::default()))
     }

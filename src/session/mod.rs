@@ -28,12 +28,13 @@ use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
 use crate::cluster::NodeStats;
 use crate::config::{Config, PoolMode};
-use crate::error::{ClientError, Side};
+use crate::error::{ClientError, ErrorKind, Side};
 use crate::pool::params::ParamSet;
 use crate::pool::{Pool, ServerGuard, Waiter};
 use crate::protocol::backend;
 use crate::registry::{self, ClientHandle, DbStats};
 use crate::stream::{Conn, Stream};
+use crate::tls::accept::TlsSession;
 use crate::Shared;
 use fail::{pool_error, say_goodbye, server_error};
 use prepared::Prepared;
@@ -59,11 +60,36 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().ok();
     let local = tcp.local_addr().ok();
-    let mut client = Conn::new(Stream::Plain(tcp));
     let config = shared.config.load_full();
-    let handshake = tokio::time::timeout(
-        config.pool.client_login_timeout,
-        auth::handshake(&mut client, &config, &shared.credentials, too_many_clients),
+    // One deadline for the TLS negotiation and the login after it.
+    let deadline = tokio::time::Instant::now() + config.pool.client_login_timeout;
+    let client_tls = shared.client_tls.load_full();
+    let opened = tokio::time::timeout_at(deadline, auth::opening::open(tcp, &client_tls)).await;
+    let (mut client, opening) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(err)) => {
+            refused_opening(shared, peer, err);
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(
+                ?peer,
+                "client_login_timeout expired during the TLS negotiation"
+            );
+            shared.metrics.error(ErrorKind::Protocol);
+            return None;
+        }
+    };
+    let tls_label = opening.tls.as_ref().map(TlsSession::label);
+    let handshake = tokio::time::timeout_at(
+        deadline,
+        auth::handshake(
+            &mut client,
+            &config,
+            &shared.credentials,
+            too_many_clients,
+            opening,
+        ),
     )
     .await;
     let login = match handshake {
@@ -80,6 +106,10 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
         }
         Ok(Err(AuthError::Stream(err))) => {
             tracing::debug!(?peer, %err, "client left during login");
+            return None;
+        }
+        Ok(Err(AuthError::Tls(err))) => {
+            tracing::info!(?peer, %err, "client TLS failed");
             return None;
         }
         Err(_) => {
@@ -100,6 +130,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
         addr: peer,
         local,
         admin,
+        tls: tls_label.as_deref().unwrap_or_default(),
     });
     Some(LoggedIn {
         client,
@@ -108,6 +139,24 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
         admin,
         config,
     })
+}
+
+/// Logs why a connection's TLS negotiation ended it; what the client could be told
+/// was told by the opening itself.
+fn refused_opening(shared: &Shared, peer: Option<std::net::SocketAddr>, err: AuthError) {
+    match err {
+        AuthError::Client(err) => {
+            tracing::info!(?peer, code = %err.code, message = %err.message, "client refused before TLS");
+            shared.metrics.error(err.kind);
+        }
+        AuthError::Tls(err) => {
+            tracing::info!(?peer, %err, "client TLS handshake refused");
+            shared.metrics.error(ErrorKind::Protocol);
+        }
+        AuthError::Stream(err) => {
+            tracing::debug!(?peer, %err, "client left during TLS negotiation")
+        }
+    }
 }
 
 /// Serves a logged-in client's session to its end. The client comes boxed: an async
