@@ -25,6 +25,9 @@ pub enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// `tls.server_ca` could not be loaded.
+    #[error(transparent)]
+    ServerTls(std::sync::Arc<crate::tls::connect::ConnectorError>),
 }
 
 /// A running pgrelay.
@@ -42,6 +45,9 @@ pub struct Pgrelay {
 impl Pgrelay {
     pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
         let shared = Arc::new(Shared::new(config.clone()));
+        if let Some(err) = shared.server_tls.current().error() {
+            return Err(ListenError::ServerTls(err.clone()));
+        }
         let monitor = control::monitor(&shared);
         if config.failover.topology == crate::config::TopologySource::Patroni {
             if let Err(err) = patroni::poll_once(&monitor).await {

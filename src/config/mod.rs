@@ -334,13 +334,6 @@ impl Config {
                     .to_owned(),
             );
         }
-        if self.tls.server_mode.is_required() {
-            lines.push(format!(
-                "tls.server_mode: {:?} is not enforced: server TLS is not implemented yet, \
-                 server connections are unencrypted",
-                self.tls.server_mode.as_str()
-            ));
-        }
         lines
     }
 }
@@ -1025,7 +1018,7 @@ mod tests {
             .iter()
             .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
             .collect();
-        assert_eq!(keys, ["tls.client_mode", "tls.server_mode"]);
+        assert_eq!(keys, ["tls.client_mode"]);
         assert!(config.warnings()[0].contains("SSLRequest is answered 'N'"));
     }
 

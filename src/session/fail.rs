@@ -78,6 +78,7 @@ pub(super) fn server_error(err: ServerError) -> ClientError {
         | ServerError::Scram(_)
         | ServerError::Connect { .. }
         | ServerError::ConnectTimeout { .. }
+        | ServerError::Tls { .. }
         | ServerError::Unexpected { .. }
         | ServerError::Stream(_) => ClientError::server_login_failed(),
     }
