@@ -53,6 +53,28 @@ pub struct EnvOptions {
     pub data_dirs: bool,
     /// Serve `/metrics`, `/healthz`, `/readyz` on a free port (`Pgrelay::metrics_addr`).
     pub metrics: bool,
+    /// PostgreSQL with TLS (none: `ssl` stays off, as PostgreSQL's default).
+    pub server_ssl: Option<ServerSsl>,
+}
+
+/// How the servers take TLS: `ssl = on` with this certificate and key, and with
+/// `ssl_only` a pg_hba.conf whose TCP lines are all `hostssl` (the replication line
+/// aside), so that a plaintext login is refused, the superuser's included.
+#[derive(Clone)]
+pub struct ServerSsl {
+    pub pem: certs::Pem,
+    pub ssl_only: bool,
+}
+
+impl ServerSsl {
+    fn conf_lines(&self) -> Vec<String> {
+        let quote = |path: &std::path::Path| path.display().to_string().replace('\'', "''");
+        vec![
+            "ssl = on".to_owned(),
+            format!("ssl_cert_file = '{}'", quote(&self.pem.cert)),
+            format!("ssl_key_file = '{}'", quote(&self.pem.key)),
+        ]
+    }
 }
 
 impl Default for EnvOptions {
@@ -73,6 +95,7 @@ impl Default for EnvOptions {
             sections: Vec::new(),
             data_dirs: false,
             metrics: false,
+            server_ssl: None,
         }
     }
 }
@@ -108,7 +131,12 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         host_auth: options.server_auth.into(),
         users: options.server_users.clone(),
         databases: vec![(APP_DB.into(), APP_USER.into())],
-        extra_conf: options.server_conf.clone(),
+        extra_conf: options
+            .server_conf
+            .iter()
+            .cloned()
+            .chain(options.server_ssl.iter().flat_map(ServerSsl::conf_lines))
+            .collect(),
     };
     let cluster = tokio::task::spawn_blocking(move || {
         LocalCluster::start(&cluster_options).map_err(Box::new)
@@ -116,6 +144,9 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     .await
     .expect("cluster task")
     .expect("start PostgreSQL");
+    if options.server_ssl.as_ref().is_some_and(|ssl| ssl.ssl_only) {
+        ssl_only_hba(&cluster, options.server_auth).await;
+    }
     let dirs: Vec<String> = if options.data_dirs {
         cluster
             .ports()
@@ -137,6 +168,32 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         addr,
         options,
         cluster,
+    }
+}
+
+/// Rewrites every node's pg_hba.conf to take TCP logins over TLS only, reloads, and
+/// waits until a plaintext login is refused everywhere.
+async fn ssl_only_hba(cluster: &LocalCluster, method: &str) {
+    let hba = format!(
+        "local all all trust\n\
+         hostssl all postgres 127.0.0.1/32 trust\n\
+         hostssl all postgres ::1/128 trust\n\
+         host replication all 127.0.0.1/32 trust\n\
+         hostssl all all 127.0.0.1/32 {method}\n\
+         hostssl all all ::1/128 {method}\n"
+    );
+    for port in cluster.ports() {
+        let dir = cluster.data_dir(port).expect("data dir");
+        std::fs::write(dir.join("pg_hba.conf"), &hba).expect("write pg_hba.conf");
+        cluster
+            .psql(port, "postgres", "SELECT pg_reload_conf()")
+            .expect("reload");
+        let plain = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        let refused = eventually(Duration::from_secs(10), || async {
+            connect_str(&plain).await.is_err()
+        })
+        .await;
+        assert!(refused, "node {port} still takes plaintext logins");
     }
 }
 
