@@ -216,8 +216,7 @@ async fn verify_full_with_the_wrong_ca_fails_cleanly() {
     let err = env
         .connect(APP_USER, APP_PASSWORD, APP_DB)
         .await
-        .err()
-        .expect("no server can be verified");
+        .expect_err("no server can be verified");
     assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -233,7 +232,7 @@ async fn verify_full_with_the_wrong_ca_fails_cleanly() {
     let options = options(&pki, false, "verify-ca", &other.ca);
     let relay = start_relay(&options, &env.cluster.ports()).await;
     let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
-    let err = support::connect_str(&conn).await.err().expect("refused");
+    let err = support::connect_str(&conn).await.expect_err("refused");
     assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
 }
 
@@ -263,8 +262,7 @@ async fn a_server_failing_verification_under_a_client() {
         Ok(client) => client
             .simple_query("SELECT 1")
             .await
-            .err()
-            .expect("no server can be verified"),
+            .expect_err("no server can be verified"),
     };
     assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err}");
     assert!(
@@ -293,10 +291,9 @@ async fn a_missing_ca_refuses_to_start() {
         tls_section("verify-full", &missing)
     );
     let config = pgrelay::config::Config::from_toml_str(&text).expect("valid config");
-    let err = pgrelay::listener::Pgrelay::start(config)
-        .await
-        .err()
-        .expect("refused");
+    let Err(err) = pgrelay::listener::Pgrelay::start(config).await else {
+        panic!("pgrelay started without its server_ca");
+    };
     assert!(err.to_string().contains("missing.pem"), "{err}");
 }
 
@@ -347,8 +344,7 @@ async fn disable_against_a_tls_only_server_fails_cleanly() {
     let err = env
         .connect(APP_USER, APP_PASSWORD, APP_DB)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let code = sqlstate(&err);
     assert!(
         matches!(code.as_deref(), Some("28000") | Some("08006")),
