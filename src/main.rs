@@ -112,6 +112,11 @@ fn check(path: &Path) -> anyhow::Result<()> {
     for warning in config.warnings() {
         println!("warning: {warning}");
     }
+    // The files `run` reads at start: a server_ca it cannot load stops it.
+    // Its message already carries its cause: `{:#}` in `main` would repeat it.
+    if let Err(err) = pgrelay::tls::connect::Connector::new(&config.tls) {
+        anyhow::bail!("{}: {err}", path.display());
+    }
     println!("{}: ok", path.display());
     Ok(())
 }

@@ -104,12 +104,34 @@ async fn all_up(env: &TestEnv) -> bool {
     .await
 }
 
+/// `SHOW POOL_NODES`, one map per node.
+async fn pool_nodes(
+    console: &tokio_postgres::Client,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let messages = console.simple_query("SHOW POOL_NODES").await.expect("SHOW");
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), row.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// verify-full with the right CA, servers that refuse plaintext: pool connections,
 /// health checks and lag checks all get through; reads reach the replica over TLS,
 /// prepared statements work, and each server session is TLS.
 #[tokio::test]
 async fn verify_full_with_a_replica_transaction_mode() {
     let pki = Pki::new("servers");
+    let mut relay_users = EnvOptions::default().relay_users;
+    relay_users.push(("admin".into(), "admin-secret".into()));
     let env = start(EnvOptions {
         replicas: 1,
         routing: vec![
@@ -117,12 +139,31 @@ async fn verify_full_with_a_replica_transaction_mode() {
             "lag_check_period = \"200ms\"".into(),
         ],
         weights: vec![0.0, 1.0],
+        relay_users,
+        top_extra: vec!["admin_users = [\"admin\"]".into()],
         ..options(&pki, true, "verify-full", &pki.ca)
     })
     .await;
     assert!(
         all_up(&env).await,
         "health checks over TLS never saw the nodes"
+    );
+    let console = support::connect_str(&env.conn_string("admin", "admin-secret", "pgrelay"))
+        .await
+        .expect("console");
+    let nodes = pool_nodes(&console).await;
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    for node in &nodes {
+        assert_eq!(
+            node.get("status").map(String::as_str),
+            Some("up"),
+            "{nodes:?}"
+        );
+    }
+    assert_eq!(
+        nodes[1].get("role").map(String::as_str),
+        Some("standby"),
+        "{nodes:?}"
     );
     let replica = env.cluster.replica_ports()[0];
     let readable = eventually(WAIT, || async {
@@ -366,8 +407,9 @@ async fn scram_sha_256_plus_to_servers() {
     let env = start(options(&pki, true, "verify-full", &pki.ca)).await;
     assert_eq!(ssl_through(&env).await, "true");
     let port = env.cluster.primary_port().to_string();
-    let plus = |port: &str| logged(&["SCRAM-SHA-256-PLUS", &format!("port={port}")]);
-    assert!(!plus(&port).is_empty(), "no -PLUS login logged");
+    let plus = || logged(&["SCRAM-SHA-256-PLUS", &format!("port={port}")]).len();
+    let by_password = plus();
+    assert!(by_password > 0, "no -PLUS login logged");
 
     // Keys learned from a client: pgrelay holds only the SCRAM secret.
     let secret = env.psql_direct(
@@ -384,6 +426,24 @@ async fn scram_sha_256_plus_to_servers() {
         .await
         .expect("login with learned keys");
     assert_eq!(simple_value(&client, SSL_OF_MY_BACKEND).await, "true");
+    assert!(plus() > by_password, "the login with keys was not -PLUS");
+
+    // Cancel requests reach a hostssl-only server (PostgreSQL checks no pg_hba.conf
+    // line for them, and pgrelay sends them in plaintext, as libpq before 17).
+    let sleeper = env.client().await;
+    let token = sleeper.cancel_token();
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query was not cancelled")
+        .expect("task")
+        .expect_err("cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
 }
 
 /// RELOAD with a `server_ca` that cannot be read: logged, and new server connections

@@ -101,6 +101,10 @@ mod tests {
             ServerError::ConnectTimeout {
                 addr: "10.1.2.3:5433".into(),
             },
+            ServerError::Tls {
+                addr: "10.1.2.3:5433".into(),
+                source: crate::tls::connect::TlsConnectError::Refused { mode: "require" },
+            },
             ServerError::Stream(crate::stream::StreamError::Closed),
             ServerError::AuthMethod("md5 without a password or md5 hash"),
             ServerError::Scram(crate::auth::scram::ScramError::ServerSignature.into()),
