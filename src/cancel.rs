@@ -1,6 +1,12 @@
 //! The cancel-key registry: each client's BackendKeyData maps to the server currently
 //! running that client's query, if any.
 //!
+//! A key is a pid and a secret: 4 bytes for clients of protocol 3.0, 32 for clients of
+//! 3.2 (as PostgreSQL 18 gives them). Keys are found by pid, and the secret a
+//! CancelRequest brings is compared in constant time, as PostgreSQL compares it: how
+//! long a wrong guess takes says nothing of the right secret. Servers are spoken to in
+//! protocol 3.0, so what is forwarded to them carries their 4-byte secret.
+//!
 //! A cancel is sent while holding the client's slot, and a session clears its slot
 //! (waiting for such a cancel to finish) before its server goes back to the pool, so a
 //! cancel can never reach a server that has since moved to another client.
@@ -16,10 +22,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
-use rand::Rng;
+use rand::{Rng, RngCore};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use crate::auth::scram::constant_time_eq;
 
 /// The lowest pid pgrelay issues: above Linux's largest `pid_max` (2^22).
 pub const ISSUED_PID_MIN: i32 = 1 << 22;
@@ -27,7 +35,7 @@ pub const ISSUED_PID_MIN: i32 = 1 << 22;
 /// How long forwarding one cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A server process to cancel.
+/// A server process to cancel, with its protocol 3.0 key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelTarget {
     pub addr: SocketAddr,
@@ -38,8 +46,12 @@ pub struct CancelTarget {
 /// Where a client's cancels go. A session updates it on every checkout and release, so
 /// the common case takes a plain uncontended lock; only a release that meets a cancel
 /// in flight waits (for `done`).
-#[derive(Default)]
 struct SlotInner {
+    /// The secret of the client's key, which a CancelRequest must bring.
+    secret: Box<[u8]>,
+    /// The key is one pgrelay made up, its pid unique among its clients; the others
+    /// are session mode's, a server's pid.
+    issued: bool,
     state: std::sync::Mutex<SlotState>,
     done: Notify,
 }
@@ -59,102 +71,127 @@ impl SlotInner {
 
 type Slot = Arc<SlotInner>;
 
+/// The registered clients, by the pid of their key.
 #[derive(Default)]
 pub struct CancelRegistry {
-    slots: DashMap<(i32, i32), Slot>,
-    /// The pids pgrelay issued, with their secrets: a pid alone finds its client.
-    issued: DashMap<i32, i32>,
+    slots: DashMap<i32, Slot>,
 }
 
 /// A client's registration; unregisters on drop.
 pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
-    key: (i32, i32),
+    pid: i32,
     slot: Slot,
-    /// The key is one pgrelay made up (listed in `issued`).
-    issued: bool,
+}
+
+/// `len` random bytes: the secret of a key pgrelay issues.
+pub fn random_secret(len: usize) -> Box<[u8]> {
+    let mut secret = vec![0; len].into_boxed_slice();
+    rand::thread_rng().fill_bytes(&mut secret);
+    secret
 }
 
 impl CancelRegistry {
-    /// Registers a client under a fresh random key (transaction mode), whose pid no
-    /// other client of pgrelay has.
-    pub fn register_random(self: &Arc<Self>) -> CancelHandle {
+    /// Registers a client under a fresh random key (transaction mode, or a server that
+    /// gave no key of its own), with a secret of `secret_len` bytes and a pid no other
+    /// client of pgrelay has.
+    pub fn register_random(self: &Arc<Self>, secret_len: usize) -> CancelHandle {
         let mut rng = rand::thread_rng();
         loop {
-            let key = (rng.gen_range(ISSUED_PID_MIN..i32::MAX), rng.gen());
-            let dashmap::Entry::Vacant(pid) = self.issued.entry(key.0) else {
-                continue;
-            };
-            pid.insert(key.1);
-            match self.register(key) {
-                Some(mut handle) => {
-                    handle.issued = true;
-                    return handle;
-                }
-                None => {
-                    self.issued.remove(&key.0);
-                }
+            let pid = rng.gen_range(ISSUED_PID_MIN..i32::MAX);
+            if let Some(handle) = self.insert(pid, random_secret(secret_len), true) {
+                return handle;
             }
         }
     }
 
+    /// Registers a client under `pid` and `secret` (session mode: its server's pid).
+    /// `None` if the pid is taken (servers of two nodes may share one).
+    pub fn register(self: &Arc<Self>, pid: i32, secret: Box<[u8]>) -> Option<CancelHandle> {
+        self.insert(pid, secret, false)
+    }
+
+    fn insert(self: &Arc<Self>, pid: i32, secret: Box<[u8]>, issued: bool) -> Option<CancelHandle> {
+        let dashmap::Entry::Vacant(entry) = self.slots.entry(pid) else {
+            return None;
+        };
+        let slot = Arc::new(SlotInner {
+            secret,
+            issued,
+            state: Default::default(),
+            done: Notify::new(),
+        });
+        entry.insert(slot.clone());
+        Some(CancelHandle {
+            registry: self.clone(),
+            pid,
+            slot,
+        })
+    }
+
     /// Whether `pid` is one pgrelay issued to a client that is still connected.
     pub fn is_issued(&self, pid: i32) -> bool {
-        self.issued.contains_key(&pid)
+        self.slots.get(&pid).is_some_and(|slot| slot.issued)
     }
 
     /// Forwards a cancel for the client pgrelay issued `pid` to, as its own
     /// CancelRequest would (`pg_cancel_backend` of that pid). Returns whether there is
     /// such a client.
     pub async fn cancel_issued(&self, pid: i32) -> bool {
-        let Some(secret) = self.issued.get(&pid).map(|s| *s) else {
+        let Some(slot) = self.slots.get(&pid).map(|s| s.clone()) else {
             return false;
         };
-        self.cancel(pid, secret).await;
-        true
-    }
-
-    /// Registers a client under `key` (session mode: its server's real key). `None` if
-    /// the key is taken.
-    pub fn register(self: &Arc<Self>, key: (i32, i32)) -> Option<CancelHandle> {
-        let slot: Slot = Arc::default();
-        match self.slots.entry(key) {
-            dashmap::Entry::Occupied(_) => None,
-            dashmap::Entry::Vacant(v) => {
-                v.insert(slot.clone());
-                Some(CancelHandle {
-                    registry: self.clone(),
-                    key,
-                    slot,
-                    issued: false,
-                })
-            }
+        if !slot.issued {
+            return false;
         }
+        forward(&slot).await;
+        true
     }
 
     /// Forwards a client's CancelRequest to the server running its query, if any.
     /// Unknown keys are ignored, as PostgreSQL does.
-    pub async fn cancel(&self, pid: i32, secret: i32) {
-        let Some(slot) = self.slots.get(&(pid, secret)).map(|s| s.clone()) else {
-            tracing::debug!(pid, "cancel request with an unknown key");
+    pub async fn cancel(&self, pid: i32, secret: &[u8]) {
+        if let Some(slot) = self.matching(pid, secret) {
+            forward(&slot).await;
+        }
+    }
+
+    /// The slot of the client whose key is `pid` and `secret`.
+    fn matching(&self, pid: i32, secret: &[u8]) -> Option<Slot> {
+        let Some(slot) = self.slots.get(&pid).map(|s| s.clone()) else {
+            tracing::debug!(pid, "cancel request with an unknown pid");
+            return None;
+        };
+        if !constant_time_eq(&slot.secret, secret) {
+            tracing::debug!(pid, "cancel request with a wrong key");
+            return None;
+        }
+        Some(slot)
+    }
+}
+
+/// Sends a cancel to the server `slot` points at, if any, holding the slot meanwhile.
+async fn forward(slot: &SlotInner) {
+    let target = {
+        let mut state = slot.lock();
+        let Some(target) = state.target else {
+            tracing::debug!(
+                "cancel request for a client with no server, or a server without a cancel key"
+            );
             return;
         };
-        let target = {
-            let mut state = slot.lock();
-            let Some(target) = state.target else { return };
-            state.in_flight = true;
-            target
-        };
-        match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
-            Ok(Ok(())) => {
-                tracing::debug!(server = %target.addr, pid = target.pid, "forwarded cancel")
-            }
-            Ok(Err(err)) => tracing::warn!(server = %target.addr, %err, "could not forward cancel"),
-            Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding cancel"),
+        state.in_flight = true;
+        target
+    };
+    match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
+        Ok(Ok(())) => {
+            tracing::debug!(server = %target.addr, pid = target.pid, "forwarded cancel")
         }
-        slot.lock().in_flight = false;
-        slot.done.notify_waiters();
+        Ok(Err(err)) => tracing::warn!(server = %target.addr, %err, "could not forward cancel"),
+        Err(_) => tracing::warn!(server = %target.addr, "timed out forwarding cancel"),
     }
+    slot.lock().in_flight = false;
+    slot.done.notify_waiters();
 }
 
 async fn send_cancel(target: CancelTarget) -> std::io::Result<()> {
@@ -171,8 +208,19 @@ async fn send_cancel(target: CancelTarget) -> std::io::Result<()> {
 }
 
 impl CancelHandle {
-    pub fn key(&self) -> (i32, i32) {
-        self.key
+    /// The pid of the client's key.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The secret of the client's key.
+    pub fn secret(&self) -> &[u8] {
+        &self.slot.secret
+    }
+
+    /// Cancels the query the client's server runs, as its own CancelRequest would.
+    pub async fn cancel(&self) {
+        forward(&self.slot).await;
     }
 
     /// Points the client's key at a server (or at none). Waits for a cancel in flight.
@@ -194,10 +242,7 @@ impl CancelHandle {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.slots.remove(&self.key);
-        if self.issued {
-            self.registry.issued.remove(&self.key.0);
-        }
+        self.registry.slots.remove(&self.pid);
     }
 }
 
@@ -208,16 +253,42 @@ mod tests {
     #[test]
     fn issued_pids_are_unique_above_linux_pids_and_forgotten_on_drop() {
         let registry = Arc::new(CancelRegistry::default());
-        let handles: Vec<_> = (0..1000).map(|_| registry.register_random()).collect();
-        let pids: std::collections::HashSet<i32> = handles.iter().map(|h| h.key().0).collect();
+        let handles: Vec<_> = (0..1000).map(|_| registry.register_random(4)).collect();
+        let pids: std::collections::HashSet<i32> = handles.iter().map(|h| h.pid()).collect();
         assert_eq!(pids.len(), handles.len(), "no two clients share a pid");
         assert!(pids.iter().all(|&pid| pid >= ISSUED_PID_MIN));
-        let pid = handles[0].key().0;
+        let pid = handles[0].pid();
         assert!(registry.is_issued(pid));
         drop(handles);
         assert!(!registry.is_issued(pid));
         // A server's real key (session mode) is no issued pid.
-        let real = registry.register((4242, 7)).expect("free key");
-        assert!(!registry.is_issued(real.key().0));
+        let real = registry
+            .register(4242, Box::new(7i32.to_be_bytes()))
+            .expect("free key");
+        assert!(!registry.is_issued(real.pid()));
+        assert!(
+            registry.register(4242, random_secret(32)).is_none(),
+            "pid taken"
+        );
+    }
+
+    /// A cancel is matched only with the whole secret: 4 bytes (3.0) or 32 (3.2).
+    #[test]
+    fn cancels_need_the_whole_secret() {
+        let registry = Arc::new(CancelRegistry::default());
+        for len in [4, 32] {
+            let handle = registry.register_random(len);
+            assert_eq!(handle.secret().len(), len);
+            let secret = handle.secret().to_vec();
+            let mut wrong = secret.clone();
+            wrong[len - 1] ^= 1;
+            let longer = [secret.clone(), vec![0]].concat();
+            for bad in [&wrong[..], &secret[..len - 1], &longer[..], &[][..]] {
+                assert!(registry.matching(handle.pid(), bad).is_none(), "{len}");
+            }
+            assert!(registry.matching(handle.pid() ^ 1, &secret).is_none());
+            let found = registry.matching(handle.pid(), &secret).expect("the key");
+            assert!(Arc::ptr_eq(&found, &handle.slot));
+        }
     }
 }

@@ -472,7 +472,19 @@ async fn malformed_login_messages_close() {
 async fn garbage_startup_packets_close() {
     let env = start_env(trust()).await;
     let healthy = Healthy::connect(&env).await;
-    let cases: [(&[u8], &str); 5] = [
+    // CancelRequests whose secret is longer than protocol 3.2's 256 bytes, or shorter
+    // than 4.
+    let cancel = |key_len: usize| {
+        let mut packet = (12 + key_len as u32).to_be_bytes().to_vec();
+        packet.extend(80_877_102u32.to_be_bytes());
+        packet.extend(4_194_305i32.to_be_bytes());
+        packet.resize(12 + key_len, 7);
+        packet
+    };
+    let (long_key, short_key) = (cancel(300), cancel(1));
+    let cases: [(&[u8], &str); 7] = [
+        (&long_key, "CancelRequest with a 300-byte key"),
+        (&short_key, "CancelRequest of 13 bytes"),
         (&[0, 0, 0, 3], "length 3 alone"),
         (
             &[0, 0, 0, 3, 0, 3, 0, 0, 1, 2, 3, 4],

@@ -270,8 +270,8 @@ fn status_of<'a>(statuses: &'a [(String, String)], name: &str) -> Option<&'a str
 }
 
 /// The client is told the server's normalized ParameterStatus values for what it asked
-/// for; a bad setting is refused like PostgreSQL refuses it; a newer protocol minor and
-/// `_pq_.` options are answered with NegotiateProtocolVersion, then the login goes on.
+/// for; a bad setting is refused like PostgreSQL refuses it; `_pq_.` options are
+/// answered with NegotiateProtocolVersion, then the login goes on.
 async fn startup_packet(mode: &'static str) {
     let env = start(trust_env(mode)).await;
     let pg = env.cluster.primary_port();
@@ -344,12 +344,14 @@ async fn startup_packet(mode: &'static str) {
     let (_s, relayed) = raw_startup(relay, &negotiate(APP_USER)).await;
     let first = relayed.first().expect("pgrelay answered");
     assert_eq!(first.tag, b'v', "{relayed:?}");
-    // "Newest minor version": PostgreSQL sends it as the full version number, 3.0.
-    let mut want = 0x0003_0000i32.to_be_bytes().to_vec();
-    want.extend(1i32.to_be_bytes());
-    want.extend(b"_pq_.something\0");
+    // "Newest minor version": PostgreSQL sends it as the full version number. pgrelay
+    // speaks 3.2, as PostgreSQL 18 does; the PostgreSQL 15 under test speaks 3.0.
+    let options = [&1i32.to_be_bytes()[..], b"_pq_.something\0"].concat();
+    let want = [&0x0003_0002i32.to_be_bytes()[..], &options].concat();
     assert_eq!(first.body, want);
-    assert_eq!(direct.first().map(|m| &m.body), Some(&want), "PostgreSQL");
+    let direct = &direct.first().expect("PostgreSQL answered").body;
+    assert_eq!(direct[..4], 0x0003_0000i32.to_be_bytes(), "PostgreSQL 15");
+    assert_eq!(direct[4..], options, "PostgreSQL");
     assert_eq!(relayed[1].auth_code(), Some(0), "{relayed:?}");
     assert_eq!(relayed.last().map(|m| m.tag), Some(b'Z'), "{relayed:?}");
 }

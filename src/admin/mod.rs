@@ -131,7 +131,7 @@ pub async fn serve(
     ] {
         backend::parameter_status_msg(buf, name, value);
     }
-    backend::backend_key_data(buf, 0, 0);
+    backend::backend_key_data(buf, 0, &[0; 4]);
     backend::ready_for_query(buf, backend::TxStatus::Idle);
     if client.flush().await.is_err() {
         return;

@@ -23,8 +23,6 @@ use crate::stream::{Conn, StreamError};
 
 /// Password messages are small; anything longer is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
-/// The newest protocol version pgrelay speaks, as NegotiateProtocolVersion carries it.
-const PROTOCOL_3_0: i32 = 3 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -126,7 +124,11 @@ impl Credentials {
 /// How a connection's startup ended.
 pub enum Handshake {
     Login(ClientLogin),
-    Cancel { pid: i32, secret: i32 },
+    /// A CancelRequest: the pid and secret of a BackendKeyData.
+    Cancel {
+        pid: i32,
+        secret: bytes::Bytes,
+    },
 }
 
 /// An authenticated client, before it has been given its session parameters.
@@ -136,6 +138,9 @@ pub struct ClientLogin {
     pub database: String,
     /// Settings from the startup packet and `options`, to apply on every server.
     pub gucs: Vec<(String, String)>,
+    /// The minor version of protocol 3 spoken with the client (0 or 2 in practice):
+    /// from 3.2 on, its cancel key has a longer secret.
+    pub minor: u16,
 }
 
 /// Runs the startup phase up to (not including) AuthenticationOk.
@@ -198,19 +203,17 @@ where
     Ok(Handshake::Login(login))
 }
 
-/// Answers a request for a newer minor version or `_pq_.` options, as PostgreSQL does.
+/// Answers a request for a newer minor version than 3.2, or for `_pq_.` options, as
+/// PostgreSQL 18 does: one NegotiateProtocolVersion naming the version spoken and the
+/// options, before anything else is sent (an error included), and only once: the
+/// handshake reads one StartupMessage.
 async fn negotiate<S>(conn: &mut Conn<S>, params: &StartupParams) -> Result<(), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let unsupported: Vec<String> = params
-        .params
-        .iter()
-        .filter(|(k, _)| k.starts_with("_pq_."))
-        .map(|(k, _)| k.clone())
-        .collect();
-    if params.minor > 0 || !unsupported.is_empty() {
-        backend::negotiate_protocol_version(conn.wbuf(), PROTOCOL_3_0, unsupported);
+    if params.needs_negotiation() {
+        let version = 3 << 16 | i32::from(params.agreed_minor());
+        backend::negotiate_protocol_version(conn.wbuf(), version, params.protocol_options());
         conn.flush().await?;
     }
     Ok(())
@@ -267,6 +270,7 @@ fn read_login(params: &StartupParams) -> Result<ClientLogin, ClientError> {
         user,
         database,
         gucs,
+        minor: params.agreed_minor(),
     })
 }
 

@@ -113,6 +113,9 @@ pub struct ServerTarget {
 pub struct Server {
     pub conn: Conn<Stream>,
     pub addr: SocketAddr,
+    /// The pid and secret of its BackendKeyData (protocol 3.0: a 4-byte secret). A
+    /// server that sends none keeps pid 0, which no PostgreSQL process has: its
+    /// queries cannot be cancelled through pgrelay.
     pub pid: i32,
     pub secret: i32,
     /// What the session currently has set: reported values and settings pgrelay applied.
@@ -214,14 +217,16 @@ impl Server {
                         backend::parameter_status(frame.body()).map_err(StreamError::from)?;
                     self.params.set_reported(name, value);
                 }
-                backend::BACKEND_KEY_DATA => {
-                    (self.pid, self.secret) =
-                        backend::backend_key(frame.body()).map_err(StreamError::from)?;
-                }
+                backend::BACKEND_KEY_DATA => (self.pid, self.secret) = server_key(frame.body())?,
                 backend::ERROR_RESPONSE => {
                     return Err(ServerError::Rejected(backend::error_fields(frame.body())))
                 }
-                backend::READY_FOR_QUERY => return Ok(()),
+                backend::READY_FOR_QUERY => {
+                    if self.pid == 0 {
+                        tracing::info!(server = %self.addr, "server sent no cancel key: cancels of its queries are dropped");
+                    }
+                    return Ok(());
+                }
                 backend::NOTICE_RESPONSE | b'v' => {}
                 tag => return Err(ServerError::Unexpected { tag: tag as char }),
             }
@@ -527,12 +532,33 @@ impl Server {
         self.conn.shutdown().await;
     }
 
-    /// What a CancelRequest for this server's current query needs.
-    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
-        crate::cancel::CancelTarget {
+    /// What a CancelRequest for this server's current query needs; `None` if it sent
+    /// no BackendKeyData, so that a client's cancel is dropped rather than sent with a
+    /// made-up key.
+    pub fn cancel_target(&self) -> Option<crate::cancel::CancelTarget> {
+        (self.pid != 0).then_some(crate::cancel::CancelTarget {
             addr: self.addr,
             pid: self.pid,
             secret: self.secret,
+        })
+    }
+}
+
+/// The pid and secret of a server's BackendKeyData. pgrelay speaks protocol 3.0 to
+/// servers, whose secret is 4 bytes; a key of another length (a server that is not
+/// quite PostgreSQL) cannot be sent back in a 3.0 CancelRequest, so it is dropped and
+/// the server's queries are not cancellable, rather than its login failing.
+fn server_key(body: &[u8]) -> Result<(i32, i32), ServerError> {
+    let (pid, secret) = backend::backend_key(body).map_err(StreamError::from)?;
+    match <[u8; 4]>::try_from(secret) {
+        Ok(secret) if pid != 0 => Ok((pid, i32::from_be_bytes(secret))),
+        _ => {
+            tracing::warn!(
+                pid,
+                len = secret.len(),
+                "server sent a cancel key pgrelay cannot use"
+            );
+            Ok((0, 0))
         }
     }
 }
@@ -577,6 +603,37 @@ mod tests {
         assert_eq!(ServerError::Rejected(fields("28P01")).side(), Side::Server);
         let closed = ServerError::Stream(StreamError::Closed);
         assert_eq!(closed.side(), Side::Server);
+    }
+
+    /// A server's login messages as pre-encoded bytes, their BackendKeyData read as the
+    /// login reads it: the key is optional (some servers and poolers send none), and a
+    /// server without a usable one keeps pid 0, which gives no cancel target.
+    #[test]
+    fn servers_without_a_cancel_key() {
+        use crate::protocol::{split_frame, MAX_MESSAGE_LEN};
+        let login = |key: Option<&[u8]>| {
+            let mut buf = BytesMut::new();
+            backend::auth_ok(&mut buf);
+            backend::parameter_status_msg(&mut buf, "server_version", "18.0");
+            if let Some(secret) = key {
+                backend::backend_key_data(&mut buf, 4242, secret);
+            }
+            backend::ready_for_query(&mut buf, backend::TxStatus::Idle);
+            let mut key = (0, 0);
+            while let Some(frame) = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap() {
+                if frame.tag() == backend::BACKEND_KEY_DATA {
+                    key = server_key(frame.body()).expect("a key or none");
+                }
+            }
+            key
+        };
+        assert_eq!(login(Some(&7i32.to_be_bytes())), (4242, 7));
+        assert_eq!(login(None), (0, 0));
+        assert_eq!(login(Some(&[1; 32])), (0, 0), "a 3.2 key on a 3.0 login");
+        let mut short = BytesMut::new();
+        backend::backend_key_data(&mut short, 1, &[1, 2]);
+        let frame = split_frame(&mut short, MAX_MESSAGE_LEN).unwrap().unwrap();
+        assert!(server_key(frame.body()).is_err(), "malformed");
     }
 
     /// A SCRAM failure keeps its cause as a source, not as text.

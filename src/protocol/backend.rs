@@ -8,11 +8,10 @@ use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::response::{
     CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
 };
-use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
-};
+use pgwire::messages::startup::{Authentication, NegotiateProtocolVersion, ParameterStatus};
 use pgwire::messages::Message;
 
+use super::startup::{MAX_SECRET_LEN, MIN_SECRET_LEN};
 use super::{read_cstr, tag_table, ProtocolError};
 
 pub const AUTHENTICATION: u8 = b'R';
@@ -102,16 +101,26 @@ pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
     Ok((name, value))
 }
 
-/// `(pid, secret)` of a BackendKeyData body (protocol 3.0: a 4-byte secret).
-pub fn backend_key(body: &[u8]) -> Result<(i32, i32), ProtocolError> {
+/// `(pid, secret)` of a BackendKeyData body: a 4-byte secret in protocol 3.0, 4 to 256
+/// bytes in 3.2.
+pub fn backend_key(body: &[u8]) -> Result<(i32, &[u8]), ProtocolError> {
     match body {
-        [a, b, c, d, e, f, g, h] => Ok((
-            i32::from_be_bytes([*a, *b, *c, *d]),
-            i32::from_be_bytes([*e, *f, *g, *h]),
-        )),
+        [a, b, c, d, secret @ ..] if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&secret.len()) => {
+            Ok((i32::from_be_bytes([*a, *b, *c, *d]), secret))
+        }
         _ => Err(ProtocolError::Malformed {
             what: "BackendKeyData",
         }),
+    }
+}
+
+/// How long a secret a client of protocol 3.`minor` is given: 32 bytes from 3.2 on, as
+/// PostgreSQL 18 gives, 4 before (the only length 3.0 allows).
+pub fn secret_len(minor: u16) -> usize {
+    if minor >= 2 {
+        32
+    } else {
+        4
     }
 }
 
@@ -309,8 +318,12 @@ pub fn parameter_status_msg(buf: &mut BytesMut, name: &str, value: &str) {
     );
 }
 
-pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    put(buf, &BackendKeyData::new(pid, SecretKey::I32(secret)));
+/// BackendKeyData; `secret` is 4 bytes for a protocol 3.0 client, up to 256 for 3.2.
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: &[u8]) {
+    buf.put_u8(BACKEND_KEY_DATA);
+    buf.put_i32(4 + 4 + secret.len() as i32);
+    buf.put_i32(pid);
+    buf.put_slice(secret);
 }
 
 /// NegotiateProtocolVersion. `newest` is the full version number (`3 << 16 | minor`):
@@ -424,7 +437,8 @@ mod tests {
         error_response(&mut buf, Severity::Fatal, "28P01", "nope");
         ready_for_query(&mut buf, TxStatus::InBlock);
         parameter_status_msg(&mut buf, "TimeZone", "UTC");
-        backend_key_data(&mut buf, 7, -9);
+        backend_key_data(&mut buf, 7, &(-9i32).to_be_bytes());
+        backend_key_data(&mut buf, 8, &[5; 32]);
         let e = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         let f = error_fields(e.body());
         assert_eq!(
@@ -438,7 +452,27 @@ mod tests {
         let s = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
         assert_eq!(parameter_status(s.body()).unwrap(), ("TimeZone", "UTC"));
         let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
-        assert_eq!(backend_key(k.body()).unwrap(), (7, -9));
+        assert_eq!(
+            backend_key(k.body()).unwrap(),
+            (7, &(-9i32).to_be_bytes()[..])
+        );
+        let k = split_frame(&mut buf, MAX_MESSAGE_LEN).unwrap().unwrap();
+        assert_eq!(k.as_bytes().len(), 1 + 4 + 4 + 32);
+        assert_eq!(backend_key(k.body()).unwrap(), (8, &[5u8; 32][..]));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn backend_keys_of_every_allowed_length_only() {
+        for len in [0usize, 3, 257] {
+            let mut body = 1i32.to_be_bytes().to_vec();
+            body.resize(4 + len, 1);
+            assert!(backend_key(&body).is_err(), "{len}-byte secret");
+        }
+        assert!(backend_key(&[]).is_err());
+        assert_eq!(secret_len(0), 4);
+        assert_eq!(secret_len(1), 4);
+        assert_eq!(secret_len(2), 32);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! The StartupMessage body is decoded with pgwire; the request codes are told apart
 //! here. Parameters are kept as pgwire gives them; the `options` string is split into
 //! `-c name=value` settings by [`parse_options`].
+//!
+//! Protocol 3.2 (PostgreSQL 18) changed only the cancel key: the secret of
+//! BackendKeyData and CancelRequest is 4 to 256 bytes long instead of exactly 4.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::startup::Startup;
 use pgwire::messages::{DecodeContext, Message};
 
@@ -16,12 +19,22 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
+/// The newest minor version of protocol 3 pgrelay speaks with clients: 3.2, whose
+/// cancel keys are longer. Servers are still spoken to in 3.0.
+pub const NEWEST_MINOR: u16 = 2;
+/// The shortest and longest secret of a cancel key (protocol 3.2; 3.0's is 4 bytes).
+pub const MIN_SECRET_LEN: usize = 4;
+pub const MAX_SECRET_LEN: usize = 256;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, secret: i32 },
+    /// A CancelRequest: the pid and secret of a BackendKeyData.
+    Cancel {
+        pid: i32,
+        secret: Bytes,
+    },
     Startup(StartupParams),
 }
 
@@ -39,6 +52,28 @@ impl StartupParams {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The minor version spoken with this client: the one it asked for, or pgrelay's
+    /// newest if it asked for more (as PostgreSQL does).
+    pub fn agreed_minor(&self) -> u16 {
+        self.minor.min(NEWEST_MINOR)
+    }
+
+    /// The protocol options (`_pq_.` parameters) the client asked for: pgrelay knows
+    /// none, so all of them are named in NegotiateProtocolVersion.
+    pub fn protocol_options(&self) -> Vec<String> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Whether the client is sent NegotiateProtocolVersion: it asked for a newer minor
+    /// version than pgrelay's newest, or for protocol options.
+    pub fn needs_negotiation(&self) -> bool {
+        self.minor > NEWEST_MINOR || self.params.iter().any(|(k, _)| k.starts_with("_pq_."))
     }
 }
 
@@ -70,16 +105,18 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError
             }))
         }
         CANCEL_REQUEST => {
-            if len != 16 {
+            // Code and pid, then the secret: the rest of the packet.
+            if !(12 + MIN_SECRET_LEN..=12 + MAX_SECRET_LEN).contains(&len) {
                 return Err(ProtocolError::Malformed {
                     what: "CancelRequest",
                 });
             }
             let mut packet = buf.split_to(len);
             packet.advance(8);
+            let pid = packet.get_i32();
             Ok(Some(StartupPacket::Cancel {
-                pid: packet.get_i32(),
-                secret: packet.get_i32(),
+                pid,
+                secret: packet.freeze(),
             }))
         }
         _ => decode_startup(buf, len, code).map(Some),
@@ -196,6 +233,42 @@ mod tests {
     }
 
     #[test]
+    fn negotiates_up_to_protocol_3_2() {
+        let decoded = |minor, params: &[(&str, &str)]| {
+            let mut buf = startup(params, minor);
+            match decode(&mut buf).unwrap() {
+                Some(StartupPacket::Startup(p)) => p,
+                other => panic!("not a startup: {other:?}"),
+            }
+        };
+        let user = [("user", "app")];
+        for (minor, agreed, negotiates) in [
+            (0, 0, false),
+            (1, 1, false),
+            (2, 2, false),
+            (3, 2, true),
+            (9999, 2, true),
+        ] {
+            let p = decoded(minor, &user);
+            assert_eq!(p.agreed_minor(), agreed, "3.{minor}");
+            assert_eq!(p.needs_negotiation(), negotiates, "3.{minor}");
+        }
+        let p = decoded(
+            2,
+            &[
+                ("user", "app"),
+                ("_pq_.test_protocol_negotiation", ""),
+                ("_pq_.x", "1"),
+            ],
+        );
+        assert!(p.needs_negotiation());
+        assert_eq!(
+            p.protocol_options(),
+            ["_pq_.test_protocol_negotiation", "_pq_.x"]
+        );
+    }
+
+    #[test]
     fn decodes_requests() {
         let mut buf = BytesMut::new();
         buf.put_u32(8);
@@ -209,9 +282,45 @@ mod tests {
             decode(&mut buf).unwrap(),
             Some(StartupPacket::Cancel {
                 pid: 42,
-                secret: -7
+                secret: Bytes::copy_from_slice(&(-7i32).to_be_bytes())
             })
         );
+    }
+
+    fn cancel_request(pid: i32, secret: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32(12 + secret.len() as u32);
+        buf.put_u32(CANCEL_REQUEST);
+        buf.put_i32(pid);
+        buf.put_slice(secret);
+        buf
+    }
+
+    /// Protocol 3.2: the secret is the rest of the packet, 4 to 256 bytes.
+    #[test]
+    fn decodes_long_cancel_keys() {
+        for len in [4, 32, 256] {
+            let secret: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut buf = cancel_request(7, &secret);
+            buf.put_u32(8);
+            buf.put_u32(SSL_REQUEST);
+            assert_eq!(
+                decode(&mut buf).unwrap(),
+                Some(StartupPacket::Cancel {
+                    pid: 7,
+                    secret: Bytes::from(secret)
+                }),
+                "{len} bytes"
+            );
+            assert_eq!(decode(&mut buf).unwrap(), Some(StartupPacket::Ssl));
+        }
+        for len in [0, 1, 3, 257, 300] {
+            let mut buf = cancel_request(7, &vec![1; len]);
+            assert!(
+                matches!(decode(&mut buf), Err(ProtocolError::Malformed { .. })),
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
     let login = match handshake {
         Ok(Ok(Handshake::Login(login))) => login,
         Ok(Ok(Handshake::Cancel { pid, secret })) => {
-            shared.cancel.cancel(pid, secret).await;
+            shared.cancel.cancel(pid, &secret).await;
             return None;
         }
         Ok(Err(AuthError::Client(err))) => {
@@ -218,7 +218,9 @@ impl Session {
         for (name, value) in &login.gucs {
             params.set_unreported(name, value);
         }
-        let cancel = shared.cancel.register_random();
+        let cancel = shared
+            .cancel
+            .register_random(backend::secret_len(login.minor));
         let nodes = shared.cluster.load().nodes.len();
         let routes = config.routing.enabled && nodes > 1;
         let transaction_mode = mode == PoolMode::Transaction;
@@ -237,7 +239,7 @@ impl Session {
             // Carried statements run on any node; otherwise they are followed to theirs.
             track_statements: routes && !carries_statements,
             track_effects: transaction_mode,
-            own_pid: transaction_mode.then(|| cancel.key().0),
+            own_pid: transaction_mode.then(|| cancel.pid()),
             hold_at_boundary: false,
         };
         let mut session = Session {
@@ -280,19 +282,15 @@ impl Session {
             .defaults()
             .filter(|d| self.params.satisfied_by(d))
             .cloned();
-        let key = match (self.mode, defaults) {
-            (PoolMode::Transaction, Some(defaults)) => {
-                self.params.adopt_reported(&defaults);
-                self.cancel.key()
-            }
+        match (self.mode, defaults) {
+            (PoolMode::Transaction, Some(defaults)) => self.params.adopt_reported(&defaults),
             (PoolMode::Transaction, None) => {
                 let mut guard = self.greeting_server(deadline).await?;
                 self.params.adopt_reported(&guard.server().params);
                 guard.release();
-                self.cancel.key()
             }
             (PoolMode::Session, _) => self.attach_for_session(deadline).await?,
-        };
+        }
         if self.params.get("in_hot_standby") == Some("on") {
             // Greeted from a replica while there is no primary: pgrelay itself takes
             // writes (they wait for the next primary), so it is no hot standby.
@@ -303,7 +301,7 @@ impl Session {
         for (name, value) in self.params.reported() {
             backend::parameter_status_msg(buf, name, value);
         }
-        backend::backend_key_data(buf, key.0, key.1);
+        backend::backend_key_data(buf, self.cancel.pid(), self.cancel.secret());
         backend::ready_for_query(buf, backend::TxStatus::Idle);
         self.client
             .flush()
@@ -314,28 +312,37 @@ impl Session {
         Ok(())
     }
 
-    /// Session mode: the server is the client's for good, and so is its real key.
-    /// With routing, the primary server is kept for the client's requests that need it.
+    /// Session mode: the server is the client's for good, and so is its real pid (its
+    /// secret too for a protocol 3.0 client; a 3.2 client is given a longer one). A
+    /// server that sent no key leaves the client its issued one. With routing, the
+    /// primary server is kept for the client's requests that need it.
     async fn attach_for_session(
         &mut self,
         deadline: tokio::time::Instant,
-    ) -> Result<(i32, i32), ClientError> {
+    ) -> Result<(), ClientError> {
         let mut guard = self.greeting_server(deadline).await?;
         let node = guard.pool().key.node;
         let server = guard.server();
         self.params.adopt_reported(&server.params);
-        if let Some(handle) = self.shared.cancel.register((server.pid, server.secret)) {
-            self.cancel = handle;
+        if let Some(target) = server.cancel_target() {
+            let secret: Box<[u8]> = if self.login.minor < 2 {
+                Box::new(target.secret.to_be_bytes())
+            } else {
+                crate::cancel::random_secret(backend::secret_len(self.login.minor))
+            };
+            if let Some(handle) = self.shared.cancel.register(target.pid, secret) {
+                self.cancel = handle;
+            }
         }
         if self.routing.mode != RouteMode::Off {
             self.held[node] = Some(guard);
         } else {
-            self.cancel.set(Some(server.cancel_target())).await;
+            self.cancel.set(server.cancel_target()).await;
             self.handle.active(node, server.pid);
             self.wire.node = node;
             self.attachment = Attachment::Attached(guard);
         }
-        Ok(self.cancel.key())
+        Ok(())
     }
 
     async fn checkout_reconciled(&mut self, pool: &Arc<Pool>) -> Result<ServerGuard, ClientError> {
@@ -432,8 +439,7 @@ impl Session {
         {
             let server = guard.server();
             if !self.wire.server_clean(&mut server.conn) {
-                let (pid, secret) = self.cancel.key();
-                self.shared.cancel.cancel(pid, secret).await;
+                self.cancel.cancel().await;
             }
             // What the server sent before stays the client's; the FATAL must start a
             // message of its own.
@@ -489,7 +495,7 @@ impl Session {
         }
         match self.attach_routed(at.into()).await {
             Ok(mut guard) => {
-                self.cancel.set(Some(guard.server().cancel_target())).await;
+                self.cancel.set(guard.server().cancel_target()).await;
                 let node = guard.pool().key.node;
                 self.handle.active(node, guard.server_ref().pid);
                 self.request = Some(Request {
