@@ -16,7 +16,8 @@
 //! `verify-full` checks both. As in libpq, SNI carries the backend's host name, never
 //! an IP address. TLS 1.2 and 1.3 only. No client certificate is shown to servers.
 //!
-//! No background task; nothing here logs except [`Connector::reload`]'s caller.
+//! No background task and no logging: the callers log (`control` a failed reload, the
+//! pools and health checks a server that failed).
 
 use std::io;
 use std::path::Path;
