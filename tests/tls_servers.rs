@@ -17,7 +17,7 @@ use std::time::Duration;
 use support::certs::Pki;
 use support::{
     config_text, eventually, simple_value, sqlstate, start, start_relay, EnvOptions, ServerSsl,
-    TestEnv, APP_DB, APP_PASSWORD, APP_USER,
+    SslHba, TestEnv, APP_DB, APP_PASSWORD, APP_USER,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -74,13 +74,13 @@ fn tls_section(mode: &str, ca: &std::path::Path) -> String {
     )
 }
 
-/// Servers with TLS (`ssl_only`: hostssl lines only), pgrelay with `mode` and `ca`.
-fn options(pki: &Pki, ssl_only: bool, mode: &str, ca: &std::path::Path) -> EnvOptions {
+/// Servers with TLS (and the logins `hba` takes), pgrelay with `mode` and `ca`.
+fn options(pki: &Pki, hba: SslHba, mode: &str, ca: &std::path::Path) -> EnvOptions {
     logs();
     EnvOptions {
         server_ssl: Some(ServerSsl {
             pem: pki.server.clone(),
-            ssl_only,
+            hba,
         }),
         sections: vec![
             tls_section(mode, ca),
@@ -141,7 +141,7 @@ async fn verify_full_with_a_replica_transaction_mode() {
         weights: vec![0.0, 1.0],
         relay_users,
         top_extra: vec!["admin_users = [\"admin\"]".into()],
-        ..options(&pki, true, "verify-full", &pki.ca)
+        ..options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca)
     })
     .await;
     assert!(
@@ -215,7 +215,7 @@ async fn verify_full_session_mode() {
     let pki = Pki::new("session");
     let env = start(EnvOptions {
         pool_mode: "session",
-        ..options(&pki, true, "verify-full", &pki.ca)
+        ..options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca)
     })
     .await;
     let client = env.client().await;
@@ -234,7 +234,7 @@ async fn verify_full_session_mode() {
 #[tokio::test]
 async fn verify_full_by_host_name() {
     let pki = Pki::new("by-name");
-    let options = options(&pki, true, "verify-full", &pki.ca);
+    let options = options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca);
     let env = start(options.clone()).await;
     let text = config_text(&options, &env.cluster.ports())
         .replace("host = \"127.0.0.1\"", "host = \"localhost\"");
@@ -252,7 +252,7 @@ async fn verify_full_by_host_name() {
 #[tokio::test]
 async fn verify_full_with_the_wrong_ca_fails_cleanly() {
     let (pki, other) = (Pki::new("right"), Pki::new("other"));
-    let env = start(options(&pki, false, "verify-full", &other.ca)).await;
+    let env = start(options(&pki, SslHba::Any, "verify-full", &other.ca)).await;
     let started = std::time::Instant::now();
     let err = env
         .connect(APP_USER, APP_PASSWORD, APP_DB)
@@ -270,7 +270,7 @@ async fn verify_full_with_the_wrong_ca_fails_cleanly() {
         "no log line names the backend and the reason"
     );
     // verify-ca checks the chain as well.
-    let options = options(&pki, false, "verify-ca", &other.ca);
+    let options = options(&pki, SslHba::Any, "verify-ca", &other.ca);
     let relay = start_relay(&options, &env.cluster.ports()).await;
     let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
     let err = support::connect_str(&conn).await.expect_err("refused");
@@ -285,7 +285,7 @@ async fn a_server_failing_verification_under_a_client() {
     let (pki, other) = (Pki::new("before"), Pki::new("after"));
     let options = EnvOptions {
         sections: vec![tls_section("verify-full", &pki.ca)],
-        ..options(&pki, false, "verify-full", &pki.ca)
+        ..options(&pki, SslHba::Any, "verify-full", &pki.ca)
     };
     let env = start(options.clone()).await;
     assert_eq!(ssl_through(&env).await, "true");
@@ -342,7 +342,7 @@ async fn a_missing_ca_refuses_to_start() {
 #[tokio::test]
 async fn require_with_the_wrong_ca_connects() {
     let (pki, other) = (Pki::new("req"), Pki::new("req-other"));
-    let env = start(options(&pki, true, "require", &other.ca)).await;
+    let env = start(options(&pki, SslHba::TlsOnly, "require", &other.ca)).await;
     assert_eq!(ssl_through(&env).await, "true");
 }
 
@@ -359,15 +359,15 @@ async fn prefer_without_server_tls_is_plaintext() {
 #[tokio::test]
 async fn prefer_and_allow() {
     let pki = Pki::new("prefer");
-    let env = start(options(&pki, false, "prefer", &pki.ca)).await;
+    let env = start(options(&pki, SslHba::Any, "prefer", &pki.ca)).await;
     assert_eq!(ssl_through(&env).await, "true");
-    let allow = options(&pki, false, "allow", &pki.ca);
+    let allow = options(&pki, SslHba::Any, "allow", &pki.ca);
     let relay = start_relay(&allow, &env.cluster.ports()).await;
     let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
     let client = support::connect_str(&conn).await.expect("allow");
     assert_eq!(simple_value(&client, SSL_OF_MY_BACKEND).await, "false");
 
-    let ssl_only = start(options(&pki, true, "allow", &pki.ca)).await;
+    let ssl_only = start(options(&pki, SslHba::TlsOnly, "allow", &pki.ca)).await;
     assert!(
         all_up(&ssl_only).await,
         "allow's retry over TLS never reached the node"
@@ -375,12 +375,36 @@ async fn prefer_and_allow() {
     assert_eq!(ssl_through(&ssl_only).await, "true");
 }
 
+/// prefer against a server that refuses logins over TLS (`hostnossl` only): as libpq,
+/// pgrelay tries once more in plaintext, for pool connections and health checks.
+/// require does not.
+#[tokio::test]
+async fn prefer_falls_back_to_plaintext_when_tls_logins_are_refused() {
+    let pki = Pki::new("nossl");
+    let env = start(options(&pki, SslHba::PlaintextOnly, "prefer", &pki.ca)).await;
+    assert!(all_up(&env).await, "the health check never fell back");
+    assert_eq!(ssl_through(&env).await, "false");
+    let port = env.cluster.primary_port().to_string();
+    assert!(
+        !logged(&["trying once more", &format!("port={port}")]).is_empty(),
+        "the second try was not logged"
+    );
+    let require = options(&pki, SslHba::PlaintextOnly, "require", &pki.ca);
+    let relay = start_relay(&require, &env.cluster.ports()).await;
+    let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
+    let err = support::connect_str(&conn).await.expect_err("refused");
+    assert!(
+        matches!(sqlstate(&err).as_deref(), Some("28000") | Some("08006")),
+        "{err}"
+    );
+}
+
 /// disable against a server that takes only hostssl: the server's own refusal
 /// (28000, no pg_hba.conf entry) reaches the client, without a hang.
 #[tokio::test]
 async fn disable_against_a_tls_only_server_fails_cleanly() {
     let pki = Pki::new("disable");
-    let env = start(options(&pki, true, "disable", &pki.ca)).await;
+    let env = start(options(&pki, SslHba::TlsOnly, "disable", &pki.ca)).await;
     let started = std::time::Instant::now();
     let err = env
         .connect(APP_USER, APP_PASSWORD, APP_DB)
@@ -404,7 +428,7 @@ async fn disable_against_a_tls_only_server_fails_cleanly() {
 #[tokio::test]
 async fn scram_sha_256_plus_to_servers() {
     let pki = Pki::new("plus");
-    let env = start(options(&pki, true, "verify-full", &pki.ca)).await;
+    let env = start(options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca)).await;
     assert_eq!(ssl_through(&env).await, "true");
     let port = env.cluster.primary_port().to_string();
     let plus = || logged(&["SCRAM-SHA-256-PLUS", &format!("port={port}")]).len();
@@ -418,7 +442,7 @@ async fn scram_sha_256_plus_to_servers() {
     );
     let keys = EnvOptions {
         relay_users: vec![(APP_USER.into(), secret.trim().to_owned())],
-        ..options(&pki, true, "verify-full", &pki.ca)
+        ..options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca)
     };
     let relay = start_relay(&keys, &env.cluster.ports()).await;
     let conn = support::relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
@@ -451,7 +475,7 @@ async fn scram_sha_256_plus_to_servers() {
 #[tokio::test]
 async fn reload_with_a_broken_ca_keeps_the_old_settings() {
     let pki = Pki::new("reload");
-    let options = options(&pki, true, "verify-full", &pki.ca);
+    let options = options(&pki, SslHba::TlsOnly, "verify-full", &pki.ca);
     let env = start(options.clone()).await;
     assert_eq!(ssl_through(&env).await, "true");
     let broken = pki.dir().join("gone.pem");

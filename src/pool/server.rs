@@ -130,9 +130,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Connects and logs in, TLS as `tls.server_mode` says. In `allow`, a plaintext
-    /// login the server refuses is tried once more over TLS (libpq's retry: a server
-    /// whose pg_hba.conf takes only `hostssl` refuses the plaintext one).
+    /// Connects and logs in, TLS as `tls.server_mode` says, with libpq's second try
+    /// ([`retry`]) in `allow` and `prefer`.
     pub async fn connect(
         target: &ServerTarget,
         credentials: &ServerCredentials,
@@ -140,35 +139,42 @@ impl Server {
     ) -> Result<Server, ServerError> {
         let tls = target.tls.current();
         let first = Self::attempt(target, credentials, timeout, &tls, tls.asks_first()).await;
-        match first {
-            Err(ServerError::Rejected(fields)) if tls.mode() == TlsMode::Allow => {
-                tracing::debug!(host = %target.host, port = target.port, code = %fields.code,
-                    "plaintext login refused; trying TLS (tls.server_mode = allow)");
-                Self::attempt(target, credentials, timeout, &tls, true).await
-            }
-            result => result,
-        }
+        let (err, over_tls) = match first {
+            Ok(server) => return Ok(server),
+            Err(failed) => failed,
+        };
+        let Some(ask_tls) = retry(tls.mode(), &err, over_tls) else {
+            return Err(err);
+        };
+        tracing::debug!(host = %target.host, port = target.port, %err, tls = ask_tls,
+            mode = tls.mode().as_str(), "server login failed; trying once more, as libpq");
+        Self::attempt(target, credentials, timeout, &tls, ask_tls)
+            .await
+            .map_err(|(err, _)| err)
     }
 
     /// One connection and login: TCP, then TLS (when `ask_tls`) and the login within
-    /// `timeout` again.
+    /// `timeout` again. A failure says whether the connection had become TLS.
     async fn attempt(
         target: &ServerTarget,
         credentials: &ServerCredentials,
         timeout: Duration,
         tls: &ServerTls,
         ask_tls: bool,
-    ) -> Result<Server, ServerError> {
+    ) -> Result<Server, (ServerError, bool)> {
         let addr_text = format!("{}:{}", target.host, target.port);
-        let (tcp, addr) = tcp_connect(target, &addr_text, timeout).await?;
+        let (tcp, addr) = tcp_connect(target, &addr_text, timeout)
+            .await
+            .map_err(|err| (err, false))?;
         let login = async {
             let stream = tls
                 .negotiate(tcp, &target.host, ask_tls)
                 .await
-                .map_err(|source| ServerError::Tls {
-                    addr: addr_text.clone(),
-                    source,
+                .map_err(|source| {
+                    let addr = addr_text.clone();
+                    (ServerError::Tls { addr, source }, false)
                 })?;
+            let over_tls = matches!(stream, Stream::Tls(_));
             let mut server = Server {
                 conn: Conn::new(stream),
                 addr,
@@ -180,14 +186,18 @@ impl Server {
                 statements: ServerStatements::default(),
                 epoch: 0,
             };
-            server.login(target, credentials).await?;
-            Ok(server)
+            match server.login(target, credentials).await {
+                Ok(()) => Ok(server),
+                Err(err) => Err((err, over_tls)),
+            }
+        };
+        let timed_out = || {
+            let addr = addr_text.clone();
+            (ServerError::ConnectTimeout { addr }, false)
         };
         tokio::time::timeout(timeout, login)
             .await
-            .map_err(|_| ServerError::ConnectTimeout {
-                addr: addr_text.clone(),
-            })?
+            .map_err(|_| timed_out())?
     }
 
     async fn login(
@@ -351,6 +361,26 @@ impl Server {
             self.params.record_reconciled(desired);
         }
         Ok(())
+    }
+}
+
+/// libpq's second try after a failed login, as whether to ask for TLS: in `allow`,
+/// over TLS after the server refused the plaintext login (a pg_hba.conf with only
+/// `hostssl` lines); in `prefer`, in plaintext after the TLS handshake failed or the
+/// server refused the login over TLS (`hostnossl` lines). A certificate that fails
+/// verification never gets here: `prefer` checks none.
+fn retry(mode: TlsMode, err: &ServerError, over_tls: bool) -> Option<bool> {
+    match (mode, err) {
+        (TlsMode::Allow, ServerError::Rejected(_)) if !over_tls => Some(true),
+        (TlsMode::Prefer, ServerError::Rejected(_)) if over_tls => Some(false),
+        (
+            TlsMode::Prefer,
+            ServerError::Tls {
+                source: TlsConnectError::Handshake(_),
+                ..
+            },
+        ) => Some(false),
+        _ => None,
     }
 }
 
@@ -724,5 +754,34 @@ mod tests {
             b64.encode(hmac(&server_key, auth_message.as_bytes()))
         );
         assert_eq!(server_final, expected);
+    }
+
+    /// libpq's second tries, and nothing else is tried twice.
+    #[test]
+    fn second_tries() {
+        let refused = || ServerError::Rejected(fields("28000"));
+        let handshake = || ServerError::Tls {
+            addr: "h:1".into(),
+            source: TlsConnectError::Handshake(std::io::ErrorKind::InvalidData.into()),
+        };
+        assert_eq!(retry(TlsMode::Allow, &refused(), false), Some(true));
+        assert_eq!(retry(TlsMode::Allow, &refused(), true), None);
+        assert_eq!(retry(TlsMode::Prefer, &refused(), true), Some(false));
+        // The server said N: the login was plaintext already.
+        assert_eq!(retry(TlsMode::Prefer, &refused(), false), None);
+        assert_eq!(retry(TlsMode::Prefer, &handshake(), false), Some(false));
+        for mode in [
+            TlsMode::Disable,
+            TlsMode::Require,
+            TlsMode::VerifyCa,
+            TlsMode::VerifyFull,
+        ] {
+            assert_eq!(retry(mode, &refused(), true), None);
+            assert_eq!(retry(mode, &refused(), false), None);
+            assert_eq!(retry(mode, &handshake(), false), None);
+        }
+        let closed = ServerError::Stream(StreamError::Closed);
+        assert_eq!(retry(TlsMode::Prefer, &closed, true), None);
+        assert_eq!(retry(TlsMode::Allow, &closed, false), None);
     }
 }

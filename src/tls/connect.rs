@@ -9,9 +9,10 @@
 //! SCRAM-SHA-256-PLUS binds to (`tls-server-end-point`, RFC 5929).
 //!
 //! The modes mean what libpq's `sslmode` means: `disable` never asks; `allow` logs in
-//! in plaintext and tries once more over TLS if the server refuses that login (libpq's
-//! retry; the retry is the caller's, see `pool::server`); `prefer` asks and falls back
-//! to plaintext when the server answers `N`; `require` insists and checks no
+//! in plaintext and tries once more over TLS if the server refuses that login; `prefer`
+//! asks and falls back to plaintext when the server answers `N` (and, as libpq, tries
+//! once more in plaintext when the handshake fails or the server refuses the login over
+//! TLS; those second tries are `pool::server`'s); `require` insists and checks no
 //! certificate; `verify-ca` checks the chain against `server_ca` but not the host name;
 //! `verify-full` checks both. As in libpq, SNI carries the backend's host name, never
 //! an IP address. TLS 1.2 and 1.3 only. No client certificate is shown to servers.

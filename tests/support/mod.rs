@@ -57,13 +57,24 @@ pub struct EnvOptions {
     pub server_ssl: Option<ServerSsl>,
 }
 
-/// How the servers take TLS: `ssl = on` with this certificate and key, and with
-/// `ssl_only` a pg_hba.conf whose TCP lines are all `hostssl` (the replication line
-/// aside), so that a plaintext login is refused, the superuser's included.
+/// How the servers take TLS: `ssl = on` with this certificate and key, and pg_hba.conf
+/// lines as `hba` says.
 #[derive(Clone)]
 pub struct ServerSsl {
     pub pem: certs::Pem,
-    pub ssl_only: bool,
+    pub hba: SslHba,
+}
+
+/// Which TCP logins the servers' pg_hba.conf takes (the replication line aside, and
+/// the superuser's lines included).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SslHba {
+    /// The harness's usual `host` lines: TLS and plaintext.
+    Any,
+    /// `hostssl` lines only: a plaintext login is refused.
+    TlsOnly,
+    /// `hostnossl` lines only: a login over TLS is refused.
+    PlaintextOnly,
 }
 
 impl ServerSsl {
@@ -144,8 +155,12 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     .await
     .expect("cluster task")
     .expect("start PostgreSQL");
-    if options.server_ssl.as_ref().is_some_and(|ssl| ssl.ssl_only) {
-        ssl_only_hba(&cluster, options.server_auth).await;
+    if let Some(ssl) = options
+        .server_ssl
+        .as_ref()
+        .filter(|ssl| ssl.hba != SslHba::Any)
+    {
+        restrict_hba(&cluster, options.server_auth, ssl.hba).await;
     }
     let dirs: Vec<String> = if options.data_dirs {
         cluster
@@ -171,29 +186,41 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     }
 }
 
-/// Rewrites every node's pg_hba.conf to take TCP logins over TLS only, reloads, and
-/// waits until a plaintext login is refused everywhere.
-async fn ssl_only_hba(cluster: &LocalCluster, method: &str) {
-    let hba = format!(
+/// Rewrites every node's pg_hba.conf to take TCP logins only over TLS or only in
+/// plaintext, reloads, and waits until the other kind is refused everywhere (checked
+/// with psql: `sslmode=disable` or `require`).
+async fn restrict_hba(cluster: &LocalCluster, method: &str, hba: SslHba) {
+    let (kind, refused_mode) = match hba {
+        SslHba::TlsOnly => ("hostssl", "disable"),
+        SslHba::PlaintextOnly => ("hostnossl", "require"),
+        SslHba::Any => return,
+    };
+    let text = format!(
         "local all all trust\n\
-         hostssl all postgres 127.0.0.1/32 trust\n\
-         hostssl all postgres ::1/128 trust\n\
+         {kind} all postgres 127.0.0.1/32 trust\n\
+         {kind} all postgres ::1/128 trust\n\
          host replication all 127.0.0.1/32 trust\n\
-         hostssl all all 127.0.0.1/32 {method}\n\
-         hostssl all all ::1/128 {method}\n"
+         {kind} all all 127.0.0.1/32 {method}\n\
+         {kind} all all ::1/128 {method}\n"
     );
     for port in cluster.ports() {
         let dir = cluster.data_dir(port).expect("data dir");
-        std::fs::write(dir.join("pg_hba.conf"), &hba).expect("write pg_hba.conf");
+        std::fs::write(dir.join("pg_hba.conf"), &text).expect("write pg_hba.conf");
         cluster
             .psql(port, "postgres", "SELECT pg_reload_conf()")
             .expect("reload");
-        let plain = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
         let refused = eventually(Duration::from_secs(10), || async {
-            connect_str(&plain).await.is_err()
+            !std::process::Command::new("psql")
+                .env("PGSSLMODE", refused_mode)
+                .args(["-X", "-w", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-c", "SELECT 1"])
+                .output()
+                .expect("run psql")
+                .status
+                .success()
         })
         .await;
-        assert!(refused, "node {port} still takes plaintext logins");
+        assert!(refused, "node {port} still takes {refused_mode} logins");
     }
 }
 
