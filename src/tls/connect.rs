@@ -511,8 +511,15 @@ mod tests {
     }
 
     /// A server that answers one SSLRequest with `answer` and, for `S`, completes a
-    /// TLS handshake with `pki`'s certificate. Returns its address.
-    async fn fake_server(answer: u8, pki: Option<&TestPki>) -> std::net::SocketAddr {
+    /// TLS handshake with `pki`'s certificate. Returns its address and what it saw
+    /// as SNI.
+    async fn sni_server(
+        answer: u8,
+        pki: Option<&TestPki>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<Option<String>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let acceptor = pki.map(|pki| {
@@ -527,22 +534,25 @@ mod tests {
             .expect("server config");
             tokio_rustls::TlsAcceptor::from(Arc::new(config))
         });
-        tokio::spawn(async move {
+        let seen = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
             let mut request = [0; 8];
             socket.read_exact(&mut request).await.expect("SSLRequest");
             assert_eq!(request, SSL_REQUEST);
             socket.write_all(&[answer]).await.expect("answer");
-            if let Some(acceptor) = acceptor {
-                if let Ok(mut tls) = acceptor.accept(socket).await {
-                    let _ = tls.write_all(b"hi").await;
-                    let _ = tls.flush().await;
-                    let mut rest = Vec::new();
-                    let _ = tls.read_to_end(&mut rest).await;
-                }
-            }
+            let mut tls = acceptor?.accept(socket).await.ok()?;
+            let sni = tls.get_ref().1.server_name().map(str::to_owned);
+            let _ = tls.write_all(b"hi").await;
+            let _ = tls.flush().await;
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+            sni
         });
-        addr
+        (addr, seen)
+    }
+
+    async fn fake_server(answer: u8, pki: Option<&TestPki>) -> std::net::SocketAddr {
+        sni_server(answer, pki).await.0
     }
 
     async fn negotiate(
@@ -608,6 +618,20 @@ mod tests {
         let addr = fake_server(b'S', Some(&pki)).await;
         let stream = negotiate(&tls_config(TlsMode::VerifyFull, &pki.ca), addr, "127.0.0.1").await;
         assert!(matches!(stream, Ok(Stream::Tls(_))));
+    }
+
+    /// SNI carries a host name, never an IP address (as libpq).
+    #[tokio::test]
+    async fn sni_is_the_host_name() {
+        let pki = pki();
+        for (host, expected) in [("localhost", Some("localhost")), ("127.0.0.1", None)] {
+            let (addr, seen) = sni_server(b'S', Some(&pki)).await;
+            let stream = negotiate(&tls_config(TlsMode::VerifyFull, &pki.ca), addr, host)
+                .await
+                .expect("TLS");
+            drop(stream);
+            assert_eq!(seen.await.expect("server").as_deref(), expected, "{host}");
+        }
     }
 
     #[tokio::test]
