@@ -1,9 +1,10 @@
 //! pgrelay → PostgreSQL over TLS (`[tls] server_mode`, `server_ca`), against real
 //! servers with `ssl = on` and, where it matters, a pg_hba.conf that takes only
-//! `hostssl`: pool connections in both pool modes, health and lag checks, routing to
-//! a replica, prepared statements, verification failures (a clean client error and a
-//! log line naming the backend), the plaintext modes, SCRAM-SHA-256-PLUS (with a
-//! password and with keys learned from a client), and a RELOAD with a broken CA.
+//! `hostssl` (or only `hostnossl`): pool connections in both pool modes, health and lag
+//! checks, routing to a replica, prepared statements, cancel requests, verification
+//! failures (a clean client error and a log line naming the backend), `require`,
+//! `prefer` and `allow` with their second tries, `disable`, SCRAM-SHA-256-PLUS (with a
+//! password and with keys learned from a client), and RELOAD with a broken CA.
 //!
 //! This binary installs one global `tracing` subscriber writing into memory, so tests
 //! can look for pgrelay's log lines (each looks for its own backend's port).

@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use crate::config::{TlsConfig, TlsMode};
 use crate::stream::Stream;
 
-/// SSLRequest: length 8, then the magic code 1234.5679.
+/// SSLRequest: length 8, then the code 80877103 (1234 << 16 | 5679).
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// Why a server TLS configuration could not be built.
