@@ -25,6 +25,7 @@ pub fn monitor(shared: &Arc<Shared>) -> Monitor {
         cluster: shared.cluster.clone(),
         config: shared.config.clone(),
         credentials: shared.credentials.clone(),
+        server_tls: shared.server_tls.clone(),
         findings: Findings::new(move |config, transitions| {
             if let Some(shared) = acting.upgrade() {
                 act(&shared, config, transitions);
@@ -75,6 +76,9 @@ impl Shared {
     /// unchanged nodes keep their servers; transactions in flight are not touched.
     pub fn apply(&self, config: Config) {
         self.router.reconfigure(&config);
+        if let Err(err) = self.server_tls.reload(&config.tls) {
+            tracing::error!(%err, "server TLS settings not reloaded; new server connections keep the previous ones");
+        }
         let transitions = self.cluster.reconfigure(&config);
         for node in &transitions.removed {
             self.pools.retire_node(*node);

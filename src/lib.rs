@@ -76,6 +76,9 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub cancel: Arc<cancel::CancelRegistry>,
     pub credentials: Arc<auth::Credentials>,
+    /// How server connections (pools, health and lag checks) use TLS: the current
+    /// `[tls]` server settings, rebuilt on reload.
+    pub server_tls: Arc<tls::connect::Connector>,
     /// Connected clients, for `max_client_conn`.
     pub clients: AtomicUsize,
     pub metrics: metrics::Metrics,
@@ -101,6 +104,7 @@ impl Shared {
     pub fn new(config: Config) -> Shared {
         let topology = cluster::Topology::from_config(&config);
         let client_tls = tls::accept::ClientTls::unavailable(config.tls.client_mode);
+        let server_tls = Arc::new(server_tls(&config.tls));
         Shared {
             router: router::Router::new(&config),
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -108,6 +112,7 @@ impl Shared {
             pools: Arc::default(),
             cancel: Arc::default(),
             credentials: Arc::default(),
+            server_tls,
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
             parsed: Arc::default(),
@@ -166,12 +171,23 @@ impl Shared {
                 port: state.1,
                 dbname,
                 user: user.to_owned(),
+                tls: self.server_tls.clone(),
             };
             let settings = pool_settings(config, database, user);
             Pool::new(key, target, settings, user_config, self.credentials.clone())
         });
         Ok(pool)
     }
+}
+
+/// The server TLS settings `tls` asks for. A `server_ca` that cannot be loaded is
+/// logged, and TLS to servers then fails until a reload loads one
+/// ([`listener::Pgrelay::start`] refuses to start with it).
+fn server_tls(tls: &config::TlsConfig) -> tls::connect::Connector {
+    tls::connect::Connector::new(tls).unwrap_or_else(|err| {
+        tracing::error!(%err, "server TLS settings could not be built; TLS connections to servers will fail");
+        tls::connect::Connector::failed(tls.server_mode, err)
+    })
 }
 
 /// The limits of the pool for `database` and `user` under `config`.

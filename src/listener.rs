@@ -25,11 +25,15 @@ pub enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A `tls.client_*` file could not be loaded.
     #[error("{}: {source}", source.key())]
     Tls {
         #[from]
         source: crate::tls::accept::CertError,
     },
+    /// `tls.server_ca` could not be loaded.
+    #[error(transparent)]
+    ServerTls(std::sync::Arc<crate::tls::connect::ConnectorError>),
 }
 
 /// A running pgrelay.
@@ -49,6 +53,9 @@ impl Pgrelay {
         let client_tls = crate::tls::accept::ClientTls::load(&config.tls)?;
         let shared = Arc::new(Shared::new(config.clone()));
         shared.client_tls.store(Arc::new(client_tls));
+        if let Some(err) = shared.server_tls.current().error() {
+            return Err(ListenError::ServerTls(err.clone()));
+        }
         let monitor = control::monitor(&shared);
         if config.failover.topology == crate::config::TopologySource::Patroni {
             if let Err(err) = patroni::poll_once(&monitor).await {

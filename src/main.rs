@@ -59,9 +59,6 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Run { config: path } => {
             let config = load(&path)?;
             init_logging(config.log_format);
-            for warning in config.warnings() {
-                tracing::warn!("{warning}");
-            }
             runtime(config.worker_threads)?.block_on(run(config, Some(path)))
         }
         Command::Demo { port } => {
@@ -109,12 +106,13 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
-    for warning in config.warnings() {
-        println!("warning: {warning}");
-    }
-    // What `run` would fail on: certificate files that cannot be loaded.
+    // What `run` would fail on: certificate files that cannot be loaded. The server
+    // side's message already carries its cause: `{:#}` in `main` would repeat it.
     pgrelay::tls::accept::ClientTls::load(&config.tls)
         .map_err(|err| anyhow::anyhow!("{}: {}: {err}", path.display(), err.key()))?;
+    if let Err(err) = pgrelay::tls::connect::Connector::new(&config.tls) {
+        anyhow::bail!("{}: {err}", path.display());
+    }
     println!("{}: ok", path.display());
     Ok(())
 }

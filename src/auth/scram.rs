@@ -272,18 +272,59 @@ pub struct KeyClient {
     client_key: [u8; 32],
     server_key: [u8; 32],
     nonce: String,
+    /// What the client-final-message's `c=` carries: the GS2 header, then the
+    /// channel-binding data if there is any.
+    binding_input: Vec<u8>,
+}
+
+/// The channel binding the client side of an exchange asks for (RFC 5802's GS2
+/// header), as PostgreSQL's clients choose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientBinding {
+    /// `n`: none (no TLS, or nothing to bind to).
+    Unsupported,
+    /// `y`: the client could bind, but the server did not offer -PLUS.
+    NotOffered,
+    /// `p=tls-server-end-point`: SCRAM-SHA-256-PLUS, bound to this hash of the
+    /// server's certificate.
+    TlsServerEndPoint(Vec<u8>),
+}
+
+impl ClientBinding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            ClientBinding::Unsupported => "n,,",
+            ClientBinding::NotOffered => "y,,",
+            ClientBinding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
 }
 
 impl KeyClient {
     /// Returns the client and its client-first-message.
     pub fn new(client_key: [u8; 32], server_key: [u8; 32]) -> (Self, String) {
+        Self::bound(client_key, server_key, ClientBinding::Unsupported)
+    }
+
+    /// Like [`KeyClient::new`], with channel binding as `binding` says.
+    pub fn bound(
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+        binding: ClientBinding,
+    ) -> (Self, String) {
         let nonce = random_nonce();
-        let first = format!("n,,n=,r={nonce}");
+        let header = binding.gs2_header();
+        let first = format!("{header}n=,r={nonce}");
+        let mut binding_input = header.as_bytes().to_vec();
+        if let ClientBinding::TlsServerEndPoint(hash) = binding {
+            binding_input.extend_from_slice(&hash);
+        }
         (
             KeyClient {
                 client_key,
                 server_key,
                 nonce,
+                binding_input,
             },
             first,
         )
@@ -297,7 +338,7 @@ impl KeyClient {
         if !nonce.starts_with(&self.nonce) {
             return Err(ScramError::Nonce);
         }
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", B64.encode(&self.binding_input));
         let auth_message = format!("n=,r={},{server_first},{without_proof}", self.nonce);
         let stored_key = sha256(&self.client_key);
         let proof = xor(

@@ -96,6 +96,7 @@ pub async fn connect_check(
         port,
         dbname: check.database.clone(),
         user: check.user.clone(),
+        tls: monitor.server_tls.clone(),
     };
     let credentials = if !check.password.is_empty() {
         ServerCredentials::Password(check.password.as_bytes().to_vec())

@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::auth::Credentials;
 use crate::config::Config;
+use crate::tls::connect::Connector;
 use events::{Outcome, Transition};
 use failover::Tracker;
 
@@ -37,6 +38,8 @@ pub struct Monitor {
     pub cluster: Arc<Cluster>,
     pub config: Arc<ArcSwap<Config>>,
     pub credentials: Arc<Credentials>,
+    /// The server TLS settings, the same the pools connect with.
+    pub server_tls: Arc<Connector>,
     pub findings: Findings,
 }
 

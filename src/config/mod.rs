@@ -323,20 +323,6 @@ impl Config {
             ("tls.server_ca", t.server_ca.clone()),
         ]
     }
-
-    /// Settings this build accepts but does not act on yet, one line each, key path
-    /// first. Meant to be logged at startup and by `pgrelay check`.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut lines = Vec::new();
-        if self.tls.server_mode.is_required() {
-            lines.push(format!(
-                "tls.server_mode: {:?} is not enforced: server TLS is not implemented yet, \
-                 server connections are unencrypted",
-                self.tls.server_mode.as_str()
-            ));
-        }
-        lines
-    }
 }
 
 #[cfg(test)]
@@ -1037,23 +1023,6 @@ mod tests {
             Some("db")
         );
         assert!(!config.allows_any_database());
-    }
-
-    #[test]
-    fn warnings_list_unimplemented_settings() {
-        let config = parse(MINIMAL).expect("minimal");
-        assert_eq!(config.warnings(), Vec::<String>::new());
-        let mut config = config;
-        config.tls.client_mode = TlsMode::Allow;
-        config.tls.server_mode = TlsMode::Require;
-        config.failover.topology = TopologySource::Patroni;
-        config.failover.failover_command = "/bin/true %d".into();
-        let keys: Vec<String> = config
-            .warnings()
-            .iter()
-            .filter_map(|line| line.split_once(':').map(|(key, _)| key.to_owned()))
-            .collect();
-        assert_eq!(keys, ["tls.server_mode"]);
     }
 
     #[test]

@@ -552,6 +552,7 @@ mod tests {
             port: 1,
             dbname: "db".into(),
             user: "u".into(),
+            tls: Arc::default(),
         };
         let settings = PoolSettings {
             size: 0,

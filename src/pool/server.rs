@@ -1,22 +1,29 @@
-//! One PostgreSQL server connection: connect, log in with whatever the server asks for
-//! (trust, cleartext, md5, SCRAM-SHA-256), remember its key and parameters, and run
-//! pgrelay's own housekeeping queries on it (reset, parameter reconciliation).
+//! One PostgreSQL server connection: connect (over TLS as `tls.server_mode` says), log
+//! in with whatever the server asks for (trust, cleartext, md5, SCRAM-SHA-256, and
+//! SCRAM-SHA-256-PLUS over TLS), remember its key and parameters, and run pgrelay's own
+//! housekeeping queries on it (reset, parameter reconciliation).
 //!
 //! It never talks to clients; the relay moves client traffic through [`Server::conn`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::net::TcpStream;
 
+use crate::auth::scram::ClientBinding;
 use crate::auth::{md5, scram, ServerCredentials};
+use crate::config::TlsMode;
 use crate::error::Side;
 use crate::protocol::backend::{self, ErrorFields};
 use crate::protocol::MAX_MESSAGE_LEN;
 use crate::stream::{Conn, Stream, StreamError};
+use crate::tls::connect::{end_point_hash, Connector, ServerTls, TlsConnectError};
 
 use super::params::ParamSet;
 use super::statements::ServerStatements;
@@ -30,6 +37,11 @@ pub enum ServerError {
     },
     #[error("timed out connecting to server {addr}")]
     ConnectTimeout { addr: String },
+    #[error("TLS with server {addr}: {source}")]
+    Tls {
+        addr: String,
+        source: TlsConnectError,
+    },
     #[error("server rejected the connection: {} ({})", .0.message, .0.code)]
     Rejected(ErrorFields),
     #[error("server asked for an authentication method pgrelay cannot answer: {0}")]
@@ -76,6 +88,7 @@ impl ServerError {
             | ServerError::ConnectTimeout { .. }
             | ServerError::Unexpected { .. }
             | ServerError::Stream(_) => true,
+            ServerError::Tls { source, .. } => source.transient(),
             ServerError::Rejected(fields) | ServerError::Query(fields) => {
                 fields.code.starts_with("57P") || fields.code.starts_with("08")
             }
@@ -84,13 +97,16 @@ impl ServerError {
     }
 }
 
-/// Where and as whom a pool's servers connect.
+/// Where, how and as whom a pool's servers connect.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
     pub host: String,
     pub port: u16,
     pub dbname: String,
     pub user: String,
+    /// The server TLS settings (one for all of pgrelay; reloadable): each connection
+    /// takes the current ones.
+    pub tls: Arc<Connector>,
 }
 
 /// An authenticated server connection.
@@ -114,44 +130,74 @@ pub struct Server {
 }
 
 impl Server {
+    /// Connects and logs in, TLS as `tls.server_mode` says, with libpq's second try
+    /// ([`retry`]) in `allow` and `prefer`.
     pub async fn connect(
         target: &ServerTarget,
         credentials: &ServerCredentials,
         timeout: Duration,
     ) -> Result<Server, ServerError> {
-        let addr_text = format!("{}:{}", target.host, target.port);
-        let tcp = tokio::time::timeout(
-            timeout,
-            TcpStream::connect((target.host.as_str(), target.port)),
-        )
-        .await
-        .map_err(|_| ServerError::ConnectTimeout {
-            addr: addr_text.clone(),
-        })?
-        .map_err(|source| ServerError::Connect {
-            addr: addr_text.clone(),
-            source,
-        })?;
-        let _ = tcp.set_nodelay(true);
-        let addr = tcp.peer_addr().map_err(|source| ServerError::Connect {
-            addr: addr_text.clone(),
-            source,
-        })?;
-        let mut server = Server {
-            conn: Conn::new(Stream::Plain(tcp)),
-            addr,
-            pid: 0,
-            secret: 0,
-            params: ParamSet::default(),
-            created: Instant::now(),
-            idle_since: Instant::now(),
-            statements: ServerStatements::default(),
-            epoch: 0,
+        let tls = target.tls.current();
+        let first = Self::attempt(target, credentials, timeout, &tls, tls.asks_first()).await;
+        let (err, over_tls) = match first {
+            Ok(server) => return Ok(server),
+            Err(failed) => failed,
         };
-        tokio::time::timeout(timeout, server.login(target, credentials))
+        let Some(ask_tls) = retry(tls.mode(), &err, over_tls) else {
+            return Err(err);
+        };
+        tracing::debug!(host = %target.host, port = target.port, %err, tls = ask_tls,
+            mode = tls.mode().as_str(), "server login failed; trying once more, as libpq");
+        Self::attempt(target, credentials, timeout, &tls, ask_tls)
             .await
-            .map_err(|_| ServerError::ConnectTimeout { addr: addr_text })??;
-        Ok(server)
+            .map_err(|(err, _)| err)
+    }
+
+    /// One connection and login: TCP, then TLS (when `ask_tls`) and the login within
+    /// `timeout` again. A failure says whether the connection had become TLS.
+    async fn attempt(
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+        tls: &ServerTls,
+        ask_tls: bool,
+    ) -> Result<Server, (ServerError, bool)> {
+        let addr_text = format!("{}:{}", target.host, target.port);
+        let (tcp, addr) = tcp_connect(target, &addr_text, timeout)
+            .await
+            .map_err(|err| (err, false))?;
+        let login = async {
+            let stream = tls
+                .negotiate(tcp, &target.host, ask_tls)
+                .await
+                .map_err(|source| {
+                    let addr = addr_text.clone();
+                    (ServerError::Tls { addr, source }, false)
+                })?;
+            let over_tls = matches!(stream, Stream::Tls(_));
+            let mut server = Server {
+                conn: Conn::new(stream),
+                addr,
+                pid: 0,
+                secret: 0,
+                params: ParamSet::default(),
+                created: Instant::now(),
+                idle_since: Instant::now(),
+                statements: ServerStatements::default(),
+                epoch: 0,
+            };
+            match server.login(target, credentials).await {
+                Ok(()) => Ok(server),
+                Err(err) => Err((err, over_tls)),
+            }
+        };
+        let timed_out = || {
+            let addr = addr_text.clone();
+            (ServerError::ConnectTimeout { addr }, false)
+        };
+        tokio::time::timeout(timeout, login)
+            .await
+            .map_err(|_| timed_out())?
     }
 
     async fn login(
@@ -238,10 +284,16 @@ impl Server {
                 );
             }
             (10, creds) => {
-                let (state, first) = ScramState::start(creds)?;
+                let binding = choose_binding(data, end_point_hash(self.conn.get_ref()))?;
+                let mechanism = match binding {
+                    ClientBinding::TlsServerEndPoint(_) => SCRAM_SHA_256_PLUS,
+                    _ => SCRAM_SHA_256,
+                };
+                tracing::debug!(host = %target.host, port = target.port, mechanism, "SCRAM login to a server");
+                let (state, first) = ScramState::start(creds, binding)?;
                 encode(
-                    |b| frontend::sasl_initial_response(scram::MECHANISM, &first, b),
-                    wbuf,
+                    |b| frontend::sasl_initial_response(mechanism, &first, b),
+                    self.conn.wbuf(),
                 );
                 *scram = Some(state);
             }
@@ -312,6 +364,50 @@ impl Server {
     }
 }
 
+/// libpq's second try after a failed login, as whether to ask for TLS: in `allow`,
+/// over TLS after the server refused the plaintext login (a pg_hba.conf with only
+/// `hostssl` lines); in `prefer`, in plaintext after the TLS handshake failed or the
+/// server refused the login over TLS (`hostnossl` lines). A certificate that fails
+/// verification never gets here: `prefer` checks none.
+fn retry(mode: TlsMode, err: &ServerError, over_tls: bool) -> Option<bool> {
+    match (mode, err) {
+        (TlsMode::Allow, ServerError::Rejected(_)) if !over_tls => Some(true),
+        (TlsMode::Prefer, ServerError::Rejected(_)) if over_tls => Some(false),
+        (
+            TlsMode::Prefer,
+            ServerError::Tls {
+                source: TlsConnectError::Handshake(_),
+                ..
+            },
+        ) => Some(false),
+        _ => None,
+    }
+}
+
+/// Opens the TCP connection to `target` within `timeout`.
+async fn tcp_connect(
+    target: &ServerTarget,
+    addr_text: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), ServerError> {
+    let connect_error = |source| ServerError::Connect {
+        addr: addr_text.to_owned(),
+        source,
+    };
+    let tcp = tokio::time::timeout(
+        timeout,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    .map_err(|_| ServerError::ConnectTimeout {
+        addr: addr_text.to_owned(),
+    })?
+    .map_err(connect_error)?;
+    let _ = tcp.set_nodelay(true);
+    let addr = tcp.peer_addr().map_err(connect_error)?;
+    Ok((tcp, addr))
+}
+
 /// The columns of a DataRow body, as text (NULL as None).
 fn columns(body: &[u8]) -> Vec<Option<String>> {
     let mut out = Vec::new();
@@ -346,6 +442,31 @@ fn encode(build: impl FnOnce(&mut BytesMut) -> std::io::Result<()>, buf: &mut By
     }
 }
 
+/// Which SCRAM a server gets, from the mechanisms its AuthenticationSASL offers and
+/// what the connection can bind to (`end_point`: the certificate hash over TLS), as
+/// libpq chooses: -PLUS whenever offered and possible; otherwise `y` over TLS (pgrelay
+/// could bind, the server did not offer it) and `n` without anything to bind to. A
+/// server offering -PLUS to a client that cannot compute the hash gets `n`, since `y`
+/// would tell it that -PLUS was stripped from its offer.
+fn choose_binding(
+    offered: &[u8],
+    end_point: Option<Vec<u8>>,
+) -> Result<ClientBinding, ServerError> {
+    let (mut plain, mut plus) = (false, false);
+    for mechanism in offered.split(|b| *b == 0) {
+        plain |= mechanism == SCRAM_SHA_256.as_bytes();
+        plus |= mechanism == SCRAM_SHA_256_PLUS.as_bytes();
+    }
+    match (end_point, plus, plain) {
+        (Some(hash), true, _) => Ok(ClientBinding::TlsServerEndPoint(hash)),
+        (Some(_), false, true) => Ok(ClientBinding::NotOffered),
+        (None, _, true) => Ok(ClientBinding::Unsupported),
+        _ => Err(ServerError::AuthMethod(
+            "a SASL mechanism other than SCRAM-SHA-256 (or -PLUS without TLS)",
+        )),
+    }
+}
+
 /// A SCRAM login in progress: with a password (postgres-protocol's client) or with the
 /// keys a client proved to pgrelay.
 enum ScramState {
@@ -357,10 +478,20 @@ enum ScramState {
 }
 
 impl ScramState {
-    fn start(credentials: &ServerCredentials) -> Result<(ScramState, Vec<u8>), ServerError> {
+    fn start(
+        credentials: &ServerCredentials,
+        binding: ClientBinding,
+    ) -> Result<(ScramState, Vec<u8>), ServerError> {
         match credentials {
             ServerCredentials::Password(p) => {
-                let client = ScramSha256::new(p, ChannelBinding::unsupported());
+                let binding = match binding {
+                    ClientBinding::Unsupported => ChannelBinding::unsupported(),
+                    ClientBinding::NotOffered => ChannelBinding::unrequested(),
+                    ClientBinding::TlsServerEndPoint(hash) => {
+                        ChannelBinding::tls_server_end_point(hash)
+                    }
+                };
+                let client = ScramSha256::new(p, binding);
                 let first = client.message().to_vec();
                 Ok((ScramState::Password(Box::new(client)), first))
             }
@@ -368,7 +499,7 @@ impl ScramState {
                 client_key,
                 server_key,
             } => {
-                let (client, first) = scram::KeyClient::new(*client_key, *server_key);
+                let (client, first) = scram::KeyClient::bound(*client_key, *server_key, binding);
                 Ok((
                     ScramState::Keys {
                         client,
@@ -542,5 +673,115 @@ mod tests {
         let err = ServerError::Scram(scram::ScramError::ServerSignature.into());
         let source = err.source().expect("a source");
         assert_eq!(source.to_string(), "server signature does not match");
+    }
+
+    #[test]
+    fn channel_binding_choice() {
+        let both = b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0";
+        let plain = b"SCRAM-SHA-256\0\0";
+        let hash = || Some(vec![7; 32]);
+        assert!(matches!(
+            choose_binding(both, hash()),
+            Ok(ClientBinding::TlsServerEndPoint(h)) if h == [7; 32]
+        ));
+        assert!(matches!(
+            choose_binding(plain, hash()),
+            Ok(ClientBinding::NotOffered)
+        ));
+        // Plaintext, or a certificate whose hash cannot be known: `n`, even if offered.
+        assert!(matches!(
+            choose_binding(both, None),
+            Ok(ClientBinding::Unsupported)
+        ));
+        assert!(matches!(
+            choose_binding(plain, None),
+            Ok(ClientBinding::Unsupported)
+        ));
+        assert!(choose_binding(b"SCRAM-SHA-256-PLUS\0\0", None).is_err());
+        assert!(choose_binding(b"OAUTHBEARER\0\0", hash()).is_err());
+    }
+
+    /// The keys-only client binds its proof to the certificate hash: checked here the
+    /// way PostgreSQL checks it (c= holds the GS2 header and the hash, and the proof
+    /// covers that), since pgrelay's own server side takes no -PLUS.
+    #[test]
+    fn key_client_with_channel_binding() {
+        use base64::Engine;
+        use hmac::{Hmac, Mac};
+        use sha2::{Digest, Sha256};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let hmac = |key: &[u8], data: &[u8]| {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("key");
+            mac.update(data);
+            mac.finalize().into_bytes().to_vec()
+        };
+        let salted = {
+            // Hi() with 2 iterations, enough for a test.
+            let u1 = hmac(b"pencil", b"salt\0\0\0\x01");
+            let u2 = hmac(b"pencil", &u1);
+            u1.iter().zip(&u2).map(|(a, b)| a ^ b).collect::<Vec<u8>>()
+        };
+        let client_key: [u8; 32] = hmac(&salted, b"Client Key").try_into().expect("32");
+        let server_key: [u8; 32] = hmac(&salted, b"Server Key").try_into().expect("32");
+        let hash = vec![0xab; 32];
+        let (client, first) = scram::KeyClient::bound(
+            client_key,
+            server_key,
+            ClientBinding::TlsServerEndPoint(hash.clone()),
+        );
+        let bare = first
+            .strip_prefix("p=tls-server-end-point,,")
+            .expect("GS2 header");
+        let nonce = bare.strip_prefix("n=,r=").expect("nonce");
+        let server_first = format!("r={nonce}srv,s={},i=2", b64.encode(b"salt"));
+        let (client_final, server_final) =
+            client.respond(server_first.as_bytes()).expect("respond");
+        let (without_proof, proof) = client_final.rsplit_once(",p=").expect("proof");
+        let mut input = b"p=tls-server-end-point,,".to_vec();
+        input.extend(&hash);
+        assert_eq!(
+            without_proof,
+            format!("c={},r={nonce}srv", b64.encode(&input))
+        );
+        let auth_message = format!("{bare},{server_first},{without_proof}");
+        let stored_key = Sha256::digest(client_key);
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof = b64.decode(proof).expect("base64");
+        let recovered: Vec<u8> = proof.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
+        assert_eq!(recovered, client_key);
+        let expected = format!(
+            "v={}",
+            b64.encode(hmac(&server_key, auth_message.as_bytes()))
+        );
+        assert_eq!(server_final, expected);
+    }
+
+    /// libpq's second tries, and nothing else is tried twice.
+    #[test]
+    fn second_tries() {
+        let refused = || ServerError::Rejected(fields("28000"));
+        let handshake = || ServerError::Tls {
+            addr: "h:1".into(),
+            source: TlsConnectError::Handshake(std::io::ErrorKind::InvalidData.into()),
+        };
+        assert_eq!(retry(TlsMode::Allow, &refused(), false), Some(true));
+        assert_eq!(retry(TlsMode::Allow, &refused(), true), None);
+        assert_eq!(retry(TlsMode::Prefer, &refused(), true), Some(false));
+        // The server said N: the login was plaintext already.
+        assert_eq!(retry(TlsMode::Prefer, &refused(), false), None);
+        assert_eq!(retry(TlsMode::Prefer, &handshake(), false), Some(false));
+        for mode in [
+            TlsMode::Disable,
+            TlsMode::Require,
+            TlsMode::VerifyCa,
+            TlsMode::VerifyFull,
+        ] {
+            assert_eq!(retry(mode, &refused(), true), None);
+            assert_eq!(retry(mode, &refused(), false), None);
+            assert_eq!(retry(mode, &handshake(), false), None);
+        }
+        let closed = ServerError::Stream(StreamError::Closed);
+        assert_eq!(retry(TlsMode::Prefer, &closed, true), None);
+        assert_eq!(retry(TlsMode::Allow, &closed, false), None);
     }
 }

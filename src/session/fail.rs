@@ -78,6 +78,7 @@ pub(super) fn server_error(err: ServerError) -> ClientError {
         | ServerError::Scram(_)
         | ServerError::Connect { .. }
         | ServerError::ConnectTimeout { .. }
+        | ServerError::Tls { .. }
         | ServerError::Unexpected { .. }
         | ServerError::Stream(_) => ClientError::server_login_failed(),
     }
@@ -99,6 +100,10 @@ mod tests {
             },
             ServerError::ConnectTimeout {
                 addr: "10.1.2.3:5433".into(),
+            },
+            ServerError::Tls {
+                addr: "10.1.2.3:5433".into(),
+                source: crate::tls::connect::TlsConnectError::Refused { mode: "require" },
             },
             ServerError::Stream(crate::stream::StreamError::Closed),
             ServerError::AuthMethod("md5 without a password or md5 hash"),

@@ -53,6 +53,39 @@ pub struct EnvOptions {
     pub data_dirs: bool,
     /// Serve `/metrics`, `/healthz`, `/readyz` on a free port (`Pgrelay::metrics_addr`).
     pub metrics: bool,
+    /// PostgreSQL with TLS (none: `ssl` stays off, as PostgreSQL's default).
+    pub server_ssl: Option<ServerSsl>,
+}
+
+/// How the servers take TLS: `ssl = on` with this certificate and key, and pg_hba.conf
+/// lines as `hba` says.
+#[derive(Clone)]
+pub struct ServerSsl {
+    pub pem: certs::Pem,
+    pub hba: SslHba,
+}
+
+/// Which TCP logins the servers' pg_hba.conf takes (the replication line aside, and
+/// the superuser's lines included).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SslHba {
+    /// The harness's usual `host` lines: TLS and plaintext.
+    Any,
+    /// `hostssl` lines only: a plaintext login is refused.
+    TlsOnly,
+    /// `hostnossl` lines only: a login over TLS is refused.
+    PlaintextOnly,
+}
+
+impl ServerSsl {
+    fn conf_lines(&self) -> Vec<String> {
+        let quote = |path: &std::path::Path| path.display().to_string().replace('\'', "''");
+        vec![
+            "ssl = on".to_owned(),
+            format!("ssl_cert_file = '{}'", quote(&self.pem.cert)),
+            format!("ssl_key_file = '{}'", quote(&self.pem.key)),
+        ]
+    }
 }
 
 impl Default for EnvOptions {
@@ -73,6 +106,7 @@ impl Default for EnvOptions {
             sections: Vec::new(),
             data_dirs: false,
             metrics: false,
+            server_ssl: None,
         }
     }
 }
@@ -108,7 +142,12 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         host_auth: options.server_auth.into(),
         users: options.server_users.clone(),
         databases: vec![(APP_DB.into(), APP_USER.into())],
-        extra_conf: options.server_conf.clone(),
+        extra_conf: options
+            .server_conf
+            .iter()
+            .cloned()
+            .chain(options.server_ssl.iter().flat_map(ServerSsl::conf_lines))
+            .collect(),
     };
     let cluster = tokio::task::spawn_blocking(move || {
         LocalCluster::start(&cluster_options).map_err(Box::new)
@@ -116,6 +155,13 @@ pub async fn start(options: EnvOptions) -> TestEnv {
     .await
     .expect("cluster task")
     .expect("start PostgreSQL");
+    if let Some(ssl) = options
+        .server_ssl
+        .as_ref()
+        .filter(|ssl| ssl.hba != SslHba::Any)
+    {
+        restrict_hba(&cluster, options.server_auth, ssl.hba).await;
+    }
     let dirs: Vec<String> = if options.data_dirs {
         cluster
             .ports()
@@ -137,6 +183,44 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         addr,
         options,
         cluster,
+    }
+}
+
+/// Rewrites every node's pg_hba.conf to take TCP logins only over TLS or only in
+/// plaintext, reloads, and waits until the other kind is refused everywhere (checked
+/// with psql: `sslmode=disable` or `require`).
+async fn restrict_hba(cluster: &LocalCluster, method: &str, hba: SslHba) {
+    let (kind, refused_mode) = match hba {
+        SslHba::TlsOnly => ("hostssl", "disable"),
+        SslHba::PlaintextOnly => ("hostnossl", "require"),
+        SslHba::Any => return,
+    };
+    let text = format!(
+        "local all all trust\n\
+         {kind} all postgres 127.0.0.1/32 trust\n\
+         {kind} all postgres ::1/128 trust\n\
+         host replication all 127.0.0.1/32 trust\n\
+         {kind} all all 127.0.0.1/32 {method}\n\
+         {kind} all all ::1/128 {method}\n"
+    );
+    for port in cluster.ports() {
+        let dir = cluster.data_dir(port).expect("data dir");
+        std::fs::write(dir.join("pg_hba.conf"), &text).expect("write pg_hba.conf");
+        cluster
+            .psql(port, "postgres", "SELECT pg_reload_conf()")
+            .expect("reload");
+        let refused = eventually(Duration::from_secs(10), || async {
+            !std::process::Command::new("psql")
+                .env("PGSSLMODE", refused_mode)
+                .args(["-X", "-w", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-c", "SELECT 1"])
+                .output()
+                .expect("run psql")
+                .status
+                .success()
+        })
+        .await;
+        assert!(refused, "node {port} still takes {refused_mode} logins");
     }
 }
 
