@@ -748,3 +748,68 @@ async fn channel_binding_misuse_is_refused() {
     assert_eq!(answer.sqlstate().as_deref(), Some("08P01"), "{answer:?}");
     assert!(answer.fields()[&b'M'].contains("channel binding check failed"));
 }
+
+/// RELOAD swapping the certificate back and forth while pgbench runs over TLS: 4
+/// clients that keep their connection and 4 that reconnect for every transaction (so
+/// they log in under both certificates) fail no transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_reloads_under_pgbench_fail_no_transaction() {
+    let a = Pki::new("under-load-a");
+    let b = Pki::new("under-load-b");
+    let options = EnvOptions::default();
+    let env = start_tls(options.clone(), tls_section("require", &a.server, None)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgrelay.toml");
+    let script = dir.path().join("select.sql");
+    std::fs::write(&script, "SELECT 1;\n").expect("write script");
+    let write = |server: &Pem| {
+        let mut options = options.clone();
+        options.sections.push(tls_section("require", server, None));
+        let text = support::config_text(&options, &env.cluster.ports());
+        std::fs::write(&path, text).expect("write config");
+    };
+    let pgbench = |reconnect: bool| {
+        let mut command = Command::new(support::needs::program("pgbench"));
+        command
+            .env("PGPASSWORD", APP_PASSWORD)
+            .env("PGSSLMODE", "require")
+            .args(["-n", "-c", "4", "-j", "2", "-T", "4", "-f"])
+            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &env.port().to_string()])
+            .args(["-U", APP_USER, APP_DB]);
+        if reconnect {
+            command.arg("-C");
+        }
+        std::thread::spawn(move || command.output().expect("run pgbench"))
+    };
+    let runs = [pgbench(false), pgbench(true)];
+    let mut reloads = 0;
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        write(if reloads % 2 == 0 {
+            &b.server
+        } else {
+            &a.server
+        });
+        env.relay.reload(&path).expect("reload");
+        reloads += 1;
+    }
+    for run in runs {
+        let out = run.join().expect("pgbench thread");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pgbench failed:\n{stdout}\n{stderr}");
+        let processed = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no transaction count in:\n{stdout}"));
+        assert!(processed > 0, "{stdout}");
+        assert!(
+            stdout.contains("number of failed transactions: 0 "),
+            "{stdout}\n{stderr}"
+        );
+    }
+    assert!(reloads >= 10, "{reloads} reloads");
+}
