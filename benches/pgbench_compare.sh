@@ -5,7 +5,11 @@
 # system CPU µs per transaction (/proc/PID/stat) and voluntary and involuntary context
 # switches per transaction (/proc/PID/task/*/status, all threads); then KiB of RSS per
 # idle logged-in client (IDLE_CLIENTS of them) and whether MANY_CLIENTS clients are
-# all accepted and each answered `SELECT 1` (benches/idle_clients.py).
+# all accepted and each answered `SELECT 1` (benches/idle_clients.py); then a SCRAM
+# login storm: LOGIN_CLIENTS clients logging in at once through a PgBouncer and a
+# pgrelay that both require scram-sha-256, timed until every one has ReadyForQuery,
+# with each proxy's CPU seconds (benches/login_storm.py); then pgrelay with
+# worker_threads = 1 against 2 (and PgBouncer) under `pgbench -S -M simple`.
 #
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
@@ -14,6 +18,11 @@
 #   PREPARED_ONLY=1 benches/pgbench_compare.sh # only -M prepared against -M extended
 #   IDLE_ONLY=1 benches/pgbench_compare.sh     # only the idle and many-client runs
 #   IDLE_CLIENTS=2000 MANY_CLIENTS=10000 benches/pgbench_compare.sh  # 0 skips either
+#   LOGIN_ONLY=1 benches/pgbench_compare.sh    # only the SCRAM login storm
+#   LOGIN_CLIENTS=2000 LOGIN_SECRET=scram benches/pgbench_compare.sh
+#                                         # the proxies hold the SCRAM secret from
+#                                         # pg_authid (scram) or the password (plain)
+#   WORKERS_ONLY=1 benches/pgbench_compare.sh  # only worker_threads = 1 against 2
 #   BASELINE_BIN=/path/to/old/pgrelay benches/pgbench_compare.sh
 #                                         # also an older pgrelay build, in the same rounds
 #
@@ -22,7 +31,8 @@
 #
 # Needs PostgreSQL's binaries, pgbench, psql and pgbouncer (Debian: postgresql,
 # pgbouncer). Builds pgrelay in release mode. Both proxies run in transaction mode with
-# trust auth and a pool of 20, so the comparison is of the relay itself.
+# trust auth and a pool of 20, so the comparison is of the relay itself; the login storm
+# has its own pair of proxies requiring scram-sha-256, neither logging each connection.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -32,18 +42,25 @@ CLIENTS=${CLIENTS:-32}
 POOL=${POOL:-20}
 IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
 MANY_CLIENTS=${MANY_CLIENTS:-10000}
+LOGIN_CLIENTS=${LOGIN_CLIENTS:-2000}
+LOGIN_SECRET=${LOGIN_SECRET:-scram}   # scram | plain: what the proxies store for the storm's user
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BINDIR=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 [ -x "$BINDIR/initdb" ] || { echo "PostgreSQL binaries not found (set PG_BINDIR)"; exit 1; }
 [ -x "$PGBOUNCER" ] || { echo "pgbouncer not found (apt-get install pgbouncer)"; exit 1; }
 
+# Which sections run: all of them, unless *_ONLY=1 picks some.
+ONLY="${STREAM_ONLY:+ stream}${ROUTING_ONLY:+ routing}${IDLE_ONLY:+ idle}${LOGIN_ONLY:+ login}${WORKERS_ONLY:+ workers}"
+runs() { [ -z "$ONLY" ] || [[ "$ONLY " == *" $1 "* ]]; }
+
 # Every idle client is a socket in the client script and one in the proxy.
+MOST_CLIENTS=$(printf '%s\n' "$IDLE_CLIENTS" "$MANY_CLIENTS" "$LOGIN_CLIENTS" | sort -n | tail -1)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$MANY_CLIENTS" -gt 0 ] && [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MANY_CLIENTS + 500)) ]; then
-  echo "open-files limit $(ulimit -n) is too low for MANY_CLIENTS=$MANY_CLIENTS; raise it (ulimit -Hn)"; exit 1
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MOST_CLIENTS + 500)) ]; then
+  echo "open-files limit $(ulimit -n) is too low for $MOST_CLIENTS clients; raise it (ulimit -Hn)"; exit 1
 fi
-MAX_CLIENT_CONN=$(( (MANY_CLIENTS > IDLE_CLIENTS ? MANY_CLIENTS : IDLE_CLIENTS) + 100 ))
+MAX_CLIENT_CONN=$((MOST_CLIENTS + 100))
 
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -51,14 +68,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 WORK=$(mktemp -d /tmp/pgrelay-bench.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); RELAY_PORT=$(free_port)
-RELAY_PID=""; BOUNCER_PID=""; OFF_PID=""; ON_PID=""; BASE_PID=""
+RELAY_PID=""; BOUNCER_PID=""; BASE_PID=""
+PROXY_PIDS=() # every proxy started, for cleanup
 cleanup() {
-  [ -n "$RELAY_PID" ] && kill "$RELAY_PID" 2>/dev/null || true
-  [ -n "$BASE_PID" ] && kill "$BASE_PID" 2>/dev/null || true
-  [ -n "$OFF_PID" ] && kill "$OFF_PID" 2>/dev/null || true
-  [ -n "$ON_PID" ] && kill "$ON_PID" 2>/dev/null || true
+  for pid in "${PROXY_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   as_pg "$BINDIR/pg_ctl" -D "$WORK/replica" -m immediate stop >/dev/null 2>&1 || true
-  [ -n "$BOUNCER_PID" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -67,12 +81,13 @@ trap cleanup EXIT
 echo "building pgrelay (release)..."
 (cd "$ROOT" && cargo build --release --quiet)
 
+# Room for every proxy's pools (the sections' proxies keep their server connections).
 as_pg "$BINDIR/initdb" -D "$WORK/data" -U postgres --auth=trust --no-sync >/dev/null
 cat >> "$WORK/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$WORK'
-max_connections = 200
+max_connections = 400
 shared_buffers = 128MB
 fsync = off
 synchronous_commit = off
@@ -87,40 +102,47 @@ if [ "$(printf '1.21\n%s\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21 ]; t
   BOUNCER_PREPARED="max_prepared_statements = 200"
 fi
 
-cat > "$WORK/userlist.txt" <<USERS
-"postgres" ""
-USERS
-cat > "$WORK/pgbouncer.ini" <<INI
+# bouncer_ini NAME PORT AUTH_TYPE: a PgBouncer config whose user list is $WORK/NAME.users.
+bouncer_ini() {
+  cat <<INI
 [databases]
 * = host=127.0.0.1 port=$PG_PORT
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
+listen_port = $2
 unix_socket_dir =
-auth_type = trust
-auth_file = $WORK/userlist.txt
+auth_type = $3
+auth_file = $WORK/$1.users
 pool_mode = transaction
 default_pool_size = $POOL
 max_client_conn = $MAX_CLIENT_CONN
 $BOUNCER_PREPARED
 ignore_startup_parameters = extra_float_digits
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
+logfile = $WORK/$1.log
+pidfile = $WORK/$1.pid
 INI
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"/*
-# runuser's PAM session resets the open-files limit: raise it again inside.
-# shellcheck disable=SC2016
-as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"' "$PGBOUNCER" -d "$WORK/pgbouncer.ini" >/dev/null 2>&1
-for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
-BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+}
+# start_bouncer NAME: runs PgBouncer on $WORK/NAME.ini as a daemon; prints its pid.
+start_bouncer() {
+  [ "$(id -u)" = 0 ] && chown postgres "$WORK"/*
+  # runuser's PAM session resets the open-files limit: raise it again inside.
+  # shellcheck disable=SC2016
+  as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"' "$PGBOUNCER" -d "$WORK/$1.ini" >/dev/null 2>&1
+  for _ in $(seq 50); do [ -s "$WORK/$1.pid" ] && break; sleep 0.1; done
+  cat "$WORK/$1.pid"
+}
+echo '"postgres" ""' > "$WORK/pgbouncer.users"
+bouncer_ini pgbouncer "$BOUNCER_PORT" trust > "$WORK/pgbouncer.ini"
+BOUNCER_PID=$(start_bouncer pgbouncer); PROXY_PIDS+=("$BOUNCER_PID")
 
-# relay_config PORT ROUTING [REPLICA_PORT REPLICA_WEIGHT]
+# relay_config PORT ROUTING [REPLICA_PORT REPLICA_WEIGHT]. RELAY_WORKERS, RELAY_AUTH,
+# RELAY_USER and RELAY_PASSWORD, when set for one call, change the rest.
 relay_config() {
   cat <<TOML
 listen = ["127.0.0.1:$1"]
 metrics_listen = ""
 worker_threads = $RELAY_WORKERS
-auth_type = "trust"
+auth_type = "${RELAY_AUTH:-trust}"
 [pool]
 mode = "transaction"
 default_pool_size = $POOL
@@ -131,28 +153,40 @@ enabled = $2
 host = "127.0.0.1"
 port = $PG_PORT
 [[users]]
-name = "postgres"
-password = "unused-with-trust"
+name = "${RELAY_USER:-postgres}"
+password = "${RELAY_PASSWORD:-unused-with-trust}"
 TOML
   if [ -n "${3:-}" ]; then
     printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\nweight = %s\n' "$3" "$4"
   fi
 }
+# start_relay NAME [BINARY]: runs pgrelay on $WORK/NAME.toml, logging warnings to
+# $WORK/NAME.log; $! is its pid.
+start_relay() {
+  PGRELAY_LOG=${RELAY_LOG:-warn} "${2:-$ROOT/target/release/pgrelay}" run -c "$WORK/$1.toml" \
+    >"$WORK/$1.log" 2>&1 &
+  PROXY_PIDS+=("$!")
+}
+# await_login PORT [USER]: waits (10 s at most) until a login through PORT answers `SELECT 1`.
+await_login() {
+  for _ in $(seq 50); do
+    PGPASSWORD=$STORM_PASSWORD psql -X -h 127.0.0.1 -p "$1" -U "${2:-postgres}" -d postgres \
+      -Atc 'select 1' >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+}
+STORM_USER=storm; STORM_PASSWORD=storm-password # the login storm's role
+
 relay_config "$RELAY_PORT" true > "$WORK/pgrelay.toml"
-PGRELAY_LOG=warn,pgrelay::listener=info "$ROOT/target/release/pgrelay" run -c "$WORK/pgrelay.toml" \
-  >"$WORK/pgrelay.log" 2>&1 &
-RELAY_PID=$!
+RELAY_LOG=warn,pgrelay::listener=info start_relay pgrelay; RELAY_PID=$!
 BASE_PORT=""
 if [ -n "${BASELINE_BIN:-}" ]; then
   BASE_PORT=$(free_port)
   relay_config "$BASE_PORT" true > "$WORK/baseline.toml"
-  PGRELAY_LOG=warn "$BASELINE_BIN" run -c "$WORK/baseline.toml" >"$WORK/baseline.log" 2>&1 &
-  BASE_PID=$!
+  start_relay baseline "$BASELINE_BIN"; BASE_PID=$!
 fi
 
-for port in $BOUNCER_PORT $RELAY_PORT $BASE_PORT; do
-  for _ in $(seq 50); do psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
-done
+for port in $BOUNCER_PORT $RELAY_PORT $BASE_PORT; do await_login "$port"; done
 pgbench -i -s 10 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
 
 HZ=$(getconf CLK_TCK)
@@ -259,7 +293,7 @@ if [ -n "${PREPARED_ONLY:-}" ]; then
   exit 0
 fi
 
-if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}${IDLE_ONLY:-}" ]; then
+if [ -z "$ONLY" ]; then
   printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s x$ROUNDS)" direct pgbouncer pgrelay ratio "cpu µs/tx b / r"
   compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
@@ -282,7 +316,7 @@ stream() {
   end=$(date +%s.%N)
   awk -v s="$start" -v e="$end" 'BEGIN{printf "%.1f", 200/(e-s)}'
 }
-if [ -z "${ROUTING_ONLY:-}${IDLE_ONLY:-}" ]; then
+if runs stream; then
 d_all=(); b_all=(); r_all=()
 for _ in $(seq "$ROUNDS"); do
   d_all+=("$(stream "$PG_PORT")"); b_all+=("$(stream "$BOUNCER_PORT")"); r_all+=("$(stream "$RELAY_PORT")")
@@ -302,7 +336,7 @@ idle_run() { # NAME PORT PID CLIENTS [--select]
     || echo "$name: not every client logged in or answered (see above)" >&2
   echo "$name $line"
 }
-if [ -z "${STREAM_ONLY:-}${ROUTING_ONLY:-}" ]; then
+if runs idle; then
   if [ "$IDLE_CLIENTS" -gt 0 ]; then
     printf '\n%-34s %12s %12s %12s %12s\n' "$IDLE_CLIENTS idle clients" "KiB/client" "RSS before" "RSS after" "login s"
     for proxy in "pgbouncer $BOUNCER_PORT $BOUNCER_PID" "pgrelay $RELAY_PORT $RELAY_PID" \
@@ -326,7 +360,7 @@ fi
 # Routing on against routing off: the same pgrelay build in front of the primary and a
 # streaming replica. With the replica's weight at 0 every read still lands on the
 # primary, so the difference is what classifying and routing each transaction costs.
-if [ -z "${STREAM_ONLY:-}${IDLE_ONLY:-}" ]; then
+if runs routing; then
   cat >> "$WORK/data/pg_hba.conf" <<HBA
 host replication all 127.0.0.1/32 trust
 HBA
@@ -340,11 +374,9 @@ CONF
   OFF_PORT=$(free_port); ON_PORT=$(free_port)
   relay_config "$OFF_PORT" false "$REPLICA_PORT" 0 > "$WORK/off.toml"
   relay_config "$ON_PORT" true "$REPLICA_PORT" 0 > "$WORK/on.toml"
-  PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/off.toml" & OFF_PID=$!
-  PGRELAY_LOG=warn "$ROOT/target/release/pgrelay" run -c "$WORK/on.toml" & ON_PID=$!
-  for port in $OFF_PORT $ON_PORT; do
-    for _ in $(seq 50); do psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
-  done
+  start_relay off; OFF_PID=$!
+  start_relay on; ON_PID=$!
+  for port in $OFF_PORT $ON_PORT; do await_login "$port"; done
   sleep 2 # the first lag measurement puts the replica in the read set
   printf '\n%-34s %12s %12s %9s %22s\n' "routing (c=$CLIENTS, ${DURATION}s x$ROUNDS)" "routing off" "routing on" ratio "cpu µs/tx off / on"
   route_compare() {
@@ -361,4 +393,82 @@ CONF
   }
   route_compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   route_compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
+fi
+
+# A SCRAM login storm: LOGIN_CLIENTS clients at once through a PgBouncer and a pgrelay
+# that both require scram-sha-256 for a role whose secret PostgreSQL derived. Neither
+# logs each connection (pgrelay does not; PgBouncer is told not to), and both listen
+# with a backlog of 4096 (pgrelay's), so the figures are of the login work. A first
+# login through each proxy has its pool learn the server's parameters; after that,
+# logging in in transaction mode needs no server connection in either.
+if runs login; then
+  psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c \
+    "SET password_encryption = 'scram-sha-256'; CREATE ROLE $STORM_USER LOGIN PASSWORD '$STORM_PASSWORD'"
+  case "$LOGIN_SECRET" in
+    scram) STORM_SECRET=$(psql -X -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atc \
+      "SELECT rolpassword FROM pg_authid WHERE rolname = '$STORM_USER'") ;;
+    plain) STORM_SECRET=$STORM_PASSWORD ;;
+    *) echo "LOGIN_SECRET must be scram or plain"; exit 1 ;;
+  esac
+  LOGIN_BOUNCER_PORT=$(free_port); LOGIN_RELAY_PORT=$(free_port)
+  printf '"%s" "%s"\n' "$STORM_USER" "$STORM_SECRET" > "$WORK/login-bouncer.users"
+  { bouncer_ini login-bouncer "$LOGIN_BOUNCER_PORT" scram-sha-256
+    printf 'log_connections = 0\nlog_disconnections = 0\nlisten_backlog = 4096\n'; } > "$WORK/login-bouncer.ini"
+  LOGIN_BOUNCER_PID=$(start_bouncer login-bouncer); PROXY_PIDS+=("$LOGIN_BOUNCER_PID")
+  RELAY_AUTH=scram-sha-256 RELAY_USER=$STORM_USER RELAY_PASSWORD=$STORM_SECRET \
+    relay_config "$LOGIN_RELAY_PORT" false > "$WORK/login-relay.toml"
+  start_relay login-relay; LOGIN_RELAY_PID=$!
+  for port in $LOGIN_BOUNCER_PORT $LOGIN_RELAY_PORT; do await_login "$port" "$STORM_USER"; done
+
+  storm() { # PORT PID -> one line of benches/login_storm.py's key=value pairs
+    python3 "$ROOT/benches/login_storm.py" --port "$1" --pid "$2" --clients "$LOGIN_CLIENTS" \
+      --user "$STORM_USER" --password "$STORM_PASSWORD" || echo "not every client logged in (see above)" >&2
+  }
+  b=""; r=""
+  for _ in $(seq "$ROUNDS"); do
+    b+="$(storm "$LOGIN_BOUNCER_PORT" "$LOGIN_BOUNCER_PID")"$'\n'
+    r+="$(storm "$LOGIN_RELAY_PORT" "$LOGIN_RELAY_PID")"$'\n'
+  done
+  # value KEY: the median over rounds of KEY=value in login_storm.py's lines
+  value() { grep -o "\b$1=[0-9.]*" | cut -d= -f2 | median; }
+  failures() { grep -o '\bfailures=[0-9]*' | cut -d= -f2 | awk '{n += $1} END {print n + 0}'; }
+  printf '\n%-34s %9s %10s %9s %12s %15s %14s\n' "$LOGIN_CLIENTS SCRAM logins ($LOGIN_SECRET, x$ROUNDS)" \
+    "all in s" "median ms" failures "proxy CPU ms" "user / sys ms" "client CPU ms"
+  for proxy in pgbouncer pgrelay; do
+    lines=$b; [ "$proxy" = pgrelay ] && lines=$r
+    printf '%-34s %9s %10s %9s %12s %15s %14s\n' "$proxy" "$(value login_s <<<"$lines")" \
+      "$(value p50_ms <<<"$lines")" "$(failures <<<"$lines")" "$(value cpu_ms <<<"$lines")" \
+      "$(value user_ms <<<"$lines") / $(value sys_ms <<<"$lines")" "$(value client_cpu_ms <<<"$lines")"
+  done
+  awk -v rt="$(value login_s <<<"$r")" -v bt="$(value login_s <<<"$b")" \
+    -v rc="$(value cpu_ms <<<"$r")" -v bc="$(value cpu_ms <<<"$b")" \
+    'BEGIN {printf "%-34s %9.2f %10s %9s %12.2f\n", "pgrelay / pgbouncer", (bt > 0) ? rt / bt : 0,
+      "", "", (bc > 0) ? rc / bc : 0}'
+fi
+
+# worker_threads = 1 against 2: two pgrelay builds alike but for it, and PgBouncer for
+# reference, under the same pgbench in interleaved rounds.
+if runs workers; then
+  W1_PORT=$(free_port); W2_PORT=$(free_port)
+  RELAY_WORKERS=1 relay_config "$W1_PORT" true > "$WORK/workers-1.toml"
+  RELAY_WORKERS=2 relay_config "$W2_PORT" true > "$WORK/workers-2.toml"
+  start_relay workers-1; W1_PID=$!
+  start_relay workers-2; W2_PID=$!
+  for port in $W1_PORT $W2_PORT; do await_login "$port"; done
+  args=(-S -M simple -c "$CLIENTS" -j 2)
+  b=""; w1=""; w2=""
+  for _ in $(seq "$ROUNDS"); do
+    b+="$(run_pgbench "$BOUNCER_PORT" "$BOUNCER_PID" "${args[@]}")"$'\n'
+    w1+="$(run_pgbench "$W1_PORT" "$W1_PID" "${args[@]}")"$'\n'
+    w2+="$(run_pgbench "$W2_PORT" "$W2_PID" "${args[@]}")"$'\n'
+  done
+  printf '\n%-34s %9s %11s %9s %9s %12s %12s\n' "pgbench ${args[*]} (${DURATION}s x$ROUNDS)" \
+    tps "CPU µs/tx" "user µs" "sys µs" "vol cs/tx" "invol cs/tx"
+  for name in pgbouncer "pgrelay, worker_threads = 1" "pgrelay, worker_threads = 2"; do
+    case "$name" in pgbouncer) results=$b ;; *1) results=$w1 ;; *) results=$w2 ;; esac
+    printf '%-34s %9.0f %11s %9s %9s %12s %12s\n' "$name" "$(col 1 <<<"$results")" "$(col 4 <<<"$results")" \
+      "$(col 5 <<<"$results")" "$(col 6 <<<"$results")" "$(col 7 <<<"$results")" "$(col 8 <<<"$results")"
+  done
+  awk -v t1="$(col 1 <<<"$w1")" -v t2="$(col 1 <<<"$w2")" -v c1="$(col 4 <<<"$w1")" -v c2="$(col 4 <<<"$w2")" \
+    'BEGIN {printf "%-34s %9.2f %11.2f\n", "worker_threads 2 / 1", t2 / t1, c2 / c1}'
 fi

@@ -3,6 +3,10 @@
 //! pool maintenance loop; each client gets its own task, counted against
 //! `max_client_conn` (a client over the limit is told 53300 after its startup packet,
 //! as PostgreSQL does). Shutdown stops accepting and drains sessions.
+//!
+//! Client listeners queue up to [`LISTEN_BACKLOG`] connections the kernel has completed,
+//! so a storm of clients connecting at once waits to be accepted instead of having
+//! SYNs dropped.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,13 +14,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{health, lag, patroni};
 use crate::config::{Config, ConfigError};
 use crate::{admin, control, pool, session, Shared};
+
+/// Completed connections the kernel holds for a client listener until they are
+/// accepted. std's and mio's 128 overflow when thousands of clients connect at once
+/// (an application fleet restarting): a dropped SYN costs that client a second before
+/// its retry. Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -67,12 +77,10 @@ impl Pgrelay {
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
         for addr in &config.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ListenError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
+            let listener = listen(*addr).map_err(|source| ListenError::Bind {
+                addr: *addr,
+                source,
+            })?;
             let local = listener.local_addr().map_err(|source| ListenError::Bind {
                 addr: *addr,
                 source,
@@ -156,6 +164,18 @@ impl Pgrelay {
     }
 }
 
+/// Binds a client listener as `TcpListener::bind` does (SO_REUSEADDR, so a restart
+/// need not wait out TIME_WAIT), but with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Decrements the client count when a session ends, however it ends.
 struct ClientSlot(Arc<Shared>);
 
@@ -235,5 +255,32 @@ pub async fn accept_each(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 300 clients connect while nothing accepts: with a backlog of 128 the later ones
+    /// would wait a second for their SYN's retry.
+    #[tokio::test]
+    async fn backlog_holds_a_storm_of_connects() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if somaxconn.is_some_and(|max| max < 300) {
+            return; // the kernel caps the backlog below what this needs
+        }
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..300).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let clients = futures_util::future::join_all(connects).await;
+        assert!(clients.iter().all(|c| matches!(c, Ok(Ok(_)))));
     }
 }
