@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
+use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 
 use crate::auth::{md5, scram, ServerCredentials};
@@ -110,7 +111,47 @@ pub struct Server {
     pub epoch: u64,
 }
 
+/// How a pool reaches its servers.
+#[derive(Debug, Clone, Default)]
+pub enum Dial {
+    /// TCP to the target's host and port: every pool a running pgrelay has.
+    #[default]
+    Tcp,
+    /// An in-memory pipe per server, its far end sent here for a fake server to
+    /// answer: a listener in memory, so that a benchmark drives the real pool and
+    /// session without sockets or PostgreSQL (`benches/request.rs`). Only
+    /// `Pools::dialing` sets it.
+    Memory(tokio::sync::mpsc::UnboundedSender<DuplexStream>),
+}
+
+/// How many bytes an in-memory pipe holds in each direction before a write waits.
+const MEMORY_PIPE: usize = 64 * 1024;
+
 impl Server {
+    /// Opens a server the way `dial` says and logs in to it.
+    pub async fn dial(
+        dial: &Dial,
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+    ) -> Result<Server, ServerError> {
+        match dial {
+            Dial::Tcp => Server::connect(target, credentials, timeout).await,
+            Dial::Memory(listener) => {
+                let (near, far) = tokio::io::duplex(MEMORY_PIPE);
+                listener.send(far).map_err(|_| ServerError::Connect {
+                    addr: "memory".into(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                })?;
+                // No address: a cancel request for it fails to connect, and is logged.
+                let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+                let server = Server::new(Stream::Memory(near), addr);
+                server.login_within(target, credentials, timeout).await
+            }
+        }
+    }
+
+    /// Connects to `target` over TCP and logs in.
     pub async fn connect(
         target: &ServerTarget,
         credentials: &ServerCredentials,
@@ -134,8 +175,14 @@ impl Server {
             addr: addr_text.clone(),
             source,
         })?;
-        let mut server = Server {
-            conn: Conn::new(Stream::Plain(tcp)),
+        Server::new(Stream::Plain(tcp), addr)
+            .login_within(target, credentials, timeout)
+            .await
+    }
+
+    fn new(stream: Stream, addr: SocketAddr) -> Server {
+        Server {
+            conn: Conn::new(stream),
             addr,
             pid: 0,
             secret: 0,
@@ -144,11 +191,22 @@ impl Server {
             idle_since: Instant::now(),
             statements: ServerStatements::default(),
             epoch: 0,
-        };
-        tokio::time::timeout(timeout, server.login(target, credentials))
+        }
+    }
+
+    /// The startup handshake, within `timeout`.
+    async fn login_within(
+        mut self,
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+    ) -> Result<Server, ServerError> {
+        tokio::time::timeout(timeout, self.login(target, credentials))
             .await
-            .map_err(|_| ServerError::ConnectTimeout { addr: addr_text })??;
-        Ok(server)
+            .map_err(|_| ServerError::ConnectTimeout {
+                addr: format!("{}:{}", target.host, target.port),
+            })??;
+        Ok(self)
     }
 
     async fn login(

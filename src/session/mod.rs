@@ -20,6 +20,7 @@ mod settle;
 pub mod state;
 pub mod statement;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -57,9 +58,19 @@ pub struct LoggedIn {
 /// client; `None` when it ended there (a cancel request, a refused login).
 pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> Option<LoggedIn> {
     let _ = tcp.set_nodelay(true);
-    let peer = tcp.peer_addr().ok();
-    let local = tcp.local_addr().ok();
-    let mut client = Conn::new(Stream::Plain(tcp));
+    let addrs = (tcp.peer_addr().ok(), tcp.local_addr().ok());
+    log_in_over(Stream::Plain(tcp), addrs, shared, too_many_clients).await
+}
+
+/// [`log_in`] over any transport, with its `(peer, local)` addresses if it has any:
+/// an in-memory client of a benchmark has none.
+pub async fn log_in_over(
+    stream: Stream,
+    (peer, local): (Option<SocketAddr>, Option<SocketAddr>),
+    shared: &Shared,
+    too_many_clients: bool,
+) -> Option<LoggedIn> {
+    let mut client = Conn::new(stream);
     let config = shared.config.load_full();
     let handshake = tokio::time::timeout(
         config.pool.client_login_timeout,
