@@ -37,6 +37,8 @@
 
 pub mod admin;
 pub mod auth;
+#[doc(hidden)]
+pub mod benching;
 pub mod cancel;
 pub mod cluster;
 pub mod config;

@@ -1,6 +1,6 @@
 //! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP
-//! now, TLS beside it), and [`Conn`] adds the buffered frame reads and batched writes
-//! the rest of pgrelay uses.
+//! now, TLS beside it, and an in-memory pipe for benchmarks), and [`Conn`] adds the
+//! buffered frame reads and batched writes the rest of pgrelay uses.
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
 //! over a client and a server. The relay itself uses the `poll_*` methods directly.
@@ -43,13 +43,20 @@ pub enum StreamError {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// One end of an in-memory pipe, so that a benchmark drives the real session and
+    /// pool without sockets (`benches/request.rs`). Nothing that accepts or dials a
+    /// real connection makes one. No larger than a `TcpStream`, so `Stream` is the size
+    /// it was.
+    Memory(tokio::io::DuplexStream),
 }
 
 impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath; `None` for an in-memory pipe.
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Memory(_) => None,
         }
     }
 }
@@ -63,6 +70,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -76,6 +84,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -83,6 +92,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -90,6 +100,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -276,5 +287,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Shuts the write side down. Not cancel safe; errors are of no interest here.
     pub async fn shutdown(&mut self) {
         let _ = self.io.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-memory variant takes no room: `Stream` stays the size TCP and TLS made it.
+    #[test]
+    fn a_memory_pipe_is_no_larger_than_a_socket() {
+        let pipe = std::mem::size_of::<tokio::io::DuplexStream>();
+        assert!(pipe <= std::mem::size_of::<TcpStream>(), "{pipe} bytes");
     }
 }

@@ -24,7 +24,7 @@ use crate::auth::{Credentials, ServerCredentials};
 use crate::config::UserConfig;
 pub use guard::ServerGuard;
 use params::ParamSet;
-use server::{Server, ServerError, ServerTarget};
+use server::{Dial, Server, ServerError, ServerTarget};
 
 /// How many servers one pool may be logging in to at once.
 const MAX_CONCURRENT_CONNECTS: usize = 8;
@@ -93,6 +93,8 @@ struct Inner {
 pub struct Pool {
     pub key: PoolKey,
     pub target: ServerTarget,
+    /// How its servers are reached: TCP, unless its [`Pools`] dial in memory.
+    dial: Dial,
     /// The limits it runs with; `RELOAD` replaces them.
     pub settings: arc_swap::ArcSwap<PoolSettings>,
     user: Mutex<UserConfig>,
@@ -137,6 +139,7 @@ impl Pool {
         Pool {
             key,
             target,
+            dial: Dial::Tcp,
             settings: arc_swap::ArcSwap::from_pointee(settings),
             user: Mutex::new(user),
             credentials,
@@ -275,7 +278,8 @@ impl Pool {
     async fn connect(&self) -> Result<Box<Server>, PoolError> {
         // The semaphore is never closed.
         let _permit = self.connects.acquire().await;
-        let server = Server::connect(
+        let server = Server::dial(
+            &self.dial,
             &self.target,
             &self.server_credentials(),
             self.settings.load().connect_timeout,
@@ -465,9 +469,20 @@ fn close_later(server: Box<Server>) {
 #[derive(Default)]
 pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
+    /// How the pools made here reach their servers (TCP but in benchmarks).
+    dial: Dial,
 }
 
 impl Pools {
+    /// Pools whose servers are reached through `dial` rather than TCP: in-memory
+    /// servers for a benchmark.
+    pub fn dialing(dial: Dial) -> Pools {
+        Pools {
+            map: DashMap::new(),
+            dial,
+        }
+    }
+
     pub fn get(&self, key: &PoolKey) -> Option<Arc<Pool>> {
         self.map.get(key).map(|p| p.clone())
     }
@@ -478,7 +493,11 @@ impl Pools {
         }
         self.map
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(create(key)))
+            .or_insert_with(|| {
+                let mut pool = create(key);
+                pool.dial = self.dial.clone();
+                Arc::new(pool)
+            })
             .clone()
     }
 

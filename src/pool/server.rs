@@ -14,6 +14,7 @@ use postgres_protocol::authentication::sasl::{
     ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
 };
 use postgres_protocol::message::frontend;
+use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 
 use crate::auth::scram::ClientBinding;
@@ -129,7 +130,46 @@ pub struct Server {
     pub epoch: u64,
 }
 
+/// How a pool reaches its servers.
+#[derive(Debug, Clone, Default)]
+pub enum Dial {
+    /// TCP to the target's host and port: every pool a running pgrelay has.
+    #[default]
+    Tcp,
+    /// An in-memory pipe per server, its far end sent here for a fake server to
+    /// answer: a listener in memory, so that a benchmark drives the real pool and
+    /// session without sockets or PostgreSQL (`benches/request.rs`). Only
+    /// `Pools::dialing` sets it.
+    Memory(tokio::sync::mpsc::UnboundedSender<DuplexStream>),
+}
+
+/// How many bytes an in-memory pipe holds in each direction before a write waits.
+const MEMORY_PIPE: usize = 64 * 1024;
+
 impl Server {
+    /// Opens a server the way `dial` says and logs in to it.
+    pub async fn dial(
+        dial: &Dial,
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+    ) -> Result<Server, ServerError> {
+        match dial {
+            Dial::Tcp => Server::connect(target, credentials, timeout).await,
+            Dial::Memory(listener) => {
+                let (near, far) = tokio::io::duplex(MEMORY_PIPE);
+                listener.send(far).map_err(|_| ServerError::Connect {
+                    addr: "memory".into(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                })?;
+                // No address: a cancel request for it fails to connect, and is logged.
+                let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+                let server = Server::new(Stream::Memory(near), addr);
+                server.login_within(target, credentials, timeout).await
+            }
+        }
+    }
+
     /// Connects and logs in, TLS as `tls.server_mode` says, with libpq's second try
     /// ([`retry`]) in `allow` and `prefer`.
     pub async fn connect(
@@ -175,17 +215,7 @@ impl Server {
                     (ServerError::Tls { addr, source }, false)
                 })?;
             let over_tls = matches!(stream, Stream::Tls(_));
-            let mut server = Server {
-                conn: Conn::new(stream),
-                addr,
-                pid: 0,
-                secret: 0,
-                params: ParamSet::default(),
-                created: Instant::now(),
-                idle_since: Instant::now(),
-                statements: ServerStatements::default(),
-                epoch: 0,
-            };
+            let mut server = Server::new(stream, addr);
             match server.login(target, credentials).await {
                 Ok(()) => Ok(server),
                 Err(err) => Err((err, over_tls)),
@@ -198,6 +228,35 @@ impl Server {
         tokio::time::timeout(timeout, login)
             .await
             .map_err(|_| timed_out())?
+    }
+
+    fn new(stream: Stream, addr: SocketAddr) -> Server {
+        Server {
+            conn: Conn::new(stream),
+            addr,
+            pid: 0,
+            secret: 0,
+            params: ParamSet::default(),
+            created: Instant::now(),
+            idle_since: Instant::now(),
+            statements: ServerStatements::default(),
+            epoch: 0,
+        }
+    }
+
+    /// The startup handshake, within `timeout`.
+    async fn login_within(
+        mut self,
+        target: &ServerTarget,
+        credentials: &ServerCredentials,
+        timeout: Duration,
+    ) -> Result<Server, ServerError> {
+        tokio::time::timeout(timeout, self.login(target, credentials))
+            .await
+            .map_err(|_| ServerError::ConnectTimeout {
+                addr: format!("{}:{}", target.host, target.port),
+            })??;
+        Ok(self)
     }
 
     async fn login(

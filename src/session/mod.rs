@@ -20,6 +20,7 @@ mod settle;
 pub mod state;
 pub mod statement;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -65,7 +66,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
     let deadline = tokio::time::Instant::now() + config.pool.client_login_timeout;
     let client_tls = shared.client_tls.load_full();
     let opened = tokio::time::timeout_at(deadline, auth::opening::open(tcp, &client_tls)).await;
-    let (mut client, opening) = match opened {
+    let (client, opening) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(err)) => {
             refused_opening(shared, peer, err);
@@ -80,6 +81,58 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
             return None;
         }
     };
+    let opened = Opened {
+        client,
+        opening,
+        peer,
+        local,
+        deadline,
+    };
+    log_in_opened(opened, config, shared, too_many_clients).await
+}
+
+/// [`log_in`] over a transport with no TLS negotiation and its `(peer, local)`
+/// addresses if it has any: an in-memory client of a benchmark has none.
+pub async fn log_in_over(
+    stream: Stream,
+    (peer, local): (Option<SocketAddr>, Option<SocketAddr>),
+    shared: &Shared,
+    too_many_clients: bool,
+) -> Option<LoggedIn> {
+    let config = shared.config.load_full();
+    let opened = Opened {
+        client: Conn::new(stream),
+        opening: auth::opening::Opening::plain(config.tls.client_mode),
+        peer,
+        local,
+        deadline: tokio::time::Instant::now() + config.pool.client_login_timeout,
+    };
+    log_in_opened(opened, config, shared, too_many_clients).await
+}
+
+/// A client connection whose TLS negotiation is over, and when its login must be.
+struct Opened {
+    client: Conn<Stream>,
+    opening: auth::opening::Opening,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    deadline: tokio::time::Instant,
+}
+
+/// The startup handshake after the opening, and the client's registration.
+async fn log_in_opened(
+    opened: Opened,
+    config: Arc<Config>,
+    shared: &Shared,
+    too_many_clients: bool,
+) -> Option<LoggedIn> {
+    let Opened {
+        mut client,
+        opening,
+        peer,
+        local,
+        deadline,
+    } = opened;
     let tls_label = opening.tls.as_ref().map(TlsSession::label);
     let handshake = tokio::time::timeout_at(
         deadline,
