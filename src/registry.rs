@@ -9,7 +9,7 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -106,12 +106,14 @@ impl ClientEntry {
 
     /// Resolves once the session is killed.
     pub fn killed(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(|cx| self.poll_signal(cx, KILLED))
+        let mut registered = None;
+        poll_fn(move |cx| self.poll_signal(cx, KILLED, &mut registered))
     }
 
     /// Resolves once pgrelay is shutting down.
     pub fn shutting_down(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(|cx| self.poll_signal(cx, SHUTTING_DOWN))
+        let mut registered = None;
+        poll_fn(move |cx| self.poll_signal(cx, SHUTTING_DOWN, &mut registered))
     }
 
     fn raise(&self, signal: u8) {
@@ -119,11 +121,27 @@ impl ClientEntry {
         self.signal_waker.wake();
     }
 
-    fn poll_signal(&self, cx: &mut Context<'_>, signal: u8) -> Poll<()> {
-        if self.signals.load(Ordering::Acquire) & signal != 0 {
+    /// `registered` is the waker this future last registered: while no signal has been
+    /// raised (a raise takes the registered waker away) and the task's waker is the
+    /// same, a poll costs one load and no registration.
+    fn poll_signal(
+        &self,
+        cx: &mut Context<'_>,
+        signal: u8,
+        registered: &mut Option<Waker>,
+    ) -> Poll<()> {
+        let raised = self.signals.load(Ordering::Acquire);
+        if raised & signal != 0 {
             return Poll::Ready(());
         }
+        let current = registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if raised == 0 && current {
+            return Poll::Pending;
+        }
         self.signal_waker.register(cx.waker());
+        if !current {
+            *registered = Some(cx.waker().clone());
+        }
         // Raised between the check and the registration: its wake may have missed.
         if self.signals.load(Ordering::Acquire) & signal != 0 {
             Poll::Ready(())

@@ -3,6 +3,7 @@
 //! whether it is idle and clean.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::server::Server;
 use super::Pool;
@@ -35,12 +36,18 @@ impl ServerGuard {
 
     /// Returns the server to its pool. Call only when it is idle (`I`) with nothing
     /// unread.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`release`](Self::release), idle since `now`: a caller that has just read the
+    /// clock saves the pool another read.
+    pub fn release_at(mut self, now: Instant) {
         if let Some(server) = self.server.take() {
             if self.pool.retired(&server) {
                 self.pool.forget(Some(server));
             } else {
-                self.pool.give_back(server);
+                self.pool.give_back_at(server, now);
             }
         }
     }

@@ -292,8 +292,13 @@ impl Pool {
     }
 
     /// Returns a server that is idle and clean to the first waiter, or the idle list.
-    pub(crate) fn give_back(&self, mut server: Box<Server>) {
-        server.idle_since = Instant::now();
+    pub(crate) fn give_back(&self, server: Box<Server>) {
+        self.give_back_at(server, Instant::now());
+    }
+
+    /// [`give_back`](Self::give_back) of a server idle since `now`.
+    pub(crate) fn give_back_at(&self, mut server: Box<Server>, now: Instant) {
+        server.idle_since = now;
         let mut inner = self.lock();
         if inner.total > self.settings.load().size {
             // The pool was made smaller (`RELOAD`): this one goes.

@@ -1,13 +1,16 @@
 //! What a served request adds to the statistics the console shows (`SHOW STATS`,
 //! Pgpool-II's per-node counters) and to the metrics.
 
+use std::time::Instant;
+
 use super::Session;
 use crate::cluster::NodeStats;
 use crate::registry;
 
 impl Session {
-    /// Adds what the request just served did to the statistics and metrics.
-    pub(super) fn account(&mut self) {
+    /// Adds what the request just served did to the statistics and metrics. Returns
+    /// the time it ended, when a request was timed (the one clock read it costs).
+    pub(super) fn account(&mut self) -> Option<Instant> {
         let counts = self.wire.take_counts();
         self.shared.metrics.bytes_received.inc_by(counts.received);
         self.shared.metrics.bytes_sent.inc_by(counts.sent);
@@ -28,9 +31,10 @@ impl Session {
                 ..registry::Work::default()
             };
             self.db_stats.add(&work, false);
-            return;
+            return None;
         };
-        let xact = request.at.elapsed();
+        let now = Instant::now();
+        let xact = now.saturating_duration_since(request.at);
         let work = registry::Work {
             queries: counts.queries,
             received: counts.received,
@@ -51,6 +55,7 @@ impl Session {
                 .prepared
                 .store(prepared.len() as u32, std::sync::atomic::Ordering::Relaxed);
         }
+        Some(now)
     }
 
     /// The counters of `node`, looked up in the topology on first use.

@@ -595,14 +595,20 @@ impl Session {
                 .wait_resumed(&self.login.database)
                 .await;
         }
-        match self.attach_routed(at.into()).await {
+        let (attached, waited) = noting_wait(self.attach_routed(at.into())).await;
+        match attached {
             Ok(mut guard) => {
                 self.cancel.set(guard.server().cancel_target()).await;
                 let node = guard.pool().key.node;
                 self.handle.active(node, guard.server_ref().pid);
                 self.request = Some(Request {
                     at,
-                    wait: at.elapsed(),
+                    // A server at hand costs no clock read: the client did not wait.
+                    wait: if waited {
+                        at.elapsed()
+                    } else {
+                        std::time::Duration::ZERO
+                    },
                     node,
                     write: self.routing.last_write,
                 });
@@ -665,7 +671,7 @@ impl Session {
             self.attachment = Attachment::Attached(guard);
             return;
         }
-        self.account();
+        let ended = self.account();
         if self.mode == PoolMode::Transaction {
             let effects = self.wire.take_effects();
             self.count_prepared();
@@ -681,7 +687,10 @@ impl Session {
             }
         }
         self.cancel.set(None).await;
-        self.put_back(guard);
+        match (self.mode, ended) {
+            (PoolMode::Transaction, Some(ended)) => guard.release_at(ended),
+            _ => self.put_back(guard),
+        }
         self.handle.idle();
     }
 
@@ -737,4 +746,16 @@ impl Session {
             }
         }
     }
+}
+
+/// Runs `future` and says whether it had to wait: whether it was pending at least once.
+async fn noting_wait<F: std::future::Future>(future: F) -> (F::Output, bool) {
+    let mut future = std::pin::pin!(future);
+    let mut polls = 0u32;
+    let output = std::future::poll_fn(|cx| {
+        polls += 1;
+        future.as_mut().poll(cx)
+    })
+    .await;
+    (output, polls > 1)
 }
