@@ -8,6 +8,9 @@ and how much CPU the proxy (--pid) spent meanwhile: user and system time from
 /proc/PID/stat, which counts in 10 ms ticks, and in total from the scheduler's
 nanosecond count (se.sum_exec_runtime in /proc/PID/task/*/sched) where the kernel
 has it; a storm of 2,000 costs a proxy only tens of milliseconds.
+With --tls each client first sends an SSLRequest, expects 'S' and runs a TLS
+handshake (certificate not verified) before the StartupMessage; the login time
+then includes the handshake.
 The clients then say Terminate and close; the script waits until the proxy's CPU
 time stops moving, so the next run starts on a quiet proxy.
 
@@ -35,11 +38,13 @@ import hashlib
 import hmac
 import os
 import secrets
+import ssl
 import struct
 import sys
 import time
 
 PROTOCOL_3_0 = 196608
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 MECHANISM = b"SCRAM-SHA-256"
 AUTH_OK, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 10, 11, 12
 
@@ -130,6 +135,23 @@ async def until_ready(reader):
             raise RuntimeError(body.replace(b"\0", b" ").decode(errors="replace"))
 
 
+def tls_context():
+    """TLS for the benchmark's throwaway certificate: nothing is verified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def start_tls(reader, writer, context):
+    """SSLRequest, then the TLS handshake on the same stream once the proxy says 'S'."""
+    writer.write(SSL_REQUEST)
+    answer = await reader.readexactly(1)
+    if answer != b"S":
+        raise RuntimeError(f"the proxy refused TLS: {answer!r}")
+    await writer.start_tls(context)
+
+
 async def log_in(args, keys, gate):
     """One client: connected, authenticated and at ReadyForQuery; with its login time."""
     async with gate:
@@ -137,6 +159,8 @@ async def log_in(args, keys, gate):
         connect = asyncio.open_connection(args.host, args.port)
         reader, writer = await asyncio.wait_for(connect, args.timeout)
         try:
+            if args.tls:
+                await asyncio.wait_for(start_tls(reader, writer, args.tls), args.timeout)
             writer.write(startup_message(args.user, args.database))
             await asyncio.wait_for(scram(reader, writer, keys), args.timeout)
             await asyncio.wait_for(until_ready(reader), args.timeout)
@@ -226,4 +250,9 @@ if __name__ == "__main__":
         "--concurrency", type=int, default=0, help="logins in flight at most (0: all at once)"
     )
     parser.add_argument("--timeout", type=float, default=60, help="seconds per login")
-    sys.exit(asyncio.run(main(parser.parse_args())))
+    parser.add_argument(
+        "--tls", action="store_true", help="SSLRequest and TLS before logging in (not verified)"
+    )
+    arguments = parser.parse_args()
+    arguments.tls = tls_context() if arguments.tls else None
+    sys.exit(asyncio.run(main(arguments)))

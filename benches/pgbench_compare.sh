@@ -9,7 +9,12 @@
 # login storm: LOGIN_CLIENTS clients logging in at once through a PgBouncer and a
 # pgrelay that both require scram-sha-256, timed until every one has ReadyForQuery,
 # with each proxy's CPU seconds (benches/login_storm.py); then pgrelay with
-# worker_threads = 1 against 2 (and PgBouncer) under `pgbench -S -M simple`.
+# worker_threads = 1 against 2 (and PgBouncer) under `pgbench -S -M simple`; then TLS
+# from clients: a PgBouncer (client_tls_sslmode = require) and a pgrelay
+# (client_mode = "require") with a throwaway CA and server certificate made by the
+# openssl CLI in the temp dir, against the plain pair: the 200 MB result (MB/s and
+# proxy CPU s per GB), `pgbench -S -M simple` with PGSSLMODE=require, and a SCRAM login
+# storm of TLS_CLIENTS clients, each sending SSLRequest and handshaking first.
 #
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
@@ -23,6 +28,10 @@
 #                                         # the proxies hold the SCRAM secret from
 #                                         # pg_authid (scram) or the password (plain)
 #   WORKERS_ONLY=1 benches/pgbench_compare.sh  # only worker_threads = 1 against 2
+#   TLS_ONLY=1 benches/pgbench_compare.sh      # only TLS from clients against plain
+#   TLS_CLIENTS=500 TLS_KEY=ec benches/pgbench_compare.sh
+#                                         # the TLS login storm's size (0 skips it) and
+#                                         # the server key: ec (P-256) or rsa (2048 bits)
 #   BASELINE_BIN=/path/to/old/pgrelay benches/pgbench_compare.sh
 #                                         # also an older pgrelay build, in the same rounds
 #
@@ -44,6 +53,8 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
 MANY_CLIENTS=${MANY_CLIENTS:-10000}
 LOGIN_CLIENTS=${LOGIN_CLIENTS:-2000}
 LOGIN_SECRET=${LOGIN_SECRET:-scram}   # scram | plain: what the proxies store for the storm's user
+TLS_CLIENTS=${TLS_CLIENTS:-500}
+TLS_KEY=${TLS_KEY:-ec}                # ec | rsa: the throwaway server certificate's key
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BINDIR=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
@@ -51,11 +62,12 @@ PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 [ -x "$PGBOUNCER" ] || { echo "pgbouncer not found (apt-get install pgbouncer)"; exit 1; }
 
 # Which sections run: all of them, unless *_ONLY=1 picks some.
-ONLY="${STREAM_ONLY:+ stream}${ROUTING_ONLY:+ routing}${IDLE_ONLY:+ idle}${LOGIN_ONLY:+ login}${WORKERS_ONLY:+ workers}"
+ONLY="${STREAM_ONLY:+ stream}${ROUTING_ONLY:+ routing}${IDLE_ONLY:+ idle}${LOGIN_ONLY:+ login}"
+ONLY+="${WORKERS_ONLY:+ workers}${TLS_ONLY:+ tls}"
 runs() { [ -z "$ONLY" ] || [[ "$ONLY " == *" $1 "* ]]; }
 
 # Every idle client is a socket in the client script and one in the proxy.
-MOST_CLIENTS=$(printf '%s\n' "$IDLE_CLIENTS" "$MANY_CLIENTS" "$LOGIN_CLIENTS" | sort -n | tail -1)
+MOST_CLIENTS=$(printf '%s\n' "$IDLE_CLIENTS" "$MANY_CLIENTS" "$LOGIN_CLIENTS" "$TLS_CLIENTS" | sort -n | tail -1)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((MOST_CLIENTS + 500)) ]; then
   echo "open-files limit $(ulimit -n) is too low for $MOST_CLIENTS clients; raise it (ulimit -Hn)"; exit 1
@@ -103,6 +115,7 @@ if [ "$(printf '1.21\n%s\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21 ]; t
 fi
 
 # bouncer_ini NAME PORT AUTH_TYPE: a PgBouncer config whose user list is $WORK/NAME.users.
+# CLIENT_TLS=1, set for one call, makes it require TLS from clients (make_certs first).
 bouncer_ini() {
   cat <<INI
 [databases]
@@ -121,6 +134,10 @@ ignore_startup_parameters = extra_float_digits
 logfile = $WORK/$1.log
 pidfile = $WORK/$1.pid
 INI
+  if [ -n "${CLIENT_TLS:-}" ]; then
+    printf 'client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\n' \
+      "$WORK/server.crt" "$WORK/server.key"
+  fi
 }
 # start_bouncer NAME: runs PgBouncer on $WORK/NAME.ini as a daemon; prints its pid.
 start_bouncer() {
@@ -136,7 +153,8 @@ bouncer_ini pgbouncer "$BOUNCER_PORT" trust > "$WORK/pgbouncer.ini"
 BOUNCER_PID=$(start_bouncer pgbouncer); PROXY_PIDS+=("$BOUNCER_PID")
 
 # relay_config PORT ROUTING [REPLICA_PORT REPLICA_WEIGHT]. RELAY_WORKERS, RELAY_AUTH,
-# RELAY_USER and RELAY_PASSWORD, when set for one call, change the rest.
+# RELAY_USER and RELAY_PASSWORD, when set for one call, change the rest; CLIENT_TLS=1
+# makes it require TLS from clients (make_certs first).
 relay_config() {
   cat <<TOML
 listen = ["127.0.0.1:$1"]
@@ -159,6 +177,25 @@ TOML
   if [ -n "${3:-}" ]; then
     printf '[[backends]]\nhost = "127.0.0.1"\nport = %s\nweight = %s\n' "$3" "$4"
   fi
+  if [ -n "${CLIENT_TLS:-}" ]; then
+    printf '[tls]\nclient_mode = "require"\nclient_cert = "%s"\nclient_key = "%s"\n' \
+      "$WORK/server.crt" "$WORK/server.key"
+  fi
+}
+# make_certs: a throwaway CA and a server certificate it signed, for 127.0.0.1 and
+# localhost, in $WORK (server.crt, server.key, ca.crt); TLS_KEY picks the key type.
+make_certs() {
+  local key=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1)
+  [ "$TLS_KEY" = rsa ] && key=(-newkey rsa:2048)
+  openssl req -x509 -nodes "${key[@]}" -keyout "$WORK/ca.key" -out "$WORK/ca.crt" -days 2 \
+    -subj "/CN=pgrelay bench CA" 2>/dev/null
+  openssl req -new -nodes "${key[@]}" -keyout "$WORK/server.key" -out "$WORK/server.csr" \
+    -subj "/CN=localhost" 2>/dev/null
+  printf 'subjectAltName = IP:127.0.0.1, DNS:localhost\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n' \
+    > "$WORK/server.ext"
+  openssl x509 -req -in "$WORK/server.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" -CAcreateserial \
+    -days 2 -extfile "$WORK/server.ext" -out "$WORK/server.crt" 2>/dev/null
+  rm -f "$WORK/ca.key"
 }
 # start_relay NAME [BINARY]: runs pgrelay on $WORK/NAME.toml, logging warnings to
 # $WORK/NAME.log; $! is its pid.
@@ -307,14 +344,24 @@ if [ -z "$ONLY" ]; then
   compare "latency -S simple (c=1)" -S -M simple -c 1 -j 1
 fi
 
-# A 200 MB result through each path; psql discards it.
+# cpu_ms PID: the process's CPU time so far in ms, summed over its threads from the
+# scheduler's nanosecond count (/proc/PID/task/*/sched).
+cpu_ms() {
+  cat "/proc/$1"/task/*/sched 2>/dev/null | awk '/^se.sum_exec_runtime/ {t += $3} END {printf "%.3f", t}'
+}
+# stream PORT [PID]: a 200 MB result through one path, which psql discards -> MB/s, and
+# with a PID also the proxy's CPU seconds per GB. PGSSLMODE, set for the call, is psql's.
 stream() {
-  local port=$1 start end
+  local port=$1 pid=${2:-} start end cpu0=0 cpu1=0
+  [ -n "$pid" ] && cpu0=$(cpu_ms "$pid")
   start=$(date +%s.%N)
   psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atq -o /dev/null \
     -c "SELECT repeat('x', 1000) FROM generate_series(1, 200000)"
   end=$(date +%s.%N)
+  [ -n "$pid" ] && cpu1=$(cpu_ms "$pid")
   awk -v s="$start" -v e="$end" 'BEGIN{printf "%.1f", 200/(e-s)}'
+  if [ -n "$pid" ]; then awk -v a="$cpu0" -v b="$cpu1" 'BEGIN{printf " %.3f", (b - a) / 1000 / 0.2}'; fi
+  echo
 }
 if runs stream; then
 d_all=(); b_all=(); r_all=()
@@ -395,13 +442,10 @@ CONF
   route_compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
 fi
 
-# A SCRAM login storm: LOGIN_CLIENTS clients at once through a PgBouncer and a pgrelay
-# that both require scram-sha-256 for a role whose secret PostgreSQL derived. Neither
-# logs each connection (pgrelay does not; PgBouncer is told not to), and both listen
-# with a backlog of 4096 (pgrelay's), so the figures are of the login work. A first
-# login through each proxy has its pool learn the server's parameters; after that,
-# logging in in transaction mode needs no server connection in either.
-if runs login; then
+# storm_role: creates the storm's role once (SCRAM secret derived by PostgreSQL) and
+# sets STORM_SECRET, what the proxies hold for it (LOGIN_SECRET).
+storm_role() {
+  [ -n "${STORM_SECRET:-}" ] && return 0
   psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c \
     "SET password_encryption = 'scram-sha-256'; CREATE ROLE $STORM_USER LOGIN PASSWORD '$STORM_PASSWORD'"
   case "$LOGIN_SECRET" in
@@ -410,29 +454,41 @@ if runs login; then
     plain) STORM_SECRET=$STORM_PASSWORD ;;
     *) echo "LOGIN_SECRET must be scram or plain"; exit 1 ;;
   esac
-  LOGIN_BOUNCER_PORT=$(free_port); LOGIN_RELAY_PORT=$(free_port)
-  printf '"%s" "%s"\n' "$STORM_USER" "$STORM_SECRET" > "$WORK/login-bouncer.users"
-  { bouncer_ini login-bouncer "$LOGIN_BOUNCER_PORT" scram-sha-256
-    printf 'log_connections = 0\nlog_disconnections = 0\nlisten_backlog = 4096\n'; } > "$WORK/login-bouncer.ini"
-  LOGIN_BOUNCER_PID=$(start_bouncer login-bouncer); PROXY_PIDS+=("$LOGIN_BOUNCER_PID")
+}
+# start_storm_proxies NAME: a PgBouncer and a pgrelay requiring scram-sha-256 for the
+# storm's role ($WORK/NAME-bouncer.*, $WORK/NAME-relay.*; CLIENT_TLS as for
+# bouncer_ini and relay_config), logged into once; sets STORM_BOUNCER_PORT and _PID,
+# STORM_RELAY_PORT and _PID.
+start_storm_proxies() {
+  storm_role
+  STORM_BOUNCER_PORT=$(free_port); STORM_RELAY_PORT=$(free_port)
+  printf '"%s" "%s"\n' "$STORM_USER" "$STORM_SECRET" > "$WORK/$1-bouncer.users"
+  { bouncer_ini "$1-bouncer" "$STORM_BOUNCER_PORT" scram-sha-256
+    printf 'log_connections = 0\nlog_disconnections = 0\nlisten_backlog = 4096\n'; } > "$WORK/$1-bouncer.ini"
+  STORM_BOUNCER_PID=$(start_bouncer "$1-bouncer"); PROXY_PIDS+=("$STORM_BOUNCER_PID")
   RELAY_AUTH=scram-sha-256 RELAY_USER=$STORM_USER RELAY_PASSWORD=$STORM_SECRET \
-    relay_config "$LOGIN_RELAY_PORT" false > "$WORK/login-relay.toml"
-  start_relay login-relay; LOGIN_RELAY_PID=$!
-  for port in $LOGIN_BOUNCER_PORT $LOGIN_RELAY_PORT; do await_login "$port" "$STORM_USER"; done
-
+    relay_config "$STORM_RELAY_PORT" false > "$WORK/$1-relay.toml"
+  start_relay "$1-relay"; STORM_RELAY_PID=$!
+  for port in $STORM_BOUNCER_PORT $STORM_RELAY_PORT; do await_login "$port" "$STORM_USER"; done
+}
+# storm_compare TITLE CLIENTS [login_storm.py options]: ROUNDS storms through each of
+# the storm proxies, interleaved; a table of the medians.
+storm_compare() {
+  local title=$1 clients=$2; shift 2
   storm() { # PORT PID -> one line of benches/login_storm.py's key=value pairs
-    python3 "$ROOT/benches/login_storm.py" --port "$1" --pid "$2" --clients "$LOGIN_CLIENTS" \
-      --user "$STORM_USER" --password "$STORM_PASSWORD" || echo "not every client logged in (see above)" >&2
+    python3 "$ROOT/benches/login_storm.py" --port "$1" --pid "$2" --clients "$clients" \
+      --user "$STORM_USER" --password "$STORM_PASSWORD" "${@:3}" \
+      || echo "not every client logged in (see above)" >&2
   }
-  b=""; r=""
+  local b="" r="" lines
   for _ in $(seq "$ROUNDS"); do
-    b+="$(storm "$LOGIN_BOUNCER_PORT" "$LOGIN_BOUNCER_PID")"$'\n'
-    r+="$(storm "$LOGIN_RELAY_PORT" "$LOGIN_RELAY_PID")"$'\n'
+    b+="$(storm "$STORM_BOUNCER_PORT" "$STORM_BOUNCER_PID" "$@")"$'\n'
+    r+="$(storm "$STORM_RELAY_PORT" "$STORM_RELAY_PID" "$@")"$'\n'
   done
   # value KEY: the median over rounds of KEY=value in login_storm.py's lines
   value() { grep -o "\b$1=[0-9.]*" | cut -d= -f2 | median; }
   failures() { grep -o '\bfailures=[0-9]*' | cut -d= -f2 | awk '{n += $1} END {print n + 0}'; }
-  printf '\n%-34s %9s %10s %9s %12s %15s %14s\n' "$LOGIN_CLIENTS SCRAM logins ($LOGIN_SECRET, x$ROUNDS)" \
+  printf '\n%-34s %9s %10s %9s %12s %15s %14s\n' "$title" \
     "all in s" "median ms" failures "proxy CPU ms" "user / sys ms" "client CPU ms"
   for proxy in pgbouncer pgrelay; do
     lines=$b; [ "$proxy" = pgrelay ] && lines=$r
@@ -444,7 +500,28 @@ if runs login; then
     -v rc="$(value cpu_ms <<<"$r")" -v bc="$(value cpu_ms <<<"$b")" \
     'BEGIN {printf "%-34s %9.2f %10s %9s %12.2f\n", "pgrelay / pgbouncer", (bt > 0) ? rt / bt : 0,
       "", "", (bc > 0) ? rc / bc : 0}'
+}
+# A SCRAM login storm: LOGIN_CLIENTS clients at once through a PgBouncer and a pgrelay
+# that both require scram-sha-256 for a role whose secret PostgreSQL derived. Neither
+# logs each connection (pgrelay does not; PgBouncer is told not to), and both listen
+# with a backlog of 4096 (pgrelay's), so the figures are of the login work. A first
+# login through each proxy has its pool learn the server's parameters; after that,
+# logging in in transaction mode needs no server connection in either.
+if runs login; then
+  start_storm_proxies login
+  storm_compare "$LOGIN_CLIENTS SCRAM logins ($LOGIN_SECRET, x$ROUNDS)" "$LOGIN_CLIENTS"
 fi
+
+# cost_header TITLE, then cost_row NAME RUNS for each proxy: medians of run_pgbench
+# lines, with the proxy's CPU and context switches per transaction.
+cost_header() {
+  printf '\n%-34s %9s %11s %9s %9s %12s %12s\n' "$1" \
+    tps "CPU µs/tx" "user µs" "sys µs" "vol cs/tx" "invol cs/tx"
+}
+cost_row() {
+  printf '%-34s %9.0f %11s %9s %9s %12s %12s\n' "$1" "$(col 1 <<<"$2")" "$(col 4 <<<"$2")" \
+    "$(col 5 <<<"$2")" "$(col 6 <<<"$2")" "$(col 7 <<<"$2")" "$(col 8 <<<"$2")"
+}
 
 # worker_threads = 1 against 2: two pgrelay builds alike but for it, and PgBouncer for
 # reference, under the same pgbench in interleaved rounds.
@@ -462,13 +539,68 @@ if runs workers; then
     w1+="$(run_pgbench "$W1_PORT" "$W1_PID" "${args[@]}")"$'\n'
     w2+="$(run_pgbench "$W2_PORT" "$W2_PID" "${args[@]}")"$'\n'
   done
-  printf '\n%-34s %9s %11s %9s %9s %12s %12s\n' "pgbench ${args[*]} (${DURATION}s x$ROUNDS)" \
-    tps "CPU µs/tx" "user µs" "sys µs" "vol cs/tx" "invol cs/tx"
-  for name in pgbouncer "pgrelay, worker_threads = 1" "pgrelay, worker_threads = 2"; do
-    case "$name" in pgbouncer) results=$b ;; *1) results=$w1 ;; *) results=$w2 ;; esac
-    printf '%-34s %9.0f %11s %9s %9s %12s %12s\n' "$name" "$(col 1 <<<"$results")" "$(col 4 <<<"$results")" \
-      "$(col 5 <<<"$results")" "$(col 6 <<<"$results")" "$(col 7 <<<"$results")" "$(col 8 <<<"$results")"
-  done
+  cost_header "pgbench ${args[*]} (${DURATION}s x$ROUNDS)"
+  cost_row pgbouncer "$b"
+  cost_row "pgrelay, worker_threads = 1" "$w1"
+  cost_row "pgrelay, worker_threads = 2" "$w2"
   awk -v t1="$(col 1 <<<"$w1")" -v t2="$(col 1 <<<"$w2")" -v c1="$(col 4 <<<"$w1")" -v c2="$(col 4 <<<"$w2")" \
     'BEGIN {printf "%-34s %9.2f %11.2f\n", "worker_threads 2 / 1", t2 / t1, c2 / c1}'
+fi
+
+# TLS from clients: a PgBouncer and a pgrelay alike but for requiring TLS (trust auth,
+# the throwaway certificate), against the plain pair, in interleaved rounds. Servers
+# are reached in plaintext by all four (PostgreSQL here has ssl off).
+if runs tls; then
+  make_certs
+  TLS_BOUNCER_PORT=$(free_port); TLS_RELAY_PORT=$(free_port)
+  cp "$WORK/pgbouncer.users" "$WORK/tls-bouncer.users"
+  CLIENT_TLS=1 bouncer_ini tls-bouncer "$TLS_BOUNCER_PORT" trust > "$WORK/tls-bouncer.ini"
+  TLS_BOUNCER_PID=$(start_bouncer tls-bouncer); PROXY_PIDS+=("$TLS_BOUNCER_PID")
+  CLIENT_TLS=1 relay_config "$TLS_RELAY_PORT" true > "$WORK/tls-relay.toml"
+  start_relay tls-relay; TLS_RELAY_PID=$!
+  for port in $TLS_BOUNCER_PORT $TLS_RELAY_PORT; do await_login "$port"; done
+  for port in $TLS_BOUNCER_PORT $TLS_RELAY_PORT; do
+    PGSSLMODE=disable psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 \
+      && { echo "port $port accepted a plaintext client: TLS is not required"; exit 1; }
+  done
+  # name port pid sslmode: the four paths, plain first
+  paths=("pgbouncer plain|$BOUNCER_PORT|$BOUNCER_PID|disable" "pgrelay plain|$RELAY_PORT|$RELAY_PID|disable"
+    "pgbouncer TLS|$TLS_BOUNCER_PORT|$TLS_BOUNCER_PID|require" "pgrelay TLS|$TLS_RELAY_PORT|$TLS_RELAY_PID|require")
+  declare -A streams=() costs=()
+  for _ in $(seq "$ROUNDS"); do
+    for path in "${paths[@]}"; do
+      IFS='|' read -r name port pid mode <<<"$path"
+      streams[$name]+="$(PGSSLMODE=$mode stream "$port" "$pid")"$'\n'
+    done
+  done
+  printf '\n%-34s %10s %12s %14s\n' "200 MB result (psql, x$ROUNDS)" "MB/s" "CPU s/GB" "MB/s / plain"
+  for path in "${paths[@]}"; do
+    IFS='|' read -r name _ _ _ <<<"$path"
+    plain=$(col 1 <<<"${streams[${name% *} plain]}")
+    printf '%-34s %10s %12s %14.2f\n' "$name" "$(col 1 <<<"${streams[$name]}")" \
+      "$(col 2 <<<"${streams[$name]}")" "$(awk -v a="$(col 1 <<<"${streams[$name]}")" -v b="$plain" 'BEGIN{print (b>0)?a/b:0}')"
+  done
+  awk -v r="$(col 1 <<<"${streams[pgrelay TLS]}")" -v b="$(col 1 <<<"${streams[pgbouncer TLS]}")" \
+    'BEGIN {printf "%-34s %10.2f\n", "pgrelay TLS / pgbouncer TLS", (b > 0) ? r / b : 0}'
+
+  args=(-S -M simple -c "$CLIENTS" -j 2)
+  for _ in $(seq "$ROUNDS"); do
+    for path in "${paths[@]}"; do
+      IFS='|' read -r name port pid mode <<<"$path"
+      costs[$name]+="$(PGSSLMODE=$mode run_pgbench "$port" "$pid" "${args[@]}")"$'\n'
+    done
+  done
+  cost_header "pgbench ${args[*]} (${DURATION}s x$ROUNDS)"
+  for path in "${paths[@]}"; do
+    IFS='|' read -r name _ _ _ <<<"$path"
+    cost_row "$name" "${costs[$name]}"
+  done
+  awk -v t1="$(col 1 <<<"${costs[pgbouncer TLS]}")" -v t2="$(col 1 <<<"${costs[pgrelay TLS]}")" \
+    -v c1="$(col 4 <<<"${costs[pgbouncer TLS]}")" -v c2="$(col 4 <<<"${costs[pgrelay TLS]}")" \
+    'BEGIN {printf "%-34s %9.2f %11.2f\n", "pgrelay TLS / pgbouncer TLS", t2 / t1, c2 / c1}'
+
+  if [ "$TLS_CLIENTS" -gt 0 ]; then
+    CLIENT_TLS=1 start_storm_proxies tls-login
+    storm_compare "$TLS_CLIENTS TLS + SCRAM logins (x$ROUNDS)" "$TLS_CLIENTS" --tls
+  fi
 fi

@@ -1,11 +1,11 @@
 //! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP
-//! now, TLS beside it, and an in-memory pipe for benchmarks), and [`Conn`] adds the
-//! buffered frame reads and batched writes the rest of pgrelay uses.
+//! now, TLS over a [`TlsSocket`], and an in-memory pipe for benchmarks), and [`Conn`]
+//! adds the buffered frame reads and batched writes the rest of pgrelay uses.
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
 //! over a client and a server. The relay itself uses the `poll_*` methods directly.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -42,7 +42,7 @@ pub enum StreamError {
 /// A client's or server's transport.
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::TlsStream<TlsSocket>>),
     /// One end of an in-memory pipe, so that a benchmark drives the real session and
     /// pool without sockets (`benches/request.rs`). Nothing that accepts or dials a
     /// real connection makes one. No larger than a `TcpStream`, so `Stream` is the size
@@ -55,9 +55,115 @@ impl Stream {
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
-            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Tls(s) => Some(&s.get_ref().0.tcp),
             Stream::Memory(_) => None,
         }
+    }
+}
+
+/// The TCP socket under a TLS session. rustls asks its socket for at most 4 KiB more
+/// than it holds, so a peer sending in bulk (COPY FROM a client, a large result from a
+/// TLS server) would cost a system call per 4 KiB. Once a read fills all rustls asked
+/// for (more was waiting), this reads [`READ_CHUNK`] at a time into a buffer of its own
+/// and hands that out; as soon as the socket has less waiting it goes back to reading
+/// straight into rustls's buffer and frees its own, so small messages are copied once
+/// and an idle connection holds nothing here. Writes pass through (vectored, so the
+/// records of one flush leave in one system call).
+pub struct TlsSocket {
+    tcp: TcpStream,
+    /// Bytes read ahead of rustls; unallocated unless a bulk transfer is under way.
+    ahead: BytesMut,
+    /// Reads go through `ahead`: a read filled all it was given.
+    bulk: bool,
+}
+
+impl TlsSocket {
+    pub fn new(tcp: TcpStream) -> TlsSocket {
+        TlsSocket {
+            tcp,
+            ahead: BytesMut::new(),
+            bulk: false,
+        }
+    }
+
+    /// Reads into `ahead`, as much as [`READ_CHUNK`]; stays in bulk mode while reads
+    /// fill it. On `Pending` the buffer is freed: the transfer paused.
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.ahead.reserve(READ_CHUNK);
+        let free = self.ahead.capacity() - self.ahead.len();
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.ahead);
+        match read {
+            Poll::Ready(Ok(n)) => {
+                self.bulk = n == free;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => {
+                self.ahead = BytesMut::new();
+                self.bulk = false;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncRead for TlsSocket {
+    /// Cancel safe: bytes read ahead stay in `ahead`.
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.ahead.is_empty() {
+            if !this.bulk {
+                let asked = buf.remaining();
+                let before = buf.filled().len();
+                std::task::ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+                this.bulk = asked > 0 && buf.filled().len() - before == asked;
+                return Poll::Ready(Ok(()));
+            }
+            if std::task::ready!(this.poll_read_ahead(cx))? == 0 {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let n = buf.remaining().min(this.ahead.len());
+        buf.put_slice(&this.ahead[..n]);
+        this.ahead.advance(n);
+        if this.ahead.is_empty() && !this.bulk {
+            this.ahead = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TlsSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 
@@ -293,11 +399,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
 
     /// The in-memory variant takes no room: `Stream` stays the size TCP and TLS made it.
     #[test]
     fn a_memory_pipe_is_no_larger_than_a_socket() {
         let pipe = std::mem::size_of::<tokio::io::DuplexStream>();
         assert!(pipe <= std::mem::size_of::<TcpStream>(), "{pipe} bytes");
+    }
+
+    async fn pair() -> (TlsSocket, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, peer) = tokio::join!(listener.accept(), peer);
+        (TlsSocket::new(accepted.unwrap().0), peer.unwrap())
+    }
+
+    /// rustls's 4 KiB reads of a bulk transfer: every byte arrives, in order, and most
+    /// come out of the read-ahead buffer.
+    #[tokio::test]
+    async fn bulk_reads_go_through_the_buffer_and_keep_every_byte() {
+        let (mut socket, mut peer) = pair().await;
+        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                peer.write_all(&sent).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        let mut ahead_reads = 0;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = socket.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            ahead_reads += usize::from(socket.ahead.capacity() > 0);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, sent);
+        assert!(
+            ahead_reads > 0,
+            "no read went through the read-ahead buffer"
+        );
+    }
+
+    /// A small message is read straight into the caller's buffer: nothing is held.
+    #[tokio::test]
+    async fn small_messages_hold_no_buffer() {
+        let (mut socket, mut peer) = pair().await;
+        for _ in 0..3 {
+            peer.write_all(&[7u8; 100]).await.unwrap();
+            let mut chunk = [0u8; 4096];
+            assert_eq!(socket.read(&mut chunk).await.unwrap(), 100);
+            assert!(!socket.bulk);
+            assert_eq!(socket.ahead.capacity(), 0);
+        }
     }
 }

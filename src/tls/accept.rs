@@ -27,7 +27,7 @@ use x509_cert::der::oid::ObjectIdentifier;
 use x509_cert::der::{Decode, Tag, Tagged};
 
 use crate::config::{TlsConfig, TlsMode};
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsSocket};
 
 /// The ALPN protocol PostgreSQL 17 defined for its connections.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -162,9 +162,10 @@ impl ClientTls {
             let refused = io::Error::new(io::ErrorKind::Unsupported, "TLS is disabled");
             return Err(AcceptError::Handshake(refused));
         };
-        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-            .await
-            .map_err(AcceptError::Handshake)?;
+        let start =
+            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TlsSocket::new(tcp))
+                .await
+                .map_err(AcceptError::Handshake)?;
         let offers_postgresql = start
             .client_hello()
             .alpn()

@@ -38,7 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{TlsConfig, TlsMode};
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsSocket};
 
 /// SSLRequest: length 8, then the code 80877103 (1234 << 16 | 5679).
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -225,7 +225,7 @@ impl ServerTls {
         }
         let name = server_name(host, self.mode)?;
         let tls = tokio_rustls::TlsConnector::from(client.clone())
-            .connect(name, tcp)
+            .connect(name, TlsSocket::new(tcp))
             .await
             .map_err(TlsConnectError::Handshake)?;
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
