@@ -1,5 +1,5 @@
-//! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP
-//! now, TLS beside it, and an in-memory pipe for benchmarks), and [`Conn`] adds the
+//! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP,
+//! TLS over it, a client's Unix socket, and an in-memory pipe for benchmarks), and [`Conn`] adds the
 //! buffered frame reads and batched writes the rest of pgrelay uses.
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{split_frame, Frame, ProtocolError};
@@ -43,6 +43,9 @@ pub enum StreamError {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// A client on a Unix-socket listener (never TLS: PostgreSQL does not offer it there
+    /// either).
+    Unix(UnixStream),
     /// One end of an in-memory pipe, so that a benchmark drives the real session and
     /// pool without sockets (`benches/request.rs`). Nothing that accepts or dials a
     /// real connection makes one. No larger than a `TcpStream`, so `Stream` is the size
@@ -56,7 +59,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Tls(s) => Some(s.get_ref().0),
-            Stream::Memory(_) => None,
+            Stream::Unix(_) | Stream::Memory(_) => None,
         }
     }
 }
@@ -70,6 +73,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -84,6 +88,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -92,6 +97,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -100,6 +106,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
