@@ -217,9 +217,13 @@ fn spawn_unix(
     tracing::info!(path = %path.display(), "listening on a Unix socket");
     let port = ListenAddr::socket_port(path).unwrap_or(0);
     let (shared, sessions) = (shared.clone(), sessions.clone());
-    tokio::spawn(accept_each_unix(listener, shutdown.clone(), move |socket| {
-        admit(&shared, &sessions, Accepted::Unix(socket, port));
-    }));
+    tokio::spawn(accept_each_unix(
+        listener,
+        shutdown.clone(),
+        move |socket| {
+            admit(&shared, &sessions, Accepted::Unix(socket, port));
+        },
+    ));
     Ok(())
 }
 

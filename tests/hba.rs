@@ -99,7 +99,10 @@ fn assert_logs_in(conninfo: &str, password: &str, user: &str) {
 fn assert_refused(conninfo: &str, password: &str, message: &str) {
     let (ok, _, err) = psql(conninfo, password, "SELECT 1");
     assert!(!ok, "{conninfo} got in");
-    assert!(err.contains(&format!("FATAL:  {message}")), "{conninfo}: {err}");
+    assert!(
+        err.contains(&format!("FATAL:  {message}")),
+        "{conninfo}: {err}"
+    );
 }
 
 /// The harness's config text for `env`, with `listen` replaced and `rules` instead of
@@ -243,7 +246,9 @@ async fn reload_changes_the_rules_for_new_logins_only() {
     std::fs::write(&path, config_text(&env, "\"127.0.0.1:0\"", &bad)).expect("write");
     let err = env.relay.reload(&path).expect_err("bad CIDR");
     assert_eq!(err.key(), Some("hba[0].address"), "{err}");
-    assert!(psql(&tcp(env.addr, APP_USER, ""), APP_PASSWORD, "SELECT 1").2.contains("rejects"));
+    assert!(psql(&tcp(env.addr, APP_USER, ""), APP_PASSWORD, "SELECT 1")
+        .2
+        .contains("rejects"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,7 +281,11 @@ async fn hostssl_and_hostnossl_follow_the_clients_tls() {
          SSL encryption",
     );
     // other: a password in plaintext, a certificate over TLS.
-    assert_logs_in(&tcp(env.addr, OTHER_USER, plain), OTHER_PASSWORD, OTHER_USER);
+    assert_logs_in(
+        &tcp(env.addr, OTHER_USER, plain),
+        OTHER_PASSWORD,
+        OTHER_USER,
+    );
     let cert = pki.client(OTHER_USER);
     let certified = format!(
         "{tls} sslcert={} sslkey={}",
@@ -353,7 +362,10 @@ async fn unix_socket_clients_meet_local_rules() {
     let dir = dir.path();
     assert_logs_in(&unix(dir, APP_USER, APP_DB, ""), APP_PASSWORD, APP_USER);
     let (ok, _, err) = psql(&unix(dir, APP_USER, APP_DB, ""), WRONG_PASSWORD, "SELECT 1");
-    assert!(!ok && err.contains("password authentication failed"), "{err}");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
     // libpq ignores sslmode on Unix sockets (it never asks for TLS there).
     for mode in ["prefer", "require"] {
         let conninfo = unix(dir, APP_USER, APP_DB, &format!("sslmode={mode}"));
@@ -431,7 +443,9 @@ async fn unix_sockets_answer_ssl_requests_with_n() {
     let env = support::start(options(Vec::new())).await;
     let (dir, path, socket) = socket_dir();
     let relay = start_relay(&env, &socket, &[tls]).await;
-    let mut stream = tokio::net::UnixStream::connect(&path).await.expect("connect");
+    let mut stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
     stream
         .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
         .await
@@ -444,8 +458,15 @@ async fn unix_sockets_answer_ssl_requests_with_n() {
     let mut first = [0u8; 9];
     stream.read_exact(&mut first).await.expect("auth request");
     assert_eq!(first[0], b'R', "{first:?}");
-    assert_eq!(i32::from_be_bytes([first[5], first[6], first[7], first[8]]), AUTH_SASL);
+    assert_eq!(
+        i32::from_be_bytes([first[5], first[6], first[7], first[8]]),
+        AUTH_SASL
+    );
     drop(stream);
-    assert_logs_in(&unix(dir.path(), APP_USER, APP_DB, ""), APP_PASSWORD, APP_USER);
+    assert_logs_in(
+        &unix(dir.path(), APP_USER, APP_DB, ""),
+        APP_PASSWORD,
+        APP_USER,
+    );
     drop(relay);
 }

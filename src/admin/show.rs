@@ -493,7 +493,11 @@ fn databases(shared: &Shared) -> Table {
             v(0),
         ]);
     }
-    let listen_port = config.listen.iter().find_map(|a| a.tcp()).map_or(0, |a| a.port());
+    let listen_port = config
+        .listen
+        .iter()
+        .find_map(|a| a.tcp())
+        .map_or(0, |a| a.port());
     for console in crate::config::ADMIN_DATABASES {
         t.row(vec![
             v(console),

@@ -148,7 +148,10 @@ mod tests {
     #[test]
     fn no_rules_leave_auth_type_in_charge() {
         let config = config(&[]);
-        assert_eq!(method(&config, &conn("10.0.0.1", false, "a", "b")), Ok(None));
+        assert_eq!(
+            method(&config, &conn("10.0.0.1", false, "a", "b")),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -161,9 +164,11 @@ mod tests {
         let bob = method(&config, &conn("127.0.0.1", false, "bob", "app"));
         assert_eq!(
             bob,
-            Err("pg_hba.conf rejects connection for host \"127.0.0.1\", user \"bob\", \
+            Err(
+                "pg_hba.conf rejects connection for host \"127.0.0.1\", user \"bob\", \
                  database \"app\", no encryption"
-                .to_owned())
+                    .to_owned()
+            )
         );
         let local = conn("127.0.0.1", false, "app", "app");
         assert_eq!(method(&config, &local), Ok(Some(AuthType::Trust)));
@@ -177,16 +182,20 @@ mod tests {
         let refused = method(&config, &conn("127.0.0.1", true, "app", "app"));
         assert_eq!(
             refused,
-            Err("no pg_hba.conf entry for host \"127.0.0.1\", user \"app\", database \"app\", \
+            Err(
+                "no pg_hba.conf entry for host \"127.0.0.1\", user \"app\", database \"app\", \
                  SSL encryption"
-                .to_owned())
+                    .to_owned()
+            )
         );
         let unix = method(&config, &conn("unix", false, "app", "db"));
         assert_eq!(
             unix,
-            Err("no pg_hba.conf entry for host \"[local]\", user \"app\", database \"db\", \
+            Err(
+                "no pg_hba.conf entry for host \"[local]\", user \"app\", database \"db\", \
                  no encryption"
-                .to_owned())
+                    .to_owned()
+            )
         );
         assert_eq!(
             method(&config, &conn("10.1.1.1", false, "app", "app")),
@@ -220,10 +229,16 @@ mod tests {
         let at = |peer, user, db| method(&config, &conn(peer, false, user, db));
         assert_eq!(at("::1", "bob", "bob"), Ok(Some(AuthType::Trust)));
         assert!(at("::1", "bob", "app").is_err());
-        assert_eq!(at("127.0.0.1", "admin", "pgrelay"), Ok(Some(AuthType::Plain)));
+        assert_eq!(
+            at("127.0.0.1", "admin", "pgrelay"),
+            Ok(Some(AuthType::Plain))
+        );
         assert_eq!(at("fd00::5", "app", "app"), Ok(Some(AuthType::Md5)));
         // An IPv4 client on an IPv6 socket is an IPv4 client, as in PostgreSQL.
-        assert_eq!(at("::ffff:127.0.0.1", "app", "app"), Ok(Some(AuthType::Plain)));
+        assert_eq!(
+            at("::ffff:127.0.0.1", "app", "app"),
+            Ok(Some(AuthType::Plain))
+        );
         assert!(at("127.0.0.1", "carol", "app").is_err());
     }
 }

@@ -55,7 +55,9 @@ impl Opening {
 /// where it could be (in plaintext, before TLS); the caller only logs it.
 pub async fn open(tcp: TcpStream, tls: &ClientTls) -> Result<(Conn<Stream>, Opening), AuthError> {
     let mode = tls.mode();
-    let peer = tcp.peer_addr().map_or(Peer::Unknown, |addr| Peer::Ip(addr.ip()));
+    let peer = tcp
+        .peer_addr()
+        .map_or(Peer::Unknown, |addr| Peer::Ip(addr.ip()));
     if !tls.offers_tls() {
         return Ok((Conn::new(Stream::Plain(tcp)), Opening::plain(mode, peer)));
     }

@@ -226,7 +226,9 @@ impl Cidr {
     fn masked(&self, ip: IpAddr) -> IpAddr {
         match ip {
             IpAddr::V4(v4) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V4((u32::from(v4) & mask).into())
             }
             IpAddr::V6(v6) => {
@@ -281,7 +283,9 @@ mod tests {
         assert!(wide.contains(ip("fd12:3456::1")) && !wide.contains(ip("fe80::1")));
         let any = Cidr::parse("0.0.0.0/0").expect("any v4");
         assert!(any.contains(ip("192.0.2.1")) && !any.contains(ip("::2")));
-        assert!(Cidr::parse("::/0").expect("any v6").contains(ip("2001:db8::1")));
+        assert!(Cidr::parse("::/0")
+            .expect("any v6")
+            .contains(ip("2001:db8::1")));
     }
 
     #[test]

@@ -106,12 +106,21 @@ mod tests {
     #[test]
     fn parses_tcp_and_unix() {
         let tcp: ListenAddr = "[::1]:6432".parse().expect("tcp");
-        assert_eq!(tcp.tcp(), Some(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432))));
+        assert_eq!(
+            tcp.tcp(),
+            Some(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432)))
+        );
         let unix: ListenAddr = "unix:/run/pgrelay/.s.PGSQL.6432".parse().expect("unix");
         assert_eq!(unix.unix(), Some(Path::new("/run/pgrelay/.s.PGSQL.6432")));
         assert_eq!(unix.to_string(), "unix:/run/pgrelay/.s.PGSQL.6432");
-        assert_eq!(ListenAddr::socket_port(unix.unix().expect("path")), Some(6432));
-        assert_eq!(ListenAddr::socket_port(Path::new("/tmp/pgrelay.sock")), None);
+        assert_eq!(
+            ListenAddr::socket_port(unix.unix().expect("path")),
+            Some(6432)
+        );
+        assert_eq!(
+            ListenAddr::socket_port(Path::new("/tmp/pgrelay.sock")),
+            None
+        );
         for bad in ["unix:", "unix:/run/pgrelay/", "localhost:6432", "6432"] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }

@@ -24,13 +24,13 @@ use std::time::Duration;
 
 use serde_path_to_error::Segment;
 
+pub use hba::{Cidr, HbaAddress, HbaMethod, HbaRule, HbaType, NameList, NamePattern};
+pub use listen::ListenAddr;
 pub use schema::{
     AuthType, BackendConfig, Config, DatabaseConfig, FailoverConfig, HealthCheckConfig,
     LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint, RoutingConfig,
     TlsConfig, TlsMode, TopologySource, UserConfig,
 };
-pub use hba::{Cidr, HbaAddress, HbaMethod, HbaRule, HbaType, NameList, NamePattern};
-pub use listen::ListenAddr;
 pub use values::{PatroniEndpoint, ScramSecret, Secret};
 
 /// The names of the admin console's virtual database (pgrelay's own and PgBouncer's);
@@ -926,16 +926,41 @@ mod tests {
 
     #[test]
     fn hba_errors_name_the_key() {
-        let rule = |fields: &str| with_hba(&format!("[[hba]]\ndatabase = \"all\"\nuser = \"all\"\n{fields}\n"));
+        let rule = |fields: &str| {
+            with_hba(&format!(
+                "[[hba]]\ndatabase = \"all\"\nuser = \"all\"\n{fields}\n"
+            ))
+        };
         let cases = [
-            ("type = \"host\"\naddress = \"10.0.0.0/33\"\nmethod = \"md5\"", "hba[0].address"),
-            ("type = \"host\"\naddress = \"db.example\"\nmethod = \"md5\"", "hba[0].address"),
-            ("type = \"hostgssenc\"\naddress = \"all\"\nmethod = \"md5\"", "hba[0].type"),
-            ("type = \"host\"\naddress = \"all\"\nmethod = \"peer\"", "hba[0].method"),
-            ("type = \"local\"\naddress = \"all\"\nmethod = \"trust\"", "hba[0].address"),
+            (
+                "type = \"host\"\naddress = \"10.0.0.0/33\"\nmethod = \"md5\"",
+                "hba[0].address",
+            ),
+            (
+                "type = \"host\"\naddress = \"db.example\"\nmethod = \"md5\"",
+                "hba[0].address",
+            ),
+            (
+                "type = \"hostgssenc\"\naddress = \"all\"\nmethod = \"md5\"",
+                "hba[0].type",
+            ),
+            (
+                "type = \"host\"\naddress = \"all\"\nmethod = \"peer\"",
+                "hba[0].method",
+            ),
+            (
+                "type = \"local\"\naddress = \"all\"\nmethod = \"trust\"",
+                "hba[0].address",
+            ),
             ("type = \"host\"\nmethod = \"trust\"", "hba[0].address"),
-            ("type = \"host\"\naddress = \"all\"\nmethod = \"cert\"", "hba[0].method"),
-            ("type = \"local\"\nmethod = \"trust\"\nport = 1", "hba[0].port"),
+            (
+                "type = \"host\"\naddress = \"all\"\nmethod = \"cert\"",
+                "hba[0].method",
+            ),
+            (
+                "type = \"local\"\nmethod = \"trust\"\nport = 1",
+                "hba[0].port",
+            ),
             ("type = \"local\"", "hba[0].method"),
         ];
         for (fields, key) in cases {

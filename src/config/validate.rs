@@ -166,7 +166,10 @@ impl Config {
                 }
                 _ => {}
             }
-            for (field, list, is_user) in [("database", &rule.database, false), ("user", &rule.user, true)] {
+            for (field, list, is_user) in [
+                ("database", &rule.database, false),
+                ("user", &rule.user, true),
+            ] {
                 if let Some(why) = list.unsupported(is_user) {
                     return Err(invalid(key(field), why));
                 }
