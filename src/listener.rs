@@ -90,30 +90,15 @@ impl Pgrelay {
         let mut addrs = Vec::new();
         let mut unix_sockets = Vec::new();
         for listen_addr in &config.listen {
-            let addr = match listen_addr {
-                ListenAddr::Tcp(addr) => addr,
+            match listen_addr {
+                ListenAddr::Tcp(addr) => {
+                    addrs.push(spawn_tcp(*addr, &shared, &sessions, &shutdown_rx)?);
+                }
                 ListenAddr::Unix(path) => {
                     spawn_unix(path, &shared, &sessions, &shutdown_rx)?;
                     unix_sockets.push(path.clone());
-                    continue;
                 }
-            };
-            let listener = listen(*addr).map_err(|source| ListenError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| ListenError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            addrs.push(local);
-            tracing::info!(addr = %local, "listening");
-            tokio::spawn(accept_loop(
-                listener,
-                shared.clone(),
-                sessions.clone(),
-                shutdown_rx.clone(),
-            ));
+            }
         }
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
@@ -201,6 +186,27 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Binds the TCP address `addr` and spawns its accept loop; the address bound (a real
+/// port for port 0).
+fn spawn_tcp(
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<SocketAddr, ListenError> {
+    let bind_error = |source| ListenError::Bind { addr, source };
+    let listener = listen(addr).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(addr = %local, "listening");
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        sessions.clone(),
+        shutdown.clone(),
+    ));
+    Ok(local)
 }
 
 /// Binds the Unix socket `path` and spawns its accept loop.

@@ -62,7 +62,7 @@ pub fn method_for(config: &Config, conn: &Connection<'_>) -> Result<Option<AuthT
 }
 
 /// Whether `rule` applies to `conn`.
-pub fn matches(rule: &HbaRule, conn: &Connection<'_>) -> bool {
+fn matches(rule: &HbaRule, conn: &Connection<'_>) -> bool {
     let transport = match (rule.kind, conn.peer) {
         (HbaType::Local, Peer::Unix) => true,
         (HbaType::Host, Peer::Ip(_)) => true,
