@@ -1,6 +1,6 @@
 //! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP,
-//! TLS over it, a client's Unix socket, and an in-memory pipe for benchmarks), and [`Conn`] adds the
-//! buffered frame reads and batched writes the rest of pgrelay uses.
+//! TLS over it, a client's Unix socket, and an in-memory pipe for benchmarks), and
+//! [`Conn`] adds the buffered frame reads and batched writes the rest of pgrelay uses.
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
 //! over a client and a server. The relay itself uses the `poll_*` methods directly.
@@ -301,10 +301,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 mod tests {
     use super::*;
 
-    /// The in-memory variant takes no room: `Stream` stays the size TCP and TLS made it.
+    /// The in-memory and Unix variants take no room: `Stream` stays the size TCP and TLS
+    /// made it.
     #[test]
     fn a_memory_pipe_is_no_larger_than_a_socket() {
         let pipe = std::mem::size_of::<tokio::io::DuplexStream>();
         assert!(pipe <= std::mem::size_of::<TcpStream>(), "{pipe} bytes");
+        let unix = std::mem::size_of::<UnixStream>();
+        assert!(unix <= std::mem::size_of::<TcpStream>(), "{unix} bytes");
     }
 }
