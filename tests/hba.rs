@@ -470,3 +470,35 @@ async fn unix_sockets_answer_ssl_requests_with_n() {
     );
     drop(relay);
 }
+
+/// `md5` for a user stored with a SCRAM secret runs SCRAM instead, as PostgreSQL does;
+/// `password` checks the cleartext against the secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn md5_rules_fall_back_to_scram_for_scram_secrets() {
+    let env = support::start(options(Vec::new())).await;
+    let secret = support::stored_secret(&env.direct_superuser().await, OTHER_USER).await;
+    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
+    let options = EnvOptions {
+        relay_users: vec![
+            (APP_USER.to_owned(), APP_PASSWORD.to_owned()),
+            (OTHER_USER.to_owned(), secret),
+        ],
+        sections: vec![
+            rule("host", "all", APP_USER, "all", "password"),
+            rule("host", "all", OTHER_USER, "all", "md5"),
+        ],
+        ..env.options.clone()
+    };
+    let relay = support::start_relay(&options, &env.cluster.ports()).await;
+    let addr = relay.addrs[0];
+    assert_eq!(
+        raw::first_auth_request(addr, OTHER_USER, APP_DB).await,
+        Some(AUTH_SASL)
+    );
+    assert_logs_in(&tcp(addr, OTHER_USER, ""), OTHER_PASSWORD, OTHER_USER);
+    assert_eq!(
+        raw::first_auth_request(addr, APP_USER, APP_DB).await,
+        Some(AUTH_CLEARTEXT)
+    );
+    assert_logs_in(&tcp(addr, APP_USER, ""), APP_PASSWORD, APP_USER);
+}
