@@ -7,19 +7,24 @@
 //! Client listeners queue up to [`LISTEN_BACKLOG`] connections the kernel has completed,
 //! so a storm of clients connecting at once waits to be accepted instead of having
 //! SYNs dropped.
+//!
+//! A `unix:<path>` listen entry is a Unix socket: a stale socket file left at that path
+//! is removed first (anything else there is an error), the new one is made
+//! world-connectable (0777, PostgreSQL's default `unix_socket_permissions`; the
+//! directory's permissions are what restrict it), and it is removed at shutdown.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{health, lag, patroni};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ListenAddr};
 use crate::{admin, control, pool, session, Shared};
 
 /// Completed connections the kernel holds for a client listener until they are
@@ -35,6 +40,11 @@ pub enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("could not listen on unix:{}: {source}", path.display())]
+    BindUnix {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A `tls.client_*` file could not be loaded.
     #[error("{}: {source}", source.key())]
     Tls {
@@ -48,8 +58,10 @@ pub enum ListenError {
 
 /// A running pgrelay.
 pub struct Pgrelay {
-    /// The bound addresses (port 0 in the config becomes a real port here).
+    /// The bound TCP addresses (port 0 in the config becomes a real port here).
     pub addrs: Vec<SocketAddr>,
+    /// The Unix sockets listened on; their files are removed at shutdown.
+    pub unix_sockets: Vec<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` answer, if `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
@@ -76,23 +88,17 @@ impl Pgrelay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
-        for addr in &config.listen {
-            let listener = listen(*addr).map_err(|source| ListenError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| ListenError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            addrs.push(local);
-            tracing::info!(addr = %local, "listening");
-            tokio::spawn(accept_loop(
-                listener,
-                shared.clone(),
-                sessions.clone(),
-                shutdown_rx.clone(),
-            ));
+        let mut unix_sockets = Vec::new();
+        for listen_addr in &config.listen {
+            match listen_addr {
+                ListenAddr::Tcp(addr) => {
+                    addrs.push(spawn_tcp(*addr, &shared, &sessions, &shutdown_rx)?);
+                }
+                ListenAddr::Unix(path) => {
+                    spawn_unix(path, &shared, &sessions, &shutdown_rx)?;
+                    unix_sockets.push(path.clone());
+                }
+            }
         }
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
@@ -114,6 +120,7 @@ impl Pgrelay {
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,
+            unix_sockets,
             metrics_addr,
             shared,
             shutdown,
@@ -152,6 +159,11 @@ impl Pgrelay {
                 "shutdown_timeout expired with sessions still open"
             );
         }
+        for path in &self.unix_sockets {
+            if let Err(err) = std::fs::remove_file(path) {
+                tracing::warn!(%err, path = %path.display(), "could not remove the Unix socket");
+            }
+        }
         let metrics = &self.shared.metrics;
         let (hits, misses) = (metrics.prepared_hits.get(), metrics.prepared_misses.get());
         if hits + misses > 0 {
@@ -176,6 +188,78 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Binds the TCP address `addr` and spawns its accept loop; the address bound (a real
+/// port for port 0).
+fn spawn_tcp(
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<SocketAddr, ListenError> {
+    let bind_error = |source| ListenError::Bind { addr, source };
+    let listener = listen(addr).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(addr = %local, "listening");
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        sessions.clone(),
+        shutdown.clone(),
+    ));
+    Ok(local)
+}
+
+/// Binds the Unix socket `path` and spawns its accept loop.
+fn spawn_unix(
+    path: &Path,
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), ListenError> {
+    let listener = listen_unix(path).map_err(|source| ListenError::BindUnix {
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::info!(path = %path.display(), "listening on a Unix socket");
+    let port = ListenAddr::socket_port(path).unwrap_or(0);
+    let (shared, sessions) = (shared.clone(), sessions.clone());
+    tokio::spawn(accept_each_unix(
+        listener,
+        shutdown.clone(),
+        move |socket| {
+            admit(&shared, &sessions, Accepted::Unix(socket, port));
+        },
+    ));
+    Ok(())
+}
+
+/// Binds a Unix-socket listener at `path`, replacing a stale socket file there (one a
+/// previous run left), never any other kind of file.
+fn listen_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// A client connection just accepted, on TCP or on a Unix socket (with the port its
+/// socket file's name carries).
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream, u16),
+}
+
 /// Decrements the client count when a session ends, however it ends.
 struct ClientSlot(Arc<Shared>);
 
@@ -192,22 +276,33 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     accept_each(listener, shutdown, |tcp| {
-        let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = ClientSlot(shared.clone());
-        let too_many = count > shared.config.load().pool.max_client_conn as usize;
-        let shared = shared.clone();
-        sessions.spawn(async move {
-            serve(tcp, shared, too_many).await;
-            drop(slot);
-        });
+        admit(&shared, &sessions, Accepted::Tcp(tcp))
     })
     .await
 }
 
+/// Counts a new client against `max_client_conn` and starts its task.
+fn admit(shared: &Arc<Shared>, sessions: &TaskTracker, accepted: Accepted) {
+    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let slot = ClientSlot(shared.clone());
+    let too_many = count > shared.config.load().pool.max_client_conn as usize;
+    let shared = shared.clone();
+    sessions.spawn(async move {
+        serve(accepted, shared, too_many).await;
+        drop(slot);
+    });
+}
+
 /// One client connection to its end: the login, then a session or the admin console.
-async fn serve(tcp: tokio::net::TcpStream, shared: Arc<Shared>, too_many: bool) {
+async fn serve(accepted: Accepted, shared: Arc<Shared>, too_many: bool) {
     // Boxed: the login's future is large and done with once the client is in.
-    let Some(client) = Box::pin(session::log_in(tcp, &shared, too_many)).await else {
+    let logged_in = match accepted {
+        Accepted::Tcp(tcp) => Box::pin(session::log_in(tcp, &shared, too_many)).await,
+        Accepted::Unix(socket, port) => {
+            Box::pin(session::log_in_unix(socket, port, &shared, too_many)).await
+        }
+    };
+    let Some(client) = logged_in else {
         return;
     };
     if client.admin {
@@ -252,6 +347,27 @@ pub async fn accept_each(
             Ok((tcp, _)) => serve(tcp),
             Err(err) => {
                 tracing::error!(%err, addr = ?listener.local_addr().ok(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// [`accept_each`] for a Unix-socket listener.
+async fn accept_each_unix(
+    listener: UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+    mut serve: impl FnMut(tokio::net::UnixStream),
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((socket, _)) => serve(socket),
+            Err(err) => {
+                tracing::error!(%err, "accept failed on a Unix socket");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

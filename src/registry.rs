@@ -55,6 +55,8 @@ pub struct ClientEntry {
     pub application_name: String,
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    /// A client on a Unix socket: the port its socket file's name carries (0: none).
+    pub unix: Option<u16>,
     pub connected: SystemTime,
     /// A session of the admin console.
     pub admin: bool,
@@ -309,6 +311,8 @@ pub struct NewClient<'a> {
     pub application_name: &'a str,
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    /// On a Unix socket: the port its socket file's name carries (0: none).
+    pub unix: Option<u16>,
     pub admin: bool,
     /// The TLS version and cipher suite (`TLSv1.3/TLS13_AES_256_GCM_SHA384`); `""`
     /// for a plaintext client.
@@ -334,6 +338,7 @@ impl Registry {
             application_name: client.application_name.to_owned(),
             addr: client.addr,
             local: client.local,
+            unix: client.unix,
             connected: SystemTime::now(),
             admin: client.admin,
             tls: client.tls.into(),
@@ -529,6 +534,7 @@ mod tests {
             application_name: "",
             addr: None,
             local: None,
+            unix: None,
             admin: false,
             tls: "",
         };

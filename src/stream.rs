@@ -1,6 +1,7 @@
-//! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP
-//! now, TLS over a [`TlsSocket`], and an in-memory pipe for benchmarks), and [`Conn`]
-//! adds the buffered frame reads and batched writes the rest of pgrelay uses.
+//! The only owner of sockets: [`Stream`] is a client's or server's transport (plain TCP,
+//! TLS over a [`TlsSocket`], a client's Unix socket, and an in-memory pipe for
+//! benchmarks), and [`Conn`] adds the buffered frame reads and batched writes the rest
+//! of pgrelay uses.
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
 //! over a client and a server. The relay itself uses the `poll_*` methods directly.
@@ -11,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{split_frame, Frame, ProtocolError};
@@ -43,6 +44,9 @@ pub enum StreamError {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TlsSocket>>),
+    /// A client on a Unix-socket listener (never TLS: PostgreSQL does not offer it there
+    /// either).
+    Unix(UnixStream),
     /// One end of an in-memory pipe, so that a benchmark drives the real session and
     /// pool without sockets (`benches/request.rs`). Nothing that accepts or dials a
     /// real connection makes one. No larger than a `TcpStream`, so `Stream` is the size
@@ -56,7 +60,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Tls(s) => Some(&s.get_ref().0.tcp),
-            Stream::Memory(_) => None,
+            Stream::Unix(_) | Stream::Memory(_) => None,
         }
     }
 }
@@ -176,6 +180,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -190,6 +195,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Memory(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -198,6 +204,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Memory(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -206,6 +213,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Memory(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -402,11 +410,14 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    /// The in-memory variant takes no room: `Stream` stays the size TCP and TLS made it.
+    /// The in-memory and Unix variants take no room: `Stream` stays the size TCP and TLS
+    /// made it.
     #[test]
     fn a_memory_pipe_is_no_larger_than_a_socket() {
         let pipe = std::mem::size_of::<tokio::io::DuplexStream>();
         assert!(pipe <= std::mem::size_of::<TcpStream>(), "{pipe} bytes");
+        let unix = std::mem::size_of::<UnixStream>();
+        assert!(unix <= std::mem::size_of::<TcpStream>(), "{unix} bytes");
     }
 
     async fn pair() -> (TlsSocket, TcpStream) {

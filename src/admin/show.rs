@@ -307,6 +307,16 @@ const CONNECTION_COLUMNS: [(&str, u32); 19] = [
     ("prepared_statements", oid::INT4),
 ];
 
+/// An address column of `SHOW CLIENTS`: the IP, or `unix` for a Unix-socket client
+/// (as PgBouncer shows it).
+fn client_ip(addr: Option<std::net::SocketAddr>, unix: Option<u16>) -> String {
+    match (addr, unix) {
+        (Some(addr), _) => addr.ip().to_string(),
+        (None, Some(_)) => "unix".to_owned(),
+        (None, None) => String::new(),
+    }
+}
+
 /// PgBouncer's `SHOW CLIENTS`.
 fn clients(shared: &Shared) -> Table {
     let mut t = Table::new(&CONNECTION_COLUMNS);
@@ -319,10 +329,10 @@ fn clients(shared: &Shared) -> Table {
             v(&c.user),
             v(&c.database),
             v(state.as_str()),
-            v(c.addr.map(|a| a.ip().to_string()).unwrap_or_default()),
-            v(c.addr.map_or(0, |a| a.port())),
-            v(c.local.map(|a| a.ip().to_string()).unwrap_or_default()),
-            v(c.local.map_or(0, |a| a.port())),
+            v(client_ip(c.addr, c.unix)),
+            v(c.addr.map_or(c.unix.unwrap_or(0), |a| a.port())),
+            v(client_ip(c.local, c.unix)),
+            v(c.local.map_or(c.unix.unwrap_or(0), |a| a.port())),
             v(format_time(c.connected)),
             v(format_time(request)),
             v(wait.as_secs()),
@@ -483,7 +493,11 @@ fn databases(shared: &Shared) -> Table {
             v(0),
         ]);
     }
-    let listen_port = config.listen.first().map_or(0, |a| a.port());
+    let listen_port = config
+        .listen
+        .iter()
+        .find_map(|a| a.tcp())
+        .map_or(0, |a| a.port());
     for console in crate::config::ADMIN_DATABASES {
         t.row(vec![
             v(console),

@@ -40,6 +40,7 @@ fn opening(mode: TlsMode, tls: Option<TlsSession>) -> Opening {
     };
     Opening {
         mode,
+        peer: crate::auth::hba::Peer::Unknown,
         tls,
         first: Some(StartupPacket::Startup(params)),
     }

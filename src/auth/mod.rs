@@ -7,6 +7,7 @@
 //! with, including the SCRAM ClientKey a client proved when the configured password is a
 //! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
 
+pub mod hba;
 pub mod md5;
 pub mod opening;
 pub mod scram;
@@ -189,10 +190,19 @@ where
         .into());
     }
     let login = read_login(&params)?;
+    let rules_say = hba::method_for(
+        config,
+        &hba::Connection {
+            peer: opening.peer,
+            tls: tls.is_some(),
+            user: &login.user,
+            database: &login.database,
+        },
+    )?;
     if opening.mode == TlsMode::VerifyFull {
         check_common_name(tls, &login.user)?;
     }
-    authenticate(conn, config, credentials, &login.user, tls).await?;
+    authenticate(conn, config, credentials, &login.user, tls, rules_say).await?;
     if crate::config::is_admin_database(&login.database) {
         let allowed =
             config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);
@@ -337,18 +347,22 @@ fn auth_failed(user: &str) -> AuthError {
     ClientError::fatal(ErrorKind::Auth, sqlstate::INVALID_PASSWORD, message).into()
 }
 
+/// Runs the exchange of `hba_method` (the `[[hba]]` rule's), or else of the user's
+/// `auth_type`.
 async fn authenticate<S>(
     conn: &mut Conn<S>,
     config: &Config,
     credentials: &Credentials,
     user: &str,
     tls: Option<&TlsSession>,
+    hba_method: Option<AuthType>,
 ) -> Result<(), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let entry = config.user(user);
-    let auth_type = entry.map_or(config.auth_type, |u| u.auth_type_or(config.auth_type));
+    let auth_type = hba_method
+        .unwrap_or_else(|| entry.map_or(config.auth_type, |u| u.auth_type_or(config.auth_type)));
     let binding = scram::Binding {
         offered: tls.and_then(|tls| tls.end_point.as_deref()),
         selected: false,

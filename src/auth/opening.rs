@@ -17,13 +17,17 @@ use crate::protocol::startup::StartupPacket;
 use crate::stream::{Conn, Stream, StreamError};
 use crate::tls::accept::{self, ClientTls, Negotiation, TlsSession};
 
+use super::hba::Peer;
 use super::AuthError;
 
 /// What the opening established, for the rest of the handshake.
 #[derive(Debug)]
 pub struct Opening {
-    /// `tls.client_mode` when the connection opened.
+    /// `tls.client_mode` when the connection opened; `disable` on a Unix socket, where
+    /// TLS is neither offered nor required (PostgreSQL answers `N` there too).
     pub mode: TlsMode,
+    /// Where the client connected from, for the `[[hba]]` rules.
+    pub peer: Peer,
     /// The TLS session, when the client is on TLS.
     pub tls: Option<TlsSession>,
     /// The first packet after the negotiation, already read (a plaintext client's).
@@ -31,13 +35,19 @@ pub struct Opening {
 }
 
 impl Opening {
-    /// A connection with no TLS negotiation behind it (`disable`, or tests).
-    pub fn plain(mode: TlsMode) -> Opening {
+    /// A connection with no TLS negotiation behind it (`disable`, or tests), from `peer`.
+    pub fn plain(mode: TlsMode, peer: Peer) -> Opening {
         Opening {
             mode,
+            peer,
             tls: None,
             first: None,
         }
+    }
+
+    /// A client on a Unix socket: an SSLRequest is answered `N`, and TLS is not required.
+    pub fn unix() -> Opening {
+        Opening::plain(TlsMode::Disable, Peer::Unix)
     }
 }
 
@@ -45,14 +55,17 @@ impl Opening {
 /// where it could be (in plaintext, before TLS); the caller only logs it.
 pub async fn open(tcp: TcpStream, tls: &ClientTls) -> Result<(Conn<Stream>, Opening), AuthError> {
     let mode = tls.mode();
+    let peer = tcp
+        .peer_addr()
+        .map_or(Peer::Unknown, |addr| Peer::Ip(addr.ip()));
     if !tls.offers_tls() {
-        return Ok((Conn::new(Stream::Plain(tcp)), Opening::plain(mode)));
+        return Ok((Conn::new(Stream::Plain(tcp)), Opening::plain(mode, peer)));
     }
     if accept::starts_with_handshake(&tcp)
         .await
         .map_err(StreamError::from)?
     {
-        return secure(tcp, tls, Negotiation::Direct).await;
+        return secure(tcp, tls, Negotiation::Direct, peer).await;
     }
     let mut conn = Conn::new(tcp);
     loop {
@@ -71,11 +84,12 @@ pub async fn open(tcp: TcpStream, tls: &ClientTls) -> Result<(Conn<Stream>, Open
                     return Err(err.into());
                 }
                 conn.write_all(b"S").await?;
-                return secure(conn.into_io(), tls, Negotiation::SslRequest).await;
+                return secure(conn.into_io(), tls, Negotiation::SslRequest, peer).await;
             }
             first => {
                 let opening = Opening {
                     mode,
+                    peer,
                     tls: None,
                     first: Some(first),
                 };
@@ -89,10 +103,12 @@ async fn secure(
     tcp: TcpStream,
     tls: &ClientTls,
     how: Negotiation,
+    peer: Peer,
 ) -> Result<(Conn<Stream>, Opening), AuthError> {
     let (stream, session) = tls.accept(tcp, how).await?;
     let opening = Opening {
         mode: tls.mode(),
+        peer,
         tls: Some(session),
         first: None,
     };

@@ -11,6 +11,8 @@
 //! defaults are in `schema.rs`; durations, addresses and passwords are parsed in `values.rs`;
 //! the checks of values and their combinations are in `validate.rs`.
 
+mod hba;
+mod listen;
 mod schema;
 mod validate;
 mod values;
@@ -22,6 +24,8 @@ use std::time::Duration;
 
 use serde_path_to_error::Segment;
 
+pub use hba::{Cidr, HbaAddress, HbaMethod, HbaRule, HbaType, NameList, NamePattern};
+pub use listen::ListenAddr;
 pub use schema::{
     AuthType, BackendConfig, Config, DatabaseConfig, FailoverConfig, HealthCheckConfig,
     LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint, RoutingConfig,
@@ -466,8 +470,9 @@ mod tests {
         let config = parse(MINIMAL).expect("minimal");
         assert_eq!(
             config.listen,
-            vec![SocketAddr::from(([127, 0, 0, 1], 6432))]
+            vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432)))]
         );
+        assert!(config.hba.is_empty());
         assert!(config.admin_users.is_empty() && config.stats_users.is_empty());
         assert_eq!(
             config.metrics_listen,
@@ -570,7 +575,7 @@ mod tests {
         let config = parse(&text).expect("valid");
         assert_eq!(
             config.listen[0],
-            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432))
+            ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432)))
         );
         assert_eq!(config.metrics_listen, None);
         assert_eq!(error_key("listen = [\"localhost:6432\"]"), "listen[0]");
@@ -715,11 +720,22 @@ mod tests {
     #[test]
     fn validate_listen() {
         assert_eq!(invalid_key(|c| c.listen.clear()), "listen");
-        assert_eq!(invalid_key(|c| c.listen.push(c.listen[0])), "listen[1]");
         assert_eq!(
-            invalid_key(|c| c.metrics_listen = Some(c.listen[0])),
+            invalid_key(|c| c.listen.push(c.listen[0].clone())),
+            "listen[1]"
+        );
+        assert_eq!(
+            invalid_key(|c| c.metrics_listen = c.listen[0].tcp()),
             "metrics_listen"
         );
+        let unix = |c: &mut Config| {
+            let socket: ListenAddr = "unix:/tmp/.s.PGSQL.6432".parse().expect("unix");
+            c.listen.extend([socket.clone(), socket]);
+        };
+        assert_eq!(invalid_key(unix), "listen[2]");
+        assert_eq!(error_key("listen = [\"unix:\"]"), "listen[0]");
+        let text = format!("listen = [\"unix:/tmp/.s.PGSQL.6432\", \"[::1]:0\"]\n{MINIMAL}");
+        assert_eq!(parse(&text).expect("unix and tcp").listen.len(), 2);
     }
 
     #[test]
@@ -879,6 +895,95 @@ mod tests {
         });
         config.auth_type = AuthType::Md5;
         assert!(config.validate().is_ok());
+    }
+
+    /// `MINIMAL` with client TLS (for hostssl and cert rules) and `rules`.
+    fn with_hba(rules: &str) -> String {
+        format!(
+            "[tls]\nclient_mode = \"prefer\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"\n\
+             {MINIMAL}{rules}"
+        )
+    }
+
+    #[test]
+    fn parses_hba_rules() {
+        let text = with_hba(
+            "[[hba]]\ntype = \"local\"\ndatabase = \"all\"\nuser = \"all\"\nmethod = \"trust\"\n\
+             [[hba]]\ntype = \"hostssl\"\ndatabase = [\"app\", \"pgrelay\"]\nuser = \"app,admin\"\n\
+             address = \"::1/128\"\nmethod = \"scram-sha-256\"\n\
+             [[hba]]\ntype = \"host\"\ndatabase = \"all\"\nuser = \"all\"\naddress = \"all\"\n\
+             method = \"reject\"\n",
+        );
+        let config = parse(&text).expect("valid rules");
+        assert_eq!(config.hba.len(), 3);
+        assert_eq!(config.hba[0].kind, HbaType::Local);
+        assert_eq!(config.hba[0].address, None);
+        assert_eq!(config.hba[1].method, HbaMethod::ScramSha256);
+        assert!(config.hba[1].database.matches("pgrelay", "x"));
+        assert!(config.hba[1].user.matches("admin", "admin"));
+        assert_eq!(config.hba[2].address, Some(HbaAddress::All));
+    }
+
+    #[test]
+    fn hba_errors_name_the_key() {
+        let rule = |fields: &str| {
+            with_hba(&format!(
+                "[[hba]]\ndatabase = \"all\"\nuser = \"all\"\n{fields}\n"
+            ))
+        };
+        let cases = [
+            (
+                "type = \"host\"\naddress = \"10.0.0.0/33\"\nmethod = \"md5\"",
+                "hba[0].address",
+            ),
+            (
+                "type = \"host\"\naddress = \"db.example\"\nmethod = \"md5\"",
+                "hba[0].address",
+            ),
+            (
+                "type = \"hostgssenc\"\naddress = \"all\"\nmethod = \"md5\"",
+                "hba[0].type",
+            ),
+            (
+                "type = \"host\"\naddress = \"all\"\nmethod = \"peer\"",
+                "hba[0].method",
+            ),
+            (
+                "type = \"local\"\naddress = \"all\"\nmethod = \"trust\"",
+                "hba[0].address",
+            ),
+            ("type = \"host\"\nmethod = \"trust\"", "hba[0].address"),
+            (
+                "type = \"host\"\naddress = \"all\"\nmethod = \"cert\"",
+                "hba[0].method",
+            ),
+            (
+                "type = \"local\"\nmethod = \"trust\"\nport = 1",
+                "hba[0].port",
+            ),
+            ("type = \"local\"", "hba[0].method"),
+        ];
+        for (fields, key) in cases {
+            assert_eq!(parse_err(&rule(fields)).key(), Some(key), "{fields}");
+        }
+        let replication = with_hba(
+            "[[hba]]\ntype = \"local\"\ndatabase = \"replication\"\nuser = \"all\"\nmethod = \"trust\"\n",
+        );
+        assert_eq!(parse_err(&replication).key(), Some("hba[0].database"));
+        let group = with_hba(
+            "[[hba]]\ntype = \"local\"\ndatabase = \"all\"\nuser = \"+admins\"\nmethod = \"trust\"\n",
+        );
+        assert_eq!(parse_err(&group).key(), Some("hba[0].user"));
+        // cert needs a CA; hostssl needs client TLS at all.
+        let cert = rule("type = \"hostssl\"\naddress = \"all\"\nmethod = \"cert\"");
+        let err = parse_err(&cert);
+        assert_eq!(err.key(), Some("hba[0].method"), "{err}");
+        assert!(err.to_string().contains("client_ca"), "{err}");
+        let hostssl = format!(
+            "{MINIMAL}[[hba]]\ntype = \"hostssl\"\ndatabase = \"all\"\nuser = \"all\"\n\
+             address = \"all\"\nmethod = \"md5\"\n"
+        );
+        assert_eq!(parse_err(&hostssl).key(), Some("hba[0].type"));
     }
 
     #[test]

@@ -11,15 +11,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::hba::HbaRule;
+use super::listen::ListenAddr;
 use super::values::{self, Secret};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Addresses the client listener binds (IP:port, IPv6 in brackets). Default
-    /// `["127.0.0.1:6432"]`.
-    pub listen: Vec<SocketAddr>,
+    /// Addresses the client listener binds: IP:port (IPv6 in brackets), or
+    /// `unix:<socket file>`. Default `["127.0.0.1:6432"]`.
+    pub listen: Vec<ListenAddr>,
     /// Users allowed into the admin console (virtual database `pgrelay`). Default `[]`.
     pub admin_users: Vec<String>,
     /// Users allowed read-only `SHOW` commands in the admin console. Default `[]`.
@@ -53,12 +55,16 @@ pub struct Config {
     pub databases: Vec<DatabaseConfig>,
     /// `[[users]]`: who may log in, with their passwords. Default `[]`.
     pub users: Vec<UserConfig>,
+    /// `[[hba]]`: access rules, first match wins; a rule's `method` replaces
+    /// `auth_type` (and `users.auth_type`) for the connections it matches. Default `[]`:
+    /// no rules, everyone authenticates by `auth_type`.
+    pub hba: Vec<HbaRule>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: vec![SocketAddr::from(([127, 0, 0, 1], 6432))],
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432)))],
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
@@ -73,6 +79,7 @@ impl Default for Config {
             backends: Vec::new(),
             databases: Vec::new(),
             users: Vec::new(),
+            hba: Vec::new(),
         }
     }
 }

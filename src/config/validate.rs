@@ -16,6 +16,7 @@ impl Config {
         self.validate_databases()?;
         self.validate_users()?;
         self.validate_cert_auth()?;
+        self.validate_hba()?;
         self.validate_console_users("admin_users", &self.admin_users)?;
         self.validate_console_users("stats_users", &self.stats_users)
     }
@@ -35,7 +36,7 @@ impl Config {
         }
         match self.metrics_listen {
             // Port 0 picks a free port for each, so they never collide.
-            Some(addr) if addr.port() != 0 && self.listen.contains(&addr) => Err(invalid(
+            Some(addr) if addr.port() != 0 && self.listen.contains(&addr.into()) => Err(invalid(
                 "metrics_listen",
                 format!("{addr} is also in listen"),
             )),
@@ -141,6 +142,59 @@ impl Config {
                 "\"cert\" needs tls.client_mode other than \"disable\" and a tls.client_ca \
                  to verify client certificates with",
             ));
+        }
+        Ok(())
+    }
+
+    /// Each `[[hba]]` rule on its own, and `cert` and `hostssl` against `[tls]`.
+    fn validate_hba(&self) -> Result<(), ConfigError> {
+        for (i, rule) in self.hba.iter().enumerate() {
+            let key = |field: &str| format!("hba[{i}].{field}");
+            let kind = spelled(&rule.kind);
+            match (rule.kind, rule.address) {
+                (HbaType::Local, Some(_)) => {
+                    return Err(invalid(
+                        key("address"),
+                        "type = \"local\" (a Unix socket) takes no address",
+                    ))
+                }
+                (HbaType::Host | HbaType::Hostssl | HbaType::Hostnossl, None) => {
+                    return Err(invalid(
+                        key("address"),
+                        format!("type = {kind:?} needs an address: a CIDR such as \"10.0.0.0/8\", or \"all\""),
+                    ))
+                }
+                _ => {}
+            }
+            for (field, list, is_user) in [
+                ("database", &rule.database, false),
+                ("user", &rule.user, true),
+            ] {
+                if let Some(why) = list.unsupported(is_user) {
+                    return Err(invalid(key(field), why));
+                }
+            }
+            let tls_off = self.tls.client_mode == TlsMode::Disable;
+            if rule.kind == HbaType::Hostssl && tls_off {
+                return Err(invalid(
+                    key("type"),
+                    "a hostssl rule cannot match while tls.client_mode = \"disable\"",
+                ));
+            }
+            if rule.method == HbaMethod::Cert {
+                if rule.kind != HbaType::Hostssl {
+                    return Err(invalid(
+                        key("method"),
+                        "\"cert\" is only supported on hostssl rules, as in PostgreSQL",
+                    ));
+                }
+                if self.tls.client_ca.is_empty() {
+                    return Err(invalid(
+                        key("method"),
+                        "\"cert\" needs a tls.client_ca to verify client certificates with",
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -23,8 +23,9 @@ pub mod statement;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
+use crate::auth::hba::Peer;
 use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
 use crate::cluster::NodeStats;
@@ -86,6 +87,7 @@ pub async fn log_in(tcp: TcpStream, shared: &Shared, too_many_clients: bool) -> 
         opening,
         peer,
         local,
+        unix: None,
         deadline,
     };
     log_in_opened(opened, config, shared, too_many_clients).await
@@ -100,11 +102,34 @@ pub async fn log_in_over(
     too_many_clients: bool,
 ) -> Option<LoggedIn> {
     let config = shared.config.load_full();
+    let hba_peer = peer.map_or(Peer::Unknown, |addr| Peer::Ip(addr.ip()));
     let opened = Opened {
         client: Conn::new(stream),
-        opening: auth::opening::Opening::plain(config.tls.client_mode),
+        opening: auth::opening::Opening::plain(config.tls.client_mode, hba_peer),
         peer,
         local,
+        unix: None,
+        deadline: tokio::time::Instant::now() + config.pool.client_login_timeout,
+    };
+    log_in_opened(opened, config, shared, too_many_clients).await
+}
+
+/// [`log_in`] for a client of a Unix-socket listener whose socket file's name carries
+/// `port` (0: none): no TLS (an SSLRequest is answered `N`, and `tls.client_mode`
+/// does not require it there, as PostgreSQL does not), `local` hba rules.
+pub async fn log_in_unix(
+    socket: UnixStream,
+    port: u16,
+    shared: &Shared,
+    too_many_clients: bool,
+) -> Option<LoggedIn> {
+    let config = shared.config.load_full();
+    let opened = Opened {
+        client: Conn::new(Stream::Unix(socket)),
+        opening: auth::opening::Opening::unix(),
+        peer: None,
+        local: None,
+        unix: Some(port),
         deadline: tokio::time::Instant::now() + config.pool.client_login_timeout,
     };
     log_in_opened(opened, config, shared, too_many_clients).await
@@ -116,6 +141,8 @@ struct Opened {
     opening: auth::opening::Opening,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
+    /// On a Unix socket: the port its file's name carries, for `SHOW CLIENTS`.
+    unix: Option<u16>,
     deadline: tokio::time::Instant,
 }
 
@@ -131,6 +158,7 @@ async fn log_in_opened(
         opening,
         peer,
         local,
+        unix,
         deadline,
     } = opened;
     let tls_label = opening.tls.as_ref().map(TlsSession::label);
@@ -182,6 +210,7 @@ async fn log_in_opened(
         application_name,
         addr: peer,
         local,
+        unix,
         admin,
         tls: tls_label.as_deref().unwrap_or_default(),
     });
