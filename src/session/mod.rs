@@ -624,7 +624,18 @@ impl Session {
                 .wait_resumed(&self.login.database)
                 .await;
         }
-        let (attached, waited) = noting_wait(self.attach_routed(at.into())).await;
+        // Whether the attach had to wait: pending at least once. Polled in place, so
+        // that the session's future holds the attach's state once.
+        let (attached, waited) = {
+            let mut attach = std::pin::pin!(self.attach_routed(at.into()));
+            let mut polls = 0u32;
+            let attached = std::future::poll_fn(|cx| {
+                polls += 1;
+                std::future::Future::poll(attach.as_mut(), cx)
+            })
+            .await;
+            (attached, polls > 1)
+        };
         match attached {
             Ok(mut guard) => {
                 self.cancel.set(guard.server().cancel_target()).await;
@@ -775,16 +786,4 @@ impl Session {
             }
         }
     }
-}
-
-/// Runs `future` and says whether it had to wait: whether it was pending at least once.
-async fn noting_wait<F: std::future::Future>(future: F) -> (F::Output, bool) {
-    let mut future = std::pin::pin!(future);
-    let mut polls = 0u32;
-    let output = std::future::poll_fn(|cx| {
-        polls += 1;
-        future.as_mut().poll(cx)
-    })
-    .await;
-    (output, polls > 1)
 }
