@@ -7,6 +7,7 @@
 //! with, including the SCRAM ClientKey a client proved when the configured password is a
 //! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
 
+pub mod lookup;
 pub mod md5;
 pub mod opening;
 pub mod scram;
@@ -78,6 +79,11 @@ pub struct Credentials {
     derived: DashMap<String, (Vec<u8>, ScramSecret)>,
     /// Salts the fake exchanges for unknown users.
     process_key: [u8; 32],
+    /// How to log in to servers as a user found by `auth_query`: what its last
+    /// successful login proved (SCRAM keys, an md5 hash, a password).
+    queried: DashMap<String, ServerCredentials>,
+    /// Secrets fetched by `auth_query`.
+    pub secrets: lookup::SecretCache,
 }
 
 impl Default for Credentials {
@@ -88,6 +94,8 @@ impl Default for Credentials {
             learned: DashMap::new(),
             derived: DashMap::new(),
             process_key,
+            queried: DashMap::new(),
+            secrets: lookup::SecretCache::default(),
         }
     }
 }
@@ -95,6 +103,9 @@ impl Default for Credentials {
 impl Credentials {
     /// How to log in to servers as `user`.
     pub fn for_server(&self, user: &UserConfig) -> ServerCredentials {
+        if let Some(queried) = self.queried.get(&user.name) {
+            return queried.clone();
+        }
         match &user.password {
             Secret::Plain(p) => ServerCredentials::Password(p.as_bytes().to_vec()),
             Secret::Md5(h) => ServerCredentials::Md5(*h),
@@ -104,6 +115,18 @@ impl Credentials {
                 .map(|c| c.clone())
                 .unwrap_or(ServerCredentials::Missing),
         }
+    }
+
+    /// The entry a pool of a user found by `auth_query` runs with, once the user has
+    /// logged in: its servers are logged in to with what that login proved.
+    pub fn queried_user(&self, name: &str) -> Option<UserConfig> {
+        self.queried.contains_key(name).then(|| UserConfig {
+            name: name.to_owned(),
+            password: Secret::Plain(String::new()),
+            pool_mode: None,
+            pool_size: None,
+            auth_type: None,
+        })
     }
 
     fn learn(&self, user: &str, credentials: ServerCredentials) {
@@ -160,6 +183,29 @@ pub async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    handshake_with(
+        conn,
+        config,
+        credentials,
+        (too_many_clients, opening),
+        &lookup::NoLookup,
+    )
+    .await
+}
+
+/// [`handshake`], fetching the secrets of users the config does not list from
+/// `source` when `auth_query` is on.
+pub async fn handshake_with<S, L>(
+    conn: &mut Conn<S>,
+    config: &Config,
+    credentials: &Credentials,
+    (too_many_clients, opening): (bool, Opening),
+    source: &L,
+) -> Result<Handshake, AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: lookup::SecretSource,
+{
     let mut first = opening.first;
     let params = loop {
         let packet = match first.take() {
@@ -192,7 +238,16 @@ where
     if opening.mode == TlsMode::VerifyFull {
         check_common_name(tls, &login.user)?;
     }
-    authenticate(conn, config, credentials, &login.user, tls).await?;
+    if config.user(&login.user).is_none() && config.auth_query_user().is_some() {
+        let queried = lookup::Queried {
+            config,
+            credentials,
+            source,
+        };
+        queried.authenticate(conn, &login, tls).await?;
+    } else {
+        authenticate(conn, config, credentials, &login.user, tls).await?;
+    }
     if crate::config::is_admin_database(&login.database) {
         let allowed =
             config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);

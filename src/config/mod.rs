@@ -123,6 +123,14 @@ impl Config {
         self.users.iter().find(|user| user.name == name)
     }
 
+    /// The user `auth_query` runs as, when the lookup of users not in `[[users]]` is on
+    /// (`auth_user` set and `auth_query` not empty).
+    pub fn auth_query_user(&self) -> Option<&str> {
+        self.auth_user
+            .as_deref()
+            .filter(|_| !self.auth_query.trim().is_empty())
+    }
+
     /// The `[[databases]]` entry called `name`. `None` also when the list is empty, in
     /// which case any name is allowed and passed through: see [`Self::allows_any_database`].
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
@@ -262,6 +270,10 @@ impl Config {
             ("log_format", spelled(&self.log_format)),
             ("worker_threads", self.worker_threads.to_string()),
             ("auth_type", spelled(&self.auth_type)),
+            ("auth_query", self.auth_query.clone()),
+            ("auth_user", self.auth_user.clone().unwrap_or_default()),
+            ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
+            ("auth_query_cache", duration(self.auth_query_cache)),
             ("pool.mode", spelled(&p.mode)),
             ("pool.default_pool_size", p.default_pool_size.to_string()),
             ("pool.min_pool_size", p.min_pool_size.to_string()),

@@ -8,6 +8,7 @@
 //! keeps `min_pool_size` open.
 
 pub mod guard;
+pub mod lookup;
 pub mod maintain;
 pub mod params;
 pub mod server;
