@@ -1,0 +1,289 @@
+//! Users the config does not list, logged in with the secret `auth_query` fetches from
+//! the primary (PgBouncer's `auth_user`/`auth_query`), against real PostgreSQL and
+//! tokio-postgres: SCRAM and md5 secrets, servers logged in to with what the client
+//! proved, a changed password, unknown users told exactly what a wrong password is
+//! told, and a client's `search_path` kept away from the lookup.
+
+mod support;
+
+use support::{raw, start, EnvOptions, TestEnv, APP_DB, APP_USER};
+
+const ROLE: &str = "carol";
+const ROLE_PASSWORD: &str = "carol-secret";
+
+/// The documented way: a SECURITY DEFINER function the auth user may call, and an
+/// `auth_query` that names it with its schema (the lookup's path is `pg_catalog`).
+const LOOKUP_FUNCTION: &str = "\
+    CREATE FUNCTION public.pgrelay_lookup(name) RETURNS TABLE(usename name, passwd text) \
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS \
+    $$ SELECT usename, passwd::text FROM pg_catalog.pg_shadow WHERE usename = $1 $$; \
+    REVOKE ALL ON FUNCTION public.pgrelay_lookup(name) FROM PUBLIC; \
+    GRANT EXECUTE ON FUNCTION public.pgrelay_lookup(name) TO app;";
+
+/// pgrelay with `auth_user = "app"` and the function as `auth_query`.
+async fn env_with_function() -> TestEnv {
+    let env = start(EnvOptions {
+        top_extra: vec![
+            "auth_user = \"app\"".into(),
+            "auth_query = \"SELECT usename, passwd FROM public.pgrelay_lookup($1)\"".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let superuser = env.direct_superuser().await;
+    superuser
+        .batch_execute(LOOKUP_FUNCTION)
+        .await
+        .expect("create the lookup function");
+    env
+}
+
+/// pgrelay whose `auth_user` is the superuser, with PgBouncer's default `auth_query`
+/// (reading `pg_shadow` needs a superuser), clients and servers on `auth`.
+async fn env_with_default_query(auth: &'static str) -> TestEnv {
+    let mut relay_users = EnvOptions::default().relay_users;
+    relay_users.push(("postgres".into(), "not-needed".into()));
+    start(EnvOptions {
+        client_auth: auth,
+        server_auth: auth,
+        relay_users,
+        top_extra: vec!["auth_user = \"postgres\"".into()],
+        ..Default::default()
+    })
+    .await
+}
+
+async fn create_role(env: &TestEnv, role: &str, password: &str) {
+    env.direct_superuser()
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        .await
+        .expect("create role");
+}
+
+/// A query in a transaction runs as `user` on a pooled server, which pgrelay logged in
+/// to with what the client proved (no plaintext password anywhere).
+async fn assert_runs_as(client: &tokio_postgres::Client, user: &str) {
+    let rows = support::simple_rows(
+        client,
+        "BEGIN; SELECT current_user, current_database(); COMMIT",
+    )
+    .await
+    .expect("a transaction through pgrelay");
+    assert_eq!(
+        rows,
+        [[Some(user.to_owned()), Some(APP_DB.to_owned())]],
+        "the transaction's row"
+    );
+}
+
+/// FATAL 28P01 with PostgreSQL's text; returns (severity, code, message with the user
+/// name replaced) so that two failures can be compared.
+fn password_failure(err: &tokio_postgres::Error, user: &str) -> (String, String, String) {
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse for {user}, got: {err}"));
+    assert_eq!(db.code().code(), "28P01", "{db:?}");
+    assert_eq!(
+        db.message(),
+        format!("password authentication failed for user \"{user}\"")
+    );
+    (
+        db.severity().to_owned(),
+        db.code().code().to_owned(),
+        db.message().replace(user, "USER"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_only_the_server_knows_logs_in_and_its_servers_with_the_proved_key() {
+    let env = env_with_function().await;
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    let client = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect("a role found by auth_query logs in");
+    assert_runs_as(&client, ROLE).await;
+    // A second client shares the pool; several servers log in with the ClientKey.
+    let other = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect("a second login (cached secret)");
+    tokio::join!(assert_runs_as(&client, ROLE), assert_runs_as(&other, ROLE));
+    let pool = env
+        .relay
+        .shared
+        .pools
+        .all()
+        .into_iter()
+        .find(|p| p.key.user == ROLE)
+        .expect("a pool for the role");
+    assert!(pool.counts().1 >= 1, "the role's pool opened servers");
+    // The app user's own login is unchanged.
+    assert_runs_as(&env.client().await, APP_USER).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_password_works_after_at_most_one_failed_login() {
+    let env = env_with_function().await;
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    let client = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect("first login");
+    assert_runs_as(&client, ROLE).await;
+    env.direct_superuser()
+        .await
+        .batch_execute(&format!("ALTER ROLE {ROLE} PASSWORD 'changed'"))
+        .await
+        .expect("alter role");
+    // The cached secret is the old one: the first login with the new password may
+    // fail, and that failure makes the next one fetch the secret again.
+    let first = env.connect(ROLE, "changed", APP_DB).await;
+    if let Err(err) = &first {
+        password_failure(err, ROLE);
+    }
+    let client = match first {
+        Ok(client) => client,
+        Err(_) => env
+            .connect(ROLE, "changed", APP_DB)
+            .await
+            .expect("the new password works at the next login"),
+    };
+    assert_runs_as(&client, ROLE).await;
+    let old = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect_err("the old password no longer works");
+    password_failure(&old, ROLE);
+    // Servers opened from now on log in with the new key.
+    let clients: Vec<_> = futures_util::future::join_all(
+        (0..3).map(|_| env.connect(ROLE, "changed", APP_DB)),
+    )
+    .await
+    .into_iter()
+    .map(|c| c.expect("login with the new password"))
+    .collect();
+    futures_util::future::join_all(clients.iter().map(|c| assert_runs_as(c, ROLE))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_user_is_told_what_a_wrong_password_is() {
+    let env = env_with_function().await;
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    // Both are asked for SCRAM alike.
+    assert_eq!(
+        raw::first_auth_request(env.addr, ROLE, APP_DB).await,
+        raw::first_auth_request(env.addr, "ghost", APP_DB).await
+    );
+    let wrong = env
+        .connect(ROLE, "not-the-password", APP_DB)
+        .await
+        .expect_err("a wrong password fails");
+    let unknown = env
+        .connect("ghost", ROLE_PASSWORD, APP_DB)
+        .await
+        .expect_err("an unknown user fails");
+    assert_eq!(
+        password_failure(&wrong, ROLE),
+        password_failure(&unknown, "ghost")
+    );
+    // A role created since the failed lookup logs in at once (the miss is forgotten).
+    create_role(&env, "ghost", "boo").await;
+    let client = env
+        .connect("ghost", "boo", APP_DB)
+        .await
+        .expect("a role created after a failed login");
+    assert_runs_as(&client, "ghost").await;
+}
+
+/// A client's `search_path` is applied to the pooled servers of its user, the same
+/// pool the lookup uses: a `pg_shadow` of the client's own placed before `pg_catalog`
+/// must not answer the lookup (PgBouncer's CVE-2025-12819).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_search_path_does_not_reach_the_lookup() {
+    let env = env_with_default_query("scram-sha-256").await;
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    create_role(&env, "scratch", "evil-password").await;
+    let superuser = env.direct_superuser().await;
+    let evil_secret = support::stored_secret(&superuser, "scratch").await;
+    superuser
+        .batch_execute(&format!(
+            "CREATE SCHEMA evil; \
+             CREATE TABLE evil.pg_shadow (usename name, passwd text); \
+             INSERT INTO evil.pg_shadow VALUES ('{ROLE}', '{evil_secret}')"
+        ))
+        .await
+        .expect("the attacker's pg_shadow");
+    // A client of the auth user leaves `search_path = evil, pg_catalog` on the servers
+    // of the pool the lookup runs on.
+    let mut config: tokio_postgres::Config = env
+        .conn_string("postgres", "not-needed", APP_DB)
+        .parse()
+        .expect("config");
+    config.options("-c search_path=evil,pg_catalog");
+    let (attacker, _end) = support::connect_watched(&config).await.expect("attacker");
+    let shadowed = support::simple_value(
+        &attacker,
+        &format!("SELECT passwd FROM pg_shadow WHERE usename = '{ROLE}'"),
+    )
+    .await;
+    assert_eq!(shadowed, evil_secret, "the attacker's path is on the server");
+    drop(attacker);
+    // The victim's own startup asks for the same path.
+    let mut victim: tokio_postgres::Config = env
+        .conn_string(ROLE, "evil-password", APP_DB)
+        .parse()
+        .expect("config");
+    victim.options("-c search_path=evil,pg_catalog");
+    let refused = victim
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map(drop)
+        .expect_err("the attacker's secret must not let anyone in");
+    password_failure(&refused, ROLE);
+    victim.password(ROLE_PASSWORD);
+    let (client, _end) = support::connect_watched(&victim)
+        .await
+        .expect("the real password works");
+    assert_runs_as(&client, ROLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_md5_stored_password_logs_in_with_md5_on_both_sides() {
+    let env = env_with_default_query("md5").await;
+    env.direct_superuser()
+        .await
+        .batch_execute(
+            "SET password_encryption = 'md5'; CREATE ROLE dave LOGIN PASSWORD 'dave-secret'",
+        )
+        .await
+        .expect("create an md5 role");
+    assert_eq!(
+        raw::first_auth_request(env.addr, "dave", APP_DB).await,
+        Some(5),
+        "md5 is asked for an md5 secret"
+    );
+    let client = env
+        .connect("dave", "dave-secret", APP_DB)
+        .await
+        .expect("md5 login through auth_query");
+    assert_runs_as(&client, "dave").await;
+    let wrong = env
+        .connect("dave", "wrong", APP_DB)
+        .await
+        .expect_err("wrong md5 password");
+    password_failure(&wrong, "dave");
+    // A SCRAM secret is still asked for with SCRAM under auth_type = "md5", as
+    // PostgreSQL does.
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    assert_eq!(
+        raw::first_auth_request(env.addr, ROLE, APP_DB).await,
+        Some(10)
+    );
+    let client = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect("a SCRAM role under md5");
+    assert_runs_as(&client, ROLE).await;
+}
