@@ -157,13 +157,12 @@ async fn a_changed_password_works_after_at_most_one_failed_login() {
         .expect_err("the old password no longer works");
     password_failure(&old, ROLE);
     // Servers opened from now on log in with the new key.
-    let clients: Vec<_> = futures_util::future::join_all(
-        (0..3).map(|_| env.connect(ROLE, "changed", APP_DB)),
-    )
-    .await
-    .into_iter()
-    .map(|c| c.expect("login with the new password"))
-    .collect();
+    let clients: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| env.connect(ROLE, "changed", APP_DB)))
+            .await
+            .into_iter()
+            .map(|c| c.expect("login with the new password"))
+            .collect();
     futures_util::future::join_all(clients.iter().map(|c| assert_runs_as(c, ROLE))).await;
 }
 
@@ -228,7 +227,10 @@ async fn a_client_search_path_does_not_reach_the_lookup() {
         &format!("SELECT passwd FROM pg_shadow WHERE usename = '{ROLE}'"),
     )
     .await;
-    assert_eq!(shadowed, evil_secret, "the attacker's path is on the server");
+    assert_eq!(
+        shadowed, evil_secret,
+        "the attacker's path is on the server"
+    );
     drop(attacker);
     // The victim's own startup asks for the same path.
     let mut victim: tokio_postgres::Config = env

@@ -75,7 +75,11 @@ impl<L: SecretSource> Queried<'_, L> {
         let (config, credentials, user) = (self.config, self.credentials, login.user.as_str());
         let database = config.auth_dbname.as_deref().unwrap_or(&login.database);
         let fetch = self.source.fetch(user, database);
-        let secret = match credentials.secrets.get(user, config.auth_query_cache, fetch).await {
+        let secret = match credentials
+            .secrets
+            .get(user, config.auth_query_cache, fetch)
+            .await
+        {
             Ok(secret) => secret,
             Err(err) => {
                 tracing::warn!(%user, %err, "could not look up a user's secret");

@@ -894,6 +894,30 @@ mod tests {
     }
 
     #[test]
+    fn auth_query_is_off_by_default_and_needs_a_listed_auth_user() {
+        let config = parse(MINIMAL).expect("minimal");
+        assert_eq!(config.auth_query, schema::DEFAULT_AUTH_QUERY);
+        assert_eq!(config.auth_query_cache, Duration::from_secs(60));
+        assert_eq!(config.auth_query_user(), None);
+        let on = parse(&format!(
+            "auth_user = \"a\"\nauth_dbname = \"postgres\"\nauth_query_cache = \"5s\"\n\
+             {MINIMAL}[[users]]\nname = \"a\"\npassword = \"p\"\n"
+        ))
+        .expect("auth_query settings");
+        assert_eq!(on.auth_query_user(), Some("a"));
+        assert_eq!(on.auth_dbname.as_deref(), Some("postgres"));
+        assert_eq!(on.auth_query_cache, Duration::from_secs(5));
+        let mut off = on.clone();
+        off.auth_query = " ".into();
+        assert_eq!(off.auth_query_user(), None);
+        assert_eq!(error_key("auth_query_cache = 5"), "auth_query_cache");
+        assert_eq!(
+            invalid_key(|c| c.auth_user = Some("ghost".into())),
+            "auth_user"
+        );
+    }
+
+    #[test]
     fn validate_console_users() {
         let admin = |c: &mut Config| {
             c.users.push(user("admin"));

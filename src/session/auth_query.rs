@@ -68,6 +68,10 @@ mod tests {
         assert!(matches!(secret, Some(Secret::Md5(_))));
         assert!(secret_of("u", vec![Some("u".into()), None]).is_none());
         assert!(secret_of("u", Vec::new()).is_none());
-        assert!(secret_of("u", vec![Some("u".into()), Some("SCRAM-SHA-256$bad".into())]).is_none());
+        assert!(secret_of(
+            "u",
+            vec![Some("u".into()), Some("SCRAM-SHA-256$bad".into())]
+        )
+        .is_none());
     }
 }
