@@ -83,6 +83,7 @@ impl Shared {
         for node in &transitions.removed {
             self.pools.retire_node(*node);
         }
+        self.credentials.forget_listed(&config);
         for pool in self.pools.all() {
             let user = config
                 .user(&pool.key.user)

@@ -119,8 +119,60 @@ async fn a_role_only_the_server_knows_logs_in_and_its_servers_with_the_proved_ke
         .find(|p| p.key.user == ROLE)
         .expect("a pool for the role");
     assert!(pool.counts().1 >= 1, "the role's pool opened servers");
+    // libpq logs in too.
+    let (ok, out, err) = tokio::task::block_in_place(|| psql(&env, ROLE, ROLE_PASSWORD));
+    assert!(ok, "psql as a role found by auth_query: {err}");
+    assert_eq!(out.trim(), ROLE);
     // The app user's own login is unchanged.
     assert_runs_as(&env.client().await, APP_USER).await;
+}
+
+/// Runs `SELECT current_user` with psql through pgrelay: (success, stdout, stderr).
+fn psql(env: &TestEnv, user: &str, password: &str) -> (bool, String, String) {
+    let out = std::process::Command::new("psql")
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args(["-X", "-tA", "-h", "127.0.0.1", "-p"])
+        .arg(env.port().to_string())
+        .args(["-U", user, "-d", APP_DB, "-c", "SELECT current_user"])
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A lookup that fails (here the query itself) is not a wrong password: the client is
+/// told the password could not be looked up, and the server it failed on is not
+/// handed to anyone else in its failed transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_lookup_is_reported_as_such_and_leaves_the_pool_clean() {
+    let env = start(EnvOptions {
+        top_extra: vec![
+            "auth_user = \"app\"".into(),
+            "auth_query = \"SELECT usename, passwd FROM public.no_such_table WHERE usename = $1\""
+                .into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    create_role(&env, ROLE, ROLE_PASSWORD).await;
+    let err = env
+        .connect(ROLE, ROLE_PASSWORD, APP_DB)
+        .await
+        .expect_err("the lookup fails");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert_eq!(
+        db.message(),
+        format!("could not look up the password of user \"{ROLE}\"")
+    );
+    // The app user's pool, which the lookup used, still serves transactions.
+    for _ in 0..3 {
+        assert_runs_as(&env.client().await, APP_USER).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,12 +329,21 @@ async fn an_md5_stored_password_logs_in_with_md5_on_both_sides() {
         .expect_err("wrong md5 password");
     password_failure(&wrong, "dave");
     // A SCRAM secret is still asked for with SCRAM under auth_type = "md5", as
-    // PostgreSQL does.
+    // PostgreSQL does, and so is a user with no secret (password_encryption's default).
     create_role(&env, ROLE, ROLE_PASSWORD).await;
     assert_eq!(
         raw::first_auth_request(env.addr, ROLE, APP_DB).await,
         Some(10)
     );
+    assert_eq!(
+        raw::first_auth_request(env.addr, "ghost", APP_DB).await,
+        Some(10)
+    );
+    let unknown = env
+        .connect("ghost", "dave-secret", APP_DB)
+        .await
+        .expect_err("unknown user under md5");
+    password_failure(&unknown, "ghost");
     let client = env
         .connect(ROLE, ROLE_PASSWORD, APP_DB)
         .await

@@ -25,8 +25,9 @@ use crate::tls::accept::TlsSession;
 /// first, then whichever come first in the map.
 pub const MAX_CACHED: usize = 10_000;
 
-/// Why a secret could not be fetched (the primary is down, the query failed): the
-/// client is told its login cannot be checked, which says nothing about the user.
+/// Why a secret could not be fetched (no primary, the query failed): the client is
+/// told its password could not be looked up (08006), which says nothing about the
+/// user; the reason is logged.
 #[derive(Debug, thiserror::Error)]
 #[error("the auth_query lookup failed: {0}")]
 pub struct LookupError(pub String);
@@ -127,7 +128,12 @@ impl<L: SecretSource> Queried<'_, L> {
                 let secret = Some(secret.clone());
                 super::scram_exchange(conn, credentials, user, secret, true, binding).await
             }
-            (AuthType::Md5, secret) => super::md5_exchange(conn, user, secret).await,
+            (AuthType::Md5, Some(secret)) => super::md5_exchange(conn, user, Some(secret)).await,
+            // PostgreSQL's choice for a role with no secret (password_encryption's
+            // default): the fake exchange is SCRAM, as for a SCRAM secret.
+            (AuthType::Md5, None) => {
+                super::scram_exchange(conn, credentials, user, None, false, binding).await
+            }
             (AuthType::ScramSha256, Some(Secret::Plain(password))) => {
                 let secret = Some(credentials.derived_secret(user, password));
                 super::scram_exchange(conn, credentials, user, secret, false, binding).await
@@ -154,7 +160,7 @@ fn lookup_failed(user: &str) -> ClientError {
     ClientError::fatal(
         ErrorKind::ServerConnect,
         sqlstate::CONNECTION_FAILURE,
-        format!("could not look up the password of user \"{user}\": the server is unavailable"),
+        format!("could not look up the password of user \"{user}\""),
     )
 }
 

@@ -129,6 +129,12 @@ impl Credentials {
         })
     }
 
+    /// Forgets what logins through `auth_query` proved for users `config` now lists
+    /// (a reload added them): their `[[users]]` entry decides again.
+    pub fn forget_listed(&self, config: &Config) {
+        self.queried.retain(|name, _| config.user(name).is_none());
+    }
+
     fn learn(&self, user: &str, credentials: ServerCredentials) {
         self.learned.insert(user.to_owned(), credentials);
     }
