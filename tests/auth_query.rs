@@ -239,6 +239,15 @@ async fn an_unknown_user_is_told_what_a_wrong_password_is() {
         password_failure(&wrong, ROLE),
         password_failure(&unknown, "ghost")
     );
+    // A database the server does not have: the lookup fails (08006, nothing about
+    // the user), and no pool for the client's made-up name stays behind.
+    let err = env
+        .connect(ROLE, ROLE_PASSWORD, "no_such_db")
+        .await
+        .expect_err("no such database");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("08006"), "{err}");
+    let pools = env.relay.shared.pools.all();
+    assert!(pools.iter().all(|p| p.key.database != "no_such_db"));
     // A role created since the failed lookup logs in at once (the miss is forgotten).
     create_role(&env, "ghost", "boo").await;
     let client = env

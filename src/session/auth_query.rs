@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::auth::lookup::{LookupError, SecretSource};
 use crate::config::{Config, Secret};
-use crate::pool::{self, Waiter};
+use crate::error::sqlstate;
+use crate::pool::server::ServerError;
+use crate::pool::{self, PoolError, Waiter};
 use crate::Shared;
 
 /// The lookup of one login.
@@ -23,6 +25,14 @@ impl SecretSource for AuthQuery<'_> {
         let auth_user = config
             .auth_query_user()
             .ok_or_else(|| LookupError("auth_query is off".into()))?;
+        if config.auth_dbname.is_none()
+            && !config.allows_any_database()
+            && config.database(database).is_none()
+        {
+            // A database pgrelay does not serve: no pool is made for it, and the
+            // login fails as a wrong password does.
+            return Ok(None);
+        }
         let primary = self
             .shared
             .cluster
@@ -34,15 +44,27 @@ impl SecretSource for AuthQuery<'_> {
             .node_pool(config, primary, database, auth_user)
             .map_err(|err| LookupError(err.message.to_string()))?;
         let waiter = Arc::new(Waiter::default());
-        let guard = pool
-            .checkout(&waiter)
-            .await
-            .map_err(|err| LookupError(err.to_string()))?;
+        let guard = match pool.checkout(&waiter).await {
+            Ok(guard) => guard,
+            Err(err) => {
+                if no_such_database(&err) {
+                    // The name came from a client not yet authenticated.
+                    self.shared.pools.forget_unused(&pool.key);
+                }
+                return Err(LookupError(err.to_string()));
+            }
+        };
         let row = pool::lookup::fetch_row(guard, &config.auth_query, user)
             .await
             .map_err(|err| LookupError(err.to_string()))?;
         Ok(secret_of(user, row))
     }
+}
+
+/// The server refused the login because the database does not exist.
+fn no_such_database(err: &PoolError) -> bool {
+    matches!(err, PoolError::Server(ServerError::Rejected(fields))
+        if fields.code == sqlstate::INVALID_CATALOG_NAME)
 }
 
 /// The secret in a lookup's row (name, secret): none for no row or a NULL.
