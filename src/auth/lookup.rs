@@ -58,6 +58,8 @@ impl SecretSource for NoLookup {
 /// `"scram-sha-256"`. A user with no secret goes through the same exchange against a
 /// fake one, and every failure says `password authentication failed` (28P01).
 pub(super) struct Queried<'a, L> {
+    /// How the client proves itself: `auth_type` (users not listed have no override).
+    pub auth_type: AuthType,
     pub config: &'a Config,
     pub credentials: &'a Credentials,
     pub source: &'a L,
@@ -122,7 +124,7 @@ impl<L: SecretSource> Queried<'_, L> {
             offered: tls.and_then(|tls| tls.end_point.as_deref()),
             selected: false,
         };
-        match (self.config.auth_type, secret) {
+        match (self.auth_type, secret) {
             (AuthType::Plain, secret) => super::cleartext(conn, credentials, user, secret).await,
             (AuthType::Md5 | AuthType::ScramSha256, Some(Secret::Scram(secret))) => {
                 let secret = Some(secret.clone());

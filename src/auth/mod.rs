@@ -246,6 +246,7 @@ where
     }
     if config.user(&login.user).is_none() && config.auth_query_user().is_some() {
         let queried = lookup::Queried {
+            auth_type: config.auth_type,
             config,
             credentials,
             source,
