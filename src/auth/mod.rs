@@ -5,7 +5,9 @@
 //!
 //! It also keeps the server-side [`Credentials`]: what pgrelay can log in to servers
 //! with, including the SCRAM ClientKey a client proved when the configured password is a
-//! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
+//! SCRAM secret (PgBouncer's approach). It must not touch servers itself: the secrets of
+//! users the config does not list (`auth_query`) come from a [`lookup::SecretSource`]
+//! the session passes in ([`handshake_with`]), and are cached here.
 
 pub mod lookup;
 pub mod md5;
@@ -83,7 +85,7 @@ pub struct Credentials {
     /// successful login proved (SCRAM keys, an md5 hash, a password).
     queried: DashMap<String, ServerCredentials>,
     /// Secrets fetched by `auth_query`.
-    pub secrets: lookup::SecretCache,
+    secrets: lookup::SecretCache,
 }
 
 impl Default for Credentials {
