@@ -197,8 +197,11 @@ async fn md5_login(
     password: &str,
 ) -> (Result<Handshake, AuthError>, i32) {
     let (client, server) = tokio::io::duplex(4096);
+    // `user` or `user@database`.
+    let (user, database) = user.split_once('@').unwrap_or((user, "app"));
     let mut first = opening(TlsMode::Disable, None);
     if let Some(StartupPacket::Startup(params)) = &mut first.first {
+        params.params[0].1 = database.to_owned();
         params.params[1].1 = user.to_owned();
     }
     let login = async move {
@@ -224,9 +227,11 @@ async fn md5_login(
                 .await
                 .expect("answer");
         }
-        // Keep the pipe open until the handshake is over.
-        let mut rest = Vec::new();
-        let _ = client.read_to_end(&mut rest).await;
+        if code == 5 {
+            // Keep the pipe open until the handshake is over.
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+        }
         code
     };
     tokio::join!(login, answer)
@@ -271,4 +276,29 @@ async fn without_auth_user_unlisted_users_are_not_looked_up() {
     assert_eq!(refusal(result).code, sqlstate::INVALID_PASSWORD);
     assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert!(credentials.queried_user("bob").is_none());
+}
+
+#[tokio::test]
+async fn no_lookup_for_the_admin_console_or_a_database_not_served() {
+    let mut config = queried_config();
+    let credentials = Credentials::default();
+    let source = FakeSource {
+        secrets: vec![("bob", Secret::Md5(md5::stored_hash("bob", b"pw")))],
+        fetches: Default::default(),
+    };
+    let (result, code) = md5_login(&config, &credentials, &source, "bob@pgrelay", "pw").await;
+    assert_eq!(code, 10, "the fake exchange, as for a user with no secret");
+    assert!(result.is_err());
+    config.databases = vec![crate::config::DatabaseConfig {
+        name: "app".into(),
+        dbname: None,
+        pool_mode: None,
+        pool_size: None,
+    }];
+    let (result, code) = md5_login(&config, &credentials, &source, "bob@other", "pw").await;
+    assert_eq!(code, 10);
+    assert!(result.is_err());
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let (result, _) = md5_login(&config, &credentials, &source, "bob@app", "pw").await;
+    assert!(result.is_ok());
 }

@@ -76,18 +76,27 @@ impl<L: SecretSource> Queried<'_, L> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let (config, credentials, user) = (self.config, self.credentials, login.user.as_str());
-        let database = config.auth_dbname.as_deref().unwrap_or(&login.database);
-        let fetch = self.source.fetch(user, database);
-        let secret = match credentials
-            .secrets
-            .get(user, config.auth_query_cache, fetch)
-            .await
-        {
-            Ok(secret) => secret,
-            Err(err) => {
-                tracing::warn!(%user, %err, "could not look up a user's secret");
-                return Err(lookup_failed(user).into());
+        let served = !crate::config::is_admin_database(&login.database)
+            && (config.allows_any_database() || config.database(&login.database).is_some());
+        let secret = if served {
+            let database = config.auth_dbname.as_deref().unwrap_or(&login.database);
+            let fetch = self.source.fetch(user, database);
+            match credentials
+                .secrets
+                .get(user, config.auth_query_cache, fetch)
+                .await
+            {
+                Ok(secret) => secret,
+                Err(err) => {
+                    tracing::warn!(%user, %err, "could not look up a user's secret");
+                    return Err(lookup_failed(user).into());
+                }
             }
+        } else {
+            // A database it may not use (the admin console: listed users only; one
+            // pgrelay does not serve): nothing is looked up, and the login fails as a
+            // wrong password does.
+            None
         };
         let result = self.exchange(conn, user, secret.as_ref(), tls).await;
         match &result {

@@ -25,14 +25,6 @@ impl SecretSource for AuthQuery<'_> {
         let auth_user = config
             .auth_query_user()
             .ok_or_else(|| LookupError("auth_query is off".into()))?;
-        if config.auth_dbname.is_none()
-            && !config.allows_any_database()
-            && config.database(database).is_none()
-        {
-            // A database pgrelay does not serve: no pool is made for it, and the
-            // login fails as a wrong password does.
-            return Ok(None);
-        }
         let primary = self
             .shared
             .cluster
