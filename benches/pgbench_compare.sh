@@ -413,7 +413,7 @@ host replication all 127.0.0.1/32 trust
 HBA
   as_pg "$BINDIR/pg_ctl" -D "$WORK/data" reload >/dev/null
   REPLICA_PORT=$(free_port)
-  as_pg "$BINDIR/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$WORK/replica" -R -X stream >/dev/null 2>&1
+  as_pg "$BINDIR/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$WORK/replica" -R -X stream -c fast >/dev/null 2>&1
   cat >> "$WORK/replica/postgresql.conf" <<CONF
 port = $REPLICA_PORT
 CONF

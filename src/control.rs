@@ -83,8 +83,12 @@ impl Shared {
         for node in &transitions.removed {
             self.pools.retire_node(*node);
         }
+        self.credentials.forget_listed(&config);
         for pool in self.pools.all() {
-            let user = config.user(&pool.key.user).cloned();
+            let user = config
+                .user(&pool.key.user)
+                .cloned()
+                .or_else(|| self.credentials.queried_user(&pool.key.user));
             if let Some(user) = user {
                 let settings = pool_settings(&config, &pool.key.database, &pool.key.user);
                 pool.reconfigure(settings, user);

@@ -150,14 +150,15 @@ impl Shared {
             })?;
         let user_config = config
             .user(user)
+            .cloned()
+            .or_else(|| self.credentials.queried_user(user))
             .ok_or_else(|| {
                 ClientError::fatal(
                     ErrorKind::Auth,
                     sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                     format!("role \"{user}\" is not known to pgrelay"),
                 )
-            })?
-            .clone();
+            })?;
         let key = PoolKey {
             node,
             database: database.to_owned(),

@@ -1,6 +1,7 @@
 //! The handshake's TLS decisions over an in-memory connection: what `client_mode`
 //! demands of plaintext and TLS clients, `verify-full`'s CN check, `cert`
-//! authentication, and which SASL mechanisms are offered.
+//! authentication, and which SASL mechanisms are offered; users found by `auth_query`
+//! (a fake [`lookup::SecretSource`]).
 
 use std::sync::Arc;
 
@@ -160,4 +161,145 @@ async fn tls_clients_are_offered_plus_first() {
         ..session
     });
     assert_eq!(offered(unbindable).await, ["SCRAM-SHA-256"]);
+}
+
+/// A secret source that answers from a fixed list and counts its fetches.
+struct FakeSource {
+    secrets: Vec<(&'static str, Secret)>,
+    fetches: std::sync::atomic::AtomicUsize,
+}
+
+impl lookup::SecretSource for FakeSource {
+    async fn fetch(&self, user: &str, _db: &str) -> Result<Option<Secret>, lookup::LookupError> {
+        self.fetches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(self
+            .secrets
+            .iter()
+            .find(|(name, _)| *name == user)
+            .map(|(_, secret)| secret.clone()))
+    }
+}
+
+/// `auth_type = "md5"` with `auth_query` on for `app`'s pool.
+fn queried_config() -> Config {
+    let mut config = config("md5", "disable");
+    config.auth_user = Some("app".into());
+    config
+}
+
+/// An md5 login of `user` (not in `[[users]]`) with `password`: the handshake's
+/// result, and the authentication request code the client was sent.
+async fn md5_login(
+    config: &Config,
+    credentials: &Credentials,
+    source: &FakeSource,
+    user: &str,
+    password: &str,
+) -> (Result<Handshake, AuthError>, i32) {
+    let (client, server) = tokio::io::duplex(4096);
+    // `user` or `user@database`.
+    let (user, database) = user.split_once('@').unwrap_or((user, "app"));
+    let mut first = opening(TlsMode::Disable, None);
+    if let Some(StartupPacket::Startup(params)) = &mut first.first {
+        params.params[0].1 = database.to_owned();
+        params.params[1].1 = user.to_owned();
+    }
+    let login = async move {
+        let mut conn = Conn::new(server);
+        handshake_with(&mut conn, config, credentials, (false, first), source).await
+    };
+    let answer = async move {
+        let mut client = client;
+        let mut header = [0u8; 9];
+        client.read_exact(&mut header).await.expect("request");
+        let code = i32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        if code == 5 {
+            let mut salt = [0u8; 4];
+            client.read_exact(&mut salt).await.expect("salt");
+            let stored = md5::stored_hash(user, password.as_bytes());
+            let mut buf = BytesMut::new();
+            postgres_protocol::message::frontend::password_message(
+                md5::response(&stored, salt).as_bytes(),
+                &mut buf,
+            )
+            .expect("encode");
+            tokio::io::AsyncWriteExt::write_all(&mut client, &buf)
+                .await
+                .expect("answer");
+        }
+        if code == 5 {
+            // Keep the pipe open until the handshake is over.
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+        }
+        code
+    };
+    tokio::join!(login, answer)
+}
+
+#[tokio::test]
+async fn a_queried_md5_user_logs_in_and_servers_get_its_hash() {
+    let config = queried_config();
+    let credentials = Credentials::default();
+    let hash = md5::stored_hash("bob", b"pw");
+    let source = FakeSource {
+        secrets: vec![("bob", Secret::Md5(hash))],
+        fetches: Default::default(),
+    };
+    let (result, code) = md5_login(&config, &credentials, &source, "bob", "pw").await;
+    assert_eq!(code, 5);
+    assert!(matches!(result, Ok(Handshake::Login(_))));
+    let user = credentials.queried_user("bob").expect("a pool entry");
+    assert!(matches!(credentials.for_server(&user), ServerCredentials::Md5(h) if h == hash));
+    // Cached: a second login fetches nothing; a wrong password forgets the secret.
+    let (result, _) = md5_login(&config, &credentials, &source, "bob", "pw").await;
+    assert!(result.is_ok());
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let (result, _) = md5_login(&config, &credentials, &source, "bob", "nope").await;
+    assert_eq!(refusal(result).code, sqlstate::INVALID_PASSWORD);
+    let (result, _) = md5_login(&config, &credentials, &source, "bob", "pw").await;
+    assert!(result.is_ok());
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn without_auth_user_unlisted_users_are_not_looked_up() {
+    let mut config = queried_config();
+    config.auth_user = None;
+    let credentials = Credentials::default();
+    let source = FakeSource {
+        secrets: vec![("bob", Secret::Md5(md5::stored_hash("bob", b"pw")))],
+        fetches: Default::default(),
+    };
+    let (result, code) = md5_login(&config, &credentials, &source, "bob", "pw").await;
+    assert_eq!(code, 5, "today's md5 exchange for an unknown user");
+    assert_eq!(refusal(result).code, sqlstate::INVALID_PASSWORD);
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(credentials.queried_user("bob").is_none());
+}
+
+#[tokio::test]
+async fn no_lookup_for_the_admin_console_or_a_database_not_served() {
+    let mut config = queried_config();
+    let credentials = Credentials::default();
+    let source = FakeSource {
+        secrets: vec![("bob", Secret::Md5(md5::stored_hash("bob", b"pw")))],
+        fetches: Default::default(),
+    };
+    let (result, code) = md5_login(&config, &credentials, &source, "bob@pgrelay", "pw").await;
+    assert_eq!(code, 10, "the fake exchange, as for a user with no secret");
+    assert!(result.is_err());
+    config.databases = vec![crate::config::DatabaseConfig {
+        name: "app".into(),
+        dbname: None,
+        pool_mode: None,
+        pool_size: None,
+    }];
+    let (result, code) = md5_login(&config, &credentials, &source, "bob@other", "pw").await;
+    assert_eq!(code, 10);
+    assert!(result.is_err());
+    assert_eq!(source.fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let (result, _) = md5_login(&config, &credentials, &source, "bob@app", "pw").await;
+    assert!(result.is_ok());
 }

@@ -5,9 +5,12 @@
 //!
 //! It also keeps the server-side [`Credentials`]: what pgrelay can log in to servers
 //! with, including the SCRAM ClientKey a client proved when the configured password is a
-//! SCRAM secret (PgBouncer's approach). It must not touch servers itself.
+//! SCRAM secret (PgBouncer's approach). It must not touch servers itself: the secrets of
+//! users the config does not list (`auth_query`) come from a [`lookup::SecretSource`]
+//! the session passes in ([`handshake_with`]), and are cached here.
 
 pub mod hba;
+pub mod lookup;
 pub mod md5;
 pub mod opening;
 pub mod scram;
@@ -79,6 +82,11 @@ pub struct Credentials {
     derived: DashMap<String, (Vec<u8>, ScramSecret)>,
     /// Salts the fake exchanges for unknown users.
     process_key: [u8; 32],
+    /// How to log in to servers as a user found by `auth_query`: what its last
+    /// successful login proved (SCRAM keys, an md5 hash, a password).
+    queried: DashMap<String, ServerCredentials>,
+    /// Secrets fetched by `auth_query`.
+    secrets: lookup::SecretCache,
 }
 
 impl Default for Credentials {
@@ -89,6 +97,8 @@ impl Default for Credentials {
             learned: DashMap::new(),
             derived: DashMap::new(),
             process_key,
+            queried: DashMap::new(),
+            secrets: lookup::SecretCache::default(),
         }
     }
 }
@@ -96,6 +106,9 @@ impl Default for Credentials {
 impl Credentials {
     /// How to log in to servers as `user`.
     pub fn for_server(&self, user: &UserConfig) -> ServerCredentials {
+        if let Some(queried) = self.queried.get(&user.name) {
+            return queried.clone();
+        }
         match &user.password {
             Secret::Plain(p) => ServerCredentials::Password(p.as_bytes().to_vec()),
             Secret::Md5(h) => ServerCredentials::Md5(*h),
@@ -105,6 +118,24 @@ impl Credentials {
                 .map(|c| c.clone())
                 .unwrap_or(ServerCredentials::Missing),
         }
+    }
+
+    /// The entry a pool of a user found by `auth_query` runs with, once the user has
+    /// logged in: its servers are logged in to with what that login proved.
+    pub fn queried_user(&self, name: &str) -> Option<UserConfig> {
+        self.queried.contains_key(name).then(|| UserConfig {
+            name: name.to_owned(),
+            password: Secret::Plain(String::new()),
+            pool_mode: None,
+            pool_size: None,
+            auth_type: None,
+        })
+    }
+
+    /// Forgets what logins through `auth_query` proved for users `config` now lists
+    /// (a reload added them): their `[[users]]` entry decides again.
+    pub fn forget_listed(&self, config: &Config) {
+        self.queried.retain(|name, _| config.user(name).is_none());
     }
 
     fn learn(&self, user: &str, credentials: ServerCredentials) {
@@ -161,6 +192,29 @@ pub async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    handshake_with(
+        conn,
+        config,
+        credentials,
+        (too_many_clients, opening),
+        &lookup::NoLookup,
+    )
+    .await
+}
+
+/// [`handshake`], fetching the secrets of users the config does not list from
+/// `source` when `auth_query` is on.
+pub async fn handshake_with<S, L>(
+    conn: &mut Conn<S>,
+    config: &Config,
+    credentials: &Credentials,
+    (too_many_clients, opening): (bool, Opening),
+    source: &L,
+) -> Result<Handshake, AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    L: lookup::SecretSource,
+{
     let mut first = opening.first;
     let params = loop {
         let packet = match first.take() {
@@ -202,7 +256,17 @@ where
     if opening.mode == TlsMode::VerifyFull {
         check_common_name(tls, &login.user)?;
     }
-    authenticate(conn, config, credentials, &login.user, tls, rules_say).await?;
+    if config.user(&login.user).is_none() && config.auth_query_user().is_some() {
+        let queried = lookup::Queried {
+            auth_type: rules_say.unwrap_or(config.auth_type),
+            config,
+            credentials,
+            source,
+        };
+        queried.authenticate(conn, &login, tls).await?;
+    } else {
+        authenticate(conn, config, credentials, &login.user, tls, rules_say).await?;
+    }
     if crate::config::is_admin_database(&login.database) {
         let allowed =
             config.admin_users.contains(&login.user) || config.stats_users.contains(&login.user);

@@ -127,6 +127,14 @@ impl Config {
         self.users.iter().find(|user| user.name == name)
     }
 
+    /// The user `auth_query` runs as, when the lookup of users not in `[[users]]` is on
+    /// (`auth_user` set and `auth_query` not empty).
+    pub fn auth_query_user(&self) -> Option<&str> {
+        self.auth_user
+            .as_deref()
+            .filter(|_| !self.auth_query.trim().is_empty())
+    }
+
     /// The `[[databases]]` entry called `name`. `None` also when the list is empty, in
     /// which case any name is allowed and passed through: see [`Self::allows_any_database`].
     pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
@@ -266,6 +274,10 @@ impl Config {
             ("log_format", spelled(&self.log_format)),
             ("worker_threads", self.worker_threads.to_string()),
             ("auth_type", spelled(&self.auth_type)),
+            ("auth_query", self.auth_query.clone()),
+            ("auth_user", self.auth_user.clone().unwrap_or_default()),
+            ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
+            ("auth_query_cache", duration(self.auth_query_cache)),
             ("pool.mode", spelled(&p.mode)),
             ("pool.default_pool_size", p.default_pool_size.to_string()),
             ("pool.min_pool_size", p.min_pool_size.to_string()),
@@ -984,6 +996,30 @@ mod tests {
              address = \"all\"\nmethod = \"md5\"\n"
         );
         assert_eq!(parse_err(&hostssl).key(), Some("hba[0].type"));
+    }
+
+    #[test]
+    fn auth_query_is_off_by_default_and_needs_a_listed_auth_user() {
+        let config = parse(MINIMAL).expect("minimal");
+        assert_eq!(config.auth_query, schema::DEFAULT_AUTH_QUERY);
+        assert_eq!(config.auth_query_cache, Duration::from_secs(60));
+        assert_eq!(config.auth_query_user(), None);
+        let on = parse(&format!(
+            "auth_user = \"a\"\nauth_dbname = \"postgres\"\nauth_query_cache = \"5s\"\n\
+             {MINIMAL}[[users]]\nname = \"a\"\npassword = \"p\"\n"
+        ))
+        .expect("auth_query settings");
+        assert_eq!(on.auth_query_user(), Some("a"));
+        assert_eq!(on.auth_dbname.as_deref(), Some("postgres"));
+        assert_eq!(on.auth_query_cache, Duration::from_secs(5));
+        let mut off = on.clone();
+        off.auth_query = " ".into();
+        assert_eq!(off.auth_query_user(), None);
+        assert_eq!(error_key("auth_query_cache = 5"), "auth_query_cache");
+        assert_eq!(
+            invalid_key(|c| c.auth_user = Some("ghost".into())),
+            "auth_user"
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ use super::hba::HbaRule;
 use super::listen::ListenAddr;
 use super::values::{self, Secret};
 
+/// PgBouncer's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +41,21 @@ pub struct Config {
     pub worker_threads: u32,
     /// How clients authenticate to pgrelay. Default `scram-sha-256`.
     pub auth_type: AuthType,
+    /// The query that fetches the stored secret (SCRAM or md5) of a user not in
+    /// `[[users]]`: two columns (name, secret), the user name as `$1`. It runs with
+    /// `search_path = pg_catalog, pg_temp`, so objects elsewhere must be qualified.
+    /// `""` turns the lookup off. Default PgBouncer's,
+    /// `SELECT usename, passwd FROM pg_shadow WHERE usename=$1`.
+    pub auth_query: String,
+    /// The `[[users]]` entry whose pool on the primary runs `auth_query`; none (the
+    /// default) turns the lookup off.
+    pub auth_user: Option<String>,
+    /// The database `auth_query` runs in. Default: the client's database.
+    pub auth_dbname: Option<String>,
+    /// How long a secret fetched by `auth_query` (or its absence) is reused; a failed
+    /// login forgets it at once. `"0s"` fetches at every login. Default 60s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub auth_query_cache: Duration,
     /// `[pool]`: pool sizes and timeouts.
     pub pool: PoolConfig,
     /// `[routing]`: read/write splitting.
@@ -71,6 +89,10 @@ impl Default for Config {
             log_format: LogFormat::default(),
             worker_threads: 1,
             auth_type: AuthType::default(),
+            auth_query: DEFAULT_AUTH_QUERY.to_owned(),
+            auth_user: None,
+            auth_dbname: None,
+            auth_query_cache: Duration::from_secs(60),
             pool: PoolConfig::default(),
             routing: RoutingConfig::default(),
             health_check: HealthCheckConfig::default(),

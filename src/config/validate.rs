@@ -17,6 +17,7 @@ impl Config {
         self.validate_users()?;
         self.validate_cert_auth()?;
         self.validate_hba()?;
+        self.validate_auth_user()?;
         self.validate_console_users("admin_users", &self.admin_users)?;
         self.validate_console_users("stats_users", &self.stats_users)
     }
@@ -197,6 +198,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `auth_user` logs in to servers with its `[[users]]` password.
+    fn validate_auth_user(&self) -> Result<(), ConfigError> {
+        match &self.auth_user {
+            Some(name) if self.user(name).is_none() => Err(invalid(
+                "auth_user",
+                format!("user {name:?} is not defined in [[users]]"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_console_users(&self, list: &str, names: &[String]) -> Result<(), ConfigError> {

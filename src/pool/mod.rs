@@ -8,6 +8,7 @@
 //! keeps `min_pool_size` open.
 
 pub mod guard;
+pub mod lookup;
 pub mod maintain;
 pub mod params;
 pub mod server;
@@ -504,6 +505,16 @@ impl Pools {
                 Arc::new(pool)
             })
             .clone()
+    }
+
+    /// Drops the pool of `key` if it has no server and no one waiting: a pool made
+    /// for a database the server does not have (a name an unauthenticated client
+    /// sent, for `auth_query`) does not stay in the map.
+    pub fn forget_unused(&self, key: &PoolKey) {
+        self.map.remove_if(key, |_, pool| {
+            let (_, total, waiting) = pool.counts();
+            total == 0 && waiting == 0
+        });
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {

@@ -468,7 +468,7 @@ async fn tcp_connect(
 }
 
 /// The columns of a DataRow body, as text (NULL as None).
-fn columns(body: &[u8]) -> Vec<Option<String>> {
+pub(super) fn columns(body: &[u8]) -> Vec<Option<String>> {
     let mut out = Vec::new();
     let Some(count) = body.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])) else {
         return out;

@@ -6,6 +6,7 @@
 //! Errors a client may see are turned into ErrorResponses here; nothing else is.
 
 mod account;
+mod auth_query;
 mod carry;
 mod detached;
 mod fail;
@@ -164,12 +165,15 @@ async fn log_in_opened(
     let tls_label = opening.tls.as_ref().map(TlsSession::label);
     let handshake = tokio::time::timeout_at(
         deadline,
-        auth::handshake(
+        auth::handshake_with(
             &mut client,
             &config,
             &shared.credentials,
-            too_many_clients,
-            opening,
+            (too_many_clients, opening),
+            &auth_query::AuthQuery {
+                shared,
+                config: &config,
+            },
         ),
     )
     .await;
