@@ -49,15 +49,7 @@ async fn assert_query_runs(client: &tokio_postgres::Client) {
 /// The error a failed password login must produce: FATAL 28P01 with PostgreSQL's text.
 /// Returns the severity so callers can compare two failures.
 fn assert_password_failure(err: &tokio_postgres::Error, user: &str) -> String {
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse for {user}, got: {err}"));
-    assert_eq!(db.code().code(), "28P01", "{db:?}");
-    assert_eq!(
-        db.message(),
-        format!("password authentication failed for user \"{user}\"")
-    );
-    db.severity().to_owned()
+    support::password_failure(err, user).severity().to_owned()
 }
 
 /// Right password, wrong password and unknown user against a relay that asks for a

@@ -80,14 +80,7 @@ async fn assert_runs_as(client: &tokio_postgres::Client, user: &str) {
 /// FATAL 28P01 with PostgreSQL's text; returns (severity, code, message with the user
 /// name replaced) so that two failures can be compared.
 fn password_failure(err: &tokio_postgres::Error, user: &str) -> (String, String, String) {
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse for {user}, got: {err}"));
-    assert_eq!(db.code().code(), "28P01", "{db:?}");
-    assert_eq!(
-        db.message(),
-        format!("password authentication failed for user \"{user}\"")
-    );
+    let db = support::password_failure(err, user);
     (
         db.severity().to_owned(),
         db.code().code().to_owned(),

@@ -397,15 +397,6 @@ async fn bad_login_answer(
     errors_in(&expect_close(&mut stream, what).await)
 }
 
-/// A SASLInitialResponse naming `mechanism`, with `data` as the client-first-message.
-fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
-    let mut body = mechanism.as_bytes().to_vec();
-    body.push(0);
-    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
-    body.extend_from_slice(data);
-    raw::message(b'p', &body)
-}
-
 /// Nonsense where a password message belongs: another message type, an oversized
 /// password message, an unknown SASL mechanism and a malformed SCRAM message. Each
 /// ends the connection at once, with 08P01 where pgrelay says anything.
@@ -439,14 +430,14 @@ async fn malformed_login_messages_close() {
         (
             env.addr,
             10,
-            sasl_initial("SCRAM-SHA-1", b"n,,n=,r=abc"),
+            raw::sasl_initial("SCRAM-SHA-1", b"n,,n=,r=abc"),
             "an unknown SASL mechanism",
             true,
         ),
         (
             env.addr,
             10,
-            sasl_initial("SCRAM-SHA-256", b"garbage"),
+            raw::sasl_initial("SCRAM-SHA-256", b"garbage"),
             "a malformed client-first",
             true,
         ),

@@ -6,11 +6,9 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use base64::Engine as _;
 use pgrelay::config::Config;
+use support::logs::LogBuffer;
 use support::{start, start_relay, EnvOptions, TestEnv, APP_DB, APP_USER};
 
 const RIGHT: &str = "Right-Pw-4ee1c9";
@@ -21,44 +19,9 @@ const STALE: &str = "Stale-Pw-5c8a21";
 const PROBE_USER: &str = "probe";
 const PROBE: &str = "Probe-Pw-1d9e3f";
 
-/// Everything logged by this test binary.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-/// The global subscriber, installed once for every test in this binary.
+/// Everything logged by this binary, at every level.
 fn logs() -> &'static LogBuffer {
-    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = LogBuffer::default();
-        let writer = buffer.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .try_init()
-            .expect("install the tracing subscriber");
-        buffer
-    })
+    support::logs::captured("trace")
 }
 
 /// Asserts that nothing logged so far contains any of `secrets`, in plain text or as a

@@ -22,23 +22,7 @@ use support::{
     APP_USER,
 };
 
-/// Generates `<name>::transaction_mode` and `<name>::session_mode` from
-/// `async fn <name>(mode: &'static str)`.
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn transaction_mode() {
-                super::$name("transaction").await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn session_mode() {
-                super::$name("session").await;
-            }
-        }
-    };
-}
+use support::both_modes;
 
 const SECOND: Duration = Duration::from_secs(1);
 

@@ -649,15 +649,6 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_failure() {
     assert_eq!(support::simple_value(&old, "SELECT 42").await, "42");
 }
 
-/// A SASLInitialResponse naming `mechanism`, with `data` as the client-first-message.
-fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
-    let mut body = mechanism.as_bytes().to_vec();
-    body.push(0);
-    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
-    body.extend_from_slice(data);
-    raw::message(b'p', &body)
-}
-
 /// Reads one backend message from any stream.
 async fn read_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> raw::Message {
     let mut header = [0u8; 5];
@@ -684,7 +675,7 @@ where
     stream.write_all(&startup).await.expect("startup");
     assert_eq!(read_message(stream).await.auth_code(), Some(10));
     stream
-        .write_all(&sasl_initial(mechanism, client_first))
+        .write_all(&raw::sasl_initial(mechanism, client_first))
         .await
         .expect("client-first");
     read_message(stream).await

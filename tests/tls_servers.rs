@@ -11,11 +11,10 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use support::certs::Pki;
+use support::logs::LogBuffer;
 use support::{
     config_text, eventually, simple_value, sqlstate, start, start_relay, EnvOptions, ServerSsl,
     SslHba, TestEnv, APP_DB, APP_PASSWORD, APP_USER,
@@ -24,48 +23,13 @@ use support::{
 const WAIT: Duration = Duration::from_secs(30);
 const SSL_OF_MY_BACKEND: &str = "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
 
-/// Everything logged by this test binary.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The global subscriber (pgrelay at DEBUG), installed once for every test here.
-fn logs() -> &'static LogBuffer {
-    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = LogBuffer::default();
-        let writer = buffer.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("pgrelay=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .try_init()
-            .expect("install the tracing subscriber");
-        buffer
-    })
-}
-
-/// The lines logged so far that contain every one of `needles`.
+/// The lines pgrelay logged so far (at DEBUG) that contain every one of `needles`.
 fn logged(needles: &[&str]) -> Vec<String> {
-    let text =
-        String::from_utf8_lossy(&logs().0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    text.lines()
-        .filter(|line| needles.iter().all(|n| line.contains(n)))
-        .map(str::to_owned)
-        .collect()
+    logs().lines_with(needles)
+}
+
+fn logs() -> &'static LogBuffer {
+    support::logs::captured("pgrelay=debug")
 }
 
 fn tls_section(mode: &str, ca: &std::path::Path) -> String {

@@ -13,7 +13,29 @@ use pgrelay::config::Config;
 use pgrelay::demo::{ClusterOptions, LocalCluster};
 use pgrelay::listener::Pgrelay;
 
+/// Generates `<name>::transaction_mode` and `<name>::session_mode` from
+/// `async fn <name>(mode: &'static str)`.
+#[allow(unused_macros)]
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn transaction_mode() {
+                super::$name("transaction").await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn session_mode() {
+                super::$name("session").await;
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_modes;
+
 pub mod certs;
+pub mod logs;
 pub mod needs;
 pub mod raw;
 
@@ -497,4 +519,21 @@ pub async fn stored_secret(superuser: &tokio_postgres::Client, role: &str) -> St
         .await
         .expect("read pg_authid")
         .get(0)
+}
+
+/// The error a failed password login must produce: FATAL 28P01 with PostgreSQL's text
+/// for `user`. Returns it, for callers that compare two failures.
+pub fn password_failure<'e>(
+    err: &'e tokio_postgres::Error,
+    user: &str,
+) -> &'e tokio_postgres::error::DbError {
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse for {user}, got: {err}"));
+    assert_eq!(db.code().code(), "28P01", "{db:?}");
+    assert_eq!(
+        db.message(),
+        format!("password authentication failed for user \"{user}\"")
+    );
+    db
 }

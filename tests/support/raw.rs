@@ -206,3 +206,12 @@ pub fn first_value(messages: &[Message]) -> Option<String> {
     let value = row.body.get(6..6 + usize::try_from(len).ok()?)?;
     Some(String::from_utf8_lossy(value).into_owned())
 }
+
+/// A SASLInitialResponse naming `mechanism`, with `data` as the client-first-message.
+pub fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    message(b'p', &body)
+}
