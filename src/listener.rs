@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{health, lag, patroni};
 use crate::config::{Config, ConfigError, ListenAddr};
+use crate::session::LoggedIn;
 use crate::{admin, control, pool, session, Shared};
 
 /// Completed connections the kernel holds for a client listener until they are
@@ -286,36 +287,46 @@ fn admit(shared: &Arc<Shared>, sessions: &TaskTracker, accepted: Accepted) {
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let slot = ClientSlot(shared.clone());
     let too_many = count > shared.config.load().pool.max_client_conn as usize;
+    let login = log_in(accepted, shared.clone(), too_many);
     let shared = shared.clone();
     sessions.spawn(async move {
-        serve(accepted, shared, too_many).await;
+        serve(login, shared).await;
         drop(slot);
     });
 }
 
+/// A client's login, boxed: its future is large and done with once the client is in,
+/// and what the task keeps of it is one pointer, to the client it logged in.
+type Login = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Box<LoggedIn>>> + Send>>;
+
+fn log_in(accepted: Accepted, shared: Arc<Shared>, too_many: bool) -> Login {
+    Box::pin(async move {
+        let logged_in = match accepted {
+            Accepted::Tcp(tcp) => session::log_in(tcp, &shared, too_many).await,
+            Accepted::Unix(socket, port) => {
+                session::log_in_unix(socket, port, &shared, too_many).await
+            }
+        };
+        logged_in.map(Box::new)
+    })
+}
+
 /// One client connection to its end: the login, then a session or the admin console.
-async fn serve(accepted: Accepted, shared: Arc<Shared>, too_many: bool) {
-    // Boxed: the login's future is large and done with once the client is in.
-    let logged_in = match accepted {
-        Accepted::Tcp(tcp) => Box::pin(session::log_in(tcp, &shared, too_many)).await,
-        Accepted::Unix(socket, port) => {
-            Box::pin(session::log_in_unix(socket, port, &shared, too_many)).await
-        }
-    };
-    let Some(client) = logged_in else {
+async fn serve(login: Login, shared: Arc<Shared>) {
+    let Some(client) = login.await else {
         return;
     };
     if client.admin {
+        let LoggedIn {
+            client,
+            login,
+            handle,
+            ..
+        } = *client;
         // Boxed: the console's future would otherwise size every client's task.
-        Box::pin(admin::serve(
-            shared,
-            client.client,
-            client.login,
-            client.handle,
-        ))
-        .await
+        Box::pin(admin::serve(shared, client, login, handle)).await
     } else {
-        session::serve(shared, Box::new(client)).await
+        session::serve(shared, client).await
     }
 }
 
