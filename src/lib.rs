@@ -202,5 +202,7 @@ pub(crate) fn pool_settings(config: &Config, database: &str, user: &str) -> Pool
         connect_timeout: config.pool.server_connect_timeout,
         idle_timeout: config.pool.server_idle_timeout,
         lifetime: config.pool.server_lifetime,
+        max_user_connections: config.max_user_connections_for(user) as usize,
+        max_db_connections: config.max_db_connections_for(database) as usize,
     }
 }

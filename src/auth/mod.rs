@@ -129,6 +129,7 @@ impl Credentials {
             pool_mode: None,
             pool_size: None,
             auth_type: None,
+            max_user_connections: None,
         })
     }
 

@@ -163,6 +163,22 @@ impl Config {
             .or_else(|| self.database(db).and_then(|d| d.pool_size))
             .unwrap_or(self.pool.default_pool_size)
     }
+
+    /// Server connections `user` may have open on one node (0: no limit): the user's
+    /// override, else `pool.max_user_connections`.
+    pub fn max_user_connections_for(&self, user: &str) -> u32 {
+        self.user(user)
+            .and_then(|u| u.max_user_connections)
+            .unwrap_or(self.pool.max_user_connections)
+    }
+
+    /// Server connections database `db` may have open on one node (0: no limit): the
+    /// database's override, else `pool.max_db_connections`.
+    pub fn max_db_connections_for(&self, db: &str) -> u32 {
+        self.database(db)
+            .and_then(|d| d.max_db_connections)
+            .unwrap_or(self.pool.max_db_connections)
+    }
 }
 
 /// Turns a deserialization error into [`ConfigError::Parse`] with a readable key path.
@@ -282,6 +298,11 @@ impl Config {
             ("pool.default_pool_size", p.default_pool_size.to_string()),
             ("pool.min_pool_size", p.min_pool_size.to_string()),
             ("pool.max_client_conn", p.max_client_conn.to_string()),
+            (
+                "pool.max_user_connections",
+                p.max_user_connections.to_string(),
+            ),
+            ("pool.max_db_connections", p.max_db_connections.to_string()),
             ("pool.query_wait_timeout", duration(p.query_wait_timeout)),
             ("pool.server_idle_timeout", duration(p.server_idle_timeout)),
             ("pool.server_lifetime", duration(p.server_lifetime)),
@@ -398,6 +419,7 @@ mod tests {
             pool_mode: None,
             pool_size: None,
             auth_type: None,
+            max_user_connections: None,
         }
     }
 
@@ -407,6 +429,7 @@ mod tests {
             dbname: None,
             pool_mode: None,
             pool_size: None,
+            max_db_connections: None,
         }
     }
 

@@ -162,6 +162,14 @@ pub struct PoolConfig {
     pub min_pool_size: u32,
     /// Client connections accepted at once; more are refused. Default 10000.
     pub max_client_conn: u32,
+    /// Server connections per user on each node, over all of that user's pools; 0 is
+    /// no limit (PgBouncer `max_user_connections`). `[[users]]` may override it.
+    /// Default 0.
+    pub max_user_connections: u32,
+    /// Server connections per database (the name clients ask for) on each node, over
+    /// all of its users' pools; 0 is no limit (PgBouncer `max_db_connections`).
+    /// `[[databases]]` may override it. Default 0.
+    pub max_db_connections: u32,
     /// How long a client waits for a server connection before an error. Default 120s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub query_wait_timeout: Duration,
@@ -194,6 +202,8 @@ impl Default for PoolConfig {
             default_pool_size: 20,
             min_pool_size: 0,
             max_client_conn: 10_000,
+            max_user_connections: 0,
+            max_db_connections: 0,
             query_wait_timeout: Duration::from_secs(120),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
@@ -530,6 +540,10 @@ pub struct DatabaseConfig {
     /// Overrides `pool.default_pool_size` for this database. Default none.
     #[serde(default)]
     pub pool_size: Option<u32>,
+    /// Overrides `pool.max_db_connections` for this database (0: no limit). Default
+    /// none.
+    #[serde(default)]
+    pub max_db_connections: Option<u32>,
 }
 
 impl DatabaseConfig {
@@ -553,6 +567,9 @@ pub struct UserConfig {
     /// Overrides the database's and the global pool size. Default none.
     #[serde(default)]
     pub pool_size: Option<u32>,
+    /// Overrides `pool.max_user_connections` for this user (0: no limit). Default none.
+    #[serde(default)]
+    pub max_user_connections: Option<u32>,
     /// Overrides the global `auth_type` for this user: e.g. `"cert"` for one that logs
     /// in with a client certificate while the others give passwords. Default none.
     #[serde(default)]

@@ -8,6 +8,7 @@
 //! keeps `min_pool_size` open.
 
 pub mod guard;
+pub mod limit;
 pub mod lookup;
 pub mod maintain;
 pub mod params;
@@ -24,6 +25,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::auth::{Credentials, ServerCredentials};
 use crate::config::UserConfig;
 pub use guard::ServerGuard;
+use limit::{LimitMap, Limits};
 use params::ParamSet;
 use server::{Dial, Server, ServerError, ServerTarget};
 
@@ -54,6 +56,11 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
+    /// Servers this pool's user may have open on its node, over all its pools (0: no
+    /// limit).
+    pub max_user_connections: usize,
+    /// Servers this pool's database may have open on its node (0: no limit).
+    pub max_db_connections: usize,
 }
 
 /// A client's place in a pool's queue. Each session owns one and reuses it for every
@@ -109,6 +116,9 @@ pub struct Pool {
     epoch: std::sync::atomic::AtomicU64,
     /// Servers of an older epoch still in use.
     stale: std::sync::atomic::AtomicUsize,
+    /// The user's and the database's server limits on this node, shared with the
+    /// other pools of that user or database.
+    limits: Limits,
 }
 
 /// An idle server, as `SHOW SERVERS` lists it.
@@ -127,6 +137,19 @@ enum Next {
     Take(Box<Server>),
     Connect,
     Wait,
+    /// Wait, the pool having room but its user's or database's limit being reached.
+    WaitForLimit,
+}
+
+/// Whether a pool may open one more server.
+#[derive(Debug, PartialEq, Eq)]
+enum Room {
+    /// Yes, and it is counted.
+    Reserved,
+    /// No: the pool is at its size.
+    Full,
+    /// No: the user's or the database's limit is reached (the pool is blocked on it).
+    Limited,
 }
 
 impl Pool {
@@ -153,6 +176,58 @@ impl Pool {
             defaults: OnceLock::new(),
             epoch: std::sync::atomic::AtomicU64::new(0),
             stale: std::sync::atomic::AtomicUsize::new(0),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Counts one more server against the pool's size and its limits, if both allow.
+    /// Blocked by a limit, the pool is registered to be retried when room is made.
+    fn reserve(self: &Arc<Self>, inner: &mut Inner) -> Room {
+        let settings = self.settings.load();
+        if inner.total >= settings.size {
+            return Room::Full;
+        }
+        let (max_user, max_db) = (settings.max_user_connections, settings.max_db_connections);
+        if !self.limits.try_take(max_user, max_db) {
+            self.limits.block(self);
+            // Room made between the failed take and the registration woke nobody:
+            // try once more now that a release will find this pool.
+            if !self.limits.try_take(max_user, max_db) {
+                return Room::Limited;
+            }
+        }
+        inner.total += 1;
+        Room::Reserved
+    }
+
+    /// Uncounts one server (one that closed, or a reservation never used).
+    fn unreserve(&self, inner: &mut Inner) {
+        if inner.total > 0 {
+            inner.total -= 1;
+            self.limits.put_back();
+        }
+    }
+
+    /// A limit this pool was blocked on has room: open a server for its waiters.
+    fn retry_blocked(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        if inner.waiters.is_empty() || self.reserve(&mut inner) != Room::Reserved {
+            return;
+        }
+        drop(inner);
+        let pool = self.clone();
+        tokio::spawn(async move { pool.replace_for_waiters().await });
+    }
+
+    /// Closes one idle server to make room under a shared limit; false if none is idle.
+    fn close_one_idle(self: &Arc<Self>) -> bool {
+        let server = self.lock().idle.pop();
+        match server {
+            Some(server) => {
+                self.forget(Some(server));
+                true
+            }
+            None => false,
         }
     }
 
@@ -228,7 +303,8 @@ impl Pool {
         waiter: &Arc<Waiter>,
     ) -> Result<ServerGuard, PoolError> {
         loop {
-            match self.next(waiter) {
+            let next = self.next(waiter);
+            match next {
                 Next::Take(mut server) => {
                     if self.usable(&mut server) {
                         return Ok(ServerGuard::new(server, self.clone()));
@@ -243,7 +319,10 @@ impl Pool {
                     std::mem::forget(reservation);
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
-                Next::Wait => {
+                Next::Wait | Next::WaitForLimit => {
+                    if matches!(next, Next::WaitForLimit) {
+                        self.limits.make_room(self);
+                    }
                     let server = QueuedGuard { pool: self, waiter }.wait().await?;
                     return Ok(ServerGuard::new(server, self.clone()));
                 }
@@ -251,16 +330,19 @@ impl Pool {
         }
     }
 
-    fn next(&self, waiter: &Arc<Waiter>) -> Next {
+    fn next(self: &Arc<Self>, waiter: &Arc<Waiter>) -> Next {
         let mut inner = self.lock();
         if let Some(server) = inner.idle.pop() {
-            Next::Take(server)
-        } else if inner.total < self.settings.load().size {
-            inner.total += 1;
-            Next::Connect
-        } else {
-            inner.waiters.push_back((Instant::now(), waiter.clone()));
-            Next::Wait
+            return Next::Take(server);
+        }
+        let room = self.reserve(&mut inner);
+        if room == Room::Reserved {
+            return Next::Connect;
+        }
+        inner.waiters.push_back((Instant::now(), waiter.clone()));
+        match room {
+            Room::Limited => Next::WaitForLimit,
+            _ => Next::Wait,
         }
     }
 
@@ -293,23 +375,28 @@ impl Pool {
     }
 
     /// Returns a server that is idle and clean to the first waiter, or the idle list.
-    pub(crate) fn give_back(&self, server: Box<Server>) {
+    pub(crate) fn give_back(self: &Arc<Self>, server: Box<Server>) {
         self.give_back_at(server, Instant::now());
     }
 
     /// [`give_back`](Self::give_back) of a server idle since `now`.
-    pub(crate) fn give_back_at(&self, mut server: Box<Server>, now: Instant) {
+    pub(crate) fn give_back_at(self: &Arc<Self>, mut server: Box<Server>, now: Instant) {
         server.idle_since = now;
         let mut inner = self.lock();
         if inner.total > self.settings.load().size {
             // The pool was made smaller (`RELOAD`): this one goes.
-            inner.total -= 1;
             drop(inner);
-            close_later(server);
+            self.forget(Some(server));
             return;
         }
         match inner.waiters.pop_front() {
             Some((_, waiter)) => waiter.hand_over(Ok(server)),
+            // Another pool of this user or database waits for room under a limit: this
+            // idle server closes to make it (PgBouncer does the same).
+            None if self.limits.wanted() => {
+                drop(inner);
+                self.forget(Some(server));
+            }
             None => inner.idle.push(server),
         }
     }
@@ -328,12 +415,14 @@ impl Pool {
             close_later(server);
         }
         let mut inner = self.lock();
-        inner.total = inner.total.saturating_sub(1);
-        if !inner.waiters.is_empty() && inner.total < self.settings.load().size {
-            inner.total += 1;
+        self.unreserve(&mut inner);
+        if !inner.waiters.is_empty() && self.reserve(&mut inner) == Room::Reserved {
             drop(inner);
             let pool = self.clone();
             tokio::spawn(async move { pool.replace_for_waiters().await });
+        } else {
+            drop(inner);
+            self.limits.wake();
         }
     }
 
@@ -408,10 +497,12 @@ impl Pool {
         loop {
             {
                 let mut inner = self.lock();
-                if inner.total >= self.settings.load().min_size || !inner.waiters.is_empty() {
+                if inner.total >= self.settings.load().min_size
+                    || !inner.waiters.is_empty()
+                    || self.reserve(&mut inner) != Room::Reserved
+                {
                     return Ok(());
                 }
-                inner.total += 1;
             }
             let reservation = Reservation(self.clone());
             let server = self.connect().await?;
@@ -475,6 +566,8 @@ fn close_later(server: Box<Server>) {
 #[derive(Default)]
 pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
+    /// The server limits per user and per database on each node, shared by their pools.
+    limits: LimitMap,
     /// How the pools made here reach their servers (TCP but in benchmarks).
     dial: Dial,
 }
@@ -485,6 +578,7 @@ impl Pools {
     pub fn dialing(dial: Dial) -> Pools {
         Pools {
             map: DashMap::new(),
+            limits: LimitMap::default(),
             dial,
         }
     }
@@ -502,9 +596,17 @@ impl Pools {
             .or_insert_with(|| {
                 let mut pool = create(key);
                 pool.dial = self.dial.clone();
-                Arc::new(pool)
+                pool.limits = self.limits.limits_for(&pool.key);
+                let pool = Arc::new(pool);
+                pool.limits.join(&pool);
+                pool
             })
             .clone()
+    }
+
+    /// The shared server limits, for the console and tests.
+    pub fn limits(&self) -> &LimitMap {
+        &self.limits
     }
 
     /// Drops the pool of `key` if it has no server and no one waiting: a pool made
@@ -596,6 +698,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(60),
+            max_user_connections: 0,
+            max_db_connections: 0,
         };
         let user = UserConfig {
             name: "u".into(),
@@ -603,6 +707,7 @@ mod tests {
             pool_mode: None,
             pool_size: None,
             auth_type: None,
+            max_user_connections: None,
         };
         Arc::new(Pool::new(key, target, settings, user, Arc::default()))
     }
