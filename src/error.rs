@@ -165,6 +165,16 @@ impl ClientError {
         )
     }
 
+    /// A login over `max_user_client_connections` or `max_db_client_connections`:
+    /// `of` is "user" or "database", `name` its name, `setting` the limit's key.
+    pub fn too_many_clients_of(of: &str, name: &str, setting: &str) -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!("too many client connections for {of} \"{name}\" ({setting})"),
+        )
+    }
+
     /// No server connection was free within `query_wait_timeout`.
     pub fn pool_timeout(wait: std::time::Duration) -> Self {
         Self::error(

@@ -200,6 +200,10 @@ impl ClientHandle {
 impl Drop for ClientHandle {
     fn drop(&mut self) {
         self.registry.clients.remove(&self.entry.id);
+        if !self.entry.admin {
+            uncount_in(&self.registry.per_user, &self.entry.user);
+            uncount_in(&self.registry.per_db, &self.entry.database);
+        }
     }
 }
 
@@ -271,6 +275,43 @@ pub struct Registry {
     /// Anything paused at all: the per-request check reads only this.
     any_paused: AtomicBool,
     paused_changed: watch::Sender<u64>,
+    /// Clients logged in per user and per database (the console's aside), for
+    /// `max_user_client_connections` and `max_db_client_connections`: changed at login
+    /// and logout only.
+    per_user: DashMap<String, usize>,
+    per_db: DashMap<String, usize>,
+}
+
+/// Which client limit a login would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientOver {
+    User,
+    Database,
+}
+
+/// The client limits a login is counted against (0: no limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientLimits {
+    pub per_user: usize,
+    pub per_db: usize,
+}
+
+/// Counts one more under `key` in `counts` if that keeps within `max` (0: no limit).
+fn count_in(counts: &DashMap<String, usize>, key: &str, max: usize) -> bool {
+    let mut count = counts.entry(key.to_owned()).or_insert(0);
+    if max != 0 && *count >= max {
+        return false;
+    }
+    *count += 1;
+    true
+}
+
+/// Counts one fewer under `key`, forgetting keys that reach zero.
+fn uncount_in(counts: &DashMap<String, usize>, key: &str) {
+    if let Some(mut count) = counts.get_mut(key) {
+        *count = count.saturating_sub(1);
+    }
+    counts.remove_if(key, |_, count| *count == 0);
 }
 
 #[derive(Debug, Default)]
@@ -300,6 +341,8 @@ impl Default for Registry {
             paused: Mutex::default(),
             any_paused: AtomicBool::new(false),
             paused_changed: watch::channel(0).0,
+            per_user: DashMap::new(),
+            per_db: DashMap::new(),
         }
     }
 }
@@ -330,6 +373,29 @@ impl Registry {
     }
 
     pub fn register(self: &Arc<Self>, client: NewClient<'_>) -> ClientHandle {
+        let limits = ClientLimits::default();
+        match self.register_within(client, limits) {
+            Ok(handle) => handle,
+            Err(_) => unreachable!("no limit to exceed"),
+        }
+    }
+
+    /// Registers a client if its user and database are within `limits` (the admin
+    /// console's clients are not counted); else counts nothing and says which is full.
+    pub fn register_within(
+        self: &Arc<Self>,
+        client: NewClient<'_>,
+        limits: ClientLimits,
+    ) -> Result<ClientHandle, ClientOver> {
+        if !client.admin {
+            if !count_in(&self.per_user, client.user, limits.per_user) {
+                return Err(ClientOver::User);
+            }
+            if !count_in(&self.per_db, client.database, limits.per_db) {
+                uncount_in(&self.per_user, client.user);
+                return Err(ClientOver::Database);
+            }
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(ClientEntry {
             id,
@@ -353,10 +419,20 @@ impl Registry {
             signal_waker: AtomicWaker::new(),
         });
         self.clients.insert(id, entry.clone());
-        ClientHandle {
+        Ok(ClientHandle {
             entry,
             registry: self.clone(),
-        }
+        })
+    }
+
+    /// Clients of `user` logged in now (the console's aside).
+    pub fn clients_of_user(&self, user: &str) -> usize {
+        self.per_user.get(user).map_or(0, |c| *c)
+    }
+
+    /// Clients of `database` logged in now.
+    pub fn clients_of_db(&self, database: &str) -> usize {
+        self.per_db.get(database).map_or(0, |c| *c)
     }
 
     /// The client pgrelay issued `pid` to. A scan of every client: it serves only
@@ -552,6 +628,53 @@ mod tests {
         assert_eq!(a.entry.link(), None);
         drop(b);
         assert_eq!(registry.clients().len(), 1);
+    }
+
+    #[test]
+    fn client_limits_count_logins_per_user_and_database() {
+        let registry = Arc::new(Registry::default());
+        let new = |user: &'static str, db: &'static str, admin: bool| NewClient {
+            user,
+            database: db,
+            application_name: "",
+            addr: None,
+            local: None,
+            unix: None,
+            admin,
+            tls: "",
+        };
+        let limits = ClientLimits {
+            per_user: 2,
+            per_db: 3,
+        };
+        let a = registry.register_within(new("app", "one", false), limits);
+        let b = registry.register_within(new("app", "two", false), limits);
+        assert!(a.is_ok() && b.is_ok());
+        let over = registry.register_within(new("app", "one", false), limits);
+        assert_eq!(over.err(), Some(ClientOver::User));
+        // The refused login counted nothing.
+        assert_eq!(registry.clients_of_db("one"), 1);
+        let c = registry.register_within(new("bob", "one", false), limits);
+        let d = registry.register_within(new("eve", "one", false), limits);
+        assert!(c.is_ok() && d.is_ok());
+        let over = registry.register_within(new("max", "one", false), limits);
+        assert_eq!(over.err(), Some(ClientOver::Database));
+        assert_eq!(
+            registry.clients_of_user("max"),
+            0,
+            "uncounted when the db is full"
+        );
+        // The console's clients are not counted.
+        assert!(registry
+            .register_within(new("app", "pgrelay", true), limits)
+            .is_ok());
+        // A client leaving frees its slots.
+        drop(a);
+        assert_eq!(registry.clients_of_user("app"), 1);
+        assert_eq!(registry.clients_of_db("one"), 2);
+        assert!(registry
+            .register_within(new("app", "one", false), limits)
+            .is_ok());
     }
 
     #[test]

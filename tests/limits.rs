@@ -2,7 +2,8 @@
 //! PostgreSQL: `max_user_connections` and `max_db_connections` shared by several pools
 //! (clients over the limit wait, and proceed as servers of the user or database close
 //! or go idle elsewhere), the wait's `query_wait_timeout`, a per-user `pool_size`,
-//! RELOAD, and pgbench through a limited user.
+//! RELOAD, pgbench through a limited user; and `max_user_client_connections` /
+//! `max_db_client_connections` (53300 for a login over them).
 
 mod support;
 
@@ -267,4 +268,83 @@ async fn pgbench_under_a_user_limit() {
         .await
         .expect("connect");
     assert_eq!(simple_value(&client, "SELECT 1").await, "1");
+}
+
+/// The refusal a login over a client limit gets: 53300 and its message.
+async fn assert_refused(env: &TestEnv, user: &str, db: &str, message: &str) {
+    let password = if user == BOB {
+        BOB_PASSWORD
+    } else {
+        APP_PASSWORD
+    };
+    let err = env
+        .connect(user, password, db)
+        .await
+        .expect_err("over the client limit");
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+    let got = err.as_db_error().map(|e| e.message().to_owned());
+    assert_eq!(got.as_deref(), Some(message));
+}
+
+/// Waits until a login of `user` to `db` succeeds again (a client that left is
+/// uncounted when its task ends, just after its socket closes).
+async fn admitted_again(env: &TestEnv, user: &str, db: &str) -> Client {
+    let password = if user == BOB {
+        BOB_PASSWORD
+    } else {
+        APP_PASSWORD
+    };
+    for _ in 0..100 {
+        if let Ok(client) = env.connect(user, password, db).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{user} is still refused on {db}");
+}
+
+/// `max_user_client_connections = 2`: the user's third client is told 53300 after its
+/// login, other users are not, and a client leaving frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_user_client_connections_refuses_the_third() {
+    let env = start(options(&["max_user_client_connections = 2"])).await;
+    let first = connect(&env, APP_USER, APP_DB).await;
+    let _second = connect(&env, APP_USER, APP_DB).await;
+    assert_refused(
+        &env,
+        APP_USER,
+        APP_DB,
+        "too many client connections for user \"app\" (max_user_client_connections)",
+    )
+    .await;
+    let _bob = connect(&env, BOB, APP_DB).await;
+    drop(first);
+    let third = admitted_again(&env, APP_USER, APP_DB).await;
+    assert_eq!(simple_value(&third, "SELECT 3").await, "3");
+}
+
+/// `[[databases]] max_db_client_connections = 2`: the database's third client, of
+/// any user, is refused; another database is not limited; a client leaving frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_client_connections_refuses_the_third() {
+    let mut options = options(&[]);
+    options.sections.push(
+        "[[databases]]\nname = \"app\"\nmax_db_client_connections = 2\n\
+         [[databases]]\nname = \"app2\""
+            .to_owned(),
+    );
+    let env = start_with_two_databases(options).await;
+    let first = connect(&env, APP_USER, APP_DB).await;
+    let _second = connect(&env, BOB, APP_DB).await;
+    assert_refused(
+        &env,
+        BOB,
+        APP_DB,
+        "too many client connections for database \"app\" (max_db_client_connections)",
+    )
+    .await;
+    let _other = connect(&env, BOB, OTHER_DB).await;
+    drop(first);
+    let third = admitted_again(&env, BOB, APP_DB).await;
+    assert_eq!(simple_value(&third, "SELECT 3").await, "3");
 }

@@ -296,6 +296,7 @@ async fn no_lookup_for_the_admin_console_or_a_database_not_served() {
         pool_mode: None,
         pool_size: None,
         max_db_connections: None,
+        max_db_client_connections: None,
     }];
     let (result, code) = md5_login(&config, &credentials, &source, "bob@other", "pw").await;
     assert_eq!(code, 10);

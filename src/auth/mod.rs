@@ -130,6 +130,7 @@ impl Credentials {
             pool_size: None,
             auth_type: None,
             max_user_connections: None,
+            max_user_client_connections: None,
         })
     }
 

@@ -179,6 +179,20 @@ impl Config {
             .and_then(|d| d.max_db_connections)
             .unwrap_or(self.pool.max_db_connections)
     }
+
+    /// Clients of `user` that may be logged in at once (0: no limit).
+    pub fn max_user_client_connections_for(&self, user: &str) -> u32 {
+        self.user(user)
+            .and_then(|u| u.max_user_client_connections)
+            .unwrap_or(self.pool.max_user_client_connections)
+    }
+
+    /// Clients of database `db` that may be logged in at once (0: no limit).
+    pub fn max_db_client_connections_for(&self, db: &str) -> u32 {
+        self.database(db)
+            .and_then(|d| d.max_db_client_connections)
+            .unwrap_or(self.pool.max_db_client_connections)
+    }
 }
 
 /// Turns a deserialization error into [`ConfigError::Parse`] with a readable key path.
@@ -303,6 +317,14 @@ impl Config {
                 p.max_user_connections.to_string(),
             ),
             ("pool.max_db_connections", p.max_db_connections.to_string()),
+            (
+                "pool.max_user_client_connections",
+                p.max_user_client_connections.to_string(),
+            ),
+            (
+                "pool.max_db_client_connections",
+                p.max_db_client_connections.to_string(),
+            ),
             ("pool.query_wait_timeout", duration(p.query_wait_timeout)),
             ("pool.server_idle_timeout", duration(p.server_idle_timeout)),
             ("pool.server_lifetime", duration(p.server_lifetime)),
@@ -420,6 +442,7 @@ mod tests {
             pool_size: None,
             auth_type: None,
             max_user_connections: None,
+            max_user_client_connections: None,
         }
     }
 
@@ -430,6 +453,7 @@ mod tests {
             pool_mode: None,
             pool_size: None,
             max_db_connections: None,
+            max_db_client_connections: None,
         }
     }
 

@@ -170,6 +170,13 @@ pub struct PoolConfig {
     /// all of its users' pools; 0 is no limit (PgBouncer `max_db_connections`).
     /// `[[databases]]` may override it. Default 0.
     pub max_db_connections: u32,
+    /// Clients of one user logged in at once; 0 is no limit (PgBouncer
+    /// `max_user_client_connections`). `[[users]]` may override it. Default 0.
+    pub max_user_client_connections: u32,
+    /// Clients of one database (the name they ask for) logged in at once; 0 is no limit
+    /// (PgBouncer `max_db_client_connections`). `[[databases]]` may override it.
+    /// Default 0.
+    pub max_db_client_connections: u32,
     /// How long a client waits for a server connection before an error. Default 120s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub query_wait_timeout: Duration,
@@ -204,6 +211,8 @@ impl Default for PoolConfig {
             max_client_conn: 10_000,
             max_user_connections: 0,
             max_db_connections: 0,
+            max_user_client_connections: 0,
+            max_db_client_connections: 0,
             query_wait_timeout: Duration::from_secs(120),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
@@ -544,6 +553,10 @@ pub struct DatabaseConfig {
     /// none.
     #[serde(default)]
     pub max_db_connections: Option<u32>,
+    /// Overrides `pool.max_db_client_connections` for this database (0: no limit).
+    /// Default none.
+    #[serde(default)]
+    pub max_db_client_connections: Option<u32>,
 }
 
 impl DatabaseConfig {
@@ -570,6 +583,10 @@ pub struct UserConfig {
     /// Overrides `pool.max_user_connections` for this user (0: no limit). Default none.
     #[serde(default)]
     pub max_user_connections: Option<u32>,
+    /// Overrides `pool.max_user_client_connections` for this user (0: no limit).
+    /// Default none.
+    #[serde(default)]
+    pub max_user_client_connections: Option<u32>,
     /// Overrides the global `auth_type` for this user: e.g. `"cert"` for one that logs
     /// in with a client certificate while the others give passwords. Default none.
     #[serde(default)]

@@ -138,9 +138,18 @@ impl Limits {
         }
     }
 
-    /// For `pool`, blocked by a limit: closes an idle server of another pool sharing it.
+    /// For `pool`, blocked by a limit: closes an idle server of another pool sharing a
+    /// limit that is reached (closing one under a limit with room would not help).
     pub(super) fn make_room(&self, pool: &Arc<Pool>) {
-        for limit in [&self.user, &self.db] {
+        let settings = pool.settings.load();
+        let reached = [
+            (&self.user, settings.max_user_connections),
+            (&self.db, settings.max_db_connections),
+        ];
+        for (limit, max) in reached {
+            if max == 0 || limit.open() < max {
+                continue;
+            }
             for other in limit.members() {
                 if !Arc::ptr_eq(&other, pool) && other.close_one_idle() {
                     return;

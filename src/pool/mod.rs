@@ -708,6 +708,7 @@ mod tests {
             pool_size: None,
             auth_type: None,
             max_user_connections: None,
+            max_user_client_connections: None,
         };
         Arc::new(Pool::new(key, target, settings, user, Arc::default()))
     }
@@ -738,6 +739,50 @@ mod tests {
         assert!(matches!(a.await.expect("task"), Err(PoolError::Timeout(_))));
         assert!(matches!(b.await.expect("task"), Err(PoolError::Timeout(_))));
         assert_eq!(pool.counts(), (0, 0, 0));
+    }
+
+    /// Two pools of one user (databases `one` and `two`) under `max_user_connections =
+    /// 1`: room taken by one is refused to the other, which is registered as blocked,
+    /// until the first gives it back.
+    #[tokio::test]
+    async fn pools_of_a_user_share_its_limit() {
+        let pools = Pools::default();
+        let make = |db: &str| {
+            let template = full_pool(Duration::from_secs(10));
+            let key = PoolKey {
+                node: 0,
+                database: db.into(),
+                user: "u".into(),
+            };
+            let settings = PoolSettings {
+                size: 5,
+                max_user_connections: 1,
+                ..(**template.settings.load()).clone()
+            };
+            let user = template.user.lock().expect("user").clone();
+            pools.get_or_create(key, |key| {
+                Pool::new(key, template.target.clone(), settings, user, Arc::default())
+            })
+        };
+        let (one, two) = (make("one"), make("two"));
+        assert_eq!(one.reserve(&mut one.lock()), Room::Reserved);
+        assert_eq!(two.reserve(&mut two.lock()), Room::Limited);
+        assert!(one.limits.wanted(), "two waits for room");
+        assert_eq!(pools.limits().user_open("u", 0), 1);
+        assert_eq!(
+            pools.limits().db_open("two", 0),
+            0,
+            "nothing counted for two"
+        );
+        one.unreserve(&mut one.lock());
+        one.limits.wake();
+        assert!(!one.limits.wanted());
+        assert_eq!(two.reserve(&mut two.lock()), Room::Reserved);
+        assert_eq!(pools.limits().user_open("u", 0), 1);
+        // Now one is refused: two holds the user's only slot.
+        assert_eq!(one.reserve(&mut one.lock()), Room::Limited);
+        two.unreserve(&mut two.lock());
+        assert_eq!(pools.limits().user_open("u", 0), 0);
     }
 
     #[tokio::test]

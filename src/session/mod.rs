@@ -208,7 +208,7 @@ async fn log_in_opened(
         .find(|(name, _)| name == "application_name")
         .map_or("", |(_, value)| value.as_str());
     let admin = crate::config::is_admin_database(&login.database);
-    let handle = shared.registry.register(registry::NewClient {
+    let new_client = registry::NewClient {
         user: &login.user,
         database: &login.database,
         application_name,
@@ -217,7 +217,16 @@ async fn log_in_opened(
         unix,
         admin,
         tls: tls_label.as_deref().unwrap_or_default(),
-    });
+    };
+    let handle = match register(shared, &config, new_client) {
+        Ok(handle) => handle,
+        Err(err) => {
+            tracing::info!(?peer, user = %login.user, database = %login.database, message = %err.message, "client login refused");
+            shared.metrics.error(err.kind);
+            say_goodbye(&mut client, &err).await;
+            return None;
+        }
+    };
     Some(LoggedIn {
         client,
         login,
@@ -225,6 +234,32 @@ async fn log_in_opened(
         admin,
         config,
     })
+}
+
+/// Registers a logged-in client, within `max_user_client_connections` and
+/// `max_db_client_connections`. Counted once the client has proved who it is: an
+/// unauthenticated client can neither use up a user's slots nor learn they are taken.
+fn register(
+    shared: &Shared,
+    config: &Config,
+    client: registry::NewClient<'_>,
+) -> Result<registry::ClientHandle, ClientError> {
+    let (user, database) = (client.user, client.database);
+    let limits = registry::ClientLimits {
+        per_user: config.max_user_client_connections_for(user) as usize,
+        per_db: config.max_db_client_connections_for(database) as usize,
+    };
+    shared
+        .registry
+        .register_within(client, limits)
+        .map_err(|over| match over {
+            registry::ClientOver::User => {
+                ClientError::too_many_clients_of("user", user, "max_user_client_connections")
+            }
+            registry::ClientOver::Database => {
+                ClientError::too_many_clients_of("database", database, "max_db_client_connections")
+            }
+        })
 }
 
 /// Logs why a connection's TLS negotiation ended it; what the client could be told
