@@ -348,3 +348,30 @@ async fn max_db_client_connections_refuses_the_third() {
     let third = admitted_again(&env, BOB, APP_DB).await;
     assert_eq!(simple_value(&third, "SELECT 3").await, "3");
 }
+
+/// `[[users]] pool_mode = "session"` overrides `pool.mode` (transaction) for that user:
+/// between transactions bob's client keeps its server, app's gives it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_pool_mode_overrides_the_default() {
+    let mut options = options(&[]);
+    options.relay_users = vec![(APP_USER.into(), APP_PASSWORD.into())];
+    options.sections.push(format!(
+        "[[users]]\nname = \"{BOB}\"\npassword = \"{BOB_PASSWORD}\"\npool_mode = \"session\""
+    ));
+    let env = start(options).await;
+    let idle_of = |user: &str| {
+        env.relay
+            .shared
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| p.key.user == user)
+            .map(|p| p.counts().0)
+    };
+    let bob = connect(&env, BOB, APP_DB).await;
+    assert_eq!(simple_value(&bob, "SELECT 1").await, "1");
+    let app = connect(&env, APP_USER, APP_DB).await;
+    assert_eq!(simple_value(&app, "SELECT 1").await, "1");
+    assert_eq!(idle_of(BOB), Some(0), "bob's client holds its server");
+    assert_eq!(idle_of(APP_USER), Some(1), "app's server went back");
+}

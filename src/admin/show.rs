@@ -487,7 +487,7 @@ fn databases(shared: &Shared) -> Table {
             v(0),
             v(config.pool.server_lifetime.as_secs()),
             v(mode_name(mode)),
-            v(0),
+            v(config.max_db_connections_for(&name)),
             v(current),
             v(u8::from(shared.registry.is_paused(&name))),
             v(0),
@@ -547,9 +547,9 @@ fn users(shared: &Shared) -> Table {
             user.pool_size.map(|s| s.to_string()),
             v(0),
             user.pool_mode.map(|m| mode_name(m).to_owned()),
-            v(0),
+            v(config.max_user_connections_for(&user.name)),
             v(servers),
-            v(0),
+            v(config.max_user_client_connections_for(&user.name)),
             v(connected),
         ]);
     }
