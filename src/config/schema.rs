@@ -66,6 +66,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// `[tls]`: TLS towards clients and servers.
     pub tls: TlsConfig,
+    /// `[limits]`: bounds on what a hostile or broken client can make pgrelay hold.
+    pub limits: LimitsConfig,
     /// `[[backends]]`: the cluster's PostgreSQL nodes. At least one is required.
     pub backends: Vec<BackendConfig>,
     /// `[[databases]]`: database names clients may ask for. Default `[]`, which lets any
@@ -98,6 +100,7 @@ impl Default for Config {
             health_check: HealthCheckConfig::default(),
             failover: FailoverConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
             backends: Vec::new(),
             databases: Vec::new(),
             users: Vec::new(),
@@ -202,6 +205,27 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[limits]`: bounds on what one client can make pgrelay hold in memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of one request (a Query, or extended-protocol messages up to Sync) that
+    /// pgrelay buffers before it routes the request and checks out a server for it.
+    /// A larger request is refused with SQLSTATE 54000 and the connection closed.
+    /// COPY data and requests relayed to a server already attached stream and are
+    /// not counted. `0`: no limit but the protocol's (1 GB per message, as
+    /// PostgreSQL). Default 16 MiB.
+    pub max_request_buffer: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_buffer: 16 << 20,
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind, Side};
 use crate::pool::params::ParamSet;
 use crate::pool::{Pool, ServerGuard, Waiter};
-use crate::protocol::backend;
+use crate::protocol::{backend, ProtocolError};
 use crate::registry::{self, ClientHandle, DbStats};
 use crate::stream::{Conn, Stream};
 use crate::tls::accept::TlsSession;
@@ -376,6 +376,7 @@ impl Session {
             track_effects: transaction_mode,
             own_pid: transaction_mode.then(|| cancel.pid()),
             hold_at_boundary: false,
+            max_request: usize::try_from(config.limits.max_request_buffer).unwrap_or(usize::MAX),
         };
         let mut session = Session {
             shared,
@@ -689,6 +690,9 @@ impl Session {
         }
         self.close_idle_for_database_command();
         if let Some(err) = self.wire.take_protocol_error() {
+            if let ProtocolError::TooLarge { max } = err {
+                return Err(ClientError::request_too_large(max));
+            }
             return Err(ClientError::protocol(err.to_string()));
         }
         Ok(self.wire.has_request())
