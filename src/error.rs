@@ -135,6 +135,25 @@ impl ClientError {
         Self::fatal(ErrorKind::Protocol, sqlstate::PROTOCOL_VIOLATION, message)
     }
 
+    /// `max_client_conn` clients are connected already.
+    pub fn too_many_clients() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+        )
+    }
+
+    /// The client's address had `limits.auth_failure_limit` failed logins in the
+    /// window: it is refused without a look at its credentials.
+    pub fn too_many_auth_failures() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too many failed logins from this address; try again later (limits.auth_failure_limit)",
+        )
+    }
+
     /// A request larger than `limits.max_request_buffer`: it is not buffered, and the
     /// connection closes (the rest of it is still on its way).
     pub fn request_too_large(max: usize) -> Self {

@@ -168,3 +168,82 @@ async fn copy_of_50_mb_streams() {
     let size = simple_value(&client, "SELECT sum(length(line)) FROM copy_big").await;
     assert_eq!(size, (50 * 1024 * 1023).to_string());
 }
+
+fn limits(lines: &[&str]) -> EnvOptions {
+    EnvOptions {
+        limits: lines.iter().map(|line| (*line).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn log_in(env: &support::TestEnv, password: &str) -> Result<(), Option<String>> {
+    let conn = support::relay_conn_string(env.addr, APP_USER, password, APP_DB);
+    match support::connect_str(&conn).await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(support::sqlstate(&err)),
+    }
+}
+
+/// `auth_failure_delay`: a wrong password is told only after the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_login_waits_auth_failure_delay() {
+    let env = start(limits(&["auth_failure_delay = \"700ms\""])).await;
+    let started = Instant::now();
+    assert_eq!(log_in(&env, "wrong").await, Err(Some("28P01".into())));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700),
+        "told after {waited:?}"
+    );
+    log_in(&env, support::APP_PASSWORD).await.expect("login");
+}
+
+/// `auth_failure_limit = 3` in a 3s window: after three wrong passwords from
+/// 127.0.0.1, even the right one is refused at once with 53300 until the window
+/// passes; another source address (127.0.0.2) is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_per_address_are_limited() {
+    let env = start(limits(&[
+        "auth_failure_limit = 3",
+        "auth_failure_window = \"3s\"",
+    ]))
+    .await;
+    let mut first_failed = None;
+    for _ in 0..3 {
+        assert_eq!(log_in(&env, "wrong").await, Err(Some("28P01".into())));
+        // pgrelay counted the failure before it told the client.
+        first_failed.get_or_insert_with(Instant::now);
+    }
+    let refused_at = Instant::now();
+    assert_eq!(
+        log_in(&env, support::APP_PASSWORD).await,
+        Err(Some("53300".into()))
+    );
+    assert!(refused_at.elapsed() < Duration::from_secs(1));
+
+    // Another source: it is asked for its password (SASL), not refused.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut other = socket.connect(env.addr).await.expect("connect");
+    other
+        .write_all(&raw::startup_message(&[
+            ("user", APP_USER),
+            ("database", APP_DB),
+        ]))
+        .await
+        .expect("send startup");
+    let request = raw::read_message(&mut other)
+        .await
+        .expect("read")
+        .expect("a message");
+    assert_eq!(request.auth_code(), Some(10), "{request:?}");
+
+    // The window began with the first failure: after it, the address logs in again.
+    let window_end = first_failed.expect("a failure") + Duration::from_secs(3);
+    tokio::time::sleep_until(window_end.into()).await;
+    log_in(&env, support::APP_PASSWORD)
+        .await
+        .expect("login after the window");
+}

@@ -220,12 +220,29 @@ pub struct LimitsConfig {
     /// not counted. `0`: no limit but the protocol's (1 GB per message, as
     /// PostgreSQL). Default 16 MiB.
     pub max_request_buffer: u64,
+    /// How long a failed login waits before the client is told (PostgreSQL's
+    /// `auth_delay.milliseconds`; PgBouncer has none): it slows password guessing on
+    /// one connection. Only refused logins wait. `"0s"`: none. Default 500ms.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub auth_failure_delay: Duration,
+    /// Failed logins (kind `auth`: a wrong password, an unknown user, an hba reject)
+    /// one source IP address may have in `auth_failure_window`; past it, every new
+    /// login from that address, even a correct one, is refused at once with 53300
+    /// until the window that began with its first failure passes. At most 10,000
+    /// addresses are tracked. `0`: no limit. Default 100.
+    pub auth_failure_limit: u32,
+    /// The window of `auth_failure_limit`. Default 60s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub auth_failure_window: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_request_buffer: 16 << 20,
+            auth_failure_delay: Duration::from_millis(500),
+            auth_failure_limit: 100,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }
