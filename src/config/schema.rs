@@ -215,7 +215,8 @@ impl Default for PoolConfig {
 pub struct LimitsConfig {
     /// Bytes of one request (a Query, or extended-protocol messages up to Sync) that
     /// pgrelay buffers before it routes the request and checks out a server for it.
-    /// A larger request is refused with SQLSTATE 54000 and the connection closed.
+    /// A larger request (Bind parameters count) is refused with SQLSTATE 54000 and
+    /// the connection closed.
     /// COPY data and requests relayed to a server already attached stream and are
     /// not counted. `0`: no limit but the protocol's (1 GB per message, as
     /// PostgreSQL). Default 16 MiB.
