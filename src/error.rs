@@ -90,6 +90,7 @@ pub mod sqlstate {
     pub const UNDEFINED_OBJECT: &str = "42704";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
@@ -132,6 +133,37 @@ impl ClientError {
 
     pub fn protocol(message: impl Into<String>) -> Self {
         Self::fatal(ErrorKind::Protocol, sqlstate::PROTOCOL_VIOLATION, message)
+    }
+
+    /// `max_client_conn` clients are connected already.
+    pub fn too_many_clients() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+        )
+    }
+
+    /// The client's address had `limits.auth_failure_limit` failed logins in the
+    /// window: it is refused without a look at its credentials.
+    pub fn too_many_auth_failures() -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too many failed logins from this address; try again later (limits.auth_failure_limit)",
+        )
+    }
+
+    /// A request larger than `limits.max_request_buffer`: it is not buffered, and the
+    /// connection closes (the rest of it is still on its way).
+    pub fn request_too_large(max: usize) -> Self {
+        Self::fatal(
+            ErrorKind::ClientLimit,
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "request too large: more than {max} bytes before it could be routed (limits.max_request_buffer)"
+            ),
+        )
     }
 
     /// A server could not be reached, or is going away: which one and why is logged.

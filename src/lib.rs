@@ -78,6 +78,8 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub cancel: Arc<cancel::CancelRegistry>,
     pub credentials: Arc<auth::Credentials>,
+    /// Failed logins per source address (`limits.auth_failure_limit`).
+    pub auth_throttle: auth::throttle::Throttle,
     /// How server connections (pools, health and lag checks) use TLS: the current
     /// `[tls]` server settings, rebuilt on reload.
     pub server_tls: Arc<tls::connect::Connector>,
@@ -114,6 +116,7 @@ impl Shared {
             pools: Arc::default(),
             cancel: Arc::default(),
             credentials: Arc::default(),
+            auth_throttle: auth::throttle::Throttle::default(),
             server_tls,
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),

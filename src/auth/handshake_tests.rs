@@ -207,7 +207,7 @@ async fn md5_login(
     }
     let login = async move {
         let mut conn = Conn::new(server);
-        handshake_with(&mut conn, config, credentials, (false, first), source).await
+        handshake_with(&mut conn, config, credentials, (None, first), source).await
     };
     let answer = async move {
         let mut client = client;

@@ -14,6 +14,7 @@ pub mod lookup;
 pub mod md5;
 pub mod opening;
 pub mod scram;
+pub mod throttle;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
@@ -198,7 +199,10 @@ where
         conn,
         config,
         credentials,
-        (too_many_clients, opening),
+        (
+            too_many_clients.then(ClientError::too_many_clients),
+            opening,
+        ),
         &lookup::NoLookup,
     )
     .await
@@ -210,7 +214,7 @@ pub async fn handshake_with<S, L>(
     conn: &mut Conn<S>,
     config: &Config,
     credentials: &Credentials,
-    (too_many_clients, opening): (bool, Opening),
+    (refusal, opening): (Option<ClientError>, Opening),
     source: &L,
 ) -> Result<Handshake, AuthError>
 where
@@ -237,13 +241,10 @@ where
     if tls.is_none() && opening.mode.is_required() {
         return Err(tls_required().into());
     }
-    if too_many_clients {
-        return Err(ClientError::fatal(
-            ErrorKind::ClientLimit,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            "sorry, too many clients already",
-        )
-        .into());
+    // Refused before its credentials are looked at (too many clients, too many
+    // failed logins from its address), but after its startup packet, as PostgreSQL.
+    if let Some(refusal) = refusal {
+        return Err(refusal.into());
     }
     let login = read_login(&params)?;
     let rules_say = hba::method_for(

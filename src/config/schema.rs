@@ -66,6 +66,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// `[tls]`: TLS towards clients and servers.
     pub tls: TlsConfig,
+    /// `[limits]`: bounds on what a hostile or broken client can make pgrelay hold.
+    pub limits: LimitsConfig,
     /// `[[backends]]`: the cluster's PostgreSQL nodes. At least one is required.
     pub backends: Vec<BackendConfig>,
     /// `[[databases]]`: database names clients may ask for. Default `[]`, which lets any
@@ -98,6 +100,7 @@ impl Default for Config {
             health_check: HealthCheckConfig::default(),
             failover: FailoverConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
             backends: Vec::new(),
             databases: Vec::new(),
             users: Vec::new(),
@@ -221,6 +224,45 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[limits]`: bounds on what one client can make pgrelay hold in memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of one request (a Query, or extended-protocol messages up to Sync) that
+    /// pgrelay buffers before it routes the request and checks out a server for it.
+    /// A larger request (Bind parameters count) is refused with SQLSTATE 54000 and
+    /// the connection closed.
+    /// COPY data and requests relayed to a server already attached stream and are
+    /// not counted. `0`: no limit but the protocol's (1 GB per message, as
+    /// PostgreSQL). Default 16 MiB.
+    pub max_request_buffer: u64,
+    /// How long a failed login waits before the client is told (PostgreSQL's
+    /// `auth_delay.milliseconds`; PgBouncer has none): it slows password guessing on
+    /// one connection. Only refused logins wait. `"0s"`: none. Default 500ms.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub auth_failure_delay: Duration,
+    /// Failed logins (kind `auth`: a wrong password, an unknown user, an hba reject)
+    /// one source IP address may have in `auth_failure_window`; past it, every new
+    /// login from that address, even a correct one, is refused at once with 53300
+    /// until the window that began with its first failure passes. At most 10,000
+    /// addresses are tracked. `0`: no limit. Default 100.
+    pub auth_failure_limit: u32,
+    /// The window of `auth_failure_limit`. Default 60s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub auth_failure_window: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_buffer: 16 << 20,
+            auth_failure_delay: Duration::from_millis(500),
+            auth_failure_limit: 100,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }

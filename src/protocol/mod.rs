@@ -27,6 +27,9 @@ pub enum ProtocolError {
     Malformed { what: &'static str },
     #[error("unexpected message type {tag:?}")]
     UnexpectedTag { tag: char },
+    /// More bytes than a configured limit, before the message or request was complete.
+    #[error("request of more than {max} bytes (the configured limit)")]
+    TooLarge { max: usize },
     #[error("unsupported frontend protocol {major}.{minor}")]
     UnsupportedProtocol { major: u16, minor: u16 },
 }

@@ -107,6 +107,13 @@ impl Wire {
             if stopped || self.client.end == ClientEnd::Done {
                 return Ok(());
             }
+            // One compare per read of the socket, none per message: a request that
+            // outgrows the limit is refused before more of it is buffered.
+            let max = self.policy.max_request;
+            if max > 0 && client.rbuf_len() > max {
+                self.client.end = ClientEnd::Broken(ProtocolError::TooLarge { max });
+                return Ok(());
+            }
             if poll_fn(|cx| client.poll_read_more(cx)).await? == 0 {
                 self.client.end = ClientEnd::Done;
                 return Ok(());

@@ -34,7 +34,7 @@ use crate::config::{Config, PoolMode};
 use crate::error::{ClientError, ErrorKind, Side};
 use crate::pool::params::ParamSet;
 use crate::pool::{Pool, ServerGuard, Waiter};
-use crate::protocol::backend;
+use crate::protocol::{backend, ProtocolError};
 use crate::registry::{self, ClientHandle, DbStats};
 use crate::stream::{Conn, Stream};
 use crate::tls::accept::TlsSession;
@@ -163,13 +163,14 @@ async fn log_in_opened(
         deadline,
     } = opened;
     let tls_label = opening.tls.as_ref().map(TlsSession::label);
+    let refusal = login_refusal(shared, &config, peer, too_many_clients);
     let handshake = tokio::time::timeout_at(
         deadline,
         auth::handshake_with(
             &mut client,
             &config,
             &shared.credentials,
-            (too_many_clients, opening),
+            (refusal, opening),
             &auth_query::AuthQuery {
                 shared,
                 config: &config,
@@ -186,6 +187,9 @@ async fn log_in_opened(
         Ok(Err(AuthError::Client(err))) => {
             tracing::info!(?peer, code = %err.code, message = %err.message, "client login refused");
             shared.metrics.error(err.kind);
+            if err.kind == ErrorKind::Auth {
+                login_failed(shared, &config, peer).await;
+            }
             say_goodbye(&mut client, &err).await;
             return None;
         }
@@ -260,6 +264,48 @@ fn register(
                 ClientError::too_many_clients_of("database", database, "max_db_client_connections")
             }
         })
+}
+
+/// Why a login is refused before its credentials are looked at: too many clients, or
+/// too many failed logins from its address (`limits.auth_failure_limit`). One lock
+/// and lookup per login when the limit is on; nothing per transaction.
+fn login_refusal(
+    shared: &Shared,
+    config: &Config,
+    peer: Option<SocketAddr>,
+    too_many_clients: bool,
+) -> Option<ClientError> {
+    if too_many_clients {
+        return Some(ClientError::too_many_clients());
+    }
+    let limits = &config.limits;
+    let ip = peer?.ip().to_canonical();
+    let now = std::time::Instant::now();
+    shared
+        .auth_throttle
+        .blocked(
+            ip,
+            now,
+            limits.auth_failure_limit,
+            limits.auth_failure_window,
+        )
+        .then(ClientError::too_many_auth_failures)
+}
+
+/// A login failed its authentication: its address's failure is counted, and the
+/// client waits `limits.auth_failure_delay` before it is told (and can try again).
+async fn login_failed(shared: &Shared, config: &Config, peer: Option<SocketAddr>) {
+    let limits = &config.limits;
+    if let Some(ip) = peer.map(|peer| peer.ip().to_canonical()) {
+        let now = std::time::Instant::now();
+        let (limit, window) = (limits.auth_failure_limit, limits.auth_failure_window);
+        if !shared.auth_throttle.failed(ip, now, limit, window) {
+            tracing::warn!(%ip, "failed logins from too many addresses: this one is not counted (limits.auth_failure_limit)");
+        }
+    }
+    if !limits.auth_failure_delay.is_zero() {
+        tokio::time::sleep(limits.auth_failure_delay).await;
+    }
 }
 
 /// Logs why a connection's TLS negotiation ended it; what the client could be told
@@ -411,6 +457,7 @@ impl Session {
             track_effects: transaction_mode,
             own_pid: transaction_mode.then(|| cancel.pid()),
             hold_at_boundary: false,
+            max_request: usize::try_from(config.limits.max_request_buffer).unwrap_or(usize::MAX),
         };
         let mut session = Session {
             shared,
@@ -724,6 +771,9 @@ impl Session {
         }
         self.close_idle_for_database_command();
         if let Some(err) = self.wire.take_protocol_error() {
+            if let ProtocolError::TooLarge { max } = err {
+                return Err(ClientError::request_too_large(max));
+            }
             return Err(ClientError::protocol(err.to_string()));
         }
         Ok(self.wire.has_request())

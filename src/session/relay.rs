@@ -78,6 +78,9 @@ pub struct Policy {
     /// client pipelines behind a finished transaction is routed on its own rather than
     /// sent to the replica with it (it may write). Set per request.
     pub hold_at_boundary: bool,
+    /// `limits.max_request_buffer`: the most bytes of one request read while detached
+    /// (0: none but the protocol's).
+    pub max_request: usize,
 }
 
 /// A client's relay state, kept across servers.

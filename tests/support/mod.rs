@@ -65,6 +65,10 @@ pub struct EnvOptions {
     pub top_extra: Vec<String>,
     /// Extra postgresql.conf lines.
     pub server_conf: Vec<String>,
+    /// Lines for the `[limits]` section. The harness turns `auth_failure_delay` and
+    /// `auth_failure_limit` off unless a line here sets them: tests log in from
+    /// 127.0.0.1 with wrong passwords often and quickly.
+    pub limits: Vec<String>,
     /// Lines for a `[routing]` section (none: the section is left out).
     pub routing: Vec<String>,
     /// `backends.weight` per node, primary first (missing: the default).
@@ -124,6 +128,7 @@ impl Default for EnvOptions {
             top_extra: Vec::new(),
             server_conf: Vec::new(),
             routing: Vec::new(),
+            limits: Vec::new(),
             weights: Vec::new(),
             sections: Vec::new(),
             data_dirs: false,
@@ -292,6 +297,16 @@ pub fn config_text_with_dirs(options: &EnvOptions, ports: &[u16], dirs: &[String
     if !options.routing.is_empty() {
         text.push_str(&format!("[routing]\n{}\n", options.routing.join("\n")));
     }
+    let mut limits = options.limits.clone();
+    for (key, off) in [
+        ("auth_failure_delay", "auth_failure_delay = \"0s\""),
+        ("auth_failure_limit", "auth_failure_limit = 0"),
+    ] {
+        if !limits.iter().any(|line| line.trim_start().starts_with(key)) {
+            limits.push(off.to_owned());
+        }
+    }
+    text.push_str(&format!("[limits]\n{}\n", limits.join("\n")));
     for (i, port) in ports.iter().enumerate() {
         text.push_str(&format!(
             "[[backends]]\nhost = \"127.0.0.1\"\nport = {port}\n"
