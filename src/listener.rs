@@ -13,6 +13,7 @@
 //! world-connectable (0777, PostgreSQL's default `unix_socket_permissions`; the
 //! directory's permissions are what restrict it), and it is removed at shutdown.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -224,13 +225,9 @@ fn spawn_unix(
     tracing::info!(path = %path.display(), "listening on a Unix socket");
     let port = ListenAddr::socket_port(path).unwrap_or(0);
     let (shared, sessions) = (shared.clone(), sessions.clone());
-    tokio::spawn(accept_each_unix(
-        listener,
-        shutdown.clone(),
-        move |socket| {
-            admit(&shared, &sessions, Accepted::Unix(socket, port));
-        },
-    ));
+    tokio::spawn(accept_each(listener, shutdown.clone(), move |socket| {
+        admit(&shared, &sessions, Accepted::Unix(socket, port));
+    }));
     Ok(())
 }
 
@@ -342,43 +339,55 @@ async fn serve_http(listener: TcpListener, shared: Arc<Shared>, shutdown: watch:
     .await
 }
 
-/// Hands every accepted connection to `serve` until shutdown. A failed accept (out of
-/// file descriptors and the like) backs off instead of spinning.
-pub async fn accept_each(
-    listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-    mut serve: impl FnMut(tokio::net::TcpStream),
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
-        };
-        match accepted {
-            Ok((tcp, _)) => serve(tcp),
-            Err(err) => {
-                tracing::error!(%err, addr = ?listener.local_addr().ok(), "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+/// A listener [`accept_each`] takes connections from: TCP, or a Unix socket.
+trait Accept {
+    type Connection;
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Connection>> + Send + '_;
+    /// Where it listens, for the log line of a failed accept.
+    fn place(&self) -> String;
+}
+
+impl Accept for TcpListener {
+    type Connection = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Connection> {
+        Ok(self.accept().await?.0)
+    }
+    fn place(&self) -> String {
+        format!("{:?}", self.local_addr().ok())
     }
 }
 
-/// [`accept_each`] for a Unix-socket listener.
-async fn accept_each_unix(
-    listener: UnixListener,
+impl Accept for UnixListener {
+    type Connection = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Connection> {
+        Ok(self.accept().await?.0)
+    }
+    fn place(&self) -> String {
+        format!(
+            "{:?}",
+            self.local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+        )
+    }
+}
+
+/// Hands every accepted connection to `serve` until shutdown. A failed accept (out of
+/// file descriptors and the like) backs off instead of spinning.
+async fn accept_each<L: Accept>(
+    listener: L,
     mut shutdown: watch::Receiver<bool>,
-    mut serve: impl FnMut(tokio::net::UnixStream),
+    mut serve: impl FnMut(L::Connection),
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept_one() => accepted,
             _ = shutdown.changed() => return,
         };
         match accepted {
-            Ok((socket, _)) => serve(socket),
+            Ok(connection) => serve(connection),
             Err(err) => {
-                tracing::error!(%err, "accept failed on a Unix socket");
+                tracing::error!(%err, addr = %listener.place(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
