@@ -30,11 +30,14 @@ pub enum ErrorKind {
     Config,
     /// A refused or failed admin console command.
     Admin,
+    /// A client ended by `query_timeout`, `idle_transaction_timeout`,
+    /// `transaction_timeout` or `client_idle_timeout`.
+    Timeout,
 }
 
 impl ErrorKind {
     /// Every kind, for metrics resolved up front.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::ClientLimit,
@@ -46,6 +49,7 @@ impl ErrorKind {
         ErrorKind::ClientLost,
         ErrorKind::Config,
         ErrorKind::Admin,
+        ErrorKind::Timeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,7 @@ impl ErrorKind {
             ErrorKind::ClientLost => "client_lost",
             ErrorKind::Config => "config",
             ErrorKind::Admin => "admin",
+            ErrorKind::Timeout => "timeout",
         }
     }
 }
@@ -82,6 +87,8 @@ pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
+    pub const TRANSACTION_TIMEOUT: &str = "25P04";
     pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
@@ -92,7 +99,9 @@ pub mod sqlstate {
     pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const QUERY_CANCELED: &str = "57014";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 }
 
 /// An error a client may see: an ErrorResponse with a SQLSTATE.
@@ -161,7 +170,7 @@ impl ClientError {
             ErrorKind::ClientLimit,
             sqlstate::PROGRAM_LIMIT_EXCEEDED,
             format!(
-                "request too large: more than {max} bytes before it could be routed (limits.max_request_buffer)"
+                "request too large: more than {max} bytes that pgrelay would have to buffer (limits.max_request_buffer)"
             ),
         )
     }
@@ -241,6 +250,42 @@ impl ClientError {
             ErrorKind::ClientLost,
             sqlstate::ADMIN_SHUTDOWN,
             "terminating connection due to administrator command",
+        )
+    }
+
+    /// `query_timeout`: the server did not finish answering a request in time.
+    pub fn query_timeout(after: std::time::Duration) -> Self {
+        Self::fatal(
+            ErrorKind::Timeout,
+            sqlstate::QUERY_CANCELED,
+            format!("terminating connection due to query_timeout: the server did not answer within {after:?}"),
+        )
+    }
+
+    /// `idle_transaction_timeout`: the client sat idle inside a transaction block.
+    pub fn idle_transaction_timeout() -> Self {
+        Self::fatal(
+            ErrorKind::Timeout,
+            sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+            "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+        )
+    }
+
+    /// `transaction_timeout`: a transaction block stayed open too long.
+    pub fn transaction_timeout() -> Self {
+        Self::fatal(
+            ErrorKind::Timeout,
+            sqlstate::TRANSACTION_TIMEOUT,
+            "terminating connection due to transaction timeout (transaction_timeout)",
+        )
+    }
+
+    /// `client_idle_timeout`: the client sent nothing for too long between transactions.
+    pub fn client_idle_timeout() -> Self {
+        Self::fatal(
+            ErrorKind::Timeout,
+            sqlstate::IDLE_SESSION_TIMEOUT,
+            "terminating connection due to idle-session timeout (client_idle_timeout)",
         )
     }
 

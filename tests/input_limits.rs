@@ -1,6 +1,6 @@
 //! Hostile input limits (issue 15): the startup packet's 10,000 bytes, and
-//! `limits.max_request_buffer` on a request read before it is routed, while COPY data
-//! still streams. (A message length header of 0x7fffffff is 08P01 and a close without
+//! `limits.max_request_buffer` on a request read before it is routed and on a Query
+//! inside a transaction, while COPY data still streams. (A message length header of 0x7fffffff is 08P01 and a close without
 //! an allocation: `bad_input::malformed_messages_are_08p01_then_close`.)
 
 mod support;
@@ -90,9 +90,33 @@ async fn startup_packet_over_10000_bytes_is_closed() {
 /// new client works at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_is_54000_and_not_buffered() {
-    const QUERY_LEN: usize = 100 << 20;
     let env = start(trust()).await;
     let stream = raw::login_trust(env.addr, APP_USER, APP_DB).await;
+    refuses_100_mb_query(stream).await;
+    let client = env.client().await;
+    assert_eq!(simple_value(&client, "SELECT 1").await, "1");
+}
+
+/// The same inside an open transaction block, where the Query goes to the server the
+/// client already holds: pgrelay reads a Query whole before relaying it, and refuses
+/// one over `max_request_buffer` rather than buffer it. The server it held is closed
+/// (its transaction rolls back) and a new client works at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_query_inside_a_transaction_is_54000_too() {
+    let env = start(trust()).await;
+    let mut stream = raw::login_trust(env.addr, APP_USER, APP_DB).await;
+    let begun = raw::simple_query(&mut stream, "BEGIN").await;
+    assert_eq!(begun.last().map(|m| m.tag), Some(b'Z'), "{begun:?}");
+    refuses_100_mb_query(stream).await;
+    let client = env.client().await;
+    assert_eq!(simple_value(&client, "SELECT 1").await, "1");
+}
+
+/// Sends a 100 MB Query on a logged-in `stream` and checks it is refused with FATAL
+/// 54000 and a close, and that this process's (pgrelay's) peak memory did not grow by
+/// anything near its size.
+async fn refuses_100_mb_query(stream: TcpStream) {
+    const QUERY_LEN: usize = 100 << 20;
     reset_peak_rss();
     let rss_before = peak_rss_kib();
     let (mut read, mut write) = stream.into_split();
@@ -146,9 +170,6 @@ async fn oversized_request_is_54000_and_not_buffered() {
         grown_mib < 48,
         "peak RSS grew by {grown_mib} MiB for a refused request"
     );
-
-    let client = env.client().await;
-    assert_eq!(simple_value(&client, "SELECT 1").await, "1");
 }
 
 /// COPY data is never counted against `max_request_buffer`: 50 MB (over three times

@@ -342,6 +342,13 @@ impl Config {
                 p.max_prepared_statements.to_string(),
             ),
             ("pool.shutdown_timeout", duration(p.shutdown_timeout)),
+            ("pool.query_timeout", duration(p.query_timeout)),
+            (
+                "pool.idle_transaction_timeout",
+                duration(p.idle_transaction_timeout),
+            ),
+            ("pool.transaction_timeout", duration(p.transaction_timeout)),
+            ("pool.client_idle_timeout", duration(p.client_idle_timeout)),
             ("routing.enabled", r.enabled.to_string()),
             ("routing.read_after_write", spelled(&r.read_after_write)),
             ("routing.load_balance", spelled(&r.load_balance)),

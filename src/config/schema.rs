@@ -203,6 +203,26 @@ pub struct PoolConfig {
     /// On SIGTERM, how long to let clients finish before closing them. Default 30s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub shutdown_timeout: Duration,
+    /// A request its server has not finished answering after this long (counted from
+    /// when it was sent, or from the last ReadyForQuery of a pipeline) is cancelled,
+    /// its server closed and its client told FATAL 57014; 0 is off (PgBouncer
+    /// `query_timeout`). Default 0.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub query_timeout: Duration,
+    /// A client idle inside a transaction block for longer is told FATAL 25P03 and
+    /// closed, and its server closed (rolling the transaction back); 0 is off
+    /// (PgBouncer `idle_transaction_timeout`). Default 0.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub idle_transaction_timeout: Duration,
+    /// A transaction block open for longer, running or idle, is ended the same way
+    /// with FATAL 25P04; 0 is off (PgBouncer `transaction_timeout`). Default 0.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub transaction_timeout: Duration,
+    /// A client idle outside a transaction for longer is told FATAL 57P05 and closed;
+    /// its server, if it holds one, goes back to the pool; 0 is off (PgBouncer
+    /// `client_idle_timeout`). Default 0.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -224,6 +244,10 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             shutdown_timeout: Duration::from_secs(30),
+            query_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
         }
     }
 }

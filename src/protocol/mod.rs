@@ -119,6 +119,8 @@ pub struct Scanned {
 pub struct Scanner {
     inspect: &'static [bool; 256],
     max_len: usize,
+    /// The largest inspected message (header included) it will wait to have whole.
+    max_inspected: usize,
     /// Bytes of a streaming (uninspected) message that are still to come.
     passthrough: usize,
 }
@@ -139,8 +141,19 @@ impl Scanner {
         Scanner {
             inspect,
             max_len,
+            max_inspected: usize::MAX,
             passthrough: 0,
         }
+    }
+
+    /// Refuses ([`ProtocolError::TooLarge`]) an inspected message longer than `max`
+    /// bytes (0: no limit but `max_len`), rather than buffer it whole; streamed
+    /// messages stay bounded by `max_len` only.
+    pub fn limit_inspected(mut self, max: usize) -> Self {
+        if max > 0 {
+            self.max_inspected = max;
+        }
+        self
     }
 
     /// True when the scanner stands between two messages.
@@ -167,6 +180,11 @@ impl Scanner {
             let available = buf.len() - pos;
             let step = if self.inspect[tag as usize] {
                 if available < total {
+                    if total > self.max_inspected {
+                        return Err(ProtocolError::TooLarge {
+                            max: self.max_inspected,
+                        });
+                    }
                     break;
                 }
                 on_message(tag, Some(&buf[pos + HEADER_LEN..pos + total]))
@@ -239,6 +257,25 @@ mod tests {
         let mut buf = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
         assert!(split_frame(&mut buf, MAX_MESSAGE_LEN).is_err());
     }
+
+    #[test]
+    fn scanner_refuses_to_wait_for_an_inspected_message_over_its_limit() {
+        let query = msg(b'Q', &[b' '; 100]);
+        let copy = msg(b'd', &[7u8; 100]);
+        let mut s = Scanner::new(&INSPECT_Z, MAX_MESSAGE_LEN).limit_inspected(50);
+        // Streamed messages are not limited, whole ones are shown.
+        assert!(s.scan(&copy[..60], |_, _| Step::Forward).is_ok());
+        let mut s = Scanner::new(&INSPECT_Q, MAX_MESSAGE_LEN).limit_inspected(200);
+        assert_eq!(s.scan(&query, |_, _| Step::Forward).unwrap().forward, 105);
+        // An inspected message over the limit is refused before it is all there.
+        let mut s = Scanner::new(&INSPECT_Q, MAX_MESSAGE_LEN).limit_inspected(50);
+        assert_eq!(
+            s.scan(&query[..60], |_, _| Step::Forward),
+            Err(ProtocolError::TooLarge { max: 50 })
+        );
+    }
+
+    static INSPECT_Q: [bool; 256] = tag_table(b"Q");
 
     #[test]
     fn scanner_streams_uninspected_and_waits_for_inspected() {

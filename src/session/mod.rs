@@ -20,6 +20,7 @@ mod server_side;
 mod settle;
 pub mod state;
 pub mod statement;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use relay::{Policy, RelayEnd, Wire};
 use route::{RouteMode, Routing};
 use settle::Pin;
 use state::{Attachment, Farewell};
+use watch::{Expired, Timeouts, Watch};
 
 /// A client that logged in and is registered, for the listener to hand to a session
 /// ([`serve`]) or, when it asked for the admin database, to the console.
@@ -392,6 +394,8 @@ struct Session {
     /// The request being served: when it was complete, how long it waited for a
     /// server, and whether it was routed as a write.
     request: Option<Request>,
+    /// The session's timeouts; none when all are off.
+    watch: Option<Box<Watch>>,
 }
 
 /// How a session's request loop ended.
@@ -402,6 +406,8 @@ enum Exit {
     Failed(ClientError),
     /// `KILL` or `pg_terminate_backend`: the session ends where it is.
     Killed,
+    /// A timeout expired: the session ends where it is.
+    TimedOut(Expired),
 }
 
 /// How long a killed client's last words may take to write.
@@ -478,6 +484,7 @@ impl Session {
             handle,
             node_stats: Vec::new(),
             request: None,
+            watch: Timeouts::from_config(&config.pool).map(|t| Box::new(Watch::new(t))),
         };
         if let Some(pid) = policy.own_pid {
             session.handle.entry.set_issued_pid(pid);
@@ -600,7 +607,15 @@ impl Session {
         match exit {
             Exit::Done => session.finish().await,
             Exit::Failed(err) => session.fail(err).await,
-            Exit::Killed => session.killed().await,
+            Exit::Killed => {
+                tracing::info!(user = %session.login.user, database = %session.login.database, "client terminated by an administrator command");
+                session.cut_off(ClientError::terminated()).await
+            }
+            Exit::TimedOut(expired) => {
+                tracing::info!(user = %session.login.user, database = %session.login.database, timeout = expired.key(), "client closed by a timeout");
+                session.shared.metrics.error(ErrorKind::Timeout);
+                session.cut_off(expired.error()).await
+            }
         }
     }
 
@@ -619,11 +634,19 @@ impl Session {
             };
             let end = self
                 .wire
-                .relay(&mut self.client, guard.server(), &mut self.params)
+                .relay(
+                    &mut self.client,
+                    guard.server(),
+                    &mut self.params,
+                    self.watch.as_deref_mut(),
+                )
                 .await;
             match end {
                 RelayEnd::TransactionDone => self.detach().await,
                 RelayEnd::ClientGone => return Exit::Done,
+                RelayEnd::ClientProtocol(ProtocolError::TooLarge { max }) => {
+                    return Exit::Failed(ClientError::request_too_large(max))
+                }
                 RelayEnd::ClientProtocol(err) => {
                     return Exit::Failed(ClientError::protocol(err.to_string()))
                 }
@@ -641,21 +664,23 @@ impl Session {
                     Ok(false) => return Exit::Done,
                     Err(err) => return Exit::Failed(err),
                 },
+                RelayEnd::TimedOut(expired) => return Exit::TimedOut(expired),
             }
         }
     }
 
-    /// `KILL` or `pg_terminate_backend` ended the session wherever it was: the query
-    /// it ran is cancelled and its server discarded, and the client is told FATAL 57P01,
-    /// as PostgreSQL tells a terminated session.
-    async fn killed(mut self) {
-        tracing::info!(user = %self.login.user, database = %self.login.database, "client terminated by an administrator command");
+    /// `KILL`, `pg_terminate_backend` or a timeout ended the session wherever it was:
+    /// the query it ran is cancelled and its server discarded (a clean server goes
+    /// back), and the client is told `err` (FATAL 57P01 for a terminated session, as
+    /// PostgreSQL tells it) once what it was sent before ends a message.
+    async fn cut_off(mut self, err: ClientError) {
         let mut aligned = true;
         if let Attachment::Attached(mut guard) =
             std::mem::replace(&mut self.attachment, Attachment::Detached)
         {
             let server = guard.server();
-            if !self.wire.server_clean(&mut server.conn) {
+            let clean = self.wire.server_clean(&mut server.conn);
+            if !clean {
                 self.cancel.cancel().await;
             }
             // What the server sent before stays the client's; the FATAL must start a
@@ -666,9 +691,13 @@ impl Session {
             aligned = tokio::time::timeout(GOODBYE_TIMEOUT, delivered)
                 .await
                 .unwrap_or(false);
+            if clean {
+                // Between transactions: it goes back (or is reset) as the client leaves.
+                self.attachment = Attachment::Attached(guard);
+            }
         }
         if aligned {
-            ClientError::terminated().encode(self.client.wbuf());
+            err.encode(self.client.wbuf());
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.flush()).await;
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.client.shutdown()).await;
@@ -691,6 +720,10 @@ impl Session {
                 return Err(ClientError::shutting_down());
             }
             read = self.wire.read_request(&mut self.client, classifier.as_deref()) => read,
+            () = Watch::client_idle(self.watch.as_deref_mut()) => {
+                tracing::info!(user = %self.login.user, database = %self.login.database, timeout = "client_idle_timeout", "client closed by a timeout");
+                return Err(ClientError::client_idle_timeout());
+            }
         };
         if !self.request_read(read)? {
             return Ok(false);

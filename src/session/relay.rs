@@ -29,6 +29,7 @@ use crate::router::StatementNodes;
 use crate::session::prepared::Prepared;
 use crate::session::scan::{ClientEnd, ClientSide, Flow, Front};
 use crate::session::server_side::{ServerEnd, ServerFront, ServerParts, ServerSide};
+use crate::session::watch::{Expired, Watch};
 use crate::stream::{Conn, Stream};
 
 /// Raw client bytes up to this size join messages pgrelay composed, so that they
@@ -54,6 +55,8 @@ pub enum RelayEnd {
     /// The client's next request may be a call on a pid pgrelay issued; everything
     /// before it is answered. The session handles it, then relays on.
     Intercepted,
+    /// One of the session's timeouts expired; the relay stopped where it was.
+    TimedOut(Expired),
 }
 
 /// What the relay does for one client, decided when the session starts (only
@@ -78,8 +81,9 @@ pub struct Policy {
     /// client pipelines behind a finished transaction is routed on its own rather than
     /// sent to the replica with it (it may write). Set per request.
     pub hold_at_boundary: bool,
-    /// `limits.max_request_buffer`: the most bytes of one request read while detached
-    /// (0: none but the protocol's).
+    /// `limits.max_request_buffer`: the most bytes of one request read while detached,
+    /// and of one inspected message (Query, Parse) while attached (0: none but the
+    /// protocol's).
     pub max_request: usize,
 }
 
@@ -135,7 +139,7 @@ pub struct Loss {
 impl Wire {
     pub fn new(policy: Policy, prepared: Option<Box<Prepared>>) -> Self {
         Wire {
-            client: ClientSide::new(prepared.is_some()),
+            client: ClientSide::new(prepared.is_some(), policy.max_request),
             server: ServerSide::new(),
             policy,
             statements: StatementNodes::default(),
@@ -269,13 +273,14 @@ impl Wire {
         }
     }
 
-    /// Relays until the session must act. Cancel safe only between calls; the session
-    /// does not select over it.
+    /// Relays until the session must act, or one of `watch`'s timeouts expires.
+    /// Cancel safe only between calls; the session does not select over it.
     pub async fn relay(
         &mut self,
         client: &mut Conn<Stream>,
         server: &mut Server,
         client_params: &mut ParamSet,
+        mut watch: Option<&mut Watch>,
     ) -> RelayEnd {
         self.server.release_point = false;
         self.server.end = ServerEnd::Open;
@@ -299,7 +304,20 @@ impl Wire {
         self.resumed = false;
         // Bytes already buffered (a request read while detached) are scanned first.
         self.scan_client(client, true);
-        poll_fn(|cx| self.poll_relay(cx, client, server, client_params)).await
+        if let Some(watch) = watch.as_deref_mut() {
+            watch.relay_starts();
+        }
+        poll_fn(|cx| {
+            let polled = self.poll_relay(cx, client, server, client_params);
+            match (polled, watch.as_deref_mut()) {
+                (Poll::Pending, Some(watch)) => match watch.poll_expired(cx, self) {
+                    Some(expired) => Poll::Ready(RelayEnd::TimedOut(expired)),
+                    None => Poll::Pending,
+                },
+                (polled, _) => polled,
+            }
+        })
+        .await
     }
 
     fn poll_relay(

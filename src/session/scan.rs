@@ -53,14 +53,16 @@ pub(super) struct ClientSide {
 }
 
 impl ClientSide {
-    pub(super) fn new(carried: bool) -> ClientSide {
+    /// `max_inspected`: `limits.max_request_buffer`, the most of one inspected message
+    /// (a Query, a Parse) buffered while attached too (0: the protocol's limit).
+    pub(super) fn new(carried: bool, max_inspected: usize) -> ClientSide {
         let inspect = if carried {
             &frontend::INSPECT_PREPARED
         } else {
             &frontend::INSPECT
         };
         ClientSide {
-            scanner: Scanner::new(inspect, MAX_MESSAGE_LEN),
+            scanner: Scanner::new(inspect, MAX_MESSAGE_LEN).limit_inspected(max_inspected),
             c2s: 0,
             exchange: Exchange::default(),
             end: ClientEnd::Open,

@@ -33,6 +33,9 @@ pub(super) struct ServerSide {
     /// The server ended the session with this FATAL error (not forwarded: the
     /// session decides what the client is told).
     pub(super) fatal: Option<ErrorFields>,
+    /// ReadyForQuery messages scanned, wrapping: the session's timeouts see each
+    /// answered request of a pipeline by it.
+    pub(super) readies: u32,
 }
 
 impl ServerSide {
@@ -46,6 +49,7 @@ impl ServerSide {
             end: ServerEnd::Open,
             front: ServerFront::Relayed,
             fatal: None,
+            readies: 0,
         }
     }
 }
@@ -109,6 +113,8 @@ struct ServerScan<'a> {
     server_params: &'a mut ParamSet,
     client_params: &'a mut ParamSet,
     fatal: Option<ErrorFields>,
+    /// ReadyForQuery messages seen.
+    readies: u32,
     /// ErrorResponses by severity: ERROR, FATAL, PANIC.
     errors: [u64; 3],
     /// The sender pid of notifications to stop after (the client's own server's).
@@ -181,6 +187,7 @@ impl ServerScan<'_> {
     }
 
     fn on_ready(&mut self, body: &[u8]) -> Step {
+        self.readies += 1;
         *self.status = backend::ready_status(body).unwrap_or(TxStatus::Failed);
         *self.block_opened = false;
         *self.pending = self.pending.saturating_sub(1);
@@ -233,6 +240,7 @@ impl Wire {
             server_params: server.params,
             client_params,
             fatal: None,
+            readies: 0,
             errors: [0; 3],
             own_notifier: own.then(|| server.pid.to_be_bytes()),
             notified_at: None,
@@ -245,8 +253,10 @@ impl Wire {
             notified_at,
             errors,
             fatal,
+            readies,
             ..
         } = scan;
+        self.server.readies = self.server.readies.wrapping_add(readies);
         self.server.front = self.server.front.max(front);
         self.note_server_errors(errors, fatal);
         match scanned {
