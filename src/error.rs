@@ -206,6 +206,18 @@ impl ClientError {
         )
     }
 
+    /// A `replica` endpoint without `primary_fallback`: no replica could take the
+    /// request within `failover.hold_timeout`.
+    pub fn no_replica(waited: std::time::Duration) -> Self {
+        Self::error(
+            ErrorKind::ServerConnect,
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "no replica is available for this read-only endpoint (waited failover.hold_timeout, {waited:?}; primary_fallback = false)"
+            ),
+        )
+    }
+
     /// A login over `max_user_client_connections` or `max_db_client_connections`:
     /// `of` is "user" or "database", `name` its name, `setting` the limit's key.
     pub fn too_many_clients_of(of: &str, name: &str, setting: &str) -> Self {

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{health, lag, patroni};
-use crate::config::{Config, ConfigError, ListenAddr};
+use crate::config::{Config, ConfigError, Endpoint, ListenAddr};
 use crate::session::LoggedIn;
 use crate::{admin, control, pool, session, Shared};
 
@@ -91,13 +91,15 @@ impl Pgrelay {
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
         let mut unix_sockets = Vec::new();
-        for listen_addr in &config.listen {
-            match listen_addr {
+        for entry in &config.listen {
+            let endpoint = entry.endpoint();
+            match &entry.addr {
                 ListenAddr::Tcp(addr) => {
-                    addrs.push(spawn_tcp(*addr, &shared, &sessions, &shutdown_rx)?);
+                    let spawned = spawn_tcp(*addr, endpoint, &shared, &sessions, &shutdown_rx);
+                    addrs.push(spawned?);
                 }
                 ListenAddr::Unix(path) => {
-                    spawn_unix(path, &shared, &sessions, &shutdown_rx)?;
+                    spawn_unix(path, endpoint, &shared, &sessions, &shutdown_rx)?;
                     unix_sockets.push(path.clone());
                 }
             }
@@ -190,10 +192,11 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Binds the TCP address `addr` and spawns its accept loop; the address bound (a real
-/// port for port 0).
+/// Binds the TCP address `addr` and spawns its accept loop, its clients tied to
+/// `endpoint` if it has one; the address bound (a real port for port 0).
 fn spawn_tcp(
     addr: SocketAddr,
+    endpoint: Option<Endpoint>,
     shared: &Arc<Shared>,
     sessions: &TaskTracker,
     shutdown: &watch::Receiver<bool>,
@@ -201,19 +204,18 @@ fn spawn_tcp(
     let bind_error = |source| ListenError::Bind { addr, source };
     let listener = listen(addr).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
-    tracing::info!(addr = %local, "listening");
-    tokio::spawn(accept_loop(
-        listener,
-        shared.clone(),
-        sessions.clone(),
-        shutdown.clone(),
-    ));
+    tracing::info!(addr = %local, ?endpoint, "listening");
+    let (shared, sessions) = (shared.clone(), sessions.clone());
+    tokio::spawn(accept_each(listener, shutdown.clone(), move |tcp| {
+        admit(&shared, &sessions, Accepted::Tcp(tcp), endpoint);
+    }));
     Ok(local)
 }
 
 /// Binds the Unix socket `path` and spawns its accept loop.
 fn spawn_unix(
     path: &Path,
+    endpoint: Option<Endpoint>,
     shared: &Arc<Shared>,
     sessions: &TaskTracker,
     shutdown: &watch::Receiver<bool>,
@@ -226,7 +228,7 @@ fn spawn_unix(
     let port = ListenAddr::socket_port(path).unwrap_or(0);
     let (shared, sessions) = (shared.clone(), sessions.clone());
     tokio::spawn(accept_each(listener, shutdown.clone(), move |socket| {
-        admit(&shared, &sessions, Accepted::Unix(socket, port));
+        admit(&shared, &sessions, Accepted::Unix(socket, port), endpoint);
     }));
     Ok(())
 }
@@ -267,24 +269,17 @@ impl Drop for ClientSlot {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    sessions: TaskTracker,
-    shutdown: watch::Receiver<bool>,
-) {
-    accept_each(listener, shutdown, |tcp| {
-        admit(&shared, &sessions, Accepted::Tcp(tcp))
-    })
-    .await
-}
-
 /// Counts a new client against `max_client_conn` and starts its task.
-fn admit(shared: &Arc<Shared>, sessions: &TaskTracker, accepted: Accepted) {
+fn admit(
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    accepted: Accepted,
+    endpoint: Option<Endpoint>,
+) {
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let slot = ClientSlot(shared.clone());
     let too_many = count > shared.config.load().pool.max_client_conn as usize;
-    let login = log_in(accepted, shared.clone(), too_many);
+    let login = log_in(accepted, shared.clone(), too_many, endpoint);
     let shared = shared.clone();
     sessions.spawn(async move {
         serve(login, shared).await;
@@ -296,7 +291,12 @@ fn admit(shared: &Arc<Shared>, sessions: &TaskTracker, accepted: Accepted) {
 /// and what the task keeps of it is one pointer, to the client it logged in.
 type Login = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Box<LoggedIn>>> + Send>>;
 
-fn log_in(accepted: Accepted, shared: Arc<Shared>, too_many: bool) -> Login {
+fn log_in(
+    accepted: Accepted,
+    shared: Arc<Shared>,
+    too_many: bool,
+    endpoint: Option<Endpoint>,
+) -> Login {
     Box::pin(async move {
         let logged_in = match accepted {
             Accepted::Tcp(tcp) => session::log_in(tcp, &shared, too_many).await,
@@ -304,7 +304,10 @@ fn log_in(accepted: Accepted, shared: Arc<Shared>, too_many: bool) -> Login {
                 session::log_in_unix(socket, port, &shared, too_many).await
             }
         };
-        logged_in.map(Box::new)
+        logged_in.map(|mut client| {
+            client.endpoint = endpoint;
+            Box::new(client)
+        })
     })
 }
 

@@ -496,7 +496,7 @@ fn databases(shared: &Shared) -> Table {
     let listen_port = config
         .listen
         .iter()
-        .find_map(|a| a.tcp())
+        .find_map(|l| l.tcp())
         .map_or(0, |a| a.port());
     for console in crate::config::ADMIN_DATABASES {
         t.row(vec![

@@ -297,6 +297,8 @@ async fn no_lookup_for_the_admin_console_or_a_database_not_served() {
         pool_size: None,
         max_db_connections: None,
         max_db_client_connections: None,
+        target: crate::config::EndpointTarget::Auto,
+        primary_fallback: None,
     }];
     let (result, code) = md5_login(&config, &credentials, &source, "bob@other", "pw").await;
     assert_eq!(code, 10);

@@ -1,11 +1,15 @@
-//! `listen` entries: a TCP address, or a Unix socket (`unix:<path of the socket file>`).
+//! `listen` entries: a TCP address, or a Unix socket (`unix:<path of the socket file>`),
+//! written as a string, or as a table that also ties the listener to an endpoint
+//! (`{ address = "0.0.0.0:5001", target = "replica" }`) for users who route by port.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, Deserializer};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use super::schema::EndpointTarget;
 
 /// What `unix:` entries start with.
 const UNIX_PREFIX: &str = "unix:";
@@ -87,6 +91,103 @@ impl std::str::FromStr for ListenAddr {
                 "{text:?} is not an IP:port address such as \"127.0.0.1:6432\" or \
                  \"[::1]:6432\", nor a Unix socket such as \"unix:/run/pgrelay/.s.PGSQL.6432\""
             )
+        })
+    }
+}
+
+/// One `listen` entry: where to listen, and the endpoint its clients reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: ListenAddr,
+    /// Every client of this listener goes to this endpoint, whatever its database's
+    /// `target` (none: its database's).
+    pub target: Option<EndpointTarget>,
+    /// As a database's `primary_fallback`, for this listener's `target`. Default `true`.
+    pub primary_fallback: Option<bool>,
+}
+
+impl Listen {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        self.addr.tcp()
+    }
+
+    /// The endpoint this listener ties its clients to, if any, with its fallback.
+    pub fn endpoint(&self) -> Option<(EndpointTarget, bool)> {
+        self.target
+            .map(|target| (target, self.primary_fallback.unwrap_or(true)))
+    }
+}
+
+impl From<ListenAddr> for Listen {
+    fn from(addr: ListenAddr) -> Self {
+        Listen {
+            addr,
+            target: None,
+            primary_fallback: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Listen, String> {
+        text.parse::<ListenAddr>().map(Listen::from)
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.target {
+            None => self.addr.fmt(f),
+            Some(target) => {
+                let target = serde_json::to_value(target).map_err(|_| fmt::Error)?;
+                write!(f, "{} (target = {target})", self.addr)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Listen, D::Error> {
+        deserializer.deserialize_any(ListenVisitor)
+    }
+}
+
+struct ListenVisitor;
+
+/// The table form's keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenTable {
+    address: ListenAddr,
+    #[serde(default)]
+    target: Option<EndpointTarget>,
+    #[serde(default)]
+    primary_fallback: Option<bool>,
+}
+
+impl<'de> Visitor<'de> for ListenVisitor {
+    type Value = Listen;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str(
+            "an address (\"127.0.0.1:6432\", \"unix:/run/pgrelay/.s.PGSQL.6432\") or a table \
+             { address = \"...\", target = \"replica\" }",
+        )
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Listen, E> {
+        text.parse().map_err(E::custom)
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Listen, M::Error> {
+        let table = ListenTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Listen {
+            addr: table.address,
+            target: table.target,
+            primary_fallback: table.primary_fallback,
         })
     }
 }

@@ -25,11 +25,15 @@ use std::time::Duration;
 use serde_path_to_error::Segment;
 
 pub use hba::{Cidr, HbaAddress, HbaMethod, HbaRule, HbaType, NameList, NamePattern};
-pub use listen::ListenAddr;
+pub use listen::{Listen, ListenAddr};
+
+/// Where a client's requests go, and whether a `replica` endpoint may fall back to
+/// the primary: from its listener, else from its database.
+pub type Endpoint = (EndpointTarget, bool);
 pub use schema::{
-    AuthType, BackendConfig, Config, DatabaseConfig, FailoverConfig, HealthCheckConfig,
-    LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint, RoutingConfig,
-    TlsConfig, TlsMode, TopologySource, UserConfig,
+    AuthType, BackendConfig, Config, DatabaseConfig, EndpointTarget, FailoverConfig,
+    HealthCheckConfig, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint,
+    RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig,
 };
 pub use values::{PatroniEndpoint, ScramSecret, Secret};
 
@@ -153,6 +157,14 @@ impl Config {
             .and_then(|u| u.pool_mode)
             .or_else(|| self.database(db).and_then(|d| d.pool_mode))
             .unwrap_or(self.pool.mode)
+    }
+
+    /// Where `db`'s clients are sent, and whether a `replica` endpoint falls back to the
+    /// primary. A database not listed is `auto`.
+    pub fn target_for(&self, db: &str) -> Endpoint {
+        self.database(db).map_or((EndpointTarget::Auto, true), |d| {
+            (d.target, d.primary_fallback.unwrap_or(true))
+        })
     }
 
     /// The pool size for `user` on `db`: the user's override, else the database's, else
@@ -461,6 +473,8 @@ mod tests {
             pool_size: None,
             max_db_connections: None,
             max_db_client_connections: None,
+            target: EndpointTarget::Auto,
+            primary_fallback: None,
         }
     }
 
@@ -536,7 +550,7 @@ mod tests {
         let config = parse(MINIMAL).expect("minimal");
         assert_eq!(
             config.listen,
-            vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432)))]
+            vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432))).into()]
         );
         assert!(config.hba.is_empty());
         assert!(config.admin_users.is_empty() && config.stats_users.is_empty());
@@ -641,7 +655,7 @@ mod tests {
         let config = parse(&text).expect("valid");
         assert_eq!(
             config.listen[0],
-            ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432)))
+            ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 6432))).into()
         );
         assert_eq!(config.metrics_listen, None);
         assert_eq!(error_key("listen = [\"localhost:6432\"]"), "listen[0]");
@@ -784,6 +798,40 @@ mod tests {
     }
 
     #[test]
+    fn listen_tables_and_database_targets() {
+        let text = format!(
+            "listen = [\"127.0.0.1:6432\", {{ address = \"127.0.0.1:5001\", target = \"replica\", primary_fallback = false }}]\n{MINIMAL}\n\
+             [[databases]]\nname = \"mydb_read\"\ndbname = \"mydb\"\ntarget = \"replica\"\n\
+             [[databases]]\nname = \"mydb_write\"\ndbname = \"mydb\"\ntarget = \"primary\"\n"
+        );
+        let config = parse(&text).expect("targets");
+        assert_eq!(config.listen[0].endpoint(), None);
+        assert_eq!(
+            config.listen[1].endpoint(),
+            Some((EndpointTarget::Replica, false))
+        );
+        assert_eq!(
+            config.listen[1].to_string(),
+            "127.0.0.1:5001 (target = \"replica\")"
+        );
+        assert_eq!(
+            config.target_for("mydb_read"),
+            (EndpointTarget::Replica, true)
+        );
+        assert_eq!(
+            config.target_for("mydb_write"),
+            (EndpointTarget::Primary, true)
+        );
+        assert_eq!(config.target_for("other"), (EndpointTarget::Auto, true));
+        let bad = format!(
+            "listen = [{{ address = \"127.0.0.1:5001\", target = \"standby\" }}]\n{MINIMAL}"
+        );
+        assert_eq!(parse_err(&bad).key(), Some("listen[0].target"));
+        let bad = format!("listen = [{{ addr = \"127.0.0.1:5001\" }}]\n{MINIMAL}");
+        assert!(parse(&bad).is_err(), "unknown keys are refused");
+    }
+
+    #[test]
     fn validate_listen() {
         assert_eq!(invalid_key(|c| c.listen.clear()), "listen");
         assert_eq!(
@@ -796,7 +844,7 @@ mod tests {
         );
         let unix = |c: &mut Config| {
             let socket: ListenAddr = "unix:/tmp/.s.PGSQL.6432".parse().expect("unix");
-            c.listen.extend([socket.clone(), socket]);
+            c.listen.extend([socket.clone().into(), socket.into()]);
         };
         assert_eq!(invalid_key(unix), "listen[2]");
         assert_eq!(error_key("listen = [\"unix:\"]"), "listen[0]");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::hba::HbaRule;
-use super::listen::ListenAddr;
+use super::listen::{Listen, ListenAddr};
 use super::values::{self, Secret};
 
 /// PgBouncer's default `auth_query`.
@@ -24,7 +24,7 @@ pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHER
 pub struct Config {
     /// Addresses the client listener binds: IP:port (IPv6 in brackets), or
     /// `unix:<socket file>`. Default `["127.0.0.1:6432"]`.
-    pub listen: Vec<ListenAddr>,
+    pub listen: Vec<Listen>,
     /// Users allowed into the admin console (virtual database `pgrelay`). Default `[]`.
     pub admin_users: Vec<String>,
     /// Users allowed read-only `SHOW` commands in the admin console. Default `[]`.
@@ -84,7 +84,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432)))],
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 6432))).into()],
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9930))),
@@ -140,6 +140,25 @@ pub enum AuthType {
     /// name; no password is asked (PostgreSQL's and PgBouncer's `cert`).
     #[serde(rename = "cert")]
     Cert,
+}
+
+/// Where a database entry's (or a listener's) clients are sent: the endpoints of a
+/// PgBouncer `mydb_write` / `mydb_read` pair, or of HAProxy's write and read ports,
+/// without SQL parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointTarget {
+    /// Each transaction is routed by what its SQL does (`[routing]`).
+    #[default]
+    Auto,
+    /// Everything goes to the primary.
+    Primary,
+    /// Every transaction goes to a replica within the lag limits, in a read-only
+    /// session: a write fails with 25006 as it would on the replica itself.
+    Replica,
+    /// Every transaction goes to any node that takes reads, the primary included, as
+    /// the load balancer picks; nothing is made read-only.
+    Any,
 }
 
 /// `pool.mode` and the per-database / per-user `pool_mode` overrides.
@@ -623,6 +642,14 @@ pub struct DatabaseConfig {
     /// Default none.
     #[serde(default)]
     pub max_db_client_connections: Option<u32>,
+    /// Where its clients' requests go. Default `auto`.
+    #[serde(default)]
+    pub target: EndpointTarget,
+    /// `target = "replica"`: with no replica able to take a request, the primary takes
+    /// it (in a read-only session) rather than the request waiting for a replica
+    /// until `failover.hold_timeout`. Default `true`.
+    #[serde(default)]
+    pub primary_fallback: Option<bool>,
 }
 
 impl DatabaseConfig {

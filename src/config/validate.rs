@@ -29,18 +29,26 @@ impl Config {
         if self.worker_threads == 0 || self.worker_threads > 1024 {
             return Err(invalid("worker_threads", "must be between 1 and 1024"));
         }
-        if let Some((i, first)) = first_duplicate(self.listen.iter()) {
+        // Port 0 picks a free port for each entry: two of them never collide.
+        let bound = |l: &&super::Listen| l.tcp().is_none_or(|addr| addr.port() != 0);
+        if let Some((i, first)) = first_duplicate(self.listen.iter().filter(bound).map(|l| &l.addr))
+        {
             return Err(invalid(
                 format!("listen[{i}]"),
-                format!("{} is listed twice (also listen[{first}])", self.listen[i]),
+                format!(
+                    "{} is listed twice (also listen[{first}])",
+                    self.listen[i].addr
+                ),
             ));
         }
         match self.metrics_listen {
             // Port 0 picks a free port for each, so they never collide.
-            Some(addr) if addr.port() != 0 && self.listen.contains(&addr.into()) => Err(invalid(
-                "metrics_listen",
-                format!("{addr} is also in listen"),
-            )),
+            Some(addr) if addr.port() != 0 && self.listen.iter().any(|l| l.tcp() == Some(addr)) => {
+                Err(invalid(
+                    "metrics_listen",
+                    format!("{addr} is also in listen"),
+                ))
+            }
             _ => Ok(()),
         }
     }

@@ -413,7 +413,7 @@ pub const REPORTED_PARAMETERS: &[ReportedParameter] = &[
     reported("server_version", false),
     reported("server_encoding", false),
     reported("integer_datetimes", false),
-    reported("default_transaction_read_only", false),
+    reported("default_transaction_read_only", true),
     reported("in_hot_standby", false),
 ];
 

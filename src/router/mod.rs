@@ -331,6 +331,8 @@ pub struct Choice<'a> {
     pub fence: Option<u64>,
     /// Busy server connections per node, for `least_connections`.
     pub busy: &'a dyn Fn(usize) -> usize,
+    /// Leave the primary out (a `replica` endpoint).
+    pub replicas_only: bool,
 }
 
 /// Picks the node for a read among those that may take it (up, fresh enough, weight
@@ -345,6 +347,7 @@ pub fn pick(
         let node = &topology.nodes[i];
         node.readable
             && node.weight > 0.0
+            && !(choice.replicas_only && Some(i) == topology.primary)
             && (Some(i) == topology.primary
                 || match (choice.fence, node.lag) {
                     (None, _) => true,
@@ -470,6 +473,7 @@ mod tests {
             prefer_lower_lag: false,
             fence,
             busy: &|_| 0,
+            replicas_only: false,
         }
     }
 
@@ -510,6 +514,7 @@ mod tests {
             prefer_lower_lag: false,
             fence: None,
             busy: &busy,
+            replicas_only: false,
         };
         assert_eq!(shares(&t, &c, 10), [0, 10, 0]);
     }

@@ -31,7 +31,7 @@ use crate::auth::hba::Peer;
 use crate::auth::{self, AuthError, ClientLogin, Handshake};
 use crate::cancel::CancelHandle;
 use crate::cluster::NodeStats;
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, Endpoint, EndpointTarget, PoolMode};
 use crate::error::{ClientError, ErrorKind, Side};
 use crate::pool::params::ParamSet;
 use crate::pool::{Pool, ServerGuard, Waiter};
@@ -56,6 +56,8 @@ pub struct LoggedIn {
     pub handle: ClientHandle,
     /// It asked for the admin console's database.
     pub admin: bool,
+    /// The endpoint its listener ties it to (none: its database's).
+    pub endpoint: Option<Endpoint>,
     config: Arc<Config>,
 }
 
@@ -238,6 +240,7 @@ async fn log_in_opened(
         login,
         handle,
         admin,
+        endpoint: None,
         config,
     })
 }
@@ -336,6 +339,7 @@ pub async fn serve(shared: Arc<Shared>, logged_in: Box<LoggedIn>) {
         login,
         handle,
         config,
+        endpoint,
         ..
     } = *logged_in;
     // Each client's task is as large as its largest future, idle or not: what runs
@@ -346,7 +350,7 @@ pub async fn serve(shared: Arc<Shared>, logged_in: Box<LoggedIn>) {
         let started = Box::pin(Session::start(
             shared.clone(),
             client,
-            login,
+            (login, endpoint),
             &config,
             handle,
         ));
@@ -396,6 +400,9 @@ struct Session {
     request: Option<Request>,
     /// The session's timeouts; none when all are off.
     watch: Option<Box<Watch>>,
+    /// Where its requests go (the database's or listener's `target`), and whether a
+    /// `replica` endpoint may fall back to the primary.
+    target: Endpoint,
 }
 
 /// How a session's request loop ended.
@@ -426,13 +433,15 @@ impl Session {
     async fn start(
         shared: Arc<Shared>,
         client: Conn<Stream>,
-        login: ClientLogin,
+        (login, endpoint): (ClientLogin, Option<Endpoint>),
         config: &Config,
         handle: ClientHandle,
     ) -> Result<Box<Session>, (Conn<Stream>, ClientError)> {
         let mode = config.pool_mode_for(&login.database, &login.user);
         let deadline = tokio::time::Instant::now() + config.failover.hold_timeout;
-        let pool = match route::greeting_pool(&shared, config, &login, mode, deadline).await {
+        let target = endpoint.unwrap_or_else(|| config.target_for(&login.database));
+        let greeting = route::greeting_pool(&shared, config, &login, (mode, target), deadline);
+        let pool = match greeting.await {
             Ok(pool) => pool,
             Err(err) => return Err((client, err)),
         };
@@ -440,11 +449,17 @@ impl Session {
         for (name, value) in &login.gucs {
             params.set_unreported(name, value);
         }
+        if target.0 == EndpointTarget::Replica {
+            // Whichever node serves it, the primary included, a write fails as it
+            // would on a replica (25006), and the client is told it is read-only.
+            params.set_unreported("default_transaction_read_only", "on");
+        }
         let cancel = shared
             .cancel
             .register_random(backend::secret_len(login.minor));
         let nodes = shared.cluster.load().nodes.len();
-        let routes = config.routing.enabled && nodes > 1;
+        let route_mode = RouteMode::of(target, config, nodes, mode);
+        let routes = route_mode == RouteMode::PerRequest;
         let transaction_mode = mode == PoolMode::Transaction;
         let capacity = config.pool.max_prepared_statements as usize;
         let prepared = (transaction_mode && capacity > 0)
@@ -474,7 +489,8 @@ impl Session {
             pools: vec![None; nodes],
             held: std::iter::repeat_with(|| None).take(nodes).collect(),
             wire: Wire::new(policy, prepared),
-            routing: Routing::new(routes),
+            routing: Routing::new(route_mode),
+            target,
             params,
             cancel,
             attachment: Attachment::Detached,

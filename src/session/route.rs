@@ -8,7 +8,7 @@ use super::settle::Pin;
 use super::{server_error, Session};
 use crate::auth::ClientLogin;
 use crate::cluster::{NodeStats, Role, Topology};
-use crate::config::{Config, LoadBalance, PoolMode, ReadAfterWrite};
+use crate::config::{Config, EndpointTarget, LoadBalance, PoolMode, ReadAfterWrite};
 use crate::error::{sqlstate, ClientError, ErrorKind};
 use crate::pool::server::ServerError;
 use crate::pool::{Pool, ServerGuard};
@@ -34,11 +34,39 @@ pub(super) struct Routing {
 /// Whether a client's requests are routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RouteMode {
-    /// Routing is off, or there is only one backend: everything goes to the primary.
+    /// Routing is off, or there is only one backend, or the endpoint is the primary's:
+    /// everything goes to the primary. (Session mode on a `replica` or `any` endpoint
+    /// too: its server, chosen at login, is the client's for good.)
     Off,
     /// Each request that starts a transaction is classified and routed (unless the
     /// client is pinned: then it stays on the primary server it holds).
     PerRequest,
+    /// Transaction mode on a `replica` endpoint: each transaction goes to a replica,
+    /// unclassified; with none able to take it, to the primary if `fallback`, else it
+    /// waits for one.
+    Replica { fallback: bool },
+    /// Transaction mode on an `any` endpoint: each transaction goes to any node that
+    /// takes reads, unclassified.
+    Any,
+}
+
+impl RouteMode {
+    /// How a session on an endpoint with `target` is routed.
+    pub(super) fn of(
+        (target, fallback): (EndpointTarget, bool),
+        config: &Config,
+        nodes: usize,
+        mode: PoolMode,
+    ) -> RouteMode {
+        let transaction_mode = mode == PoolMode::Transaction;
+        match target {
+            EndpointTarget::Auto if config.routing.enabled && nodes > 1 => RouteMode::PerRequest,
+            EndpointTarget::Auto | EndpointTarget::Primary => RouteMode::Off,
+            EndpointTarget::Replica if transaction_mode => RouteMode::Replica { fallback },
+            EndpointTarget::Any if transaction_mode => RouteMode::Any,
+            EndpointTarget::Replica | EndpointTarget::Any => RouteMode::Off,
+        }
+    }
 }
 
 /// What routing reads of the config, copied out of one load when a request starts
@@ -76,13 +104,9 @@ enum Writes {
 }
 
 impl Routing {
-    pub(super) fn new(enabled: bool) -> Routing {
+    pub(super) fn new(mode: RouteMode) -> Routing {
         Routing {
-            mode: if enabled {
-                RouteMode::PerRequest
-            } else {
-                RouteMode::Off
-            },
+            mode,
             last_write: true,
             primary: None,
             writes: Writes::None,
@@ -144,6 +168,9 @@ impl Session {
             self.shared.cluster.wait_change(pause.min(deadline)).await;
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(user = %self.login.user, "no server within failover.hold_timeout; the request fails");
+                if self.routing.mode == (RouteMode::Replica { fallback: false }) {
+                    return Err(ClientError::no_replica(started.elapsed()));
+                }
                 return Err(ClientError::no_primary(started.elapsed()));
             }
         }
@@ -168,8 +195,9 @@ impl Session {
             Err(err) => return Err(err),
         };
         self.backend_failed(node);
+        let strict = self.routing.mode == RouteMode::Replica { fallback: false };
         match topology.primary {
-            Some(primary) if primary != node => {
+            Some(primary) if primary != node && !strict => {
                 tracing::warn!(node, code = %err.code, message = %err.message, "replica unavailable; reading from the primary");
                 match self.server_on(primary).await {
                     Ok(guard) => return Ok(Some(guard)),
@@ -217,8 +245,9 @@ impl Session {
                 err.fatal = true;
                 return Err(err);
             }
+            let endpoint = (self.mode, self.target);
             self.pool =
-                greeting_pool(&self.shared, &config, &self.login, self.mode, deadline).await?;
+                greeting_pool(&self.shared, &config, &self.login, endpoint, deadline).await?;
         }
     }
 
@@ -291,6 +320,15 @@ impl Session {
         topology: &mut Arc<Topology>,
         deadline: tokio::time::Instant,
     ) -> Result<usize, ClientError> {
+        match self.routing.mode {
+            RouteMode::Replica { fallback } => {
+                return self
+                    .route_to_reader(policy, topology, deadline, Some(fallback))
+                    .await
+            }
+            RouteMode::Any => return self.route_to_reader(policy, topology, deadline, None).await,
+            RouteMode::Off | RouteMode::PerRequest => {}
+        }
         if !self.routes_request() {
             self.routing.last_write = true;
             return self.primary_by(topology, deadline).await;
@@ -354,6 +392,63 @@ impl Session {
         Ok(node)
     }
 
+    /// The node for a transaction of a `replica` endpoint (`fallback`: whether the
+    /// primary may take it when no replica can) or of an `any` endpoint (`None`),
+    /// chosen by the load balancer with no fence. A `replica` endpoint with no
+    /// fallback waits for a replica until the request's `deadline`, as a write waits
+    /// for a primary.
+    async fn route_to_reader(
+        &mut self,
+        policy: &RoutePolicy,
+        topology: &mut Arc<Topology>,
+        deadline: tokio::time::Instant,
+        fallback: Option<bool>,
+    ) -> Result<usize, ClientError> {
+        let started = tokio::time::Instant::now();
+        self.routing.last_write = false;
+        loop {
+            let picked = {
+                // In a block: a choice (with its `dyn Fn`) must not live across an await.
+                let pools = &self.pools;
+                let busy = |node: usize| {
+                    pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
+                        let (idle, total, _) = p.counts();
+                        total - idle
+                    })
+                };
+                let choice = Choice {
+                    load_balance: policy.load_balance,
+                    prefer_lower_lag: policy.prefer_lower_lag,
+                    fence: None,
+                    busy: &busy,
+                    replicas_only: fallback.is_some(),
+                };
+                router::pick(
+                    topology,
+                    &choice,
+                    &self.shared.router,
+                    &mut self.routing.dice,
+                )
+            };
+            let node = match (picked, fallback) {
+                (Some(node), _) => node,
+                (None, None | Some(true)) => self.primary_by(topology, deadline).await?,
+                (None, Some(false)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ClientError::no_replica(started.elapsed()));
+                    }
+                    self.shared.cluster.wait_change(deadline).await;
+                    *topology = self.shared.cluster.snapshot();
+                    continue;
+                }
+            };
+            if let Some(state) = topology.nodes.get(node) {
+                NodeStats::count(&state.stats.selects);
+            }
+            return Ok(node);
+        }
+    }
+
     /// The node for a read, under the read-after-write policy and the load balancer;
     /// `None`: only the primary will do.
     async fn choose_reader(
@@ -394,6 +489,7 @@ impl Session {
             prefer_lower_lag: policy.prefer_lower_lag,
             fence,
             busy: &busy,
+            replicas_only: false,
         };
         Ok(router::pick(
             topology,
@@ -519,14 +615,24 @@ impl Session {
 /// The pool a client is greeted from: the primary's. With no primary, transaction
 /// mode greets from a replica that takes reads (its requests are routed one by one
 /// anyway); session mode, and a cluster with nothing readable, wait for a primary
-/// until `deadline` (the login's `failover.hold_timeout`).
+/// until `deadline` (the login's `failover.hold_timeout`). Session mode on a
+/// `replica` or `any` endpoint is greeted from the node it keeps.
 pub(super) async fn greeting_pool(
     shared: &Shared,
     config: &Config,
     login: &ClientLogin,
-    mode: PoolMode,
+    (mode, target): (PoolMode, (EndpointTarget, bool)),
     deadline: tokio::time::Instant,
 ) -> Result<Arc<Pool>, ClientError> {
+    let routed = match target.0 {
+        EndpointTarget::Auto => config.routing.enabled,
+        EndpointTarget::Primary => false,
+        EndpointTarget::Replica | EndpointTarget::Any if mode == PoolMode::Session => {
+            let node = session_endpoint_node(shared, config, target, deadline).await?;
+            return shared.node_pool(config, node, &login.database, &login.user);
+        }
+        EndpointTarget::Replica | EndpointTarget::Any => true,
+    };
     let (primary, readable) = {
         let topology = shared.cluster.load();
         let readable = topology.nodes.iter().position(|n| n.readable);
@@ -534,7 +640,7 @@ pub(super) async fn greeting_pool(
     };
     let node = match (primary, readable, mode) {
         (Some(primary), _, _) => primary,
-        (None, Some(replica), PoolMode::Transaction) if config.routing.enabled => replica,
+        (None, Some(replica), PoolMode::Transaction) if routed => replica,
         _ => {
             shared.cluster.wait_primary(deadline).await.ok_or_else(|| {
                 // At login, an error ends the connection.
@@ -545,6 +651,54 @@ pub(super) async fn greeting_pool(
         }
     };
     shared.node_pool(config, node, &login.database, &login.user)
+}
+
+/// The node a session-mode client of a `replica` endpoint (or an `any` one) keeps
+/// for its session, chosen by the load balancer; with no replica able to take it, the
+/// primary if the endpoint falls back to it, else a replica waited for until
+/// `deadline`.
+async fn session_endpoint_node(
+    shared: &Shared,
+    config: &Config,
+    (target, fallback): (EndpointTarget, bool),
+    deadline: tokio::time::Instant,
+) -> Result<usize, ClientError> {
+    let started = tokio::time::Instant::now();
+    let replicas_only = target == EndpointTarget::Replica;
+    let mut dice = router::Dice::new();
+    loop {
+        let topology = shared.cluster.snapshot();
+        let picked = {
+            // In a block: a choice (with its `dyn Fn`) must not live across an await.
+            let choice = Choice {
+                load_balance: config.routing.load_balance,
+                prefer_lower_lag: config.routing.prefer_lower_lag,
+                fence: None,
+                busy: &|_| 0,
+                replicas_only,
+            };
+            router::pick(&topology, &choice, &shared.router, &mut dice)
+        };
+        if let Some(node) = picked {
+            return Ok(node);
+        }
+        if !replicas_only || fallback {
+            if let Some(primary) = topology.primary {
+                return Ok(primary);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut err = if replicas_only && !fallback {
+                ClientError::no_replica(started.elapsed())
+            } else {
+                ClientError::no_primary(started.elapsed())
+            };
+            // At login, an error ends the connection.
+            err.fatal = true;
+            return Err(err);
+        }
+        shared.cluster.wait_change(deadline).await;
+    }
 }
 
 impl router::StatementSource for super::prepared::Prepared {
