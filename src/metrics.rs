@@ -10,9 +10,12 @@
 
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,14 +37,21 @@ pub struct Metrics {
     pub failovers: IntCounter,
     /// Errors sent to clients, by kind (indexed as [`ErrorKind::ALL`]).
     errors: Vec<IntCounter>,
-    /// A routed request to its transaction's end.
-    pub query_duration: Histogram,
-    /// Waiting for a server connection.
-    pub pool_wait: Histogram,
+    /// By pool (database, user): a request being complete to its transaction's end.
+    transaction_duration: HistogramVec,
+    /// By pool: a request sent to its last ReadyForQuery.
+    query_duration: HistogramVec,
+    /// By pool: waiting for a server connection.
+    pool_wait: HistogramVec,
+    /// The histograms of each pool, resolved once per pool.
+    latencies: DashMap<(String, String), Arc<PoolLatency>>,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
     transactions: IntCounterVec,
     queries: IntCounterVec,
+    /// Failover hooks run, by hook and outcome (ok, failed), brought up to the
+    /// runner's counts when scraped.
+    hooks: IntCounterVec,
     /// Held while node counts are copied into `transactions` and `queries`, so that
     /// two scrapes at once do not both add the same difference.
     node_sync: Mutex<()>,
@@ -52,6 +62,9 @@ pub struct Metrics {
 struct StateGauges {
     clients: IntGaugeVec,
     servers: IntGaugeVec,
+    pool_servers: IntGaugeVec,
+    pool_size: IntGaugeVec,
+    pool_waiting: IntGaugeVec,
     node_up: IntGaugeVec,
     node_primary: IntGaugeVec,
     node_readable: IntGaugeVec,
@@ -71,6 +84,21 @@ impl StateGauges {
                 "pgrelay_server_connections",
                 "Server connections by node and state (active, idle)",
                 &["node", "state"],
+            ),
+            pool_servers: gauge_vec(
+                "pgrelay_pool_server_connections",
+                "Server connections of each pool by state (active, idle)",
+                &["node", "database", "user", "state"],
+            ),
+            pool_size: gauge_vec(
+                "pgrelay_pool_size",
+                "The most server connections each pool may open",
+                &["node", "database", "user"],
+            ),
+            pool_waiting: gauge_vec(
+                "pgrelay_pool_waiting_clients",
+                "Clients waiting in each pool's queue for a server connection",
+                &["node", "database", "user"],
             ),
             node_up: gauge_vec(
                 "pgrelay_node_up",
@@ -103,6 +131,9 @@ impl StateGauges {
         vec![
             Box::new(self.clients.clone()),
             Box::new(self.servers.clone()),
+            Box::new(self.pool_servers.clone()),
+            Box::new(self.pool_size.clone()),
+            Box::new(self.pool_waiting.clone()),
             Box::new(self.node_up.clone()),
             Box::new(self.node_primary.clone()),
             Box::new(self.node_readable.clone()),
@@ -124,18 +155,26 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
-/// Buckets from 100 µs to 30 s.
-const LATENCY_BUCKETS: [f64; 15] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-    30.0,
+/// Buckets from 50 µs to 30 s.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0, 30.0,
 ];
+
+/// One pool's latency histograms (a pool here is a database and a user, as in
+/// PgBouncer), resolved when a session starts so that a transaction only adds to them.
+pub struct PoolLatency {
+    pub transaction: Histogram,
+    pub query: Histogram,
+    pub wait: Histogram,
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let histogram = |name: &str, help: &str| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
-                .expect("valid metric")
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            HistogramVec::new(opts, &["database", "user"]).expect("valid metric")
         };
         let errors_vec = counter_vec(
             "pgrelay_client_errors_total",
@@ -175,14 +214,19 @@ impl Metrics {
                 "Nodes taken out of service: failed health checks, false primaries, detaches",
             ),
             errors,
+            transaction_duration: histogram(
+                "pgrelay_transaction_duration_seconds",
+                "From the request that starts a transaction being complete to the transaction's end, by pool",
+            ),
             query_duration: histogram(
                 "pgrelay_query_duration_seconds",
-                "From a client's request being routed to the end of its transaction",
+                "From a request being sent to its server (or its transaction starting) to its last ReadyForQuery, by pool",
             ),
             pool_wait: histogram(
                 "pgrelay_pool_wait_seconds",
-                "Time a request waited for a server connection",
+                "Time a transaction's first request waited for a server connection, by pool",
             ),
+            latencies: DashMap::new(),
             bytes_received: bytes.with_label_values(&["received"]),
             bytes_sent: bytes.with_label_values(&["sent"]),
             transactions: counter_vec(
@@ -195,6 +239,11 @@ impl Metrics {
                 "Queries (Query and Execute messages) relayed, by node and route",
                 &["node", "route"],
             ),
+            hooks: counter_vec(
+                "pgrelay_hooks_total",
+                "Failover hooks run (failover_command, failback_command, follow_primary_command), by outcome (ok, failed)",
+                &["hook", "outcome"],
+            ),
             node_sync: Mutex::new(()),
             state: StateGauges::new(),
             registry,
@@ -206,11 +255,13 @@ impl Metrics {
             Box::new(metrics.prepared_misses.clone()),
             Box::new(metrics.failovers.clone()),
             Box::new(errors_vec),
+            Box::new(metrics.transaction_duration.clone()),
             Box::new(metrics.query_duration.clone()),
             Box::new(metrics.pool_wait.clone()),
             Box::new(bytes),
             Box::new(metrics.transactions.clone()),
             Box::new(metrics.queries.clone()),
+            Box::new(metrics.hooks.clone()),
         ];
         collectors.extend(metrics.state.collectors());
         for collector in collectors {
@@ -220,6 +271,36 @@ impl Metrics {
                 .expect("metric registered once");
         }
         metrics
+    }
+
+    /// The latency histograms of the pool of `database` and `user`.
+    pub fn latency(&self, database: &str, user: &str) -> Arc<PoolLatency> {
+        let key = (database.to_owned(), user.to_owned());
+        if let Some(latency) = self.latencies.get(&key) {
+            return latency.clone();
+        }
+        let labels = [database, user];
+        self.latencies
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(PoolLatency {
+                    transaction: self.transaction_duration.with_label_values(&labels),
+                    query: self.query_duration.with_label_values(&labels),
+                    wait: self.pool_wait.with_label_values(&labels),
+                })
+            })
+            .clone()
+    }
+
+    /// Every pool's latency histograms, sorted by database and user.
+    pub fn latencies(&self) -> Vec<((String, String), Arc<PoolLatency>)> {
+        let mut all: Vec<_> = self
+            .latencies
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Counts an error sent to a client.
@@ -252,6 +333,16 @@ impl Metrics {
         }
     }
 
+    /// Brings the hook counters up to the runner's counts.
+    fn sync_hook_counts(&self, shared: &Shared) {
+        let _sync = self.node_sync.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, failed, count) in shared.hooks.totals() {
+            let outcome = if failed { "failed" } else { "ok" };
+            let counter = self.hooks.with_label_values(&[kind.as_str(), outcome]);
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
+    }
+
     /// Sets the state gauges from what is connected and how the nodes are.
     pub fn refresh(&self, shared: &Shared) {
         use crate::registry::ClientState;
@@ -269,9 +360,26 @@ impl Metrics {
                 .set(by_state[state as usize]);
         }
         gauges.servers.reset();
+        gauges.pool_servers.reset();
+        gauges.pool_size.reset();
+        gauges.pool_waiting.reset();
         for pool in shared.pools.all() {
-            let (idle, total, _) = pool.counts();
+            let (idle, total, waiting) = pool.counts();
             let node = pool.key.node.to_string();
+            let key = [node.as_str(), &pool.key.database, &pool.key.user];
+            let size = pool.settings.load().size;
+            gauges.pool_size.with_label_values(&key).set(size as i64);
+            gauges
+                .pool_waiting
+                .with_label_values(&key)
+                .set(waiting as i64);
+            for (state, count) in [("idle", idle), ("active", total - idle)] {
+                let labels = [key[0], key[1], key[2], state];
+                gauges
+                    .pool_servers
+                    .with_label_values(&labels)
+                    .set(count as i64);
+            }
             gauges
                 .servers
                 .with_label_values(&[&node, "idle"])
@@ -283,6 +391,7 @@ impl Metrics {
         }
         let topology = shared.cluster.snapshot();
         self.sync_node_counts(&topology);
+        self.sync_hook_counts(shared);
         for (i, n) in topology.nodes.iter().enumerate() {
             let label = i.to_string();
             let label = [label.as_str()];

@@ -51,6 +51,7 @@ async fn console(
 }
 
 /// A SHOW result: its column names and its rows as maps.
+#[derive(Debug)]
 struct Shown {
     columns: Vec<String>,
     rows: Vec<HashMap<String, Option<String>>>,
@@ -283,6 +284,36 @@ async fn every_show_command_answers_with_its_columns_and_what_happened() {
     assert!(number(row, "total_query_count") >= 40);
     assert!(number(row, "total_received") > 0 && number(row, "total_sent") > 0);
 
+    // Percentiles per pool; a transaction of three requests is one transaction and
+    // three queries.
+    let latency = show(&admin, "LATENCY").await;
+    assert_eq!(latency.columns[..3], ["database", "user", "xact_count"]);
+    let counts = |t: &Shown| {
+        let row = t.find("database", APP_DB);
+        assert_eq!(cell(row, "user"), APP_USER);
+        (number(row, "xact_count"), number(row, "query_count"))
+    };
+    let (xacts, queries) = counts(&latency);
+    assert!(xacts >= 25 && queries >= xacts, "{:?}", latency.rows);
+    let row = latency.find("database", APP_DB);
+    for kind in ["xact", "query", "wait"] {
+        let p = |q: &str| number(row, &format!("{kind}_{q}_us"));
+        assert!(
+            p("p50") <= p("p95") && p("p95") <= p("p99"),
+            "{kind}: {row:?}"
+        );
+    }
+    assert!(number(row, "xact_p50_us") > 0, "{row:?}");
+    let mut app = app;
+    let transaction = app.transaction().await.expect("BEGIN");
+    transaction.simple_query("SELECT 1").await.expect("read");
+    transaction.commit().await.expect("COMMIT");
+    let counted = eventually(Duration::from_secs(5), || async {
+        counts(&show(&admin, "LATENCY").await) == (xacts + 1, queries + 3)
+    })
+    .await;
+    assert!(counted, "{:?}", show(&admin, "LATENCY").await.rows);
+
     let databases = show(&admin, "DATABASES").await;
     assert_eq!(
         cell(databases.find("name", APP_DB), "port"),
@@ -453,8 +484,11 @@ async fn metrics_and_probes_follow_what_happens() {
     assert_eq!(sample(&first, "pgrelay_node_up{node=\"0\"}"), 1.0);
     assert_eq!(sample(&first, "pgrelay_node_primary{node=\"0\"}"), 1.0);
     assert!(sample(&first, "pgrelay_bytes_total{direction=\"sent\"}") > 0.0);
-    assert!(sample(&first, "pgrelay_query_duration_seconds_count") >= 10.0);
-    assert!(first.contains("pgrelay_pool_wait_seconds_bucket"));
+    let pool = "{database=\"app\",user=\"app\"}";
+    for histogram in ["transaction_duration", "query_duration", "pool_wait"] {
+        let count = format!("pgrelay_{histogram}_seconds_count{pool}");
+        assert!(sample(&first, &count) >= 10.0, "{count}");
+    }
     assert!(first.contains("pgrelay_pinned_clients 0"));
     for _ in 0..5 {
         app.simple_query("SELECT 1").await.expect("query");

@@ -25,6 +25,7 @@ pub enum Show {
     Servers,
     Databases,
     Users,
+    Latency,
     Config,
     Version,
     Help,
@@ -42,6 +43,7 @@ impl Show {
             "servers" => Show::Servers,
             "databases" => Show::Databases,
             "users" => Show::Users,
+            "latency" => Show::Latency,
             "config" => Show::Config,
             "version" => Show::Version,
             "help" => Show::Help,
@@ -132,6 +134,7 @@ pub fn show(shared: &Shared, what: Show) -> Table {
         Show::Servers => servers(shared),
         Show::Databases => databases(shared),
         Show::Users => users(shared),
+        Show::Latency => latency(shared),
         Show::Config => config(shared),
         Show::Version => {
             let mut t = Table::new(&[("version", oid::TEXT)]);
@@ -142,7 +145,7 @@ pub fn show(shared: &Shared, what: Show) -> Table {
             let mut t = Table::new(&[("command", oid::TEXT)]);
             for line in [
                 "SHOW POOL_NODES|POOL_HEALTH_CHECK_STATS|POOL_BACKEND_STATS",
-                "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|VERSION|HELP",
+                "SHOW POOLS|STATS|LATENCY|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|VERSION|HELP",
                 "RELOAD",
                 "PAUSE [db]",
                 "RESUME [db]",
@@ -259,10 +262,16 @@ fn stats(shared: &Shared) -> Table {
         ("avg_wait_time", oid::INT8),
     ]);
     let averages = shared.registry.averages(Duration::from_secs(15));
+    let latencies = shared.metrics.latencies();
     for (database, [xacts, queries, received, sent, xact_us, wait_us]) in
         shared.registry.all_stats()
     {
         let avg = averages.get(&database).copied().unwrap_or_default();
+        let query_us: f64 = latencies
+            .iter()
+            .filter(|((db, _), _)| *db == database)
+            .map(|(_, latency)| latency.query.get_sample_sum() * 1e6)
+            .sum();
         t.row(vec![
             v(&database),
             v(xacts),
@@ -270,19 +279,83 @@ fn stats(shared: &Shared) -> Table {
             v(received),
             v(sent),
             v(xact_us),
-            // pgrelay times transactions, not single queries.
-            v(xact_us),
+            v(query_us.round() as u64),
             v(wait_us),
             v(avg[0]),
             v(avg[1]),
             v(avg[2]),
             v(avg[3]),
             v(avg[4]),
+            // Averages are kept per transaction only.
             v(avg[4]),
             v(avg[5]),
         ]);
     }
     t
+}
+
+/// `SHOW LATENCY`: each pool's (database and user) transaction, query and wait
+/// times since start: how many, and the 50th, 95th and 99th percentiles in
+/// microseconds, estimated from the Prometheus histograms as `histogram_quantile`
+/// does (NULL when there is nothing yet; past the last bucket, its bound).
+fn latency(shared: &Shared) -> Table {
+    let mut columns = vec![("database", oid::TEXT), ("user", oid::TEXT)];
+    for name in [
+        "xact_count",
+        "xact_p50_us",
+        "xact_p95_us",
+        "xact_p99_us",
+        "query_count",
+        "query_p50_us",
+        "query_p95_us",
+        "query_p99_us",
+        "wait_count",
+        "wait_p50_us",
+        "wait_p95_us",
+        "wait_p99_us",
+    ] {
+        columns.push((name, oid::INT8));
+    }
+    let mut t = Table::new(&columns);
+    for ((database, user), latency) in shared.metrics.latencies() {
+        let mut row = vec![v(database), v(user)];
+        for histogram in [&latency.transaction, &latency.query, &latency.wait] {
+            row.push(v(histogram.get_sample_count()));
+            for q in [0.5, 0.95, 0.99] {
+                row.push(quantile_us(histogram, q).map(|us| us.to_string()));
+            }
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// The `q` quantile of `histogram` in microseconds, interpolated inside its bucket.
+fn quantile_us(histogram: &prometheus::Histogram, q: f64) -> Option<u64> {
+    use prometheus::core::Collector;
+    let families = histogram.collect();
+    let metric = families.first()?.get_metric().first()?;
+    let h = metric.get_histogram();
+    let total = h.get_sample_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for bucket in h.get_bucket() {
+        let (bound, count) = (bucket.upper_bound(), bucket.cumulative_count());
+        if count as f64 >= rank {
+            let inside = (count - below) as f64;
+            let share = if inside > 0.0 {
+                (rank - below as f64) / inside
+            } else {
+                1.0
+            };
+            return Some(((lower + (bound - lower) * share) * 1e6).round() as u64);
+        }
+        (lower, below) = (bound, count);
+    }
+    Some((lower * 1e6).round() as u64)
 }
 
 const CONNECTION_COLUMNS: [(&str, u32); 19] = [
@@ -587,6 +660,27 @@ fn config(shared: &Shared) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        let opts = prometheus::HistogramOpts::new("t", "t")
+            .buckets(crate::metrics::LATENCY_BUCKETS.to_vec());
+        let histogram = prometheus::Histogram::with_opts(opts).expect("histogram");
+        assert_eq!(quantile_us(&histogram, 0.5), None, "nothing observed");
+        // 100 observations between 1 ms and 2.5 ms, one of 40 s.
+        for _ in 0..100 {
+            histogram.observe(0.002);
+        }
+        histogram.observe(40.0);
+        let p50 = quantile_us(&histogram, 0.5).expect("p50");
+        assert!((1_000..=2_500).contains(&p50), "{p50}");
+        assert!(quantile_us(&histogram, 0.95).expect("p95") <= 2_500);
+        assert_eq!(
+            quantile_us(&histogram, 1.0),
+            Some(30_000_000),
+            "past the last bucket"
+        );
+    }
 
     #[test]
     fn times_print_in_utc() {

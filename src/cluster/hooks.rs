@@ -23,6 +23,12 @@ pub enum HookKind {
 }
 
 impl HookKind {
+    pub const ALL: [HookKind; 3] = [
+        HookKind::Failover,
+        HookKind::Failback,
+        HookKind::FollowPrimary,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             HookKind::Failover => "failover_command",
@@ -145,6 +151,8 @@ pub struct Hooks {
     records: Arc<Mutex<VecDeque<HookRecord>>>,
     /// Queued or running.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Hooks run since start, by kind (as [`HookKind::ALL`]) and whether they failed.
+    totals: Arc<[[std::sync::atomic::AtomicU64; 2]; 3]>,
 }
 
 impl Hooks {
@@ -153,12 +161,34 @@ impl Hooks {
         let (queue, runs) = mpsc::unbounded_channel();
         let records = Arc::new(Mutex::new(VecDeque::new()));
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        tokio::spawn(run_queue(runs, records.clone(), in_flight.clone()));
+        let totals = Arc::new(Default::default());
+        let kept = Kept {
+            records: records.clone(),
+            in_flight: in_flight.clone(),
+            totals: Arc::clone(&totals),
+        };
+        tokio::spawn(run_queue(runs, kept));
         Hooks {
             queue,
             records,
             in_flight,
+            totals,
         }
+    }
+
+    /// Hooks run since start: `(kind, failed, count)` for every kind and outcome.
+    pub fn totals(&self) -> Vec<(HookKind, bool, u64)> {
+        let mut all = Vec::new();
+        for (kind, counts) in HookKind::ALL.iter().zip(self.totals.iter()) {
+            for (failed, count) in [false, true].into_iter().zip(counts) {
+                all.push((
+                    *kind,
+                    failed,
+                    count.load(std::sync::atomic::Ordering::Relaxed),
+                ));
+            }
+        }
+        all
     }
 
     /// Queues a hook; an empty command is not run.
@@ -187,20 +217,29 @@ impl Hooks {
     }
 }
 
-async fn run_queue(
-    mut runs: mpsc::UnboundedReceiver<HookRun>,
+/// Where the runner keeps what the hooks did.
+struct Kept {
     records: Arc<Mutex<VecDeque<HookRecord>>>,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
-) {
+    totals: Arc<[[std::sync::atomic::AtomicU64; 2]; 3]>,
+}
+
+async fn run_queue(mut runs: mpsc::UnboundedReceiver<HookRun>, kept: Kept) {
     while let Some(run) = runs.recv().await {
         let record = run_one(run).await;
-        let mut kept = records.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() == KEPT {
-            kept.pop_front();
+        let kind = HookKind::ALL.iter().position(|&k| k == record.kind);
+        if let Some(counts) = kind.and_then(|k| kept.totals.get(k)) {
+            let failed = usize::from(!record.outcome.succeeded());
+            counts[failed].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        kept.push_back(record);
-        drop(kept);
-        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut records = kept.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() == KEPT {
+            records.pop_front();
+        }
+        records.push_back(record);
+        drop(records);
+        kept.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

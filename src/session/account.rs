@@ -43,9 +43,15 @@ impl Session {
             wait: request.wait,
         };
         self.db_stats.add(&work, true);
-        let metrics = &self.shared.metrics;
-        metrics.query_duration.observe(xact.as_secs_f64());
-        metrics.pool_wait.observe(request.wait.as_secs_f64());
+        let latency = &self.latency;
+        latency.transaction.observe(xact.as_secs_f64());
+        latency.wait.observe(request.wait.as_secs_f64());
+        if let Some(start) = self.wire.query_start.take() {
+            // The transaction's last request, unless the relay timed it.
+            latency
+                .query
+                .observe(now.saturating_duration_since(start).as_secs_f64());
+        }
         if let Some(stats) = self.node_stats(request.node) {
             stats.add_transaction(request.write, counts.queries);
         }

@@ -400,6 +400,8 @@ struct Session {
     request: Option<Request>,
     /// The session's timeouts; none when all are off.
     watch: Option<Box<Watch>>,
+    /// Its pool's latency histograms.
+    latency: Arc<crate::metrics::PoolLatency>,
     /// Where its requests go (the database's or listener's `target`), and whether a
     /// `replica` endpoint may fall back to the primary.
     target: Endpoint,
@@ -466,6 +468,7 @@ impl Session {
             .then(|| Box::new(Prepared::new(capacity, shared.parsed.clone())));
         let carries_statements = prepared.is_some();
         let db_stats = shared.registry.db_stats(&login.database);
+        let latency = shared.metrics.latency(&login.database, &login.user);
         if *shared.shutting_down.borrow() {
             // Shutdown began before the client was registered: it told only the others.
             handle.entry.shut_down();
@@ -488,7 +491,7 @@ impl Session {
             pool,
             pools: vec![None; nodes],
             held: std::iter::repeat_with(|| None).take(nodes).collect(),
-            wire: Wire::new(policy, prepared),
+            wire: Wire::new(policy, prepared).timing_queries(latency.query.clone()),
             routing: Routing::new(route_mode),
             target,
             params,
@@ -501,6 +504,7 @@ impl Session {
             node_stats: Vec::new(),
             request: None,
             watch: Timeouts::from_config(&config.pool).map(|t| Box::new(Watch::new(t))),
+            latency,
         };
         if let Some(pid) = policy.own_pid {
             session.handle.entry.set_issued_pid(pid);
@@ -776,18 +780,21 @@ impl Session {
                 self.cancel.set(guard.server().cancel_target()).await;
                 let node = guard.pool().key.node;
                 self.handle.active(node, guard.server_ref().pid);
+                // A server at hand costs no clock read: the client did not wait.
+                let wait = if waited {
+                    at.elapsed()
+                } else {
+                    std::time::Duration::ZERO
+                };
                 self.request = Some(Request {
                     at,
-                    // A server at hand costs no clock read: the client did not wait.
-                    wait: if waited {
-                        at.elapsed()
-                    } else {
-                        std::time::Duration::ZERO
-                    },
+                    wait,
                     node,
                     write: self.routing.last_write,
                 });
                 self.wire.record_request(&mut self.client, node);
+                // The request goes out now: its query's time starts where its wait ended.
+                self.wire.query_start = Some(at + wait);
                 self.wire.hold_at_boundary(
                     self.routing.mode == RouteMode::PerRequest
                         && self.routing.primary != Some(node),

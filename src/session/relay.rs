@@ -112,6 +112,11 @@ pub struct Wire {
     /// read for routing: the scan that read it understood each text once, effects and
     /// route class together.
     pub(super) texts: Plan,
+    /// When the request being answered was sent (the first of a transaction: when its
+    /// server was attached, set by the session); taken when its answer ends.
+    pub query_start: Option<std::time::Instant>,
+    /// The client's pool's query-duration histogram.
+    pub(super) query_latency: Option<prometheus::Histogram>,
 }
 
 /// What a relay moved, for statistics.
@@ -150,7 +155,16 @@ impl Wire {
             resumed: false,
             database_command: None,
             texts: Plan::default(),
+            query_start: None,
+            query_latency: None,
         }
+    }
+
+    /// Times each request it relays into `latency` (the session times the first of
+    /// each transaction).
+    pub fn timing_queries(mut self, latency: prometheus::Histogram) -> Self {
+        self.query_latency = Some(latency);
+        self
     }
 
     /// What was relayed since the last call.

@@ -460,6 +460,13 @@ impl Wire {
             self.database_command = learned.database_command;
         }
         let exchange = &mut self.client.exchange;
+        if attached && exchange.pending == 0 && learned.owed > 0 && self.query_start.is_none() {
+            // A request relayed with nothing owed before it starts a query's time. (The
+            // first of a transaction's requests is timed by the session, for free.)
+            if self.query_latency.is_some() {
+                self.query_start = Some(std::time::Instant::now());
+            }
+        }
         exchange.pending = (exchange.pending + learned.owed).saturating_sub(learned.ignored_syncs);
         if learned.boundary.is_some() {
             self.client.last_boundary = learned.boundary;

@@ -115,6 +115,9 @@ struct ServerScan<'a> {
     fatal: Option<ErrorFields>,
     /// ReadyForQuery messages seen.
     readies: u32,
+    /// A ReadyForQuery answered everything owed, and the relay goes on past it: the
+    /// query it ended is timed by the relay (at a release point, by the session).
+    answered: bool,
     /// ErrorResponses by severity: ERROR, FATAL, PANIC.
     errors: [u64; 3],
     /// The sender pid of notifications to stop after (the client's own server's).
@@ -196,6 +199,7 @@ impl ServerScan<'_> {
             return Step::StopAfter;
         }
         if *self.pending == 0 {
+            self.answered = true;
             self.resume_client();
         }
         Step::Forward
@@ -241,6 +245,7 @@ impl Wire {
             client_params,
             fatal: None,
             readies: 0,
+            answered: false,
             errors: [0; 3],
             own_notifier: own.then(|| server.pid.to_be_bytes()),
             notified_at: None,
@@ -254,9 +259,15 @@ impl Wire {
             errors,
             fatal,
             readies,
+            answered,
             ..
         } = scan;
         self.server.readies = self.server.readies.wrapping_add(readies);
+        if answered {
+            if let (Some(start), Some(latency)) = (self.query_start.take(), &self.query_latency) {
+                latency.observe(start.elapsed().as_secs_f64());
+            }
+        }
         self.server.front = self.server.front.max(front);
         self.note_server_errors(errors, fatal);
         match scanned {
