@@ -15,6 +15,7 @@ fn package_of(program: &str) -> &'static str {
         "patroni" | "patronictl" => "patroni",
         "psql" | "pgbench" => "postgresql-client",
         "pgbouncer" => "pgbouncer",
+        "promtool" => "prometheus",
         _ => "postgresql",
     }
 }
