@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use pgrelay::config::Config;
 use pgrelay::listener::Pgrelay;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN: (&str, &str) = ("admin", "admin-secret");
