@@ -18,6 +18,7 @@
 #
 #   benches/pgbench_compare.sh            # 10 s per run, 3 interleaved rounds
 #   DURATION=5 ROUNDS=1 CLIENTS=32 benches/pgbench_compare.sh
+#   MAIN_ONLY=1 benches/pgbench_compare.sh     # only the pgbench workloads (-S, -N, c=1)
 #   STREAM_ONLY=1 benches/pgbench_compare.sh   # only the 200 MB result
 #   ROUTING_ONLY=1 benches/pgbench_compare.sh  # only the routing on/off comparison
 #   PREPARED_ONLY=1 benches/pgbench_compare.sh # only -M prepared against -M extended
@@ -63,7 +64,7 @@ PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
 # Which sections run: all of them, unless *_ONLY=1 picks some.
 ONLY="${STREAM_ONLY:+ stream}${ROUTING_ONLY:+ routing}${IDLE_ONLY:+ idle}${LOGIN_ONLY:+ login}"
-ONLY+="${WORKERS_ONLY:+ workers}${TLS_ONLY:+ tls}"
+ONLY+="${WORKERS_ONLY:+ workers}${TLS_ONLY:+ tls}${MAIN_ONLY:+ main}"
 runs() { [ -z "$ONLY" ] || [[ "$ONLY " == *" $1 "* ]]; }
 
 # Every idle client is a socket in the client script and one in the proxy.
@@ -330,7 +331,7 @@ if [ -n "${PREPARED_ONLY:-}" ]; then
   exit 0
 fi
 
-if [ -z "$ONLY" ]; then
+if runs main; then
   printf '\n%-34s %12s %12s %12s %9s %22s\n' "workload (c=$CLIENTS, ${DURATION}s x$ROUNDS)" direct pgbouncer pgrelay ratio "cpu µs/tx b / r"
   compare "pgbench -S simple" -S -M simple -c "$CLIENTS" -j 2
   compare "pgbench -S extended" -S -M extended -c "$CLIENTS" -j 2
