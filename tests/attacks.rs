@@ -227,7 +227,8 @@ impl Target {
                 .await
                 .expect("cluster task")
                 .expect("start PostgreSQL");
-        let relay = Relay::spawn(&cluster.ports());
+        // Waits for pgrelay's "listening" line in its log with short sleeps.
+        let relay = tokio::task::block_in_place(|| Relay::spawn(&cluster.ports()));
         let port = relay.addr.port();
         tokio::task::spawn_blocking(move || {
             pgbench(port, &["-i", "-s", "1", "-q"]);
