@@ -2,7 +2,8 @@
 //! verifies a client against a stored secret and recovers the ClientKey it proved,
 //! with `tls-server-end-point` channel binding (SCRAM-SHA-256-PLUS, RFC 5929) when the
 //! client is on TLS; [`KeyClient`] logs in to a server with such a key when pgrelay
-//! holds a SCRAM secret rather than a password.
+//! holds a SCRAM secret rather than a password, and with keys derived from a password
+//! otherwise (derived once per password, salt and iteration count: [`password_keys`]).
 //!
 //! Sans-IO: the handshake code in `auth/mod.rs` moves the messages.
 
@@ -356,6 +357,88 @@ impl KeyClient {
     }
 }
 
+/// A password's ClientKey and ServerKey for one salt and iteration count, remembered
+/// by the SHA-256 of the prepared password (not the password itself).
+struct DerivedKeys {
+    password_hash: [u8; 32],
+    salt: Vec<u8>,
+    iterations: u32,
+    keys: ([u8; 32], [u8; 32]),
+}
+
+/// How many derivations [`password_keys`] remembers: one per user, node and password
+/// in use is enough; past this the oldest is forgotten.
+const DERIVED_KEYS_KEPT: usize = 64;
+
+/// The ClientKey and ServerKey of `password` for a server's salt and iteration count.
+/// Deriving them is 4096 rounds of HMAC (milliseconds, on the thread that runs every
+/// session) and pgrelay logs in to the same servers with the same password again and
+/// again (a discarded server is replaced at once), so each derivation is done once.
+/// This memo of a pure function is process-wide rather than in `Shared`: the same
+/// inputs always give the same keys, so no configuration or reload can make it stale.
+pub fn password_keys(password: &[u8], salt: &[u8], iterations: u32) -> ([u8; 32], [u8; 32]) {
+    static DERIVED: std::sync::Mutex<Vec<DerivedKeys>> = std::sync::Mutex::new(Vec::new());
+    let prepared = prepare_password(password);
+    let password_hash = sha256(&prepared);
+    let found = |derived: &Vec<DerivedKeys>| {
+        derived
+            .iter()
+            .find(|d| {
+                d.password_hash == password_hash && d.salt == salt && d.iterations == iterations
+            })
+            .map(|d| d.keys)
+    };
+    if let Some(keys) = found(&DERIVED.lock().unwrap_or_else(|p| p.into_inner())) {
+        return keys;
+    }
+    // Derived without the lock held: another login may derive the same keys meanwhile.
+    let salted = salted_password(&prepared, salt, iterations);
+    let keys = (
+        hmac(&salted, &[b"Client Key"]),
+        hmac(&salted, &[b"Server Key"]),
+    );
+    let mut derived = DERIVED.lock().unwrap_or_else(|p| p.into_inner());
+    if found(&derived).is_none() {
+        if derived.len() >= DERIVED_KEYS_KEPT {
+            derived.remove(0);
+        }
+        derived.push(DerivedKeys {
+            password_hash,
+            salt: salt.to_vec(),
+            iterations,
+            keys,
+        });
+    }
+    keys
+}
+
+impl KeyClient {
+    /// A client for a plaintext password: its keys come from the server-first-message's
+    /// salt and iteration count ([`KeyClient::respond_with_password`]).
+    pub fn for_password(binding: ClientBinding) -> (Self, String) {
+        Self::bound([0; 32], [0; 32], binding)
+    }
+
+    /// [`KeyClient::respond`] with the keys of `password` for the salt and iteration
+    /// count in `server_first`.
+    pub fn respond_with_password(
+        &mut self,
+        password: &[u8],
+        server_first: &[u8],
+    ) -> Result<(String, String), ScramError> {
+        let text = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed)?;
+        let salt = attribute(text, 's')
+            .and_then(|salt| B64.decode(salt).ok())
+            .ok_or(ScramError::Malformed)?;
+        let iterations = attribute(text, 'i')
+            .and_then(|i| i.parse::<u32>().ok())
+            .filter(|&i| i > 0)
+            .ok_or(ScramError::Malformed)?;
+        (self.client_key, self.server_key) = password_keys(password, &salt, iterations);
+        self.respond(server_first)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +491,42 @@ mod tests {
         assert_eq!(
             server_final,
             "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
+    }
+
+    /// A client with a password derives its keys from the server's salt and iteration
+    /// count (once: the second login finds them remembered) and proves itself to a
+    /// server holding the secret of "pencil" with RFC 7677's salt; a wrong password's
+    /// proof is refused, and a server-first-message without a salt is malformed.
+    #[test]
+    fn password_client_derives_keys_from_the_server_first() {
+        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let secret = derive_secret(b"pencil", salt, 4096);
+        for _ in 0..2 {
+            let (mut client, first) = KeyClient::for_password(ClientBinding::Unsupported);
+            let (server, server_first) =
+                ServerExchange::start(secret.clone(), first.as_bytes(), Binding::default())
+                    .unwrap();
+            let (client_final, expected) = client
+                .respond_with_password(b"pencil", server_first.as_bytes())
+                .unwrap();
+            let (_, server_final) = server.finish(client_final.as_bytes()).unwrap();
+            assert_eq!(server_final, expected);
+        }
+        let (mut client, first) = KeyClient::for_password(ClientBinding::Unsupported);
+        let (server, server_first) =
+            ServerExchange::start(secret, first.as_bytes(), Binding::default()).unwrap();
+        let (client_final, _) = client
+            .respond_with_password(b"pencil!", server_first.as_bytes())
+            .unwrap();
+        assert_eq!(
+            server.finish(client_final.as_bytes()).unwrap_err(),
+            ScramError::Proof
+        );
+        let (mut client, _) = KeyClient::for_password(ClientBinding::Unsupported);
+        assert_eq!(
+            client.respond_with_password(b"pencil", b"r=x,i=4096"),
+            Err(ScramError::Malformed)
         );
     }
 

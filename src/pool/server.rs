@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{
-    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
-};
+use postgres_protocol::authentication::sasl::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::frontend;
 use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
@@ -60,10 +58,7 @@ pub enum ServerError {
 /// Why a SCRAM login to a server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScramFailure {
-    /// postgres-protocol's client, logging in with a password.
-    #[error(transparent)]
-    Password(std::io::Error),
-    /// pgrelay's own client, logging in with the keys a client proved.
+    /// pgrelay's own client, logging in with a password or the keys a client proved.
     #[error(transparent)]
     Keys(#[from] scram::ScramError),
 }
@@ -526,14 +521,16 @@ fn choose_binding(
     }
 }
 
-/// A SCRAM login in progress: with a password (postgres-protocol's client) or with the
-/// keys a client proved to pgrelay.
-enum ScramState {
-    Password(Box<ScramSha256>),
-    Keys {
-        client: scram::KeyClient,
-        server_final: Option<String>,
-    },
+/// A SCRAM login in progress, with pgrelay's own client: with the keys a client proved
+/// to pgrelay, or with keys derived from a password (once per password and salt:
+/// [`scram::password_keys`]; postgres-protocol's client would derive them again at
+/// every login, milliseconds of the runtime's thread each time).
+struct ScramState {
+    client: scram::KeyClient,
+    /// The password the keys are derived from when the server sends its salt; `None`
+    /// with proven keys.
+    password: Option<Vec<u8>>,
+    server_final: Option<String>,
 }
 
 impl ScramState {
@@ -541,72 +538,48 @@ impl ScramState {
         credentials: &ServerCredentials,
         binding: ClientBinding,
     ) -> Result<(ScramState, Vec<u8>), ServerError> {
-        match credentials {
+        let ((client, first), password) = match credentials {
             ServerCredentials::Password(p) => {
-                let binding = match binding {
-                    ClientBinding::Unsupported => ChannelBinding::unsupported(),
-                    ClientBinding::NotOffered => ChannelBinding::unrequested(),
-                    ClientBinding::TlsServerEndPoint(hash) => {
-                        ChannelBinding::tls_server_end_point(hash)
-                    }
-                };
-                let client = ScramSha256::new(p, binding);
-                let first = client.message().to_vec();
-                Ok((ScramState::Password(Box::new(client)), first))
+                (scram::KeyClient::for_password(binding), Some(p.clone()))
             }
             ServerCredentials::ScramKeys {
                 client_key,
                 server_key,
-            } => {
-                let (client, first) = scram::KeyClient::bound(*client_key, *server_key, binding);
-                Ok((
-                    ScramState::Keys {
-                        client,
-                        server_final: None,
-                    },
-                    first.into_bytes(),
+            } => (
+                scram::KeyClient::bound(*client_key, *server_key, binding),
+                None,
+            ),
+            ServerCredentials::Md5(_) => {
+                return Err(ServerError::AuthMethod("SCRAM with only an md5 hash"))
+            }
+            ServerCredentials::Missing => {
+                return Err(ServerError::AuthMethod(
+                    "SCRAM before any client proved its key (log in once with the password)",
                 ))
             }
-            ServerCredentials::Md5(_) => {
-                Err(ServerError::AuthMethod("SCRAM with only an md5 hash"))
-            }
-            ServerCredentials::Missing => Err(ServerError::AuthMethod(
-                "SCRAM before any client proved its key (log in once with the password)",
-            )),
-        }
+        };
+        let state = ScramState {
+            client,
+            password,
+            server_final: None,
+        };
+        Ok((state, first.into_bytes()))
     }
 
     fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ServerError> {
-        match self {
-            ScramState::Password(client) => {
-                client
-                    .update(server_first)
-                    .map_err(|e| ServerError::Scram(ScramFailure::Password(e)))?;
-                Ok(client.message().to_vec())
-            }
-            ScramState::Keys {
-                client,
-                server_final,
-            } => {
-                let (message, expected) = client
-                    .respond(server_first)
-                    .map_err(|e| ServerError::Scram(e.into()))?;
-                *server_final = Some(expected);
-                Ok(message.into_bytes())
-            }
+        let (message, expected) = match &self.password {
+            Some(password) => self.client.respond_with_password(password, server_first),
+            None => self.client.respond(server_first),
         }
+        .map_err(|e| ServerError::Scram(e.into()))?;
+        self.server_final = Some(expected);
+        Ok(message.into_bytes())
     }
 
     fn finish(self, server_final: &[u8]) -> Result<(), ServerError> {
-        match self {
-            ScramState::Password(mut client) => client
-                .finish(server_final)
-                .map_err(|e| ServerError::Scram(ScramFailure::Password(e))),
-            ScramState::Keys {
-                server_final: Some(expected),
-                ..
-            } if expected.as_bytes() == server_final => Ok(()),
-            ScramState::Keys { .. } => Err(ServerError::Scram(
+        match self.server_final {
+            Some(expected) if expected.as_bytes() == server_final => Ok(()),
+            _ => Err(ServerError::Scram(
                 scram::ScramError::ServerSignature.into(),
             )),
         }
