@@ -143,7 +143,14 @@ busy=$!
 idle=$!
 sleep 1
 started=$(date +%s)
-engine stop -t 30 "$container" >/dev/null
+engine stop -t 30 "$container" >/dev/null &
+stopper=$!
+sleep 0.5
+# Draining: the HTTP listener closed with the client listeners, so probes fail at once.
+if curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null; then
+  fail "/readyz still answers while draining"
+fi
+wait "$stopper"
 stopped=$(($(date +%s) - started))
 wait "$busy" || fail "the transaction in progress was cut: $(cat "$work/busy.out")"
 grep -q committed "$work/busy.out" || fail "no commit: $(cat "$work/busy.out")"
