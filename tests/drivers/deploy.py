@@ -191,6 +191,11 @@ def mounted_config(objects, deployment, pod, container, pgrelay, workdir):
         kind, ref = "ConfigMap", volume["configMap"]["name"]
     else:
         fail(where, f"volume {volume['name']} is neither a Secret nor a ConfigMap")
+    mode = volume[kind[0].lower() + kind[1:]].get("defaultMode", 0o644)
+    group = pod.get("securityContext", {}).get("fsGroup")
+    if not mode & 0o004 and not (mode & 0o040 and group is not None):
+        fail(where, f"volume {volume['name']} (mode {mode:o}) is unreadable to pgrelay's "
+             "user: make it world-readable or set the pod's fsGroup with a group read bit")
     source = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == ref]
     if not source or CONFIG_KEY not in source[0].get("data", {}):
         fail(where, f"mounts {kind} {ref}, which is not here or has no {CONFIG_KEY}")
