@@ -18,6 +18,8 @@
 #                mirror but no container registry).
 #   ENGINE_FLAGS extra flags for the engine itself, e.g. "--runtime runc" where crun
 #                refuses a cgroup v1/v2 hybrid host
+#   IMAGE        an image already built (e.g. the Dockerfile's default target) to run
+#                instead of building the prebuilt one; PGRELAY_BIN is then not used
 #   RUN_FLAGS    extra flags for build and run, e.g. "--ulimit nofile=20000:20000" where
 #                the engine's default limits exceed the host's
 set -euo pipefail
@@ -26,7 +28,6 @@ cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/pgrelay}
 ENGINE=${ENGINE:-podman}
 BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
-IMAGE=localhost/pgrelay:smoke
 PG_PORT=${PG_PORT:-25432}
 RELAY_PORT=${RELAY_PORT:-26432}
 METRICS_PORT=${METRICS_PORT:-29930}
@@ -39,32 +40,37 @@ fail() {
   exit 1
 }
 
-[ -x "$BIN" ] || fail "no pgrelay binary at $BIN (cargo build --release, or pass its path)"
-case $BIN in
-  target/*) ;;
-  *) fail "the binary must be under target/ (the build context's ignore file lets only it in)" ;;
-esac
+if [ -n "${IMAGE:-}" ]; then
+  say "using the image $IMAGE as it is"
+else
+  IMAGE=localhost/pgrelay:smoke
+  [ -x "$BIN" ] || fail "no pgrelay binary at $BIN (cargo build --release, or pass its path)"
+  case $BIN in
+    target/*) ;;
+    *) fail "the binary must be under target/ (the build context's ignore file lets only it in)" ;;
+  esac
 
-if ! engine image exists "$BASE_IMAGE" 2>/dev/null && [ "${MAKE_BASE:-}" = 1 ]; then
-  BASE_IMAGE=localhost/debian:bookworm-slim
-  if ! engine image exists "$BASE_IMAGE"; then
-    say "making $BASE_IMAGE with debootstrap"
-    rootfs=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | engine import --change 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null
-    rm -rf "$rootfs"
+  if ! engine image exists "$BASE_IMAGE" 2>/dev/null && [ "${MAKE_BASE:-}" = 1 ]; then
+    BASE_IMAGE=localhost/debian:bookworm-slim
+    if ! engine image exists "$BASE_IMAGE"; then
+      say "making $BASE_IMAGE with debootstrap"
+      rootfs=$(mktemp -d)
+      debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+      rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+      tar -C "$rootfs" -c . | engine import --change 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null
+      rm -rf "$rootfs"
+    fi
   fi
-fi
 
-say "building $IMAGE (target prebuilt, base $BASE_IMAGE, binary $BIN)"
-ignore=()  # Docker finds Dockerfile.dockerignore beside the Dockerfile by itself
-# podman: its own ignore file flag, and Docker's image format, which keeps HEALTHCHECK.
-[ "$ENGINE" = podman ] && ignore=(--ignorefile conf/docker/Dockerfile.dockerignore --format docker)
-engine build -f conf/docker/Dockerfile "${ignore[@]}" \
-  --target prebuilt --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --build-arg "PGRELAY_BIN=$BIN" \
-  --network host "${run_flags[@]}" -t "$IMAGE" . >"${TMPDIR:-/tmp}/pgrelay-smoke-build.log" 2>&1 \
-  || fail "build: $(tail -n 20 "${TMPDIR:-/tmp}/pgrelay-smoke-build.log")"
+  say "building $IMAGE (target prebuilt, base $BASE_IMAGE, binary $BIN)"
+  ignore=()  # Docker finds Dockerfile.dockerignore beside the Dockerfile by itself
+  # podman: its own ignore file flag, and Docker's image format, which keeps HEALTHCHECK.
+  [ "$ENGINE" = podman ] && ignore=(--ignorefile conf/docker/Dockerfile.dockerignore --format docker)
+  engine build -f conf/docker/Dockerfile "${ignore[@]}" \
+    --target prebuilt --build-arg "RUNTIME_IMAGE=$BASE_IMAGE" --build-arg "PGRELAY_BIN=$BIN" \
+    --network host "${run_flags[@]}" -t "$IMAGE" . >"${TMPDIR:-/tmp}/pgrelay-smoke-build.log" 2>&1 \
+    || fail "build: $(tail -n 20 "${TMPDIR:-/tmp}/pgrelay-smoke-build.log")"
+fi
 
 work=$(mktemp -d)
 container=""
