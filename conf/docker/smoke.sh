@@ -6,8 +6,9 @@
 #
 # It checks that the container runs as the non-root user, answers /healthz and /readyz,
 # relays psql, and that `stop` (SIGTERM) lets an open transaction commit, tells an idle
-# client 57P01 and exits 0 within pool.shutdown_timeout. Run from the repository root, as
-# root (PostgreSQL runs as `postgres`). Needs podman (or ENGINE=docker), PostgreSQL's
+# client 57P01 and exits 0 within pool.shutdown_timeout; then that the Kubernetes
+# sidecar's config serves its Unix socket without a password and the loopback with one.
+# Run from the repository root, as root (PostgreSQL runs as `postgres`). Needs podman (or ENGINE=docker), PostgreSQL's
 # server binaries, psql and curl. Everything listens on 127.0.0.1 (host networking).
 #
 # Environment:
@@ -76,7 +77,7 @@ work=$(mktemp -d)
 container=""
 cleanup() {
   [ -n "$container" ] && engine rm -f "$container" >/dev/null 2>&1
-  runuser -u postgres -- /usr/lib/postgresql/*/bin/pg_ctl -D "$work/data" -m immediate stop \
+  runuser -u postgres -- "${pgbin:-/nonexistent}/pg_ctl" -D "$work/data" -m immediate stop \
     >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -84,7 +85,9 @@ trap cleanup EXIT
 chmod 755 "$work"
 
 say "starting PostgreSQL on 127.0.0.1:$PG_PORT"
-initdb=$(ls /usr/lib/postgresql/*/bin/initdb | tail -n 1)
+initdbs=(/usr/lib/postgresql/*/bin/initdb)
+initdb=${initdbs[-1]}
+[ -x "$initdb" ] || fail "no PostgreSQL server binaries (apt-get install postgresql)"
 pgbin=$(dirname "$initdb")
 install -d -o postgres "$work/data"
 runuser -u postgres -- "$initdb" -D "$work/data" -U postgres --auth=trust >/dev/null
@@ -168,4 +171,49 @@ code=$(engine inspect -f '{{.State.ExitCode}}' "$container")
 [ "$stopped" -lt 10 ] || fail "stop took ${stopped}s (shutdown_timeout is 10s)"
 say "idle client: $(tr '\n' ' ' <"$work/idle.out")"
 say "SIGTERM drained: the transaction committed, the idle client got 57P01, exit 0 after ${stopped}s"
+engine rm "$container" >/dev/null
+container=""
+
+# The Kubernetes sidecar's own config, with the database's addresses and the ports
+# changed to this machine's: its Unix socket in a shared directory (an emptyDir there),
+# where the application needs no password, and SCRAM on the loopback.
+say "running the image with conf/kubernetes/sidecar/pgrelay.toml"
+python3 - conf/kubernetes/sidecar/pgrelay.toml "$work/sidecar.toml" \
+  "$PG_PORT" "$RELAY_PORT" "$METRICS_PORT" <<'PY'
+import re, sys
+src, dst, pg, relay, metrics = sys.argv[1:]
+text = open(src).read()
+blocks = text.split("[[backends]]")
+text = blocks[0] + "[[backends]]" + blocks[1] + "".join(
+    b[b.index("[[databases]]"):] for b in blocks[2:])  # one server here, not two
+text = re.sub(r"pg-0\.pg\.db\.svc\.cluster\.local", "127.0.0.1", text)
+text = text.replace("port = 5432", f"port = {pg}")
+text = text.replace("127.0.0.1:6432", f"127.0.0.1:{relay}")
+text = text.replace(".s.PGSQL.6432", f".s.PGSQL.{relay}")
+text = text.replace("0.0.0.0:9930", f"127.0.0.1:{metrics}")
+open(dst, "w").write(text)
+PY
+chmod 644 "$work/sidecar.toml"
+psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "ALTER ROLE app PASSWORD 'change-me-app'" \
+  -c "CREATE ROLE pgrelay_health LOGIN PASSWORD 'change-me-health'"
+install -d -m 0777 "$work/socket"  # an emptyDir's mode
+container=$(engine run -d --network host "${run_flags[@]}" --read-only --cap-drop ALL \
+  -e "PGRELAY_HEALTH_PORT=$METRICS_PORT" \
+  -v "$work/sidecar.toml:/etc/pgrelay/pgrelay.toml:ro" -v "$work/socket:/var/run/pgrelay" \
+  "$IMAGE")
+for _ in $(seq 50); do
+  curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null && break
+  sleep 0.2
+done
+[ "$(PGPASSWORD='' psql -w -h "$work/socket" -p "$RELAY_PORT" -U app -d app -Atc 'SELECT 1')" = 1 ] \
+  || fail "psql on the sidecar's Unix socket without a password"
+[ "$(psql "postgres://app:change-me-app@127.0.0.1:$RELAY_PORT/app" -Atc 'SELECT 2')" = 2 ] \
+  || fail "psql on the sidecar's loopback with its password"
+if PGPASSWORD=wrong psql -w -h 127.0.0.1 -p "$RELAY_PORT" -U app -d app -c 'SELECT 3' \
+  >/dev/null 2>&1; then
+  fail "the loopback took a wrong password"
+fi
+engine stop -t 30 "$container" >/dev/null
+[ ! -e "$work/socket/.s.PGSQL.$RELAY_PORT" ] || fail "the socket file is left after stop"
+say "sidecar config: Unix socket without a password, SCRAM on the loopback, socket removed at stop"
 echo "smoke: ok"
