@@ -110,14 +110,19 @@ fn minimum_rust() -> (Vec<u32>, String) {
         let package = packages.iter().find(|p| p["id"] == id).expect("package");
         if let Some(rust) = package["rust_version"].as_str() {
             if version(rust) > newest.0 {
-                let name = format!("{} {}", package["name"], package["version"]);
-                newest = (version(rust), name.replace('"', ""));
+                let (name, number) = (&package["name"], &package["version"]);
+                let name = format!(
+                    "{} {}",
+                    name.as_str().unwrap_or("?"),
+                    number.as_str().unwrap_or("?")
+                );
+                newest = (version(rust), name);
             }
         }
         let node = nodes.iter().find(|n| n["id"] == id).expect("node");
         for dep in node["deps"].as_array().into_iter().flatten() {
-            let kinds = dep["dep_kinds"].as_array().into_iter().flatten();
-            if kinds.clone().any(|k| k["kind"] != "dev") {
+            let mut kinds = dep["dep_kinds"].as_array().into_iter().flatten();
+            if kinds.any(|k| k["kind"] != "dev") {
                 todo.push(dep["pkg"].as_str().expect("pkg"));
             }
         }

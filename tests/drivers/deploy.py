@@ -26,10 +26,9 @@ import tempfile
 import tomllib
 
 import kubernetes_validate
-import kubernetes_validate.utils
 import yaml
 
-KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 CONFIG_DIR = "/etc/pgrelay"
 CONFIG_KEY = "pgrelay.toml"
 KNOWN_KEYS = {"apiVersion", "kind", "resources", "secretGenerator",
@@ -244,8 +243,9 @@ def check_security(where, pod, container, dockerfile_user):
     if security.get("capabilities", {}).get("drop") != ["ALL"]:
         fail(where, "capabilities are not dropped (drop: [ALL])")
     for c in pod_containers(pod):
-        requests = c.get("resources", {}).get("requests", {})
-        if not {"cpu", "memory"} <= set(requests) or "memory" not in c["resources"].get("limits", {}):
+        resources = c.get("resources", {})
+        requests, limits = resources.get("requests", {}), resources.get("limits", {})
+        if not {"cpu", "memory"} <= set(requests) or "memory" not in limits:
             fail(f"{where} / {c['name']}", "needs cpu and memory requests and a memory limit")
 
 
