@@ -104,6 +104,24 @@ pub fn libpq18_python() -> PathBuf {
     python
 }
 
+/// The virtual environment's python3 with kubernetes-validate (the Kubernetes API's
+/// JSON schemas, offline) and PyYAML, for tests/deploy.rs; the README's test command
+/// creates it.
+pub fn kubernetes_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kubernetes-venv/bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import kubernetes_validate, yaml"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    assert!(
+        ready,
+        "{} has no kubernetes-validate; the README's test command, `{TEST_COMMAND}`, \
+         creates that virtual environment",
+        python.display()
+    );
+    python
+}
+
 /// [`run_driver`] with [`libpq18_python`]: psycopg on libpq 18.
 pub fn run_libpq18_driver(script: &str, args: &[&str]) -> String {
     run_script(&libpq18_python(), script, args)
