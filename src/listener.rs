@@ -68,6 +68,8 @@ pub struct Pgrelay {
     pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    /// Fires once the drain is over: the HTTP listener answers probes until then.
+    stopped: watch::Sender<bool>,
     /// Client sessions, for draining.
     sessions: TaskTracker,
 }
@@ -88,6 +90,7 @@ impl Pgrelay {
         }
         health::probe_all(&monitor).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (stopped, stopped_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
         let mut unix_sockets = Vec::new();
@@ -113,7 +116,9 @@ impl Pgrelay {
                     .local_addr()
                     .map_err(|source| ListenError::Bind { addr, source })?;
                 tracing::info!(addr = %local, "metrics and health endpoints listening");
-                tokio::spawn(serve_http(listener, shared.clone(), shutdown_rx.clone()));
+                // Through the drain too: /healthz keeps answering (a liveness probe
+                // must not kill a draining pod) and /readyz says it is shutting down.
+                tokio::spawn(serve_http(listener, shared.clone(), stopped_rx));
                 Some(local)
             }
             None => None,
@@ -128,6 +133,7 @@ impl Pgrelay {
             metrics_addr,
             shared,
             shutdown,
+            stopped,
             sessions,
         })
     }
@@ -163,6 +169,7 @@ impl Pgrelay {
                 "shutdown_timeout expired with sessions still open"
             );
         }
+        let _ = self.stopped.send(true);
         for path in &self.unix_sockets {
             if let Err(err) = std::fs::remove_file(path) {
                 tracing::warn!(%err, path = %path.display(), "could not remove the Unix socket");
@@ -330,7 +337,7 @@ async fn serve(login: Login, shared: Arc<Shared>) {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the drain is over.
 async fn serve_http(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
     accept_each(listener, shutdown, |socket| {
         let shared = shared.clone();

@@ -1,7 +1,7 @@
 //! Prometheus metrics and the answers of the HTTP listener (`metrics_listen`, whose
 //! accept loop is in [`crate::listener`]) that serves them with the Kubernetes probes:
-//! `GET /metrics`, `/healthz` (the process answers) and `/readyz` (listening, and a
-//! primary is known).
+//! `GET /metrics`, `/healthz` (the process answers, through a shutdown's drain too) and
+//! `/readyz` (listening, not shutting down, and a primary is known).
 //!
 //! One [`Metrics`] lives in [`crate::Shared`]. Counters the hot path touches are
 //! resolved once (per error kind) so a transaction only adds to atomics; per-node
@@ -460,6 +460,11 @@ pub async fn answer(mut socket: TcpStream, shared: &Shared) -> std::io::Result<(
             )
         }
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") if *shared.shutting_down.borrow() => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: shutting down\n".to_owned(),
+        ),
         ("GET", "/readyz") => match shared.cluster.load().primary {
             Some(primary) => (
                 "200 OK",

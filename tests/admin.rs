@@ -789,7 +789,12 @@ async fn reload_applies_pool_size_new_backends_and_keeps_a_broken_file_out() {
 /// progress finishes, then everything closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
-    let env = start(console_options(0)).await;
+    let env = start(EnvOptions {
+        metrics: true,
+        ..console_options(0)
+    })
+    .await;
+    let probes = env.relay.metrics_addr.expect("metrics listener");
     let conn = env.conn_string(APP_USER, APP_PASSWORD, APP_DB);
     let busy = connect_str(&conn).await.expect("connect");
     busy.batch_execute("BEGIN; SELECT 1").await.expect("begin");
@@ -807,6 +812,10 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
         .expect("connection task");
     let err = told.expect_err("closed with an error");
     assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    // Draining: alive (a liveness probe must not kill the pod), not ready.
+    assert_eq!(http_get(probes, "/healthz").await.0, 200);
+    let (status, body) = http_get(probes, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "not ready: shutting down\n"));
     busy.batch_execute("INSERT INTO pg_temp.x SELECT 1")
         .await
         .expect_err("no such table: the transaction fails but runs");
@@ -818,5 +827,10 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
         .expect("shutdown ends once the transaction is over")
         .expect("shutdown task");
     assert!(started.elapsed() < Duration::from_secs(5));
+    let closed = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(probes).await.is_err()
+    })
+    .await;
+    assert!(closed, "the probes' listener closes once the drain is over");
     drop(cluster);
 }

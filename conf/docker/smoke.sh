@@ -155,10 +155,12 @@ started=$(date +%s)
 engine stop -t 30 "$container" >/dev/null &
 stopper=$!
 sleep 0.5
-# Draining: the HTTP listener closed with the client listeners, so probes fail at once.
+# Draining: /readyz says 503 at once, /healthz stays 200 until the drain is over.
 if curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null; then
-  fail "/readyz still answers while draining"
+  fail "/readyz still says ready while draining"
 fi
+curl -fs "http://127.0.0.1:$METRICS_PORT/healthz" | grep -q ok \
+  || fail "/healthz stopped answering while draining"
 wait "$stopper"
 stopped=$(($(date +%s) - started))
 wait "$busy" || fail "the transaction in progress was cut: $(cat "$work/busy.out")"

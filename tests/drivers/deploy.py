@@ -287,8 +287,8 @@ def check_drain(where, pod, config):
     if grace <= before + shutdown:
         fail(where, f"terminationGracePeriodSeconds {grace} is not above preStop "
              f"{before}s + shutdown_timeout {shutdown}s")
-    # /healthz stops answering with SIGTERM (the HTTP listener closes with the client
-    # listeners): the liveness probe must not give up on a pod before its drain ends.
+    # /healthz keeps answering through the drain; the liveness probe's patience is still
+    # kept above the drain, for a pgrelay too busy to answer while it drains.
     liveness = next(c for c in pod_containers(pod) if c["name"] == "pgrelay")["livenessProbe"]
     patience = liveness.get("periodSeconds", 10) * liveness.get("failureThreshold", 3)
     if patience <= shutdown:
