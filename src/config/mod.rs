@@ -283,7 +283,7 @@ fn spelled<T: serde::Serialize>(value: &T) -> String {
 /// A duration as the config file writes it.
 fn duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -31,7 +31,7 @@ pub async fn maintain(pools: Arc<Pools>, mut shutdown: watch::Receiver<bool>) {
             pool.expire_waiters(now);
         }
         round = round.wrapping_add(1);
-        if round % HOUSEKEEPING_EVERY != 0 {
+        if !round.is_multiple_of(HOUSEKEEPING_EVERY) {
             continue;
         }
         for pool in all {
