@@ -349,7 +349,7 @@ fn fresh_sessions(
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             let mut config: tokio_postgres::Config = conn.parse().expect("config");
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 config.application_name("fresh");
             }
             running.push(tokio::spawn(async move {
