@@ -9,17 +9,21 @@
 //! [`Config::from_toml_str`]; a text pgrelay refuses is an importer bug and an error.
 //! Input it cannot read is refused with the file's name and line number.
 //!
-//! `pgbouncer.rs` and `pgpool.rs` map each tool's settings; `ini.rs` and `conf.rs` read
-//! their syntax; `hba.rs` reads pg_hba.conf-style rules; `secrets.rs` reads the password
-//! files; `doc.rs` is the output being built.
+//! `pgbouncer.rs` (with `aliases.rs` for `[databases]`) and `pgpool.rs` (with
+//! `pgpool_nodes.rs` for backends, health checks and failover) map each tool's
+//! settings; `ini.rs` and `conf.rs` read their syntax; `hba.rs` reads pg_hba.conf-style
+//! rules; `secrets.rs` reads the password files; `notes.rs` says why the rest is not
+//! carried over; `doc.rs` is the output being built.
 
 mod aliases;
 mod conf;
 mod doc;
 mod hba;
 mod ini;
+mod notes;
 mod pgbouncer;
 mod pgpool;
+mod pgpool_nodes;
 mod secrets;
 
 use std::path::{Path, PathBuf};

@@ -10,7 +10,8 @@ use super::hba::{self, TlsSide};
 use super::ini::{self, pairs, Setting};
 use super::secrets::{self, UserSecret};
 use super::{
-    aliases, duration_text, listen_entries, parse_time, unmapped, ImportError, Request, Source,
+    aliases, duration_text, listen_entries, notes, parse_time, unmapped, ImportError, Request,
+    Source,
 };
 
 const SOURCE: Source = Source::PgBouncer;
@@ -63,7 +64,7 @@ pub(super) fn import(request: &Request) -> Result<String, ImportError> {
         );
     }
     for (key, (value, _)) in &general {
-        let (section, why) = unmapped_why(key);
+        let (section, why) = notes::pgbouncer(key);
         doc.note(section, unmapped(SOURCE, key, value, why));
     }
     Ok(doc.render())
@@ -474,83 +475,6 @@ fn user_overrides(entry: &mut super::doc::Table, name: &str, params: Vec<(String
                 "no per-user equivalent in pgrelay",
             )),
         }
-    }
-}
-
-/// Where the comment for a `[pgbouncer]` key with no equivalent goes, and why.
-fn unmapped_why(key: &str) -> (Section, &'static str) {
-    let logs = "pgrelay logs to stderr (level: PGRELAY_LOG; log_format = \"json\" for JSON) \
-                and counts at metrics_listen's /metrics";
-    let sockets = "socket tuning pgrelay leaves to the operating system";
-    match key {
-        "logfile" | "pidfile" | "syslog" | "syslog_facility" | "syslog_ident" | "log_connections"
-        | "log_disconnections" | "log_pooler_errors" | "log_stats" | "verbose" | "stats_period" => {
-            (Section::Top, logs)
-        }
-        "listen_backlog" | "pkt_buf" | "sbuf_loopcnt" | "so_reuseport" | "tcp_defer_accept"
-        | "tcp_socket_buffer" | "tcp_keepalive" | "tcp_keepcnt" | "tcp_keepidle"
-        | "tcp_keepintvl" | "tcp_user_timeout" => (Section::Top, sockets),
-        "dns_max_ttl" | "dns_zone_check_period" | "dns_nxdomain_ttl" | "resolv_conf" => {
-            (Section::Top, "pgrelay resolves backend host names with the system resolver")
-        }
-        "unix_socket_mode" | "unix_socket_group" => (
-            Section::Top,
-            "pgrelay makes its socket 0777: restrict access with the directory's permissions",
-        ),
-        "user" => (Section::Top, "pgrelay does not change its Unix user: start it as the user it should run as"),
-        "reserve_pool_size" | "reserve_pool_timeout" => {
-            (Section::Pool, "no reserve pool: raise default_pool_size instead")
-        }
-        "server_check_query" | "server_check_delay" => (
-            Section::Pool,
-            "pgrelay checks servers with [health_check] probes (a login and pg_is_in_recovery()) \
-             rather than a query on idle pool connections",
-        ),
-        "server_reset_query_always" => (
-            Section::Pool,
-            "pgrelay runs server_reset_query in session mode only; transaction mode carries \
-             session state instead of resetting it",
-        ),
-        "ignore_startup_parameters" => (
-            Section::Pool,
-            "not needed: pgrelay accepts every startup parameter (extra_float_digits, options, \
-             search_path...) and applies it on each server the client uses",
-        ),
-        "track_extra_parameters" => {
-            (Section::Pool, "not needed: pgrelay tracks every reported parameter and startup setting")
-        }
-        "server_round_robin" => (Section::Routing, "reads are spread by routing.load_balance and backends' weight"),
-        "max_packet_size" => (
-            Section::Limits,
-            "different meaning: limits.max_request_buffer (default 16 MiB) bounds one request \
-             buffered before a server is chosen, not one packet; raise it for larger requests \
-             outside transactions",
-        ),
-        "client_tls_protocols" | "client_tls_ciphers" | "client_tls_dheparams"
-        | "client_tls_ecdhcurve" | "server_tls_protocols" | "server_tls_ciphers" => (
-            Section::Tls,
-            "pgrelay uses rustls: TLS 1.2 and 1.3 with its default cipher suites, not configurable",
-        ),
-        "server_tls_key_file" | "server_tls_cert_file" => {
-            (Section::Tls, "pgrelay presents no client certificate to PostgreSQL")
-        }
-        "server_fast_close" | "server_login_retry" => (
-            Section::Pool,
-            "no equivalent: a server that cannot be reached fails the request that needed it \
-             (08006), and health checks take its node out of service",
-        ),
-        "autodb_idle_timeout" => (Section::Pool, "pgrelay closes idle servers after server_idle_timeout"),
-        "application_name_add_host" => (
-            Section::Top,
-            "no equivalent: SHOW CLIENTS in the admin console shows each client's address",
-        ),
-        "disable_pqexec" => (Section::Top, "no equivalent: pgrelay relays multi-statement queries"),
-        "service_name" | "job_name" => (Section::Top, "Windows service names: not used"),
-        "suspend_timeout" => (
-            Section::Pool,
-            "no online restart (SUSPEND/RESUME): pgrelay drains on SIGTERM for pool.shutdown_timeout",
-        ),
-        _ => (Section::Top, "no equivalent in pgrelay (or not known to the importer); not carried over"),
     }
 }
 

@@ -12,28 +12,29 @@ use super::doc::{Doc, Section};
 use super::hba::{self, TlsSide};
 use super::secrets::{self, UserSecret};
 use super::{
-    duration_text, listen_entries, parse_bool, parse_time, unmapped, ImportError, Request, Source,
+    duration_text, listen_entries, notes, parse_bool, parse_time, pgpool_nodes, unmapped,
+    ImportError, Request, Source,
 };
 
-const SOURCE: Source = Source::Pgpool;
+pub(super) const SOURCE: Source = Source::Pgpool;
 
 /// The settings not yet used, by key.
 type Settings = BTreeMap<String, Setting>;
 
 /// The reader's state: the file's name, the settings left, the output.
-struct Import<'a> {
-    file: &'a str,
-    left: Settings,
-    doc: Doc,
+pub(super) struct Import<'a> {
+    pub(super) file: &'a str,
+    pub(super) left: Settings,
+    pub(super) doc: Doc,
 }
 
 impl Import<'_> {
-    fn take(&mut self, key: &str) -> Option<Setting> {
+    pub(super) fn take(&mut self, key: &str) -> Option<Setting> {
         self.left.remove(key)
     }
 
     /// The first of `keys` that is set (new name first), the others noted as shadowed.
-    fn take_any(&mut self, keys: &[&str]) -> Option<Setting> {
+    pub(super) fn take_any(&mut self, keys: &[&str]) -> Option<Setting> {
         let mut found = None;
         for key in keys {
             if let Some(s) = self.take(key) {
@@ -43,7 +44,7 @@ impl Import<'_> {
         found
     }
 
-    fn bool(&mut self, key: &str) -> Result<Option<bool>, ImportError> {
+    pub(super) fn bool(&mut self, key: &str) -> Result<Option<bool>, ImportError> {
         self.take(key)
             .map(|s| {
                 parse_bool(&s.value).ok_or_else(|| {
@@ -58,7 +59,7 @@ impl Import<'_> {
     }
 
     /// A time setting: `bare_ms` milliseconds per unit when no unit is written.
-    fn time(
+    pub(super) fn time(
         &mut self,
         key: &str,
         bare_ms: f64,
@@ -76,7 +77,7 @@ impl Import<'_> {
         Ok(Some((time, s)))
     }
 
-    fn number(&mut self, key: &str) -> Result<Option<u64>, ImportError> {
+    pub(super) fn number(&mut self, key: &str) -> Result<Option<u64>, ImportError> {
         self.take(key)
             .map(|s| {
                 s.value.trim().parse::<u64>().map_err(|_| {
@@ -90,7 +91,7 @@ impl Import<'_> {
             .transpose()
     }
 
-    fn note(&mut self, section: Section, s: &Setting, why: &str) {
+    pub(super) fn note(&mut self, section: Section, s: &Setting, why: &str) {
         self.doc
             .note(section, unmapped(SOURCE, &s.key, &s.value, why));
     }
@@ -129,14 +130,14 @@ pub(super) fn import(request: &Request) -> Result<String, ImportError> {
         None => None,
     };
     let users: &[UserSecret] = passwd.as_ref().map_or(&[], |(u, _)| u.as_slice());
-    health(&mut im, users)?;
-    failover(&mut im)?;
+    pgpool_nodes::health(&mut im, users)?;
+    pgpool_nodes::failover(&mut im)?;
     let tls = tls(&mut im)?;
-    backends(&mut im)?;
+    pgpool_nodes::backends(&mut im)?;
     auth(&mut im, request, passwd.as_ref(), tls)?;
     let left = std::mem::take(&mut im.left);
     for s in left.values() {
-        let (section, why) = unmapped_why(&s.key);
+        let (section, why) = notes::pgpool(&s.key);
         im.note(section, s, why);
     }
     Ok(im.doc.render())
@@ -459,144 +460,6 @@ fn routing(im: &mut Import) -> Result<(), ImportError> {
     Ok(())
 }
 
-fn health(im: &mut Import, users: &[UserSecret]) -> Result<(), ImportError> {
-    let positive = [
-        ("health_check_period", "period"),
-        ("health_check_timeout", "timeout"),
-    ];
-    for (key, target) in positive {
-        if let Some((time, s)) = im.time(key, 1000.0)? {
-            if time.is_zero() {
-                im.note(
-                    Section::HealthCheck,
-                    &s,
-                    "0 turns it off in Pgpool-II; pgrelay always checks: its default is kept",
-                );
-            } else {
-                im.doc
-                    .set(Section::HealthCheck, target, duration_text(time));
-            }
-        }
-    }
-    if let Some(n) = im.number("health_check_max_retries")? {
-        im.doc.set(
-            Section::HealthCheck,
-            "max_retries",
-            n.min(u64::from(u32::MAX)) as i64,
-        );
-    }
-    if let Some((time, _)) = im.time("health_check_retry_delay", 1000.0)? {
-        im.doc
-            .set(Section::HealthCheck, "retry_delay", duration_text(time));
-    }
-    let user = im.take("health_check_user").filter(|s| !s.value.is_empty());
-    if let Some(user) = &user {
-        im.doc
-            .set(Section::HealthCheck, "user", user.value.as_str());
-    }
-    if let Some(s) = im.take("health_check_database") {
-        if s.value.is_empty() {
-            im.note(
-                Section::HealthCheck,
-                &s,
-                "Pgpool-II tried postgres, then template1; pgrelay uses postgres",
-            );
-        } else {
-            im.doc.set(Section::HealthCheck, "database", s.value);
-        }
-    }
-    let password = im
-        .take("health_check_password")
-        .map(|s| s.value)
-        .unwrap_or_default();
-    if !password.is_empty() {
-        im.doc.set(Section::HealthCheck, "password", password);
-    } else if let Some(user) = user {
-        let stored = users.iter().find(|u| u.name == user.value);
-        match stored.filter(|u| !u.secret.starts_with("md5") && !u.secret.starts_with("SCRAM-SHA-256$")) {
-            Some(found) => im.doc.table(Section::HealthCheck).set_noted(
-                "password",
-                found.secret.as_str(),
-                "health_check_password was empty: Pgpool-II took it from pool_passwd, as here".to_owned(),
-            ),
-            None => im.doc.note(
-                Section::HealthCheck,
-                "pgpool: health_check_password = '' -- Pgpool-II looked the user up in pool_passwd; \
-                 pgrelay needs the plaintext here (or a trust rule for it on the servers)",
-            ),
-        }
-    }
-    if let Some(on) = im.bool("failover_on_backend_error")? {
-        let why = "recheck_on_backend_error: pgrelay probes the node at once and fails it over \
-                   only if the probes fail, rather than at the first error";
-        let text = if on { "on" } else { "off" };
-        im.doc.table(Section::HealthCheck).set_noted(
-            "recheck_on_backend_error",
-            on,
-            unmapped(SOURCE, "failover_on_backend_error", text, why),
-        );
-    }
-    Ok(())
-}
-
-fn failover(im: &mut Import) -> Result<(), ImportError> {
-    let commands = [
-        (&["failover_command"][..], "failover_command"),
-        (&["failback_command"][..], "failback_command"),
-        (
-            &["follow_primary_command", "follow_master_command"][..],
-            "follow_primary_command",
-        ),
-    ];
-    for (keys, target) in commands {
-        let Some(s) = im.take_any(keys) else { continue };
-        if s.value.is_empty() {
-            continue;
-        }
-        let unknown = unknown_placeholders(&s.value);
-        let table = im.doc.table(Section::Failover);
-        if unknown.is_empty() {
-            table.set(target, s.value.as_str());
-        } else {
-            let why = format!(
-                "placeholders pgrelay does not fill, left as written: {}",
-                unknown.join(" ")
-            );
-            table.set_noted(
-                target,
-                s.value.as_str(),
-                unmapped(SOURCE, &s.key, &s.value, &why),
-            );
-        }
-    }
-    match im.bool("auto_failback")? {
-        Some(on) => im.doc.set(Section::Failover, "auto_failback", on),
-        None => im.doc.table(Section::Failover).set_noted(
-            "auto_failback",
-            false,
-            "Pgpool-II's default auto_failback is off (pgrelay's is on)".to_owned(),
-        ),
-    }
-    Ok(())
-}
-
-/// The `%x` of `command` that pgrelay's hooks do not replace.
-fn unknown_placeholders(command: &str) -> Vec<String> {
-    const KNOWN: &str = "dhpDmHMPrRNS%";
-    let mut out = Vec::new();
-    let mut chars = command.chars();
-    while let Some(c) = chars.next() {
-        if c == '%' {
-            match chars.next() {
-                Some(p) if KNOWN.contains(p) => {}
-                Some(p) => out.push(format!("%{p}")),
-                None => out.push("%".to_owned()),
-            }
-        }
-    }
-    out
-}
-
 fn tls(im: &mut Import) -> Result<TlsSide, ImportError> {
     let on = im.bool("ssl")?.unwrap_or(false);
     let mut path = |key: &str| im.take(key).map(|s| s.value).filter(|v| !v.is_empty());
@@ -624,145 +487,6 @@ fn tls(im: &mut Import) -> Result<TlsSide, ImportError> {
         tls_on,
         client_ca: ca.is_some(),
     })
-}
-
-/// `backend_*N` settings into `[[backends]]`, in the order of N (the `%d` of hooks).
-fn backends(im: &mut Import) -> Result<(), ImportError> {
-    let mut nodes: BTreeMap<u32, BTreeMap<&'static str, Setting>> = BTreeMap::new();
-    const FIELDS: [&str; 6] = [
-        "hostname",
-        "port",
-        "weight",
-        "data_directory",
-        "flag",
-        "application_name",
-    ];
-    let keys: Vec<String> = im.left.keys().cloned().collect();
-    for key in keys {
-        let Some(rest) = key.strip_prefix("backend_") else {
-            continue;
-        };
-        for field in FIELDS {
-            let Some(index) = rest.strip_prefix(field).and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some(s) = im.take(&key) {
-                nodes.entry(index).or_default().insert(field, s);
-            }
-            break;
-        }
-    }
-    let mut count = 0;
-    for (index, fields) in &nodes {
-        let Some(host) = fields.get("hostname") else {
-            for s in fields.values() {
-                im.note(
-                    Section::Backends,
-                    s,
-                    "no backend_hostname with this number: not carried over",
-                );
-            }
-            continue;
-        };
-        if *index != count {
-            im.doc.note(
-                Section::Backends,
-                format!(
-                "pgpool: backend numbers have gaps: node {index} is backends[{count}] here, and \
-                 hooks' %d and %m give {count}"
-            ),
-            );
-        }
-        backend(im, fields, host)?;
-        count += 1;
-    }
-    if count == 0 {
-        im.doc.note(
-            Section::Backends,
-            "pgpool: no backend_hostname0 is set: this backend is PostgreSQL's default, on this \
-             host; replace it with the primary and the replicas",
-        );
-        im.doc.push(Section::Backends).set("host", "127.0.0.1");
-    }
-    Ok(())
-}
-
-fn backend(
-    im: &mut Import,
-    fields: &BTreeMap<&'static str, Setting>,
-    host: &Setting,
-) -> Result<(), ImportError> {
-    let mut notes = Vec::new();
-    let host_name = if host.value.is_empty() || host.value.starts_with('/') {
-        notes.push(format!(
-            "{} = {:?}: a Unix socket; pgrelay connects over TCP: 127.0.0.1 is assumed",
-            host.key, host.value
-        ));
-        "127.0.0.1".to_owned()
-    } else {
-        host.value.clone()
-    };
-    let parse = |s: &Setting| {
-        s.value.parse::<f64>().map_err(|_| {
-            ImportError::line(
-                im.file,
-                s.line,
-                format!("{} = {:?} is not a number", s.key, s.value),
-            )
-        })
-    };
-    let port = fields
-        .get("port")
-        .map(&parse)
-        .transpose()?
-        .unwrap_or(5432.0);
-    if !(1.0..=65535.0).contains(&port) || port.fract() != 0.0 {
-        let line = fields.get("port").map_or(host.line, |s| s.line);
-        return Err(ImportError::line(
-            im.file,
-            line,
-            "a port must be 1 to 65535",
-        ));
-    }
-    let weight = fields.get("weight").map(&parse).transpose()?;
-    let mut role = None;
-    if let Some(flag) = fields.get("flag") {
-        let flags: Vec<&str> = flag.value.split('|').map(str::trim).collect();
-        if flags.contains(&"ALWAYS_PRIMARY") || flags.contains(&"ALWAYS_MASTER") {
-            role = Some("primary");
-        }
-        if flags.contains(&"DISALLOW_TO_FAILOVER") {
-            notes.push(unmapped(SOURCE, &flag.key, &flag.value, "pgrelay takes any node out of service after failed health checks; it runs failover_command for this one too"));
-        }
-    }
-    if let Some(app) = fields.get("application_name") {
-        notes.push(unmapped(
-            SOURCE,
-            &app.key,
-            &app.value,
-            "not needed: pgrelay reads each replica's replay position from the replica itself",
-        ));
-    }
-    let entry = im.doc.push(Section::Backends);
-    for note in notes {
-        entry.note(note);
-    }
-    entry.set("host", host_name);
-    entry.set("port", port as i64);
-    if let Some(weight) = weight {
-        if weight.fract() == 0.0 {
-            entry.set("weight", weight as i64);
-        } else {
-            entry.set("weight", weight);
-        }
-    }
-    if let Some(dir) = fields.get("data_directory").filter(|s| !s.value.is_empty()) {
-        entry.set("data_directory", dir.value.as_str());
-    }
-    if let Some(role) = role {
-        entry.set_noted("role", role, "backend_flag ALWAYS_PRIMARY".to_owned());
-    }
-    Ok(())
 }
 
 /// `[[users]]` from pool_passwd, `[[hba]]` from pool_hba.conf, and `auth_type`.
@@ -830,112 +554,6 @@ fn auth(
          database \"pgrelay\" for the admin_users, who must be in [[users]]",
     );
     Ok(())
-}
-
-/// Where the comment for a key with no equivalent goes, and why.
-fn unmapped_why(key: &str) -> (Section, &'static str) {
-    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| key.starts_with(p));
-    let per_node = key.trim_end_matches(|c: char| c.is_ascii_digit()) != key;
-    if starts(&["health_check_", "connect_timeout"]) && per_node {
-        return (
-            Section::HealthCheck,
-            "per-node health checks: pgrelay's [health_check] applies to every node",
-        );
-    }
-    if starts(&[
-        "use_watchdog",
-        "wd_",
-        "heartbeat_",
-        "hostname",
-        "pgpool_port",
-        "trusted_server",
-        "ping_path",
-        "if_",
-        "arping",
-        "delegate_ip",
-        "clear_memqcache_on_escalation",
-        "failover_when_quorum_exists",
-        "failover_require_consensus",
-        "allow_multiple_failover_requests",
-        "enable_consensus_with_half_votes",
-    ]) {
-        return (Section::Failover, "watchdog: pgrelay instances do not elect each other or hold a virtual IP; run several behind a load balancer or a Kubernetes Service");
-    }
-    if starts(&[
-        "log_",
-        "logging_collector",
-        "logdir",
-        "syslog_",
-        "client_min_messages",
-        "pid_file_name",
-    ]) {
-        return (Section::Top, "pgrelay logs to stderr (level: PGRELAY_LOG; log_format = \"json\" for JSON) and counts at metrics_listen's /metrics");
-    }
-    if starts(&[
-        "memory_cache_enabled",
-        "memqcache_",
-        "cache_safe_memqcache",
-        "cache_unsafe_memqcache",
-    ]) {
-        return (Section::Routing, "no query cache in pgrelay");
-    }
-    if starts(&[
-        "relcache_",
-        "check_temp_table",
-        "check_unlogged_table",
-        "enable_shared_relcache",
-    ]) {
-        return (Section::Routing, "pgrelay routes without looking up tables (no relation cache); temporary tables pin a client to its server");
-    }
-    if starts(&["recovery_", "client_idle_limit_in_recovery"]) {
-        return (Section::Failover, "online recovery: pgrelay does not rebuild nodes; use pg_basebackup, pg_rewind or Patroni");
-    }
-    if starts(&["pcp_"]) {
-        return (Section::Top, "no PCP: pgrelay's admin console (SQL, database \"pgrelay\") has SHOW POOL_NODES, DETACH, PROMOTE...");
-    }
-    if starts(&["sr_check_"]) {
-        return (
-            Section::Routing,
-            "pgrelay measures lag with the [health_check] user",
-        );
-    }
-    if starts(&["ssl_"]) {
-        return (
-            Section::Tls,
-            "pgrelay uses rustls: TLS 1.2 and 1.3 with its default cipher suites, not configurable",
-        );
-    }
-    match key {
-        "max_pool" => (Section::Pool, "Pgpool-II's per-child connection cache: pgrelay pools default_pool_size connections per node, database and user"),
-        "child_life_time" | "child_max_connections" | "serialize_accept" | "listen_backlog_multiplier" | "reserved_connections" | "process_management_mode" | "process_management_strategy" | "min_spare_children" | "max_spare_children" => {
-            (Section::Pool, "Pgpool-II's process management: pgrelay runs no child processes")
-        }
-        "connection_cache" => (Section::Pool, "pgrelay always pools server connections"),
-        "statement_level_load_balance" => (Section::Routing, "pgrelay picks a node per transaction (a transaction never spans nodes)"),
-        "ignore_leading_white_space" | "allow_sql_comments" => (Section::Routing, "pgrelay's classifier always skips leading white space and comments"),
-        "database_redirect_preference_list" | "app_name_redirect_preference_list" => (Section::Routing, "no per-application redirects: give a database target = \"primary\" or \"replica\" in [[databases]]"),
-        "primary_routing_query_pattern_list" | "black_query_pattern_list" | "dml_adaptive_object_relationship_list" => (Section::Routing, "no query patterns: write_functions lists functions that make a SELECT a write"),
-        "log_standby_delay" => (Section::Routing, "replica lag is exported as metrics and shown by SHOW POOL_NODES"),
-        "insert_lock" | "lobj_lock_table" | "replicate_select" | "replication_stop_on_mismatch" | "failover_if_affected_tuples_mismatch" => (Section::Routing, "native replication mode only"),
-        "failover_on_backend_shutdown" => (Section::HealthCheck, "a server that shuts down fails its requests, and recheck_on_backend_error probes its node at once"),
-        "search_primary_node_timeout" => (Section::Failover, "pgrelay looks for the primary on every health check; writes wait for one up to failover.hold_timeout"),
-        "auto_failback_interval" => (Section::Failover, "a node serves again after health_check.up_after answers in a row"),
-        "detach_false_primary" => (Section::Failover, "pgrelay always takes a second primary out of service, as detach_false_primary = on"),
-        "allow_clear_text_frontend_auth" => (Section::Top, "auth_type and the [[hba]] methods decide how clients authenticate"),
-        "enable_pool_hba" | "pool_passwd" => (Section::Hba, "see [[hba]] and [[users]]"),
-        _ => (Section::Top, "no equivalent in pgrelay (or not known to the importer); not carried over"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders() {
-        assert!(unknown_placeholders("/f.sh %d %h %p %D %m %H %M %P %r %R %N %S %%").is_empty());
-        assert_eq!(unknown_placeholders("x %a %d %"), ["%a", "%"]);
-    }
 }
 
 #[cfg(test)]
