@@ -527,3 +527,23 @@ fn the_tool_is_told_from_the_file_or_from_from() {
     let (ok, _, stderr) = import(&[&ini, Path::new("--pool-passwd"), &ini]);
     assert!(!ok && stderr.contains("--userlist"), "{stderr}");
 }
+
+/// The "after" side of each migration guide (its first `toml` block) is a file
+/// `pgrelay check` accepts.
+#[test]
+fn the_migration_guides_examples_pass_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/migration");
+    for guide in [
+        "from-pgbouncer.md",
+        "from-pgpool.md",
+        "from-haproxy-patroni.md",
+    ] {
+        let text = std::fs::read_to_string(dir.join(guide)).expect("read the guide");
+        let (_, rest) = text.split_once("```toml\n").expect("a toml block");
+        let (example, _) = rest.split_once("```").expect("its end");
+        if let Err(err) = Config::from_toml_str(example) {
+            panic!("{guide}: {err}");
+        }
+        check(example, &[]);
+    }
+}
