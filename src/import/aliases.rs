@@ -44,8 +44,21 @@ struct Judged {
 
 /// Adds `[[backends]]` and `[[databases]]` for the `[databases]` settings.
 pub(super) fn add(doc: &mut Doc, file: &str, entries: &[&Setting]) -> Result<(), ImportError> {
-    let mut aliases = Vec::new();
+    // A name set twice keeps its last line, as PgBouncer reads the file.
+    let mut last: Vec<&Setting> = Vec::new();
     for entry in entries {
+        if let Some(i) = last.iter().position(|e| e.key == entry.key) {
+            let note = format!(
+                "[databases] {} (line {}) is set again at line {}: the last one is kept",
+                entry.key, last[i].line, entry.line
+            );
+            doc.note(Section::Databases, note);
+            last.remove(i);
+        }
+        last.push(entry);
+    }
+    let mut aliases = Vec::new();
+    for entry in last {
         aliases.push(read_alias(file, entry)?);
     }
     let roles = judge(&aliases);

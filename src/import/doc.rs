@@ -154,6 +154,13 @@ impl Doc {
         &mut entries[last]
     }
 
+    /// The entries of an array section, to change.
+    pub(super) fn entries_mut(&mut self, section: Section) -> &mut [Table] {
+        self.arrays
+            .get_mut(&section)
+            .map_or(&mut [], Vec::as_mut_slice)
+    }
+
     /// The entries of an array section so far.
     #[cfg(test)]
     pub(super) fn entries(&self, section: Section) -> &[Table] {

@@ -313,6 +313,18 @@ fn listen_entries(
     (entries, notes)
 }
 
+/// `entries` without repeats, in their first order (`127.0.0.1, localhost` would
+/// listen twice on one address).
+fn dedup(entries: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in entries {
+        if !out.contains(&entry) {
+            out.push(entry);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@ use super::hba::{self, TlsSide};
 use super::ini::{self, pairs, Setting};
 use super::secrets::{self, UserSecret};
 use super::{
-    aliases, duration_text, listen_entries, notes, parse_time, unmapped, ImportError, Request,
-    Source,
+    aliases, dedup, duration_text, listen_entries, notes, parse_time, unmapped, ImportError,
+    Request, Source,
 };
 
 const SOURCE: Source = Source::PgBouncer;
@@ -53,6 +53,7 @@ pub(super) fn import(request: &Request) -> Result<String, ImportError> {
     aliases::add(&mut doc, file, &databases)?;
     let auth_type = auth(&mut doc, request, &mut general, tls)?;
     users(&mut doc, request, &settings, &mut general, auth_type)?;
+    raise_to_min_pool_size(&mut doc);
     for s in settings
         .iter()
         .filter(|s| !["pgbouncer", "databases", "users"].contains(&s.section.as_str()))
@@ -68,6 +69,27 @@ pub(super) fn import(request: &Request) -> Result<String, ImportError> {
         doc.note(section, unmapped(SOURCE, key, value, why));
     }
     Ok(doc.render())
+}
+
+/// pgrelay keeps every pool at least `min_pool_size`; PgBouncer let a database's or a
+/// user's `pool_size` be smaller.
+fn raise_to_min_pool_size(doc: &mut Doc) {
+    let min = doc
+        .get(Section::Pool, "min_pool_size")
+        .and_then(toml::Value::as_integer);
+    let Some(min) = min.filter(|m| *m > 0) else {
+        return;
+    };
+    for section in [Section::Databases, Section::Users] {
+        for entry in doc.entries_mut(section) {
+            let size = entry.get("pool_size").and_then(toml::Value::as_integer);
+            if let Some(size) = size.filter(|s| *s < min) {
+                let why = format!("pgrelay keeps a pool at least min_pool_size ({min})");
+                let note = unmapped(SOURCE, "pool_size", &size.to_string(), &why);
+                entry.set_noted("pool_size", min, note);
+            }
+        }
+    }
 }
 
 fn take(general: &mut General, key: &str) -> Option<(String, usize)> {
@@ -112,7 +134,7 @@ fn listen(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), Import
         );
         entries.push(format!("127.0.0.1:{port}"));
     }
-    doc.set(Section::Top, "listen", entries);
+    doc.set(Section::Top, "listen", dedup(entries));
     Ok(())
 }
 
@@ -169,6 +191,16 @@ fn pool(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), ImportEr
             "PgBouncer's default pool_mode is session (pgrelay's is transaction)".to_owned(),
         ),
     }
+    pool_sizes(doc, file, general)?;
+    pool_times(doc, file, general)?;
+    if let Some((query, _)) = take(general, "server_reset_query") {
+        doc.set(Section::Pool, "server_reset_query", query);
+    }
+    Ok(())
+}
+
+/// The sizes and limits of `[pool]`, PgBouncer's defaults where pgrelay's differ.
+fn pool_sizes(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), ImportError> {
     let mut sizes = BTreeMap::new();
     for key in POOL_NUMBERS {
         if let Some((value, line)) = take(general, key) {
@@ -223,6 +255,11 @@ fn pool(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), ImportEr
             ),
         );
     }
+    Ok(())
+}
+
+/// The timeouts of `[pool]`, in seconds in PgBouncer.
+fn pool_times(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), ImportError> {
     for (key, zero_is_off) in POOL_TIMES {
         let Some((value, line)) = take(general, key) else {
             continue;
@@ -241,9 +278,6 @@ fn pool(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), ImportEr
             continue;
         }
         doc.set(Section::Pool, key, duration_text(time));
-    }
-    if let Some((query, _)) = take(general, "server_reset_query") {
-        doc.set(Section::Pool, "server_reset_query", query);
     }
     Ok(())
 }
@@ -535,6 +569,29 @@ mod tests {
         assert_eq!(config.hba.len(), 1);
         let without = run(ini, None, None).expect("import").replace("\n#   ", " ");
         assert!(without.contains("pass it with --hba"), "{without}");
+    }
+
+    #[test]
+    fn what_pgrelay_would_refuse_is_adjusted() {
+        let ini = "[databases]\napp = host=a pool_size=2\napp = host=b\nrep = host=a pool_size=1\n\
+                   [users]\nu = pool_size=1\n[pgbouncer]\nlisten_addr = 127.0.0.1, localhost\n\
+                   min_pool_size = 3\ndefault_pool_size = 2\n";
+        let text = run(ini, Some("\"u\" \"pw\"\n"), None).expect("import");
+        let config = Config::from_toml_str(&text).expect("valid");
+        assert_eq!(config.listen.len(), 1);
+        assert_eq!(config.pool.min_pool_size, 2);
+        let app = config.database("app").expect("app");
+        assert_eq!(
+            (app.pool_size, config.backends[0].host.as_str()),
+            (None, "b")
+        );
+        assert_eq!(config.database("rep").and_then(|d| d.pool_size), Some(2));
+        assert_eq!(config.user("u").and_then(|u| u.pool_size), Some(2));
+        let text = text.replace("\n#   ", " ");
+        assert!(
+            text.contains("is set again at line 3: the last one is kept"),
+            "{text}"
+        );
     }
 
     #[test]

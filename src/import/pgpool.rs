@@ -12,7 +12,7 @@ use super::doc::{Doc, Section};
 use super::hba::{self, TlsSide};
 use super::secrets::{self, UserSecret};
 use super::{
-    duration_text, listen_entries, notes, parse_bool, parse_time, pgpool_nodes, unmapped,
+    dedup, duration_text, listen_entries, notes, parse_bool, parse_time, pgpool_nodes, unmapped,
     ImportError, Request, Source,
 };
 
@@ -249,7 +249,7 @@ fn listen(im: &mut Import) -> Result<(), ImportError> {
         );
         entries.push(format!("127.0.0.1:{port}"));
     }
-    im.doc.set(Section::Top, "listen", entries);
+    im.doc.set(Section::Top, "listen", dedup(entries));
     Ok(())
 }
 
@@ -421,6 +421,11 @@ fn routing(im: &mut Import) -> Result<(), ImportError> {
         }
         im.doc.set(Section::Routing, target, names);
     }
+    lag(im)
+}
+
+/// The replica lag limits and how often lag is measured.
+fn lag(im: &mut Import) -> Result<(), ImportError> {
     let bytes = im.number("delay_threshold")?.unwrap_or(0);
     let table = im.doc.table(Section::Routing);
     if bytes == 0 {
@@ -579,11 +584,12 @@ mod import_tests {
     }
 
     #[test]
-    fn refuses_modes_other_than_streaming() {
+    fn refuses_other_modes_and_a_node_listed_twice() {
         for (conf, line) in [
             ("backend_hostname0 = 'a'\nbackend_clustering_mode = 'native_replication'\n", 2),
             ("backend_hostname0 = 'a'\nmaster_slave_mode = on\nmaster_slave_sub_mode = 'slony'\n", 3),
             ("replication_mode = on\nbackend_hostname0 = 'a'\n", 1),
+            ("backend_hostname0 = 'a'\nbackend_hostname1 = 'a'\n", 2),
         ] {
             let err = run(conf, None).expect_err(conf);
             assert!(err.to_string().starts_with(&format!("pgpool.conf:{line}: ")), "{err}");

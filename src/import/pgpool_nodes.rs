@@ -175,6 +175,7 @@ pub(super) fn backends(im: &mut Import) -> Result<(), ImportError> {
         }
     }
     let mut count = 0;
+    let mut seen: Vec<(String, String)> = Vec::new();
     for (index, fields) in &nodes {
         let Some(host) = fields.get("hostname") else {
             for s in fields.values() {
@@ -195,6 +196,16 @@ pub(super) fn backends(im: &mut Import) -> Result<(), ImportError> {
             ),
             );
         }
+        let port = fields.get("port").map_or("5432", |p| p.value.as_str());
+        let endpoint = (host.value.clone(), port.to_owned());
+        if let Some(first) = seen.iter().position(|e| *e == endpoint) {
+            return Err(ImportError::line(
+                im.file,
+                host.line,
+                format!("the same host and port as backend {first}: list each node once"),
+            ));
+        }
+        seen.push(endpoint);
         backend(im, fields, host)?;
         count += 1;
     }
