@@ -24,6 +24,8 @@ mod notes;
 mod pgbouncer;
 mod pgpool;
 mod pgpool_nodes;
+#[cfg(test)]
+mod robust;
 mod secrets;
 
 use std::path::{Path, PathBuf};

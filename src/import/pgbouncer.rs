@@ -45,7 +45,7 @@ pub(super) fn import(request: &Request) -> Result<String, ImportError> {
     );
     listen(&mut doc, file, &mut general)?;
     pool(&mut doc, file, &mut general)?;
-    let tls = tls(&mut doc, &mut general);
+    let tls = tls(&mut doc, file, &mut general)?;
     let databases: Vec<&Setting> = settings
         .iter()
         .filter(|s| s.section == "databases")
@@ -283,7 +283,23 @@ fn pool_times(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), Im
 }
 
 /// `[tls]`; returns what `[[hba]]` rules may rely on.
-fn tls(doc: &mut Doc, general: &mut General) -> TlsSide {
+fn tls(doc: &mut Doc, file: &str, general: &mut General) -> Result<TlsSide, ImportError> {
+    for key in ["client_tls_sslmode", "server_tls_sslmode"] {
+        if let Some((mode, line)) = general.get(key) {
+            const MODES: [&str; 6] = [
+                "disable",
+                "allow",
+                "prefer",
+                "require",
+                "verify-ca",
+                "verify-full",
+            ];
+            if !MODES.contains(&mode.as_str()) {
+                let why = format!("{key} = {mode:?} is not one of {}", MODES.join(", "));
+                return Err(ImportError::line(file, *line, why));
+            }
+        }
+    }
     let mut value = |key: &str| {
         take(general, key)
             .map(|(v, _)| v)
@@ -332,10 +348,10 @@ fn tls(doc: &mut Doc, general: &mut General) -> TlsSide {
     if let Some(ca) = server_ca {
         table.set("server_ca", ca);
     }
-    TlsSide {
+    Ok(TlsSide {
         tls_on,
         client_ca: ca.is_some(),
-    }
+    })
 }
 
 /// The top-level auth keys and `[[hba]]`; returns the global `auth_type` written.

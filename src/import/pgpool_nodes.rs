@@ -258,6 +258,16 @@ fn backend(
         ));
     }
     let weight = fields.get("weight").map(&parse).transpose()?;
+    if let Some(s) = fields
+        .get("weight")
+        .filter(|_| weight.is_some_and(|w| !(w.is_finite() && w >= 0.0)))
+    {
+        let why = format!(
+            "{} = {:?}: a weight must be a number, 0 or more",
+            s.key, s.value
+        );
+        return Err(ImportError::line(im.file, s.line, why));
+    }
     let mut role = None;
     if let Some(flag) = fields.get("flag") {
         let flags: Vec<&str> = flag.value.split('|').map(str::trim).collect();
