@@ -194,6 +194,7 @@ fn pgbouncer_with_write_and_read_aliases() {
     ] {
         assert!(text_flat.contains(comment), "no {comment:?} in:\n{text}");
     }
+    assert!(!text_flat.contains("not known to the importer"), "{text}");
 
     let pki = Pki::new("import");
     check(
@@ -317,6 +318,7 @@ fn pgpool_with_old_names_and_its_access_files() {
     ] {
         assert!(text_flat.contains(comment), "no {comment:?} in:\n{text}");
     }
+    assert!(!text_flat.contains("not known to the importer"), "{text}");
     assert!(!text.contains("pcp.conf:"), "pcp.conf is not an input");
 
     let pki = Pki::new("import");

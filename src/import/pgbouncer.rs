@@ -210,6 +210,19 @@ fn pool_sizes(doc: &mut Doc, file: &str, general: &mut General) -> Result<(), Im
             sizes.insert(key, number);
         }
     }
+    let per_node = [
+        "default_pool_size",
+        "min_pool_size",
+        "max_db_connections",
+        "max_user_connections",
+    ];
+    if per_node.iter().any(|key| sizes.contains_key(key)) {
+        doc.note(
+            Section::Pool,
+            "pool sizes and max_db_connections / max_user_connections count per node in \
+             pgrelay (each backend has its own pools), where PgBouncer had one host per database",
+        );
+    }
     for (key, number) in &sizes {
         let must_be_positive = ["max_client_conn", "default_pool_size"].contains(key);
         if must_be_positive && *number == 0 {
