@@ -59,8 +59,14 @@ fn parse_line(raw: &str) -> Result<Option<(String, String)>, String> {
     };
     let rest = rest.trim();
     if !rest.is_empty() && !rest.starts_with('#') {
+        // A password's value is never repeated in a message.
+        let shown = if super::is_secret(&key) {
+            String::new()
+        } else {
+            format!(": {rest:?}")
+        };
         return Err(format!(
-            "unexpected text after the value of {key}: {rest:?}"
+            "unexpected text after the value of {key}{shown} (quote a value with spaces)"
         ));
     }
     Ok(Some((key, value)))
@@ -115,12 +121,17 @@ mod tests {
             ("port = 5432\nbackend_hostname0 = 'db\n", 2),
             ("this is not a setting\n", 1),
             ("= 5\n", 1),
+            ("sr_check_password = two words\n", 1),
             ("\n\nport =\n", 3),
         ] {
             let err = parse("p.conf", text).expect_err(text);
             assert!(
                 err.to_string().starts_with(&format!("p.conf:{line}: ")),
                 "{err}"
+            );
+            assert!(
+                !err.to_string().contains("words"),
+                "a password shown: {err}"
             );
         }
     }
