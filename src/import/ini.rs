@@ -115,7 +115,14 @@ pub(super) fn pairs(text: &str) -> Result<Vec<(String, String)>, String> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(format!("expected `{key}=value` in the connection string"));
+            // Not quoting the word: it may be the rest of an unquoted password.
+            let after = out
+                .last()
+                .map_or(String::new(), |(k, _)| format!(" after {k}="));
+            return Err(format!(
+                "expected key=value{after} in the connection string (quote a value with \
+                 spaces: key='a b')"
+            ));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -187,6 +194,11 @@ mod tests {
             ]
         );
         assert!(pairs("host").is_err());
+        let err = pairs("host=h password=two words").expect_err("unquoted");
+        assert!(
+            err.contains("after password=") && !err.contains("words"),
+            "{err}"
+        );
         assert!(pairs("password='open").is_err());
         assert_eq!(pairs("").expect("empty"), []);
     }
