@@ -45,7 +45,7 @@ pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Setting>, ImportError>
             return Err(ImportError::line(
                 file,
                 line,
-                format!("expected `key = value` or a [section], found {trimmed:?}"),
+                "expected `key = value` or a [section]".to_owned(),
             ));
         };
         let Some(section) = section.clone() else {
