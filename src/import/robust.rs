@@ -122,6 +122,12 @@ fn input(name: &str, text: String) -> InputFile {
 }
 
 proptest! {
+    // No regression files: the repository's top level holds only its own folders.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn pgbouncer_settings(settings in prop::collection::vec((0..PGBOUNCER_KEYS.len(), 0..VALUES.len()), 0..12),
                           pool_size in 0..VALUES.len()) {
