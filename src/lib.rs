@@ -8,7 +8,7 @@
 //!
 //! | floor | module | owns |
 //! |------:|--------|------|
-//! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`demo`]) |
+//! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`demo`], [`import`]) |
 //! |  9 | [`listener`] | accept loops (clients, the metrics/health HTTP listener), `max_client_conn`, a task per client (a session or the console), drain on shutdown; [`listener::Pgrelay`], a running instance |
 //! |  8 | [`control`] | the one place that acts on change: reload, apply, console operations (`PAUSE`, `KILL`, `DETACH`, `PROMOTE`...), the node transitions the cluster loops hand up |
 //! |  7 | [`admin`] | the admin console (virtual database `pgrelay`/`pgbouncer`): PgBouncer's and Pgpool-II's SHOW tables |
@@ -47,6 +47,7 @@ pub mod demo;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod import;
 pub mod listener;
 pub mod metrics;
 pub mod pool;

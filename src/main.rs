@@ -1,5 +1,5 @@
-//! The `pgrelay` command: `run -c FILE`, `check -c FILE`, `demo`. Logging, runtime and
-//! wiring only; everything else lives in the library.
+//! The `pgrelay` command: `run -c FILE`, `check -c FILE`, `demo`, `import FILE`.
+//! Logging, runtime and wiring only; everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::net::{Ipv4Addr, TcpListener};
@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::config::{Config, ConfigError, LogFormat};
+use pgrelay::import::{InputFile, Source};
 use pgrelay::listener::Pgrelay;
 use pgrelay::shutdown::{Signal, Signals};
 
@@ -40,6 +41,33 @@ enum Command {
         #[arg(long, default_value_t = 6432)]
         port: u16,
     },
+    /// Print a pgrelay.toml translated from a PgBouncer or Pgpool-II configuration file.
+    ///
+    /// Settings with no equivalent, or with a different meaning, become comments.
+    /// Check the result with `pgrelay check -c FILE`.
+    Import {
+        /// pgbouncer.ini or pgpool.conf.
+        file: PathBuf,
+        /// Which tool FILE belongs to; by default told from its content.
+        #[arg(long, value_enum, value_name = "TOOL")]
+        from: Option<ImportFrom>,
+        /// PgBouncer's auth_file (userlist.txt): users and their passwords.
+        #[arg(long, value_name = "FILE")]
+        userlist: Option<PathBuf>,
+        /// Access rules: Pgpool-II's pool_hba.conf or PgBouncer's auth_hba_file.
+        #[arg(long, visible_alias = "hba", value_name = "FILE")]
+        pool_hba: Option<PathBuf>,
+        /// Pgpool-II's pool_passwd: users and their passwords.
+        #[arg(long, value_name = "FILE")]
+        pool_passwd: Option<PathBuf>,
+    },
+}
+
+/// `pgrelay import --from`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportFrom {
+    Pgbouncer,
+    Pgpool,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +92,27 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Demo { port } => {
             init_logging(LogFormat::Text);
             demo(port)
+        }
+        Command::Import {
+            file,
+            from,
+            userlist,
+            pool_hba,
+            pool_passwd,
+        } => {
+            let read = |path: Option<PathBuf>| path.as_deref().map(InputFile::read).transpose();
+            let request = pgrelay::import::Request {
+                main: InputFile::read(&file)?,
+                from: from.map(|from| match from {
+                    ImportFrom::Pgbouncer => Source::PgBouncer,
+                    ImportFrom::Pgpool => Source::Pgpool,
+                }),
+                userlist: read(userlist)?,
+                hba: read(pool_hba)?,
+                pool_passwd: read(pool_passwd)?,
+            };
+            print!("{}", pgrelay::import::import(&request)?);
+            Ok(())
         }
     }
 }

@@ -27,11 +27,13 @@ const FLOORS: &[(&str, u8)] = &[
     // Entry points outside the stack, that nothing in it may use: the signals `main`
     // waits on, the throwaway clusters of `pgrelay demo` and the tests, the fuzz
     // targets' doors into the decoders, and the benchmarks' door into a session over
-    // in-memory pipes.
+    // in-memory pipes, and `pgrelay import`'s translators of PgBouncer and Pgpool-II
+    // files (text in, text out, checked with `config`).
     ("shutdown", 10),
     ("demo", 10),
     ("fuzzing", 10),
     ("benching", 10),
+    ("import", 10),
 ];
 
 /// What `lib.rs` itself defines (the `Shared` context and its helpers) sits on the
