@@ -281,7 +281,9 @@ fn spelled<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// A duration as the config file writes it.
-fn duration(d: std::time::Duration) -> String {
+/// A duration as pgrelay writes it (`SHOW CONFIG`, the importers): whole seconds, else
+/// milliseconds.
+pub fn duration_text(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
@@ -319,7 +321,7 @@ impl Config {
             ("auth_query", self.auth_query.clone()),
             ("auth_user", self.auth_user.clone().unwrap_or_default()),
             ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
-            ("auth_query_cache", duration(self.auth_query_cache)),
+            ("auth_query_cache", duration_text(self.auth_query_cache)),
             ("pool.mode", spelled(&p.mode)),
             ("pool.default_pool_size", p.default_pool_size.to_string()),
             ("pool.min_pool_size", p.min_pool_size.to_string()),
@@ -337,30 +339,30 @@ impl Config {
                 "pool.max_db_client_connections",
                 p.max_db_client_connections.to_string(),
             ),
-            ("pool.query_wait_timeout", duration(p.query_wait_timeout)),
-            ("pool.server_idle_timeout", duration(p.server_idle_timeout)),
-            ("pool.server_lifetime", duration(p.server_lifetime)),
+            ("pool.query_wait_timeout", duration_text(p.query_wait_timeout)),
+            ("pool.server_idle_timeout", duration_text(p.server_idle_timeout)),
+            ("pool.server_lifetime", duration_text(p.server_lifetime)),
             (
                 "pool.client_login_timeout",
-                duration(p.client_login_timeout),
+                duration_text(p.client_login_timeout),
             ),
             (
                 "pool.server_connect_timeout",
-                duration(p.server_connect_timeout),
+                duration_text(p.server_connect_timeout),
             ),
             ("pool.server_reset_query", p.server_reset_query.clone()),
             (
                 "pool.max_prepared_statements",
                 p.max_prepared_statements.to_string(),
             ),
-            ("pool.shutdown_timeout", duration(p.shutdown_timeout)),
-            ("pool.query_timeout", duration(p.query_timeout)),
+            ("pool.shutdown_timeout", duration_text(p.shutdown_timeout)),
+            ("pool.query_timeout", duration_text(p.query_timeout)),
             (
                 "pool.idle_transaction_timeout",
-                duration(p.idle_transaction_timeout),
+                duration_text(p.idle_transaction_timeout),
             ),
-            ("pool.transaction_timeout", duration(p.transaction_timeout)),
-            ("pool.client_idle_timeout", duration(p.client_idle_timeout)),
+            ("pool.transaction_timeout", duration_text(p.transaction_timeout)),
+            ("pool.client_idle_timeout", duration_text(p.client_idle_timeout)),
             ("routing.enabled", r.enabled.to_string()),
             ("routing.read_after_write", spelled(&r.read_after_write)),
             ("routing.load_balance", spelled(&r.load_balance)),
@@ -368,12 +370,12 @@ impl Config {
             ("routing.read_only_functions", list(&r.read_only_functions)),
             ("routing.max_lag_bytes", r.max_lag_bytes.to_string()),
             ("routing.max_lag_seconds", r.max_lag_seconds.to_string()),
-            ("routing.lag_check_period", duration(r.lag_check_period)),
+            ("routing.lag_check_period", duration_text(r.lag_check_period)),
             ("routing.prefer_lower_lag", r.prefer_lower_lag.to_string()),
-            ("health_check.period", duration(h.period)),
-            ("health_check.timeout", duration(h.timeout)),
+            ("health_check.period", duration_text(h.period)),
+            ("health_check.timeout", duration_text(h.timeout)),
             ("health_check.max_retries", h.max_retries.to_string()),
-            ("health_check.retry_delay", duration(h.retry_delay)),
+            ("health_check.retry_delay", duration_text(h.retry_delay)),
             ("health_check.user", h.user.clone()),
             ("health_check.database", h.database.clone()),
             ("health_check.up_after", h.up_after.to_string()),
@@ -387,12 +389,12 @@ impl Config {
                 "failover.follow_primary_command",
                 f.follow_primary_command.clone(),
             ),
-            ("failover.command_timeout", duration(f.command_timeout)),
-            ("failover.hold_timeout", duration(f.hold_timeout)),
+            ("failover.command_timeout", duration_text(f.command_timeout)),
+            ("failover.hold_timeout", duration_text(f.hold_timeout)),
             ("failover.auto_failback", f.auto_failback.to_string()),
             ("failover.topology", spelled(&f.topology)),
             ("failover.patroni_urls", list(&f.patroni_urls)),
-            ("failover.patroni_period", duration(f.patroni_period)),
+            ("failover.patroni_period", duration_text(f.patroni_period)),
             ("tls.client_mode", spelled(&t.client_mode)),
             ("tls.client_cert", t.client_cert.clone()),
             ("tls.client_key", t.client_key.clone()),

@@ -187,12 +187,7 @@ fn is_secret(key: &str) -> bool {
 
 /// A duration as pgrelay writes it: whole seconds, else milliseconds.
 fn duration_text(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
+    crate::config::duration_text(d)
 }
 
 /// A number with an optional unit (`ms`, `s`, `min`, `h`, `d`); a bare number is in
