@@ -35,6 +35,10 @@ fn corpora_replay_without_panics() {
         ("scanner", fuzzing::scanner),
         ("classify", fuzzing::classify),
         ("messages", fuzzing::messages),
+        ("scram", fuzzing::scram),
+        ("admin", fuzzing::admin),
+        ("config", fuzzing::config),
+        ("hba", fuzzing::hba),
     ] {
         assert!(replay(target, run) > 0, "corpus for {target} is empty");
     }
@@ -49,5 +53,15 @@ proptest! {
         fuzzing::scanner(&data);
         fuzzing::classify(&data);
         fuzzing::messages(&data);
+        fuzzing::scram(&data);
+        fuzzing::admin(&data);
+        fuzzing::hba(&data);
+    }
+
+    #[test]
+    fn random_text_never_panics(text in "\\PC{0,256}") {
+        fuzzing::admin(text.as_bytes());
+        fuzzing::config(text.as_bytes());
+        fuzzing::hba(text.as_bytes());
     }
 }
