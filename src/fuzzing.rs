@@ -1,6 +1,7 @@
 //! Entry points shared by the cargo-fuzz targets in `fuzz/` (nightly) and the corpus
 //! replay test `tests/fuzz_corpus.rs` (stable), so every decoder is exercised by both.
-//! Each function must never panic, whatever the input.
+//! Each function must never panic, whatever the input. The runs and what each target
+//! covers are recorded in `fuzz/README.md`.
 
 use std::sync::OnceLock;
 
@@ -115,5 +116,119 @@ pub fn classify(data: &[u8]) {
             classify::agrees_with_oracle(text, &verdict),
             "less conservative than the oracle: {text:?} {verdict:?}"
         );
+    }
+}
+
+/// Runs both sides of a SCRAM-SHA-256 exchange on hostile messages. The input is a
+/// flags byte (bit 0: -PLUS offered, bit 1: -PLUS selected), then the client-first,
+/// client-final and server-first messages separated by NUL bytes. `%N` in the
+/// client-final stands for the server's nonce and in the server-first for the client's,
+/// which are random, so that the fuzzer gets past the nonce checks.
+pub fn scram(data: &[u8]) {
+    use crate::auth::scram::{self, Binding, KeyClient, ServerExchange};
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let _ = crate::protocol::frontend::sasl_initial(rest);
+    let mut parts = rest.splitn(3, |&b| b == 0);
+    let client_first = parts.next().unwrap_or_default();
+    let client_final = parts.next().unwrap_or_default();
+    let server_first = parts.next().unwrap_or_default();
+
+    let binding = Binding {
+        offered: (flags & 1 != 0).then_some(b"certificate hash".as_slice()),
+        selected: flags & 2 != 0,
+    };
+    let secret = scram::mock_secret("fuzz", &[7; 32]);
+    if let Ok((exchange, sent)) = ServerExchange::start(secret, client_first, binding) {
+        let nonce = sent
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("r=");
+        let _ = exchange.finish(&replace_nonce(client_final, nonce));
+    }
+
+    let (client, first) = KeyClient::new([1; 32], [2; 32]);
+    let nonce = first.rsplit_once("r=").map_or("", |(_, nonce)| nonce);
+    if let Ok((client_final, server_final)) = client.respond(&replace_nonce(server_first, nonce)) {
+        assert!(client_final.contains(",p=") && server_final.starts_with("v="));
+    }
+}
+
+/// `message` with each `%N` replaced by `nonce`.
+fn replace_nonce(message: &[u8], nonce: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + nonce.len());
+    let mut rest = message;
+    while let Some(at) = rest.windows(2).position(|w| w == b"%N") {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(nonce.as_bytes());
+        rest = &rest[at + 2..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Parses a console query string as the admin console does: each `;`-separated command.
+pub fn admin(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for command in text.split(';') {
+        if let Ok(command) = crate::admin::parse(command) {
+            let _ = command.read_only();
+        }
+    }
+}
+
+/// Parses and validates arbitrary text as a configuration file; anything wrong must be
+/// an `Err`. A valid one is also read the ways the admin console and the pools read it.
+pub fn config(data: &[u8]) {
+    use crate::config::{Config, PatroniEndpoint, Secret};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = Secret::parse(text);
+    let _ = PatroniEndpoint::parse(text);
+    let Ok(config) = Config::from_toml_str(text) else {
+        return;
+    };
+    let _ = config.settings();
+    for user in &config.users {
+        for database in &config.databases {
+            let _ = config.pool_mode_for(&database.name, &user.name);
+            let _ = config.pool_size_for(&database.name, &user.name);
+        }
+    }
+}
+
+/// Parses `[[hba]]` addresses (CIDR ranges), checks that one prints back as itself and
+/// matches addresses made of the input's bytes against it.
+pub fn hba(data: &[u8]) {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use crate::config::Cidr;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(cidr) = Cidr::parse(text) else {
+        return;
+    };
+    assert_eq!(
+        Cidr::parse(&cidr.to_string()),
+        Ok(cidr),
+        "{text:?} does not print back as itself"
+    );
+    let mut octets = [0u8; 16];
+    for (octet, byte) in octets.iter_mut().zip(data.iter().rev()) {
+        *octet = *byte;
+    }
+    let v4 = Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]);
+    for ip in [
+        IpAddr::V4(v4),
+        IpAddr::V6(Ipv6Addr::from(octets)),
+        IpAddr::V6(v4.to_ipv6_mapped()),
+    ] {
+        let _ = cidr.contains(ip);
     }
 }

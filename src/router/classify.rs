@@ -266,7 +266,7 @@ fn lexical_pass(sql: &[u8], lists: &lists::Lists, backslash_escapes: bool, route
     let single = !route
         && match sql.iter().position(|&b| b == b';') {
             None => true,
-            Some(i) => sql[i + 1..].iter().all(u8::is_ascii_whitespace),
+            Some(i) => sql[i + 1..].iter().all(|&c| lexer::is_space(c)),
         };
     loop {
         let mut statement = Statement::new(&mut lexer);
@@ -432,7 +432,7 @@ fn is_word(token: &Option<Token<'_>>, keyword: &str) -> bool {
 /// `ALTER DATABASE ... RENAME` or `CREATE DATABASE ... TEMPLATE`.
 pub fn database_needing_exclusive_use(sql: &[u8]) -> Option<String> {
     // Runs on every Query: most start with a letter that rules these commands out.
-    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    let first = sql.iter().find(|&&c| !lexer::is_space(c))?;
     if !matches!(first.to_ascii_lowercase(), b'd' | b'a' | b'c' | b'/' | b'-') {
         return None;
     }

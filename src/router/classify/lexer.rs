@@ -41,6 +41,13 @@ pub(super) struct Lexer<'a> {
     pub(super) unterminated: bool,
 }
 
+/// scan.l's `{space}`: `u8::is_ascii_whitespace` plus the vertical tab, which
+/// PostgreSQL also skips; a lexer that did not would take `f\x0b(1)` for something
+/// other than a call of `f`.
+pub(super) fn is_space(c: u8) -> bool {
+    c.is_ascii_whitespace() || c == b'\x0b'
+}
+
 impl<'a> Lexer<'a> {
     pub(super) fn new(sql: &'a [u8], backslash_escapes: bool) -> Self {
         Lexer {
@@ -58,7 +65,7 @@ impl<'a> Lexer<'a> {
         loop {
             let rest = &self.sql[self.pos..];
             match rest {
-                [c, ..] if c.is_ascii_whitespace() => self.pos += 1,
+                [c, ..] if is_space(*c) => self.pos += 1,
                 [b'-', b'-', ..] => {
                     let len = rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len());
                     comment(&rest[..len]);

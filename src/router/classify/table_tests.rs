@@ -186,6 +186,9 @@ const TABLE: &[(&str, Target, Option<Reason>)] = &[
     ("SELECT pg_logical_emit_message(true, 'p', 'x')", P, Some(Reason::Function)),
     ("SELECT dblink_exec('conn', 'DELETE FROM t')", P, Some(Reason::Function)),
     ("SELECT a FROM t WHERE b = nextval ( 's' )", P, Some(Reason::Function)),
+    // a vertical tab is white space to PostgreSQL's lexer (found by the classify fuzz target)
+    ("SELECT\x0bnextval\x0b('s')", P, Some(Reason::Function)),
+    ("\x0bDELETE FROM t", P, Some(Reason::Write)),
     ("SELECT * FROM t WHERE id IN (SELECT lo_create(0))", P, Some(Reason::Function)),
     ("SELECT audit_write(1)", P, Some(Reason::Function)),
     ("SELECT app.\"Bump\"(1)", P, Some(Reason::Function)),
