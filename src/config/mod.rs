@@ -339,8 +339,14 @@ impl Config {
                 "pool.max_db_client_connections",
                 p.max_db_client_connections.to_string(),
             ),
-            ("pool.query_wait_timeout", duration_text(p.query_wait_timeout)),
-            ("pool.server_idle_timeout", duration_text(p.server_idle_timeout)),
+            (
+                "pool.query_wait_timeout",
+                duration_text(p.query_wait_timeout),
+            ),
+            (
+                "pool.server_idle_timeout",
+                duration_text(p.server_idle_timeout),
+            ),
             ("pool.server_lifetime", duration_text(p.server_lifetime)),
             (
                 "pool.client_login_timeout",
@@ -361,8 +367,14 @@ impl Config {
                 "pool.idle_transaction_timeout",
                 duration_text(p.idle_transaction_timeout),
             ),
-            ("pool.transaction_timeout", duration_text(p.transaction_timeout)),
-            ("pool.client_idle_timeout", duration_text(p.client_idle_timeout)),
+            (
+                "pool.transaction_timeout",
+                duration_text(p.transaction_timeout),
+            ),
+            (
+                "pool.client_idle_timeout",
+                duration_text(p.client_idle_timeout),
+            ),
             ("routing.enabled", r.enabled.to_string()),
             ("routing.read_after_write", spelled(&r.read_after_write)),
             ("routing.load_balance", spelled(&r.load_balance)),
@@ -370,7 +382,10 @@ impl Config {
             ("routing.read_only_functions", list(&r.read_only_functions)),
             ("routing.max_lag_bytes", r.max_lag_bytes.to_string()),
             ("routing.max_lag_seconds", r.max_lag_seconds.to_string()),
-            ("routing.lag_check_period", duration_text(r.lag_check_period)),
+            (
+                "routing.lag_check_period",
+                duration_text(r.lag_check_period),
+            ),
             ("routing.prefer_lower_lag", r.prefer_lower_lag.to_string()),
             ("health_check.period", duration_text(h.period)),
             ("health_check.timeout", duration_text(h.timeout)),

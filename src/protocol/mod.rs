@@ -181,9 +181,7 @@ impl Scanner {
             let step = if self.inspect[tag as usize] {
                 if available < total {
                     if total > self.max_inspected {
-                        return Err(ProtocolError::TooLarge {
-                            max: self.max_inspected,
-                        });
+                        return Err(too_large(self.max_inspected));
                     }
                     break;
                 }
@@ -216,6 +214,20 @@ impl Scanner {
             stopped: false,
         })
     }
+}
+
+/// The error of an inspected message over its limit: out of the scan loop's way.
+#[cold]
+#[inline(never)]
+fn too_large(max: usize) -> ProtocolError {
+    ProtocolError::TooLarge { max }
+}
+
+/// PostgreSQL's white space (scan.l's `{space}`, C's `isspace`):
+/// `u8::is_ascii_whitespace` plus the vertical tab, which PostgreSQL also skips. A
+/// parser that did not would read `f\x0b(1)` as something other than a call of `f`.
+pub fn is_space(c: u8) -> bool {
+    c.is_ascii_whitespace() || c == b'\x0b'
 }
 
 /// Reads a NUL-terminated string at the start of `buf`: `(text, rest after the NUL)`.

@@ -185,7 +185,7 @@ fn split_words(text: &str) -> Vec<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => current.extend(chars.next()),
-            c if c.is_ascii_whitespace() => {
+            c if c.is_ascii() && super::is_space(c as u8) => {
                 if !current.is_empty() {
                     words.push(std::mem::take(&mut current));
                 }
@@ -372,6 +372,11 @@ mod tests {
             ]
         );
         assert!(parse_options("-D /tmp").is_err());
+        // Split on C's isspace, as PostgreSQL does: the vertical tab included.
+        assert_eq!(
+            parse_options("-c\x0bx=1").unwrap(),
+            vec![("x".into(), "1".into())]
+        );
     }
 
     proptest::proptest! {

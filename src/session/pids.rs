@@ -36,7 +36,7 @@ use super::Session;
 use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::protocol::backend::{self, TxStatus};
-use crate::protocol::frontend;
+use crate::protocol::{self, frontend};
 use crate::registry::ClientEntry;
 
 /// What a call asks for.
@@ -93,7 +93,7 @@ pub(super) struct PidCall {
 /// the common statement costs a few compares, whatever its length.
 fn parse_call(text: &[u8]) -> Option<(Signal, Arg)> {
     let rest = keyword(skip_ws(text), b"select")?;
-    if !rest.first()?.is_ascii_whitespace() {
+    if !protocol::is_space(*rest.first()?) {
         return None;
     }
     let mut rest = skip_ws(rest);
@@ -143,7 +143,7 @@ pub(super) fn may_be_call<'a>(
 fn skip_ws(text: &[u8]) -> &[u8] {
     let start = text
         .iter()
-        .position(|b| !b.is_ascii_whitespace())
+        .position(|&b| !protocol::is_space(b))
         .unwrap_or(text.len());
     &text[start..]
 }
@@ -599,6 +599,11 @@ mod tests {
         );
         assert_eq!(
             simple("  select  PG_CATALOG.pg_cancel_backend ( 77 ) ; "),
+            Some((Cancel, 77))
+        );
+        // The vertical tab is white space to PostgreSQL too.
+        assert_eq!(
+            simple("\x0bSELECT\x0bpg_cancel_backend(\x0b77\x0b)"),
             Some((Cancel, 77))
         );
         for other in [

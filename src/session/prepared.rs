@@ -31,7 +31,7 @@ use bytes::BytesMut;
 use crate::error::sqlstate;
 use crate::pool::statements::ServerStatements;
 use crate::protocol::backend::{ErrorFields, TxStatus};
-use crate::protocol::{backend, frontend, ProtocolError};
+use crate::protocol::{self, backend, frontend, ProtocolError};
 use crate::router::classify::effects::Effects;
 use crate::session::statement::{server_name, Parsed, Statement, PREFIX};
 
@@ -193,7 +193,7 @@ impl Prepared {
     /// If `text` is `DEALLOCATE name` of one of the client's statements: the name. Other
     /// texts are turned away at their first bytes.
     fn own_deallocate(&self, text: &[u8]) -> Option<String> {
-        let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+        let start = text.iter().position(|&b| !protocol::is_space(b))?;
         if !text[start..].get(..10)?.eq_ignore_ascii_case(b"deallocate") {
             return None;
         }

@@ -41,12 +41,7 @@ pub(super) struct Lexer<'a> {
     pub(super) unterminated: bool,
 }
 
-/// scan.l's `{space}`: `u8::is_ascii_whitespace` plus the vertical tab, which
-/// PostgreSQL also skips; a lexer that did not would take `f\x0b(1)` for something
-/// other than a call of `f`.
-pub(super) fn is_space(c: u8) -> bool {
-    c.is_ascii_whitespace() || c == b'\x0b'
-}
+pub(super) use crate::protocol::is_space;
 
 impl<'a> Lexer<'a> {
     pub(super) fn new(sql: &'a [u8], backslash_escapes: bool) -> Self {
