@@ -15,6 +15,16 @@
 //! serves and lie above any pid Linux hands out (`pid_max` is at most 2^22), so one of
 //! them can never be mistaken for a real server's: `pg_cancel_backend` and
 //! `pg_terminate_backend` of such a pid are pgrelay's to carry out.
+//!
+//! In a fleet, the keys an instance issues say which instance it is (`instance_id`):
+//! an issued pid carries it in its bits above 2^22 + 2^20, a secret longer than 4 bytes
+//! (protocol 3.2) in its first two bytes. A CancelRequest for a key of another instance
+//! is forwarded to that `[[peers]]` entry once, marked as forwarded so that it goes no
+//! further; a key of no known instance is ignored. A protocol 3.0 key in session mode
+//! is the server's own (so that `pg_backend_pid()` agrees) and says nothing of its
+//! instance: only the instance that issued it can cancel with it.
+
+use crate::config::PeerConfig;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +41,9 @@ use crate::auth::scram::constant_time_eq;
 
 /// The lowest pid pgrelay issues: above Linux's largest `pid_max` (2^22).
 pub const ISSUED_PID_MIN: i32 = 1 << 22;
+
+/// Issued pids per instance: an instance's pids are `ISSUED_PID_MIN + id * 2^20 + n`.
+const PIDS_PER_INSTANCE: i32 = 1 << 20;
 
 /// How long forwarding one cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +88,8 @@ type Slot = Arc<SlotInner>;
 #[derive(Default)]
 pub struct CancelRegistry {
     slots: DashMap<i32, Slot>,
+    /// This instance's id in its fleet, carried in the keys it issues.
+    instance: u16,
 }
 
 /// A client's registration; unregisters on drop.
@@ -84,22 +99,60 @@ pub struct CancelHandle {
     slot: Slot,
 }
 
-/// `len` random bytes: the secret of a key pgrelay issues.
-pub fn random_secret(len: usize) -> Box<[u8]> {
-    let mut secret = vec![0; len].into_boxed_slice();
-    rand::thread_rng().fill_bytes(&mut secret);
-    secret
+/// This instance's id: `instance_id`, else one derived from the host name (a pod's
+/// name), the same at every start on the same host.
+pub fn instance_id(config: &crate::config::Config) -> u16 {
+    config.instance_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        // FNV-1a: stable across builds, unlike std's hasher.
+        let hash = host.trim().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        (hash % (u64::from(crate::config::MAX_INSTANCE_ID) + 1)) as u16
+    })
+}
+
+/// The instance a key was issued by, when the key says: its pid if pgrelay issued it,
+/// else a secret longer than protocol 3.0's.
+pub fn issuer(pid: i32, secret: &[u8]) -> Option<u16> {
+    if pid >= ISSUED_PID_MIN {
+        return u16::try_from((pid - ISSUED_PID_MIN) / PIDS_PER_INSTANCE).ok();
+    }
+    match secret {
+        [high, low, _, _, _, ..] => Some(u16::from_be_bytes([*high, *low])),
+        _ => None,
+    }
 }
 
 impl CancelRegistry {
+    /// A registry for the instance `instance` of a fleet.
+    pub fn new(instance: u16) -> CancelRegistry {
+        CancelRegistry {
+            slots: DashMap::new(),
+            instance,
+        }
+    }
+
+    /// `len` random bytes: the secret of a key pgrelay issues. One longer than 4 bytes
+    /// (protocol 3.2) starts with this instance's id.
+    pub fn random_secret(&self, len: usize) -> Box<[u8]> {
+        let mut secret = vec![0; len].into_boxed_slice();
+        rand::thread_rng().fill_bytes(&mut secret);
+        if len > 4 {
+            secret[..2].copy_from_slice(&self.instance.to_be_bytes());
+        }
+        secret
+    }
+
     /// Registers a client under a fresh random key (transaction mode, or a server that
     /// gave no key of its own), with a secret of `secret_len` bytes and a pid no other
-    /// client of pgrelay has.
+    /// client of pgrelay has, in this instance's range.
     pub fn register_random(self: &Arc<Self>, secret_len: usize) -> CancelHandle {
         let mut rng = rand::thread_rng();
+        let first = ISSUED_PID_MIN + i32::from(self.instance) * PIDS_PER_INSTANCE;
         loop {
-            let pid = rng.gen_range(ISSUED_PID_MIN..i32::MAX);
-            if let Some(handle) = self.insert(pid, random_secret(secret_len), true) {
+            let pid = first + rng.gen_range(0..PIDS_PER_INSTANCE);
+            if let Some(handle) = self.insert(pid, self.random_secret(secret_len), true) {
                 return handle;
             }
         }
@@ -156,6 +209,44 @@ impl CancelRegistry {
         }
     }
 
+    /// A CancelRequest that arrived at this instance: one for a key of its own clients
+    /// goes to their server; one for a key another instance issued goes to that peer,
+    /// unless a peer sent it (`forwarded`): it crosses the fleet once. Others are
+    /// ignored.
+    pub async fn cancel_request(
+        &self,
+        pid: i32,
+        secret: &[u8],
+        forwarded: bool,
+        peers: &[PeerConfig],
+    ) {
+        if let Some(slot) = self.matching(pid, secret) {
+            return forward(&slot).await;
+        }
+        let owner = issuer(pid, secret).filter(|&id| id != self.instance);
+        let (Some(owner), false) = (owner, forwarded) else {
+            return;
+        };
+        let Some(peer) = peers.iter().find(|peer| peer.id == owner) else {
+            tracing::debug!(
+                pid,
+                instance = owner,
+                "cancel request for a key of no known instance"
+            );
+            return;
+        };
+        let sent = tokio::time::timeout(CANCEL_TIMEOUT, send_to_peer(peer, pid, secret)).await;
+        match sent {
+            Ok(Ok(())) => tracing::debug!(pid, peer = peer.id, "forwarded cancel to a peer"),
+            Ok(Err(err)) => {
+                tracing::warn!(peer = peer.id, host = %peer.host, %err, "could not forward a cancel to a peer")
+            }
+            Err(_) => {
+                tracing::warn!(peer = peer.id, host = %peer.host, "timed out forwarding a cancel to a peer")
+            }
+        }
+    }
+
     /// The slot of the client whose key is `pid` and `secret`.
     fn matching(&self, pid: i32, secret: &[u8]) -> Option<Slot> {
         let Some(slot) = self.slots.get(&pid).map(|s| s.clone()) else {
@@ -192,6 +283,18 @@ async fn forward(slot: &SlotInner) {
     }
     slot.lock().in_flight = false;
     slot.done.notify_waiters();
+}
+
+/// Sends `peer` a forwarded CancelRequest for the key `pid` and `secret`, and waits for
+/// it to close the connection (it has then acted on it).
+async fn send_to_peer(peer: &PeerConfig, pid: i32, secret: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect((peer.host.as_str(), peer.port)).await?;
+    let mut buf = BytesMut::new();
+    crate::protocol::startup::forwarded_cancel_request(&mut buf, pid, secret);
+    stream.write_all(&buf).await?;
+    let mut sink = [0u8; 1];
+    let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
+    Ok(())
 }
 
 async fn send_cancel(target: CancelTarget) -> std::io::Result<()> {
@@ -251,6 +354,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_carry_their_instance() {
+        for instance in [0, 1, 700, crate::config::MAX_INSTANCE_ID] {
+            let registry = Arc::new(CancelRegistry::new(instance));
+            for len in [4, 32] {
+                let handle = registry.register_random(len);
+                assert!(handle.pid() >= ISSUED_PID_MIN);
+                assert_eq!(issuer(handle.pid(), handle.secret()), Some(instance));
+            }
+            // A session-mode 3.2 client keeps its server's pid; its secret says.
+            let secret = registry.random_secret(32);
+            assert_eq!(issuer(1234, &secret), Some(instance));
+        }
+        // A 3.0 key with a server's pid says nothing.
+        assert_eq!(issuer(1234, &[1, 2, 3, 4]), None);
+    }
+
+    #[test]
     fn issued_pids_are_unique_above_linux_pids_and_forgotten_on_drop() {
         let registry = Arc::new(CancelRegistry::default());
         let handles: Vec<_> = (0..1000).map(|_| registry.register_random(4)).collect();
@@ -267,7 +387,9 @@ mod tests {
             .expect("free key");
         assert!(!registry.is_issued(real.pid()));
         assert!(
-            registry.register(4242, random_secret(32)).is_none(),
+            registry
+                .register(4242, registry.random_secret(32))
+                .is_none(),
             "pid taken"
         );
     }

@@ -110,12 +110,13 @@ impl Shared {
         let topology = cluster::Topology::from_config(&config);
         let client_tls = tls::accept::ClientTls::unavailable(config.tls.client_mode);
         let server_tls = Arc::new(server_tls(&config.tls));
+        let instance = cancel::instance_id(&config);
         Shared {
             router: router::Router::new(&config),
             config: Arc::new(ArcSwap::from_pointee(config)),
             cluster: Arc::new(cluster::Cluster::new(topology)),
             pools: Arc::default(),
-            cancel: Arc::default(),
+            cancel: Arc::new(cancel::CancelRegistry::new(instance)),
             credentials: Arc::default(),
             auth_throttle: auth::throttle::Throttle::default(),
             server_tls,

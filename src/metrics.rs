@@ -14,13 +14,14 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::ErrorKind;
+use crate::registry::PoolLatency;
 use crate::Shared;
 
 pub struct Metrics {
@@ -160,14 +161,6 @@ pub const LATENCY_BUCKETS: [f64; 17] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 10.0, 30.0,
 ];
-
-/// One pool's latency histograms (a pool here is a database and a user, as in
-/// PgBouncer), resolved when a session starts so that a transaction only adds to them.
-pub struct PoolLatency {
-    pub transaction: Histogram,
-    pub query: Histogram,
-    pub wait: Histogram,
-}
 
 impl Metrics {
     pub fn new() -> Metrics {

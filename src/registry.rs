@@ -221,6 +221,15 @@ pub struct DbStats {
     pub wait_us: AtomicU64,
 }
 
+/// One pool's latency histograms (a pool here is a database and a user, as in
+/// PgBouncer), made by the metrics when a session starts so that a transaction only
+/// adds to them.
+pub struct PoolLatency {
+    pub transaction: prometheus::Histogram,
+    pub query: prometheus::Histogram,
+    pub wait: prometheus::Histogram,
+}
+
 /// What a session did in one transaction (or relay run), added at its end.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Work {

@@ -646,7 +646,10 @@ fn config(shared: &Shared) -> Table {
             .find(|(k, _)| *k == key)
             .map(|(_, d)| d.clone())
             .unwrap_or_default();
-        let changeable = !matches!(key, "listen" | "metrics_listen" | "worker_threads");
+        let changeable = !matches!(
+            key,
+            "listen" | "metrics_listen" | "worker_threads" | "instance_id"
+        );
         t.row(vec![
             v(key),
             v(value),

@@ -165,10 +165,11 @@ impl Credentials {
 /// How a connection's startup ended.
 pub enum Handshake {
     Login(ClientLogin),
-    /// A CancelRequest: the pid and secret of a BackendKeyData.
+    /// A CancelRequest: the pid and secret of a BackendKeyData; `forwarded` by a peer.
     Cancel {
         pid: i32,
         secret: bytes::Bytes,
+        forwarded: bool,
     },
 }
 
@@ -232,7 +233,17 @@ where
                 backend::refuse_encryption(conn.wbuf());
                 conn.flush().await?;
             }
-            StartupPacket::Cancel { pid, secret } => return Ok(Handshake::Cancel { pid, secret }),
+            StartupPacket::Cancel {
+                pid,
+                secret,
+                forwarded,
+            } => {
+                return Ok(Handshake::Cancel {
+                    pid,
+                    secret,
+                    forwarded,
+                })
+            }
             StartupPacket::Startup(params) => break params,
         }
     };

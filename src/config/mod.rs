@@ -30,10 +30,11 @@ pub use listen::{Listen, ListenAddr};
 /// Where a client's requests go, and whether a `replica` endpoint may fall back to
 /// the primary: from its listener, else from its database.
 pub type Endpoint = (EndpointTarget, bool);
+pub use schema::PeerConfig;
 pub use schema::{
     AuthType, BackendConfig, Config, DatabaseConfig, EndpointTarget, FailoverConfig,
     HealthCheckConfig, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint,
-    RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig,
+    RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig, MAX_INSTANCE_ID,
 };
 pub use values::{PatroniEndpoint, ScramSecret, Secret};
 
@@ -322,6 +323,21 @@ impl Config {
             ("auth_user", self.auth_user.clone().unwrap_or_default()),
             ("auth_dbname", self.auth_dbname.clone().unwrap_or_default()),
             ("auth_query_cache", duration_text(self.auth_query_cache)),
+            (
+                "instance_id",
+                self.instance_id
+                    .map_or_else(String::new, |id| id.to_string()),
+            ),
+            (
+                "peers",
+                list(
+                    &self
+                        .peers
+                        .iter()
+                        .map(|p| format!("{}={}:{}", p.id, p.host, p.port))
+                        .collect::<Vec<_>>(),
+                ),
+            ),
             ("pool.mode", spelled(&p.mode)),
             ("pool.default_pool_size", p.default_pool_size.to_string()),
             ("pool.min_pool_size", p.min_pool_size.to_string()),

@@ -79,6 +79,34 @@ pub struct Config {
     /// `auth_type` (and `users.auth_type`) for the connections it matches. Default `[]`:
     /// no rules, everyone authenticates by `auth_type`.
     pub hba: Vec<HbaRule>,
+    /// This instance's id in a fleet of pgrelays (0 to [`MAX_INSTANCE_ID`]), carried in
+    /// the cancel keys it issues, so that a CancelRequest another instance receives
+    /// finds its way here. Default: derived from the host name at start (a pod's name
+    /// in Kubernetes); set it when `[[peers]]` name this instance. Read at start.
+    pub instance_id: Option<u16>,
+    /// `[[peers]]`: the other pgrelays of the fleet, where CancelRequests for the keys
+    /// they issued are forwarded (PgBouncer's `[peers]`). Default `[]`.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// The largest `instance_id`: issued pids carry it above Linux's pids, in 11 bits.
+pub const MAX_INSTANCE_ID: u16 = 2043;
+
+/// One `[[peers]]` entry: another pgrelay of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its `instance_id`. Required.
+    pub id: u16,
+    /// Where it listens for clients. Required.
+    pub host: String,
+    /// Default 6432.
+    #[serde(default = "default_peer_port")]
+    pub port: u16,
+}
+
+fn default_peer_port() -> u16 {
+    6432
 }
 
 impl Default for Config {
@@ -105,6 +133,8 @@ impl Default for Config {
             databases: Vec::new(),
             users: Vec::new(),
             hba: Vec::new(),
+            instance_id: None,
+            peers: Vec::new(),
         }
     }
 }

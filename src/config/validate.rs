@@ -7,6 +7,7 @@ impl Config {
     /// Checks the values and their combinations; the error names the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_listeners()?;
+        self.validate_peers()?;
         self.pool.validate()?;
         self.routing.validate()?;
         self.health_check.validate()?;
@@ -51,6 +52,46 @@ impl Config {
             }
             _ => Ok(()),
         }
+    }
+
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        let max = super::schema::MAX_INSTANCE_ID;
+        if self.instance_id.is_some_and(|id| id > max) {
+            return Err(invalid(
+                "instance_id",
+                format!("must be between 0 and {max}"),
+            ));
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.id > max {
+                return Err(invalid(
+                    format!("peers[{i}].id"),
+                    format!("must be between 0 and {max}"),
+                ));
+            }
+            if Some(peer.id) == self.instance_id {
+                return Err(invalid(
+                    format!("peers[{i}].id"),
+                    "is this instance's own instance_id",
+                ));
+            }
+            if peer.host.trim().is_empty() {
+                return Err(invalid(format!("peers[{i}].host"), "must not be empty"));
+            }
+        }
+        if let Some((i, first)) = first_duplicate(self.peers.iter().map(|p| p.id)) {
+            return Err(invalid(
+                format!("peers[{i}].id"),
+                format!("{} is listed twice (also peers[{first}])", self.peers[i].id),
+            ));
+        }
+        if !self.peers.is_empty() && self.instance_id.is_none() {
+            return Err(invalid(
+                "instance_id",
+                "is required with [[peers]]: they forward this instance's cancels by it",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_backends(&self) -> Result<(), ConfigError> {

@@ -8,7 +8,7 @@
 //! Protocol 3.2 (PostgreSQL 18) changed only the cancel key: the secret of
 //! BackendKeyData and CancelRequest is 4 to 256 bytes long instead of exactly 4.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgwire::messages::startup::Startup;
 use pgwire::messages::{DecodeContext, Message};
 
@@ -19,6 +19,10 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
+/// A CancelRequest one pgrelay forwards to another (1234/5677, a code of pgrelay's own
+/// beside PostgreSQL's 1234/5678): the receiver looks the key up among its own clients
+/// and never forwards it again, so a cancel crosses a fleet at most once.
+const FORWARDED_CANCEL_REQUEST: u32 = 80_877_101;
 /// The newest minor version of protocol 3 pgrelay speaks with clients: 3.2, whose
 /// cancel keys are longer. Servers are still spoken to in 3.0.
 pub const NEWEST_MINOR: u16 = 2;
@@ -30,10 +34,12 @@ pub const MAX_SECRET_LEN: usize = 256;
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    /// A CancelRequest: the pid and secret of a BackendKeyData.
+    /// A CancelRequest: the pid and secret of a BackendKeyData; `forwarded` when
+    /// another pgrelay of the fleet sent it on.
     Cancel {
         pid: i32,
         secret: Bytes,
+        forwarded: bool,
     },
     Startup(StartupParams),
 }
@@ -104,7 +110,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError
                 StartupPacket::GssEnc
             }))
         }
-        CANCEL_REQUEST => {
+        CANCEL_REQUEST | FORWARDED_CANCEL_REQUEST => {
             // Code and pid, then the secret: the rest of the packet.
             if !(12 + MIN_SECRET_LEN..=12 + MAX_SECRET_LEN).contains(&len) {
                 return Err(ProtocolError::Malformed {
@@ -117,6 +123,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError
             Ok(Some(StartupPacket::Cancel {
                 pid,
                 secret: packet.freeze(),
+                forwarded: code == FORWARDED_CANCEL_REQUEST,
             }))
         }
         _ => decode_startup(buf, len, code).map(Some),
@@ -199,10 +206,18 @@ fn split_words(text: &str) -> Vec<String> {
     words
 }
 
+/// The CancelRequest pgrelay forwards to a peer of its fleet for the key `pid` and
+/// `secret` (marked as forwarded, so the peer does not send it on).
+pub fn forwarded_cancel_request(buf: &mut BytesMut, pid: i32, secret: &[u8]) {
+    buf.put_u32(12 + secret.len() as u32);
+    buf.put_u32(FORWARDED_CANCEL_REQUEST);
+    buf.put_i32(pid);
+    buf.put_slice(secret);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BufMut;
 
     fn startup(params: &[(&str, &str)], minor: u16) -> BytesMut {
         let mut body = BytesMut::new();
@@ -282,7 +297,18 @@ mod tests {
             decode(&mut buf).unwrap(),
             Some(StartupPacket::Cancel {
                 pid: 42,
-                secret: Bytes::copy_from_slice(&(-7i32).to_be_bytes())
+                secret: Bytes::copy_from_slice(&(-7i32).to_be_bytes()),
+                forwarded: false,
+            })
+        );
+        let mut buf = BytesMut::new();
+        forwarded_cancel_request(&mut buf, 42, &[1, 2, 3, 4]);
+        assert_eq!(
+            decode(&mut buf).unwrap(),
+            Some(StartupPacket::Cancel {
+                pid: 42,
+                secret: Bytes::from_static(&[1, 2, 3, 4]),
+                forwarded: true,
             })
         );
     }
@@ -308,7 +334,8 @@ mod tests {
                 decode(&mut buf).unwrap(),
                 Some(StartupPacket::Cancel {
                     pid: 7,
-                    secret: Bytes::from(secret)
+                    secret: Bytes::from(secret),
+                    forwarded: false,
                 }),
                 "{len} bytes"
             );

@@ -184,8 +184,16 @@ async fn log_in_opened(
     .await;
     let login = match handshake {
         Ok(Ok(Handshake::Login(login))) => login,
-        Ok(Ok(Handshake::Cancel { pid, secret })) => {
-            shared.cancel.cancel(pid, &secret).await;
+        Ok(Ok(Handshake::Cancel {
+            pid,
+            secret,
+            forwarded,
+        })) => {
+            let config = shared.config.load_full();
+            let cancel = &shared.cancel;
+            cancel
+                .cancel_request(pid, &secret, forwarded, &config.peers)
+                .await;
             return None;
         }
         Ok(Err(AuthError::Client(err))) => {
@@ -401,7 +409,7 @@ struct Session {
     /// The session's timeouts; none when all are off.
     watch: Option<Box<Watch>>,
     /// Its pool's latency histograms.
-    latency: Arc<crate::metrics::PoolLatency>,
+    latency: Arc<registry::PoolLatency>,
     /// Where its requests go (the database's or listener's `target`), and whether a
     /// `replica` endpoint may fall back to the primary.
     target: Endpoint,
@@ -572,7 +580,9 @@ impl Session {
             let secret: Box<[u8]> = if self.login.minor < 2 {
                 Box::new(target.secret.to_be_bytes())
             } else {
-                crate::cancel::random_secret(backend::secret_len(self.login.minor))
+                self.shared
+                    .cancel
+                    .random_secret(backend::secret_len(self.login.minor))
             };
             if let Some(handle) = self.shared.cancel.register(target.pid, secret) {
                 self.cancel = handle;

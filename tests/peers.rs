@@ -1,0 +1,136 @@
+//! Cancels across a fleet (issue 17): two pgrelays in front of one cluster, each
+//! naming the other in `[[peers]]`. A long query through A is cancelled by a
+//! CancelRequest sent to B (a load balancer's choice), with a protocol 3.0 key and
+//! with a 3.2 one. A key of no known instance is ignored, and a cancel a peer already
+//! forwarded is not forwarded again: a cancel crosses the fleet once.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pgrelay::config::Config;
+use pgrelay::listener::Pgrelay;
+use support::raw::{self, Message};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const SECOND: Duration = Duration::from_secs(1);
+const CANCEL_REQUEST: u32 = 80_877_102;
+const FORWARDED_CANCEL_REQUEST: u32 = 80_877_101;
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr").port()
+}
+
+/// A pgrelay with `instance_id = id` on `port`, whose one peer is `peer` on `peer_port`.
+async fn instance(env: &TestEnv, (id, port): (u16, u16), (peer, peer_port): (u16, u16)) -> Pgrelay {
+    let options = EnvOptions {
+        top_extra: vec![format!("instance_id = {id}")],
+        sections: vec![format!(
+            "[[peers]]\nid = {peer}\nhost = \"127.0.0.1\"\nport = {peer_port}"
+        )],
+        ..env.options.clone()
+    };
+    let text = config_text(&options, &env.cluster.ports()).replacen(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"127.0.0.1:{port}\"]"),
+        1,
+    );
+    let config = Config::from_toml_str(&text).expect("config");
+    Pgrelay::start(config).await.expect("start pgrelay")
+}
+
+/// Logs in with protocol 3.`minor` where no password is asked; the stream and the
+/// cancel key from BackendKeyData.
+async fn log_in(addr: SocketAddr, minor: u8) -> (TcpStream, i32, Vec<u8>) {
+    let mut packet = raw::startup_message(&[("user", APP_USER), ("database", APP_DB)]);
+    packet[7] = minor;
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(&packet).await.expect("startup");
+    let messages = raw::read_until_ready(&mut stream, 10 * SECOND).await;
+    let key = messages
+        .iter()
+        .find(|m| m.tag == b'K')
+        .unwrap_or_else(|| panic!("no BackendKeyData: {messages:?}"));
+    let pid = i32::from_be_bytes(key.body[..4].try_into().expect("pid"));
+    (stream, pid, key.body[4..].to_vec())
+}
+
+/// Sends a CancelRequest (`code`) for `pid` and `secret` to `addr`.
+async fn send_cancel(addr: SocketAddr, code: u32, pid: i32, secret: &[u8]) {
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&(12 + secret.len() as u32).to_be_bytes());
+    packet.extend_from_slice(&code.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(secret);
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(&packet).await.expect("cancel");
+    // The receiver closes once it has acted on it.
+    let _ = raw::read_to_close(&mut stream, 10 * SECOND).await;
+}
+
+/// Runs `sql` on `stream` and returns what answered it, and how long it took.
+async fn answer(stream: &mut TcpStream, sql: &str) -> (Vec<Message>, Duration) {
+    let started = Instant::now();
+    stream.write_all(&raw::query(sql)).await.expect("query");
+    let messages = raw::read_until_ready(stream, 30 * SECOND).await;
+    (messages, started.elapsed())
+}
+
+fn sqlstate_of(messages: &[Message]) -> Option<String> {
+    messages.iter().find_map(Message::sqlstate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_another_instance_finds_its_query() {
+    let env = start(EnvOptions {
+        client_auth: "trust",
+        ..Default::default()
+    })
+    .await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = instance(&env, (1, port_a), (2, port_b)).await;
+    let b = instance(&env, (2, port_b), (1, port_a)).await;
+    let (addr_a, addr_b) = (a.addrs[0], b.addrs[0]);
+
+    for minor in [0, 2] {
+        let (mut client, pid, secret) = log_in(addr_a, minor).await;
+        assert_eq!(secret.len(), if minor == 0 { 4 } else { 32 });
+        let canceller = async {
+            tokio::time::sleep(SECOND / 2).await;
+            send_cancel(addr_b, CANCEL_REQUEST, pid, &secret).await;
+        };
+        let ((messages, took), ()) =
+            tokio::join!(answer(&mut client, "SELECT pg_sleep(30)"), canceller);
+        assert_eq!(
+            sqlstate_of(&messages).as_deref(),
+            Some("57014"),
+            "3.{minor}: {messages:?}"
+        );
+        assert!(took < 10 * SECOND, "3.{minor}: cancelled after {took:?}");
+        // The session goes on.
+        let (messages, _) = answer(&mut client, "SELECT 1").await;
+        assert_eq!(raw::first_value(&messages).as_deref(), Some("1"));
+    }
+
+    // Ignored: a key of an instance nobody knows (7), a cancel already forwarded by a
+    // peer (B does not send it on to A), and a wrong secret.
+    let (mut client, pid, secret) = log_in(addr_a, 0).await;
+    let unknown = (1 << 22) + 7 * (1 << 20) + 5;
+    let mut wrong = secret.clone();
+    wrong[0] ^= 1;
+    let ignored = async {
+        tokio::time::sleep(SECOND / 4).await;
+        send_cancel(addr_b, CANCEL_REQUEST, unknown, &secret).await;
+        send_cancel(addr_b, FORWARDED_CANCEL_REQUEST, pid, &secret).await;
+        send_cancel(addr_b, CANCEL_REQUEST, pid, &wrong).await;
+    };
+    let ((messages, took), ()) = tokio::join!(answer(&mut client, "SELECT pg_sleep(1.5)"), ignored);
+    assert_eq!(sqlstate_of(&messages), None, "{messages:?}");
+    assert!(took >= SECOND, "{took:?}");
+    drop((a, b));
+}
