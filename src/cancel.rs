@@ -24,7 +24,7 @@
 //! is the server's own (so that `pg_backend_pid()` agrees) and says nothing of its
 //! instance: only the instance that issued it can cancel with it.
 
-use crate::config::PeerConfig;
+use crate::config::Config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -209,41 +209,47 @@ impl CancelRegistry {
         }
     }
 
-    /// A CancelRequest that arrived at this instance: one for a key of its own clients
-    /// goes to their server; one for a key another instance issued goes to that peer,
-    /// unless a peer sent it (`forwarded`): it crosses the fleet once. Others are
-    /// ignored.
-    pub async fn cancel_request(
-        &self,
-        pid: i32,
-        secret: &[u8],
-        forwarded: bool,
-        peers: &[PeerConfig],
-    ) {
+    /// A CancelRequest that arrived at this instance. One for a key of its own clients
+    /// goes to their server. One a peer sent (`forwarded`) goes no further: a cancel
+    /// crosses the fleet once. Else, a key another instance issued goes to that
+    /// `[[peers]]` entry; a key that names no instance (a protocol 3.0 key in session
+    /// mode) to every `[[peers]]` entry; and either, when no entry takes it, to every
+    /// address of `peers_dns` (this instance's own among them: it ignores it then). Keys
+    /// this instance issued to clients now gone are ignored, as PostgreSQL ignores
+    /// unknown keys.
+    pub async fn cancel_request(&self, pid: i32, secret: &[u8], forwarded: bool, config: &Config) {
         if let Some(slot) = self.matching(pid, secret) {
             return forward(&slot).await;
         }
-        let owner = issuer(pid, secret).filter(|&id| id != self.instance);
-        let (Some(owner), false) = (owner, forwarded) else {
+        let owner = issuer(pid, secret);
+        // A derived id may be another instance's too (two host names, one hash): then
+        // a key that names it may still be theirs, and goes on to `peers_dns`.
+        let own_key = owner == Some(self.instance) && config.instance_id.is_some();
+        if forwarded || own_key {
             return;
+        }
+        let peers: Vec<(String, u16)> = config
+            .peers
+            .iter()
+            .filter(|peer| owner.is_none_or(|id| id == peer.id))
+            .map(|peer| (peer.host.clone(), peer.port))
+            .collect();
+        let sent = match (peers.is_empty(), config.peers_dns.as_deref()) {
+            (false, _) => send_to_peers(peers, pid, secret).await,
+            (true, Some(dns)) => match tokio::net::lookup_host(dns).await {
+                Ok(addrs) => {
+                    let addrs = addrs.map(|addr| (addr.ip().to_string(), addr.port()));
+                    send_to_peers(addrs.collect(), pid, secret).await
+                }
+                Err(err) => {
+                    tracing::warn!(peers_dns = dns, %err, "could not look up the peers of a cancel");
+                    0
+                }
+            },
+            (true, None) => 0,
         };
-        let Some(peer) = peers.iter().find(|peer| peer.id == owner) else {
-            tracing::debug!(
-                pid,
-                instance = owner,
-                "cancel request for a key of no known instance"
-            );
-            return;
-        };
-        let sent = tokio::time::timeout(CANCEL_TIMEOUT, send_to_peer(peer, pid, secret)).await;
-        match sent {
-            Ok(Ok(())) => tracing::debug!(pid, peer = peer.id, "forwarded cancel to a peer"),
-            Ok(Err(err)) => {
-                tracing::warn!(peer = peer.id, host = %peer.host, %err, "could not forward a cancel to a peer")
-            }
-            Err(_) => {
-                tracing::warn!(peer = peer.id, host = %peer.host, "timed out forwarding a cancel to a peer")
-            }
+        if sent == 0 {
+            tracing::debug!(pid, instance = ?owner, "cancel request for a key of no known instance");
         }
     }
 
@@ -285,10 +291,37 @@ async fn forward(slot: &SlotInner) {
     slot.done.notify_waiters();
 }
 
-/// Sends `peer` a forwarded CancelRequest for the key `pid` and `secret`, and waits for
+/// Sends each of `peers` a forwarded CancelRequest for the key `pid` and `secret`, at
+/// once, each within [`CANCEL_TIMEOUT`]; the number that took it.
+async fn send_to_peers(peers: Vec<(String, u16)>, pid: i32, secret: &[u8]) -> usize {
+    let sends = peers.iter().map(|(host, port)| async move {
+        let sent = tokio::time::timeout(CANCEL_TIMEOUT, send_to_peer((host, *port), pid, secret));
+        match sent.await {
+            Ok(Ok(())) => {
+                tracing::debug!(pid, %host, port, "forwarded a cancel to a peer");
+                true
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(%host, port, %err, "could not forward a cancel to a peer");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(%host, port, "timed out forwarding a cancel to a peer");
+                false
+            }
+        }
+    });
+    futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .filter(|&sent| sent)
+        .count()
+}
+
+/// Sends a peer a forwarded CancelRequest for the key `pid` and `secret`, and waits for
 /// it to close the connection (it has then acted on it).
-async fn send_to_peer(peer: &PeerConfig, pid: i32, secret: &[u8]) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect((peer.host.as_str(), peer.port)).await?;
+async fn send_to_peer((host, port): (&str, u16), pid: i32, secret: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect((host, port)).await?;
     let mut buf = BytesMut::new();
     crate::protocol::startup::forwarded_cancel_request(&mut buf, pid, secret);
     stream.write_all(&buf).await?;

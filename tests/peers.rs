@@ -1,8 +1,10 @@
-//! Cancels across a fleet (issue 17): two pgrelays in front of one cluster, each
-//! naming the other in `[[peers]]`. A long query through A is cancelled by a
-//! CancelRequest sent to B (a load balancer's choice), with a protocol 3.0 key and
-//! with a 3.2 one. A key of no known instance is ignored, and a cancel a peer already
-//! forwarded is not forwarded again: a cancel crosses the fleet once.
+//! Cancels across a fleet (issue 17): two pgrelays in front of one cluster. A long
+//! query through A is cancelled by a CancelRequest sent to B (a load balancer's
+//! choice), with a protocol 3.0 key and with a 3.2 one: in transaction mode with each
+//! naming the other in `[[peers]]`, and in session mode (where a 3.0 key is the
+//! server's own and names no instance) with B finding A through DNS (`peers_dns`). A
+//! key of no known instance is ignored, and a cancel a peer already forwarded is not
+//! forwarded again: a cancel crosses the fleet once.
 
 mod support;
 
@@ -35,6 +37,11 @@ async fn instance(env: &TestEnv, (id, port): (u16, u16), (peer, peer_port): (u16
         )],
         ..env.options.clone()
     };
+    started(options, env, port).await
+}
+
+/// A pgrelay with `options` on `port`, in front of `env`'s cluster.
+async fn started(options: EnvOptions, env: &TestEnv, port: u16) -> Pgrelay {
     let text = config_text(&options, &env.cluster.ports()).replacen(
         "listen = [\"127.0.0.1:0\"]",
         &format!("listen = [\"127.0.0.1:{port}\"]"),
@@ -132,5 +139,42 @@ async fn a_cancel_sent_to_another_instance_finds_its_query() {
     let ((messages, took), ()) = tokio::join!(answer(&mut client, "SELECT pg_sleep(1.5)"), ignored);
     assert_eq!(sqlstate_of(&messages), None, "{messages:?}");
     assert!(took >= SECOND, "{took:?}");
+    drop((a, b));
+}
+
+/// Session mode, B with no `[[peers]]` but `peers_dns = "localhost:<A's port>"`: a
+/// protocol 3.0 key (the server's own pid and secret, no instance in it) and a 3.2 key
+/// sent to B both reach A through the name's addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keys_find_their_query_through_dns() {
+    let env = start(EnvOptions {
+        client_auth: "trust",
+        ..EnvOptions::session()
+    })
+    .await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = started(env.options.clone(), &env, port_a).await;
+    let options = EnvOptions {
+        top_extra: vec![format!("peers_dns = \"localhost:{port_a}\"")],
+        ..env.options.clone()
+    };
+    let b = started(options, &env, port_b).await;
+    let (addr_a, addr_b) = (a.addrs[0], b.addrs[0]);
+    for minor in [0, 2] {
+        let (mut client, pid, secret) = log_in(addr_a, minor).await;
+        assert!(pid < 1 << 22, "session mode: the server's own pid");
+        let canceller = async {
+            tokio::time::sleep(SECOND / 2).await;
+            send_cancel(addr_b, CANCEL_REQUEST, pid, &secret).await;
+        };
+        let ((messages, took), ()) =
+            tokio::join!(answer(&mut client, "SELECT pg_sleep(30)"), canceller);
+        assert_eq!(
+            sqlstate_of(&messages).as_deref(),
+            Some("57014"),
+            "3.{minor}: {messages:?}"
+        );
+        assert!(took < 10 * SECOND, "3.{minor}: cancelled after {took:?}");
+    }
     drop((a, b));
 }

@@ -328,6 +328,7 @@ impl Config {
                 self.instance_id
                     .map_or_else(String::new, |id| id.to_string()),
             ),
+            ("peers_dns", self.peers_dns.clone().unwrap_or_default()),
             (
                 "peers",
                 list(

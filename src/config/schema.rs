@@ -87,6 +87,11 @@ pub struct Config {
     /// `[[peers]]`: the other pgrelays of the fleet, where CancelRequests for the keys
     /// they issued are forwarded (PgBouncer's `[peers]`). Default `[]`.
     pub peers: Vec<PeerConfig>,
+    /// `host:port` whose every address is a pgrelay of the fleet (a Kubernetes headless
+    /// Service), looked up when a CancelRequest comes for a key that neither this
+    /// instance nor a `[[peers]]` entry issued: each address gets it once, and the one
+    /// that issued the key acts on it. Default none.
+    pub peers_dns: Option<String>,
 }
 
 /// The largest `instance_id`: issued pids carry it above Linux's pids, in 11 bits.
@@ -135,6 +140,7 @@ impl Default for Config {
             hba: Vec::new(),
             instance_id: None,
             peers: Vec::new(),
+            peers_dns: None,
         }
     }
 }

@@ -85,6 +85,17 @@ impl Config {
                 format!("{} is listed twice (also peers[{first}])", self.peers[i].id),
             ));
         }
+        if let Some(dns) = &self.peers_dns {
+            let port = dns
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port > 0) {
+                return Err(invalid(
+                    "peers_dns",
+                    format!("{dns:?} is not host:port, e.g. \"pgrelay-peers.default.svc:6432\""),
+                ));
+            }
+        }
         if !self.peers.is_empty() && self.instance_id.is_none() {
             return Err(invalid(
                 "instance_id",

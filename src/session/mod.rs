@@ -192,7 +192,7 @@ async fn log_in_opened(
             let config = shared.config.load_full();
             let cancel = &shared.cancel;
             cancel
-                .cancel_request(pid, &secret, forwarded, &config.peers)
+                .cancel_request(pid, &secret, forwarded, &config)
                 .await;
             return None;
         }
