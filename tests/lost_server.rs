@@ -42,26 +42,6 @@ async fn terminate(admin: &Client, pid: i32) {
     assert!(gone, "backend {pid} survived");
 }
 
-/// The pid of the app backend running `sql`, once it runs.
-async fn running_pid(admin: &Client, sql: &str) -> i32 {
-    let deadline = tokio::time::Instant::now() + 10 * SECOND;
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity \
-                 WHERE usename = 'app' AND state = 'active' AND query = $1",
-                &[&sql],
-            )
-            .await
-            .expect("pg_stat_activity");
-        if let Some(row) = row {
-            return row.get(0);
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{sql} never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn direct_config(env: &TestEnv) -> tokio_postgres::Config {
     format!(
         "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",

@@ -88,6 +88,25 @@ async fn answer(stream: &mut TcpStream, sql: &str) -> (Vec<Message>, Duration) {
     (messages, started.elapsed())
 }
 
+/// Logs in to `a` with protocol 3.`minor`, runs a long query there, and sends its
+/// CancelRequest to `b`: the query must end with 57014, soon. The client and its key.
+async fn cancelled_through(a: SocketAddr, b: SocketAddr, minor: u8) -> (TcpStream, i32, Vec<u8>) {
+    let (mut client, pid, secret) = log_in(a, minor).await;
+    let canceller = async {
+        tokio::time::sleep(SECOND / 2).await;
+        send_cancel(b, CANCEL_REQUEST, pid, &secret).await;
+    };
+    let ((messages, took), ()) =
+        tokio::join!(answer(&mut client, "SELECT pg_sleep(30)"), canceller);
+    assert_eq!(
+        sqlstate_of(&messages).as_deref(),
+        Some("57014"),
+        "3.{minor}: {messages:?}"
+    );
+    assert!(took < 10 * SECOND, "3.{minor}: cancelled after {took:?}");
+    (client, pid, secret)
+}
+
 fn sqlstate_of(messages: &[Message]) -> Option<String> {
     messages.iter().find_map(Message::sqlstate)
 }
@@ -105,20 +124,9 @@ async fn a_cancel_sent_to_another_instance_finds_its_query() {
     let (addr_a, addr_b) = (a.addrs[0], b.addrs[0]);
 
     for minor in [0, 2] {
-        let (mut client, pid, secret) = log_in(addr_a, minor).await;
+        let (mut client, pid, secret) = cancelled_through(addr_a, addr_b, minor).await;
+        assert!(pid >= 1 << 22, "transaction mode: a pid pgrelay issued");
         assert_eq!(secret.len(), if minor == 0 { 4 } else { 32 });
-        let canceller = async {
-            tokio::time::sleep(SECOND / 2).await;
-            send_cancel(addr_b, CANCEL_REQUEST, pid, &secret).await;
-        };
-        let ((messages, took), ()) =
-            tokio::join!(answer(&mut client, "SELECT pg_sleep(30)"), canceller);
-        assert_eq!(
-            sqlstate_of(&messages).as_deref(),
-            Some("57014"),
-            "3.{minor}: {messages:?}"
-        );
-        assert!(took < 10 * SECOND, "3.{minor}: cancelled after {took:?}");
         // The session goes on.
         let (messages, _) = answer(&mut client, "SELECT 1").await;
         assert_eq!(raw::first_value(&messages).as_deref(), Some("1"));
@@ -161,20 +169,8 @@ async fn session_keys_find_their_query_through_dns() {
     let b = started(options, &env, port_b).await;
     let (addr_a, addr_b) = (a.addrs[0], b.addrs[0]);
     for minor in [0, 2] {
-        let (mut client, pid, secret) = log_in(addr_a, minor).await;
+        let (_, pid, _) = cancelled_through(addr_a, addr_b, minor).await;
         assert!(pid < 1 << 22, "session mode: the server's own pid");
-        let canceller = async {
-            tokio::time::sleep(SECOND / 2).await;
-            send_cancel(addr_b, CANCEL_REQUEST, pid, &secret).await;
-        };
-        let ((messages, took), ()) =
-            tokio::join!(answer(&mut client, "SELECT pg_sleep(30)"), canceller);
-        assert_eq!(
-            sqlstate_of(&messages).as_deref(),
-            Some("57014"),
-            "3.{minor}: {messages:?}"
-        );
-        assert!(took < 10 * SECOND, "3.{minor}: cancelled after {took:?}");
     }
     drop((a, b));
 }

@@ -18,8 +18,8 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config};
 
 use support::{
-    eventually, raw, simple_value, sqlstate, start, EnvOptions, TestEnv, APP_DB, APP_PASSWORD,
-    APP_USER,
+    eventually, raw, running_pid, simple_value, sqlstate, start, EnvOptions, TestEnv, APP_DB,
+    APP_PASSWORD, APP_USER,
 };
 
 use support::both_modes;
@@ -34,29 +34,6 @@ fn direct_config(env: &TestEnv) -> Config {
     )
     .parse()
     .expect("direct config")
-}
-
-/// The backend pid of a query running `sql` as the app user, once PostgreSQL shows it.
-async fn running_pid(admin: &Client, sql: &str) -> i32 {
-    let deadline = Instant::now() + 10 * SECOND;
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity \
-                 WHERE usename = 'app' AND state = 'active' AND query = $1",
-                &[&sql],
-            )
-            .await
-            .expect("pg_stat_activity");
-        if let Some(row) = row {
-            return row.get(0);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`{sql}` never showed up in pg_stat_activity"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------

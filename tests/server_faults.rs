@@ -22,26 +22,6 @@ use support::*;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// The backend pid of the app user's session running `sql`, once it runs.
-async fn running_pid(admin: &Client, sql: &str) -> i32 {
-    let deadline = Instant::now() + 10 * SECOND;
-    loop {
-        let row = admin
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity \
-                 WHERE usename = 'app' AND state = 'active' AND query = $1",
-                &[&sql],
-            )
-            .await
-            .expect("pg_stat_activity");
-        if let Some(row) = row {
-            return row.get(0);
-        }
-        assert!(Instant::now() < deadline, "{sql} never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Clients that run `sql` in a loop until stopped, counting answers and errors.
 struct Workers {
     stop: Arc<AtomicBool>,

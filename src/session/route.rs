@@ -409,13 +409,7 @@ impl Session {
         loop {
             let picked = {
                 // In a block: a choice (with its `dyn Fn`) must not live across an await.
-                let pools = &self.pools;
-                let busy = |node: usize| {
-                    pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
-                        let (idle, total, _) = p.counts();
-                        total - idle
-                    })
-                };
+                let busy = |node: usize| busy_on(&self.pools, node);
                 let choice = Choice {
                     load_balance: policy.load_balance,
                     prefer_lower_lag: policy.prefer_lower_lag,
@@ -477,13 +471,7 @@ impl Session {
                 }
             }
         };
-        let pools = &self.pools;
-        let busy = |node: usize| {
-            pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
-                let (idle, total, _) = p.counts();
-                total - idle
-            })
-        };
+        let busy = |node: usize| busy_on(&self.pools, node);
         let choice = Choice {
             load_balance: policy.load_balance,
             prefer_lower_lag: policy.prefer_lower_lag,
@@ -651,6 +639,15 @@ pub(super) async fn greeting_pool(
         }
     };
     shared.node_pool(config, node, &login.database, &login.user)
+}
+
+/// Server connections in use on `node` by the session's pool there, for
+/// `least_connections`.
+fn busy_on(pools: &[Option<Arc<Pool>>], node: usize) -> usize {
+    pools.get(node).and_then(Option::as_ref).map_or(0, |p| {
+        let (idle, total, _) = p.counts();
+        total - idle
+    })
 }
 
 /// The node a session-mode client of a `replica` endpoint (or an `any` one) keeps

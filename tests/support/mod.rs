@@ -572,3 +572,27 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .to_owned();
     (status, body)
 }
+
+/// The backend pid of the app user's session running `sql`, once PostgreSQL shows it
+/// as active (panics after 10 s).
+pub async fn running_pid(admin: &tokio_postgres::Client, sql: &str) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE usename = 'app' AND state = 'active' AND query = $1",
+                &[&sql],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{sql}` never showed up in pg_stat_activity"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
