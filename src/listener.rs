@@ -126,6 +126,12 @@ impl Pgrelay {
         tokio::spawn(health::run(monitor.clone(), shutdown_rx.clone()));
         tokio::spawn(patroni::run(monitor.clone(), shutdown_rx.clone()));
         tokio::spawn(lag::run(monitor, shutdown_rx.clone()));
+        let fleet = pool::fleet::watch(
+            shared.config.clone(),
+            shared.pools.clone(),
+            shutdown_rx.clone(),
+        );
+        tokio::spawn(fleet);
         tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
         Ok(Pgrelay {
             addrs,

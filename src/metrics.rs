@@ -66,6 +66,8 @@ struct StateGauges {
     pool_servers: IntGaugeVec,
     pool_size: IntGaugeVec,
     pool_waiting: IntGaugeVec,
+    fleet_instances: IntGauge,
+    fleet_share: IntGauge,
     node_up: IntGaugeVec,
     node_primary: IntGaugeVec,
     node_readable: IntGaugeVec,
@@ -96,6 +98,16 @@ impl StateGauges {
                 "The most server connections each pool may open",
                 &["node", "database", "user"],
             ),
+            fleet_instances: IntGauge::new(
+                "pgrelay_fleet_instances",
+                "Live instances of this pgrelay's fleet, itself included, as last counted",
+            )
+            .expect("valid metric"),
+            fleet_share: IntGauge::new(
+                "pgrelay_fleet_server_connections_per_node",
+                "This instance's share of max_fleet_server_connections on each node (0: no limit)",
+            )
+            .expect("valid metric"),
             pool_waiting: gauge_vec(
                 "pgrelay_pool_waiting_clients",
                 "Clients waiting in each pool's queue for a server connection",
@@ -135,6 +147,8 @@ impl StateGauges {
             Box::new(self.pool_servers.clone()),
             Box::new(self.pool_size.clone()),
             Box::new(self.pool_waiting.clone()),
+            Box::new(self.fleet_instances.clone()),
+            Box::new(self.fleet_share.clone()),
             Box::new(self.node_up.clone()),
             Box::new(self.node_primary.clone()),
             Box::new(self.node_readable.clone()),
@@ -352,6 +366,12 @@ impl Metrics {
                 .with_label_values(&[state.as_str()])
                 .set(by_state[state as usize]);
         }
+        let pools = &shared.pools;
+        let instances = pools
+            .fleet_instances
+            .load(std::sync::atomic::Ordering::Relaxed);
+        gauges.fleet_instances.set(instances as i64);
+        gauges.fleet_share.set(pools.limits().node_max() as i64);
         gauges.servers.reset();
         gauges.pool_servers.reset();
         gauges.pool_size.reset();

@@ -4,7 +4,9 @@
 //! naming the other in `[[peers]]`, and in session mode (where a 3.0 key is the
 //! server's own and names no instance) with B finding A through DNS (`peers_dns`). A
 //! key of no known instance is ignored, and a cancel a peer already forwarded is not
-//! forwarded again: a cancel crosses the fleet once.
+//! forwarded again: a cancel crosses the fleet once. And sizing: with
+//! `max_fleet_server_connections = 4`, each of two live instances opens at most 2 server
+//! connections to the primary, whatever its pool size; once one is gone, the other 4.
 
 mod support;
 
@@ -173,4 +175,73 @@ async fn session_keys_find_their_query_through_dns() {
         assert!(pid < 1 << 22, "session mode: the server's own pid");
     }
     drop((a, b));
+}
+
+/// Server connections `relay` has open, over all its pools.
+fn servers_open(relay: &Pgrelay) -> usize {
+    relay
+        .shared
+        .pools
+        .all()
+        .iter()
+        .map(|pool| pool.counts().1)
+        .sum()
+}
+
+/// Runs `clients` concurrent `pg_sleep(1)` through `relay` and returns the most server
+/// connections it had open meanwhile.
+async fn busiest(relay: &Pgrelay, clients: usize) -> usize {
+    let conn = relay_conn_string(relay.addrs[0], APP_USER, APP_PASSWORD, APP_DB);
+    let mut sessions = Vec::new();
+    for _ in 0..clients {
+        sessions.push(connect_str(&conn).await.expect("connect"));
+    }
+    let sleeps = sessions
+        .iter()
+        .map(|c| c.simple_query("SELECT pg_sleep(1)"));
+    let watch = async {
+        let mut most = 0;
+        for _ in 0..30 {
+            most = most.max(servers_open(relay));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        most
+    };
+    let (answers, most) = tokio::join!(futures_util::future::join_all(sleeps), watch);
+    for answer in answers {
+        answer.expect("every client is served, in turn");
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_shares_its_server_connections() {
+    let env = start(EnvOptions {
+        client_auth: "trust",
+        pool_extra: vec!["max_fleet_server_connections = 4".into()],
+        ..Default::default()
+    })
+    .await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = instance(&env, (1, port_a), (2, port_b)).await;
+    let b = instance(&env, (2, port_b), (1, port_a)).await;
+    let counted = |relay: &Pgrelay, n: usize| {
+        let pools = relay.shared.pools.clone();
+        async move {
+            eventually(10 * SECOND, || async {
+                pools
+                    .fleet_instances
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == n
+                    && pools.limits().node_max() == 4 / n
+            })
+            .await
+        }
+    };
+    assert!(counted(&a, 2).await, "A counts two instances");
+    assert_eq!(busiest(&a, 6).await, 2, "A's share with B alive");
+
+    b.shutdown(SECOND).await;
+    assert!(counted(&a, 1).await, "A counts itself alone");
+    assert_eq!(busiest(&a, 6).await, 4, "the whole of it with B gone");
 }

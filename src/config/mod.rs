@@ -379,6 +379,10 @@ impl Config {
                 p.max_prepared_statements.to_string(),
             ),
             ("pool.shutdown_timeout", duration_text(p.shutdown_timeout)),
+            (
+                "pool.max_fleet_server_connections",
+                p.max_fleet_server_connections.to_string(),
+            ),
             ("pool.query_timeout", duration_text(p.query_timeout)),
             (
                 "pool.idle_transaction_timeout",

@@ -258,6 +258,10 @@ pub struct PoolConfig {
     /// On SIGTERM, how long to let clients finish before closing them. Default 30s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub shutdown_timeout: Duration,
+    /// Server connections the whole fleet of pgrelays may open to one node: each
+    /// instance takes its share, this divided by the live instances it counts (its
+    /// `[[peers]]` or `peers_dns`), over all its pools; 0 is no limit. Default 0.
+    pub max_fleet_server_connections: u32,
     /// A request its server has not finished answering after this long (counted from
     /// when it was sent, or from the last ReadyForQuery of a pipeline) is cancelled,
     /// its server closed and its client told FATAL 57014; 0 is off (PgBouncer
@@ -299,6 +303,7 @@ impl Default for PoolConfig {
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             shutdown_timeout: Duration::from_secs(30),
+            max_fleet_server_connections: 0,
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             transaction_timeout: Duration::ZERO,

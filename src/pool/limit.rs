@@ -1,6 +1,7 @@
 //! Server connection limits shared by several pools: `max_user_connections` (the pools
-//! of one user on one node) and `max_db_connections` (the pools of one database on one
-//! node).
+//! of one user on one node), `max_db_connections` (the pools of one database on one
+//! node) and this instance's share of `max_fleet_server_connections` (every pool on one
+//! node; the share moves as instances of the fleet come and go, see [`super::fleet`]).
 //!
 //! A [`ServerLimit`] counts the servers open or being opened by its pools. It is
 //! touched only when a pool reserves room to open a server and when a server leaves a
@@ -89,15 +90,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The two limits one pool counts against: its user's and its database's, on its node.
+/// The three limits one pool counts against: its user's, its database's and its
+/// node's (this instance's share of the fleet's), on its node.
 #[derive(Default, Clone)]
 pub struct Limits {
     pub user: Arc<ServerLimit>,
     pub db: Arc<ServerLimit>,
+    pub node: Arc<ServerLimit>,
+    /// The node limit's max, shared by every node: this instance's share of
+    /// `max_fleet_server_connections` (0: no limit).
+    pub node_max: Arc<AtomicUsize>,
 }
 
 impl Limits {
-    /// Counts one more server against both limits, or neither.
+    /// Counts one more server against every limit, or none.
     pub fn try_take(&self, max_user: usize, max_db: usize) -> bool {
         if !self.user.try_take(max_user) {
             return false;
@@ -106,33 +112,44 @@ impl Limits {
             self.user.put_back();
             return false;
         }
+        if !self.node.try_take(self.node_max.load(Ordering::Relaxed)) {
+            self.user.put_back();
+            self.db.put_back();
+            return false;
+        }
         true
     }
 
     pub fn put_back(&self) {
         self.user.put_back();
         self.db.put_back();
+        self.node.put_back();
     }
 
     /// Whether a pool sharing a limit waits for room.
     pub fn wanted(&self) -> bool {
-        self.user.wanted.load(Ordering::Relaxed) || self.db.wanted.load(Ordering::Relaxed)
+        [&self.user, &self.db, &self.node]
+            .iter()
+            .any(|limit| limit.wanted.load(Ordering::Relaxed))
     }
 
     pub(super) fn block(&self, pool: &Arc<Pool>) {
         self.user.block(pool);
         self.db.block(pool);
+        self.node.block(pool);
     }
 
     pub(super) fn join(&self, pool: &Arc<Pool>) {
         self.user.join(pool);
         self.db.join(pool);
+        self.node.join(pool);
     }
 
     /// Room was made under these limits: the blocked pools try again.
     pub(super) fn wake(&self) {
         let mut blocked = self.user.take_blocked();
         blocked.extend(self.db.take_blocked());
+        blocked.extend(self.node.take_blocked());
         for pool in blocked.iter().filter_map(Weak::upgrade) {
             pool.retry_blocked();
         }
@@ -145,6 +162,7 @@ impl Limits {
         let reached = [
             (&self.user, settings.max_user_connections),
             (&self.db, settings.max_db_connections),
+            (&self.node, self.node_max.load(Ordering::Relaxed)),
         ];
         for (limit, max) in reached {
             if max == 0 || limit.open() < max {
@@ -159,11 +177,14 @@ impl Limits {
     }
 }
 
-/// The shared limits, one per (user, node) and per (database, node).
+/// The shared limits, one per (user, node), per (database, node) and per node.
 #[derive(Default)]
 pub struct LimitMap {
     users: dashmap::DashMap<(String, usize), Arc<ServerLimit>>,
     dbs: dashmap::DashMap<(String, usize), Arc<ServerLimit>>,
+    nodes: dashmap::DashMap<usize, Arc<ServerLimit>>,
+    /// This instance's share of `max_fleet_server_connections` per node (0: none).
+    node_max: Arc<AtomicUsize>,
 }
 
 impl LimitMap {
@@ -180,7 +201,32 @@ impl LimitMap {
                 .entry((key.database.clone(), key.node))
                 .or_default()
                 .clone(),
+            node: self.nodes.entry(key.node).or_default().clone(),
+            node_max: self.node_max.clone(),
         }
+    }
+
+    /// Sets this instance's share of the fleet's server connections per node (0: no
+    /// limit); pools that waited for room under a smaller share try again.
+    pub fn set_node_max(&self, max: usize) {
+        let before = self.node_max.swap(max, Ordering::Relaxed);
+        if max == 0 || (before != 0 && max > before) {
+            for node in self.nodes.iter() {
+                for pool in node.take_blocked().iter().filter_map(Weak::upgrade) {
+                    pool.retry_blocked();
+                }
+            }
+        }
+    }
+
+    /// This instance's share of the fleet's server connections per node (0: none).
+    pub fn node_max(&self) -> usize {
+        self.node_max.load(Ordering::Relaxed)
+    }
+
+    /// Servers open on `node`, over every pool.
+    pub fn node_open(&self, node: usize) -> usize {
+        self.nodes.get(&node).map_or(0, |l| l.open())
     }
 
     /// Servers of `user` open on `node`, for tests and the console.
@@ -219,6 +265,26 @@ mod tests {
             limit.put_back();
         }
         assert_eq!(limit.open(), 0, "never below zero");
+    }
+
+    #[test]
+    fn the_node_share_counts_every_pool_and_moves() {
+        let map = LimitMap::default();
+        let key = |user: &str| super::super::PoolKey {
+            node: 0,
+            database: "d".into(),
+            user: user.into(),
+        };
+        let (a, b) = (map.limits_for(&key("a")), map.limits_for(&key("b")));
+        map.set_node_max(2);
+        assert!(a.try_take(0, 0) && b.try_take(0, 0));
+        assert!(!a.try_take(0, 0), "two pools of one node share its two");
+        assert_eq!((a.user.open(), a.db.open()), (1, 2), "nothing else kept");
+        map.set_node_max(3);
+        assert!(a.try_take(0, 0));
+        assert_eq!(map.node_open(0), 3);
+        map.set_node_max(0);
+        assert!(b.try_take(0, 0), "0 is no limit");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! idle list. [`maintain`] is the background loop that closes idle and old servers and
 //! keeps `min_pool_size` open.
 
+pub mod fleet;
 pub mod guard;
 pub mod limit;
 pub mod lookup;
@@ -563,13 +564,20 @@ fn close_later(server: Box<Server>) {
 }
 
 /// Every pool, by key.
-#[derive(Default)]
 pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
     /// The server limits per user and per database on each node, shared by their pools.
     limits: LimitMap,
     /// How the pools made here reach their servers (TCP but in benchmarks).
     dial: Dial,
+    /// The live instances of this one's fleet, as last counted ([`fleet::watch`]).
+    pub fleet_instances: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools::dialing(Dial::default())
+    }
 }
 
 impl Pools {
@@ -580,6 +588,7 @@ impl Pools {
             map: DashMap::new(),
             limits: LimitMap::default(),
             dial,
+            fleet_instances: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
