@@ -144,17 +144,30 @@ async fn a_query_in_a_transaction_fails_with_the_servers_fatal() {
     assert_eq!(simple_value(&bystander, "SELECT 'alive'").await, "alive");
 }
 
-/// The app backend idle in an aborted transaction block.
+/// The app backend idle in an aborted transaction block, once PostgreSQL shows it so
+/// (a backend's state reaches pg_stat_activity a moment after its client has the
+/// error).
 async fn pid_idle_in_aborted(admin: &Client) -> i32 {
-    admin
-        .query_one(
-            "SELECT pid FROM pg_stat_activity \
-             WHERE usename = 'app' AND state = 'idle in transaction (aborted)'",
-            &[],
-        )
-        .await
-        .expect("one backend in an aborted block")
-        .get(0)
+    let deadline = tokio::time::Instant::now() + 5 * SECOND;
+    loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE usename = 'app' AND state = 'idle in transaction (aborted)'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if let [row] = rows.as_slice() {
+            return row.get(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not one backend in an aborted block: {}",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Outside a transaction block, the request in flight fails with the server's code
