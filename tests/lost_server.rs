@@ -28,18 +28,10 @@ async fn terminate(admin: &Client, pid: i32) {
         .await
         .expect("terminate");
     assert!(row.get::<_, bool>(0), "no backend {pid}");
-    let gone = eventually(5 * SECOND, || async {
-        let row = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .expect("pg_stat_activity");
-        row.get::<_, i64>(0) == 0
-    })
-    .await;
-    assert!(gone, "backend {pid} survived");
+    assert!(
+        backend_gone(admin, pid, 5 * SECOND).await,
+        "backend {pid} survived"
+    );
 }
 
 fn direct_config(env: &TestEnv) -> tokio_postgres::Config {

@@ -88,21 +88,6 @@ async fn served(workers: &Workers, more: usize, what: &str) {
     assert!(ok, "{what}: other clients stalled");
 }
 
-/// Waits until the backend `pid` is gone from `pg_stat_activity`.
-async fn backend_gone(admin: &Client, pid: i32) -> bool {
-    eventually(10 * SECOND, || async {
-        let row = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .expect("pg_stat_activity");
-        row.get::<_, i64>(0) == 0
-    })
-    .await
-}
-
 /// Servers stopped with SIGSTOP, with `query_timeout = 2s`; clients of the other
 /// servers keep being answered all along, and each stopped backend goes away once
 /// continued (pgrelay closed it):
@@ -144,7 +129,7 @@ async fn a_stopped_server_is_cut_by_query_timeout() {
     assert!(took < 6 * SECOND, "the client waited {took:?}");
     kill(Pid::from_raw(pid), Signal::SIGCONT).expect("SIGCONT the backend");
     assert!(
-        backend_gone(&admin, pid).await,
+        backend_gone(&admin, pid, 10 * SECOND).await,
         "the stopped backend was left behind"
     );
 
@@ -183,7 +168,7 @@ async fn a_stopped_server_is_cut_by_query_timeout() {
     assert_eq!(logged.len(), 2, "{logged:?}");
     kill(Pid::from_raw(pid), Signal::SIGCONT).expect("SIGCONT the backend");
     assert!(
-        backend_gone(&admin, pid).await,
+        backend_gone(&admin, pid, 10 * SECOND).await,
         "the stopped backend was left behind"
     );
 

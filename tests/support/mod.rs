@@ -596,3 +596,18 @@ pub async fn running_pid(admin: &tokio_postgres::Client, sql: &str) -> i32 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Whether the backend `pid` is gone from `pg_stat_activity` within `within`.
+pub async fn backend_gone(admin: &tokio_postgres::Client, pid: i32, within: Duration) -> bool {
+    eventually(within, || async {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .expect("pg_stat_activity");
+        row.get::<_, i64>(0) == 0
+    })
+    .await
+}
