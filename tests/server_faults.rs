@@ -16,7 +16,6 @@ use futures_util::{pin_mut, StreamExt};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_postgres::Client;
 
 use support::*;
 
