@@ -133,6 +133,11 @@ impl CancelRegistry {
         }
     }
 
+    /// This instance's id in its fleet.
+    pub fn instance(&self) -> u16 {
+        self.instance
+    }
+
     /// `len` random bytes: the secret of a key pgrelay issues. One longer than 4 bytes
     /// (protocol 3.2) starts with this instance's id.
     pub fn random_secret(&self, len: usize) -> Box<[u8]> {
@@ -162,6 +167,22 @@ impl CancelRegistry {
     /// `None` if the pid is taken (servers of two nodes may share one).
     pub fn register(self: &Arc<Self>, pid: i32, secret: Box<[u8]>) -> Option<CancelHandle> {
         self.insert(pid, secret, false)
+    }
+
+    /// Registers a client under a key pgrelay issued it before (in the process it was
+    /// handed over from). `None` if the pid is taken.
+    pub fn register_issued(self: &Arc<Self>, pid: i32, secret: Box<[u8]>) -> Option<CancelHandle> {
+        self.insert(pid, secret, true)
+    }
+
+    /// Every key pgrelay issued that a client still holds, to reserve them in the
+    /// process taking over.
+    pub fn issued_keys(&self) -> Vec<(i32, Box<[u8]>)> {
+        self.slots
+            .iter()
+            .filter(|slot| slot.issued)
+            .map(|slot| (*slot.key(), slot.secret.clone()))
+            .collect()
     }
 
     fn insert(self: &Arc<Self>, pid: i32, secret: Box<[u8]>, issued: bool) -> Option<CancelHandle> {

@@ -10,6 +10,7 @@
 //! |------:|--------|------|
 //! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`demo`], [`import`]) |
 //! |  9 | [`listener`] | accept loops (clients, the metrics/health HTTP listener), `max_client_conn`, a task per client (a session or the console), drain on shutdown; [`listener::Pgrelay`], a running instance |
+//! |  9 | [`takeover`] | `pgrelay run --takeover`: the takeover socket, listening sockets and clients passed to a new process with their session state |
 //! |  8 | [`control`] | the one place that acts on change: reload, apply, console operations (`PAUSE`, `KILL`, `DETACH`, `PROMOTE`...), the node transitions the cluster loops hand up |
 //! |  7 | [`admin`] | the admin console (virtual database `pgrelay`/`pgbouncer`): PgBouncer's and Pgpool-II's SHOW tables |
 //! |  7 | [`metrics`] | Prometheus metrics with pre-resolved handles; the answers to `/metrics`, `/healthz`, `/readyz` |
@@ -57,6 +58,7 @@ pub mod router;
 pub mod session;
 pub mod shutdown;
 pub mod stream;
+pub mod takeover;
 pub mod tls;
 
 use std::sync::atomic::AtomicUsize;
@@ -102,6 +104,9 @@ pub struct Shared {
     /// The client-facing TLS policy and acceptor, loaded from `[tls]` by
     /// [`listener::Pgrelay::start`] and swapped by a reload; read once per login.
     pub client_tls: ArcSwap<tls::accept::ClientTls>,
+    /// Set when another process takes over (`pgrelay run --takeover`): where sessions
+    /// that can move are handed.
+    pub handover: std::sync::OnceLock<session::handover::Outbox>,
 }
 
 impl Shared {
@@ -129,6 +134,7 @@ impl Shared {
             shutdown_requested: tokio::sync::Notify::new(),
             shutting_down: tokio::sync::watch::channel(false).0,
             client_tls: ArcSwap::from_pointee(client_tls),
+            handover: std::sync::OnceLock::new(),
         }
     }
 

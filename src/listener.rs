@@ -13,8 +13,10 @@
 //! world-connectable (0777, PostgreSQL's default `unix_socket_permissions`; the
 //! directory's permissions are what restrict it), and it is removed at shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,9 +26,13 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::cancel::CancelHandle;
 use crate::cluster::{health, lag, patroni};
 use crate::config::{Config, ConfigError, Endpoint, ListenAddr};
+use crate::session::handover::{SessionState, Transfer};
 use crate::session::LoggedIn;
+use crate::stream::Stream;
+use crate::takeover::{self, Handed, Listener, Predecessor, Successor};
 use crate::{admin, control, pool, session, Shared};
 
 /// Completed connections the kernel holds for a client listener until they are
@@ -72,10 +78,47 @@ pub struct Pgrelay {
     stopped: watch::Sender<bool>,
     /// Client sessions, for draining.
     sessions: TaskTracker,
+    /// Each listening socket (a second descriptor of it), for a takeover.
+    offered: Vec<(Listener, OwnedFd)>,
+    /// The cancel keys the clients of the process this one took over from hold,
+    /// reserved until each client arrives or that process is done.
+    reserved: HashMap<i32, CancelHandle>,
+}
+
+/// What a process taking over was handed: listening sockets, and the cancel keys the
+/// clients it will be handed hold.
+#[derive(Default)]
+pub struct Inherited {
+    listeners: Vec<(Listener, OwnedFd)>,
+    keys: Vec<takeover::Key>,
+}
+
+impl Inherited {
+    /// The sockets and keys `predecessor` offered.
+    pub fn from_predecessor(predecessor: &mut Predecessor) -> Inherited {
+        Inherited {
+            listeners: std::mem::take(&mut predecessor.listeners),
+            keys: std::mem::take(&mut predecessor.keys),
+        }
+    }
+
+    fn take(&mut self, which: &Listener) -> Option<OwnedFd> {
+        let at = self.listeners.iter().position(|(l, _)| l == which)?;
+        Some(self.listeners.swap_remove(at).1)
+    }
 }
 
 impl Pgrelay {
     pub async fn start(config: Config) -> Result<Pgrelay, ListenError> {
+        Pgrelay::start_with(config, Inherited::default()).await
+    }
+
+    /// [`Pgrelay::start`] on the sockets a predecessor handed over, where the config
+    /// names them (the others are bound afresh; those it no longer names are closed).
+    pub async fn start_with(
+        config: Config,
+        mut inherited: Inherited,
+    ) -> Result<Pgrelay, ListenError> {
         let client_tls = crate::tls::accept::ClientTls::load(&config.tls)?;
         let shared = Arc::new(Shared::new(config.clone()));
         shared.client_tls.store(Arc::new(client_tls));
@@ -88,33 +131,74 @@ impl Pgrelay {
                 tracing::warn!(%err, "Patroni could not be read at start-up; health checks decide");
             }
         }
+        // Before anything is accepted: no new client may be given a key that one
+        // still to be handed over holds.
+        let reserved = inherited
+            .keys
+            .drain(..)
+            .filter_map(|key| {
+                let handle = shared
+                    .cancel
+                    .register_issued(key.pid, key.secret.into_boxed_slice())?;
+                Some((key.pid, handle))
+            })
+            .collect();
         health::probe_all(&monitor).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (stopped, stopped_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
         let mut addrs = Vec::new();
         let mut unix_sockets = Vec::new();
+        let mut offered = Vec::new();
         for entry in &config.listen {
             let endpoint = entry.endpoint();
+            let accepting = Accepting {
+                shared: &shared,
+                sessions: &sessions,
+                shutdown: &shutdown_rx,
+            };
             match &entry.addr {
                 ListenAddr::Tcp(addr) => {
-                    let spawned = spawn_tcp(*addr, endpoint, &shared, &sessions, &shutdown_rx);
-                    addrs.push(spawned?);
+                    let which = Listener::Tcp(*addr);
+                    let listener = match inherited.take(&which) {
+                        Some(fd) => tcp_listener_from(fd),
+                        None => listen(*addr),
+                    };
+                    let bind_error = |source| ListenError::Bind {
+                        addr: *addr,
+                        source,
+                    };
+                    let listener = listener.map_err(bind_error)?;
+                    offered.push((which, dup(&listener).map_err(bind_error)?));
+                    addrs.push(spawn_tcp(listener, endpoint, accepting).map_err(bind_error)?);
                 }
                 ListenAddr::Unix(path) => {
-                    spawn_unix(path, endpoint, &shared, &sessions, &shutdown_rx)?;
+                    let which = Listener::Unix(path.clone());
+                    let listener = match inherited.take(&which) {
+                        Some(fd) => unix_listener_from(fd),
+                        None => listen_unix(path),
+                    };
+                    let bind_error = |source| ListenError::BindUnix {
+                        path: path.clone(),
+                        source,
+                    };
+                    let listener = listener.map_err(bind_error)?;
+                    offered.push((which, dup(&listener).map_err(bind_error)?));
+                    spawn_unix(listener, path, endpoint, accepting);
                     unix_sockets.push(path.clone());
                 }
             }
         }
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ListenError::Bind { addr, source })?;
-                let local = listener
-                    .local_addr()
-                    .map_err(|source| ListenError::Bind { addr, source })?;
+                let which = Listener::Metrics(addr);
+                let bind_error = |source| ListenError::Bind { addr, source };
+                let listener = match inherited.take(&which) {
+                    Some(fd) => tcp_listener_from(fd).map_err(bind_error)?,
+                    None => TcpListener::bind(addr).await.map_err(bind_error)?,
+                };
+                offered.push((which, dup(&listener).map_err(bind_error)?));
+                let local = listener.local_addr().map_err(bind_error)?;
                 tracing::info!(addr = %local, "metrics and health endpoints listening");
                 // Through the drain too: /healthz keeps answering (a liveness probe
                 // must not kill a draining pod) and /readyz says it is shutting down.
@@ -141,7 +225,119 @@ impl Pgrelay {
             shutdown,
             stopped,
             sessions,
+            offered,
+            reserved,
         })
+    }
+
+    /// What a process taking over is offered: this one's listening sockets and the
+    /// cancel keys its clients hold.
+    pub fn offer(&self) -> std::io::Result<takeover::Offer> {
+        let listeners = self
+            .offered
+            .iter()
+            .map(|(which, fd)| Ok((which.clone(), fd.try_clone()?)))
+            .collect::<std::io::Result<_>>()?;
+        let keys = self
+            .shared
+            .cancel
+            .issued_keys()
+            .into_iter()
+            .map(|(pid, secret)| takeover::Key {
+                pid,
+                secret: secret.into_vec(),
+            })
+            .collect();
+        Ok(takeover::Offer {
+            instance_id: self.shared.cancel.instance(),
+            listeners,
+            keys,
+        })
+    }
+
+    /// Serves the clients `predecessor` hands over, as they come, until it is done.
+    pub fn receive(&mut self, mut predecessor: Predecessor) {
+        let mut reserved = std::mem::take(&mut self.reserved);
+        let (shared, sessions) = (self.shared.clone(), self.sessions.clone());
+        tokio::spawn(async move {
+            let mut received = 0u64;
+            loop {
+                match predecessor.next().await {
+                    Ok(Some(Handed::Client(state, fd))) => {
+                        received += 1;
+                        let key = reserved.remove(&state.pid);
+                        admit_handed(&shared, &sessions, *state, fd, key);
+                    }
+                    Ok(Some(Handed::Done { left })) => {
+                        tracing::info!(
+                            received,
+                            left,
+                            "the previous process handed over its clients and is done"
+                        );
+                        break;
+                    }
+                    Ok(None) => {
+                        tracing::warn!(
+                            received,
+                            "the previous process went away before it was done"
+                        );
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, received, "takeover socket failed; no more clients come from the previous process");
+                        break;
+                    }
+                }
+            }
+            // Keys of clients that ended there are free again.
+            drop(reserved);
+        });
+    }
+
+    /// Hands this process's clients to `successor`, which already serves its
+    /// sockets: stops accepting, hands each client that can move over between
+    /// transactions, lets the others finish (up to `drain`) as in a shutdown, and
+    /// says it is done. The sockets' files stay: they are the successor's now.
+    pub async fn hand_over(self, mut successor: Successor, drain: Duration) {
+        tracing::info!(pid = successor.pid, "handing over to a new process");
+        let (outbox, mut inbox) = tokio::sync::mpsc::unbounded_channel::<Transfer>();
+        let _ = self.shared.handover.set(outbox);
+        let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut send = async |successor: &mut Successor, transfer: Transfer| match successor
+                .send_client(transfer.fd, transfer.state)
+                .await
+            {
+                Ok(()) => sent += 1,
+                Err(err) => tracing::warn!(%err, "a client could not be handed over; it is closed"),
+            };
+            loop {
+                tokio::select! {
+                    transfer = inbox.recv() => match transfer {
+                        Some(transfer) => send(&mut successor, transfer).await,
+                        None => break,
+                    },
+                    _ = &mut finish => {
+                        while let Ok(transfer) = inbox.try_recv() {
+                            send(&mut successor, transfer).await;
+                        }
+                        break;
+                    }
+                }
+            }
+            (successor, sent)
+        });
+        // The successor answers probes and metrics from now on.
+        let _ = self.stopped.send(true);
+        let left = self.drain(drain).await;
+        let _ = finished.send(());
+        if let Ok((successor, sent)) = writer.await {
+            tracing::info!(handed_over = sent, left, "takeover done; exiting");
+            if let Err(err) = successor.done(left).await {
+                tracing::warn!(%err, "could not tell the new process the takeover is done");
+            }
+        }
     }
 
     /// Re-reads the config file at `path` (and remembers it for `RELOAD`); an invalid
@@ -159,22 +355,7 @@ impl Pgrelay {
     /// others finish their transaction, and waits up to `drain` for every session to
     /// end; what is left then is dropped.
     pub async fn shutdown(self, drain: Duration) {
-        let _ = self.shutdown.send(true);
-        self.shared.shutting_down.send_replace(true);
-        // Sessions registered from here on see the flag above when they start.
-        for client in self.shared.registry.clients() {
-            client.shut_down();
-        }
-        self.sessions.close();
-        if tokio::time::timeout(drain, self.sessions.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                remaining = self.sessions.len(),
-                "shutdown_timeout expired with sessions still open"
-            );
-        }
+        self.drain(drain).await;
         let _ = self.stopped.send(true);
         for path in &self.unix_sockets {
             if let Err(err) = std::fs::remove_file(path) {
@@ -191,6 +372,31 @@ impl Pgrelay {
             );
         }
     }
+
+    /// Stops accepting, tells clients between transactions to go (57P01) or hands
+    /// them over, and waits up to `drain` for every session to end; what is left
+    /// then is dropped. Returns how many sessions were left.
+    async fn drain(&self, drain: Duration) -> usize {
+        let _ = self.shutdown.send(true);
+        self.shared.shutting_down.send_replace(true);
+        // Sessions registered from here on see the flag above when they start.
+        for client in self.shared.registry.clients() {
+            client.shut_down();
+        }
+        self.sessions.close();
+        if tokio::time::timeout(drain, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            let remaining = self.sessions.len();
+            tracing::warn!(
+                remaining,
+                "shutdown_timeout expired with sessions still open"
+            );
+            return remaining;
+        }
+        0
+    }
 }
 
 /// Binds a client listener as `TcpListener::bind` does (SO_REUSEADDR, so a restart
@@ -205,45 +411,68 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Binds the TCP address `addr` and spawns its accept loop, its clients tied to
-/// `endpoint` if it has one; the address bound (a real port for port 0).
+/// What an accept loop needs of the instance.
+#[derive(Clone, Copy)]
+struct Accepting<'a> {
+    shared: &'a Arc<Shared>,
+    sessions: &'a TaskTracker,
+    shutdown: &'a watch::Receiver<bool>,
+}
+
+/// A second descriptor of a listening socket, to offer a takeover.
+fn dup(listener: &impl AsFd) -> std::io::Result<OwnedFd> {
+    listener.as_fd().try_clone_to_owned()
+}
+
+fn tcp_listener_from(fd: OwnedFd) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+fn unix_listener_from(fd: OwnedFd) -> std::io::Result<UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// Spawns the accept loop of a TCP listener, its clients tied to `endpoint` if it
+/// has one; the address it is bound to (a real port for port 0).
 fn spawn_tcp(
-    addr: SocketAddr,
+    listener: TcpListener,
     endpoint: Option<Endpoint>,
-    shared: &Arc<Shared>,
-    sessions: &TaskTracker,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<SocketAddr, ListenError> {
-    let bind_error = |source| ListenError::Bind { addr, source };
-    let listener = listen(addr).map_err(bind_error)?;
-    let local = listener.local_addr().map_err(bind_error)?;
+    accepting: Accepting<'_>,
+) -> std::io::Result<SocketAddr> {
+    let local = listener.local_addr()?;
     tracing::info!(addr = %local, ?endpoint, "listening");
-    let (shared, sessions) = (shared.clone(), sessions.clone());
-    tokio::spawn(accept_each(listener, shutdown.clone(), move |tcp| {
-        admit(&shared, &sessions, Accepted::Tcp(tcp), endpoint);
-    }));
+    let (shared, sessions) = (accepting.shared.clone(), accepting.sessions.clone());
+    tokio::spawn(accept_each(
+        listener,
+        accepting.shutdown.clone(),
+        move |tcp| {
+            admit(&shared, &sessions, Accepted::Tcp(tcp), endpoint);
+        },
+    ));
     Ok(local)
 }
 
-/// Binds the Unix socket `path` and spawns its accept loop.
+/// Spawns the accept loop of the Unix socket at `path`.
 fn spawn_unix(
+    listener: UnixListener,
     path: &Path,
     endpoint: Option<Endpoint>,
-    shared: &Arc<Shared>,
-    sessions: &TaskTracker,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<(), ListenError> {
-    let listener = listen_unix(path).map_err(|source| ListenError::BindUnix {
-        path: path.to_owned(),
-        source,
-    })?;
+    accepting: Accepting<'_>,
+) {
     tracing::info!(path = %path.display(), "listening on a Unix socket");
     let port = ListenAddr::socket_port(path).unwrap_or(0);
-    let (shared, sessions) = (shared.clone(), sessions.clone());
-    tokio::spawn(accept_each(listener, shutdown.clone(), move |socket| {
-        admit(&shared, &sessions, Accepted::Unix(socket, port), endpoint);
-    }));
-    Ok(())
+    let (shared, sessions) = (accepting.shared.clone(), accepting.sessions.clone());
+    tokio::spawn(accept_each(
+        listener,
+        accepting.shutdown.clone(),
+        move |socket| {
+            admit(&shared, &sessions, Accepted::Unix(socket, port), endpoint);
+        },
+    ));
 }
 
 /// Binds a Unix-socket listener at `path`, replacing a stale socket file there (one a
@@ -296,6 +525,39 @@ fn admit(
     let shared = shared.clone();
     sessions.spawn(async move {
         serve(login, shared).await;
+        drop(slot);
+    });
+}
+
+/// Goes on with a client another process handed over, counted as any other.
+fn admit_handed(
+    shared: &Arc<Shared>,
+    sessions: &TaskTracker,
+    state: SessionState,
+    fd: OwnedFd,
+    key: Option<CancelHandle>,
+) {
+    let stream = if state.unix.is_some() {
+        let socket = std::os::unix::net::UnixStream::from(fd);
+        socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(socket))
+            .map(Stream::Unix)
+    } else {
+        let tcp = std::net::TcpStream::from(fd);
+        tcp.set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+            .map(Stream::Plain)
+    };
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(err) => return tracing::warn!(%err, "a client handed over could not be taken"),
+    };
+    shared.clients.fetch_add(1, Ordering::Relaxed);
+    let slot = ClientSlot(shared.clone());
+    let shared = shared.clone();
+    sessions.spawn(async move {
+        session::handover::resume(shared, stream, state, key).await;
         drop(slot);
     });
 }

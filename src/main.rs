@@ -11,8 +11,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::config::{Config, ConfigError, LogFormat};
 use pgrelay::import::{InputFile, Source};
-use pgrelay::listener::Pgrelay;
+use pgrelay::listener::{Inherited, Pgrelay};
 use pgrelay::shutdown::{Signal, Signals};
+use pgrelay::takeover;
 
 #[derive(Parser)]
 #[command(version, about = "PostgreSQL connection pooler and read/write router")]
@@ -28,6 +29,10 @@ enum Command {
         /// The configuration file (TOML); conf/pgrelay.toml documents every key.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Take over from the pgrelay running with this config (its `takeover_socket`):
+        /// its listening sockets, and its clients as each finishes its transaction.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Check a config file and report problems with the key's path.
     Check {
@@ -84,10 +89,13 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => check(&config),
-        Command::Run { config: path } => {
+        Command::Run {
+            config: path,
+            takeover,
+        } => {
             let config = load(&path)?;
             init_logging(config.log_format);
-            runtime(config.worker_threads)?.block_on(run(config, Some(path)))
+            runtime(config.worker_threads)?.block_on(run(config, Some(path), takeover))
         }
         Command::Demo { port } => {
             init_logging(LogFormat::Text);
@@ -178,38 +186,95 @@ fn ensure_port_free(port: u16) -> anyhow::Result<()> {
     }
 }
 
-async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(config: Config, path: Option<PathBuf>, takeover: bool) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
-    let relay = Pgrelay::start(config).await?;
+    let relay = if takeover {
+        take_over(config).await?
+    } else {
+        Pgrelay::start(config).await?
+    };
     *relay
         .shared
         .config_path
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = path;
-    loop {
-        let signal = tokio::select! {
-            signal = signals.next() => signal,
-            () = relay.shared.shutdown_requested.notified() => Signal::Graceful,
+    let successors = relay
+        .shared
+        .config
+        .load()
+        .takeover_socket
+        .as_deref()
+        .map(|socket| {
+            takeover::listen(socket)
+                .with_context(|| format!("cannot listen on takeover_socket {}", socket.display()))
+        })
+        .transpose()?;
+    // What ends the run: a signal (or the console's SHUTDOWN), or a new process
+    // taking over.
+    let end = {
+        let next_successor = async {
+            match &successors {
+                Some(listener) => takeover::next_successor(listener, || relay.offer()).await,
+                None => std::future::pending().await,
+            }
         };
-        // Read per signal: a reload may have changed it.
-        let drain = relay.shared.config.load().pool.shutdown_timeout;
-        match signal {
-            Signal::Reload => {
-                // Failures are logged with their reason; the running config stays.
-                let _ = relay.shared.reload();
-            }
-            Signal::Graceful => {
-                tracing::info!("shutting down: draining sessions");
-                relay.shutdown(drain).await;
-                return Ok(());
-            }
-            Signal::Fast => {
-                tracing::info!("SIGINT: exiting");
-                relay.shutdown(Duration::ZERO).await;
-                return Ok(());
+        let mut next_successor = std::pin::pin!(next_successor);
+        loop {
+            let signal = tokio::select! {
+                signal = signals.next() => signal,
+                () = relay.shared.shutdown_requested.notified() => Signal::Graceful,
+                successor = &mut next_successor => break End::TakenOver(successor),
+            };
+            match signal {
+                Signal::Reload => {
+                    // Failures are logged with their reason; the running config stays.
+                    let _ = relay.shared.reload();
+                }
+                Signal::Graceful => break End::Graceful,
+                Signal::Fast => break End::Fast,
             }
         }
+    };
+    // Read now: a reload may have changed it.
+    let drain = relay.shared.config.load().pool.shutdown_timeout;
+    match end {
+        End::Graceful => {
+            tracing::info!("shutting down: draining sessions");
+            relay.shutdown(drain).await;
+        }
+        End::Fast => {
+            tracing::info!("SIGINT: exiting");
+            relay.shutdown(Duration::ZERO).await;
+        }
+        End::TakenOver(successor) => relay.hand_over(successor, drain).await,
     }
+    Ok(())
+}
+
+/// How a run ends.
+enum End {
+    Graceful,
+    Fast,
+    TakenOver(takeover::Successor),
+}
+
+/// `run --takeover`: takes the running pgrelay's sockets, starts on them, and
+/// serves the clients it hands over.
+async fn take_over(mut config: Config) -> anyhow::Result<Pgrelay> {
+    let socket = config.takeover_socket.clone().context(
+        "--takeover needs takeover_socket in the config: where the running pgrelay waits",
+    )?;
+    let mut predecessor = takeover::Predecessor::connect(&socket).await?;
+    // Cancel keys carry the instance id: the clients handed over keep theirs.
+    if config.instance_id.is_none() {
+        config.instance_id = Some(predecessor.instance_id);
+    }
+    let inherited = Inherited::from_predecessor(&mut predecessor);
+    let mut relay = Pgrelay::start_with(config, inherited).await?;
+    predecessor.ready().await?;
+    tracing::info!("took over the running pgrelay's sockets");
+    relay.receive(predecessor);
+    Ok(relay)
 }
 
 fn demo(port: u16) -> anyhow::Result<()> {

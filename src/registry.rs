@@ -118,6 +118,11 @@ impl ClientEntry {
         poll_fn(move |cx| self.poll_signal(cx, SHUTTING_DOWN, &mut registered))
     }
 
+    /// Whether pgrelay is shutting down (or handing its clients over).
+    pub fn is_shutting_down(&self) -> bool {
+        self.signals.load(Ordering::Acquire) & SHUTTING_DOWN != 0
+    }
+
     fn raise(&self, signal: u8) {
         self.signals.fetch_or(signal, Ordering::Release);
         self.signal_waker.wake();

@@ -23,6 +23,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("metrics", 7),
     ("control", 8),
     ("listener", 9),
+    ("takeover", 9),
     ("main", 10),
     // Entry points outside the stack, that nothing in it may use: the signals `main`
     // waits on, the throwaway clusters of `pgrelay demo` and the tests, the fuzz

@@ -141,6 +141,13 @@ pub async fn serve(
         let frame = tokio::select! {
             frame = client.read_frame(MAX_MESSAGE_LEN) => frame,
             () = handle.entry.killed() => return,
+            () = handle.entry.shutting_down() => {
+                // Between commands: a console holds nothing, and must not keep a
+                // shutdown (or a takeover) waiting for shutdown_timeout.
+                ClientError::shutting_down().encode(client.wbuf());
+                let _ = client.flush().await;
+                return;
+            }
         };
         let Ok(frame) = frame else {
             return;

@@ -330,6 +330,13 @@ impl Config {
             ),
             ("peers_dns", self.peers_dns.clone().unwrap_or_default()),
             (
+                "takeover_socket",
+                self.takeover_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
                 "peers",
                 list(
                     &self

@@ -92,6 +92,12 @@ pub struct Config {
     /// instance nor a `[[peers]]` entry issued: each address gets it once, and the one
     /// that issued the key acts on it. Default none.
     pub peers_dns: Option<String>,
+    /// A Unix socket where this pgrelay waits for `pgrelay run --takeover` (a new
+    /// process, e.g. an upgraded binary): it hands that process its listening sockets
+    /// and, between transactions, its clients. Only this user may connect (0600 and a
+    /// peer check). `""` in the file gives none. Default none (no takeover).
+    #[serde(deserialize_with = "values::deserialize_optional_path")]
+    pub takeover_socket: Option<std::path::PathBuf>,
 }
 
 /// The largest `instance_id`: issued pids carry it above Linux's pids, in 11 bits.
@@ -141,6 +147,7 @@ impl Default for Config {
             instance_id: None,
             peers: Vec::new(),
             peers_dns: None,
+            takeover_socket: None,
         }
     }
 }

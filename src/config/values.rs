@@ -363,6 +363,17 @@ impl PatroniEndpoint {
     }
 }
 
+/// A path where `""` means none.
+pub(super) fn deserialize_optional_path<'de, D>(
+    deserializer: D,
+) -> Result<Option<std::path::PathBuf>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    Ok((!text.is_empty()).then(|| text.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -201,6 +201,22 @@ impl ParamSet {
         self.rehash();
     }
 
+    /// Every `(name, value, reported)`, to hand a client's set to another process.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str, bool)> {
+        self.entries
+            .values()
+            .map(|p| (p.name.as_str(), p.value.as_str(), p.reported))
+    }
+
+    /// The set [`ParamSet::entries`] listed.
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str, bool)>) -> Self {
+        let mut set = ParamSet::default();
+        for (name, value, reported) in entries {
+            set.insert(name, value, reported);
+        }
+        set
+    }
+
     /// Forgets unreported settings (after `DISCARD ALL` / `RESET ALL`).
     pub fn clear_unreported(&mut self) {
         if self.entries.values().any(|p| !p.reported) {

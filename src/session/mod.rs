@@ -10,6 +10,7 @@ mod auth_query;
 mod carry;
 mod detached;
 mod fail;
+pub mod handover;
 mod lost;
 mod pids;
 pub mod prepared;
@@ -425,6 +426,8 @@ enum Exit {
     Killed,
     /// A timeout expired: the session ends where it is.
     TimedOut(Expired),
+    /// A takeover runs: the session goes on in the process taking over.
+    HandOver,
 }
 
 /// How long a killed client's last words may take to write.
@@ -437,6 +440,18 @@ struct Request {
     wait: std::time::Duration,
     node: usize,
     write: bool,
+}
+
+/// What a session is made of, from a login or from a handover.
+struct Parts {
+    login: ClientLogin,
+    endpoint: Endpoint,
+    mode: PoolMode,
+    /// The pool on the primary (or the node its endpoint gave it).
+    pool: Arc<Pool>,
+    params: ParamSet,
+    cancel: CancelHandle,
+    handle: ClientHandle,
 }
 
 impl Session {
@@ -467,6 +482,44 @@ impl Session {
         let cancel = shared
             .cancel
             .register_random(backend::secret_len(login.minor));
+        if *shared.shutting_down.borrow() {
+            // Shutdown began before the client was registered: it told only the others.
+            handle.entry.shut_down();
+        }
+        let parts = Parts {
+            login,
+            endpoint: target,
+            mode,
+            pool,
+            params,
+            cancel,
+            handle,
+        };
+        let mut session = Session::assemble(shared, client, parts, config);
+        match session.greet(deadline).await {
+            // On the heap: the task's future then holds a pointer to it, not a
+            // second copy beside the room its start needed.
+            Ok(()) => Ok(Box::new(session)),
+            Err(err) => Err((session.client, err)),
+        }
+    }
+
+    /// A session of `parts` on `client`, before its greeting.
+    fn assemble(
+        shared: Arc<Shared>,
+        client: Conn<Stream>,
+        parts: Parts,
+        config: &Config,
+    ) -> Session {
+        let Parts {
+            login,
+            endpoint: target,
+            mode,
+            pool,
+            params,
+            cancel,
+            handle,
+        } = parts;
         let nodes = shared.cluster.load().nodes.len();
         let route_mode = RouteMode::of(target, config, nodes, mode);
         let routes = route_mode == RouteMode::PerRequest;
@@ -477,10 +530,6 @@ impl Session {
         let carries_statements = prepared.is_some();
         let db_stats = shared.registry.db_stats(&login.database);
         let latency = shared.metrics.latency(&login.database, &login.user);
-        if *shared.shutting_down.borrow() {
-            // Shutdown began before the client was registered: it told only the others.
-            handle.entry.shut_down();
-        }
         let policy = Policy {
             // Session mode with routing stops at each transaction's end to route the next.
             transaction_pooling: transaction_mode || routes,
@@ -491,7 +540,7 @@ impl Session {
             hold_at_boundary: false,
             max_request: usize::try_from(config.limits.max_request_buffer).unwrap_or(usize::MAX),
         };
-        let mut session = Session {
+        let session = Session {
             shared,
             client,
             login,
@@ -517,12 +566,7 @@ impl Session {
         if let Some(pid) = policy.own_pid {
             session.handle.entry.set_issued_pid(pid);
         }
-        match session.greet(deadline).await {
-            // On the heap: the task's future then holds a pointer to it, not a
-            // second copy beside the room its start needed.
-            Ok(()) => Ok(Box::new(session)),
-            Err(err) => Err((session.client, err)),
-        }
+        session
     }
 
     /// Settles the client's parameters (on a server unless the pool's defaults already
@@ -646,6 +690,7 @@ impl Session {
                 session.shared.metrics.error(ErrorKind::Timeout);
                 session.cut_off(expired.error()).await
             }
+            Exit::HandOver => session.hand_over().await,
         }
     }
 
@@ -653,6 +698,9 @@ impl Session {
     async fn serve_requests(&mut self) -> Exit {
         loop {
             if matches!(self.attachment, Attachment::Detached) {
+                if self.may_hand_over() && self.handle.entry.is_shutting_down() {
+                    return Exit::HandOver;
+                }
                 match self.next_request().await {
                     Ok(true) => {}
                     Ok(false) => return Exit::Done,
@@ -743,16 +791,28 @@ impl Session {
         let classifier = self
             .routes_request()
             .then(|| self.shared.router.classifier_full());
-        let read = tokio::select! {
-            biased;
-            () = self.handle.entry.shutting_down() => {
-                // Between transactions: nothing is lost by leaving now.
-                return Err(ClientError::shutting_down());
-            }
-            read = self.wire.read_request(&mut self.client, classifier.as_deref()) => read,
-            () = Watch::client_idle(self.watch.as_deref_mut()) => {
-                tracing::info!(user = %self.login.user, database = %self.login.database, timeout = "client_idle_timeout", "client closed by a timeout");
-                return Err(ClientError::client_idle_timeout());
+        // During a takeover a client that cannot move yet (part of its next request
+        // is read) is served once more, and moves at its next boundary.
+        let mut moving = false;
+        let read = loop {
+            tokio::select! {
+                biased;
+                () = self.handle.entry.shutting_down(), if !moving => {
+                    if self.shared.handover.get().is_none() || !self.movable() {
+                        // Between transactions: nothing is lost by leaving now.
+                        return Err(ClientError::shutting_down());
+                    }
+                    if self.may_hand_over() {
+                        // The request loop hands the session over.
+                        return Ok(true);
+                    }
+                    moving = true;
+                }
+                read = self.wire.read_request(&mut self.client, classifier.as_deref()) => break read,
+                () = Watch::client_idle(self.watch.as_deref_mut()) => {
+                    tracing::info!(user = %self.login.user, database = %self.login.database, timeout = "client_idle_timeout", "client closed by a timeout");
+                    return Err(ClientError::client_idle_timeout());
+                }
             }
         };
         if !self.request_read(read)? {

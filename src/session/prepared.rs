@@ -165,6 +165,14 @@ impl Prepared {
         self.statements.insert(name.into(), statement);
     }
 
+    /// The client's statements, name and Parse body after the name, to hand the
+    /// session to another process (which prepares them where they are first used).
+    pub fn listed(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.statements
+            .iter()
+            .map(|(name, statement)| (&**name, &statement.rest[..]))
+    }
+
     /// Whether pgrelay must rewrite this client message: it names a statement, or it
     /// parses `DEALLOCATE` of one of the client's statements.
     pub fn needs_rewrite(&self, tag: u8, body: &[u8]) -> bool {

@@ -115,6 +115,27 @@ impl Routing {
     }
 }
 
+impl Routing {
+    /// What a handover carries of the client's writes: `Some` if it may have
+    /// written, with the WAL position its reads wait for if one was taken.
+    pub(super) fn writes_state(&self) -> Option<Option<u64>> {
+        match self.writes {
+            Writes::None => None,
+            Writes::Unfenced => Some(None),
+            Writes::Fenced(lsn) => Some(Some(lsn)),
+        }
+    }
+
+    /// Takes what [`Routing::writes_state`] gave in the process handing over.
+    pub(super) fn resume_writes(&mut self, state: Option<Option<u64>>) {
+        self.writes = match state {
+            None => Writes::None,
+            Some(None) => Writes::Unfenced,
+            Some(Some(lsn)) => Writes::Fenced(lsn),
+        };
+    }
+}
+
 impl Session {
     /// Whether the next request is routed: routing is on and the client is not pinned
     /// (a pinned client stays on its primary server).

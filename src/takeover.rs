@@ -1,0 +1,461 @@
+//! `pgrelay run --takeover`: a new process (an upgraded binary, a changed config)
+//! takes over from the running one without dropping a client.
+//!
+//! The running process waits on `takeover_socket` (a Unix socket only its own user may
+//! use). The new one connects and says hello; the old one offers its listening sockets
+//! (passed as file descriptors) and the cancel keys its clients hold; the new one
+//! starts on those sockets, reserves those keys, and says it is ready. From then on the
+//! new process accepts every connection, and the old one stops accepting and hands
+//! over each client that can move as it reaches a transaction boundary: its socket and
+//! its session ([`SessionState`]). Clients in a transaction finish it first; those that
+//! cannot move (TLS, session mode) finish on the old process as in a shutdown. The old
+//! process says it is done and exits when it has no client left.
+//!
+//! Each message is a frame: its JSON length (u32), how many descriptors travel with it
+//! (u16), the JSON. Descriptors ride on the frame's first byte (SCM_RIGHTS) and are
+//! matched to frames in order.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::session::handover::SessionState;
+
+/// The version of the exchange; both sides must speak the same.
+const VERSION: u32 = 1;
+
+/// The most descriptors one frame carries: every listener of a config.
+const MAX_FDS: usize = 64;
+
+/// A frame's JSON may not be longer: a session's state with its statements fits.
+const MAX_FRAME: usize = 64 << 20;
+
+/// How long the new process may take to start on the sockets it was offered.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A listening socket handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Listener {
+    /// A `listen` address as the config writes it (port 0 too).
+    Tcp(SocketAddr),
+    /// A `unix:` listen path.
+    Unix(PathBuf),
+    /// `metrics_listen`.
+    Metrics(SocketAddr),
+}
+
+/// A cancel key a client of the old process holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    pub pid: i32,
+    pub secret: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Message {
+    Hello {
+        version: u32,
+        pid: u32,
+    },
+    /// Its descriptors: one per listener, in order.
+    Offer {
+        instance_id: u16,
+        listeners: Vec<Listener>,
+        keys: Vec<Key>,
+    },
+    Refused {
+        reason: String,
+    },
+    Ready,
+    /// Its descriptor: the client's socket.
+    Client(Box<SessionState>),
+    Done {
+        left: usize,
+    },
+}
+
+/// One end of the takeover socket: frames in and out, descriptors with them.
+struct Channel {
+    stream: UnixStream,
+    rbuf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Channel {
+    fn new(stream: UnixStream) -> Channel {
+        Channel {
+            stream,
+            rbuf: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    async fn send(&mut self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let json = serde_json::to_vec(message).map_err(io::Error::other)?;
+        let mut frame = Vec::with_capacity(6 + json.len());
+        frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend_from_slice(&u16::try_from(fds.len()).unwrap_or(u16::MAX).to_be_bytes());
+        frame.extend_from_slice(&json);
+        let mut sent = 0;
+        while sent < frame.len() {
+            // The descriptors go with the frame's first byte, once.
+            let with_fds = if sent == 0 { fds } else { &[] };
+            let rest = &frame[sent..];
+            let stream = &self.stream;
+            sent += stream
+                .async_io(Interest::WRITABLE, || {
+                    send_some(stream.as_fd(), rest, with_fds)
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The next message and its descriptors; `None` when the other side closed.
+    async fn recv(&mut self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+        loop {
+            if let Some(header) = self.rbuf.get(..6) {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                let nfds = usize::from(u16::from_be_bytes([header[4], header[5]]));
+                if len > MAX_FRAME || nfds > MAX_FDS {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "takeover frame too large",
+                    ));
+                }
+                if self.rbuf.len() >= 6 + len && self.fds.len() >= nfds {
+                    let message = serde_json::from_slice(&self.rbuf[6..6 + len])
+                        .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
+                    self.rbuf.drain(..6 + len);
+                    let fds = self.fds.drain(..nfds).collect();
+                    return Ok(Some((message, fds)));
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let stream = &self.stream;
+            let fds = &mut self.fds;
+            let read = stream
+                .async_io(Interest::READABLE, || {
+                    recv_some(stream.as_fd(), &mut chunk, fds)
+                })
+                .await?;
+            if read == 0 {
+                return Ok(None);
+            }
+            self.rbuf.extend_from_slice(&chunk[..read]);
+        }
+    }
+}
+
+fn send_some(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "too many descriptors for one takeover frame",
+        ));
+    }
+    let iov = [IoSlice::new(bytes)];
+    Ok(rustix::net::sendmsg(
+        socket,
+        &iov,
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+fn recv_some(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<usize> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(buf)];
+    let received = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok(received.bytes)
+}
+
+/// What the running process offers a successor.
+pub struct Offer {
+    pub instance_id: u16,
+    /// Each listener and its socket.
+    pub listeners: Vec<(Listener, OwnedFd)>,
+    pub keys: Vec<Key>,
+}
+
+/// Binds `path` for successors: a stale socket file there is replaced, only this
+/// user may connect.
+pub fn listen(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// A successor that took the offer and is serving: the running process hands it
+/// its clients.
+pub struct Successor {
+    channel: Channel,
+    pub pid: u32,
+}
+
+/// Waits for a process to take over: accepts on `listener`, offers what `offer`
+/// gives, and returns once the successor says it is ready. A successor that fails
+/// or goes away before that changes nothing here.
+pub async fn next_successor(
+    listener: &UnixListener,
+    offer: impl Fn() -> io::Result<Offer>,
+) -> Successor {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!(%err, "takeover socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match negotiate(stream, &offer).await {
+            Ok(successor) => return successor,
+            Err(err) => tracing::warn!(%err, "takeover did not happen; this process goes on"),
+        }
+    }
+}
+
+async fn negotiate(
+    stream: UnixStream,
+    offer: &impl Fn() -> io::Result<Offer>,
+) -> io::Result<Successor> {
+    let own = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred()?;
+    let mut channel = Channel::new(stream);
+    if peer.uid() != own {
+        let reason = format!("uid {} is not this process's user", peer.uid());
+        channel
+            .send(
+                &Message::Refused {
+                    reason: reason.clone(),
+                },
+                &[],
+            )
+            .await?;
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, reason));
+    }
+    let pid = match channel.recv().await? {
+        Some((Message::Hello { version, pid }, _)) if version == VERSION => pid,
+        Some((Message::Hello { version, .. }, _)) => {
+            let reason = format!("takeover version {version} is not this process's {VERSION}");
+            channel
+                .send(
+                    &Message::Refused {
+                        reason: reason.clone(),
+                    },
+                    &[],
+                )
+                .await?;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+        }
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "no hello")),
+    };
+    tracing::info!(pid, "a new process asks to take over");
+    let Offer {
+        instance_id,
+        listeners,
+        keys,
+    } = offer()?;
+    let (listeners, fds): (Vec<_>, Vec<_>) = listeners.into_iter().unzip();
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    let message = Message::Offer {
+        instance_id,
+        listeners,
+        keys,
+    };
+    channel.send(&message, &borrowed).await?;
+    drop(fds);
+    match tokio::time::timeout(READY_TIMEOUT, channel.recv()).await {
+        Ok(Ok(Some((Message::Ready, _)))) => Ok(Successor { channel, pid }),
+        Ok(Ok(_)) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the new process went away before it was ready",
+        )),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the new process never said it was ready",
+        )),
+    }
+}
+
+impl Successor {
+    /// Hands a client over: its socket and its session.
+    pub async fn send_client(&mut self, fd: OwnedFd, state: SessionState) -> io::Result<()> {
+        let message = Message::Client(Box::new(state));
+        self.channel.send(&message, &[fd.as_fd()]).await
+    }
+
+    /// Says this process is done handing over (`left` clients ended here).
+    pub async fn done(mut self, left: usize) -> io::Result<()> {
+        self.channel.send(&Message::Done { left }, &[]).await
+    }
+}
+
+/// The running process, as the successor sees it.
+pub struct Predecessor {
+    channel: Channel,
+    pub instance_id: u16,
+    pub listeners: Vec<(Listener, OwnedFd)>,
+    pub keys: Vec<Key>,
+}
+
+/// What a predecessor sends after the successor said it is ready.
+pub enum Handed {
+    Client(Box<SessionState>, OwnedFd),
+    /// It is done: `left` clients ended there.
+    Done {
+        left: usize,
+    },
+}
+
+impl Predecessor {
+    /// Connects to the running process at `path` and takes its offer.
+    pub async fn connect(path: &Path) -> io::Result<Predecessor> {
+        let stream = UnixStream::connect(path).await.map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("no pgrelay to take over at {}: {err}", path.display()),
+            )
+        })?;
+        let mut channel = Channel::new(stream);
+        let hello = Message::Hello {
+            version: VERSION,
+            pid: std::process::id(),
+        };
+        channel.send(&hello, &[]).await?;
+        match channel.recv().await? {
+            Some((
+                Message::Offer {
+                    instance_id,
+                    listeners,
+                    keys,
+                },
+                fds,
+            )) if fds.len() == listeners.len() => Ok(Predecessor {
+                channel,
+                instance_id,
+                listeners: listeners.into_iter().zip(fds).collect(),
+                keys,
+            }),
+            Some((Message::Refused { reason }, _)) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the running pgrelay refused the takeover: {reason}"),
+            )),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the running pgrelay sent no offer",
+            )),
+        }
+    }
+
+    /// Tells the running process this one serves its sockets now.
+    pub async fn ready(&mut self) -> io::Result<()> {
+        self.channel.send(&Message::Ready, &[]).await
+    }
+
+    /// The next client handed over, or the end; `None` when the running process
+    /// went away without saying it was done.
+    pub async fn next(&mut self) -> io::Result<Option<Handed>> {
+        loop {
+            return Ok(match self.channel.recv().await? {
+                None => None,
+                Some((Message::Client(state), fds)) => {
+                    let Some(fd) = fds.into_iter().next() else {
+                        tracing::warn!("a client was handed over without its socket");
+                        continue;
+                    };
+                    Some(Handed::Client(state, fd))
+                }
+                Some((Message::Done { left }, _)) => Some(Handed::Done { left }),
+                Some((other, _)) => {
+                    tracing::warn!(?other, "unexpected takeover message");
+                    continue;
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_carry_their_descriptors_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Channel::new(a), Channel::new(b));
+        let file = tempfile::tempfile().unwrap();
+        let other = tempfile::tempfile().unwrap();
+        a.send(&Message::Ready, &[file.as_fd()]).await.unwrap();
+        a.send(&Message::Done { left: 3 }, &[]).await.unwrap();
+        a.send(&Message::Ready, &[other.as_fd(), file.as_fd()])
+            .await
+            .unwrap();
+        let (first, fds) = b.recv().await.unwrap().unwrap();
+        assert!(matches!(first, Message::Ready));
+        assert_eq!(fds.len(), 1);
+        let (second, fds) = b.recv().await.unwrap().unwrap();
+        assert!(matches!(second, Message::Done { left: 3 }));
+        assert!(fds.is_empty());
+        let (_, fds) = b.recv().await.unwrap().unwrap();
+        assert_eq!(fds.len(), 2);
+        // The received descriptors are the same files (their inode).
+        use std::os::unix::fs::MetadataExt;
+        let ino = |fd: OwnedFd| std::fs::File::from(fd).metadata().unwrap().ino();
+        let mut fds = fds.into_iter();
+        assert_eq!(ino(fds.next().unwrap()), other.metadata().unwrap().ino());
+        assert_eq!(ino(fds.next().unwrap()), file.metadata().unwrap().ino());
+        drop(a);
+        assert!(b.recv().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_arrives_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Channel::new(a), Channel::new(b));
+        let reason = "x".repeat(1 << 20);
+        let sending = tokio::spawn(async move {
+            a.send(&Message::Refused { reason }, &[]).await.unwrap();
+        });
+        let (message, _) = b.recv().await.unwrap().unwrap();
+        sending.await.unwrap();
+        assert!(matches!(message, Message::Refused { reason } if reason.len() == 1 << 20));
+    }
+}

@@ -1,0 +1,439 @@
+//! `pgrelay run --takeover`: a second pgrelay process takes the running one's
+//! listening sockets (TCP and Unix) and, between transactions, its clients with their
+//! session state; the first exits when it has none left. pgbench's persistent
+//! clients run through it with prepared statements and no failed transaction; a
+//! client keeps its settings, statements and cancel key, one in a transaction
+//! finishes it on the old process and goes on on the new one.
+
+mod support;
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use pgrelay::demo::{ClusterOptions, LocalCluster};
+use support::{config_text, connect_str, simple_value, EnvOptions, APP_DB, APP_PASSWORD, APP_USER};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
+
+/// Both tests run pgbench or several processes: one at a time on 2 cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A pgrelay process; killed when dropped.
+struct Relay {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Relay {
+    fn spawn(config: &Path, log: PathBuf, takeover: bool) -> Relay {
+        let out = File::create(&log).expect("create the log");
+        let mut command = Command::new(BIN);
+        command.args(["run", "-c"]).arg(config);
+        if takeover {
+            command.arg("--takeover");
+        }
+        let child = command
+            .env("PGRELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start pgrelay");
+        Relay { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until the log has a line containing `what`; returns that line.
+    fn wait_log(&mut self, what: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| l.contains(what)) {
+                return line.to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("pgrelay exited ({status}) before logging {what:?}:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "no {what:?} in the log:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The TCP address it listens on.
+    fn addr(&mut self) -> SocketAddr {
+        let line = self.wait_log(": listening addr=", Duration::from_secs(30));
+        let (_, rest) = line.split_once(": listening addr=").expect("addr");
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .expect("an address")
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgrelay did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A primary, and a config for pgrelay in front of it listening on a TCP port and a
+/// Unix socket, with a takeover socket; the app user may use the console.
+struct Setup {
+    cluster: LocalCluster,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let cluster = tokio::task::spawn_blocking(|| {
+            LocalCluster::start(&ClusterOptions {
+                replicas: 0,
+                host_auth: "scram-sha-256".into(),
+                users: vec![(APP_USER.into(), APP_PASSWORD.into())],
+                databases: vec![(APP_DB.into(), APP_USER.into())],
+                extra_conf: Vec::new(),
+            })
+            .map_err(Box::new)
+        })
+        .await
+        .expect("cluster task")
+        .expect("start PostgreSQL");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = EnvOptions {
+            pool_size: 12,
+            pool_extra: vec!["shutdown_timeout = \"20s\"".into()],
+            top_extra: vec![
+                "admin_users = [\"app\"]".into(),
+                format!(
+                    "takeover_socket = {:?}",
+                    dir.path().join("takeover.sock").display().to_string()
+                ),
+            ],
+            ..EnvOptions::default()
+        };
+        let unix = dir.path().join(".s.PGSQL.6432");
+        let text = config_text(&options, &cluster.ports()).replacen(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"127.0.0.1:0\", \"unix:{}\"]", unix.display()),
+            1,
+        );
+        let config = dir.path().join("pgrelay.toml");
+        std::fs::write(&config, text).expect("write config");
+        Setup {
+            cluster,
+            dir,
+            config,
+        }
+    }
+
+    fn relay(&self, name: &str, takeover: bool) -> Relay {
+        Relay::spawn(&self.config, self.dir.path().join(name), takeover)
+    }
+}
+
+fn conn_string(addr: SocketAddr, db: &str) -> String {
+    support::relay_conn_string(addr, APP_USER, APP_PASSWORD, db)
+}
+
+/// Rows of the console's `SHOW CLIENTS` whose `column` is `value`.
+async fn clients_with(addr: SocketAddr, column: &str, value: &str) -> usize {
+    let console = connect_str(&conn_string(addr, "pgrelay"))
+        .await
+        .expect("console");
+    let rows = console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect("SHOW CLIENTS");
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .filter(|row| row.get(column) == Some(value))
+        .count()
+}
+
+fn pgbench(addr: SocketAddr, args: &[&str]) -> Command {
+    let mut command = Command::new("pgbench");
+    command
+        .env("PGPASSWORD", APP_PASSWORD)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            APP_USER,
+        ])
+        .args(args)
+        .arg(APP_DB);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let setup = Setup::start().await;
+    let mut old = setup.relay("old.log", false);
+    let addr = old.addr();
+    let init = pgbench(addr, &["-i", "-s", "1", "-q"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    // Persistent clients, prepared statements, transaction mode: 8 clients for 12 s.
+    let bench = pgbench(
+        addr,
+        &["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", "12"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start pgbench");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut new = setup.relay("new.log", true);
+    new.wait_log(
+        "took over the running pgrelay's sockets",
+        Duration::from_secs(30),
+    );
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
+    assert!(
+        status.success(),
+        "the old process: {status}\n{}",
+        old.log_text()
+    );
+    let done = old.wait_log("takeover done", Duration::from_secs(1));
+    assert!(done.contains("handed_over=8"), "{done}");
+    assert!(done.contains("left=0"), "{done}");
+
+    // The old process is gone and pgbench still runs: its 8 clients are the new one's.
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            clients_with(addr, "application_name", "pgbench").await == 8
+        })
+        .await,
+        "the new process does not serve pgbench's 8 clients:\n{}",
+        new.log_text()
+    );
+    let out = tokio::task::block_in_place(|| bench.wait_with_output()).expect("pgbench");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "pgbench failed:\n{stdout}\n{stderr}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+    let processed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count:\n{stdout}"));
+    // Every transaction pgbench counted committed exactly once.
+    let client = connect_str(&conn_string(addr, APP_DB))
+        .await
+        .expect("connect");
+    let history: u64 = simple_value(&client, "SELECT count(*) FROM pgbench_history")
+        .await
+        .parse()
+        .expect("count");
+    assert_eq!(history, processed, "{stdout}");
+    assert!(
+        new.log_text()
+            .contains("handed over its clients and is done"),
+        "{}",
+        new.log_text()
+    );
+    assert!(!new.log_text().contains("panicked") && !old.log_text().contains("panicked"));
+    drop(setup.cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_keep_their_session_through_a_takeover() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let setup = Setup::start().await;
+    let mut old = setup.relay("old.log", false);
+    let addr = old.addr();
+    let url = conn_string(addr, APP_DB);
+
+    // A client with settings, a prepared statement and a cancel key.
+    let settled = connect_str(&url).await.expect("connect");
+    settled
+        .batch_execute("SET statement_timeout = '12345ms'; SET application_name = 'mover'")
+        .await
+        .expect("SET");
+    let statement = settled
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("prepare");
+    let row = settled.query_one(&statement, &[&41i32]).await.expect("run");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let cancel = settled.cancel_token();
+    // A client on the Unix socket.
+    let socket_dir = setup.dir.path().display().to_string();
+    let unix = connect_str(&format!(
+        "host={socket_dir} port=6432 user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}"
+    ))
+    .await
+    .expect("connect over the Unix socket");
+    let unix_statement = unix
+        .prepare("SELECT $1::text || '!'")
+        .await
+        .expect("prepare");
+    // A client in the middle of a transaction when the takeover begins.
+    let busy = connect_str(&url).await.expect("connect");
+    busy.batch_execute("CREATE TABLE moved (n int); BEGIN; INSERT INTO moved VALUES (1)")
+        .await
+        .expect("begin");
+
+    // An idle console on the old process is told to go rather than kept.
+    let console = connect_str(&conn_string(addr, "pgrelay"))
+        .await
+        .expect("console");
+
+    let mut new = setup.relay("new.log", true);
+    new.wait_log(
+        "took over the running pgrelay's sockets",
+        Duration::from_secs(30),
+    );
+    // The old process waits for the transaction: it is still running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        old.child.try_wait().expect("wait").is_none(),
+        "{}",
+        old.log_text()
+    );
+    busy.batch_execute("INSERT INTO moved VALUES (2); COMMIT")
+        .await
+        .expect("the transaction ends on the old process");
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "{status}\n{}", old.log_text());
+    let done = old.wait_log("takeover done", Duration::from_secs(1));
+    assert!(
+        done.contains("handed_over=3") && done.contains("left=0"),
+        "{done}"
+    );
+
+    let err = console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .expect_err("the console was closed");
+    assert!(
+        err.is_closed() || support::sqlstate(&err).as_deref() == Some("57P01"),
+        "{err}"
+    );
+
+    // Everything below is the new process's work: the old one is gone.
+    assert_eq!(
+        simple_value(&settled, "SHOW statement_timeout").await,
+        "12345ms"
+    );
+    assert_eq!(
+        simple_value(&settled, "SHOW application_name").await,
+        "mover"
+    );
+    let row = settled.query_one(&statement, &[&1i32]).await.expect("run");
+    assert_eq!(row.get::<_, i32>(0), 2);
+    let row = unix
+        .query_one(&unix_statement, &[&"moved"])
+        .await
+        .expect("run");
+    assert_eq!(row.get::<_, String>(0), "moved!");
+    assert_eq!(simple_value(&busy, "SELECT count(*) FROM moved").await, "2");
+    // The three clients, and nobody else in the app database.
+    assert_eq!(clients_with(addr, "database", APP_DB).await, 3);
+
+    // Its cancel key still cancels its query.
+    let sleeping = tokio::spawn(async move {
+        settled
+            .simple_query("SELECT pg_sleep(20)")
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancel ends the query")
+        .expect("task")
+        .expect_err("cancelled");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(!new.log_text().contains("panicked"), "{}", new.log_text());
+    drop(setup.cluster);
+}
+
+/// `--takeover` with nobody to take over from fails at once and says where it looked.
+#[test]
+fn a_takeover_with_no_running_pgrelay_fails_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("takeover.sock");
+    let config = dir.path().join("pgrelay.toml");
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\ntakeover_socket = {:?}\n\
+         [[backends]]\nhost = \"127.0.0.1\"\nport = 1\n",
+        socket.display().to_string()
+    );
+    std::fs::write(&config, text).expect("write config");
+    let out = Command::new(BIN)
+        .args(["run", "--takeover", "-c"])
+        .arg(&config)
+        .output()
+        .expect("run pgrelay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no pgrelay to take over at") && stderr.contains("takeover.sock"),
+        "{stderr}"
+    );
+    // Without takeover_socket, --takeover says what it needs.
+    std::fs::write(
+        &config,
+        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\n[[backends]]\nhost = \"127.0.0.1\"\nport = 1\n",
+    )
+    .expect("write config");
+    let out = Command::new(BIN)
+        .args(["run", "--takeover", "-c"])
+        .arg(&config)
+        .output()
+        .expect("run pgrelay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--takeover needs takeover_socket"),
+        "{stderr}"
+    );
+}
