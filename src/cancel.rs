@@ -72,6 +72,9 @@ struct SlotInner {
 #[derive(Default)]
 struct SlotState {
     target: Option<CancelTarget>,
+    /// Reserved for a client of the process this one is taking over from, not handed
+    /// over yet: its cancels go there.
+    elsewhere: bool,
     /// A CancelRequest for `target` is being sent right now.
     in_flight: bool,
 }
@@ -90,7 +93,13 @@ pub struct CancelRegistry {
     slots: DashMap<i32, Slot>,
     /// This instance's id in its fleet, carried in the keys it issues.
     instance: u16,
+    /// During a takeover: where cancels for keys reserved for clients still on the
+    /// process handing over go (`pid`, `secret`).
+    predecessor: std::sync::OnceLock<PredecessorCancels>,
 }
+
+/// Cancels for clients still on the process being taken over: `(pid, secret)`.
+pub type PredecessorCancels = tokio::sync::mpsc::UnboundedSender<(i32, Box<[u8]>)>;
 
 /// A client's registration; unregisters on drop.
 pub struct CancelHandle {
@@ -130,6 +139,7 @@ impl CancelRegistry {
         CancelRegistry {
             slots: DashMap::new(),
             instance,
+            predecessor: std::sync::OnceLock::new(),
         }
     }
 
@@ -173,6 +183,35 @@ impl CancelRegistry {
     /// handed over from). `None` if the pid is taken.
     pub fn register_issued(self: &Arc<Self>, pid: i32, secret: Box<[u8]>) -> Option<CancelHandle> {
         self.insert(pid, secret, true)
+    }
+
+    /// Reserves the key of a client the process being taken over still serves: no
+    /// other client gets its pid, and its cancels go to `predecessor` (see
+    /// [`CancelRegistry::forward_reserved_to`]) until [`CancelHandle::claim`].
+    pub fn reserve(self: &Arc<Self>, pid: i32, secret: Box<[u8]>) -> Option<CancelHandle> {
+        let handle = self.insert(pid, secret, true)?;
+        handle.slot.lock().elsewhere = true;
+        Some(handle)
+    }
+
+    /// Where cancels for reserved keys go.
+    pub fn forward_reserved_to(&self, predecessor: PredecessorCancels) {
+        let _ = self.predecessor.set(predecessor);
+    }
+
+    /// The key is reserved for a client still on the process being taken over: the
+    /// cancel went there. Otherwise `false`.
+    fn sent_to_predecessor(&self, pid: i32, slot: &SlotInner) -> bool {
+        if !slot.lock().elsewhere {
+            return false;
+        }
+        match self.predecessor.get() {
+            Some(predecessor) => {
+                let _ = predecessor.send((pid, slot.secret.clone()));
+            }
+            None => tracing::debug!(pid, "cancel for a client not handed over yet"),
+        }
+        true
     }
 
     /// Every key pgrelay issued that a client still holds, to reserve them in the
@@ -226,7 +265,9 @@ impl CancelRegistry {
     /// Unknown keys are ignored, as PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: &[u8]) {
         if let Some(slot) = self.matching(pid, secret) {
-            forward(&slot).await;
+            if !self.sent_to_predecessor(pid, &slot) {
+                forward(&slot).await;
+            }
         }
     }
 
@@ -240,7 +281,10 @@ impl CancelRegistry {
     /// unknown keys.
     pub async fn cancel_request(&self, pid: i32, secret: &[u8], forwarded: bool, config: &Config) {
         if let Some(slot) = self.matching(pid, secret) {
-            return forward(&slot).await;
+            if !self.sent_to_predecessor(pid, &slot) {
+                forward(&slot).await;
+            }
+            return;
         }
         let owner = issuer(pid, secret);
         // A derived id may be another instance's too (two host names, one hash): then
@@ -368,6 +412,12 @@ impl CancelHandle {
     /// The pid of the client's key.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The client a reserved key was kept for has arrived: its cancels are this
+    /// process's now.
+    pub fn claim(&self) {
+        self.slot.lock().elsewhere = false;
     }
 
     /// The secret of the client's key.

@@ -139,7 +139,7 @@ impl Pgrelay {
             .filter_map(|key| {
                 let handle = shared
                     .cancel
-                    .register_issued(key.pid, key.secret.into_boxed_slice())?;
+                    .reserve(key.pid, key.secret.into_boxed_slice())?;
                 Some((key.pid, handle))
             })
             .collect();
@@ -259,6 +259,11 @@ impl Pgrelay {
     pub fn receive(&mut self, mut predecessor: Predecessor) {
         let mut reserved = std::mem::take(&mut self.reserved);
         let (shared, sessions) = (self.shared.clone(), self.sessions.clone());
+        // A CancelRequest for a client still there reaches this process (it accepts
+        // now): it goes there.
+        let (cancels, cancelled) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.cancel.forward_reserved_to(cancels);
+        let forwarding = tokio::spawn(predecessor.forward_cancels(cancelled));
         tokio::spawn(async move {
             let mut received = 0u64;
             loop {
@@ -291,6 +296,7 @@ impl Pgrelay {
             }
             // Keys of clients that ended there are free again.
             drop(reserved);
+            forwarding.abort();
         });
     }
 
@@ -303,8 +309,10 @@ impl Pgrelay {
         let (outbox, mut inbox) = tokio::sync::mpsc::unbounded_channel::<Transfer>();
         let _ = self.shared.handover.set(outbox);
         let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
+        let shared = self.shared.clone();
         let writer = tokio::spawn(async move {
             let mut sent = 0u64;
+            let mut cancels_open = true;
             let mut send = async |successor: &mut Successor, transfer: Transfer| match successor
                 .send_client(transfer.fd, transfer.state)
                 .await
@@ -317,6 +325,18 @@ impl Pgrelay {
                     transfer = inbox.recv() => match transfer {
                         Some(transfer) => send(&mut successor, transfer).await,
                         None => break,
+                    },
+                    cancel = successor.next_cancel(), if cancels_open => match cancel {
+                        Some((pid, secret)) => {
+                            // The client is still here: it is cancelled as if the
+                            // request had come to this process.
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let config = shared.config.load_full();
+                                shared.cancel.cancel_request(pid, &secret, true, &config).await;
+                            });
+                        }
+                        None => cancels_open = false,
                     },
                     _ = &mut finish => {
                         while let Ok(transfer) = inbox.try_recv() {

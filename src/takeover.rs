@@ -21,6 +21,7 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::net::{
@@ -84,46 +85,73 @@ enum Message {
     Done {
         left: usize,
     },
+    /// From the successor: a CancelRequest for a client still on the old process.
+    Cancel {
+        pid: i32,
+        secret: Vec<u8>,
+    },
 }
 
 /// One end of the takeover socket: frames in and out, descriptors with them.
 struct Channel {
-    stream: UnixStream,
+    /// Shared with a [`Sender`]: one task may read while another writes.
+    stream: Arc<UnixStream>,
     rbuf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+}
+
+/// The writing side of a [`Channel`], for another task.
+struct Sender(Arc<UnixStream>);
+
+impl Sender {
+    async fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        send_frame(&self.0, message, fds).await
+    }
+}
+
+async fn send_frame(
+    stream: &UnixStream,
+    message: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let json = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let mut frame = Vec::with_capacity(6 + json.len());
+    frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&u16::try_from(fds.len()).unwrap_or(u16::MAX).to_be_bytes());
+    frame.extend_from_slice(&json);
+    let mut sent = 0;
+    while sent < frame.len() {
+        // The descriptors go with the frame's first byte, once.
+        let with_fds = if sent == 0 { fds } else { &[] };
+        let rest = &frame[sent..];
+        sent += stream
+            .async_io(Interest::WRITABLE, || {
+                send_some(stream.as_fd(), rest, with_fds)
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 impl Channel {
     fn new(stream: UnixStream) -> Channel {
         Channel {
-            stream,
+            stream: Arc::new(stream),
             rbuf: Vec::new(),
             fds: VecDeque::new(),
         }
     }
 
+    fn sender(&self) -> Sender {
+        Sender(self.stream.clone())
+    }
+
     async fn send(&mut self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let json = serde_json::to_vec(message).map_err(io::Error::other)?;
-        let mut frame = Vec::with_capacity(6 + json.len());
-        frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
-        frame.extend_from_slice(&u16::try_from(fds.len()).unwrap_or(u16::MAX).to_be_bytes());
-        frame.extend_from_slice(&json);
-        let mut sent = 0;
-        while sent < frame.len() {
-            // The descriptors go with the frame's first byte, once.
-            let with_fds = if sent == 0 { fds } else { &[] };
-            let rest = &frame[sent..];
-            let stream = &self.stream;
-            sent += stream
-                .async_io(Interest::WRITABLE, || {
-                    send_some(stream.as_fd(), rest, with_fds)
-                })
-                .await?;
-        }
-        Ok(())
+        send_frame(&self.stream, message, fds).await
     }
 
     /// The next message and its descriptors; `None` when the other side closed.
+    /// Cancel safe: what was read stays buffered for the next call.
     async fn recv(&mut self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
         loop {
             if let Some(header) = self.rbuf.get(..6) {
@@ -326,6 +354,22 @@ impl Successor {
     pub async fn done(mut self, left: usize) -> io::Result<()> {
         self.channel.send(&Message::Done { left }, &[]).await
     }
+
+    /// The next cancel the successor sends for a client still here, `(pid, secret)`;
+    /// `None` once it has gone away. Cancel safe.
+    pub async fn next_cancel(&mut self) -> Option<(i32, Vec<u8>)> {
+        loop {
+            match self.channel.recv().await {
+                Ok(Some((Message::Cancel { pid, secret }, _))) => return Some((pid, secret)),
+                Ok(Some((other, _))) => tracing::warn!(?other, "unexpected takeover message"),
+                Ok(None) => return None,
+                Err(err) => {
+                    tracing::warn!(%err, "takeover socket failed");
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// The running process, as the successor sees it.
@@ -388,6 +432,27 @@ impl Predecessor {
     /// Tells the running process this one serves its sockets now.
     pub async fn ready(&mut self) -> io::Result<()> {
         self.channel.send(&Message::Ready, &[]).await
+    }
+
+    /// Sends the running process the cancels `cancels` gives (for its clients not
+    /// handed over yet), until it or `cancels` ends.
+    pub fn forward_cancels(
+        &self,
+        mut cancels: tokio::sync::mpsc::UnboundedReceiver<(i32, Box<[u8]>)>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let sender = self.channel.sender();
+        async move {
+            while let Some((pid, secret)) = cancels.recv().await {
+                let message = Message::Cancel {
+                    pid,
+                    secret: secret.into_vec(),
+                };
+                if let Err(err) = sender.send(&message, &[]).await {
+                    tracing::debug!(%err, "the previous process is gone: a cancel for it is dropped");
+                    return;
+                }
+            }
+        }
     }
 
     /// The next client handed over, or the end; `None` when the running process

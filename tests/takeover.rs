@@ -67,13 +67,19 @@ impl Relay {
 
     /// The TCP address it listens on.
     fn addr(&mut self) -> SocketAddr {
-        let line = self.wait_log(": listening addr=", Duration::from_secs(30));
-        let (_, rest) = line.split_once(": listening addr=").expect("addr");
-        rest.split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .expect("an address")
+        self.logged_addr(": listening addr=")
+    }
+
+    /// Where `/metrics` and the probes answer.
+    fn metrics_addr(&mut self) -> SocketAddr {
+        self.logged_addr("metrics and health endpoints listening addr=")
+    }
+
+    fn logged_addr(&mut self, before: &str) -> SocketAddr {
+        let line = self.wait_log(before, Duration::from_secs(30));
+        let (_, rest) = line.split_once(before).expect("addr");
+        let addr = rest.split_whitespace().next().expect("an address");
+        addr.parse().expect("an address")
     }
 
     fn wait_exit(&mut self, within: Duration) -> ExitStatus {
@@ -126,6 +132,7 @@ impl Setup {
         let options = EnvOptions {
             pool_size: 12,
             pool_extra: vec!["shutdown_timeout = \"20s\"".into()],
+            metrics: true,
             top_extra: vec![
                 "admin_users = [\"app\"]".into(),
                 format!(
@@ -285,6 +292,7 @@ async fn clients_keep_their_session_through_a_takeover() {
     let setup = Setup::start().await;
     let mut old = setup.relay("old.log", false);
     let addr = old.addr();
+    let metrics = old.metrics_addr();
     let url = conn_string(addr, APP_DB);
 
     // A client with settings, a prepared statement and a cancel key.
@@ -317,6 +325,9 @@ async fn clients_keep_their_session_through_a_takeover() {
         .await
         .expect("begin");
 
+    // A client in a transaction whose query is cancelled during the takeover.
+    let sleeper = connect_str(&url).await.expect("connect");
+    sleeper.batch_execute("BEGIN").await.expect("begin");
     // An idle console on the old process is told to go rather than kept.
     let console = connect_str(&conn_string(addr, "pgrelay"))
         .await
@@ -337,11 +348,33 @@ async fn clients_keep_their_session_through_a_takeover() {
     busy.batch_execute("INSERT INTO moved VALUES (2); COMMIT")
         .await
         .expect("the transaction ends on the old process");
+    // The new process accepts the CancelRequest for a query still running on the old
+    // one: it is passed there.
+    let sleeper_cancel = sleeper.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let slept = sleeper
+            .simple_query("SELECT pg_sleep(20)")
+            .await
+            .map(|_| ());
+        (sleeper, slept)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sleeper_cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let (sleeper, slept) = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancel reaches the old process")
+        .expect("task");
+    let err = slept.expect_err("cancelled");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    sleeper.batch_execute("ROLLBACK").await.expect("rollback");
     let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
     assert!(status.success(), "{status}\n{}", old.log_text());
     let done = old.wait_log("takeover done", Duration::from_secs(1));
     assert!(
-        done.contains("handed_over=3") && done.contains("left=0"),
+        done.contains("handed_over=4") && done.contains("left=0"),
         "{done}"
     );
 
@@ -371,8 +404,12 @@ async fn clients_keep_their_session_through_a_takeover() {
         .expect("run");
     assert_eq!(row.get::<_, String>(0), "moved!");
     assert_eq!(simple_value(&busy, "SELECT count(*) FROM moved").await, "2");
-    // The three clients, and nobody else in the app database.
-    assert_eq!(clients_with(addr, "database", APP_DB).await, 3);
+    // The four clients, and nobody else in the app database.
+    assert_eq!(clients_with(addr, "database", APP_DB).await, 4);
+    assert_eq!(
+        simple_value(&sleeper, "SELECT 'still here'").await,
+        "still here"
+    );
 
     // Its cancel key still cancels its query.
     let sleeping = tokio::spawn(async move {
@@ -392,7 +429,39 @@ async fn clients_keep_their_session_through_a_takeover() {
         .expect("task")
         .expect_err("cancelled");
     assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    assert!(!new.log_text().contains("panicked"), "{}", new.log_text());
+    // The probes and metrics are the new process's, on the same port.
+    let (status, body) = support::http_get(metrics, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = support::http_get(metrics, "/metrics").await;
+    assert!(body.contains("pgrelay_"), "{body}");
+
+    // And the new process can be taken over in its turn.
+    let mut third = setup.relay("third.log", true);
+    third.wait_log(
+        "took over the running pgrelay's sockets",
+        Duration::from_secs(30),
+    );
+    let status = tokio::task::block_in_place(|| new.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "{status}\n{}", new.log_text());
+    let row = unix
+        .query_one(&unix_statement, &[&"again"])
+        .await
+        .expect("run");
+    assert_eq!(row.get::<_, String>(0), "again!");
+    assert_eq!(
+        simple_value(&busy, "SHOW statement_timeout").await,
+        "0",
+        "a setting of another client leaked"
+    );
+    let (status, _) = support::http_get(metrics, "/readyz").await;
+    assert_eq!(status, 200);
+    for relay in [&new, &third] {
+        assert!(
+            !relay.log_text().contains("panicked"),
+            "{}",
+            relay.log_text()
+        );
+    }
     drop(setup.cluster);
 }
 

@@ -235,6 +235,7 @@ pub async fn resume(
     );
     let cancel = reserved
         .filter(|handle| handle.pid() == state.pid && handle.secret() == &state.secret[..])
+        .inspect(|handle| handle.claim())
         .or_else(|| {
             let secret = state.secret.clone().into_boxed_slice();
             shared.cancel.register_issued(state.pid, secret)
