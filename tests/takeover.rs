@@ -11,6 +11,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrelay::demo::{ClusterOptions, LocalCluster};
@@ -115,6 +116,11 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
+        Setup::start_with(Vec::new()).await
+    }
+
+    /// With `sections` appended to the config.
+    async fn start_with(sections: Vec<String>) -> Setup {
         let cluster = tokio::task::spawn_blocking(|| {
             LocalCluster::start(&ClusterOptions {
                 replicas: 0,
@@ -133,6 +139,7 @@ impl Setup {
             pool_size: 12,
             pool_extra: vec!["shutdown_timeout = \"20s\"".into()],
             metrics: true,
+            sections,
             top_extra: vec![
                 "admin_users = [\"app\"]".into(),
                 format!(
@@ -505,4 +512,82 @@ fn a_takeover_with_no_running_pgrelay_fails_and_says_why() {
         stderr.contains("--takeover needs takeover_socket"),
         "{stderr}"
     );
+}
+
+/// A TLS client cannot move (its connection's keys live in the old process): it is
+/// told 57P01 between transactions, as in a shutdown, and its reconnection (TLS too)
+/// is the new process's. The old process does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let pki = support::certs::Pki::new("takeover");
+    let tls = format!(
+        "[tls]\nclient_mode = \"allow\"\nclient_cert = {:?}\nclient_key = {:?}",
+        pki.server.cert.display().to_string(),
+        pki.server.key.display().to_string()
+    );
+    let setup = Setup::start_with(vec![tls]).await;
+    let mut old = setup.relay("old.log", false);
+    let addr = old.addr();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&pki.ca).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("add CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connect_tls = || async {
+        let conninfo = format!("{} sslmode=require", conn_string(addr, APP_DB));
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config.clone());
+        let (client, connection) = tokio_postgres::connect(&conninfo, tls)
+            .await
+            .expect("TLS connect");
+        tokio::spawn(connection);
+        client
+    };
+    let secure = connect_tls().await;
+    assert_eq!(simple_value(&secure, "SELECT 1").await, "1");
+    let plain = connect_str(&conn_string(addr, APP_DB))
+        .await
+        .expect("connect");
+
+    let mut new = setup.relay("new.log", true);
+    new.wait_log(
+        "took over the running pgrelay's sockets",
+        Duration::from_secs(30),
+    );
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "{status}\n{}", old.log_text());
+    let done = old.wait_log("takeover done", Duration::from_secs(1));
+    assert!(
+        done.contains("handed_over=1") && done.contains("left=0"),
+        "{done}"
+    );
+    let err = secure
+        .simple_query("SELECT 2")
+        .await
+        .expect_err("the TLS client was closed");
+    assert!(
+        support::sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+    assert!(
+        old.log_text()
+            .contains("terminating connection because pgrelay is shutting down")
+            || secure.is_closed(),
+        "{}",
+        old.log_text()
+    );
+    let again = connect_tls().await;
+    assert_eq!(simple_value(&again, "SELECT 3").await, "3");
+    assert_eq!(simple_value(&plain, "SELECT 4").await, "4");
+    // The plain client handed over and the TLS client's new connection.
+    assert_eq!(clients_with(addr, "database", APP_DB).await, 2);
+    drop(setup.cluster);
 }
