@@ -350,6 +350,12 @@ impl Pgrelay {
         });
         // The successor answers probes and metrics from now on.
         let _ = self.stopped.send(true);
+        // The successor opens servers as the clients arrive: this process closes its
+        // own as they leave (idle ones now, the others when released), so that the
+        // two together stay near one process's pool sizes.
+        for pool in self.shared.pools.all() {
+            pool.retire();
+        }
         let left = self.drain(drain).await;
         let _ = finished.send(());
         if let Ok((successor, sent)) = writer.await {

@@ -404,7 +404,14 @@ impl Predecessor {
             pid: std::process::id(),
         };
         channel.send(&hello, &[]).await?;
-        match channel.recv().await? {
+        let offer = tokio::time::timeout(READY_TIMEOUT, channel.recv()).await;
+        let offer = offer.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the running pgrelay made no offer (is another takeover under way?)",
+            )
+        })?;
+        match offer? {
             Some((
                 Message::Offer {
                     instance_id,
