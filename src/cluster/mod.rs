@@ -14,6 +14,7 @@ pub mod events;
 pub mod failover;
 pub mod health;
 pub mod hooks;
+pub mod http;
 pub mod lag;
 pub mod patroni;
 
