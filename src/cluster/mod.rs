@@ -16,6 +16,7 @@ pub mod health;
 pub mod hooks;
 pub mod http;
 pub mod lag;
+pub mod lease;
 pub mod patroni;
 
 use std::sync::atomic::{AtomicU64, Ordering};
