@@ -252,6 +252,11 @@ impl Lease {
         Permit::Deferred { holder }
     }
 
+    /// How long a deferred hook stays worth running, under the current config.
+    pub fn deferral_window(&self) -> Duration {
+        deferral_window(&self.config.load())
+    }
+
     pub fn view(&self) -> LeaseView {
         let config = self.config.load();
         let failover = &config.failover;
