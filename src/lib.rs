@@ -89,8 +89,11 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Prepared statements known to parse, by content (transaction mode).
     pub parsed: Arc<session::statement::Parsed>,
-    /// Failover hooks: the queue and what ran.
+    /// Failover hooks: the queue, what ran, what another instance's lease deferred.
     pub hooks: cluster::hooks::Hooks,
+    /// The fleet's failover lease (`failover.lease`): whether this instance may run
+    /// the hooks. Its campaign loop is started with the other cluster loops.
+    pub lease: Arc<cluster::lease::Lease>,
     /// Who is connected, per-database counters, paused databases.
     pub registry: Arc<registry::Registry>,
     /// The file `RELOAD` and SIGHUP read (none: the config came from elsewhere).
@@ -111,9 +114,12 @@ impl Shared {
         let client_tls = tls::accept::ClientTls::unavailable(config.tls.client_mode);
         let server_tls = Arc::new(server_tls(&config.tls));
         let instance = cancel::instance_id(&config);
+        let router = router::Router::new(&config);
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let lease = Arc::new(cluster::lease::Lease::new(config.clone(), instance));
         Shared {
-            router: router::Router::new(&config),
-            config: Arc::new(ArcSwap::from_pointee(config)),
+            router,
+            config,
             cluster: Arc::new(cluster::Cluster::new(topology)),
             pools: Arc::default(),
             cancel: Arc::new(cancel::CancelRegistry::new(instance)),
@@ -123,7 +129,8 @@ impl Shared {
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
             parsed: Arc::default(),
-            hooks: cluster::hooks::Hooks::start(),
+            hooks: cluster::hooks::Hooks::gated(lease.clone()),
+            lease,
             registry: Arc::default(),
             config_path: std::sync::Mutex::new(None),
             shutdown_requested: tokio::sync::Notify::new(),

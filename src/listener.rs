@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{health, lag, patroni};
+use crate::cluster::{health, lag, lease, patroni};
 use crate::config::{Config, ConfigError, Endpoint, ListenAddr};
 use crate::session::LoggedIn;
 use crate::{admin, control, pool, session, Shared};
@@ -125,6 +125,7 @@ impl Pgrelay {
         };
         tokio::spawn(health::run(monitor.clone(), shutdown_rx.clone()));
         tokio::spawn(patroni::run(monitor.clone(), shutdown_rx.clone()));
+        tokio::spawn(lease::run(shared.lease.clone(), shutdown_rx.clone()));
         tokio::spawn(lag::run(monitor, shutdown_rx.clone()));
         let fleet = pool::fleet::watch(
             shared.config.clone(),
@@ -161,6 +162,8 @@ impl Pgrelay {
     pub async fn shutdown(self, drain: Duration) {
         let _ = self.shutdown.send(true);
         self.shared.shutting_down.send_replace(true);
+        // First: another instance takes over the hooks while this one drains.
+        self.shared.lease.release().await;
         // Sessions registered from here on see the flag above when they start.
         for client in self.shared.registry.clients() {
             client.shut_down();

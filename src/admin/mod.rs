@@ -6,7 +6,8 @@
 //! Commands: Pgpool-II's `SHOW POOL_NODES`, `SHOW POOL_HEALTH_CHECK_STATS`,
 //! `SHOW POOL_BACKEND_STATS`; PgBouncer's `SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|
 //! USERS|CONFIG|VERSION|HELP`, `RELOAD`, `PAUSE [db]`, `RESUME [db]`, `KILL db`,
-//! `SHUTDOWN`, `WAIT_CLOSE [db]`; and the node operations `DETACH NODE n`,
+//! `SHUTDOWN`, `WAIT_CLOSE [db]`; pgrelay's `SHOW LEASE` (the fleet's failover
+//! lease); and the node operations `DETACH NODE n`,
 //! `ATTACH NODE n`, `PROMOTE NODE n [SWITCHOVER]`.
 
 pub mod nodes;
