@@ -156,10 +156,11 @@ impl Fleet {
             databases: vec![(APP_DB.into(), APP_USER.into())],
             extra_conf: Vec::new(),
         };
-        let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&options))
-            .await
-            .expect("cluster task")
-            .expect("start PostgreSQL");
+        let cluster =
+            tokio::task::spawn_blocking(move || LocalCluster::start(&options).map_err(Box::new))
+                .await
+                .expect("cluster task")
+                .expect("start PostgreSQL");
         let hook_log = dir.path().join("failover.log");
         let script = dir.path().join("failover.sh");
         let pg_ctl = cluster.shell_command("pg_ctl");

@@ -384,7 +384,12 @@ async fn run_deferred(kept: &Kept, lease: &Lease) {
                 run_holding(deferred.run, kept, Some(lease)).await;
             }
             Verdict::AlreadyDone(record) => {
-                tracing::info!(hook = kind.as_str(), ?node, by = record.instance, "deferred hook not run: another instance ran it");
+                tracing::info!(
+                    hook = kind.as_str(),
+                    ?node,
+                    by = record.instance,
+                    "deferred hook not run: another instance ran it"
+                );
             }
             Verdict::Stale => {
                 tracing::info!(hook = kind.as_str(), ?node, "deferred hook dropped: seen longer ago than lease_ttl plus the failure detection time");

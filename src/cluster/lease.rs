@@ -222,7 +222,8 @@ impl Lease {
         }
         *state = next;
         drop(state);
-        self.held.send_if_modified(|held| std::mem::replace(held, now) != now);
+        self.held
+            .send_if_modified(|held| std::mem::replace(held, now) != now);
     }
 
     /// Whether this instance holds the lease now (and may act).
@@ -374,11 +375,7 @@ impl Lease {
     }
 
     /// Records that this instance ran `kind` for `node` (`<lease_key>/done/...`).
-    pub async fn record_done(
-        &self,
-        kind: HookKind,
-        node: Option<usize>,
-    ) -> Result<(), LeaseError> {
+    pub async fn record_done(&self, kind: HookKind, node: Option<usize>) -> Result<(), LeaseError> {
         let config = self.config.load_full();
         let etcd = Etcd::new(&config.failover)?;
         let record = DoneRecord {
@@ -503,7 +500,10 @@ impl Etcd {
     /// A new lease: its id and the TTL granted.
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LeaseError> {
         let answer = self
-            .call("/v3/lease/grant", &json!({"TTL": ttl.as_secs().to_string()}))
+            .call(
+                "/v3/lease/grant",
+                &json!({"TTL": ttl.as_secs().to_string()}),
+            )
             .await?;
         let id = int(&answer["ID"]).ok_or(LeaseError::Missing("ID"))?;
         let granted = int(&answer["TTL"]).unwrap_or(0).max(0) as u64;
@@ -625,9 +625,13 @@ mod tests {
             parse_claim(&taken),
             Claim::Taken(Some(b"{\"instance\":1}".to_vec()))
         );
-        let gone: Value = serde_json::from_str(r#"{"responses":[{"response_range":{}}]}"#).expect("json");
+        let gone: Value =
+            serde_json::from_str(r#"{"responses":[{"response_range":{}}]}"#).expect("json");
         assert_eq!(parse_claim(&gone), Claim::Taken(None));
-        assert_eq!(int(&json!("4111120433133287173")), Some(4111120433133287173));
+        assert_eq!(
+            int(&json!("4111120433133287173")),
+            Some(4111120433133287173)
+        );
         assert_eq!(int(&json!(5)), Some(5));
         assert_eq!(int(&Value::Null), None);
     }

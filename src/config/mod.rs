@@ -33,8 +33,8 @@ pub type Endpoint = (EndpointTarget, bool);
 pub use schema::PeerConfig;
 pub use schema::{
     AuthType, BackendConfig, Config, DatabaseConfig, EndpointTarget, FailoverConfig,
-    HealthCheckConfig, LeaseKind, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint,
-    RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig, MAX_INSTANCE_ID,
+    HealthCheckConfig, LeaseKind, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite,
+    RoleHint, RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig, MAX_INSTANCE_ID,
 };
 pub use values::{PatroniEndpoint, ScramSecret, Secret, ETCD_PORT};
 
@@ -1216,7 +1216,10 @@ mod tests {
         assert_eq!(etcd.failover.lease_ttl, Duration::from_secs(3));
         let kubernetes = parse(&format!("{MINIMAL}[failover]\nlease = \"kubernetes\"\n"));
         let err = kubernetes.expect_err("kubernetes is refused").to_string();
-        assert!(err.starts_with("failover.lease: ") && err.contains("only \"etcd\""), "{err}");
+        assert!(
+            err.starts_with("failover.lease: ") && err.contains("only \"etcd\""),
+            "{err}"
+        );
         let etcd = |change: fn(&mut FailoverConfig)| {
             move |c: &mut Config| {
                 c.failover.lease = LeaseKind::Etcd;
