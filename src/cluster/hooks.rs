@@ -527,6 +527,59 @@ mod tests {
         assert_eq!(none, "-1||-1||-1|");
     }
 
+    /// With `lease = "etcd"` and no lease held (etcd never reached here), a hook is
+    /// kept deferred with who held the lease, not run; with `lease = "none"` it runs.
+    #[tokio::test]
+    async fn hooks_wait_for_the_lease() {
+        let marker = tempfile::NamedTempFile::new().expect("temp file");
+        let path = marker.path().display().to_string();
+        let text = "[[backends]]\nhost = \"h\"\n[failover]\nlease = \"etcd\"\n";
+        let config = crate::config::Config::from_toml_str(text).expect("config");
+        let shared = Arc::new(arc_swap::ArcSwap::from_pointee(config.clone()));
+        let hooks = Hooks::gated(Arc::new(Lease::new(shared.clone(), 1)));
+        let run = HookRun {
+            kind: HookKind::Failover,
+            node: Some(0),
+            command: format!("echo ran >> '{path}'"),
+            timeout: Duration::from_secs(5),
+        };
+        hooks.submit(run.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hooks.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hooks.records().is_empty(), "not run without the lease");
+        let deferred = hooks.deferred();
+        assert_eq!(deferred.len(), 1);
+        assert_eq!(
+            (deferred[0].run.kind, deferred[0].run.node),
+            (HookKind::Failover, Some(0))
+        );
+        assert!(
+            deferred[0].holder.contains("etcd not reached"),
+            "{}",
+            deferred[0].holder
+        );
+        assert_eq!(std::fs::read_to_string(marker.path()).expect("read"), "");
+
+        let mut none = config;
+        none.failover.lease = crate::config::LeaseKind::None;
+        shared.store(Arc::new(none));
+        hooks.submit(run);
+        while hooks.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            hooks.records().len(),
+            1,
+            "lease = \"none\": every instance runs it"
+        );
+        assert_eq!(
+            std::fs::read_to_string(marker.path()).expect("read"),
+            "ran\n"
+        );
+    }
+
     #[tokio::test]
     async fn hooks_run_in_order_and_record_their_end() {
         let hooks = Hooks::start();

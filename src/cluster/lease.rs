@@ -160,8 +160,12 @@ enum Holding {
     Off,
     /// etcd could not be read: nobody is known to hold it.
     Unknown,
-    /// Ours (lease `id`), believed until `valid_until`.
-    Held { id: i64, valid_until: Instant },
+    /// Ours (lease `id`, bound to `key`), believed until `valid_until`.
+    Held {
+        id: i64,
+        key: String,
+        valid_until: Instant,
+    },
     /// Someone else's (`None`: free at the last look).
     Other { holder: Option<String> },
 }
@@ -286,17 +290,33 @@ impl Lease {
     async fn round(&self, config: &Config) -> Result<(), LeaseError> {
         let etcd = Etcd::new(&config.failover)?;
         match self.state() {
-            Holding::Held { id, valid_until } => self.keep(&etcd, id, valid_until).await,
+            Holding::Held {
+                id,
+                key,
+                valid_until,
+            } if key == config.failover.lease_key => self.keep(&etcd, id, key, valid_until).await,
+            Holding::Held { .. } => {
+                // A reload changed the key: the old one is no longer this fleet's.
+                self.give_back().await;
+                self.campaign(&etcd, config).await
+            }
             _ => self.campaign(&etcd, config).await,
         }
     }
 
-    async fn keep(&self, etcd: &Etcd, id: i64, valid_until: Instant) -> Result<(), LeaseError> {
+    async fn keep(
+        &self,
+        etcd: &Etcd,
+        id: i64,
+        key: String,
+        valid_until: Instant,
+    ) -> Result<(), LeaseError> {
         let sent = Instant::now();
         match etcd.keep_alive(id).await {
             Ok(ttl) if ttl > 0 => {
                 self.set(Holding::Held {
                     id,
+                    key,
                     valid_until: sent + believed(Duration::from_secs(ttl)),
                 });
                 Ok(())
@@ -335,7 +355,12 @@ impl Lease {
             match claim? {
                 Claim::Won if !self.closed.load(Ordering::SeqCst) => {
                     let valid_until = sent + believed(ttl);
-                    self.set(Holding::Held { id, valid_until });
+                    let key = key.clone();
+                    self.set(Holding::Held {
+                        id,
+                        key,
+                        valid_until,
+                    });
                 }
                 Claim::Won => {}
                 Claim::Taken(value) => self.set(Holding::Other {
@@ -355,6 +380,12 @@ impl Lease {
     /// next look instead of after the TTL. Campaigns no more.
     pub async fn release(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.give_back().await;
+    }
+
+    /// Revokes the lease if held (shutdown, a reload that changed the key or turned the
+    /// lease off); this instance then holds nothing.
+    async fn give_back(&self) {
         let id = match self.state() {
             Holding::Held { id, .. } => Some(id),
             _ => None,
@@ -429,7 +460,7 @@ pub async fn run(lease: Arc<Lease>, mut shutdown: watch::Receiver<bool>) {
             note_outage(&result, &mut outage);
             config.failover.lease_ttl / 3
         } else {
-            lease.set(Holding::Off);
+            lease.give_back().await;
             Duration::from_secs(1)
         };
         tokio::select! {
@@ -715,7 +746,11 @@ mod tests {
         assert!(matches!(lease.permit(), Permit::Deferred { .. }));
         let mut acquired = lease.watch_held();
         let valid_until = Instant::now() + Duration::from_secs(2);
-        lease.set(Holding::Held { id: 1, valid_until });
+        lease.set(Holding::Held {
+            id: 1,
+            key: "/k".into(),
+            valid_until,
+        });
         assert!(acquired.has_changed().expect("open") && *acquired.borrow_and_update());
         assert_eq!(lease.permit(), Permit::Held);
         assert!(lease.view().held);

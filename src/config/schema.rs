@@ -546,8 +546,9 @@ pub struct FailoverConfig {
     pub lease: LeaseKind,
     /// etcd client URLs (`http://`), tried in order. Default `["http://127.0.0.1:2379"]`.
     pub lease_endpoints: Vec<String>,
-    /// The etcd key the fleet's instances compete for: one per cluster. Done-records
-    /// live under `<lease_key>/done/`. Default `/pgrelay/failover`.
+    /// The etcd key the fleet's instances compete for: one per cluster; starts with
+    /// `/`, does not end with one. Done-records live under `<lease_key>/done/`.
+    /// Default `/pgrelay/failover`.
     pub lease_key: String,
     /// The lease's time to live: how long a dead holder keeps the others from acting.
     /// At least 2s. Default 10s.
