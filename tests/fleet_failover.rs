@@ -136,6 +136,19 @@ impl Drop for Relay {
     }
 }
 
+impl Drop for Fleet {
+    /// SIGTERM to every pgrelay at once (each revokes its lease and drains for up to
+    /// `shutdown_timeout`), rather than one after the other as their own drops would.
+    fn drop(&mut self) {
+        for relay in &self.relays {
+            if let Some(child) = &relay.child {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            }
+        }
+    }
+}
+
 /// Three pgrelays, the cluster, etcd and the hook; dropped in that order.
 struct Fleet {
     relays: Vec<Relay>,
@@ -147,6 +160,7 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Fleet {
+        let started = Instant::now();
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start_in(dir.path());
         let options = ClusterOptions {
@@ -192,6 +206,10 @@ impl Fleet {
                 .expect("spawn task");
             relays.push(relay);
         }
+        println!(
+            "etcd, PostgreSQL and three pgrelays up in {:?}",
+            started.elapsed()
+        );
         Fleet {
             relays,
             hook_log,
