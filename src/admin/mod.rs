@@ -279,6 +279,7 @@ mod tests {
         );
         assert_eq!(ok("DETACH NODE 0"), Command::Node(Operation::Detach(0)));
         assert!(ok("SHOW STATS").read_only());
+        assert!(ok("show lease").read_only());
         assert!(!ok("RELOAD").read_only());
         for bad in [
             "",

@@ -701,6 +701,7 @@ mod tests {
     fn show_names() {
         assert_eq!(Show::parse("pool_nodes"), Some(Show::PoolNodes));
         assert_eq!(Show::parse("servers"), Some(Show::Servers));
+        assert_eq!(Show::parse("lease"), Some(Show::Lease));
         assert_eq!(Show::parse("fds"), None);
     }
 

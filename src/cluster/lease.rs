@@ -217,17 +217,27 @@ impl Lease {
 
     fn set(&self, next: Holding) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let was = matches!(*state, Holding::Held { .. });
+        let was = match *state {
+            Holding::Held { valid_until, .. } => Some(Instant::now() < valid_until),
+            _ => None,
+        };
         let now = matches!(next, Holding::Held { .. });
-        if was && !now {
-            tracing::warn!(key = %self.config.load().failover.lease_key, "failover lease no longer held; hooks are deferred");
-        } else if now && !was {
-            tracing::info!(key = %self.config.load().failover.lease_key, identity = %self.identity, "failover lease acquired; this instance runs the hooks");
+        let key = &self.config.load().failover.lease_key;
+        if was.is_some() && !now {
+            tracing::warn!(%key, "failover lease no longer held; hooks are deferred");
+        } else if now && was.is_none() {
+            tracing::info!(%key, identity = %self.identity, "failover lease acquired; this instance runs the hooks");
         }
         *state = next;
         drop(state);
-        self.held
-            .send_if_modified(|held| std::mem::replace(held, now) != now);
+        if now && was != Some(true) {
+            // Acquired, or renewed after it lapsed (no keepalive answered in time):
+            // the hooks deferred meanwhile get their turn.
+            self.held.send_replace(true);
+        } else if !now {
+            self.held
+                .send_if_modified(|held| std::mem::replace(held, false));
+        }
     }
 
     /// Whether this instance holds the lease now (and may act).
@@ -757,6 +767,23 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3)).await;
         assert!(!lease.holds(), "a lapsed lease is not held");
         assert!(matches!(lease.permit(), Permit::Deferred { .. }));
+        let renew = |lease: &Lease| {
+            lease.set(Holding::Held {
+                id: 1,
+                key: "/k".into(),
+                valid_until: Instant::now() + Duration::from_secs(2),
+            })
+        };
+        renew(&lease);
+        assert!(
+            acquired.has_changed().expect("open") && *acquired.borrow_and_update(),
+            "renewed after a lapse: acquired again, deferred hooks get their turn"
+        );
+        renew(&lease);
+        assert!(
+            !acquired.has_changed().expect("open"),
+            "a renewal in time is no news"
+        );
         lease.set(Holding::Other {
             holder: Some("2 (pod-b, pid 9)".into()),
         });
