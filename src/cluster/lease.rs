@@ -744,6 +744,38 @@ mod tests {
         assert_eq!(believed(Duration::from_secs(1)), Duration::from_millis(700));
     }
 
+    /// etcd unreachable: the round fails, nobody is known to hold the lease, and hooks
+    /// are deferred (fail safe: never two promotions).
+    #[tokio::test]
+    async fn unreachable_etcd_holds_nothing() {
+        let unused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = unused.local_addr().expect("addr").port();
+        drop(unused);
+        let text = format!(
+            "[[backends]]\nhost = \"h\"\n[failover]\nlease = \"etcd\"\n\
+             lease_endpoints = [\"http://127.0.0.1:{port}\"]\nlease_ttl = \"2s\"\n"
+        );
+        let config = Config::from_toml_str(&text).expect("config");
+        let lease = Lease::new(Arc::new(ArcSwap::from_pointee(config.clone())), 1);
+        let err = lease.round(&config).await.expect_err("nothing listens");
+        assert!(
+            matches!(err, LeaseError::NoneAnswered(ref each) if each.len() == 1),
+            "{err}"
+        );
+        assert!(!lease.holds());
+        assert_eq!(
+            lease.permit(),
+            Permit::Deferred {
+                holder: "unknown (etcd not reached)".into()
+            }
+        );
+        let mut outage = false;
+        note_outage(&Err(err), &mut outage);
+        assert!(outage, "warned once, then quiet until etcd answers");
+        note_outage(&Ok(()), &mut outage);
+        assert!(!outage);
+    }
+
     /// With `lease = "none"` hooks run everywhere; with etcd, only once held.
     #[tokio::test(start_paused = true)]
     async fn permits_follow_the_holding() {
