@@ -1,7 +1,7 @@
 //! One failover decision in a fleet (`failover.lease = "etcd"`): of the pgrelays
 //! watching one cluster, only the holder of a lease in etcd runs the failover hooks
 //! ([`super::hooks`] asks [`Lease::permit`] before each). No consensus of our own:
-//! etcd's v3 API through its JSON gateway, over [`super::http`].
+//! etcd's v3 API through its JSON gateway ([`super::etcd`]).
 //!
 //! [`run`] is the campaign loop. Not holding, it reads `lease_key` every `lease_ttl / 3`
 //! and, when the key is gone, grants a lease of `lease_ttl` and puts the key (our
@@ -22,40 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::etcd::{Claim, Etcd, EtcdError};
 use super::hooks::HookKind;
-use super::http::{self, HttpError};
-use crate::config::{Config, FailoverConfig, LeaseKind, PatroniEndpoint as Endpoint, ETCD_PORT};
-
-/// Why etcd could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
-    #[error("{0}")]
-    Url(String),
-    #[error(transparent)]
-    Http(#[from] HttpError),
-    #[error("bad etcd answer: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("etcd answered without {0}")]
-    Missing(&'static str),
-    /// Every endpoint failed: each with its reason.
-    #[error("no etcd endpoint answered: {}", describe(.0))]
-    NoneAnswered(Vec<(String, LeaseError)>),
-}
-
-fn describe(failures: &[(String, LeaseError)]) -> String {
-    let each: Vec<String> = failures
-        .iter()
-        .map(|(url, e)| format!("{url}: {e}"))
-        .collect();
-    each.join("; ")
-}
+use crate::config::{Config, LeaseKind};
 
 /// Who an instance is, as the lease key's value says it: `instance_id` for the fleet,
 /// host name and pid for humans.
@@ -297,7 +270,7 @@ impl Lease {
     }
 
     /// One round of the campaign: keep the lease if held, else campaign for it.
-    async fn round(&self, config: &Config) -> Result<(), LeaseError> {
+    async fn round(&self, config: &Config) -> Result<(), EtcdError> {
         let etcd = Etcd::new(&config.failover)?;
         match self.state() {
             Holding::Held {
@@ -320,7 +293,7 @@ impl Lease {
         id: i64,
         key: String,
         valid_until: Instant,
-    ) -> Result<(), LeaseError> {
+    ) -> Result<(), EtcdError> {
         let sent = Instant::now();
         match etcd.keep_alive(id).await {
             Ok(ttl) if ttl > 0 => {
@@ -344,7 +317,7 @@ impl Lease {
         }
     }
 
-    async fn campaign(&self, etcd: &Etcd, config: &Config) -> Result<(), LeaseError> {
+    async fn campaign(&self, etcd: &Etcd, config: &Config) -> Result<(), EtcdError> {
         let key = &config.failover.lease_key;
         let result = async {
             if let Some(value) = etcd.get(key).await? {
@@ -416,7 +389,7 @@ impl Lease {
     }
 
     /// Records that this instance ran `kind` for `node` (`<lease_key>/done/...`).
-    pub async fn record_done(&self, kind: HookKind, node: Option<usize>) -> Result<(), LeaseError> {
+    pub async fn record_done(&self, kind: HookKind, node: Option<usize>) -> Result<(), EtcdError> {
         let config = self.config.load_full();
         let etcd = Etcd::new(&config.failover)?;
         let record = DoneRecord {
@@ -432,7 +405,7 @@ impl Lease {
         &self,
         kind: HookKind,
         node: Option<usize>,
-    ) -> Result<Option<DoneRecord>, LeaseError> {
+    ) -> Result<Option<DoneRecord>, EtcdError> {
         let config = self.config.load_full();
         let etcd = Etcd::new(&config.failover)?;
         let key = done_key(&config.failover.lease_key, kind, node);
@@ -482,7 +455,7 @@ pub async fn run(lease: Arc<Lease>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Logs an etcd outage once, and its end.
-fn note_outage(result: &Result<(), LeaseError>, outage: &mut bool) {
+fn note_outage(result: &Result<(), EtcdError>, outage: &mut bool) {
     match result {
         Err(err) if !*outage => {
             tracing::warn!(%err, "etcd unreachable: no instance can hold the failover lease; hooks are deferred until it answers");
@@ -496,130 +469,10 @@ fn note_outage(result: &Result<(), LeaseError>, outage: &mut bool) {
     }
 }
 
-/// What a campaign's transaction found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    Won,
-    /// Someone holds the key (its value, if it was still there to read).
-    Taken(Option<Vec<u8>>),
-}
-
-/// etcd's v3 JSON gateway at `lease_endpoints`, tried in order.
-struct Etcd {
-    endpoints: Vec<(String, Endpoint)>,
-    timeout: Duration,
-}
-
-impl Etcd {
-    fn new(failover: &FailoverConfig) -> Result<Etcd, LeaseError> {
-        let endpoints = failover
-            .lease_endpoints
-            .iter()
-            .map(|url| {
-                Endpoint::parse_with_port(url, ETCD_PORT)
-                    .map(|endpoint| (url.clone(), endpoint))
-                    .map_err(LeaseError::Url)
-            })
-            .collect::<Result<_, _>>()?;
-        // A round fits in a keepalive period, whatever endpoint answers.
-        let timeout = (failover.lease_ttl / 4).max(Duration::from_millis(500));
-        Ok(Etcd { endpoints, timeout })
-    }
-
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, LeaseError> {
-        let body = serde_json::to_vec(body)?;
-        let mut failures = Vec::new();
-        for (url, endpoint) in &self.endpoints {
-            match http::post_json(endpoint, path, &body, self.timeout).await {
-                Ok(answer) => return Ok(serde_json::from_slice(&answer)?),
-                Err(err) => failures.push((url.clone(), err.into())),
-            }
-        }
-        Err(LeaseError::NoneAnswered(failures))
-    }
-
-    /// A new lease: its id and the TTL granted.
-    async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), LeaseError> {
-        let answer = self
-            .call(
-                "/v3/lease/grant",
-                &json!({"TTL": ttl.as_secs().to_string()}),
-            )
-            .await?;
-        let id = int(&answer["ID"]).ok_or(LeaseError::Missing("ID"))?;
-        let granted = int(&answer["TTL"]).unwrap_or(0).max(0) as u64;
-        Ok((id, Duration::from_secs(granted)))
-    }
-
-    /// The TTL left after a keepalive; 0 when etcd no longer knows the lease.
-    async fn keep_alive(&self, id: i64) -> Result<u64, LeaseError> {
-        let answer = self
-            .call("/v3/lease/keepalive", &json!({"ID": id.to_string()}))
-            .await?;
-        Ok(int(&answer["result"]["TTL"]).unwrap_or(0).max(0) as u64)
-    }
-
-    async fn revoke(&self, id: i64) -> Result<(), LeaseError> {
-        self.call("/v3/lease/revoke", &json!({"ID": id.to_string()}))
-            .await
-            .map(drop)
-    }
-
-    async fn claim(&self, key: &str, value: &[u8], id: i64) -> Result<Claim, LeaseError> {
-        let answer = self.call("/v3/kv/txn", &claim_body(key, value, id)).await?;
-        Ok(parse_claim(&answer))
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, LeaseError> {
-        let answer = self
-            .call("/v3/kv/range", &json!({"key": BASE64.encode(key)}))
-            .await?;
-        Ok(first_value(&answer))
-    }
-
-    async fn put(&self, key: &str, value: &[u8]) -> Result<(), LeaseError> {
-        let body = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
-        self.call("/v3/kv/put", &body).await.map(drop)
-    }
-}
-
-/// etcd's JSON writes 64-bit integers as strings.
-fn int(value: &Value) -> Option<i64> {
-    match value {
-        Value::String(text) => text.parse().ok(),
-        other => other.as_i64(),
-    }
-}
-
-/// The campaign's transaction: if `key` was never created (or is gone), put `value`
-/// there bound to lease `id`; else read it.
-pub fn claim_body(key: &str, value: &[u8], id: i64) -> Value {
-    let key = BASE64.encode(key);
-    json!({
-        "compare": [{"target": "CREATE", "key": key, "createRevision": "0"}],
-        "success": [{"requestPut": {"key": key, "value": BASE64.encode(value), "lease": id.to_string()}}],
-        "failure": [{"requestRange": {"key": key}}],
-    })
-}
-
-/// What the transaction's answer says (etcd leaves `succeeded` out when false).
-pub fn parse_claim(answer: &Value) -> Claim {
-    if answer["succeeded"].as_bool() == Some(true) {
-        return Claim::Won;
-    }
-    let range = &answer["responses"][0]["response_range"];
-    Claim::Taken(first_value(range))
-}
-
-/// The value of the first key of a range answer.
-fn first_value(range: &Value) -> Option<Vec<u8>> {
-    let value = range["kvs"][0]["value"].as_str()?;
-    BASE64.decode(value).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     #[test]
     fn identities_read_back_from_the_key() {
@@ -635,46 +488,6 @@ mod tests {
         );
         assert_eq!(Identity::describe_value(&value), "3 (pod-a, pid 42)");
         assert_eq!(Identity::describe_value(b"someone"), "someone");
-    }
-
-    /// The transaction as etcd's gateway takes it, and its answers as etcd 3.4 gave
-    /// them (recorded with curl).
-    #[test]
-    fn campaign_transaction_and_its_answers() {
-        let body = claim_body("/pgrelay/failover", b"{}", 4111120433133287173);
-        assert_eq!(
-            body,
-            json!({
-                "compare": [{"target": "CREATE", "key": "L3BncmVsYXkvZmFpbG92ZXI=", "createRevision": "0"}],
-                "success": [{"requestPut": {"key": "L3BncmVsYXkvZmFpbG92ZXI=", "value": "e30=", "lease": "4111120433133287173"}}],
-                "failure": [{"requestRange": {"key": "L3BncmVsYXkvZmFpbG92ZXI="}}],
-            })
-        );
-        let won: Value = serde_json::from_str(
-            r#"{"header":{"revision":"2","raft_term":"2"},"succeeded":true,
-                "responses":[{"response_put":{"header":{"revision":"2"}}}]}"#,
-        )
-        .expect("json");
-        assert_eq!(parse_claim(&won), Claim::Won);
-        let taken: Value = serde_json::from_str(
-            r#"{"header":{"revision":"2","raft_term":"2"},"responses":[{"response_range":{"header":{"revision":"2"},
-                "kvs":[{"key":"L3BncmVsYXkvZmFpbG92ZXI=","create_revision":"2","mod_revision":"2","version":"1",
-                "value":"eyJpbnN0YW5jZSI6MX0=","lease":"4111120433133287173"}],"count":"1"}}]}"#,
-        )
-        .expect("json");
-        assert_eq!(
-            parse_claim(&taken),
-            Claim::Taken(Some(b"{\"instance\":1}".to_vec()))
-        );
-        let gone: Value =
-            serde_json::from_str(r#"{"responses":[{"response_range":{}}]}"#).expect("json");
-        assert_eq!(parse_claim(&gone), Claim::Taken(None));
-        assert_eq!(
-            int(&json!("4111120433133287173")),
-            Some(4111120433133287173)
-        );
-        assert_eq!(int(&json!(5)), Some(5));
-        assert_eq!(int(&Value::Null), None);
     }
 
     #[test]
@@ -759,7 +572,7 @@ mod tests {
         let lease = Lease::new(Arc::new(ArcSwap::from_pointee(config.clone())), 1);
         let err = lease.round(&config).await.expect_err("nothing listens");
         assert!(
-            matches!(err, LeaseError::NoneAnswered(ref each) if each.len() == 1),
+            matches!(err, EtcdError::NoneAnswered(ref each) if each.len() == 1),
             "{err}"
         );
         assert!(!lease.holds());

@@ -10,6 +10,7 @@
 //! replica is in the read set while it is up, its lag has been measured, and the lag
 //! is within `routing.max_lag_bytes` / `max_lag_seconds`.
 
+pub mod etcd;
 pub mod events;
 pub mod failover;
 pub mod health;
