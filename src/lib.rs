@@ -15,7 +15,7 @@
 //! |  7 | [`metrics`] | Prometheus metrics with pre-resolved handles; the answers to `/metrics`, `/healthz`, `/readyz` |
 //! |  6 | [`session`] | one client session: login, request loop, routing inside it, the zero-copy relay, what transaction mode carries across servers |
 //! |  5 | [`router`] | the SQL classifier and session effects, routing plans, replica choice |
-//! |  4 | [`cluster`] | the topology snapshot; health, lag and Patroni loops that report their findings ([`cluster::Monitor`]); the failover state machine; hooks |
+//! |  4 | [`cluster`] | the topology snapshot; health, lag and Patroni loops that report their findings ([`cluster::Monitor`]); the failover state machine; hooks, gated in a fleet by an etcd lease |
 //! |  3 | [`pool`] | server connections: pools, checkout, guards, maintenance, one server with its session state (parameters, prepared-statement LRU) |
 //! |  3 | [`registry`] | who is connected (clients, per-database counters, pauses), for the console and metrics |
 //! |  3 | [`cancel`] | cancel keys: a client's key to the server running its query |
