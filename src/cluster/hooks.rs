@@ -1,7 +1,7 @@
 //! Failover hooks: `failover_command`, `failback_command` and `follow_primary_command`,
 //! run through `sh -c` with Pgpool-II's placeholders, one at a time and in the order
 //! their transitions happened, each with `failover.command_timeout`. Their output is
-//! logged line by line and their exit status recorded ([`HookLog`]); a hook that
+//! logged line by line and their exit status recorded ([`HookRecord`]); a hook that
 //! fails or hangs delays only the hooks queued behind it, never clients.
 //!
 //! In a fleet (`failover.lease = "etcd"`) a hook runs only if this instance holds the
