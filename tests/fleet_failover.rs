@@ -154,7 +154,7 @@ struct Fleet {
     relays: Vec<Relay>,
     hook_log: PathBuf,
     cluster: LocalCluster,
-    _etcd: Etcd,
+    etcd: Etcd,
     _dir: tempfile::TempDir,
 }
 
@@ -214,7 +214,7 @@ impl Fleet {
             relays,
             hook_log,
             cluster,
-            _etcd: etcd,
+            etcd,
             _dir: dir,
         }
     }
@@ -269,6 +269,34 @@ impl Fleet {
         self.cluster
             .stop_node(port, "immediate")
             .expect("crash the primary");
+    }
+
+    /// Which instance etcd's done-record of the failover of node 0 names
+    /// (`/pgrelay/failover/done/failover_command/0`, the default `lease_key`).
+    async fn failover_recorded_by(&self) -> Option<u64> {
+        use base64::Engine as _;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let key = engine.encode("/pgrelay/failover/done/failover_command/0");
+        let endpoint = pgrelay::config::PatroniEndpoint {
+            host: "127.0.0.1".into(),
+            port: self.etcd.port,
+        };
+        let body = format!("{{\"key\": \"{key}\"}}");
+        let answer = pgrelay::cluster::http::post_json(
+            &endpoint,
+            "/v3/kv/range",
+            body.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("read etcd");
+        let answer: serde_json::Value = serde_json::from_slice(&answer).expect("JSON");
+        let value = engine
+            .decode(answer["kvs"][0]["value"].as_str()?)
+            .expect("base64");
+        let record: serde_json::Value = serde_json::from_slice(&value).expect("a done-record");
+        assert!(record["at_unix_ms"].as_u64().is_some(), "{record}");
+        record["instance"].as_u64()
     }
 
     /// An INSERT through `relay` lands on the primary at `port`.
@@ -460,6 +488,12 @@ async fn one_failover_command_for_the_fleet_under_load() {
         "failover_command ran once, by instance {}, promoting :{new_port}",
         line[0]
     );
+    let recorded = fleet.failover_recorded_by().await;
+    assert_eq!(
+        recorded.map(|i| i.to_string()).as_deref(),
+        Some(line[0].as_str()),
+        "the runner recorded it done"
+    );
     for (i, relay) in fleet.relays.iter().enumerate() {
         fleet
             .assert_writes_reach(relay, new_port, 900_000_000 + i as i64)
@@ -547,6 +581,12 @@ async fn a_killed_holder_hands_over_and_its_failover_still_runs_once() {
         survivor.log_text().contains("running a deferred hook"),
         "run from the deferred hooks\n{}",
         fleet.logs()
+    );
+    let recorded = fleet.failover_recorded_by().await;
+    assert_eq!(
+        recorded,
+        Some(u64::from(survivor.instance)),
+        "recorded done by the survivor"
     );
     let (held, holder, _) = survivor.lease().await.expect("SHOW LEASE");
     assert!(held, "the survivor holds the lease: {holder}");
