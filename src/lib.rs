@@ -16,7 +16,7 @@
 //! |  7 | [`metrics`] | Prometheus metrics with pre-resolved handles; the answers to `/metrics`, `/healthz`, `/readyz` |
 //! |  6 | [`session`] | one client session: login, request loop, routing inside it, the zero-copy relay, what transaction mode carries across servers |
 //! |  5 | [`router`] | the SQL classifier and session effects, routing plans, replica choice |
-//! |  4 | [`cluster`] | the topology snapshot; health, lag and Patroni loops that report their findings ([`cluster::Monitor`]); the failover state machine; hooks |
+//! |  4 | [`cluster`] | the topology snapshot; health, lag and Patroni loops that report their findings ([`cluster::Monitor`]); the failover state machine; hooks, gated in a fleet by an etcd lease |
 //! |  3 | [`pool`] | server connections: pools, checkout, guards, maintenance, one server with its session state (parameters, prepared-statement LRU) |
 //! |  3 | [`registry`] | who is connected (clients, per-database counters, pauses), for the console and metrics |
 //! |  3 | [`cancel`] | cancel keys: a client's key to the server running its query |
@@ -91,8 +91,11 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Prepared statements known to parse, by content (transaction mode).
     pub parsed: Arc<session::statement::Parsed>,
-    /// Failover hooks: the queue and what ran.
+    /// Failover hooks: the queue, what ran, what another instance's lease deferred.
     pub hooks: cluster::hooks::Hooks,
+    /// The fleet's failover lease (`failover.lease`): whether this instance may run
+    /// the hooks. Its campaign loop is started with the other cluster loops.
+    pub lease: Arc<cluster::lease::Lease>,
     /// Who is connected, per-database counters, paused databases.
     pub registry: Arc<registry::Registry>,
     /// The file `RELOAD` and SIGHUP read (none: the config came from elsewhere).
@@ -116,9 +119,12 @@ impl Shared {
         let client_tls = tls::accept::ClientTls::unavailable(config.tls.client_mode);
         let server_tls = Arc::new(server_tls(&config.tls));
         let instance = cancel::instance_id(&config);
+        let router = router::Router::new(&config);
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let lease = Arc::new(cluster::lease::Lease::new(config.clone(), instance));
         Shared {
-            router: router::Router::new(&config),
-            config: Arc::new(ArcSwap::from_pointee(config)),
+            router,
+            config,
             cluster: Arc::new(cluster::Cluster::new(topology)),
             pools: Arc::default(),
             cancel: Arc::new(cancel::CancelRegistry::new(instance)),
@@ -128,7 +134,8 @@ impl Shared {
             clients: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
             parsed: Arc::default(),
-            hooks: cluster::hooks::Hooks::start(),
+            hooks: cluster::hooks::Hooks::gated(lease.clone()),
+            lease,
             registry: Arc::default(),
             config_path: std::sync::Mutex::new(None),
             shutdown_requested: tokio::sync::Notify::new(),

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::cancel::CancelHandle;
-use crate::cluster::{health, lag, patroni};
+use crate::cluster::{health, lag, lease, patroni};
 use crate::config::{Config, ConfigError, Endpoint, ListenAddr};
 use crate::session::handover::{SessionState, Transfer};
 use crate::session::LoggedIn;
@@ -209,6 +209,7 @@ impl Pgrelay {
         };
         tokio::spawn(health::run(monitor.clone(), shutdown_rx.clone()));
         tokio::spawn(patroni::run(monitor.clone(), shutdown_rx.clone()));
+        tokio::spawn(lease::run(shared.lease.clone(), shutdown_rx.clone()));
         tokio::spawn(lag::run(monitor, shutdown_rx.clone()));
         let fleet = pool::fleet::watch(
             shared.config.clone(),
@@ -405,6 +406,9 @@ impl Pgrelay {
     async fn drain(&self, drain: Duration) -> usize {
         let _ = self.shutdown.send(true);
         self.shared.shutting_down.send_replace(true);
+        // First: another instance (or the process taking over) takes over the
+        // failover hooks while this one drains.
+        self.shared.lease.release().await;
         // Sessions registered from here on see the flag above when they start.
         for client in self.shared.registry.clients() {
             client.shut_down();

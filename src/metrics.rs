@@ -68,6 +68,7 @@ struct StateGauges {
     pool_waiting: IntGaugeVec,
     fleet_instances: IntGauge,
     fleet_share: IntGauge,
+    lease_held: IntGauge,
     node_up: IntGaugeVec,
     node_primary: IntGaugeVec,
     node_readable: IntGaugeVec,
@@ -106,6 +107,11 @@ impl StateGauges {
             fleet_share: IntGauge::new(
                 "pgrelay_fleet_server_connections_per_node",
                 "This instance's share of max_fleet_server_connections on each node (0: no limit)",
+            )
+            .expect("valid metric"),
+            lease_held: IntGauge::new(
+                "pgrelay_failover_lease_held",
+                "1 while this instance holds the fleet's failover lease and runs the hooks",
             )
             .expect("valid metric"),
             pool_waiting: gauge_vec(
@@ -149,6 +155,7 @@ impl StateGauges {
             Box::new(self.pool_waiting.clone()),
             Box::new(self.fleet_instances.clone()),
             Box::new(self.fleet_share.clone()),
+            Box::new(self.lease_held.clone()),
             Box::new(self.node_up.clone()),
             Box::new(self.node_primary.clone()),
             Box::new(self.node_readable.clone()),
@@ -372,6 +379,7 @@ impl Metrics {
             .load(std::sync::atomic::Ordering::Relaxed);
         gauges.fleet_instances.set(instances as i64);
         gauges.fleet_share.set(pools.limits().node_max() as i64);
+        gauges.lease_held.set(i64::from(shared.lease.holds()));
         gauges.servers.reset();
         gauges.pool_servers.reset();
         gauges.pool_size.reset();

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,12 +18,7 @@ use pgrelay::config::PatroniEndpoint as Endpoint;
 use pgrelay::listener::Pgrelay;
 use support::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+use support::etcd::free_port;
 
 fn find(program: &str) -> PathBuf {
     support::needs::program(program)
@@ -50,7 +44,8 @@ struct Member {
 /// etcd and the Patroni members; everything is stopped on drop.
 struct PatroniCluster {
     dir: tempfile::TempDir,
-    etcd: Child,
+    /// Stopped (dropped) after the members.
+    _etcd: support::etcd::Etcd,
     members: Vec<Member>,
     owner: Option<(u32, u32)>,
 }
@@ -65,31 +60,14 @@ impl PatroniCluster {
         if let Some((uid, gid)) = owner {
             chown(dir.path(), Some(uid), Some(gid)).expect("chown");
         }
-        let (client, peer) = (free_port(), free_port());
-        let etcd_log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let etcd = Command::new(find("etcd"))
-            .args(["--name", "e1", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-            ))
-            .arg(format!("--initial-cluster=e1=http://127.0.0.1:{peer}"))
-            .stdout(Stdio::null())
-            .stderr(etcd_log)
-            .spawn()
-            .expect("start etcd");
+        let etcd = support::etcd::Etcd::start_in(dir.path());
+        let client = etcd.port;
         let mut cluster = PatroniCluster {
             dir,
-            etcd,
+            _etcd: etcd,
             members: Vec::new(),
             owner,
         };
-        cluster.wait("etcd", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
-        });
         let scope = format!("pgrelay{}", std::process::id());
         for name in names {
             let member = cluster.member(name, &scope, client);
@@ -323,8 +301,6 @@ impl Drop for PatroniCluster {
                 }
             }
         }
-        let _ = self.etcd.kill();
-        let _ = self.etcd.wait();
     }
 }
 

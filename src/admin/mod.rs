@@ -6,7 +6,8 @@
 //! Commands: Pgpool-II's `SHOW POOL_NODES`, `SHOW POOL_HEALTH_CHECK_STATS`,
 //! `SHOW POOL_BACKEND_STATS`; PgBouncer's `SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|
 //! USERS|CONFIG|VERSION|HELP`, `RELOAD`, `PAUSE [db]`, `RESUME [db]`, `KILL db`,
-//! `SHUTDOWN`, `WAIT_CLOSE [db]`; and the node operations `DETACH NODE n`,
+//! `SHUTDOWN`, `WAIT_CLOSE [db]`; pgrelay's `SHOW LEASE` (the fleet's failover
+//! lease); and the node operations `DETACH NODE n`,
 //! `ATTACH NODE n`, `PROMOTE NODE n [SWITCHOVER]`.
 
 pub mod nodes;
@@ -285,6 +286,7 @@ mod tests {
         );
         assert_eq!(ok("DETACH NODE 0"), Command::Node(Operation::Detach(0)));
         assert!(ok("SHOW STATS").read_only());
+        assert!(ok("show lease").read_only());
         assert!(!ok("RELOAD").read_only());
         for bad in [
             "",

@@ -1,6 +1,8 @@
 //! Pgpool-II's node views on the console: `SHOW POOL_NODES`, `SHOW
 //! POOL_HEALTH_CHECK_STATS` and `SHOW POOL_BACKEND_STATS`, with its columns in its order
-//! and its meanings (text columns, as Pgpool-II sends them).
+//! and its meanings (text columns, as Pgpool-II sends them); and pgrelay's `SHOW
+//! LEASE`, who in a fleet runs the failover hooks (Pgpool-II's `pcp_watchdog_info`
+//! plays that part there).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -8,6 +10,51 @@ use std::time::{Duration, SystemTime};
 use super::show::{format_time, v, Table};
 use crate::cluster::Role;
 use crate::Shared;
+
+/// `SHOW LEASE`: the failover lease as this instance sees it, and the hooks it keeps
+/// deferred because another instance held it.
+pub(super) fn lease(shared: &Shared) -> Table {
+    let mut t = Table::texts(&[
+        "lease",
+        "key",
+        "holder",
+        "this_instance",
+        "held",
+        "ttl_s",
+        "expires_in_ms",
+        "deferred_hooks",
+    ]);
+    let view = shared.lease.view();
+    let deferred: Vec<String> = shared
+        .hooks
+        .deferred()
+        .iter()
+        .map(|d| {
+            let node = d.run.node.map_or(-1, |n| n as i64);
+            format!(
+                "{} node {node} (deferred: lease held by {})",
+                d.run.kind.as_str(),
+                d.holder
+            )
+        })
+        .collect();
+    let kind = match view.kind {
+        crate::config::LeaseKind::None => "none",
+        crate::config::LeaseKind::Etcd => "etcd",
+        crate::config::LeaseKind::Kubernetes => "kubernetes",
+    };
+    t.row(vec![
+        v(kind),
+        v(view.key),
+        v(view.holder),
+        v(view.this_instance),
+        v(view.held),
+        v(view.ttl.as_secs()),
+        view.expires_in.map(|d| d.as_millis().to_string()),
+        v(deferred.join("; ")),
+    ]);
+    t
+}
 
 /// Pgpool-II's `SHOW POOL_NODES`, its 14 columns in its order.
 pub(super) fn pool_nodes(shared: &Shared) -> Table {

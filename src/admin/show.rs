@@ -27,6 +27,7 @@ pub enum Show {
     Users,
     Latency,
     Config,
+    Lease,
     Version,
     Help,
 }
@@ -45,6 +46,7 @@ impl Show {
             "users" => Show::Users,
             "latency" => Show::Latency,
             "config" => Show::Config,
+            "lease" => Show::Lease,
             "version" => Show::Version,
             "help" => Show::Help,
             _ => return None,
@@ -136,6 +138,7 @@ pub fn show(shared: &Shared, what: Show) -> Table {
         Show::Users => users(shared),
         Show::Latency => latency(shared),
         Show::Config => config(shared),
+        Show::Lease => nodes::lease(shared),
         Show::Version => {
             let mut t = Table::new(&[("version", oid::TEXT)]);
             t.row(vec![v(concat!("pgrelay ", env!("CARGO_PKG_VERSION")))]);
@@ -145,7 +148,7 @@ pub fn show(shared: &Shared, what: Show) -> Table {
             let mut t = Table::new(&[("command", oid::TEXT)]);
             for line in [
                 "SHOW POOL_NODES|POOL_HEALTH_CHECK_STATS|POOL_BACKEND_STATS",
-                "SHOW POOLS|STATS|LATENCY|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|VERSION|HELP",
+                "SHOW POOLS|STATS|LATENCY|CLIENTS|SERVERS|DATABASES|USERS|CONFIG|LEASE|VERSION|HELP",
                 "RELOAD",
                 "PAUSE [db]",
                 "RESUME [db]",
@@ -698,6 +701,7 @@ mod tests {
     fn show_names() {
         assert_eq!(Show::parse("pool_nodes"), Some(Show::PoolNodes));
         assert_eq!(Show::parse("servers"), Some(Show::Servers));
+        assert_eq!(Show::parse("lease"), Some(Show::Lease));
         assert_eq!(Show::parse("fds"), None);
     }
 

@@ -1,8 +1,15 @@
 //! Failover hooks: `failover_command`, `failback_command` and `follow_primary_command`,
 //! run through `sh -c` with Pgpool-II's placeholders, one at a time and in the order
 //! their transitions happened, each with `failover.command_timeout`. Their output is
-//! logged line by line and their exit status recorded ([`HookLog`]); a hook that
+//! logged line by line and their exit status recorded ([`HookRecord`]); a hook that
 //! fails or hangs delays only the hooks queued behind it, never clients.
+//!
+//! In a fleet (`failover.lease = "etcd"`) a hook runs only if this instance holds the
+//! failover lease when the hook's turn comes ([`super::lease`]); the holder then writes
+//! a done-record. Otherwise the hook is kept as [`Deferred`], with who held the lease,
+//! and when this instance acquires the lease it runs those the holder did not record
+//! done ([`super::lease::verdict`]), so a holder that died with the primary still gets
+//! its failover run, once.
 
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -12,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
+use super::lease::{self, Lease, Permit, Verdict};
 use super::Topology;
 
 /// Which command a hook runs.
@@ -142,6 +150,17 @@ pub struct HookRun {
     pub timeout: Duration,
 }
 
+/// A hook this instance did not run because another instance held the lease (or none
+/// could be known to); run later if this instance acquires it in time.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    pub run: HookRun,
+    /// When its turn came: the transition had just been seen.
+    pub seen: SystemTime,
+    /// Who held the lease then, as the lease key said.
+    pub holder: String,
+}
+
 /// The most recent hooks, newest last, for the admin console and tests.
 const KEPT: usize = 100;
 
@@ -153,27 +172,47 @@ pub struct Hooks {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Hooks run since start, by kind (as [`HookKind::ALL`]) and whether they failed.
     totals: Arc<[[std::sync::atomic::AtomicU64; 2]; 3]>,
+    /// Hooks another instance's lease kept from running, oldest first.
+    deferred: Arc<Mutex<Vec<Deferred>>>,
 }
 
 impl Hooks {
-    /// Starts the runner task (on the current runtime).
+    /// Starts the runner task (on the current runtime); every hook runs.
     pub fn start() -> Hooks {
+        Hooks::spawn(None)
+    }
+
+    /// Starts the runner task with hooks gated by `lease` (which lets every hook run
+    /// while `failover.lease = "none"`).
+    pub fn gated(lease: Arc<Lease>) -> Hooks {
+        Hooks::spawn(Some(lease))
+    }
+
+    fn spawn(gate: Option<Arc<Lease>>) -> Hooks {
         let (queue, runs) = mpsc::unbounded_channel();
-        let records = Arc::new(Mutex::new(VecDeque::new()));
-        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let totals = Arc::new(Default::default());
         let kept = Kept {
-            records: records.clone(),
-            in_flight: in_flight.clone(),
-            totals: Arc::clone(&totals),
+            records: Arc::default(),
+            in_flight: Arc::default(),
+            totals: Arc::new(Default::default()),
+            deferred: Arc::default(),
         };
-        tokio::spawn(run_queue(runs, kept));
-        Hooks {
+        let hooks = Hooks {
             queue,
-            records,
-            in_flight,
-            totals,
-        }
+            records: kept.records.clone(),
+            in_flight: kept.in_flight.clone(),
+            totals: Arc::clone(&kept.totals),
+            deferred: kept.deferred.clone(),
+        };
+        tokio::spawn(run_queue(runs, kept, gate));
+        hooks
+    }
+
+    /// The hooks kept deferred, oldest first.
+    pub fn deferred(&self) -> Vec<Deferred> {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Hooks run since start: `(kind, failed, count)` for every kind and outcome.
@@ -222,25 +261,144 @@ struct Kept {
     records: Arc<Mutex<VecDeque<HookRecord>>>,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     totals: Arc<[[std::sync::atomic::AtomicU64; 2]; 3]>,
+    deferred: Arc<Mutex<Vec<Deferred>>>,
 }
 
-async fn run_queue(mut runs: mpsc::UnboundedReceiver<HookRun>, kept: Kept) {
-    while let Some(run) = runs.recv().await {
-        let record = run_one(run).await;
+impl Kept {
+    fn keep(&self, record: HookRecord) {
         let kind = HookKind::ALL.iter().position(|&k| k == record.kind);
-        if let Some(counts) = kind.and_then(|k| kept.totals.get(k)) {
+        if let Some(counts) = kind.and_then(|k| self.totals.get(k)) {
             let failed = usize::from(!record.outcome.succeeded());
             counts[failed].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let mut records = kept.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.len() == KEPT {
             records.pop_front();
         }
         records.push_back(record);
-        drop(records);
-        kept.in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Keeps `run` deferred, and drops those deferred too long ago to act on.
+    fn defer(&self, run: HookRun, holder: String, window: Duration) {
+        tracing::info!(hook = run.kind.as_str(), node = ?run.node, command = %run.command, %holder, "hook deferred: the failover lease is held by another instance");
+        let now = SystemTime::now();
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        deferred.retain(|d| {
+            let fresh = now.duration_since(d.seen).unwrap_or_default() <= window;
+            if !fresh {
+                tracing::info!(hook = d.run.kind.as_str(), node = ?d.run.node, "deferred hook dropped: seen longer ago than lease_ttl plus the failure detection time");
+            }
+            fresh
+        });
+        deferred.push(Deferred {
+            run,
+            seen: now,
+            holder,
+        });
+    }
+}
+
+async fn run_queue(
+    mut runs: mpsc::UnboundedReceiver<HookRun>,
+    kept: Kept,
+    gate: Option<Arc<Lease>>,
+) {
+    let mut acquired = gate.as_ref().map(|lease| lease.watch_held());
+    loop {
+        tokio::select! {
+            run = runs.recv() => {
+                let Some(run) = run else { return };
+                take_turn(run, &kept, gate.as_deref()).await;
+                kept.in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            held = acquisition(&mut acquired) => {
+                if let (true, Some(lease)) = (held, gate.as_deref()) {
+                    run_deferred(&kept, lease).await;
+                }
+            }
+        }
+    }
+}
+
+/// The next change of the lease's holding (true: acquired); never, without a lease.
+async fn acquisition(held: &mut Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    let Some(held) = held else {
+        return std::future::pending().await;
+    };
+    match held.changed().await {
+        Ok(()) => *held.borrow_and_update(),
+        // The lease is gone (shutting down): nothing more will be acquired.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A hook's turn: it runs, or is deferred if another instance holds the lease.
+async fn take_turn(run: HookRun, kept: &Kept, gate: Option<&Lease>) {
+    match gate.map_or(Permit::Free, Lease::permit) {
+        Permit::Free => kept.keep(run_one(run).await),
+        Permit::Held => run_holding(run, kept, gate).await,
+        Permit::Deferred { holder } => {
+            let window = gate.map(Lease::deferral_window).unwrap_or_default();
+            kept.defer(run, holder, window);
+        }
+    }
+}
+
+/// Runs a hook as the lease's holder, and records it done for the others. A hook that
+/// failed is recorded too: it was tried, and its failure is in the log and metrics.
+async fn run_holding(run: HookRun, kept: &Kept, gate: Option<&Lease>) {
+    let (kind, node) = (run.kind, run.node);
+    kept.keep(run_one(run).await);
+    if let Some(lease) = gate {
+        if let Err(err) = lease.record_done(kind, node).await {
+            tracing::warn!(hook = kind.as_str(), ?node, %err, "could not record the hook done in etcd");
+        }
+    }
+}
+
+/// Just acquired the lease: runs the deferred hooks nobody recorded done since they
+/// were seen, drops the stale ones.
+async fn run_deferred(kept: &Kept, lease: &Lease) {
+    let pending = std::mem::take(&mut *kept.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+    let window = lease.deferral_window();
+    let mut keep = Vec::new();
+    for deferred in pending {
+        let (kind, node) = (deferred.run.kind, deferred.run.node);
+        let done = match lease.done_record(kind, node).await {
+            Ok(done) if lease.holds() => done,
+            Ok(_) => {
+                keep.push(deferred);
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(hook = kind.as_str(), ?node, %err, "could not read the hook's done-record; it stays deferred");
+                keep.push(deferred);
+                continue;
+            }
+        };
+        let now = lease::unix_ms(SystemTime::now());
+        match lease::verdict(lease::unix_ms(deferred.seen), now, window, done) {
+            Verdict::Run => {
+                tracing::info!(hook = kind.as_str(), ?node, held_by = %deferred.holder, "running a deferred hook: nobody recorded it done");
+                run_holding(deferred.run, kept, Some(lease)).await;
+            }
+            Verdict::AlreadyDone(record) => {
+                tracing::info!(
+                    hook = kind.as_str(),
+                    ?node,
+                    by = record.instance,
+                    "deferred hook not run: another instance ran it"
+                );
+            }
+            Verdict::Stale => {
+                tracing::info!(hook = kind.as_str(), ?node, "deferred hook dropped: seen longer ago than lease_ttl plus the failure detection time");
+            }
+        }
+    }
+    let mut deferred = kept.deferred.lock().unwrap_or_else(|p| p.into_inner());
+    keep.append(&mut deferred);
+    *deferred = keep;
 }
 
 /// Output kept per stream; the rest is dropped (and said so).
@@ -367,6 +525,59 @@ mod tests {
         assert_eq!(out, "f 0 db0 5432 /d/0 1 db1 5433 /d/1 0 0 db0 5432 % %x %");
         let none = expand("%d|%h|%m|%H|%P|%N", &topology(), &Subjects::default());
         assert_eq!(none, "-1||-1||-1|");
+    }
+
+    /// With `lease = "etcd"` and no lease held (etcd never reached here), a hook is
+    /// kept deferred with who held the lease, not run; with `lease = "none"` it runs.
+    #[tokio::test]
+    async fn hooks_wait_for_the_lease() {
+        let marker = tempfile::NamedTempFile::new().expect("temp file");
+        let path = marker.path().display().to_string();
+        let text = "[[backends]]\nhost = \"h\"\n[failover]\nlease = \"etcd\"\n";
+        let config = crate::config::Config::from_toml_str(text).expect("config");
+        let shared = Arc::new(arc_swap::ArcSwap::from_pointee(config.clone()));
+        let hooks = Hooks::gated(Arc::new(Lease::new(shared.clone(), 1)));
+        let run = HookRun {
+            kind: HookKind::Failover,
+            node: Some(0),
+            command: format!("echo ran >> '{path}'"),
+            timeout: Duration::from_secs(5),
+        };
+        hooks.submit(run.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hooks.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(hooks.records().is_empty(), "not run without the lease");
+        let deferred = hooks.deferred();
+        assert_eq!(deferred.len(), 1);
+        assert_eq!(
+            (deferred[0].run.kind, deferred[0].run.node),
+            (HookKind::Failover, Some(0))
+        );
+        assert!(
+            deferred[0].holder.contains("etcd not reached"),
+            "{}",
+            deferred[0].holder
+        );
+        assert_eq!(std::fs::read_to_string(marker.path()).expect("read"), "");
+
+        let mut none = config;
+        none.failover.lease = crate::config::LeaseKind::None;
+        shared.store(Arc::new(none));
+        hooks.submit(run);
+        while hooks.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            hooks.records().len(),
+            1,
+            "lease = \"none\": every instance runs it"
+        );
+        assert_eq!(
+            std::fs::read_to_string(marker.path()).expect("read"),
+            "ran\n"
+        );
     }
 
     #[tokio::test]

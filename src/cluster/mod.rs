@@ -9,12 +9,19 @@
 //! (or an operator detached it). [`failover::Tracker`] owns those decisions; a
 //! replica is in the read set while it is up, its lag has been measured, and the lag
 //! is within `routing.max_lag_bytes` / `max_lag_seconds`.
+//!
+//! In a fleet, which instance runs the failover hooks is decided by a lease in etcd
+//! ([`lease`], over [`etcd`] and [`http`]); the topology itself stays each instance's
+//! own, from its own probes.
 
+pub mod etcd;
 pub mod events;
 pub mod failover;
 pub mod health;
 pub mod hooks;
+pub mod http;
 pub mod lag;
+pub mod lease;
 pub mod patroni;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -6,17 +6,14 @@
 //! says it is out of recovery. If no URL answers, the last view stands and the probes
 //! alone decide.
 //!
-//! The HTTP client is the smallest that serves: HTTP/1.1 `GET`, `Connection: close`,
-//! a body read by `Content-Length`, chunks, or to the end, at most 1 MiB.
+//! The HTTP client is [`super::http`], shared with the etcd lease.
 
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{same_host, Monitor};
+use super::{http, same_host, Monitor};
 use crate::config::PatroniEndpoint;
 
 /// Why Patroni could not be read.
@@ -25,13 +22,7 @@ pub enum PatroniError {
     #[error("{0}")]
     Url(String),
     #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("HTTP status {0:?}")]
-    Status(String),
-    #[error("malformed HTTP response: {0}")]
-    Http(&'static str),
+    Http(#[from] http::HttpError),
     #[error("bad /cluster answer: {0}")]
     Json(#[from] serde_json::Error),
     /// Every URL failed: each with its reason.
@@ -46,9 +37,6 @@ fn describe(failures: &[(String, PatroniError)]) -> String {
         .collect();
     each.join("; ")
 }
-
-/// The largest `/cluster` answer read.
-const MAX_RESPONSE: u64 = 1 << 20;
 
 /// One member of `/cluster`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -102,80 +90,7 @@ impl View {
 
 /// `GET /cluster` from one endpoint.
 pub async fn fetch(endpoint: &PatroniEndpoint, timeout: Duration) -> Result<View, PatroniError> {
-    let work = async {
-        let mut tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-        let request = format!(
-            "GET /cluster HTTP/1.1\r\nHost: {}:{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            endpoint.host, endpoint.port
-        );
-        tcp.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        tcp.take(MAX_RESPONSE).read_to_end(&mut raw).await?;
-        View::parse(&http_body(&raw)?)
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| PatroniError::Timeout(timeout))?
-}
-
-/// The body of a `200` response (chunked or not).
-fn http_body(raw: &[u8]) -> Result<Vec<u8>, PatroniError> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or(PatroniError::Http("incomplete"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default();
-    let code = status.split_whitespace().nth(1).unwrap_or_default();
-    if code != "200" {
-        return Err(PatroniError::Status(status.to_owned()));
-    }
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            length = value.parse::<usize>().ok();
-        }
-    }
-    if chunked {
-        return dechunk(body);
-    }
-    Ok(match length {
-        Some(n) => body
-            .get(..n)
-            .ok_or(PatroniError::Http("truncated body"))?
-            .to_vec(),
-        None => body.to_vec(),
-    })
-}
-
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, PatroniError> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or(PatroniError::Http("bad chunk"))?;
-        let size_text = String::from_utf8_lossy(&body[..line_end]);
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| PatroniError::Http("bad chunk size"))?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let truncated = || PatroniError::Http("truncated chunk");
-        out.extend_from_slice(body.get(..size).ok_or_else(truncated)?);
-        body = body.get(size + 2..).ok_or_else(truncated)?;
-    }
+    View::parse(&http::get(endpoint, "/cluster", timeout).await?)
 }
 
 /// Reads `/cluster` every `patroni_period` until shutdown (only with
@@ -228,6 +143,7 @@ pub async fn poll_once(monitor: &Monitor) -> Result<(), PatroniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// `/cluster` as Patroni 3.0 answers it, during a switchover's aftermath: the new
     /// leader, a running replica, and a stopped member.
@@ -272,20 +188,6 @@ mod tests {
         assert!(!view.is_leader("127.0.0.1", 5434));
         assert!(View::parse(b"{\"members\": 3}").is_err());
         assert!(View::parse(b"<html>").is_err());
-    }
-
-    #[test]
-    fn http_bodies_plain_sized_and_chunked() {
-        let plain = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"members\": []}";
-        assert_eq!(http_body(plain).expect("body"), b"{\"members\": []}");
-        let sized = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
-        assert_eq!(http_body(sized).expect("body"), b"{}");
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"me\r\nb;x=1\r\nmbers\": []}\r\n0\r\n\r\n";
-        assert_eq!(http_body(chunked).expect("body"), b"{\"members\": []}");
-        assert!(http_body(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").is_err());
-        assert!(http_body(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(http_body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
     }
 
     #[tokio::test]

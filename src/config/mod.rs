@@ -33,10 +33,10 @@ pub type Endpoint = (EndpointTarget, bool);
 pub use schema::PeerConfig;
 pub use schema::{
     AuthType, BackendConfig, Config, DatabaseConfig, EndpointTarget, FailoverConfig,
-    HealthCheckConfig, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite, RoleHint,
-    RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig, MAX_INSTANCE_ID,
+    HealthCheckConfig, LeaseKind, LoadBalance, LogFormat, PoolConfig, PoolMode, ReadAfterWrite,
+    RoleHint, RoutingConfig, TlsConfig, TlsMode, TopologySource, UserConfig, MAX_INSTANCE_ID,
 };
-pub use values::{PatroniEndpoint, ScramSecret, Secret};
+pub use values::{PatroniEndpoint, ScramSecret, Secret, ETCD_PORT};
 
 /// The names of the admin console's virtual database (pgrelay's own and PgBouncer's);
 /// a client connecting to either reaches the console, so no `[[databases]]` entry may
@@ -438,6 +438,10 @@ impl Config {
             ("failover.topology", spelled(&f.topology)),
             ("failover.patroni_urls", list(&f.patroni_urls)),
             ("failover.patroni_period", duration_text(f.patroni_period)),
+            ("failover.lease", spelled(&f.lease)),
+            ("failover.lease_endpoints", list(&f.lease_endpoints)),
+            ("failover.lease_key", f.lease_key.clone()),
+            ("failover.lease_ttl", duration_text(f.lease_ttl)),
             ("tls.client_mode", spelled(&t.client_mode)),
             ("tls.client_cert", t.client_cert.clone()),
             ("tls.client_key", t.client_key.clone()),
@@ -1201,6 +1205,42 @@ mod tests {
         members_from_patroni.failover.topology = TopologySource::Patroni;
         members_from_patroni.failover.patroni_urls = vec!["http://a:8008".into()];
         assert!(members_from_patroni.validate().is_ok());
+    }
+
+    #[test]
+    fn validate_lease() {
+        let defaults = parse(MINIMAL).expect("minimal config").failover;
+        assert_eq!(defaults.lease, LeaseKind::None);
+        assert_eq!(defaults.lease_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(defaults.lease_key, "/pgrelay/failover");
+        assert_eq!(defaults.lease_ttl, Duration::from_secs(10));
+        let etcd = parse(&format!(
+            "{MINIMAL}[failover]\nlease = \"etcd\"\nlease_endpoints = [\"http://e1\", \"http://e2:2380\"]\n\
+             lease_key = \"/fleet/a\"\nlease_ttl = \"3s\"\n"
+        ))
+        .expect("etcd lease");
+        assert_eq!(etcd.failover.lease, LeaseKind::Etcd);
+        assert_eq!(etcd.failover.lease_ttl, Duration::from_secs(3));
+        let kubernetes = parse(&format!("{MINIMAL}[failover]\nlease = \"kubernetes\"\n"));
+        let err = kubernetes.expect_err("kubernetes is refused").to_string();
+        assert!(
+            err.starts_with("failover.lease: ") && err.contains("only \"etcd\""),
+            "{err}"
+        );
+        let etcd = |change: fn(&mut FailoverConfig)| {
+            move |c: &mut Config| {
+                c.failover.lease = LeaseKind::Etcd;
+                change(&mut c.failover);
+            }
+        };
+        let no_endpoints = etcd(|f| f.lease_endpoints.clear());
+        assert_eq!(invalid_key(no_endpoints), "failover.lease_endpoints");
+        let bad_url = etcd(|f| f.lease_endpoints.push("https://e:2379".into()));
+        assert_eq!(invalid_key(bad_url), "failover.lease_endpoints[1]");
+        let short = etcd(|f| f.lease_ttl = Duration::from_millis(1900));
+        assert_eq!(invalid_key(short), "failover.lease_ttl");
+        let key = etcd(|f| f.lease_key = "pgrelay".into());
+        assert_eq!(invalid_key(key), "failover.lease_key");
     }
 
     #[test]

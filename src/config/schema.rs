@@ -507,6 +507,20 @@ pub enum TopologySource {
     Patroni,
 }
 
+/// `failover.lease`: how a fleet of pgrelays watching one cluster agrees on which of
+/// them runs the failover hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseKind {
+    /// Every instance runs its hooks (one pgrelay per cluster; default).
+    #[default]
+    None,
+    /// Only the holder of a lease in etcd (v3 API, `lease_endpoints`) runs them.
+    Etcd,
+    /// A Kubernetes Lease: parsed so the message can say so, refused by validation.
+    Kubernetes,
+}
+
 /// `[failover]`: what happens when the primary is lost or comes back.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -534,6 +548,19 @@ pub struct FailoverConfig {
     /// killed (and recorded as timed out). Default 60s.
     #[serde(deserialize_with = "values::deserialize_duration")]
     pub command_timeout: Duration,
+    /// Who in a fleet runs the hooks: every instance (`none`) or the holder of an
+    /// etcd lease (`etcd`). Default `none`.
+    pub lease: LeaseKind,
+    /// etcd client URLs (`http://`), tried in order. Default `["http://127.0.0.1:2379"]`.
+    pub lease_endpoints: Vec<String>,
+    /// The etcd key the fleet's instances compete for: one per cluster; starts with
+    /// `/`, does not end with one. Done-records live under `<lease_key>/done/`.
+    /// Default `/pgrelay/failover`.
+    pub lease_key: String,
+    /// The lease's time to live: how long a dead holder keeps the others from acting.
+    /// At least 2s. Default 10s.
+    #[serde(deserialize_with = "values::deserialize_duration")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -548,6 +575,10 @@ impl Default for FailoverConfig {
             patroni_urls: Vec::new(),
             patroni_period: Duration::from_secs(1),
             command_timeout: Duration::from_secs(60),
+            lease: LeaseKind::None,
+            lease_endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+            lease_key: "/pgrelay/failover".to_owned(),
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }

@@ -387,6 +387,7 @@ impl FailoverConfig {
         }
         require_positive("failover.patroni_period", self.patroni_period)?;
         require_positive("failover.command_timeout", self.command_timeout)?;
+        self.validate_lease()?;
         let bad = self
             .patroni_urls
             .iter()
@@ -399,6 +400,42 @@ impl FailoverConfig {
             }
             None => Ok(()),
         }
+    }
+}
+
+impl FailoverConfig {
+    fn validate_lease(&self) -> Result<(), ConfigError> {
+        match self.lease {
+            LeaseKind::None => return Ok(()),
+            LeaseKind::Etcd => {}
+            LeaseKind::Kubernetes => {
+                return Err(invalid(
+                    "failover.lease",
+                    "\"kubernetes\" is not implemented; only \"etcd\" (or \"none\") is supported",
+                ))
+            }
+        }
+        if self.lease_endpoints.is_empty() {
+            return Err(invalid(
+                "failover.lease_endpoints",
+                "lease = \"etcd\" needs at least one URL",
+            ));
+        }
+        for (i, url) in self.lease_endpoints.iter().enumerate() {
+            if let Err(why) = PatroniEndpoint::parse_with_port(url, ETCD_PORT) {
+                return Err(invalid(format!("failover.lease_endpoints[{i}]"), why));
+            }
+        }
+        if !self.lease_key.starts_with('/') || self.lease_key.ends_with('/') {
+            return Err(invalid(
+                "failover.lease_key",
+                "must start with '/' and not end with one",
+            ));
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err(invalid("failover.lease_ttl", "must be at least 2s"));
+        }
+        Ok(())
     }
 }
 

@@ -311,8 +311,11 @@ impl Visitor<'_> for RedactedStringVisitor {
     }
 }
 
-/// One Patroni REST endpoint (`failover.patroni_urls`), checked when the config is
-/// validated and used by the Patroni loop.
+/// etcd's client port, for `failover.lease_endpoints` that name none.
+pub const ETCD_PORT: u16 = 2379;
+
+/// One HTTP endpoint: Patroni's REST API (`failover.patroni_urls`) or etcd's
+/// (`failover.lease_endpoints`), checked when the config is validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PatroniEndpoint {
     pub host: String,
@@ -322,6 +325,12 @@ pub struct PatroniEndpoint {
 impl PatroniEndpoint {
     /// Parses `http://host[:port][/]` (port 8008 by default, Patroni's).
     pub fn parse(url: &str) -> Result<PatroniEndpoint, String> {
+        Self::parse_with_port(url, 8008)
+    }
+
+    /// Parses `http://host[:port][/]`, `default_port` when none is given (etcd's
+    /// endpoints use this too, with [`ETCD_PORT`]).
+    pub fn parse_with_port(url: &str, default_port: u16) -> Result<PatroniEndpoint, String> {
         let rest = if let Some(rest) = url.strip_prefix("http://") {
             rest
         } else if url.starts_with("https://") {
@@ -351,7 +360,7 @@ impl PatroniEndpoint {
             Some(port) => port
                 .parse::<u16>()
                 .map_err(|_| format!("{url:?}: bad port {port:?}"))?,
-            None => 8008,
+            None => default_port,
         };
         if host.is_empty() {
             return Err(format!("{url:?}: no host"));

@@ -35,6 +35,7 @@ macro_rules! both_modes {
 pub(crate) use both_modes;
 
 pub mod certs;
+pub mod etcd;
 pub mod logs;
 pub mod needs;
 pub mod raw;
