@@ -313,21 +313,30 @@ impl Pgrelay {
         let shared = self.shared.clone();
         let writer = tokio::spawn(async move {
             let mut sent = 0u64;
-            let mut cancels_open = true;
-            let mut send = async |successor: &mut Successor, transfer: Transfer| match successor
-                .send_client(transfer.fd, transfer.state)
-                .await
-            {
-                Ok(()) => sent += 1,
-                Err(err) => tracing::warn!(%err, "a client could not be handed over; it is closed"),
+            let mut send = async |successor: &mut Successor, transfer: Transfer| {
+                let handed = successor.send_client(transfer.fd, transfer.state).await;
+                match &handed {
+                    Ok(()) => sent += 1,
+                    Err(err) => {
+                        tracing::warn!(%err, "a client could not be handed over; it is closed")
+                    }
+                }
+                handed.is_ok()
             };
             loop {
                 tokio::select! {
                     transfer = inbox.recv() => match transfer {
-                        Some(transfer) => send(&mut successor, transfer).await,
+                        Some(transfer) => {
+                            if !send(&mut successor, transfer).await {
+                                // The rest are told to go as in a shutdown.
+                                tracing::warn!("the new process is gone: clients still here end as in a shutdown");
+                                inbox.close();
+                                break;
+                            }
+                        }
                         None => break,
                     },
-                    cancel = successor.next_cancel(), if cancels_open => match cancel {
+                    cancel = successor.next_cancel() => match cancel {
                         Some((pid, secret)) => {
                             // The client is still here: it is cancelled as if the
                             // request had come to this process.
@@ -337,11 +346,19 @@ impl Pgrelay {
                                 shared.cancel.cancel_request(pid, &secret, true, &config).await;
                             });
                         }
-                        None => cancels_open = false,
+                        None => {
+                            // It closed the takeover socket before this process was
+                            // done: it is gone.
+                            tracing::warn!("the new process is gone: clients still here end as in a shutdown");
+                            inbox.close();
+                            break;
+                        }
                     },
                     _ = &mut finish => {
                         while let Ok(transfer) = inbox.try_recv() {
-                            send(&mut successor, transfer).await;
+                            if !send(&mut successor, transfer).await {
+                                break;
+                            }
                         }
                         break;
                     }

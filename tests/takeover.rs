@@ -591,3 +591,50 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
     assert_eq!(clients_with(addr, "database", APP_DB).await, 2);
     drop(setup.cluster);
 }
+
+/// A new process that dies after it took the sockets: the old one notices, stops
+/// handing over, and its remaining clients end as in a shutdown (57P01 between
+/// transactions) instead of being handed to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_leaves_the_old_process_ending_as_in_a_shutdown() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let setup = Setup::start().await;
+    let mut old = setup.relay("old.log", false);
+    let addr = old.addr();
+    let busy = connect_str(&conn_string(addr, APP_DB))
+        .await
+        .expect("connect");
+    busy.batch_execute("CREATE TABLE kept (n int); BEGIN; INSERT INTO kept VALUES (1)")
+        .await
+        .expect("begin");
+    let mut new = setup.relay("new.log", true);
+    new.wait_log(
+        "took over the running pgrelay's sockets",
+        Duration::from_secs(30),
+    );
+    new.child.kill().expect("kill the new process");
+    new.child.wait().expect("reap");
+    old.wait_log("the new process is gone", Duration::from_secs(5));
+    busy.batch_execute("INSERT INTO kept VALUES (2); COMMIT")
+        .await
+        .expect("the transaction ends on the old process");
+    let err = busy.simple_query("SELECT 1").await.expect_err("told to go");
+    assert!(
+        support::sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
+    assert!(status.success(), "{status}\n{}", old.log_text());
+    assert!(
+        old.log_text().contains("handed_over=0"),
+        "{}",
+        old.log_text()
+    );
+    // The committed transaction is there (checked on the primary directly).
+    let port = setup.cluster.ports()[0];
+    let count = setup
+        .cluster
+        .psql(port, APP_DB, "SELECT count(*) FROM kept")
+        .expect("psql");
+    assert_eq!(count.trim(), "2");
+}

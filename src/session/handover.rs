@@ -101,13 +101,21 @@ impl Session {
     /// transactions, nothing pinned or held, a plain socket, and nothing of its next
     /// request read yet (what the kernel holds moves with the socket).
     pub(super) fn may_hand_over(&self) -> bool {
-        self.shared.handover.get().is_some()
+        self.handing_over()
             && self.movable()
             && matches!(self.attachment, Attachment::Detached)
             && self.pin.is_none()
             && self.held.iter().all(Option::is_none)
             && self.client.rbuf_len() == 0
             && self.wire.client.last_boundary != Some(crate::protocol::frontend::FLUSH)
+    }
+
+    /// A takeover runs and the process taking over is still there.
+    pub(super) fn handing_over(&self) -> bool {
+        self.shared
+            .handover
+            .get()
+            .is_some_and(|outbox| !outbox.is_closed())
     }
 
     /// Whether this session can ever move: a transaction-mode client on a plain

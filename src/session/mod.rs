@@ -798,7 +798,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = self.handle.entry.shutting_down(), if !moving => {
-                    if self.shared.handover.get().is_none() || !self.movable() {
+                    if !self.handing_over() || !self.movable() {
                         // Between transactions: nothing is lost by leaving now.
                         return Err(ClientError::shutting_down());
                     }
