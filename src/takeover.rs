@@ -288,29 +288,13 @@ async fn negotiate(
     let mut channel = Channel::new(stream);
     if peer.uid() != own {
         let reason = format!("uid {} is not this process's user", peer.uid());
-        channel
-            .send(
-                &Message::Refused {
-                    reason: reason.clone(),
-                },
-                &[],
-            )
-            .await?;
-        return Err(io::Error::new(io::ErrorKind::PermissionDenied, reason));
+        return Err(refuse(&mut channel, reason, io::ErrorKind::PermissionDenied).await);
     }
     let pid = match channel.recv().await? {
         Some((Message::Hello { version, pid }, _)) if version == VERSION => pid,
         Some((Message::Hello { version, .. }, _)) => {
             let reason = format!("takeover version {version} is not this process's {VERSION}");
-            channel
-                .send(
-                    &Message::Refused {
-                        reason: reason.clone(),
-                    },
-                    &[],
-                )
-                .await?;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+            return Err(refuse(&mut channel, reason, io::ErrorKind::InvalidData).await);
         }
         _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "no hello")),
     };
@@ -341,6 +325,17 @@ async fn negotiate(
             "the new process never said it was ready",
         )),
     }
+}
+
+/// Tells a would-be successor why it is refused; the error to log here.
+async fn refuse(channel: &mut Channel, reason: String, kind: io::ErrorKind) -> io::Error {
+    let refused = Message::Refused {
+        reason: reason.clone(),
+    };
+    if let Err(err) = channel.send(&refused, &[]).await {
+        tracing::debug!(%err, "could not tell a would-be successor why it is refused");
+    }
+    io::Error::new(kind, reason)
 }
 
 impl Successor {

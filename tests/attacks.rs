@@ -18,13 +18,11 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
@@ -34,11 +32,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use pgrelay::demo::{ClusterOptions, LocalCluster};
+use pgrelay::demo::LocalCluster;
+use support::process::RelayProcess;
 use support::raw::{self, Message};
 use support::{config_text, connect_str, eventually, EnvOptions, APP_DB, APP_PASSWORD, APP_USER};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
 
 /// Each test wants both cores for pgbench, PostgreSQL, pgrelay and the attackers; two
 /// at once would measure each other. (tokio's Mutex works across the tests' runtimes.)
@@ -60,10 +57,8 @@ const MIB: u64 = 1024;
 /// The pgrelay binary running against the test cluster; stopped (SIGTERM, then
 /// SIGKILL) when dropped.
 struct Relay {
-    child: Child,
+    process: RelayProcess,
     addr: SocketAddr,
-    /// Its stdout and stderr.
-    log: PathBuf,
     /// Holds the config file and the log.
     _dir: tempfile::TempDir,
 }
@@ -96,56 +91,21 @@ impl Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("pgrelay.toml");
         std::fs::write(&config, config_text(&options, ports)).expect("write config");
-        let log = dir.path().join("pgrelay.log");
-        let out = File::create(&log).expect("create the log");
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("PGRELAY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start pgrelay");
-        let mut relay = Relay {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
+        let mut process = RelayProcess::spawn(&config, dir.path().join("pgrelay.log"), &[]);
+        let addr = process.addr();
+        Relay {
+            process,
+            addr,
             _dir: dir,
-        };
-        relay.addr = relay.wait_listening();
-        relay
-    }
-
-    /// The address from pgrelay's "listening addr=..." line.
-    fn wait_listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = self.log_text();
-            let addr = text.lines().find_map(|line| {
-                let (_, rest) = line.split_once(": listening addr=")?;
-                rest.split_whitespace().next()?.parse().ok()
-            });
-            if let Some(addr) = addr {
-                return addr;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgrelay exited ({status}) before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgrelay is not listening:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+        self.process.log_text()
     }
 
     fn memory(&self) -> Memory {
@@ -192,19 +152,6 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// PostgreSQL and pgrelay in front of it, pgbench's tables loaded.
 struct Target {
     /// First, so pgrelay stops before PostgreSQL.
@@ -215,18 +162,7 @@ struct Target {
 impl Target {
     async fn start() -> Target {
         raise_fd_limit();
-        let options = ClusterOptions {
-            replicas: 0,
-            host_auth: "scram-sha-256".into(),
-            users: vec![(APP_USER.into(), APP_PASSWORD.into())],
-            databases: vec![(APP_DB.into(), APP_USER.into())],
-            extra_conf: Vec::new(),
-        };
-        let cluster =
-            tokio::task::spawn_blocking(move || LocalCluster::start(&options).map_err(Box::new))
-                .await
-                .expect("cluster task")
-                .expect("start PostgreSQL");
+        let cluster = support::app_cluster(0).await;
         // Waits for pgrelay's "listening" line in its log with short sleeps.
         let relay = tokio::task::block_in_place(|| Relay::spawn(&cluster.ports()));
         let port = relay.addr.port();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use pgrelay::cluster::events::Operation;
 use pgrelay::cluster::hooks::{HookKind, HookOutcome};
 use pgrelay::cluster::Status;
+use support::writer::Seen;
 use support::*;
 
 /// Health checks every 300 ms; down after a probe and 2 retries 200 ms apart.
@@ -112,15 +113,6 @@ impl Hooks {
     }
 }
 
-/// What one load task saw.
-#[derive(Default)]
-struct Seen {
-    /// Keys whose INSERT was acknowledged.
-    acked: Vec<i64>,
-    oks: Vec<Instant>,
-    errors: Vec<(Instant, String)>,
-}
-
 struct Load {
     stop: Arc<AtomicBool>,
     seen: Vec<Arc<Mutex<Seen>>>,
@@ -140,29 +132,9 @@ impl Load {
     /// autocommit), as fast as it can.
     async fn writer(&mut self, env: &TestEnv, id: i64) {
         let client = env.client().await;
-        let (stop, seen) = (self.stop.clone(), Arc::new(Mutex::new(Seen::default())));
-        self.seen.push(seen.clone());
-        self.tasks.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let key = id * 1_000_000 + n;
-                let result = client
-                    .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
-                    .await;
-                let mut seen = seen.lock().expect("seen");
-                match result {
-                    Ok(_) => {
-                        seen.acked.push(key);
-                        seen.oks.push(Instant::now());
-                    }
-                    Err(err) => {
-                        let code = sqlstate(&err).unwrap_or_else(|| err.to_string());
-                        seen.errors.push((Instant::now(), code));
-                    }
-                }
-            }
-        }));
+        let (seen, task) = writer::spawn(client, id, self.stop.clone(), Duration::ZERO);
+        self.seen.push(seen);
+        self.tasks.push(task);
     }
 
     /// `count` readers.

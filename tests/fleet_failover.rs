@@ -15,16 +15,15 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay::demo::{ClusterOptions, LocalCluster};
+use pgrelay::demo::LocalCluster;
 use support::etcd::Etcd;
+use support::process::RelayProcess;
+use support::writer::{self, Seen};
 use support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
 
 /// The tests each want both cores for three pgrelays, PostgreSQL and etcd.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -35,12 +34,13 @@ const TTL: Duration = Duration::from_secs(3);
 const SETTLE: Duration = Duration::from_millis(3_000 + 3 * 300 + 2 * 200 + 1_000);
 const ADMIN_PASSWORD: &str = "admin-secret";
 
-/// One pgrelay process; SIGTERM (then SIGKILL) when dropped.
+/// One pgrelay process of the fleet; SIGTERM (then SIGKILL) when dropped.
 struct Relay {
     instance: u16,
-    child: Option<Child>,
+    process: RelayProcess,
+    /// Killed (SIGKILL) by the test.
+    killed: bool,
     addr: SocketAddr,
-    log: PathBuf,
 }
 
 impl Relay {
@@ -48,71 +48,24 @@ impl Relay {
         let path = dir.join(format!("pgrelay-{instance}.toml"));
         std::fs::write(&path, config).expect("write config");
         let log = dir.join(format!("pgrelay-{instance}.log"));
-        let out = std::fs::File::create(&log).expect("create the log");
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("PGRELAY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start pgrelay");
-        let mut relay = Relay {
+        let mut process = RelayProcess::spawn(&path, log, &[]);
+        let addr = process.addr();
+        Relay {
             instance,
-            child: Some(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        relay.addr = relay.wait_listening();
-        relay
-    }
-
-    /// The address from pgrelay's "listening addr=..." line.
-    fn wait_listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = self.log_text();
-            let addr = text.lines().find_map(|line| {
-                let (_, rest) = line.split_once(": listening addr=")?;
-                rest.split_whitespace().next()?.parse().ok()
-            });
-            if let Some(addr) = addr {
-                return addr;
-            }
-            let child = self.child.as_mut().expect("running");
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("pgrelay exited ({status}) before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgrelay is not listening:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            process,
+            killed: false,
+            addr,
         }
     }
 
     fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn signal(&mut self, signal: nix::sys::signal::Signal, wait: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, signal);
-        let deadline = Instant::now() + wait;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        self.process.log_text()
     }
 
     /// SIGKILL: no lease revoked, nothing drained.
     fn kill(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGKILL, Duration::ZERO);
+        self.process.kill();
+        self.killed = true;
     }
 
     fn app_conn_string(&self) -> String {
@@ -130,21 +83,12 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(5));
-    }
-}
-
 impl Drop for Fleet {
     /// SIGTERM to every pgrelay at once (each revokes its lease and drains for up to
     /// `shutdown_timeout`), rather than one after the other as their own drops would.
     fn drop(&mut self) {
-        for relay in &self.relays {
-            if let Some(child) = &relay.child {
-                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            }
+        for relay in self.relays.iter().filter(|relay| !relay.killed) {
+            relay.process.send(nix::sys::signal::Signal::SIGTERM);
         }
     }
 }
@@ -163,18 +107,7 @@ impl Fleet {
         let started = Instant::now();
         let dir = tempfile::tempdir().expect("tempdir");
         let etcd = Etcd::start_in(dir.path());
-        let options = ClusterOptions {
-            replicas: 2,
-            host_auth: "scram-sha-256".into(),
-            users: vec![(APP_USER.into(), APP_PASSWORD.into())],
-            databases: vec![(APP_DB.into(), APP_USER.into())],
-            extra_conf: Vec::new(),
-        };
-        let cluster =
-            tokio::task::spawn_blocking(move || LocalCluster::start(&options).map_err(Box::new))
-                .await
-                .expect("cluster task")
-                .expect("start PostgreSQL");
+        let cluster = support::app_cluster(2).await;
         let hook_log = dir.path().join("failover.log");
         let script = dir.path().join("failover.sh");
         let pg_ctl = cluster.shell_command("pg_ctl");
@@ -233,7 +166,7 @@ impl Fleet {
     async fn holders(&self) -> Vec<usize> {
         let mut holders = Vec::new();
         for (i, relay) in self.relays.iter().enumerate() {
-            if relay.child.is_some() && relay.lease().await.is_some_and(|(held, ..)| held) {
+            if !relay.killed && relay.lease().await.is_some_and(|(held, ..)| held) {
                 holders.push(i);
             }
         }
@@ -374,13 +307,6 @@ async fn create_table(cluster: &LocalCluster) {
     }
 }
 
-/// What one writer saw: its acknowledged inserts' times, and its errors.
-#[derive(Default)]
-struct Seen {
-    oks: Vec<Instant>,
-    errors: Vec<String>,
-}
-
 /// A client inserting keys `id * 1e6 + n` one by one through `relay`.
 async fn writer(
     relay: &Relay,
@@ -390,36 +316,7 @@ async fn writer(
     let client = connect_str(&relay.app_conn_string())
         .await
         .expect("connect through pgrelay");
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let kept = seen.clone();
-    let task = tokio::spawn(async move {
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let key = id * 1_000_000 + n;
-            let result = client
-                .execute("INSERT INTO t (k) VALUES ($1)", &[&key])
-                .await;
-            let failed = {
-                let mut seen = kept.lock().expect("seen");
-                match result {
-                    Ok(_) => {
-                        seen.oks.push(Instant::now());
-                        false
-                    }
-                    Err(err) => {
-                        seen.errors
-                            .push(sqlstate(&err).unwrap_or_else(|| err.to_string()));
-                        true
-                    }
-                }
-            };
-            if failed {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
-    (seen, task)
+    writer::spawn(client, id, stop, Duration::from_millis(50))
 }
 
 /// The primary crashes while two writers per pgrelay insert: exactly one instance
@@ -503,7 +400,7 @@ async fn one_failover_command_for_the_fleet_under_load() {
     // others waited for the new primary (hold_timeout) and went through.
     for (i, writer) in seen.iter().enumerate() {
         assert!(writer.errors.len() <= 1, "writer {i}: {:?}", writer.errors);
-        for code in &writer.errors {
+        for (_, code) in &writer.errors {
             assert!(
                 ["08006", "57P01", "57P02", "57P03"].contains(&code.as_str()),
                 "writer {i}: unexpected error {code}"

@@ -7,104 +7,18 @@
 
 mod support;
 
-use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgrelay::demo::{ClusterOptions, LocalCluster};
+use pgrelay::demo::LocalCluster;
+use support::process::{RelayProcess, BIN};
 use support::{config_text, connect_str, simple_value, EnvOptions, APP_DB, APP_PASSWORD, APP_USER};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
 
 /// Both tests run pgbench or several processes: one at a time on 2 cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A pgrelay process; killed when dropped.
-struct Relay {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Relay {
-    fn spawn(config: &Path, log: PathBuf, takeover: bool) -> Relay {
-        let out = File::create(&log).expect("create the log");
-        let mut command = Command::new(BIN);
-        command.args(["run", "-c"]).arg(config);
-        if takeover {
-            command.arg("--takeover");
-        }
-        let child = command
-            .env("PGRELAY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start pgrelay");
-        Relay { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    /// Waits until the log has a line containing `what`; returns that line.
-    fn wait_log(&mut self, what: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let text = self.log_text();
-            if let Some(line) = text.lines().find(|l| l.contains(what)) {
-                return line.to_owned();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgrelay exited ({status}) before logging {what:?}:\n{text}");
-            }
-            assert!(Instant::now() < deadline, "no {what:?} in the log:\n{text}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The TCP address it listens on.
-    fn addr(&mut self) -> SocketAddr {
-        self.logged_addr(": listening addr=")
-    }
-
-    /// Where `/metrics` and the probes answer.
-    fn metrics_addr(&mut self) -> SocketAddr {
-        self.logged_addr("metrics and health endpoints listening addr=")
-    }
-
-    fn logged_addr(&mut self, before: &str) -> SocketAddr {
-        let line = self.wait_log(before, Duration::from_secs(30));
-        let (_, rest) = line.split_once(before).expect("addr");
-        let addr = rest.split_whitespace().next().expect("an address");
-        addr.parse().expect("an address")
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgrelay did not exit:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A primary, and a config for pgrelay in front of it listening on a TCP port and a
 /// Unix socket, with a takeover socket; the app user may use the console.
@@ -115,25 +29,9 @@ struct Setup {
 }
 
 impl Setup {
-    async fn start() -> Setup {
-        Setup::start_with(Vec::new()).await
-    }
-
     /// With `sections` appended to the config.
     async fn start_with(sections: Vec<String>) -> Setup {
-        let cluster = tokio::task::spawn_blocking(|| {
-            LocalCluster::start(&ClusterOptions {
-                replicas: 0,
-                host_auth: "scram-sha-256".into(),
-                users: vec![(APP_USER.into(), APP_PASSWORD.into())],
-                databases: vec![(APP_DB.into(), APP_USER.into())],
-                extra_conf: Vec::new(),
-            })
-            .map_err(Box::new)
-        })
-        .await
-        .expect("cluster task")
-        .expect("start PostgreSQL");
+        let cluster = support::app_cluster(0).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let options = EnvOptions {
             pool_size: 12,
@@ -164,9 +62,45 @@ impl Setup {
         }
     }
 
-    fn relay(&self, name: &str, takeover: bool) -> Relay {
-        Relay::spawn(&self.config, self.dir.path().join(name), takeover)
+    /// Started, with a first pgrelay running on it (logging to `old.log`), and
+    /// the address it listens on.
+    async fn running(sections: Vec<String>) -> (Setup, RelayProcess, SocketAddr) {
+        let setup = Setup::start_with(sections).await;
+        let mut old = setup.relay("old.log");
+        let addr = old.addr();
+        (setup, old, addr)
     }
+
+    fn relay(&self, name: &str) -> RelayProcess {
+        RelayProcess::spawn(&self.config, self.dir.path().join(name), &[])
+    }
+
+    /// A process taking over from the running one, once it serves the sockets.
+    fn take_over(&self, name: &str) -> RelayProcess {
+        let log = self.dir.path().join(name);
+        let mut relay = RelayProcess::spawn(&self.config, log, &["--takeover"]);
+        relay.wait_log(
+            "took over the running pgrelay's sockets",
+            Duration::from_secs(30),
+        );
+        relay
+    }
+}
+
+/// Waits for the process taken over from to exit, and checks it handed over
+/// `handed` clients and left none behind.
+fn handed_over(old: &mut RelayProcess, handed: usize) {
+    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
+    assert!(
+        status.success(),
+        "the old process: {status}\n{}",
+        old.log_text()
+    );
+    let done = old.wait_log("takeover done", Duration::from_secs(1));
+    assert!(
+        done.contains(&format!("handed_over={handed} ")) && done.contains("left=0"),
+        "{done}"
+    );
 }
 
 fn conn_string(addr: SocketAddr, db: &str) -> String {
@@ -211,9 +145,7 @@ fn pgbench(addr: SocketAddr, args: &[&str]) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let setup = Setup::start().await;
-    let mut old = setup.relay("old.log", false);
-    let addr = old.addr();
+    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
     let init = pgbench(addr, &["-i", "-s", "1", "-q"])
         .output()
         .expect("pgbench -i");
@@ -233,20 +165,8 @@ async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
     .spawn()
     .expect("start pgbench");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut new = setup.relay("new.log", true);
-    new.wait_log(
-        "took over the running pgrelay's sockets",
-        Duration::from_secs(30),
-    );
-    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
-    assert!(
-        status.success(),
-        "the old process: {status}\n{}",
-        old.log_text()
-    );
-    let done = old.wait_log("takeover done", Duration::from_secs(1));
-    assert!(done.contains("handed_over=8"), "{done}");
-    assert!(done.contains("left=0"), "{done}");
+    let new = setup.take_over("new.log");
+    handed_over(&mut old, 8);
 
     // The old process is gone and pgbench still runs: its 8 clients are the new one's.
     assert!(
@@ -296,9 +216,7 @@ async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_keep_their_session_through_a_takeover() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let setup = Setup::start().await;
-    let mut old = setup.relay("old.log", false);
-    let addr = old.addr();
+    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
     let metrics = old.metrics_addr();
     let url = conn_string(addr, APP_DB);
 
@@ -340,18 +258,10 @@ async fn clients_keep_their_session_through_a_takeover() {
         .await
         .expect("console");
 
-    let mut new = setup.relay("new.log", true);
-    new.wait_log(
-        "took over the running pgrelay's sockets",
-        Duration::from_secs(30),
-    );
+    let mut new = setup.take_over("new.log");
     // The old process waits for the transaction: it is still running.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        old.child.try_wait().expect("wait").is_none(),
-        "{}",
-        old.log_text()
-    );
+    assert!(old.running(), "{}", old.log_text());
     busy.batch_execute("INSERT INTO moved VALUES (2); COMMIT")
         .await
         .expect("the transaction ends on the old process");
@@ -377,13 +287,7 @@ async fn clients_keep_their_session_through_a_takeover() {
     let err = slept.expect_err("cancelled");
     assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
     sleeper.batch_execute("ROLLBACK").await.expect("rollback");
-    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
-    assert!(status.success(), "{status}\n{}", old.log_text());
-    let done = old.wait_log("takeover done", Duration::from_secs(1));
-    assert!(
-        done.contains("handed_over=4") && done.contains("left=0"),
-        "{done}"
-    );
+    handed_over(&mut old, 4);
 
     let err = console
         .simple_query("SHOW CLIENTS")
@@ -443,13 +347,8 @@ async fn clients_keep_their_session_through_a_takeover() {
     assert!(body.contains("pgrelay_"), "{body}");
 
     // And the new process can be taken over in its turn.
-    let mut third = setup.relay("third.log", true);
-    third.wait_log(
-        "took over the running pgrelay's sockets",
-        Duration::from_secs(30),
-    );
-    let status = tokio::task::block_in_place(|| new.wait_exit(Duration::from_secs(15)));
-    assert!(status.success(), "{status}\n{}", new.log_text());
+    let third = setup.take_over("third.log");
+    handed_over(&mut new, 3);
     let row = unix
         .query_one(&unix_statement, &[&"again"])
         .await
@@ -478,36 +377,28 @@ fn a_takeover_with_no_running_pgrelay_fails_and_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("takeover.sock");
     let config = dir.path().join("pgrelay.toml");
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\ntakeover_socket = {:?}\n\
-         [[backends]]\nhost = \"127.0.0.1\"\nport = 1\n",
-        socket.display().to_string()
-    );
-    std::fs::write(&config, text).expect("write config");
-    let out = Command::new(BIN)
-        .args(["run", "--takeover", "-c"])
-        .arg(&config)
-        .output()
-        .expect("run pgrelay");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let base = "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\n";
+    let backend = "[[backends]]\nhost = \"127.0.0.1\"\nport = 1\n";
+    // `run --takeover` with `text` as its config: its stderr, once it failed.
+    let fails = |text: String| {
+        std::fs::write(&config, text).expect("write config");
+        let out = Command::new(BIN)
+            .args(["run", "--takeover", "-c"])
+            .arg(&config)
+            .output()
+            .expect("run pgrelay");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
+    let socket = format!("takeover_socket = {:?}\n", socket.display().to_string());
+    let stderr = fails(format!("{base}{socket}{backend}"));
     assert!(
         stderr.contains("no pgrelay to take over at") && stderr.contains("takeover.sock"),
         "{stderr}"
     );
     // Without takeover_socket, --takeover says what it needs.
-    std::fs::write(
-        &config,
-        "listen = [\"127.0.0.1:0\"]\nmetrics_listen = \"\"\n[[backends]]\nhost = \"127.0.0.1\"\nport = 1\n",
-    )
-    .expect("write config");
-    let out = Command::new(BIN)
-        .args(["run", "--takeover", "-c"])
-        .arg(&config)
-        .output()
-        .expect("run pgrelay");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails(format!("{base}{backend}"));
     assert!(
         stderr.contains("--takeover needs takeover_socket"),
         "{stderr}"
@@ -529,9 +420,7 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
         pki.server.cert.display().to_string(),
         pki.server.key.display().to_string()
     );
-    let setup = Setup::start_with(vec![tls]).await;
-    let mut old = setup.relay("old.log", false);
-    let addr = old.addr();
+    let (setup, mut old, addr) = Setup::running(vec![tls]).await;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&pki.ca).expect("CA file") {
         roots.add(cert.expect("CA certificate")).expect("add CA");
@@ -557,18 +446,8 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
         .await
         .expect("connect");
 
-    let mut new = setup.relay("new.log", true);
-    new.wait_log(
-        "took over the running pgrelay's sockets",
-        Duration::from_secs(30),
-    );
-    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
-    assert!(status.success(), "{status}\n{}", old.log_text());
-    let done = old.wait_log("takeover done", Duration::from_secs(1));
-    assert!(
-        done.contains("handed_over=1") && done.contains("left=0"),
-        "{done}"
-    );
+    let new = setup.take_over("new.log");
+    handed_over(&mut old, 1);
     let err = secure
         .simple_query("SELECT 2")
         .await
@@ -589,6 +468,7 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
     assert_eq!(simple_value(&plain, "SELECT 4").await, "4");
     // The plain client handed over and the TLS client's new connection.
     assert_eq!(clients_with(addr, "database", APP_DB).await, 2);
+    assert!(!new.log_text().contains("panicked"), "{}", new.log_text());
     drop(setup.cluster);
 }
 
@@ -598,22 +478,15 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_dies_leaves_the_old_process_ending_as_in_a_shutdown() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let setup = Setup::start().await;
-    let mut old = setup.relay("old.log", false);
-    let addr = old.addr();
+    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
     let busy = connect_str(&conn_string(addr, APP_DB))
         .await
         .expect("connect");
     busy.batch_execute("CREATE TABLE kept (n int); BEGIN; INSERT INTO kept VALUES (1)")
         .await
         .expect("begin");
-    let mut new = setup.relay("new.log", true);
-    new.wait_log(
-        "took over the running pgrelay's sockets",
-        Duration::from_secs(30),
-    );
-    new.child.kill().expect("kill the new process");
-    new.child.wait().expect("reap");
+    let mut new = setup.take_over("new.log");
+    new.kill();
     old.wait_log("the new process is gone", Duration::from_secs(5));
     busy.batch_execute("INSERT INTO kept VALUES (2); COMMIT")
         .await
@@ -623,13 +496,7 @@ async fn a_successor_that_dies_leaves_the_old_process_ending_as_in_a_shutdown() 
         support::sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
         "{err}"
     );
-    let status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(15)));
-    assert!(status.success(), "{status}\n{}", old.log_text());
-    assert!(
-        old.log_text().contains("handed_over=0"),
-        "{}",
-        old.log_text()
-    );
+    handed_over(&mut old, 0);
     // The committed transaction is there (checked on the primary directly).
     let port = setup.cluster.ports()[0];
     let count = setup

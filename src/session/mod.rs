@@ -511,15 +511,8 @@ impl Session {
         parts: Parts,
         config: &Config,
     ) -> Session {
-        let Parts {
-            login,
-            endpoint: target,
-            mode,
-            pool,
-            params,
-            cancel,
-            handle,
-        } = parts;
+        let (login, target, mode) = (parts.login, parts.endpoint, parts.mode);
+        let (cancel, handle) = (parts.cancel, parts.handle);
         let nodes = shared.cluster.load().nodes.len();
         let route_mode = RouteMode::of(target, config, nodes, mode);
         let routes = route_mode == RouteMode::PerRequest;
@@ -545,13 +538,13 @@ impl Session {
             client,
             login,
             mode,
-            pool,
+            pool: parts.pool,
             pools: vec![None; nodes],
             held: std::iter::repeat_with(|| None).take(nodes).collect(),
             wire: Wire::new(policy, prepared).timing_queries(latency.query.clone()),
             routing: Routing::new(route_mode),
             target,
-            params,
+            params: parts.params,
             cancel,
             attachment: Attachment::Detached,
             waiter: None,

@@ -38,7 +38,9 @@ pub mod certs;
 pub mod etcd;
 pub mod logs;
 pub mod needs;
+pub mod process;
 pub mod raw;
+pub mod writer;
 
 pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "app-secret";
@@ -212,6 +214,22 @@ pub async fn start(options: EnvOptions) -> TestEnv {
         options,
         cluster,
     }
+}
+
+/// A primary and `replicas` streaming replicas with the app user (SCRAM) and its
+/// database, for tests that run pgrelay as a process of their own.
+pub async fn app_cluster(replicas: usize) -> LocalCluster {
+    let options = ClusterOptions {
+        replicas,
+        host_auth: "scram-sha-256".into(),
+        users: vec![(APP_USER.into(), APP_PASSWORD.into())],
+        databases: vec![(APP_DB.into(), APP_USER.into())],
+        extra_conf: Vec::new(),
+    };
+    tokio::task::spawn_blocking(move || LocalCluster::start(&options).map_err(Box::new))
+        .await
+        .expect("cluster task")
+        .expect("start PostgreSQL")
 }
 
 /// Rewrites every node's pg_hba.conf to take TCP logins only over TLS or only in
