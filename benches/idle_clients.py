@@ -3,8 +3,9 @@
 
 Opens N client connections with trust auth (a StartupMessage, then reads until
 ReadyForQuery), holds them all open, and reports the proxy's resident memory
-(VmRSS of --pid) before and after, in KiB per idle client. With --select, every
-client then runs `SELECT 1` and the script checks that each one got its row back.
+(VmRSS of --pid) before and after, in KiB per idle client. With --between, a shell
+command runs while they are idle (benches/takeover.sh: a takeover). With --select,
+every client then runs `SELECT 1` and the script checks that each one got its row back.
 
 Prints one line of `key=value` pairs for the calling script:
 
@@ -17,6 +18,7 @@ Standard library only; one asyncio event loop holds every socket.
 import argparse
 import asyncio
 import struct
+import subprocess
 import sys
 import time
 
@@ -112,6 +114,13 @@ async def main(args):
         "rss_after": after,
         "kib_per_client": f"{(after - before) / max(len(conns), 1):.2f}",
     }
+    if args.between:
+        # Something to happen while every client is idle (a takeover): the clients
+        # answered afterwards show whether they survived it.
+        between = subprocess.run(args.between, shell=True, capture_output=True, text=True)
+        if between.returncode != 0:
+            failures.append(RuntimeError(f"--between failed: {between.stderr.strip()}"))
+        line.update(kv.split("=", 1) for kv in between.stdout.split() if "=" in kv)
     if args.select and conns:
         answers = await asyncio.gather(
             *(select_one(r, w, args.timeout) for r, w in conns), return_exceptions=True
@@ -138,6 +147,11 @@ if __name__ == "__main__":
     parser.add_argument("--user", default="postgres")
     parser.add_argument("--database", default="postgres")
     parser.add_argument("--pid", type=int, required=True, help="the proxy's pid")
+    parser.add_argument(
+        "--between",
+        help="a shell command run while every client is logged in and idle, before "
+        "--select; its key=value output is added to the line",
+    )
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--select", action="store_true", help="then SELECT 1 on each")
