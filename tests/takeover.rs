@@ -29,8 +29,8 @@ struct Setup {
 }
 
 impl Setup {
-    /// With `sections` appended to the config.
-    async fn start_with(sections: Vec<String>) -> Setup {
+    /// With `top` lines at the config's top level and `sections` appended.
+    async fn start_with(top: &[&str], sections: Vec<String>) -> Setup {
         let cluster = support::app_cluster(0).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let options = EnvOptions {
@@ -38,13 +38,16 @@ impl Setup {
             pool_extra: vec!["shutdown_timeout = \"20s\"".into()],
             metrics: true,
             sections,
-            top_extra: vec![
-                "admin_users = [\"app\"]".into(),
+            top_extra: [
+                "admin_users = [\"app\"]".to_owned(),
                 format!(
                     "takeover_socket = {:?}",
                     dir.path().join("takeover.sock").display().to_string()
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(top.iter().map(|line| line.to_string()))
+            .collect(),
             ..EnvOptions::default()
         };
         let unix = dir.path().join(".s.PGSQL.6432");
@@ -64,8 +67,8 @@ impl Setup {
 
     /// Started, with a first pgrelay running on it (logging to `old.log`), and
     /// the address it listens on.
-    async fn running(sections: Vec<String>) -> (Setup, RelayProcess, SocketAddr) {
-        let setup = Setup::start_with(sections).await;
+    async fn running(top: &[&str], sections: Vec<String>) -> (Setup, RelayProcess, SocketAddr) {
+        let setup = Setup::start_with(top, sections).await;
         let mut old = setup.relay("old.log");
         let addr = old.addr();
         (setup, old, addr)
@@ -144,8 +147,18 @@ fn pgbench(addr: SocketAddr, args: &[&str]) -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
+    pgbench_through_a_takeover(&[]).await;
+}
+
+/// The same with sessions on two threads (a multi-thread runtime on both sides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_a_takeover_with_worker_threads() {
+    pgbench_through_a_takeover(&["worker_threads = 2"]).await;
+}
+
+async fn pgbench_through_a_takeover(top: &[&str]) {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
+    let (setup, mut old, addr) = Setup::running(top, Vec::new()).await;
     let init = pgbench(addr, &["-i", "-s", "1", "-q"])
         .output()
         .expect("pgbench -i");
@@ -216,7 +229,7 @@ async fn pgbench_runs_through_a_takeover_without_a_failed_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_keep_their_session_through_a_takeover() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
+    let (setup, mut old, addr) = Setup::running(&[], Vec::new()).await;
     let metrics = old.metrics_addr();
     let url = conn_string(addr, APP_DB);
 
@@ -420,7 +433,7 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
         pki.server.cert.display().to_string(),
         pki.server.key.display().to_string()
     );
-    let (setup, mut old, addr) = Setup::running(vec![tls]).await;
+    let (setup, mut old, addr) = Setup::running(&[], vec![tls]).await;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&pki.ca).expect("CA file") {
         roots.add(cert.expect("CA certificate")).expect("add CA");
@@ -478,7 +491,7 @@ async fn a_tls_client_is_told_to_reconnect_and_gets_the_new_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_dies_leaves_the_old_process_ending_as_in_a_shutdown() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (setup, mut old, addr) = Setup::running(Vec::new()).await;
+    let (setup, mut old, addr) = Setup::running(&[], Vec::new()).await;
     let busy = connect_str(&conn_string(addr, APP_DB))
         .await
         .expect("connect");
