@@ -69,6 +69,7 @@ struct StateGauges {
     fleet_instances: IntGauge,
     fleet_share: IntGauge,
     lease_held: IntGauge,
+    lease_enabled: IntGauge,
     node_up: IntGaugeVec,
     node_primary: IntGaugeVec,
     node_readable: IntGaugeVec,
@@ -114,6 +115,11 @@ impl StateGauges {
                 "1 while this instance holds the fleet's failover lease and runs the hooks",
             )
             .expect("valid metric"),
+            lease_enabled: IntGauge::new(
+                "pgrelay_failover_lease_enabled",
+                "1 when failover.lease names a lease (etcd): one instance of the fleet runs the hooks",
+            )
+            .expect("valid metric"),
             pool_waiting: gauge_vec(
                 "pgrelay_pool_waiting_clients",
                 "Clients waiting in each pool's queue for a server connection",
@@ -156,6 +162,7 @@ impl StateGauges {
             Box::new(self.fleet_instances.clone()),
             Box::new(self.fleet_share.clone()),
             Box::new(self.lease_held.clone()),
+            Box::new(self.lease_enabled.clone()),
             Box::new(self.node_up.clone()),
             Box::new(self.node_primary.clone()),
             Box::new(self.node_readable.clone()),
@@ -380,6 +387,10 @@ impl Metrics {
         gauges.fleet_instances.set(instances as i64);
         gauges.fleet_share.set(pools.limits().node_max() as i64);
         gauges.lease_held.set(i64::from(shared.lease.holds()));
+        let lease = shared.config.load().failover.lease;
+        gauges
+            .lease_enabled
+            .set(i64::from(lease != crate::config::LeaseKind::None));
         gauges.servers.reset();
         gauges.pool_servers.reset();
         gauges.pool_size.reset();
