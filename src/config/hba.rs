@@ -212,7 +212,18 @@ impl Cidr {
                 cidr.masked(network)
             ));
         }
-        Ok(cidr)
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) names IPv4 clients: clients are
+        // matched by their canonical address, so it is kept as the IPv4 range it is.
+        Ok(match network {
+            IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    network: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                },
+                None => cidr,
+            },
+            _ => cidr,
+        })
     }
 
     /// Whether `ip` is in this network. An IPv4 client seen on an IPv6 socket
@@ -286,6 +297,13 @@ mod tests {
         assert!(Cidr::parse("::/0")
             .expect("any v6")
             .contains(ip("2001:db8::1")));
+        // A rule written in IPv4-mapped form names the IPv4 clients it maps.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").expect("mapped range");
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains(ip("10.1.2.3")) && mapped.contains(ip("::ffff:10.1.2.3")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
+        let mapped_host = Cidr::parse("::ffff:127.0.0.1").expect("mapped host");
+        assert!(mapped_host.contains(ip("127.0.0.1")) && !mapped_host.contains(ip("127.0.0.2")));
     }
 
     #[test]
