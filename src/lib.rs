@@ -8,7 +8,7 @@
 //!
 //! | floor | module | owns |
 //! |------:|--------|------|
-//! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`demo`], [`import`]) |
+//! | 10 | `main.rs` | the CLI, logging, runtime, wiring (with [`shutdown`], [`service`], [`demo`], [`import`]) |
 //! |  9 | [`listener`] | accept loops (clients, the metrics/health HTTP listener), `max_client_conn`, a task per client (a session or the console), drain on shutdown; [`listener::Pgrelay`], a running instance |
 //! |  9 | [`takeover`] | `pgrelay run --takeover`: the takeover socket, listening sockets and clients passed to a new process with their session state |
 //! |  8 | [`control`] | the one place that acts on change: reload, apply, console operations (`PAUSE`, `KILL`, `DETACH`, `PROMOTE`...), the node transitions the cluster loops hand up |
@@ -55,6 +55,7 @@ pub mod pool;
 pub mod protocol;
 pub mod registry;
 pub mod router;
+pub mod service;
 pub mod session;
 pub mod shutdown;
 pub mod stream;

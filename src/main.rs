@@ -13,7 +13,7 @@ use pgrelay::config::{Config, ConfigError, LogFormat};
 use pgrelay::import::{InputFile, Source};
 use pgrelay::listener::{Inherited, Pgrelay};
 use pgrelay::shutdown::{Signal, Signals};
-use pgrelay::takeover;
+use pgrelay::{service, takeover};
 
 #[derive(Parser)]
 #[command(version, about = "PostgreSQL connection pooler and read/write router")]
@@ -188,6 +188,8 @@ fn ensure_port_free(port: u16) -> anyhow::Result<()> {
 
 async fn run(config: Config, path: Option<PathBuf>, takeover: bool) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
+    // Read now: after a package upgrade the path holds the new binary.
+    let relaunch = path.as_deref().map(service::Relaunch::new).transpose()?;
     let relay = if takeover {
         take_over(config).await?
     } else {
@@ -209,6 +211,7 @@ async fn run(config: Config, path: Option<PathBuf>, takeover: bool) -> anyhow::R
                 .with_context(|| format!("cannot listen on takeover_socket {}", socket.display()))
         })
         .transpose()?;
+    service::ready();
     // What ends the run: a signal (or the console's SHUTDOWN), or a new process
     // taking over.
     let end = {
@@ -232,6 +235,7 @@ async fn run(config: Config, path: Option<PathBuf>, takeover: bool) -> anyhow::R
                 }
                 Signal::Graceful => break End::Graceful,
                 Signal::Fast => break End::Fast,
+                Signal::Upgrade => upgrade(relaunch.as_ref(), successors.is_some()),
             }
         }
     };
@@ -239,16 +243,34 @@ async fn run(config: Config, path: Option<PathBuf>, takeover: bool) -> anyhow::R
     let drain = relay.shared.config.load().pool.shutdown_timeout;
     match end {
         End::Graceful => {
+            service::stopping();
             tracing::info!("shutting down: draining sessions");
             relay.shutdown(drain).await;
         }
         End::Fast => {
+            service::stopping();
             tracing::info!("SIGINT: exiting");
             relay.shutdown(Duration::ZERO).await;
         }
         End::TakenOver(successor) => relay.hand_over(successor, drain).await,
     }
     Ok(())
+}
+
+/// SIGUSR2: starts a successor that takes over through `takeover_socket`.
+fn upgrade(relaunch: Option<&service::Relaunch>, takeover_socket: bool) {
+    let Some(relaunch) = relaunch.filter(|_| takeover_socket) else {
+        tracing::warn!("SIGUSR2 asks for a takeover, which needs takeover_socket in the config");
+        return;
+    };
+    match relaunch.start() {
+        Ok(pid) => {
+            tracing::info!(pid, exe = %relaunch.exe.display(), "SIGUSR2: started a successor to take over")
+        }
+        Err(err) => {
+            tracing::warn!(%err, exe = %relaunch.exe.display(), "SIGUSR2: could not start a successor")
+        }
+    }
 }
 
 /// How a run ends.
@@ -320,7 +342,7 @@ fn demo(port: u16) -> anyhow::Result<()> {
         );
         // Ctrl-C or SIGTERM (as from `timeout` or a service manager) both clean up.
         let mut signals = Signals::new()?;
-        while signals.next().await == Signal::Reload {}
+        while matches!(signals.next().await, Signal::Reload | Signal::Upgrade) {}
         println!("stopping...");
         relay.shutdown(Duration::from_secs(2)).await;
         anyhow::Ok(())

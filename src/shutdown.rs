@@ -1,5 +1,6 @@
 //! Process signals: SIGHUP reloads the config, SIGTERM drains gracefully (stop
-//! accepting, let sessions finish up to `shutdown_timeout`), SIGINT exits fast.
+//! accepting, let sessions finish up to `shutdown_timeout`), SIGINT exits fast, SIGUSR2
+//! starts a successor that takes over (`takeover_socket`, see [`crate::service`]).
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -9,6 +10,7 @@ pub enum Signal {
     Reload,
     Graceful,
     Fast,
+    Upgrade,
 }
 
 /// The signal streams, registered once: a signal that arrives while the previous one
@@ -17,6 +19,7 @@ pub struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -25,6 +28,7 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -34,6 +38,7 @@ impl Signals {
             _ = self.hup.recv() => Signal::Reload,
             _ = self.term.recv() => Signal::Graceful,
             _ = self.int.recv() => Signal::Fast,
+            _ = self.usr2.recv() => Signal::Upgrade,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The container image and the Kubernetes manifests under `conf/`, checked offline.
+//! The container image, the Kubernetes manifests and the systemd unit under `conf/`,
+//! checked offline.
 //! The Dockerfile must stay a multi-stage build of a non-root image whose command the
 //! real binary accepts, stopped with SIGTERM; every kustomization under
 //! `conf/kubernetes/` must render, validate against the Kubernetes API's schemas and
@@ -300,4 +301,41 @@ fn kubernetes_manifests_validate_offline() {
         );
     }
     print!("{stdout}");
+}
+
+/// `conf/systemd/pgrelay.service` passes `systemd-analyze verify` (with ExecStart
+/// pointed at the binary cargo built), is a notify service that lets the process
+/// that takes over report itself, and starts what the binary accepts.
+#[test]
+fn systemd_unit_verifies_and_allows_a_takeover() {
+    let analyze = needs::program("systemd-analyze");
+    let text = std::fs::read_to_string(conf("systemd/pgrelay.service")).expect("the unit");
+    for line in [
+        "Type=notify",
+        "NotifyAccess=all",
+        "KillMode=mixed",
+        "RuntimeDirectoryPreserve=yes",
+    ] {
+        assert!(text.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(args[..3], ["/usr/bin/pgrelay", "run", "-c"], "{exec}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join("pgrelay.service");
+    std::fs::write(&unit, text.replace("/usr/bin/pgrelay", BIN)).expect("write the unit");
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("run systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }

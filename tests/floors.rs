@@ -31,6 +31,7 @@ const FLOORS: &[(&str, u8)] = &[
     // in-memory pipes, and `pgrelay import`'s translators of PgBouncer and Pgpool-II
     // files (text in, text out, checked with `config`).
     ("shutdown", 10),
+    ("service", 10),
     ("demo", 10),
     ("fuzzing", 10),
     ("benching", 10),

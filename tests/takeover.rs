@@ -518,3 +518,70 @@ async fn a_successor_that_dies_leaves_the_old_process_ending_as_in_a_shutdown() 
         .expect("psql");
     assert_eq!(count.trim(), "2");
 }
+
+/// Under a service manager (`Type=notify`, conf/systemd/pgrelay.service): pgrelay
+/// reports itself ready with its pid; SIGUSR2 makes it start its own successor,
+/// which takes over and reports that it is the main process now; the old process
+/// exits and the client goes on with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_a_successor_that_tells_the_service_manager() {
+    use std::os::unix::net::UnixDatagram;
+
+    /// The successor is not this test's child: it is stopped by pid.
+    struct Successor(Option<i32>);
+    impl Drop for Successor {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let setup = Setup::start_with(&[], Vec::new()).await;
+    let notify_path = setup.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let next_message = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notify message in 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let env = [("NOTIFY_SOCKET", notify_path.to_str().expect("utf-8 path"))];
+    let log = setup.dir.path().join("old.log");
+    let mut old = RelayProcess::spawn_env(&setup.config, log, &[], &env);
+    let addr = old.addr();
+    let ready = tokio::task::block_in_place(next_message);
+    assert_eq!(ready, format!("MAINPID={}\nREADY=1", old.pid()));
+
+    let client = connect_str(&conn_string(addr, APP_DB))
+        .await
+        .expect("connect");
+    let statement = client.prepare("SELECT $1::int * 2").await.expect("prepare");
+    old.send(nix::sys::signal::Signal::SIGUSR2);
+    let announced = tokio::task::block_in_place(next_message);
+    let pid: i32 = announced
+        .strip_prefix("MAINPID=")
+        .and_then(|rest| rest.strip_suffix("\nREADY=1"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{announced:?}"));
+    let _successor = Successor(Some(pid));
+    assert_ne!(pid, old.pid() as i32);
+    handed_over(&mut old, 1);
+    let row = client.query_one(&statement, &[&21i32]).await.expect("run");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // The old process's output has the successor's lines too (it inherited it).
+    let text = old.log_text();
+    assert!(
+        text.contains("SIGUSR2: started a successor to take over"),
+        "{text}"
+    );
+    assert!(
+        text.contains("took over the running pgrelay's sockets"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+}

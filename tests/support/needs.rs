@@ -16,6 +16,7 @@ fn package_of(program: &str) -> &'static str {
         "psql" | "pgbench" => "postgresql-client",
         "pgbouncer" => "pgbouncer",
         "promtool" => "prometheus",
+        "systemd-analyze" => "systemd",
         _ => "postgresql",
     }
 }

@@ -21,11 +21,22 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `pgrelay run -c config` with `extra` arguments, logging to `log`.
     pub fn spawn(config: &Path, log: PathBuf, extra: &[&str]) -> RelayProcess {
+        RelayProcess::spawn_env(config, log, extra, &[])
+    }
+
+    /// [`RelayProcess::spawn`] with `env` added to its environment.
+    pub fn spawn_env(
+        config: &Path,
+        log: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
         let out = File::create(&log).expect("create the log");
         let child = Command::new(BIN)
             .args(["run", "-c"])
             .arg(config)
             .args(extra)
+            .envs(env.iter().copied())
             .env("PGRELAY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log handle"))
