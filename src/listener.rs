@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::cancel::CancelHandle;
 use crate::cluster::{health, lag, lease, patroni};
 use crate::config::{Config, ConfigError, Endpoint, ListenAddr};
+use crate::pool::server::ServerState;
 use crate::session::handover::{SessionState, Transfer};
 use crate::session::LoggedIn;
 use crate::stream::Stream;
@@ -266,7 +267,7 @@ impl Pgrelay {
         self.shared.cancel.forward_reserved_to(cancels);
         let forwarding = tokio::spawn(predecessor.forward_cancels(cancelled));
         tokio::spawn(async move {
-            let mut received = 0u64;
+            let (mut received, mut servers) = (0u64, 0u64);
             loop {
                 match predecessor.next().await {
                     Ok(Some(Handed::Client(state, fd))) => {
@@ -274,9 +275,15 @@ impl Pgrelay {
                         let key = reserved.remove(&state.pid);
                         admit_handed(&shared, &sessions, *state, fd, key);
                     }
+                    Ok(Some(Handed::Server(state, fd))) => {
+                        if adopt_server(&shared, &state, fd) {
+                            servers += 1;
+                        }
+                    }
                     Ok(Some(Handed::Done { left })) => {
                         tracing::info!(
                             received,
+                            servers,
                             left,
                             "the previous process handed over its clients and is done"
                         );
@@ -307,6 +314,25 @@ impl Pgrelay {
     /// says it is done. The sockets' files stay: they are the successor's now.
     pub async fn hand_over(self, mut successor: Successor, drain: Duration) {
         tracing::info!(pid = successor.pid, "handing over to a new process");
+        // Idle servers go first, so that the successor's pools have them before its
+        // clients need servers; the others close as they come back here, so that the
+        // two processes together stay near one process's pool sizes.
+        let mut servers = 0u64;
+        for pool in self.shared.pools.all() {
+            for server in pool.hand_over_idle() {
+                match server.hand_over(&pool.target, &pool.key.database) {
+                    Ok(Some((state, fd))) => match successor.send_server(fd, state).await {
+                        Ok(()) => servers += 1,
+                        Err(err) => tracing::warn!(%err, "an idle server could not be handed over"),
+                    },
+                    Ok(None) => {}
+                    Err(server) => {
+                        tokio::spawn(server.terminate());
+                    }
+                }
+            }
+        }
+        tracing::info!(servers, "idle servers handed over");
         let (outbox, mut inbox) = tokio::sync::mpsc::unbounded_channel::<Transfer>();
         let _ = self.shared.handover.set(outbox);
         let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
@@ -368,12 +394,6 @@ impl Pgrelay {
         });
         // The successor answers probes and metrics from now on.
         let _ = self.stopped.send(true);
-        // The successor opens servers as the clients arrive: this process closes its
-        // own as they leave (idle ones now, the others when released), so that the
-        // two together stay near one process's pool sizes.
-        for pool in self.shared.pools.all() {
-            pool.retire();
-        }
         let left = self.drain(drain).await;
         let _ = finished.send(());
         if let Ok((successor, sent)) = writer.await {
@@ -607,6 +627,43 @@ fn admit_handed(
         session::handover::resume(shared, stream, state, key).await;
         drop(slot);
     });
+}
+
+/// Takes an idle server the previous process handed over into the pool of its node,
+/// database and user, if this config has them and the pool has room. Returns whether
+/// it was taken (else it is closed).
+fn adopt_server(shared: &Shared, state: &ServerState, fd: OwnedFd) -> bool {
+    let tcp = std::net::TcpStream::from(fd);
+    let tcp = match tcp
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+    {
+        Ok(tcp) => tcp,
+        Err(err) => {
+            tracing::warn!(%err, "a server handed over could not be taken");
+            return false;
+        }
+    };
+    let server = Box::new(pool::server::Server::adopted(state, tcp));
+    let node = {
+        let topology = shared.cluster.load();
+        let same = |n: &crate::cluster::NodeState| n.host == state.host && n.port == state.port;
+        topology.nodes.iter().position(same)
+    };
+    let config = shared.config.load_full();
+    let pool = node.and_then(|node| {
+        shared
+            .node_pool(&config, node, &state.database, &state.user)
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.adopt(server),
+        None => {
+            tracing::info!(host = %state.host, port = state.port, database = %state.database, user = %state.user, "a server handed over has no pool here; it is closed");
+            tokio::spawn(server.terminate());
+            false
+        }
+    }
 }
 
 /// A client's login, boxed: its future is large and done with once the client is in,

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::pool::server::ServerState;
 use crate::session::handover::SessionState;
 
 /// The version of the exchange; both sides must speak the same.
@@ -85,6 +86,8 @@ enum Message {
     Done {
         left: usize,
     },
+    /// Its descriptor: an idle server's socket.
+    Server(Box<ServerState>),
     /// From the successor: a CancelRequest for a client still on the old process.
     Cancel {
         pid: i32,
@@ -345,6 +348,12 @@ impl Successor {
         self.channel.send(&message, &[fd.as_fd()]).await
     }
 
+    /// Hands an idle server over: its socket and its state.
+    pub async fn send_server(&mut self, fd: OwnedFd, state: ServerState) -> io::Result<()> {
+        let message = Message::Server(Box::new(state));
+        self.channel.send(&message, &[fd.as_fd()]).await
+    }
+
     /// Says this process is done handing over (`left` clients ended here).
     pub async fn done(mut self, left: usize) -> io::Result<()> {
         self.channel.send(&Message::Done { left }, &[]).await
@@ -378,6 +387,7 @@ pub struct Predecessor {
 /// What a predecessor sends after the successor said it is ready.
 pub enum Handed {
     Client(Box<SessionState>, OwnedFd),
+    Server(Box<ServerState>, OwnedFd),
     /// It is done: `left` clients ended there.
     Done {
         left: usize,
@@ -469,6 +479,13 @@ impl Predecessor {
                         continue;
                     };
                     Some(Handed::Client(state, fd))
+                }
+                Some((Message::Server(state), fds)) => {
+                    let Some(fd) = fds.into_iter().next() else {
+                        tracing::warn!("a server was handed over without its socket");
+                        continue;
+                    };
+                    Some(Handed::Server(state, fd))
                 }
                 Some((Message::Done { left }, _)) => Some(Handed::Done { left }),
                 Some((other, _)) => {

@@ -585,3 +585,66 @@ async fn sigusr2_starts_a_successor_that_tells_the_service_manager() {
     );
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// The old process's idle server connections move too: the new one serves the
+/// clients on the same PostgreSQL backends, and opens none of its own for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_servers_move_with_the_takeover() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (setup, mut old, addr) = Setup::running(&[], Vec::new()).await;
+    let port = setup.cluster.ports()[0];
+    let backends = || {
+        setup
+            .cluster
+            .psql(
+                port,
+                "postgres",
+                "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity \
+                 WHERE usename = 'app' AND backend_type = 'client backend'",
+            )
+            .expect("psql")
+            .trim()
+            .to_owned()
+    };
+    // Three clients at once in a transaction: three servers, idle once they commit.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            connect_str(&conn_string(addr, APP_DB))
+                .await
+                .expect("connect"),
+        );
+    }
+    for client in &clients {
+        client
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("begin");
+    }
+    for client in &clients {
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
+    let before = tokio::task::block_in_place(backends);
+    assert_eq!(before.split(',').count(), 3, "{before}");
+
+    let new = setup.take_over("new.log");
+    handed_over(&mut old, 3);
+    for client in &clients {
+        client
+            .batch_execute("BEGIN; SELECT 2")
+            .await
+            .expect("begin");
+    }
+    for client in &clients {
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
+    let after = tokio::task::block_in_place(backends);
+    assert_eq!(after, before, "the new process opened servers of its own");
+    let done = new
+        .log_text()
+        .lines()
+        .find(|l| l.contains("handed over its clients and is done"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(done.contains("servers=3"), "{}", new.log_text());
+}

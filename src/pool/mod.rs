@@ -483,6 +483,34 @@ impl Pool {
         }
     }
 
+    /// Takes the idle servers out of the pool, uncounted, for a process taking over:
+    /// the others close as they come back (the pool is retired).
+    pub fn hand_over_idle(self: &Arc<Self>) -> Vec<Box<Server>> {
+        let idle = {
+            let mut inner = self.lock();
+            let idle = std::mem::take(&mut inner.idle);
+            for _ in &idle {
+                self.unreserve(&mut inner);
+            }
+            idle
+        };
+        self.retire();
+        idle
+    }
+
+    /// Takes an idle server another process handed over, if the pool has room (else
+    /// it is closed). Returns whether it was taken.
+    pub fn adopt(self: &Arc<Self>, mut server: Box<Server>) -> bool {
+        let reserved = self.reserve(&mut self.lock()) == Room::Reserved;
+        if !reserved {
+            close_later(server);
+            return false;
+        }
+        server.epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        self.give_back(server);
+        true
+    }
+
     /// Closes every idle server (before `DROP DATABASE` of this pool's database).
     pub fn close_idle(self: &Arc<Self>) -> usize {
         let idle: Vec<Box<Server>> = std::mem::take(&mut self.lock().idle);

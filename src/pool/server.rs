@@ -625,6 +625,105 @@ fn server_key(body: &[u8]) -> Result<(i32, i32), ServerError> {
     }
 }
 
+/// An idle server handed to another pgrelay process (`pgrelay run --takeover`) with
+/// its socket: what the process taking it needs to go on with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServerState {
+    /// Its node, as the config names it.
+    pub host: String,
+    pub port: u16,
+    /// The pool it belongs to: the client-facing database name and the user.
+    pub database: String,
+    pub user: String,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+    /// Its parameter set: `(name, value, reported)`.
+    pub params: Vec<(String, String, bool)>,
+    /// The statements pgrelay prepared on it (their ids, in hex).
+    pub statements: Vec<String>,
+    /// How long it has been open, in ms (for `server_lifetime`).
+    pub age_ms: u64,
+}
+
+impl Server {
+    /// What another process needs to take this idle server over, with the socket
+    /// to pass; the server back for one it cannot take (TLS: its keys live here).
+    /// `Ok(None)`: the socket could not be taken from the runtime (it is closed).
+    pub fn hand_over(
+        self: Box<Self>,
+        target: &ServerTarget,
+        database: &str,
+    ) -> Result<Option<(ServerState, std::os::fd::OwnedFd)>, Box<Server>> {
+        if !matches!(self.conn.get_ref(), Stream::Plain(_)) || self.conn.rbuf_len() != 0 {
+            return Err(self);
+        }
+        let Server {
+            conn,
+            addr,
+            pid,
+            secret,
+            params,
+            created,
+            statements,
+            ..
+        } = *self;
+        let state = ServerState {
+            host: target.host.clone(),
+            port: target.port,
+            database: database.to_owned(),
+            user: target.user.clone(),
+            addr,
+            pid,
+            secret,
+            params: params
+                .entries()
+                .map(|(n, v, r)| (n.to_owned(), v.to_owned(), r))
+                .collect(),
+            statements: statements.ids().map(|id| format!("{id:032x}")).collect(),
+            age_ms: u64::try_from(created.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        let Stream::Plain(tcp) = conn.into_io() else {
+            // Checked above.
+            return Ok(None);
+        };
+        match tcp.into_std() {
+            Ok(tcp) => Ok(Some((state, tcp.into()))),
+            Err(err) => {
+                tracing::warn!(%err, "an idle server could not be handed over; it is closed");
+                Ok(None)
+            }
+        }
+    }
+
+    /// An idle server another process handed over, on `tcp`.
+    pub fn adopted(state: &ServerState, tcp: TcpStream) -> Server {
+        let now = Instant::now();
+        let age = Duration::from_millis(state.age_ms);
+        Server {
+            conn: Conn::new(Stream::Plain(tcp)),
+            addr: state.addr,
+            pid: state.pid,
+            secret: state.secret,
+            params: ParamSet::from_entries(
+                state
+                    .params
+                    .iter()
+                    .map(|(n, v, r)| (n.as_str(), v.as_str(), *r)),
+            ),
+            created: now.checked_sub(age).unwrap_or(now),
+            idle_since: now,
+            statements: ServerStatements::from_ids(
+                state
+                    .statements
+                    .iter()
+                    .filter_map(|hex| u128::from_str_radix(hex, 16).ok()),
+            ),
+            epoch: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

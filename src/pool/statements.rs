@@ -50,6 +50,21 @@ impl ServerStatements {
     }
 
     /// The server dropped every statement (`DISCARD ALL`, `DEALLOCATE ALL`).
+    /// The statements it has, for another process taking the server over.
+    pub fn ids(&self) -> impl Iterator<Item = u128> + '_ {
+        self.last_use.keys().copied()
+    }
+
+    /// A server's statements as [`ServerStatements::ids`] listed them.
+    pub fn from_ids(ids: impl IntoIterator<Item = u128>) -> ServerStatements {
+        let mut statements = ServerStatements::default();
+        for id in ids {
+            statements.tick += 1;
+            statements.last_use.insert(id, statements.tick);
+        }
+        statements
+    }
+
     pub fn clear(&mut self) {
         self.last_use.clear();
     }
