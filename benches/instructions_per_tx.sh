@@ -12,26 +12,17 @@
 # port in a temp dir (as `postgres` when run as root).
 set -euo pipefail
 [ $# -gt 0 ] || { echo "usage: $0 PGRELAY_BINARY..."; exit 1; }
-BINDIR=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+. "$(dirname "$0")/common.sh"
 N1=${N1:-500}
 N2=${N2:-2500}
 MODE=${MODE:-simple}
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 WORK=$(mktemp -d /tmp/pgrelay-instructions.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 PG_PORT=$(free_port)
 RELAY_PORT=$(free_port)
-cleanup() { as_pg "$BINDIR/pg_ctl" -D "$WORK/data" stop -m immediate >/dev/null 2>&1 || true; rm -rf "$WORK"; }
+cleanup() { stop_postgres "$WORK"; rm -rf "$WORK"; }
 trap cleanup EXIT
-as_pg "$BINDIR/initdb" -D "$WORK/data" -A trust -U postgres >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-CONF
-as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" start -w >/dev/null
-"$BINDIR/pgbench" -i -s 1 -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
+start_postgres "$WORK" "$PG_PORT"
 cat > "$WORK/relay.toml" <<TOML
 listen = ["127.0.0.1:$RELAY_PORT"]
 metrics_listen = ""

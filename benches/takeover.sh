@@ -15,23 +15,19 @@ set -euo pipefail
 CLIENTS=${CLIENTS:-2000}
 DURATION=${DURATION:-20}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BINDIR=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
-[ -x "$BINDIR/initdb" ] || { echo "PostgreSQL binaries not found (set PG_BINDIR)"; exit 1; }
+. "$ROOT/benches/common.sh"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((CLIENTS * 2 + 500)) ]; then
   echo "open-files limit $(ulimit -n) is too low for $CLIENTS clients"; exit 1
 fi
 
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now_ms() { date +%s%3N; }
 
 WORK=$(mktemp -d /tmp/pgrelay-takeover.XXXXXX)
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 PG_PORT=$(free_port); RELAY_PORT=$(free_port)
 cleanup() {
   pkill -f "$WORK/pgrelay.toml" 2>/dev/null || true
-  as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  stop_postgres "$WORK"
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -40,17 +36,7 @@ echo "building pgrelay (release)..."
 (cd "$ROOT" && cargo build --release --quiet)
 BIN=$ROOT/target/release/pgrelay
 
-as_pg "$BINDIR/initdb" -D "$WORK/data" -U postgres --auth=trust --no-sync >/dev/null
-cat >> "$WORK/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK'
-max_connections = 200
-fsync = off
-synchronous_commit = off
-CONF
-as_pg "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
-"$BINDIR/pgbench" -i -s 1 -q -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >/dev/null 2>&1
+start_postgres "$WORK" "$PG_PORT" "max_connections = 200" "fsync = off" "synchronous_commit = off"
 
 cat > "$WORK/pgrelay.toml" <<CONF
 listen = ["127.0.0.1:$RELAY_PORT"]
