@@ -314,9 +314,32 @@ impl Pgrelay {
     /// says it is done. The sockets' files stay: they are the successor's now.
     pub async fn hand_over(self, mut successor: Successor, drain: Duration) {
         tracing::info!(pid = successor.pid, "handing over to a new process");
-        // Idle servers go first, so that the successor's pools have them before its
-        // clients need servers; the others close as they come back here, so that the
-        // two processes together stay near one process's pool sizes.
+        self.hand_over_idle_servers(&mut successor).await;
+        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel::<Transfer>();
+        let _ = self.shared.handover.set(outbox);
+        let (finished, finish) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(hand_over_clients(
+            successor,
+            inbox,
+            finish,
+            self.shared.clone(),
+        ));
+        // The successor answers probes and metrics from now on.
+        let _ = self.stopped.send(true);
+        let left = self.drain(drain).await;
+        let _ = finished.send(());
+        if let Ok((successor, sent)) = writer.await {
+            tracing::info!(handed_over = sent, left, "takeover done; exiting");
+            if let Err(err) = successor.done(left).await {
+                tracing::warn!(%err, "could not tell the new process the takeover is done");
+            }
+        }
+    }
+
+    /// Idle servers go first, so that the successor's pools have them before its
+    /// clients need servers; the others close as they come back here, so that the
+    /// two processes together stay near one process's pool sizes.
+    async fn hand_over_idle_servers(&self, successor: &mut Successor) {
         let mut servers = 0u64;
         for pool in self.shared.pools.all() {
             for server in pool.hand_over_idle() {
@@ -333,75 +356,6 @@ impl Pgrelay {
             }
         }
         tracing::info!(servers, "idle servers handed over");
-        let (outbox, mut inbox) = tokio::sync::mpsc::unbounded_channel::<Transfer>();
-        let _ = self.shared.handover.set(outbox);
-        let (finished, mut finish) = tokio::sync::oneshot::channel::<()>();
-        let shared = self.shared.clone();
-        let writer = tokio::spawn(async move {
-            let mut sent = 0u64;
-            let mut send = async |successor: &mut Successor, transfer: Transfer| {
-                let handed = successor.send_client(transfer.fd, transfer.state).await;
-                match &handed {
-                    Ok(()) => sent += 1,
-                    Err(err) => {
-                        tracing::warn!(%err, "a client could not be handed over; it is closed")
-                    }
-                }
-                handed.is_ok()
-            };
-            loop {
-                tokio::select! {
-                    transfer = inbox.recv() => match transfer {
-                        Some(transfer) => {
-                            if !send(&mut successor, transfer).await {
-                                // The rest are told to go as in a shutdown.
-                                tracing::warn!("the new process is gone: clients still here end as in a shutdown");
-                                inbox.close();
-                                break;
-                            }
-                        }
-                        None => break,
-                    },
-                    cancel = successor.next_cancel() => match cancel {
-                        Some((pid, secret)) => {
-                            // The client is still here: it is cancelled as if the
-                            // request had come to this process.
-                            let shared = shared.clone();
-                            tokio::spawn(async move {
-                                let config = shared.config.load_full();
-                                shared.cancel.cancel_request(pid, &secret, true, &config).await;
-                            });
-                        }
-                        None => {
-                            // It closed the takeover socket before this process was
-                            // done: it is gone.
-                            tracing::warn!("the new process is gone: clients still here end as in a shutdown");
-                            inbox.close();
-                            break;
-                        }
-                    },
-                    _ = &mut finish => {
-                        while let Ok(transfer) = inbox.try_recv() {
-                            if !send(&mut successor, transfer).await {
-                                break;
-                            }
-                        }
-                        break;
-                    }
-                }
-            }
-            (successor, sent)
-        });
-        // The successor answers probes and metrics from now on.
-        let _ = self.stopped.send(true);
-        let left = self.drain(drain).await;
-        let _ = finished.send(());
-        if let Ok((successor, sent)) = writer.await {
-            tracing::info!(handed_over = sent, left, "takeover done; exiting");
-            if let Err(err) = successor.done(left).await {
-                tracing::warn!(%err, "could not tell the new process the takeover is done");
-            }
-        }
     }
 
     /// Re-reads the config file at `path` (and remembers it for `RELOAD`); an invalid
@@ -476,6 +430,72 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// The old process's side of a takeover: sends each client handed to `inbox` to
+/// `successor`, and passes on the cancels it sends for clients still here, until
+/// `finish` (the drain is over) or the successor is gone (then `inbox` is closed,
+/// and the clients still here end as in a shutdown). Returns the successor and how
+/// many clients went.
+async fn hand_over_clients(
+    mut successor: Successor,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Transfer>,
+    mut finish: tokio::sync::oneshot::Receiver<()>,
+    shared: Arc<Shared>,
+) -> (Successor, u64) {
+    let mut sent = 0u64;
+    let mut send = async |successor: &mut Successor, transfer: Transfer| {
+        let handed = successor.send_client(transfer.fd, transfer.state).await;
+        match &handed {
+            Ok(()) => sent += 1,
+            Err(err) => {
+                tracing::warn!(%err, "a client could not be handed over; it is closed")
+            }
+        }
+        handed.is_ok()
+    };
+    loop {
+        tokio::select! {
+            transfer = inbox.recv() => match transfer {
+                Some(transfer) => {
+                    if !send(&mut successor, transfer).await {
+                        // The rest are told to go as in a shutdown.
+                        tracing::warn!("the new process is gone: clients still here end as in a shutdown");
+                        inbox.close();
+                        break;
+                    }
+                }
+                None => break,
+            },
+            cancel = successor.next_cancel() => match cancel {
+                Some((pid, secret)) => {
+                    // The client is still here: it is cancelled as if the
+                    // request had come to this process.
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let config = shared.config.load_full();
+                        shared.cancel.cancel_request(pid, &secret, true, &config).await;
+                    });
+                }
+                None => {
+                    // It closed the takeover socket before this process was
+                    // done: it is gone.
+                    tracing::warn!("the new process is gone: clients still here end as in a shutdown");
+                    inbox.close();
+                    break;
+                }
+            },
+            _ = &mut finish => {
+                while let Ok(transfer) = inbox.try_recv() {
+                    if !send(&mut successor, transfer).await {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    (successor, sent)
 }
 
 /// What an accept loop needs of the instance.
