@@ -27,3 +27,24 @@ start_postgres() {
 stop_postgres() {
   as_pg "$BINDIR/pg_ctl" -D "$1/data" -m immediate stop >/dev/null 2>&1 || true
 }
+
+# relay_config FILE RELAY_PORT PG_PORT TOP POOL: a pgrelay config in FILE listening on
+# 127.0.0.1:RELAY_PORT in front of the server on PG_PORT, trust auth for `postgres`,
+# transaction mode; TOP and POOL are extra lines for the top level and for [pool].
+relay_config() {
+  cat > "$1" <<TOML
+listen = ["127.0.0.1:$2"]
+metrics_listen = ""
+auth_type = "trust"
+$4
+[pool]
+mode = "transaction"
+$5
+[[backends]]
+host = "127.0.0.1"
+port = $3
+[[users]]
+name = "postgres"
+password = "unused-with-trust"
+TOML
+}

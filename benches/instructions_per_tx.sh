@@ -23,21 +23,7 @@ RELAY_PORT=$(free_port)
 cleanup() { stop_postgres "$WORK"; rm -rf "$WORK"; }
 trap cleanup EXIT
 start_postgres "$WORK" "$PG_PORT"
-cat > "$WORK/relay.toml" <<TOML
-listen = ["127.0.0.1:$RELAY_PORT"]
-metrics_listen = ""
-worker_threads = 1
-auth_type = "trust"
-[pool]
-mode = "transaction"
-default_pool_size = 2
-[[backends]]
-host = "127.0.0.1"
-port = $PG_PORT
-[[users]]
-name = "postgres"
-password = "unused-with-trust"
-TOML
+relay_config "$WORK/relay.toml" "$RELAY_PORT" "$PG_PORT" "worker_threads = 1" "default_pool_size = 2"
 # instructions BINARY N: callgrind's total for N transactions (and pgrelay's start).
 instructions() {
   local out="$WORK/callgrind.$2"

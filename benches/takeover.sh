@@ -38,22 +38,10 @@ BIN=$ROOT/target/release/pgrelay
 
 start_postgres "$WORK" "$PG_PORT" "max_connections = 200" "fsync = off" "synchronous_commit = off"
 
-cat > "$WORK/pgrelay.toml" <<CONF
-listen = ["127.0.0.1:$RELAY_PORT"]
-metrics_listen = ""
-auth_type = "trust"
-takeover_socket = "$WORK/takeover.sock"
-[pool]
-mode = "transaction"
-default_pool_size = 20
-max_client_conn = $((CLIENTS + 100))
-[[backends]]
-host = "127.0.0.1"
-port = $PG_PORT
-[[users]]
-name = "postgres"
-password = "unused-with-trust"
-CONF
+relay_config "$WORK/pgrelay.toml" "$RELAY_PORT" "$PG_PORT" \
+  "takeover_socket = \"$WORK/takeover.sock\"" \
+  "default_pool_size = 20
+max_client_conn = $((CLIENTS + 100))"
 
 "$BIN" run -c "$WORK/pgrelay.toml" > "$WORK/old.log" 2>&1 &
 OLD_PID=$!
