@@ -5,12 +5,19 @@
 //!
 //! Every async method says whether it is cancel safe, because the session loop selects
 //! over a client and a server. The relay itself uses the `poll_*` methods directly.
+//!
+//! [`FdSocket`] is the takeover socket's transport: a Unix stream whose bytes carry
+//! file descriptors (SCM_RIGHTS), for `pgrelay run --takeover`.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -402,6 +409,97 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn shutdown(&mut self) {
         let _ = self.io.shutdown().await;
     }
+}
+
+/// The most descriptors one write passes ([`FdSocket::write_all_with_fds`]).
+pub const MAX_PASSED_FDS: usize = 64;
+
+/// A Unix stream socket whose bytes may carry file descriptors: the takeover socket.
+/// Clones share the socket, so that one task may read while another writes.
+#[derive(Clone)]
+pub struct FdSocket(std::sync::Arc<UnixStream>);
+
+impl FdSocket {
+    pub fn new(socket: UnixStream) -> FdSocket {
+        FdSocket(std::sync::Arc::new(socket))
+    }
+
+    /// Writes all of `bytes`, `fds` riding on the first one. Not cancel safe: a write
+    /// cut short leaves part of `bytes` sent.
+    pub async fn write_all_with_fds(
+        &self,
+        bytes: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        let socket = &self.0;
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let with_fds = if sent == 0 { fds } else { &[] };
+            let rest = &bytes[sent..];
+            sent += socket
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    send_some(socket.as_fd(), rest, with_fds)
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived into `buf` and the descriptors that came with it onto
+    /// `fds`; 0 when the other side closed. Cancel safe: nothing is taken from the
+    /// socket unless it returns.
+    pub async fn read_with_fds(
+        &self,
+        buf: &mut [u8],
+        fds: &mut std::collections::VecDeque<std::os::fd::OwnedFd>,
+    ) -> io::Result<usize> {
+        use std::os::fd::AsFd;
+        let socket = &self.0;
+        socket
+            .async_io(tokio::io::Interest::READABLE, || {
+                recv_some(socket.as_fd(), buf, fds)
+            })
+            .await
+    }
+}
+
+fn send_some(
+    socket: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let mut space =
+        [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_PASSED_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("too many descriptors for one write"));
+    }
+    let iov = [IoSlice::new(bytes)];
+    Ok(rustix::net::sendmsg(
+        socket,
+        &iov,
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+fn recv_some(
+    socket: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut std::collections::VecDeque<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    let mut space =
+        [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_PASSED_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let received = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok(received.bytes)
 }
 
 #[cfg(test)]

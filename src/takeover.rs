@@ -16,36 +16,50 @@
 //! matched to frames in order.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::mem::MaybeUninit;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
-};
 use serde::{Deserialize, Serialize};
-use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::pool::server::ServerState;
 use crate::session::handover::SessionState;
+use crate::stream::{FdSocket, MAX_PASSED_FDS};
 
 /// The version of the exchange; both sides must speak the same.
 const VERSION: u32 = 1;
 
-/// The most descriptors one frame carries: every listener of a config.
-const MAX_FDS: usize = 64;
+/// A frame's header: its JSON length (u32) and how many descriptors ride on it (u16).
+const HEADER: usize = 6;
 
 /// A frame's JSON may not be longer: a session's state with its statements fits.
 const MAX_FRAME: usize = 64 << 20;
 
 /// How long the new process may take to start on the sockets it was offered.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a takeover did not happen or broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no pgrelay to take over at {}: {source}", path.display())]
+    NoPredecessor { path: PathBuf, source: io::Error },
+    #[error("takeover refused: {0}")]
+    Refused(String),
+    #[error("takeover socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("takeover message: {0}")]
+    Message(#[from] serde_json::Error),
+    #[error("takeover frame of {len} bytes and {fds} descriptors is over the limits")]
+    TooLarge { len: usize, fds: usize },
+    /// The other side sent something else than the exchange expects, or closed.
+    #[error("takeover: {0}")]
+    Unexpected(&'static str),
+    #[error("takeover: {0} in time")]
+    TimedOut(&'static str),
+}
 
 /// A listening socket handed over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,130 +112,81 @@ enum Message {
 /// One end of the takeover socket: frames in and out, descriptors with them.
 struct Channel {
     /// Shared with a [`Sender`]: one task may read while another writes.
-    stream: Arc<UnixStream>,
+    socket: FdSocket,
     rbuf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
 }
 
 /// The writing side of a [`Channel`], for another task.
-struct Sender(Arc<UnixStream>);
+struct Sender(FdSocket);
 
 impl Sender {
-    async fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    async fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), TakeoverError> {
         send_frame(&self.0, message, fds).await
     }
 }
 
+/// Writes `message` as a frame, `fds` with it. Not cancel safe: a frame cut short
+/// leaves the channel unusable.
 async fn send_frame(
-    stream: &UnixStream,
+    socket: &FdSocket,
     message: &Message,
     fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
-    let json = serde_json::to_vec(message).map_err(io::Error::other)?;
-    let mut frame = Vec::with_capacity(6 + json.len());
+) -> Result<(), TakeoverError> {
+    let json = serde_json::to_vec(message)?;
+    let mut frame = Vec::with_capacity(HEADER + json.len());
     frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
     frame.extend_from_slice(&u16::try_from(fds.len()).unwrap_or(u16::MAX).to_be_bytes());
     frame.extend_from_slice(&json);
-    let mut sent = 0;
-    while sent < frame.len() {
-        // The descriptors go with the frame's first byte, once.
-        let with_fds = if sent == 0 { fds } else { &[] };
-        let rest = &frame[sent..];
-        sent += stream
-            .async_io(Interest::WRITABLE, || {
-                send_some(stream.as_fd(), rest, with_fds)
-            })
-            .await?;
-    }
-    Ok(())
+    Ok(socket.write_all_with_fds(&frame, fds).await?)
 }
 
 impl Channel {
     fn new(stream: UnixStream) -> Channel {
         Channel {
-            stream: Arc::new(stream),
+            socket: FdSocket::new(stream),
             rbuf: Vec::new(),
             fds: VecDeque::new(),
         }
     }
 
     fn sender(&self) -> Sender {
-        Sender(self.stream.clone())
+        Sender(self.socket.clone())
     }
 
-    async fn send(&mut self, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        send_frame(&self.stream, message, fds).await
+    async fn send(
+        &mut self,
+        message: &Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), TakeoverError> {
+        send_frame(&self.socket, message, fds).await
     }
 
     /// The next message and its descriptors; `None` when the other side closed.
     /// Cancel safe: what was read stays buffered for the next call.
-    async fn recv(&mut self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+    async fn recv(&mut self) -> Result<Option<(Message, Vec<OwnedFd>)>, TakeoverError> {
         loop {
-            if let Some(header) = self.rbuf.get(..6) {
+            if let Some(header) = self.rbuf.get(..HEADER) {
                 let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
                 let nfds = usize::from(u16::from_be_bytes([header[4], header[5]]));
-                if len > MAX_FRAME || nfds > MAX_FDS {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "takeover frame too large",
-                    ));
+                if len > MAX_FRAME || nfds > MAX_PASSED_FDS {
+                    return Err(TakeoverError::TooLarge { len, fds: nfds });
                 }
-                if self.rbuf.len() >= 6 + len && self.fds.len() >= nfds {
-                    let message = serde_json::from_slice(&self.rbuf[6..6 + len])
-                        .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
-                    self.rbuf.drain(..6 + len);
+                if self.rbuf.len() >= HEADER + len && self.fds.len() >= nfds {
+                    let message = serde_json::from_slice(&self.rbuf[HEADER..HEADER + len])?;
+                    self.rbuf.drain(..HEADER + len);
                     let fds = self.fds.drain(..nfds).collect();
                     return Ok(Some((message, fds)));
                 }
             }
             let mut chunk = [0u8; 16 * 1024];
-            let stream = &self.stream;
-            let fds = &mut self.fds;
-            let read = stream
-                .async_io(Interest::READABLE, || {
-                    recv_some(stream.as_fd(), &mut chunk, fds)
-                })
-                .await?;
+            let read = self.socket.read_with_fds(&mut chunk, &mut self.fds).await?;
             if read == 0 {
                 return Ok(None);
             }
             self.rbuf.extend_from_slice(&chunk[..read]);
         }
     }
-}
-
-fn send_some(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other(
-            "too many descriptors for one takeover frame",
-        ));
-    }
-    let iov = [IoSlice::new(bytes)];
-    Ok(rustix::net::sendmsg(
-        socket,
-        &iov,
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?)
-}
-
-fn recv_some(
-    socket: BorrowedFd<'_>,
-    buf: &mut [u8],
-    fds: &mut VecDeque<OwnedFd>,
-) -> io::Result<usize> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut iov = [IoSliceMut::new(buf)];
-    let received = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
-        }
-    }
-    Ok(received.bytes)
 }
 
 /// What the running process offers a successor.
@@ -285,21 +250,21 @@ pub async fn next_successor(
 async fn negotiate(
     stream: UnixStream,
     offer: &impl Fn() -> io::Result<Offer>,
-) -> io::Result<Successor> {
+) -> Result<Successor, TakeoverError> {
     let own = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred()?;
     let mut channel = Channel::new(stream);
     if peer.uid() != own {
         let reason = format!("uid {} is not this process's user", peer.uid());
-        return Err(refuse(&mut channel, reason, io::ErrorKind::PermissionDenied).await);
+        return Err(refuse(&mut channel, reason).await);
     }
     let pid = match channel.recv().await? {
         Some((Message::Hello { version, pid }, _)) if version == VERSION => pid,
         Some((Message::Hello { version, .. }, _)) => {
             let reason = format!("takeover version {version} is not this process's {VERSION}");
-            return Err(refuse(&mut channel, reason, io::ErrorKind::InvalidData).await);
+            return Err(refuse(&mut channel, reason).await);
         }
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "no hello")),
+        _ => return Err(TakeoverError::Unexpected("the new process sent no hello")),
     };
     tracing::info!(pid, "a new process asks to take over");
     let Offer {
@@ -318,44 +283,50 @@ async fn negotiate(
     drop(fds);
     match tokio::time::timeout(READY_TIMEOUT, channel.recv()).await {
         Ok(Ok(Some((Message::Ready, _)))) => Ok(Successor { channel, pid }),
-        Ok(Ok(_)) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
+        Ok(Ok(_)) => Err(TakeoverError::Unexpected(
             "the new process went away before it was ready",
         )),
         Ok(Err(err)) => Err(err),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the new process never said it was ready",
+        Err(_) => Err(TakeoverError::TimedOut(
+            "the new process did not say it was ready",
         )),
     }
 }
 
 /// Tells a would-be successor why it is refused; the error to log here.
-async fn refuse(channel: &mut Channel, reason: String, kind: io::ErrorKind) -> io::Error {
+async fn refuse(channel: &mut Channel, reason: String) -> TakeoverError {
     let refused = Message::Refused {
         reason: reason.clone(),
     };
     if let Err(err) = channel.send(&refused, &[]).await {
         tracing::debug!(%err, "could not tell a would-be successor why it is refused");
     }
-    io::Error::new(kind, reason)
+    TakeoverError::Refused(reason)
 }
 
 impl Successor {
     /// Hands a client over: its socket and its session.
-    pub async fn send_client(&mut self, fd: OwnedFd, state: SessionState) -> io::Result<()> {
+    pub async fn send_client(
+        &mut self,
+        fd: OwnedFd,
+        state: SessionState,
+    ) -> Result<(), TakeoverError> {
         let message = Message::Client(Box::new(state));
         self.channel.send(&message, &[fd.as_fd()]).await
     }
 
     /// Hands an idle server over: its socket and its state.
-    pub async fn send_server(&mut self, fd: OwnedFd, state: ServerState) -> io::Result<()> {
+    pub async fn send_server(
+        &mut self,
+        fd: OwnedFd,
+        state: ServerState,
+    ) -> Result<(), TakeoverError> {
         let message = Message::Server(Box::new(state));
         self.channel.send(&message, &[fd.as_fd()]).await
     }
 
     /// Says this process is done handing over (`left` clients ended here).
-    pub async fn done(mut self, left: usize) -> io::Result<()> {
+    pub async fn done(mut self, left: usize) -> Result<(), TakeoverError> {
         self.channel.send(&Message::Done { left }, &[]).await
     }
 
@@ -396,26 +367,27 @@ pub enum Handed {
 
 impl Predecessor {
     /// Connects to the running process at `path` and takes its offer.
-    pub async fn connect(path: &Path) -> io::Result<Predecessor> {
-        let stream = UnixStream::connect(path).await.map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("no pgrelay to take over at {}: {err}", path.display()),
-            )
-        })?;
+    pub async fn connect(path: &Path) -> Result<Predecessor, TakeoverError> {
+        let stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| TakeoverError::NoPredecessor {
+                    path: path.to_owned(),
+                    source,
+                })?;
         let mut channel = Channel::new(stream);
         let hello = Message::Hello {
             version: VERSION,
             pid: std::process::id(),
         };
         channel.send(&hello, &[]).await?;
-        let offer = tokio::time::timeout(READY_TIMEOUT, channel.recv()).await;
-        let offer = offer.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the running pgrelay made no offer (is another takeover under way?)",
-            )
-        })?;
+        let offer = tokio::time::timeout(READY_TIMEOUT, channel.recv())
+            .await
+            .map_err(|_| {
+                TakeoverError::TimedOut(
+                    "the running pgrelay made no offer (is another takeover under way?)",
+                )
+            })?;
         match offer? {
             Some((
                 Message::Offer {
@@ -430,19 +402,15 @@ impl Predecessor {
                 listeners: listeners.into_iter().zip(fds).collect(),
                 keys,
             }),
-            Some((Message::Refused { reason }, _)) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("the running pgrelay refused the takeover: {reason}"),
-            )),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
+            Some((Message::Refused { reason }, _)) => Err(TakeoverError::Refused(reason)),
+            _ => Err(TakeoverError::Unexpected(
                 "the running pgrelay sent no offer",
             )),
         }
     }
 
     /// Tells the running process this one serves its sockets now.
-    pub async fn ready(&mut self) -> io::Result<()> {
+    pub async fn ready(&mut self) -> Result<(), TakeoverError> {
         self.channel.send(&Message::Ready, &[]).await
     }
 
@@ -469,7 +437,7 @@ impl Predecessor {
 
     /// The next client handed over, or the end; `None` when the running process
     /// went away without saying it was done.
-    pub async fn next(&mut self) -> io::Result<Option<Handed>> {
+    pub async fn next(&mut self) -> Result<Option<Handed>, TakeoverError> {
         loop {
             return Ok(match self.channel.recv().await? {
                 None => None,
