@@ -148,58 +148,22 @@ impl Pgrelay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (stopped, stopped_rx) = watch::channel(false);
         let sessions = TaskTracker::new();
-        let mut addrs = Vec::new();
-        let mut unix_sockets = Vec::new();
-        let mut offered = Vec::new();
-        for entry in &config.listen {
-            let endpoint = entry.endpoint();
-            let accepting = Accepting {
-                shared: &shared,
-                sessions: &sessions,
-                shutdown: &shutdown_rx,
-            };
-            match &entry.addr {
-                ListenAddr::Tcp(addr) => {
-                    let which = Listener::Tcp(*addr);
-                    let listener = match inherited.take(&which) {
-                        Some(fd) => tcp_listener_from(fd),
-                        None => listen(*addr),
-                    };
-                    let bind_error = |source| ListenError::Bind {
-                        addr: *addr,
-                        source,
-                    };
-                    let listener = listener.map_err(bind_error)?;
-                    offered.push((which, dup(&listener).map_err(bind_error)?));
-                    addrs.push(spawn_tcp(listener, endpoint, accepting).map_err(bind_error)?);
-                }
-                ListenAddr::Unix(path) => {
-                    let which = Listener::Unix(path.clone());
-                    let listener = match inherited.take(&which) {
-                        Some(fd) => unix_listener_from(fd),
-                        None => listen_unix(path),
-                    };
-                    let bind_error = |source| ListenError::BindUnix {
-                        path: path.clone(),
-                        source,
-                    };
-                    let listener = listener.map_err(bind_error)?;
-                    offered.push((which, dup(&listener).map_err(bind_error)?));
-                    spawn_unix(listener, path, endpoint, accepting);
-                    unix_sockets.push(path.clone());
-                }
-            }
-        }
+        let accepting = Accepting {
+            shared: &shared,
+            sessions: &sessions,
+            shutdown: &shutdown_rx,
+        };
+        let Bound {
+            addrs,
+            unix_sockets,
+            mut offered,
+        } = bind_clients(&config, &mut inherited, accepting)?;
         let metrics_addr = match config.metrics_listen {
             Some(addr) => {
-                let which = Listener::Metrics(addr);
-                let bind_error = |source| ListenError::Bind { addr, source };
-                let listener = match inherited.take(&which) {
-                    Some(fd) => tcp_listener_from(fd).map_err(bind_error)?,
-                    None => TcpListener::bind(addr).await.map_err(bind_error)?,
-                };
-                offered.push((which, dup(&listener).map_err(bind_error)?));
-                let local = listener.local_addr().map_err(bind_error)?;
+                let listener = bind_metrics(addr, &mut inherited, &mut offered).await?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| ListenError::Bind { addr, source })?;
                 tracing::info!(addr = %local, "metrics and health endpoints listening");
                 // Through the drain too: /healthz keeps answering (a liveness probe
                 // must not kill a draining pod) and /readyz says it is shutting down.
@@ -208,17 +172,7 @@ impl Pgrelay {
             }
             None => None,
         };
-        tokio::spawn(health::run(monitor.clone(), shutdown_rx.clone()));
-        tokio::spawn(patroni::run(monitor.clone(), shutdown_rx.clone()));
-        tokio::spawn(lease::run(shared.lease.clone(), shutdown_rx.clone()));
-        tokio::spawn(lag::run(monitor, shutdown_rx.clone()));
-        let fleet = pool::fleet::watch(
-            shared.config.clone(),
-            shared.pools.clone(),
-            shutdown_rx.clone(),
-        );
-        tokio::spawn(fleet);
-        tokio::spawn(pool::maintain(shared.pools.clone(), shutdown_rx));
+        spawn_loops(&shared, monitor, &shutdown_rx);
         Ok(Pgrelay {
             addrs,
             unix_sockets,
@@ -496,6 +450,103 @@ async fn hand_over_clients(
         }
     }
     (successor, sent)
+}
+
+/// The client listeners bound, and a second descriptor of each for a takeover.
+struct Bound {
+    addrs: Vec<SocketAddr>,
+    unix_sockets: Vec<PathBuf>,
+    offered: Vec<(Listener, OwnedFd)>,
+}
+
+/// Binds every `listen` entry (or takes the socket a predecessor handed over for
+/// it) and spawns its accept loop.
+fn bind_clients(
+    config: &Config,
+    inherited: &mut Inherited,
+    accepting: Accepting<'_>,
+) -> Result<Bound, ListenError> {
+    let mut bound = Bound {
+        addrs: Vec::new(),
+        unix_sockets: Vec::new(),
+        offered: Vec::new(),
+    };
+    for entry in &config.listen {
+        let endpoint = entry.endpoint();
+        match &entry.addr {
+            ListenAddr::Tcp(addr) => {
+                let which = Listener::Tcp(*addr);
+                let listener = match inherited.take(&which) {
+                    Some(fd) => tcp_listener_from(fd),
+                    None => listen(*addr),
+                };
+                let bind_error = |source| ListenError::Bind {
+                    addr: *addr,
+                    source,
+                };
+                let listener = listener.map_err(bind_error)?;
+                bound
+                    .offered
+                    .push((which, dup(&listener).map_err(bind_error)?));
+                let local = spawn_tcp(listener, endpoint, accepting).map_err(bind_error)?;
+                bound.addrs.push(local);
+            }
+            ListenAddr::Unix(path) => {
+                let which = Listener::Unix(path.clone());
+                let listener = match inherited.take(&which) {
+                    Some(fd) => unix_listener_from(fd),
+                    None => listen_unix(path),
+                };
+                let bind_error = |source| ListenError::BindUnix {
+                    path: path.clone(),
+                    source,
+                };
+                let listener = listener.map_err(bind_error)?;
+                bound
+                    .offered
+                    .push((which, dup(&listener).map_err(bind_error)?));
+                spawn_unix(listener, path, endpoint, accepting);
+                bound.unix_sockets.push(path.clone());
+            }
+        }
+    }
+    Ok(bound)
+}
+
+/// The metrics and health listener on `addr` (or the one a predecessor handed over).
+async fn bind_metrics(
+    addr: SocketAddr,
+    inherited: &mut Inherited,
+    offered: &mut Vec<(Listener, OwnedFd)>,
+) -> Result<TcpListener, ListenError> {
+    let which = Listener::Metrics(addr);
+    let bind_error = |source| ListenError::Bind { addr, source };
+    let listener = match inherited.take(&which) {
+        Some(fd) => tcp_listener_from(fd).map_err(bind_error)?,
+        None => TcpListener::bind(addr).await.map_err(bind_error)?,
+    };
+    offered.push((which, dup(&listener).map_err(bind_error)?));
+    Ok(listener)
+}
+
+/// The instance's background loops: health, Patroni, the failover lease, lag, the
+/// fleet's size and pool maintenance, each until shutdown.
+fn spawn_loops(
+    shared: &Shared,
+    monitor: crate::cluster::Monitor,
+    shutdown: &watch::Receiver<bool>,
+) {
+    tokio::spawn(health::run(monitor.clone(), shutdown.clone()));
+    tokio::spawn(patroni::run(monitor.clone(), shutdown.clone()));
+    tokio::spawn(lease::run(shared.lease.clone(), shutdown.clone()));
+    tokio::spawn(lag::run(monitor, shutdown.clone()));
+    let fleet = pool::fleet::watch(
+        shared.config.clone(),
+        shared.pools.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(fleet);
+    tokio::spawn(pool::maintain(shared.pools.clone(), shutdown.clone()));
 }
 
 /// What an accept loop needs of the instance.
